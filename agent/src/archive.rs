@@ -1,0 +1,389 @@
+//! The checkpoint archive: a zip holding CRIU's images under `images/` and `manifest.json`
+//! (format version, process, host, CRIU, CPU, and the size and SHA-256 of every other entry).
+//!
+//! Invariants: an archive appears under its final name only when complete and synced (it is
+//! written under a temporary name in the same directory, then renamed without replacing
+//! anything); nothing from an archive reaches the system before every entry name, size and
+//! checksum has been verified.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::criu::images::CpuInfo;
+use crate::progress::Progress;
+
+/// The manifest format this agent writes and the only one it restores.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the manifest entry.
+pub const MANIFEST: &str = "manifest.json";
+/// Folder of CRIU's images inside the archive.
+pub const IMAGES_DIR: &str = "images";
+const CHUNK: usize = 1 << 20;
+
+/// Errors writing or reading an archive. Each names the archive.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("cannot open archive {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("archive {path} is corrupt or truncated ({reason}); it cannot be restored, use an earlier checkpoint")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("archive {path} has no manifest.json; it was not written by cedana-agent or is damaged")]
+    NoManifest { path: PathBuf },
+    #[error("archive {path} has an unreadable manifest.json: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error("archive {path} has manifest format version {found}, this agent reads version {FORMAT_VERSION}; restore it with a cedana-agent of the matching version")]
+    UnsupportedVersion { path: PathBuf, found: u64 },
+    #[error("archive {path} has an unsafe entry name {name:?} (absolute, `..`, or outside images/); refusing to restore it")]
+    UnsafeEntry { path: PathBuf, name: String },
+    #[error("archive {path} holds entry {name:?}, which its manifest does not list; refusing to restore it")]
+    UnlistedEntry { path: PathBuf, name: String },
+    #[error("archive {path} lacks entry {name:?} that its manifest lists; it is incomplete")]
+    MissingEntry { path: PathBuf, name: String },
+    #[error("archive {path}: entry {name:?} has {what} {actual}, the manifest says {expected}; the archive was altered or damaged")]
+    Mismatch { path: PathBuf, name: String, what: &'static str, expected: String, actual: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {source}")]
+    ReadInput { path: PathBuf, source: std::io::Error },
+}
+
+/// How entries are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as is: fastest, largest.
+    #[default]
+    None,
+    /// Zstandard (zip method 93): fast and small.
+    Zstd,
+    /// Deflate: what every unzip reads; slow.
+    Deflate,
+}
+
+impl Compression {
+    fn options(self, size: u64) -> zip::write::SimpleFileOptions {
+        let o = zip::write::SimpleFileOptions::default()
+            .unix_permissions(0o600)
+            .large_file(size >= u32::MAX as u64 / 2)
+            .last_modified_time(zip::DateTime::default());
+        match self {
+            Compression::None => o.compression_method(zip::CompressionMethod::Stored),
+            Compression::Zstd => o.compression_method(zip::CompressionMethod::Zstd).compression_level(Some(1)),
+            Compression::Deflate => o.compression_method(zip::CompressionMethod::Deflated).compression_level(Some(6)),
+        }
+    }
+}
+
+/// Size and checksum of one archive entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The process a checkpoint holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestProcess {
+    pub name: String,
+    pub pid: i32,
+    pub cmdline: Vec<String>,
+    pub cwd: PathBuf,
+    pub exe: Option<PathBuf>,
+    /// Processes in the dumped tree.
+    pub tree_size: usize,
+    pub rss_bytes: u64,
+}
+
+/// The machine a checkpoint was taken on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestHost {
+    pub hostname: String,
+    pub kernel: String,
+    pub arch: String,
+}
+
+/// The CRIU that wrote the images and the options they need on restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestCriu {
+    pub version: String,
+    pub shell_job: bool,
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub ext_unix_sk: bool,
+    /// The tree was the init of its own PID namespace (restorable side by side).
+    pub pid_namespace: bool,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub agent_version: String,
+    pub process: ManifestProcess,
+    pub host: ManifestHost,
+    pub criu: ManifestCriu,
+    pub cpu: Option<CpuInfo>,
+    pub compression: Compression,
+    /// Every entry but the manifest itself.
+    pub entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Total uncompressed size of the entries.
+    pub fn total_size(&self) -> u64 {
+        self.entries.iter().map(|e| e.size).sum()
+    }
+}
+
+/// Writes `files` (name in the archive, path on disk) and the manifest into a new archive at
+/// `dest` (which must not exist): under a temporary name in the same folder, synced, then
+/// renamed. Fills `manifest.entries`. On error nothing is left behind.
+pub fn write(
+    dest: &Path,
+    manifest: &mut Manifest,
+    files: &[(String, PathBuf)],
+    compression: Compression,
+    progress: &dyn Progress,
+) -> Result<(), ArchiveError> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let werr = |source| ArchiveError::Write { path: dest.to_path_buf(), source };
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|source| ArchiveError::Write { path: dir.to_path_buf(), source })?;
+    let total: u64 = files.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    progress.stage("writing archive", Some(total));
+
+    let out = BufWriter::with_capacity(CHUNK, tmp.as_file().try_clone().map_err(werr)?);
+    let mut zip = zip::ZipWriter::new(out);
+    let mut buf = vec![0u8; CHUNK];
+    manifest.entries.clear();
+    manifest.compression = compression;
+    for (name, path) in files {
+        let rerr = |source| ArchiveError::ReadInput { path: path.clone(), source };
+        let mut src = File::open(path).map_err(rerr)?;
+        let size = src.metadata().map_err(rerr)?.len();
+        zip.start_file(name.as_str(), compression.options(size)).map_err(|e| werr(zip_io(e)))?;
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        loop {
+            let n = src.read(&mut buf).map_err(rerr)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            zip.write_all(&buf[..n]).map_err(werr)?;
+            written += n as u64;
+            progress.advance(n as u64);
+        }
+        manifest.entries.push(Entry { name: name.clone(), size: written, sha256: hex::encode(hasher.finalize()) });
+    }
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    zip.start_file(MANIFEST, Compression::None.options(json.len() as u64)).map_err(|e| werr(zip_io(e)))?;
+    zip.write_all(&json).map_err(werr)?;
+    let out = zip.finish().map_err(|e| werr(zip_io(e)))?;
+    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+    file.sync_all().map_err(werr)?;
+    drop(file);
+    tmp.persist_noclobber(dest).map_err(|e| werr(e.error))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn zip_io(e: zip::result::ZipError) -> std::io::Error {
+    match e {
+        zip::result::ZipError::Io(e) => e,
+        other => std::io::Error::other(other),
+    }
+}
+
+/// Checks that an entry name is a plain relative path under `images/` (or is the manifest).
+pub fn safe_entry_name(name: &str) -> bool {
+    if name == MANIFEST {
+        return true;
+    }
+    if name.is_empty() || name.starts_with('/') || name.contains('\\') || name.contains('\0') {
+        return false;
+    }
+    let mut parts = name.split('/');
+    if parts.next() != Some(IMAGES_DIR) {
+        return false;
+    }
+    let rest: Vec<&str> = parts.collect();
+    !rest.is_empty() && rest.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
+}
+
+/// Reads and checks an archive's manifest and entry list without extracting anything.
+pub fn inspect(path: &Path) -> Result<Manifest, ArchiveError> {
+    let mut zip = open_zip(path)?;
+    let manifest = read_manifest(path, &mut zip)?;
+    check_listing(path, &mut zip, &manifest)?;
+    Ok(manifest)
+}
+
+/// An archive whose images were verified and extracted into a private temporary folder,
+/// removed when this is dropped.
+pub struct Extracted {
+    pub manifest: Manifest,
+    dir: tempfile::TempDir,
+}
+
+impl Extracted {
+    /// The folder holding CRIU's images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join(IMAGES_DIR)
+    }
+    /// Keeps the folder on disk (for debugging) and returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+}
+
+/// Verifies an archive and extracts its images under `staging` (a fresh private folder).
+/// Names, sizes and checksums are checked against the manifest while extracting; on any
+/// mismatch the folder is removed and nothing else has been touched.
+pub fn extract(path: &Path, staging: &Path, progress: &dyn Progress) -> Result<Extracted, ArchiveError> {
+    let mut zip = open_zip(path)?;
+    let manifest = read_manifest(path, &mut zip)?;
+    let index = check_listing(path, &mut zip, &manifest)?;
+    let dir = tempfile::Builder::new()
+        .prefix("cedana-restore-")
+        .tempdir_in(staging)
+        .map_err(|source| ArchiveError::Write { path: staging.to_path_buf(), source })?;
+    let images = dir.path().join(IMAGES_DIR);
+    std::fs::create_dir(&images).map_err(|source| ArchiveError::Write { path: images.clone(), source })?;
+    progress.stage("verifying and extracting", Some(manifest.total_size()));
+    let mut buf = vec![0u8; CHUNK];
+    for entry in &manifest.entries {
+        let corrupt = |reason: String| ArchiveError::Corrupt { path: path.to_path_buf(), reason };
+        let mut zf = zip.by_index(index[&entry.name]).map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+        let dest = dir.path().join(&entry.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write { path: parent.to_path_buf(), source })?;
+        }
+        let mut out = BufWriter::with_capacity(CHUNK, {
+            let werr = |source| ArchiveError::Write { path: dest.clone(), source };
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&dest).map_err(werr)?
+        });
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let n = zf.read(&mut buf).map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > entry.size {
+                return Err(mismatch(path, entry, "more than", entry.size.to_string(), "bytes".into()));
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|source| ArchiveError::Write { path: dest.clone(), source })?;
+            progress.advance(n as u64);
+        }
+        out.flush().map_err(|source| ArchiveError::Write { path: dest.clone(), source })?;
+        if size != entry.size {
+            return Err(mismatch(path, entry, "size", entry.size.to_string(), size.to_string()));
+        }
+        let sum = hex::encode(hasher.finalize());
+        if sum != entry.sha256 {
+            return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+        }
+    }
+    Ok(Extracted { manifest, dir })
+}
+
+fn mismatch(path: &Path, e: &Entry, what: &'static str, expected: String, actual: String) -> ArchiveError {
+    ArchiveError::Mismatch { path: path.to_path_buf(), name: e.name.clone(), what, expected, actual }
+}
+
+type Zip = zip::ZipArchive<BufReader<File>>;
+
+fn open_zip(path: &Path) -> Result<Zip, ArchiveError> {
+    let f = File::open(path).map_err(|source| ArchiveError::Open { path: path.to_path_buf(), source })?;
+    let mut r = BufReader::with_capacity(CHUNK, f);
+    r.rewind().map_err(|source| ArchiveError::Open { path: path.to_path_buf(), source })?;
+    zip::ZipArchive::new(r).map_err(|e| ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
+    let bad = |reason: String| ArchiveError::BadManifest { path: path.to_path_buf(), reason };
+    let mut text = Vec::new();
+    {
+        let f = match zip.by_name(MANIFEST) {
+            Ok(f) => f,
+            Err(zip::result::ZipError::FileNotFound) => return Err(ArchiveError::NoManifest { path: path.to_path_buf() }),
+            Err(e) => return Err(ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() }),
+        };
+        // A manifest is a few KiB; refuse to read an absurd one into memory.
+        f.take(16 << 20).read_to_end(&mut text).map_err(|e| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("{MANIFEST}: {e}"),
+        })?;
+    }
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let version = value.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| bad("no format_version".into()))?;
+    if version != FORMAT_VERSION as u64 {
+        return Err(ArchiveError::UnsupportedVersion { path: path.to_path_buf(), found: version });
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
+/// Checks every zip entry against the manifest; returns entry name → zip index.
+fn check_listing(path: &Path, zip: &mut Zip, manifest: &Manifest) -> Result<BTreeMap<String, usize>, ArchiveError> {
+    let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
+    for e in &manifest.entries {
+        if !safe_entry_name(&e.name) || e.name == MANIFEST {
+            return Err(ArchiveError::UnsafeEntry { path: path.to_path_buf(), name: e.name.clone() });
+        }
+    }
+    let mut index = BTreeMap::new();
+    for i in 0..zip.len() {
+        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+        let name = f.name().to_string();
+        if !safe_entry_name(&name) {
+            return Err(ArchiveError::UnsafeEntry { path: path.to_path_buf(), name });
+        }
+        if name == MANIFEST {
+            continue;
+        }
+        if !listed.contains(name.as_str()) || f.is_dir() || f.is_symlink() {
+            return Err(ArchiveError::UnlistedEntry { path: path.to_path_buf(), name });
+        }
+        if index.insert(name.clone(), i).is_some() {
+            return Err(ArchiveError::Corrupt { path: path.to_path_buf(), reason: format!("entry {name:?} appears twice") });
+        }
+    }
+    for name in listed {
+        if !index.contains_key(name) {
+            return Err(ArchiveError::MissingEntry { path: path.to_path_buf(), name: name.to_string() });
+        }
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names() {
+        for ok in ["manifest.json", "images/core-1.img", "images/sub/x"] {
+            assert!(safe_entry_name(ok), "{ok}");
+        }
+        for bad in ["/etc/passwd", "../x", "images/../../x", "images/", "images//x", "x.img", "images\\x", "images/./x", ""] {
+            assert!(!safe_entry_name(bad), "{bad}");
+        }
+    }
+}

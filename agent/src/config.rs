@@ -1,0 +1,242 @@
+//! `~/.cedana/cedana_config.json`, in the original Cedana's format.
+//!
+//! Every key is optional and unknown keys are ignored, so a file the original wrote loads as is;
+//! a key with the wrong type is an error naming the file, the key path, line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that overrides the config file's location.
+pub const CONFIG_ENV: &str = "CEDANA_CONFIG";
+
+/// Errors loading the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: `{key}` {message} (line {line}, column {column}); fix the value or remove the key to use the default")]
+    Invalid { path: PathBuf, key: String, message: String, line: usize, column: usize },
+}
+
+/// A string that never shows in logs or `Debug` output (tokens, API keys).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// True when no value is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+/// The whole config file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub self_serve: Option<bool>,
+    pub cedana_managed: Option<bool>,
+    pub checkpoint: CheckpointConfig,
+    pub enabled_providers: Vec<String>,
+    pub shared_storage: SharedStorage,
+    pub aws: Option<AwsConfig>,
+    pub paperspace: Option<PaperspaceConfig>,
+    pub connection: Connection,
+    /// Cedana-rs addition: where CRIU is.
+    pub criu: CriuConfig,
+}
+
+/// `checkpoint` block.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckpointConfig {
+    pub heartbeat_enabled: Option<bool>,
+    pub heartbeat_interval_seconds: Option<u64>,
+}
+
+/// `shared_storage` block.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SharedStorage {
+    pub mount_point: Option<PathBuf>,
+    pub dump_storage_dir: Option<PathBuf>,
+}
+
+/// `aws` block.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AwsConfig {
+    pub enabled_regions: Vec<String>,
+    pub enabled_instance_families: Vec<String>,
+    pub ssh_key_path: Option<PathBuf>,
+    /// The original wrote both `launch_template` and `launch_template_name`.
+    #[serde(alias = "launch_template_name")]
+    pub launch_template: Option<String>,
+}
+
+/// `paperspace` block.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PaperspaceConfig {
+    pub api_key: Secret,
+    pub ssh_key_path: Option<PathBuf>,
+    pub enabled_regions: Vec<String>,
+}
+
+/// `connection` block: the NATS server.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Connection {
+    pub nats_url: String,
+    pub nats_port: Option<u16>,
+    pub auth_token: Secret,
+}
+
+/// `criu` block (Cedana-rs addition).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CriuConfig {
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    /// The default location: `$CEDANA_CONFIG`, else `~/.cedana/cedana_config.json`.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os(CONFIG_ENV) {
+            return Some(PathBuf::from(p));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cedana").join("cedana_config.json"))
+    }
+
+    /// Loads the file at `path`; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        }
+    }
+
+    /// Loads the file at `path` if given, else at [`Config::default_path`].
+    pub fn load_default(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path.map(Path::to_path_buf).or_else(Self::default_path) {
+            Some(p) => Self::load(&p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Parses config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
+            // serde_json appends " at line L column C"; we report those separately.
+            let message = match message.rfind(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message,
+                line: inner.line(),
+                column: inner.column(),
+            }
+        })
+    }
+
+    /// Where dumps go when `-d` is not given: `shared_storage.dump_storage_dir`, if set.
+    pub fn dump_dir(&self) -> Option<&Path> {
+        self.shared_storage.dump_storage_dir.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str = r#"{
+   "self_serve": true,
+   "cedana_managed": true,
+   "checkpoint": { "heartbeat_enabled": true, "heartbeat_interval_seconds": 60 },
+   "enabled_providers": ["aws", "paperspace"],
+   "shared_storage": { "mount_point": "/home/ubuntu/.cedana/", "dump_storage_dir": "/home/ubuntu/.cedana/" },
+   "aws": { "enabled_regions": ["us-east-1","us-west-1"], "enabled_instance_families": ["t2"],
+            "ssh_key_path": "/Users/x/.cedana/test.pem", "launch_template_name": "caltech-test" },
+   "paperspace": { "api_key": "someapikey", "ssh_key_path": "/home/x/.ssh/id_ed25519",
+                   "enabled_regions": ["East Coast (NY2)"] },
+   "connection": { "nats_url": "", "nats_port": 4222, "auth_token": "test" },
+   "some_future_key": {"nested": [1, 2, 3]}
+}"#;
+
+    #[test]
+    fn loads_the_originals_config_and_ignores_unknown_keys() {
+        let c = Config::parse(ORIGINAL, Path::new("c.json")).unwrap();
+        assert_eq!(c.dump_dir(), Some(Path::new("/home/ubuntu/.cedana/")));
+        assert_eq!(c.checkpoint.heartbeat_interval_seconds, Some(60));
+        assert_eq!(c.aws.as_ref().unwrap().launch_template.as_deref(), Some("caltech-test"));
+        assert_eq!(c.connection.nats_port, Some(4222));
+        assert_eq!(c.connection.auth_token.expose(), "test");
+        assert_eq!(c.enabled_providers, ["aws", "paperspace"]);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let c = Config::parse(ORIGINAL, Path::new("c.json")).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("someapikey"), "{dbg}");
+        assert!(!dbg.contains("\"test\""), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn wrong_type_names_file_key_line_and_column() {
+        let text = "{\n  \"shared_storage\": {\n    \"dump_storage_dir\": 5\n  }\n}";
+        let err = Config::parse(text, Path::new("/x/cedana_config.json")).unwrap_err().to_string();
+        assert!(err.contains("/x/cedana_config.json"), "{err}");
+        assert!(err.contains("shared_storage.dump_storage_dir"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("invalid type: integer `5`"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_is_an_error_with_position() {
+        let err = Config::parse("{\"checkpoint\": {", Path::new("c.json")).unwrap_err().to_string();
+        assert!(err.contains("c.json") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_gives_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&dir.path().join("absent.json")).unwrap();
+        assert!(c.dump_dir().is_none());
+    }
+
+    #[test]
+    fn empty_dump_dir_means_unset() {
+        let c = Config::parse(r#"{"shared_storage": {"dump_storage_dir": ""}}"#, Path::new("c")).unwrap();
+        assert!(c.dump_dir().is_none());
+    }
+}

@@ -1,0 +1,433 @@
+//! A client of CRIU's RPC interface: each request runs in its own `criu swrk` child over a
+//! `SOCK_SEQPACKET` socket pair, one protobuf message per packet.
+//!
+//! Architecture invariant: this module is the only place in the workspace that starts CRIU.
+
+pub mod images;
+pub mod proto;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
+use prost::Message;
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use proto::{ReqType, Req, Resp};
+
+/// The oldest CRIU this agent accepts: 4.2 handles the vDSO layout of Linux 6.13+ and the socket
+/// options Linux 6.16 restricted.
+pub const MIN_VERSION: CriuVersion = CriuVersion { major: 4, minor: 2, sublevel: 0 };
+
+/// Errors of the CRIU client.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("no CRIU binary found (looked for {looked}); install CRIU >= {MIN_VERSION} (README: \"Install\") or point --criu, CEDANA_CRIU or criu.path in the config at it")]
+    NotFound { looked: String },
+    #[error("cannot start {path} swrk: {source}")]
+    Spawn { path: PathBuf, source: std::io::Error },
+    #[error("talking to CRIU ({path}) failed: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("CRIU ({path}) sent a message that is not a valid criu_resp: {source}")]
+    Decode { path: PathBuf, source: prost::DecodeError },
+    #[error("CRIU ({path}) closed the connection without answering{stderr}")]
+    NoAnswer { path: PathBuf, stderr: String },
+    #[error("CRIU {request} failed{errno}{errmsg}{log}")]
+    Failed {
+        request: &'static str,
+        errno: String,
+        errmsg: String,
+        /// The tail of CRIU's log, quoted.
+        log: String,
+        /// Where CRIU's full log is, if it was kept.
+        log_path: Option<PathBuf>,
+    },
+}
+
+impl CriuError {
+    /// The full log CRIU wrote for a failed request, if one was kept.
+    pub fn log_path(&self) -> Option<&Path> {
+        match self {
+            CriuError::Failed { log_path, .. } => log_path.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// CRIU's version triple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct CriuVersion {
+    pub major: i32,
+    pub minor: i32,
+    pub sublevel: i32,
+}
+
+impl std::fmt::Display for CriuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)?;
+        if self.sublevel != 0 {
+            write!(f, ".{}", self.sublevel)?;
+        }
+        Ok(())
+    }
+}
+
+/// Kernel and CRIU features CRIU reports through `FEATURE_CHECK`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Features {
+    /// Memory change tracking (soft-dirty bits): iterative pre-dumps.
+    pub mem_track: bool,
+    /// Lazy restore through userfaultfd.
+    pub lazy_pages: bool,
+    /// pidfd store (PID reuse detection across pre-dumps).
+    pub pidfd_store: bool,
+}
+
+/// Options of a dump request.
+#[derive(Clone, Debug, Default)]
+pub struct DumpRequest {
+    pub pid: i32,
+    pub images_dir: PathBuf,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub shell_job: bool,
+    pub ext_unix_sk: bool,
+}
+
+/// Options of a restore request.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreRequest {
+    pub images_dir: PathBuf,
+    pub tcp_established: bool,
+    pub tcp_close: bool,
+    pub shell_job: bool,
+    pub ext_unix_sk: bool,
+    /// Restore the tree as a child of the calling process (needs a subreaper to reap it);
+    /// otherwise it is a child of `criu` and is reparented when `criu` exits.
+    pub as_sibling: bool,
+}
+
+/// A CRIU installation driven through `criu swrk`.
+#[derive(Clone, Debug)]
+pub struct Criu {
+    path: PathBuf,
+}
+
+/// Name of the log CRIU writes into the images directory.
+pub const DUMP_LOG: &str = "dump.log";
+/// Name of the log CRIU writes into the images directory on restore.
+pub const RESTORE_LOG: &str = "restore.log";
+const LOG_TAIL_LINES: usize = 12;
+
+impl Criu {
+    /// Uses the CRIU binary at `path` as given.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Criu { path: path.into() }
+    }
+
+    /// Finds CRIU: the explicit path (flag, env or config, first wins), else `criu` on `PATH`,
+    /// else the usual install locations.
+    pub fn locate(explicit: Option<&Path>) -> Result<Self, CriuError> {
+        if let Some(p) = explicit {
+            if p.is_file() {
+                return Ok(Criu::at(p));
+            }
+            return Err(CriuError::NotFound { looked: p.display().to_string() });
+        }
+        let mut looked = Vec::new();
+        let path_var = std::env::var_os("PATH").unwrap_or_default();
+        let candidates = std::env::split_paths(&path_var)
+            .map(|d| d.join("criu"))
+            .chain(["/usr/local/sbin/criu", "/usr/sbin/criu", "/sbin/criu"].map(PathBuf::from));
+        for c in candidates {
+            if c.is_file() {
+                return Ok(Criu::at(c));
+            }
+            looked.push(c.display().to_string());
+        }
+        looked.dedup();
+        Err(CriuError::NotFound { looked: format!("criu on PATH and in {}", looked.join(", ")) })
+    }
+
+    /// The binary this client runs.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// CRIU's version (`VERSION` request).
+    pub fn version(&self) -> Result<CriuVersion, CriuError> {
+        let resp = self.call(req(ReqType::Version, None), "version", None)?;
+        let v = resp.version.unwrap_or_default();
+        Ok(CriuVersion { major: v.major_number, minor: v.minor_number, sublevel: v.sublevel.unwrap_or(0) })
+    }
+
+    /// `criu check`: whether CRIU can work on this kernel at all.
+    pub fn check(&self) -> Result<(), CriuError> {
+        let dir = tempfile::tempdir().map_err(|source| self.io(source))?;
+        let mut r = req(ReqType::Check, Some(log_opts(dir.path(), "check.log")));
+        r.keep_open = None;
+        self.call(r, "check", Some(&dir.path().join("check.log"))).map(|_| ())
+    }
+
+    /// Which optional features the kernel and CRIU support.
+    pub fn features(&self) -> Result<Features, CriuError> {
+        let mut r = req(ReqType::FeatureCheck, None);
+        r.features = Some(proto::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) });
+        let f = self.call(r, "feature check", None)?.features.unwrap_or_default();
+        Ok(Features {
+            mem_track: f.mem_track.unwrap_or(false),
+            lazy_pages: f.lazy_pages.unwrap_or(false),
+            pidfd_store: f.pidfd_store.unwrap_or(false),
+        })
+    }
+
+    /// Dumps a process tree into `req.images_dir`. CRIU's log stays there as [`DUMP_LOG`].
+    pub fn dump(&self, req_opts: &DumpRequest, on_notify: &mut dyn FnMut(&str)) -> Result<(), CriuError> {
+        let mut opts = log_opts(&req_opts.images_dir, DUMP_LOG);
+        opts.pid = Some(req_opts.pid);
+        opts.leave_running = Some(req_opts.leave_running);
+        opts.tcp_established = Some(req_opts.tcp_established);
+        opts.tcp_close = Some(req_opts.tcp_close);
+        opts.shell_job = Some(req_opts.shell_job);
+        opts.ext_unix_sk = Some(req_opts.ext_unix_sk);
+        opts.file_locks = Some(true);
+        opts.notify_scripts = Some(true);
+        if req_opts.tcp_established {
+            opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
+        }
+        let log = req_opts.images_dir.join(DUMP_LOG);
+        self.call_notify(req(ReqType::Dump, Some(opts)), "dump", Some(&log), on_notify).map(|_| ())
+    }
+
+    /// Restores the tree whose images are in `req.images_dir` and returns the PID of its root.
+    pub fn restore(&self, r: &RestoreRequest, on_notify: &mut dyn FnMut(&str)) -> Result<i32, CriuError> {
+        let mut opts = log_opts(&r.images_dir, RESTORE_LOG);
+        opts.tcp_established = Some(r.tcp_established);
+        opts.tcp_close = Some(r.tcp_close);
+        opts.shell_job = Some(r.shell_job);
+        opts.ext_unix_sk = Some(r.ext_unix_sk);
+        opts.file_locks = Some(true);
+        opts.notify_scripts = Some(true);
+        opts.rst_sibling = Some(r.as_sibling);
+        if r.tcp_established {
+            opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
+        }
+        let log = r.images_dir.join(RESTORE_LOG);
+        let resp = self.call_notify(req(ReqType::Restore, Some(opts)), "restore", Some(&log), on_notify)?;
+        match resp.restore {
+            Some(rr) => Ok(rr.pid),
+            None => Err(CriuError::Failed {
+                request: "restore",
+                errno: String::new(),
+                errmsg: ": CRIU reported success but no PID".into(),
+                log: String::new(),
+                log_path: Some(log),
+            }),
+        }
+    }
+
+    /// Writes this CPU's description (`cpuinfo.img`) into `images_dir`.
+    pub fn cpuinfo_dump(&self, images_dir: &Path) -> Result<(), CriuError> {
+        let opts = log_opts(images_dir, "cpuinfo-dump.log");
+        let log = images_dir.join("cpuinfo-dump.log");
+        self.call(req(ReqType::CpuinfoDump, Some(opts)), "CPU description dump", Some(&log))?;
+        let _ = std::fs::remove_file(log);
+        Ok(())
+    }
+
+    /// Asks CRIU whether this CPU can run images whose `cpuinfo.img` is in `images_dir`.
+    pub fn cpuinfo_check(&self, images_dir: &Path) -> Result<(), CriuError> {
+        let opts = log_opts(images_dir, "cpuinfo-check.log");
+        let log = images_dir.join("cpuinfo-check.log");
+        self.call(req(ReqType::CpuinfoCheck, Some(opts)), "CPU compatibility check", Some(&log)).map(|_| ())
+    }
+
+    fn io(&self, source: std::io::Error) -> CriuError {
+        CriuError::Io { path: self.path.clone(), source }
+    }
+
+    fn call(&self, r: Req, what: &'static str, log: Option<&Path>) -> Result<Resp, CriuError> {
+        self.call_notify(r, what, log, &mut |_| {})
+    }
+
+    /// Sends one request in a fresh `criu swrk`, answers its notifications, returns its reply.
+    fn call_notify(
+        &self,
+        r: Req,
+        what: &'static str,
+        log: Option<&Path>,
+        on_notify: &mut dyn FnMut(&str),
+    ) -> Result<Resp, CriuError> {
+        let want = r.r#type;
+        let mut session = Session::start(&self.path)?;
+        session.send(&r).map_err(|e| self.io(e))?;
+        let result = loop {
+            let resp = match session.recv() {
+                Ok(Some(resp)) => resp,
+                Ok(None) => break Err(CriuError::NoAnswer { path: self.path.clone(), stderr: session.stderr_tail() }),
+                Err(RecvError::Io(e)) => break Err(self.io(e)),
+                Err(RecvError::Decode(source)) => break Err(CriuError::Decode { path: self.path.clone(), source }),
+            };
+            if resp.r#type == ReqType::Notify as i32 {
+                let script = resp.notify.as_ref().and_then(|n| n.script.clone()).unwrap_or_default();
+                debug!(script, "criu notify");
+                on_notify(&script);
+                let ack = Req { r#type: ReqType::Notify as i32, notify_success: Some(true), ..Default::default() };
+                if let Err(e) = session.send(&ack) {
+                    break Err(self.io(e));
+                }
+                continue;
+            }
+            if resp.r#type != want {
+                warn!(got = resp.r#type, want, "criu answered a different request type");
+            }
+            if !resp.success {
+                break Err(failure(what, &resp, log));
+            }
+            break Ok(resp);
+        };
+        session.finish();
+        result
+    }
+}
+
+fn req(t: ReqType, opts: Option<proto::Opts>) -> Req {
+    Req { r#type: t as i32, opts, ..Default::default() }
+}
+
+fn log_opts(dir: &Path, log_file: &str) -> proto::Opts {
+    proto::Opts {
+        images_dir_fd: -1,
+        images_dir: Some(dir.to_string_lossy().into_owned()),
+        log_level: Some(4),
+        log_file: Some(log_file.to_string()),
+        ..Default::default()
+    }
+}
+
+fn failure(what: &'static str, resp: &Resp, log: Option<&Path>) -> CriuError {
+    let errno = match resp.cr_errno {
+        Some(e) if e != 0 => format!(" ({})", nix::errno::Errno::from_raw(e).desc()),
+        _ => String::new(),
+    };
+    let errmsg = match resp.cr_errmsg.as_deref() {
+        Some(m) if !m.is_empty() => format!(": {m}"),
+        _ => String::new(),
+    };
+    let log_text = log.map(log_tail).unwrap_or_default();
+    CriuError::Failed { request: what, errno, errmsg, log: log_text, log_path: log.map(Path::to_path_buf) }
+}
+
+/// The error lines of a CRIU log, or its last lines when none is marked as an error.
+pub fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else { return String::new() };
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (") || l.contains("Error:")).collect();
+    let lines: Vec<&str> = if errors.is_empty() {
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(LOG_TAIL_LINES)..].to_vec()
+    } else {
+        errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].to_vec()
+    };
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n  CRIU's log says:");
+    for l in lines {
+        out.push_str("\n    ");
+        out.push_str(l.trim_end());
+    }
+    out
+}
+
+enum RecvError {
+    Io(std::io::Error),
+    Decode(prost::DecodeError),
+}
+
+/// One `criu swrk` child and our end of its socket.
+struct Session {
+    sock: OwnedFd,
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Session {
+    fn start(path: &Path) -> Result<Self, CriuError> {
+        let spawn_err = |source| CriuError::Spawn { path: path.to_path_buf(), source };
+        let (ours, theirs) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| spawn_err(e.into()))?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(path);
+        cmd.arg("swrk").arg(fd.to_string()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls between fork and exec: fcntl on an fd we own.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        drop(theirs);
+        let stderr = child.stderr.take().map(|mut s| {
+            std::thread::spawn(move || {
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                buf
+            })
+        });
+        Ok(Session { sock: ours, child, stderr })
+    }
+
+    fn send(&self, r: &Req) -> std::io::Result<()> {
+        let buf = r.encode_to_vec();
+        socket::send(self.sock.as_raw_fd(), &buf, MsgFlags::empty())?;
+        Ok(())
+    }
+
+    fn recv(&self) -> Result<Option<Resp>, RecvError> {
+        let fd = self.sock.as_raw_fd();
+        // Peek with MSG_TRUNC for the packet's real size, then read it whole.
+        let mut probe = [0u8; 1];
+        let size = loop {
+            match socket::recv(fd, &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r.map_err(|e| RecvError::Io(e.into()))?,
+            }
+        };
+        if size == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; size];
+        let n = socket::recv(fd, &mut buf, MsgFlags::empty()).map_err(|e| RecvError::Io(e.into()))?;
+        Resp::decode(&buf[..n]).map(Some).map_err(RecvError::Decode)
+    }
+
+    fn stderr_tail(&mut self) -> String {
+        let _ = self.child.wait();
+        let text = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let text = text.trim();
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!("; it said: {text}")
+        }
+    }
+
+    fn finish(mut self) {
+        drop(self.sock);
+        let _ = self.child.wait();
+        if let Some(h) = self.stderr.take() {
+            let text = h.join().unwrap_or_default();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                debug!(line, "criu stderr");
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Protobuf messages of CRIU's RPC interface (`criu swrk`) and of the few image files the agent
+//! reads, hand-declared with `prost` from the vendored `agent/proto/rpc.proto` (MIT) and CRIU's
+//! `images/cpuinfo.proto`. Only the fields the agent uses are declared; prost skips the others,
+//! and the tag numbers are the proto's own.
+
+/// `criu_req_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ReqType {
+    Empty = 0,
+    Dump = 1,
+    Restore = 2,
+    Check = 3,
+    PreDump = 4,
+    PageServer = 5,
+    Notify = 6,
+    CpuinfoDump = 7,
+    CpuinfoCheck = 8,
+    FeatureCheck = 9,
+    Version = 10,
+    WaitPid = 11,
+    PageServerChld = 12,
+    SinglePreDump = 13,
+}
+
+/// `criu_network_lock_method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum NetworkLockMethod {
+    Iptables = 1,
+    Nftables = 2,
+    Skip = 3,
+}
+
+/// `criu_opts` (subset).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Opts {
+    #[prost(int32, required, tag = "1", default = "-1")]
+    pub images_dir_fd: i32,
+    #[prost(int32, optional, tag = "2")]
+    pub pid: Option<i32>,
+    #[prost(bool, optional, tag = "3")]
+    pub leave_running: Option<bool>,
+    #[prost(bool, optional, tag = "4")]
+    pub ext_unix_sk: Option<bool>,
+    #[prost(bool, optional, tag = "5")]
+    pub tcp_established: Option<bool>,
+    #[prost(bool, optional, tag = "7")]
+    pub shell_job: Option<bool>,
+    #[prost(bool, optional, tag = "8")]
+    pub file_locks: Option<bool>,
+    #[prost(int32, optional, tag = "9")]
+    pub log_level: Option<i32>,
+    #[prost(string, optional, tag = "10")]
+    pub log_file: Option<String>,
+    #[prost(bool, optional, tag = "12")]
+    pub notify_scripts: Option<bool>,
+    #[prost(uint32, optional, tag = "20")]
+    pub cpu_cap: Option<u32>,
+    #[prost(bool, optional, tag = "26")]
+    pub rst_sibling: Option<bool>,
+    #[prost(message, repeated, tag = "27")]
+    pub inherit_fd: Vec<InheritFd>,
+    #[prost(string, repeated, tag = "37")]
+    pub external: Vec<String>,
+    #[prost(bool, optional, tag = "52")]
+    pub tcp_close: Option<bool>,
+    #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
+    pub network_lock: Option<i32>,
+    #[prost(string, optional, tag = "68")]
+    pub images_dir: Option<String>,
+}
+
+/// `inherit_fd`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InheritFd {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(int32, required, tag = "2")]
+    pub fd: i32,
+}
+
+/// `criu_features`.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Features {
+    #[prost(bool, optional, tag = "1")]
+    pub mem_track: Option<bool>,
+    #[prost(bool, optional, tag = "2")]
+    pub lazy_pages: Option<bool>,
+    #[prost(bool, optional, tag = "3")]
+    pub pidfd_store: Option<bool>,
+}
+
+/// `criu_req`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Req {
+    #[prost(enumeration = "ReqType", required, tag = "1")]
+    pub r#type: i32,
+    #[prost(message, optional, tag = "2")]
+    pub opts: Option<Opts>,
+    #[prost(bool, optional, tag = "3")]
+    pub notify_success: Option<bool>,
+    #[prost(bool, optional, tag = "4")]
+    pub keep_open: Option<bool>,
+    #[prost(message, optional, tag = "5")]
+    pub features: Option<Features>,
+}
+
+/// `criu_dump_resp`.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct DumpResp {
+    #[prost(bool, optional, tag = "1")]
+    pub restored: Option<bool>,
+}
+
+/// `criu_restore_resp`.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct RestoreResp {
+    #[prost(int32, required, tag = "1")]
+    pub pid: i32,
+}
+
+/// `criu_notify`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Notify {
+    #[prost(string, optional, tag = "1")]
+    pub script: Option<String>,
+    #[prost(int32, optional, tag = "2")]
+    pub pid: Option<i32>,
+}
+
+/// `criu_version`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Version {
+    #[prost(int32, required, tag = "1")]
+    pub major_number: i32,
+    #[prost(int32, required, tag = "2")]
+    pub minor_number: i32,
+    #[prost(string, optional, tag = "3")]
+    pub gitid: Option<String>,
+    #[prost(int32, optional, tag = "4")]
+    pub sublevel: Option<i32>,
+    #[prost(int32, optional, tag = "5")]
+    pub extra: Option<i32>,
+    #[prost(string, optional, tag = "6")]
+    pub name: Option<String>,
+}
+
+/// `criu_resp`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resp {
+    #[prost(enumeration = "ReqType", required, tag = "1")]
+    pub r#type: i32,
+    #[prost(bool, required, tag = "2")]
+    pub success: bool,
+    #[prost(message, optional, tag = "3")]
+    pub dump: Option<DumpResp>,
+    #[prost(message, optional, tag = "4")]
+    pub restore: Option<RestoreResp>,
+    #[prost(message, optional, tag = "5")]
+    pub notify: Option<Notify>,
+    #[prost(int32, optional, tag = "7")]
+    pub cr_errno: Option<i32>,
+    #[prost(message, optional, tag = "8")]
+    pub features: Option<Features>,
+    #[prost(string, optional, tag = "9")]
+    pub cr_errmsg: Option<String>,
+    #[prost(message, optional, tag = "10")]
+    pub version: Option<Version>,
+    #[prost(int32, optional, tag = "11")]
+    pub status: Option<i32>,
+}
+
+/// `cpuinfo_x86_entry` from `images/cpuinfo.proto`: every field, so that a decoded entry
+/// re-encodes to the same bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CpuinfoX86Entry {
+    #[prost(int32, required, tag = "1")]
+    pub vendor_id: i32,
+    #[prost(uint32, required, tag = "2")]
+    pub cpu_family: u32,
+    #[prost(uint32, required, tag = "3")]
+    pub model: u32,
+    #[prost(uint32, required, tag = "4")]
+    pub stepping: u32,
+    #[prost(uint32, required, tag = "5")]
+    pub capability_ver: u32,
+    #[prost(uint32, repeated, packed = "false", tag = "6")]
+    pub capability: Vec<u32>,
+    #[prost(string, optional, tag = "7")]
+    pub model_id: Option<String>,
+    #[prost(uint64, optional, tag = "8")]
+    pub xfeatures_mask: Option<u64>,
+    #[prost(uint32, optional, tag = "9")]
+    pub xsave_size: Option<u32>,
+    #[prost(uint32, optional, tag = "10")]
+    pub xsave_size_max: Option<u32>,
+}
+
+/// `cpuinfo_entry`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CpuinfoEntry {
+    #[prost(message, repeated, tag = "1")]
+    pub x86_entry: Vec<CpuinfoX86Entry>,
+}

@@ -1,0 +1,64 @@
+//! cedana-agent: checkpoint and restore Linux process trees with CRIU.
+//!
+//! The binary (`main.rs`) is argument parsing and output over this library; tests call the
+//! library directly. See ARCHITECTURE.md for the map.
+
+pub mod archive;
+pub mod check;
+pub mod config;
+pub mod criu;
+pub mod dump;
+pub mod exec;
+pub mod process;
+pub mod progress;
+pub mod restore;
+pub mod staging;
+
+use std::path::{Path, PathBuf};
+
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+
+pub use archive::{Compression, Manifest};
+pub use config::Config;
+pub use criu::Criu;
+pub use dump::{dump, DumpOptions, DumpOutcome, TcpMode};
+pub use restore::{restore, RestoreOptions, RestoreOutcome};
+
+/// Environment variable naming the CRIU binary.
+pub const CRIU_ENV: &str = "CEDANA_CRIU";
+
+/// Finds CRIU: `flag`, else `$CEDANA_CRIU`, else `criu.path` from the config, else the usual
+/// places.
+pub fn locate_criu(flag: Option<&Path>, config: &Config) -> Result<Criu, criu::CriuError> {
+    let env = std::env::var_os(CRIU_ENV).map(PathBuf::from);
+    let explicit = flag.map(Path::to_path_buf).or(env).or_else(|| config.criu.path.clone());
+    Criu::locate(explicit.as_deref())
+}
+
+/// This machine, for manifests.
+pub fn host_info() -> archive::ManifestHost {
+    let uts = nix::sys::utsname::uname().ok();
+    archive::ManifestHost {
+        hostname: uts.as_ref().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
+        kernel: uts.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+    }
+}
+
+/// A moment in the two spellings archives use.
+pub(crate) struct Stamp {
+    /// `YYYYMMDD_HHMMSS`, UTC: the original's archive naming.
+    pub file: String,
+    pub rfc3339: String,
+}
+
+pub(crate) fn timestamp() -> Stamp {
+    let now = time::OffsetDateTime::now_utc();
+    Stamp {
+        file: now
+            .format(format_description!("[year][month][day]_[hour][minute][second]"))
+            .expect("timestamp formats"),
+        rfc3339: now.replace_nanosecond(0).unwrap_or(now).format(&Rfc3339).expect("timestamp formats"),
+    }
+}

@@ -1,0 +1,350 @@
+//! The `cedana-agent` command line: parsing and output over the `cedana_agent` library.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cedana_agent::archive::ArchiveError;
+use cedana_agent::dump::DumpError;
+use cedana_agent::progress::{NoProgress, Progress};
+use cedana_agent::restore::RestoreError;
+use cedana_agent::{check, exec, Compression, Config, TcpMode};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  unexpected failure (I/O and the like)
+  2  bad command line
+  3  input refused: no such process, bad archive, bad config file
+  4  CRIU failed (its log is quoted and kept)
+  5  this machine is not ready: no usable CRIU, not root (see `cedana-agent check`)
+
+Logs: set RUST_LOG (e.g. RUST_LOG=debug) for tracing output on stderr.";
+
+/// Checkpoint and restore Linux processes with CRIU.
+///
+/// Dumps go into zip archives named like the original Cedana's (`<process>_<YYYYMMDD_HHMMSS>.zip`)
+/// holding CRIU's images and a manifest with a SHA-256 per entry. Restores verify the whole
+/// archive before they touch the system.
+#[derive(Parser)]
+#[command(name = "cedana-agent", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// CRIU binary to use [default: $CEDANA_CRIU, criu.path in the config, criu on PATH]
+    #[arg(long, global = true, value_name = "PATH")]
+    criu: Option<PathBuf>,
+    /// Config file [default: $CEDANA_CONFIG, ~/.cedana/cedana_config.json]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checkpoint a process and its children into a zip archive; prints the archive's path.
+    Dump(DumpArgs),
+    /// Verify an archive and restore the process it holds; prints the restored PID.
+    Restore(RestoreArgs),
+    /// Start a command so that it can be checkpointed: own PID namespace and session, stdin
+    /// from /dev/null, output to a log file. Prints its PID.
+    Exec(ExecArgs),
+    /// Report whether checkpoints work on this machine and what is missing.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct DumpArgs {
+    /// PID of the process to checkpoint (its descendants come along)
+    #[arg(short, long)]
+    pid: i32,
+    /// Folder for the archive [default: shared_storage.dump_storage_dir from the config, else
+    /// the current folder]
+    #[arg(short = 'd', long = "dir", value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Keep the process running after the checkpoint (default: it is stopped)
+    #[arg(long)]
+    leave_running: bool,
+    /// Compression of the archive's entries
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    compress: Compression,
+    /// Checkpoint established TCP connections with their state
+    #[arg(long, conflicts_with = "tcp_close")]
+    tcp_established: bool,
+    /// Let established TCP connections be closed on restore instead
+    #[arg(long)]
+    tcp_close: bool,
+    /// Allow connections to unix sockets outside the process tree (e.g. /dev/log)
+    #[arg(long)]
+    ext_unix_sk: bool,
+    /// Where CRIU writes images before archiving [default: $CEDANA_STAGING_DIR, /dev/shm if it
+    /// has room, else DIR]
+    #[arg(long, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct RestoreArgs {
+    /// The archive written by `dump`
+    archive: PathBuf,
+    /// Where images are extracted before the restore [default: $CEDANA_STAGING_DIR, /dev/shm if
+    /// it has room, else the temp folder]
+    #[arg(long, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct ExecArgs {
+    /// File that receives the command's stdout and stderr (appended) [default:
+    /// ./<command>.log]
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Working directory of the command [default: the current one]
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    kind: &'static str,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn new(code: u8, kind: &'static str, error: impl Into<anyhow::Error>) -> Self {
+        Failure { code, kind, error: error.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = match &cli.command {
+        Command::Dump(a) => a.json,
+        Command::Restore(a) => a.json,
+        Command::Exec(a) => a.json,
+        Command::Check(a) => a.json,
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(f) => {
+            if json {
+                let v = serde_json::json!({"ok": false, "error": f.error.to_string(), "kind": f.kind});
+                println!("{v}");
+            }
+            eprintln!("cedana-agent: error: {}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    Config::load_default(cli.config.as_deref()).map_err(|e| Failure::new(3, "config", e))
+}
+
+fn criu(cli: &Cli, config: &Config) -> Result<cedana_agent::Criu, Failure> {
+    cedana_agent::locate_criu(cli.criu.as_deref(), config).map_err(|e| Failure::new(5, "environment", e))
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match &cli.command {
+        Command::Dump(a) => {
+            let config = load_config(&cli)?;
+            let criu = criu(&cli, &config)?;
+            let dir = match (&a.dir, config.dump_dir()) {
+                (Some(d), _) => d.clone(),
+                (None, Some(d)) => d.to_path_buf(),
+                (None, None) => PathBuf::from("."),
+            };
+            let opts = cedana_agent::DumpOptions {
+                pid: a.pid,
+                dir,
+                leave_running: a.leave_running,
+                compression: a.compress,
+                tcp: if a.tcp_established {
+                    TcpMode::Established
+                } else if a.tcp_close {
+                    TcpMode::Close
+                } else {
+                    TcpMode::Refuse
+                },
+                ext_unix_sk: a.ext_unix_sk,
+                staging: a.staging_dir.clone(),
+            };
+            let bar = Bar::new();
+            let out = cedana_agent::dump(&criu, &opts, bar.as_progress()).map_err(dump_failure)?;
+            if a.json {
+                print_json(&out);
+            } else {
+                println!("{}", out.archive.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore(a) => {
+            let config = load_config(&cli)?;
+            let criu = criu(&cli, &config)?;
+            let opts = cedana_agent::RestoreOptions {
+                archive: a.archive.clone(),
+                staging: a.staging_dir.clone(),
+                as_child: false,
+            };
+            let bar = Bar::new();
+            let out = cedana_agent::restore(&criu, &opts, bar.as_progress()).map_err(restore_failure)?;
+            if a.json {
+                print_json(&out);
+            } else {
+                println!("{}", out.pid);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec(a) => {
+            let (program, args) = a.command.split_first().expect("clap requires a command");
+            let log = a.log.clone().unwrap_or_else(|| {
+                let base = std::path::Path::new(program).file_name().unwrap_or(program.as_os_str());
+                PathBuf::from(format!("{}.log", cedana_agent::process::sanitize(&base.to_string_lossy())))
+            });
+            let log = std::path::absolute(&log).unwrap_or(log);
+            let opts = exec::ExecOptions { program: program.clone(), args: args.to_vec(), log: log.clone(), cwd: a.cwd.clone() };
+            let pid = exec::spawn(&opts).map_err(|e| match e {
+                exec::ExecError::Clone { .. } => Failure::new(5, "environment", e),
+                _ => Failure::new(1, "exec", e),
+            })?;
+            if a.json {
+                print_json(&serde_json::json!({"ok": true, "pid": pid.as_raw(), "log": log}));
+            } else {
+                println!("{pid}");
+                eprintln!("output goes to {}", log.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(a) => {
+            let config = load_config(&cli)?;
+            let located = cedana_agent::locate_criu(cli.criu.as_deref(), &config);
+            let report = check::run(located.as_ref().map_err(|e| e.to_string()));
+            if a.json {
+                print_json(&report);
+            } else {
+                for f in &report.findings {
+                    let mark = if f.ok { "ok  " } else if f.fatal { "FAIL" } else { "warn" };
+                    println!("[{mark}] {:<15} {}", f.name, f.detail);
+                }
+                println!();
+                println!(
+                    "{}",
+                    if report.ok {
+                        "Checkpoint and restore will work on this machine."
+                    } else {
+                        "Checkpoint and restore will NOT work on this machine: fix the FAIL lines above."
+                    }
+                );
+            }
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(5) })
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    let mut value = serde_json::to_value(v).expect("output serializes");
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("ok").or_insert(serde_json::Value::Bool(true));
+    }
+    println!("{}", serde_json::to_string_pretty(&value).expect("output serializes"));
+}
+
+fn dump_failure(e: DumpError) -> Failure {
+    match e {
+        DumpError::NoDir { .. } | DumpError::Process(_) => Failure::new(3, "input", e),
+        DumpError::Criu { .. } => Failure::new(4, "criu", e),
+        DumpError::Staging { .. } | DumpError::Archive(_) => Failure::new(1, "io", e),
+    }
+}
+
+fn restore_failure(e: RestoreError) -> Failure {
+    match e {
+        RestoreError::Archive(ArchiveError::Write { .. }) | RestoreError::Staging { .. } => Failure::new(1, "io", e),
+        RestoreError::Archive(_) | RestoreError::Cpu { .. } => Failure::new(3, "input", e),
+        RestoreError::Criu { .. } => Failure::new(4, "criu", e),
+    }
+}
+
+/// A progress bar on stderr when it is a terminal; silent otherwise.
+struct Bar {
+    pb: Option<ProgressBar>,
+}
+
+impl Bar {
+    fn new() -> Self {
+        let pb = std::io::stderr().is_terminal().then(|| {
+            let pb = ProgressBar::new_spinner();
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        });
+        Bar { pb }
+    }
+    fn as_progress(&self) -> &dyn Progress {
+        if self.pb.is_some() {
+            self
+        } else {
+            &NoProgress
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn stage(&self, name: &str, total: Option<u64>) {
+        let Some(pb) = &self.pb else { return };
+        pb.reset();
+        match total {
+            Some(t) if name != "checkpointing with CRIU" => {
+                pb.set_length(t);
+                pb.set_style(
+                    ProgressStyle::with_template("{msg:28} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                        .expect("template")
+                        .progress_chars("=> "),
+                );
+            }
+            _ => pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("template")),
+        }
+        pb.set_message(name.to_string());
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(pb) = &self.pb {
+            pb.inc(bytes);
+        }
+    }
+    fn finish(&self) {
+        if let Some(pb) = &self.pb {
+            pb.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! What the agent learns about a live process tree from `/proc` before dumping it.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use procfs::process::Process;
+use serde::{Deserialize, Serialize};
+
+/// Errors inspecting a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("no process with PID {pid}; check the PID with `ps -p {pid}`")]
+    NotFound { pid: i32 },
+    #[error("cannot inspect process {pid} through /proc: {source}; the agent needs root (try sudo)")]
+    Proc { pid: i32, source: procfs::ProcError },
+}
+
+/// A snapshot of the facts about a process tree that go into a checkpoint's manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    /// `comm`: the kernel's short name of the process.
+    pub name: String,
+    pub cmdline: Vec<String>,
+    pub cwd: PathBuf,
+    pub exe: Option<PathBuf>,
+    /// Session id; when the session leader is outside the tree, CRIU needs `shell_job`.
+    pub session: i32,
+    /// True when the root is PID 1 of its own PID namespace (started by `cedana-agent exec`).
+    pub pid_namespace_init: bool,
+    /// PIDs of the whole tree, root first.
+    pub tree: Vec<i32>,
+    /// Resident memory of the whole tree in bytes.
+    pub tree_rss_bytes: u64,
+}
+
+impl ProcessInfo {
+    /// Reads `/proc` for `pid` and its descendants.
+    pub fn inspect(pid: i32) -> Result<Self, ProcessError> {
+        let wrap = |source: procfs::ProcError| match source {
+            procfs::ProcError::NotFound(_) => ProcessError::NotFound { pid },
+            source => ProcessError::Proc { pid, source },
+        };
+        let p = Process::new(pid).map_err(wrap)?;
+        let stat = p.stat().map_err(wrap)?;
+        let cmdline = p.cmdline().map_err(wrap)?;
+        let cwd = p.cwd().map_err(wrap)?;
+        let exe = p.exe().ok();
+        let status = p.status().map_err(wrap)?;
+        let pid_namespace_init = status.nspid.as_ref().is_some_and(|ns| ns.len() > 1 && ns.last() == Some(&1));
+        let tree = descendants(pid);
+        let page = procfs::page_size();
+        let tree_rss_bytes = tree
+            .iter()
+            .filter_map(|&p| Process::new(p).ok()?.stat().ok())
+            .map(|s| s.rss * page)
+            .sum();
+        Ok(ProcessInfo {
+            pid,
+            name: stat.comm,
+            cmdline,
+            cwd,
+            exe,
+            session: stat.session,
+            pid_namespace_init,
+            tree,
+            tree_rss_bytes,
+        })
+    }
+
+    /// Whether CRIU must treat the tree as a shell job: its session leader is outside the tree.
+    pub fn needs_shell_job(&self) -> bool {
+        !self.tree.contains(&self.session)
+    }
+
+    /// The process name made safe for a file name.
+    pub fn file_stem(&self) -> String {
+        sanitize(&self.name)
+    }
+}
+
+/// Keeps `[A-Za-z0-9._-]`, replaces the rest with `_`.
+pub fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() {
+        "process".into()
+    } else {
+        s
+    }
+}
+
+/// The PIDs of `root` and all its descendants, root first.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut seen = BTreeSet::from([root]);
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(children) = std::fs::read_to_string(t.path().join("children")) else { continue };
+            for c in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                if seen.insert(c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_keeps_names_file_safe() {
+        assert_eq!(sanitize("python3"), "python3");
+        assert_eq!(sanitize("kworker/0:1"), "kworker_0_1");
+        assert_eq!(sanitize("..x"), "x");
+        assert_eq!(sanitize(""), "process");
+    }
+
+    #[test]
+    fn inspects_this_process() {
+        let me = ProcessInfo::inspect(std::process::id() as i32).unwrap();
+        assert_eq!(me.tree[0], me.pid);
+        assert!(me.tree_rss_bytes > 0);
+        assert!(!me.cmdline.is_empty());
+    }
+
+    #[test]
+    fn missing_process_is_not_found() {
+        // PID max is at most 2^22, so this PID cannot exist.
+        let err = ProcessInfo::inspect(5_000_000).unwrap_err();
+        assert!(matches!(err, ProcessError::NotFound { pid: 5_000_000 }), "{err}");
+    }
+}

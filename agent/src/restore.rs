@@ -1,0 +1,115 @@
+//! `restore`: verify an archive, then restore its process tree with CRIU.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::info;
+
+use crate::archive::{self, ArchiveError, Manifest};
+use crate::criu::{self, Criu, CriuError, RestoreRequest};
+use crate::dump::{keep_log, millis};
+use crate::progress::Progress;
+use crate::staging;
+
+/// Options of a restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    pub archive: PathBuf,
+    /// Where images are extracted before CRIU reads them (see [`staging::root`]).
+    pub staging: Option<PathBuf>,
+    /// Make the restored tree a child of this process (which must then reap it).
+    pub as_child: bool,
+}
+
+/// The result of a successful restore.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreOutcome {
+    /// PID of the restored tree's root, in this machine's PID namespace.
+    pub pid: i32,
+    pub archive: PathBuf,
+    #[serde(with = "millis")]
+    pub verify_time: Duration,
+    #[serde(with = "millis")]
+    pub criu_time: Duration,
+    pub manifest: Manifest,
+}
+
+/// Errors of a restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("archive {path} was made on a CPU whose features this machine lacks{model}; restore it on a machine with the same CPU features\n  {source}")]
+    Cpu { path: PathBuf, source: CriuError, model: String },
+    #[error("restore of {path} failed: {source}{kept}")]
+    Criu { path: PathBuf, source: CriuError, kept: String },
+    #[error("cannot create a staging folder in {path}: {source}; set CEDANA_STAGING_DIR to a writable folder")]
+    Staging { path: PathBuf, source: std::io::Error },
+}
+
+/// Verifies `opts.archive` completely, checks the CPU, then restores. Nothing outside a private
+/// staging folder is touched before the archive has passed every check.
+pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreOutcome, RestoreError> {
+    let path = &opts.archive;
+    let t0 = Instant::now();
+    let manifest = archive::inspect(path)?;
+    let fallback = std::env::temp_dir();
+    let staging_root = staging::root(opts.staging.as_deref(), manifest.total_size(), &fallback);
+    std::fs::create_dir_all(&staging_root)
+        .map_err(|source| RestoreError::Staging { path: staging_root.clone(), source })?;
+    let extracted = archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
+    let images = extracted.images_dir();
+    let verify_time = t0.elapsed();
+
+    progress.stage("checking CPU compatibility", None);
+    if let Err(source) = criu.cpuinfo_check(&images) {
+        progress.finish();
+        let model = match &manifest.cpu {
+            Some(c) => format!(" (it was taken on {} family {} model {})", c.model_name, c.family, c.model),
+            None => String::new(),
+        };
+        return Err(RestoreError::Cpu { path: path.clone(), source, model });
+    }
+
+    let m = &extracted.manifest;
+    let req = RestoreRequest {
+        images_dir: images.clone(),
+        tcp_established: m.criu.tcp_established,
+        tcp_close: m.criu.tcp_close,
+        shell_job: m.criu.shell_job,
+        ext_unix_sk: m.criu.ext_unix_sk,
+        as_sibling: opts.as_child,
+    };
+    progress.stage("restoring with CRIU", None);
+    let t1 = Instant::now();
+    let result = criu.restore(&req, &mut |_| {});
+    progress.finish();
+    match result {
+        Ok(pid) => {
+            let criu_time = t1.elapsed();
+            info!(pid, archive = %path.display(), ?verify_time, ?criu_time, "restored");
+            Ok(RestoreOutcome { pid, archive: path.clone(), verify_time, criu_time, manifest: extracted.manifest })
+        }
+        Err(source) => {
+            let kept = keep_log(&images.join(criu::RESTORE_LOG), &failed_log_path(path));
+            Err(RestoreError::Criu { path: path.clone(), source, kept })
+        }
+    }
+}
+
+/// `<archive>.restore-failed.log` next to the archive, or in the temp folder if that is
+/// read-only.
+fn failed_log_path(archive: &Path) -> PathBuf {
+    let name = format!(
+        "{}.restore-failed.log",
+        archive.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "archive".into())
+    );
+    let dir = archive.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = tempfile::tempfile_in(dir);
+    if probe.is_ok() {
+        dir.join(name)
+    } else {
+        std::env::temp_dir().join(name)
+    }
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing Cedana needs on Debian 12, idempotently.
+# CRIU: Debian 12's 3.17 cannot run on Linux 6.13+ and 4.1 cannot dump sockets on 6.16+, so
+# CRIU >= 4.2 comes from Debian sid, unpacked into a private prefix with sid's own loader and libc
+# (the system's libc is never touched). See README "Other distributions" for the alternatives.
+set -euo pipefail
+
+CRIU_PREFIX=${CEDANA_CRIU_PREFIX:-/opt/cedana/criu}
+CRIU_WRAPPER=${CEDANA_CRIU_WRAPPER:-/usr/local/sbin/criu}
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+log() { printf '\033[1m[deps]\033[0m %s\n' "$*" >&2; }
+
+have_pkgs() { dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null | grep -vq 'install ok installed' && return 1; [ "$(dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null | wc -l)" -eq "$#" ]; }
+
+APT_UPDATED=""
+apt_update() {
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    $SUDO apt-get update -qq
+    APT_UPDATED=1
+  fi
+}
+
+# Packages from Debian 12 itself: tools the tests use and CRIU's libraries that bookworm's
+# versions satisfy.
+PKGS=(zip unzip iproute2 procps ca-certificates python3
+      libprotobuf-c1 libnftables1 libgnutls30 libbsd0 libuuid1 libcap2 libnl-route-3-200)
+if ! have_pkgs "${PKGS[@]}"; then
+  apt_update
+  log "installing ${PKGS[*]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+fi
+
+criu_ok() {
+  local v
+  v=$("$CRIU_WRAPPER" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
+  [ -n "$v" ] || return 1
+  local major minor
+  major=${v%%.*}; minor=${v#*.}; minor=${minor%%.*}
+  [ "$major" -gt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -ge 2 ]; }
+}
+
+if criu_ok; then
+  log "CRIU $("$CRIU_WRAPPER" --version | sed -n 's/^Version: *//p') already at $CRIU_WRAPPER"
+else
+  log "installing CRIU >= 4.2 from Debian sid into $CRIU_PREFIX"
+  if [ ! -f /etc/apt/sources.list.d/cedana-sid.sources ]; then
+    $SUDO tee /etc/apt/sources.list.d/cedana-sid.sources >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    # Pinned low: nothing on the system is upgraded from sid; only the packages below are
+    # downloaded from it explicitly.
+    $SUDO tee /etc/apt/preferences.d/cedana-sid >/dev/null <<'PIN'
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+PIN
+    APT_UPDATED=""
+  fi
+  apt_update
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && apt-get download -qq criu/sid libcompel1/sid libc6/sid libnet9/sid libnl-3-200/sid >/dev/null)
+  $SUDO rm -rf "$CRIU_PREFIX.new"
+  $SUDO mkdir -p "$CRIU_PREFIX.new"
+  for deb in "$work"/*.deb; do $SUDO dpkg -x "$deb" "$CRIU_PREFIX.new"; done
+  $SUDO rm -rf "$CRIU_PREFIX"
+  $SUDO mv "$CRIU_PREFIX.new" "$CRIU_PREFIX"
+  $SUDO mkdir -p "$(dirname "$CRIU_WRAPPER")"
+  $SUDO tee "$CRIU_WRAPPER" >/dev/null <<WRAP
+#!/bin/sh
+# CRIU from Debian sid, run with sid's loader and libc (installed by Cedana's tools/deps.sh).
+L=$CRIU_PREFIX/usr/lib/x86_64-linux-gnu
+exec "\$L/ld-linux-x86-64.so.2" --library-path "\$L:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" $CRIU_PREFIX/usr/sbin/criu "\$@"
+WRAP
+  $SUDO chmod 0755 "$CRIU_WRAPPER"
+  criu_ok || { log "CRIU at $CRIU_WRAPPER does not report version >= 4.2"; "$CRIU_WRAPPER" --version || true; exit 1; }
+  log "CRIU $("$CRIU_WRAPPER" --version | sed -n 's/^Version: *//p') installed at $CRIU_WRAPPER"
+fi
