@@ -97,6 +97,9 @@ pub struct ManifestProcess {
     pub exe: Option<PathBuf>,
     /// Processes in the dumped tree.
     pub tree_size: usize,
+    /// Their PIDs, root first: a tree outside its own PID namespace needs them free on restore.
+    #[serde(default)]
+    pub tree_pids: Vec<i32>,
     pub rss_bytes: u64,
 }
 

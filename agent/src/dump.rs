@@ -113,6 +113,18 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
             None
         }
     };
+    // The tree as CRIU saw it: /proc, read before the dump, can miss short-lived children.
+    let (tree_size, tree_pids) = match images::read_pstree(work.path()) {
+        Ok(entries) => {
+            let pids: std::collections::BTreeSet<i32> =
+                entries.iter().flat_map(|e| std::iter::once(e.pid).chain(e.threads.iter().copied())).map(|p| p as i32).collect();
+            (entries.len(), pids.into_iter().collect())
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the dumped process tree");
+            (info.tree.len(), info.tree.clone())
+        }
+    };
     let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
         .map_err(|source| DumpError::Staging { path: work.path().to_path_buf(), source })?
         .flatten()
@@ -131,7 +143,8 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
             cmdline: info.cmdline.clone(),
             cwd: info.cwd.clone(),
             exe: info.exe.clone(),
-            tree_size: info.tree.len(),
+            tree_size,
+            tree_pids,
             rss_bytes: info.tree_rss_bytes,
         },
         host: host_info(),

@@ -292,7 +292,7 @@ fn dump_failure(e: DumpError) -> Failure {
 fn restore_failure(e: RestoreError) -> Failure {
     match e {
         RestoreError::Archive(ArchiveError::Write { .. }) | RestoreError::Staging { .. } => Failure::new(1, "io", e),
-        RestoreError::Archive(_) | RestoreError::Cpu { .. } => Failure::new(3, "input", e),
+        RestoreError::Archive(_) | RestoreError::Cpu { .. } | RestoreError::PidTaken { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
     }
 }

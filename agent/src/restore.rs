@@ -44,6 +44,8 @@ pub enum RestoreError {
     Cpu { path: PathBuf, source: CriuError, model: String },
     #[error("restore of {path} failed: {source}{kept}")]
     Criu { path: PathBuf, source: CriuError, kept: String },
+    #[error("archive {path} holds a process that must get back its PID {pid}, which {holder} uses now; stop that process, or start tasks with `cedana-agent exec` (own PID namespace) so restores need no particular PID")]
+    PidTaken { path: PathBuf, pid: i32, holder: String },
     #[error("cannot create a staging folder in {path}: {source}; set CEDANA_STAGING_DIR to a writable folder")]
     Staging { path: PathBuf, source: std::io::Error },
 }
@@ -73,6 +75,9 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> R
     }
 
     let m = &extracted.manifest;
+    if !m.criu.pid_namespace {
+        wait_for_free_pids(path, &m.process.tree_pids)?;
+    }
     let req = RestoreRequest {
         images_dir: images.clone(),
         tcp_established: m.criu.tcp_established,
@@ -94,6 +99,25 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> R
         Err(source) => {
             let kept = keep_log(&images.join(criu::RESTORE_LOG), &failed_log_path(path));
             Err(RestoreError::Criu { path: path.clone(), source, kept })
+        }
+    }
+}
+
+/// A tree restored outside its own PID namespace gets its original PIDs back. A just-killed
+/// tree's orphans can linger as zombies until init reaps them (seconds on some machines), so
+/// wait a little before calling a PID taken.
+fn wait_for_free_pids(path: &Path, pids: &[i32]) -> Result<(), RestoreError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let taken = pids.iter().copied().find(|p| Path::new(&format!("/proc/{p}")).exists());
+        match taken {
+            None => return Ok(()),
+            Some(pid) if Instant::now() >= deadline => {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let holder = format!("process {pid} ({})", comm.trim());
+                return Err(RestoreError::PidTaken { path: path.to_path_buf(), pid, holder });
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::proto::{CpuinfoEntry, CpuinfoX86Entry};
+use super::proto::{CpuinfoEntry, CpuinfoX86Entry, PstreeEntry};
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
@@ -118,10 +118,26 @@ pub fn read_cpuinfo(images_dir: &Path) -> Result<CpuInfo, ImageError> {
     Ok(CpuInfo::from(&read_cpuinfo_entry(&bytes)?))
 }
 
+/// Name of CRIU's process tree image.
+pub const PSTREE_IMG: &str = "pstree.img";
+
+/// The processes of a dump, as CRIU recorded them (root first).
+pub fn read_pstree(images_dir: &Path) -> Result<Vec<PstreeEntry>, ImageError> {
+    let path = images_dir.join(PSTREE_IMG);
+    let name = path.display().to_string();
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read { path: name.clone(), source })?;
+    Image::parse(&bytes, &name)?
+        .entries
+        .iter()
+        .map(|e| PstreeEntry::decode(e.as_slice()).map_err(|e| ImageError::Malformed { path: name.clone(), reason: e.to_string() }))
+        .collect()
+}
+
 /// Rewrites the first x86 entry of a `cpuinfo.img` (tests use it to forge foreign CPUs).
 pub fn rewrite_cpuinfo(bytes: &[u8], edit: impl FnOnce(&mut CpuinfoX86Entry)) -> Result<Vec<u8>, ImageError> {
     let mut img = Image::parse(bytes, CPUINFO_IMG)?;
-    let mut entry = CpuinfoEntry::decode(img.entries[0].as_slice())
+    let first = img.entries.first().ok_or_else(|| ImageError::Malformed { path: CPUINFO_IMG.into(), reason: "no entry".into() })?;
+    let mut entry = CpuinfoEntry::decode(first.as_slice())
         .map_err(|e| ImageError::Malformed { path: CPUINFO_IMG.into(), reason: e.to_string() })?;
     if let Some(x) = entry.x86_entry.first_mut() {
         edit(x);

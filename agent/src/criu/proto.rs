@@ -203,3 +203,18 @@ pub struct CpuinfoEntry {
     #[prost(message, repeated, tag = "1")]
     pub x86_entry: Vec<CpuinfoX86Entry>,
 }
+
+/// `pstree_entry` from `images/pstree.proto`: one process of the dumped tree.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PstreeEntry {
+    #[prost(uint32, required, tag = "1")]
+    pub pid: u32,
+    #[prost(uint32, required, tag = "2")]
+    pub ppid: u32,
+    #[prost(uint32, required, tag = "3")]
+    pub pgid: u32,
+    #[prost(uint32, required, tag = "4")]
+    pub sid: u32,
+    #[prost(uint32, repeated, packed = "false", tag = "5")]
+    pub threads: Vec<u32>,
+}

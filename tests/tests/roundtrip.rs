@@ -1,0 +1,318 @@
+//! Dump and restore real processes with real CRIU; each test checks the restored process goes
+//! on from where it was, with its state intact.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use cedana_tests::*;
+
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
+
+/// Dumps (killing the task), checks it is gone, restores, and returns the restored task.
+fn dump_kill_restore(sb: &Sandbox, task: &Task) -> (Task, std::path::PathBuf) {
+    let archive = sb.dump(task.pid, &[]);
+    wait_until(Duration::from_secs(10), "dumped task to be gone", || !task.alive());
+    let restored = sb.restore(&archive);
+    assert!(restored.alive(), "restored PID {} is not running", restored.pid);
+    assert!(sb.staging_leftovers().is_empty(), "staging not cleaned: {:?}", sb.staging_leftovers());
+    (restored, archive)
+}
+
+#[test]
+fn shell_counter_continues_after_restore() {
+    if !criu_ready("shell_counter_continues_after_restore") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("counter.log");
+    let task = sb.exec("counter.log", &["sh", "-c", COUNTER]);
+    wait_for_numbers(&log, 10);
+    let (restored, archive) = dump_kill_restore(&sb, &task);
+    let at_dump = numbers(&log).len();
+    wait_for_numbers(&log, at_dump + 20);
+    restored.kill();
+    let nums = numbers(&log);
+    assert!(nums.len() >= at_dump + 20);
+    assert_unbroken(&nums, "counter across dump and restore");
+    // The seed's naming: <process name>_<YYYYMMDD_HHMMSS>.zip
+    let name = archive.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("sh_") && name.ends_with(".zip") && name.len() == "sh_20260101_000000.zip".len(), "{name}");
+}
+
+#[test]
+fn plain_process_started_the_originals_way() {
+    // The original's gotcha: `setsid CMD < /dev/null &> log &`. Such a process shares the PID
+    // namespace with everything else, so it is restored with its own PID.
+    if !criu_ready("plain_process_started_the_originals_way") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("plain.log");
+    let mut child = std::process::Command::new("setsid")
+        .args(["sh", "-c", COUNTER])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let task = Task::new(child.id() as i32);
+    wait_for_numbers(&log, 5);
+    let archive = sb.dump(task.pid, &[]);
+    let _ = child.wait(); // reap it, so its PID is free for the restore
+    let restored = sb.restore(&archive);
+    assert_eq!(restored.pid, task.pid, "a process outside a PID namespace comes back with its PID");
+    let at = numbers(&log).len();
+    wait_for_numbers(&log, at + 10);
+    restored.kill();
+    assert_unbroken(&numbers(&log), "plain counter");
+}
+
+#[test]
+fn listening_tcp_socket_keeps_serving_with_its_state() {
+    if !criu_ready("listening_tcp_socket_keeps_serving_with_its_state") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let server = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+print("port", s.getsockname()[1], flush=True)
+n = 0
+while True:
+    c, _ = s.accept()
+    n += 1
+    c.sendall(b"hello %d\n" % n)
+    c.close()
+"#;
+    let py = python();
+    let task = sb.exec("server.log", &[py.to_str().unwrap(), "-c", server]);
+    let log = sb.path().join("server.log");
+    let mut port = 0u16;
+    wait_until(Duration::from_secs(20), "server port", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        port = text.lines().find_map(|l| l.strip_prefix("port ")?.trim().parse().ok()).unwrap_or(0);
+        port != 0
+    });
+    let ask = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    };
+    assert_eq!(ask().unwrap(), "hello 1\n");
+    assert_eq!(ask().unwrap(), "hello 2\n");
+    let archive = sb.dump(task.pid, &[]);
+    wait_until(Duration::from_secs(10), "server gone", || !task.alive());
+    assert!(ask().is_err(), "nothing listens while the server is checkpointed");
+    let restored = sb.restore(&archive);
+    assert_eq!(ask().unwrap(), "hello 3\n", "the restored server keeps its count");
+    restored.kill();
+}
+
+/// 256 MiB where every 4 KiB page is distinct: a byte pattern with the page's index in front.
+const BIG_MEMORY: &str = r#"
+import hashlib, os, sys, time
+N = 256 << 20
+pat = bytes((i * 7 + 13) & 0xff for i in range(4096))
+buf = bytearray(pat * (N // 4096))
+for page in range(N // 4096):
+    buf[page * 4096 : page * 4096 + 8] = page.to_bytes(8, "little")
+print("ready", flush=True)
+while True:
+    if os.path.exists("trigger"):
+        os.remove("trigger")
+        print("sha", hashlib.sha256(buf).hexdigest(), flush=True)
+    time.sleep(0.05)
+"#;
+
+fn expected_big_memory_sha() -> String {
+    use sha2::{Digest, Sha256};
+    let pat: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 13) & 0xff) as u8).collect();
+    let mut h = Sha256::new();
+    let mut page = pat.clone();
+    for i in 0..(256u64 << 20) / 4096 {
+        page[..8].copy_from_slice(&i.to_le_bytes());
+        h.update(&page);
+    }
+    hex::encode(h.finalize())
+}
+
+fn memory_sha(sb: &Sandbox, log: &Path) -> String {
+    let before = std::fs::read_to_string(log).unwrap_or_default().matches("sha ").count();
+    std::fs::write(sb.path().join("trigger"), b"").unwrap();
+    let mut sha = String::new();
+    wait_until(Duration::from_secs(60), "memory checksum", || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let shas: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("sha ")).collect();
+        if shas.len() > before {
+            sha = shas[shas.len() - 1].trim().to_string();
+            true
+        } else {
+            false
+        }
+    });
+    sha
+}
+
+#[test]
+fn python_with_256_mib_keeps_its_memory() {
+    if !criu_ready("python_with_256_mib_keeps_its_memory") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let py = python();
+    let task = sb.exec("big.log", &[py.to_str().unwrap(), "-c", BIG_MEMORY]);
+    let log = sb.path().join("big.log");
+    wait_until(Duration::from_secs(60), "256 MiB allocated", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("ready")
+    });
+    let expected = expected_big_memory_sha();
+    assert_eq!(memory_sha(&sb, &log), expected, "the pattern before the dump");
+    let archive = sb.dump(task.pid, &["--compress", "zstd"]);
+    let manifest = read_manifest(&archive);
+    assert!(manifest["process"]["rss_bytes"].as_u64().unwrap() >= 256 << 20);
+    assert!(
+        std::fs::metadata(&archive).unwrap().len() < 64 << 20,
+        "zstd shrinks the repetitive pattern"
+    );
+    wait_until(Duration::from_secs(10), "dumped task gone", || !task.alive());
+    let restored = sb.restore(&archive);
+    assert_eq!(memory_sha(&sb, &log), expected, "the pattern after the restore");
+    restored.kill();
+}
+
+#[test]
+fn multithreaded_process_resumes_every_thread() {
+    if !criu_ready("multithreaded_process_resumes_every_thread") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let script = r#"
+import threading, time, sys
+def work(k):
+    n = 0
+    while True:
+        n += 1
+        sys.stdout.write("t%d %d\n" % (k, n))
+        sys.stdout.flush()
+        time.sleep(0.05)
+for k in range(4):
+    threading.Thread(target=work, args=(k,), daemon=True).start()
+while True:
+    time.sleep(1)
+"#;
+    let py = python();
+    let task = sb.exec("threads.log", &[py.to_str().unwrap(), "-u", "-c", script]);
+    let log = sb.path().join("threads.log");
+    let per_thread = |k: usize| -> Vec<u64> {
+        let prefix = format!("t{k} ");
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .collect()
+    };
+    wait_until(Duration::from_secs(20), "all threads counting", || (0..4).all(|k| per_thread(k).len() >= 5));
+    let (restored, _) = dump_kill_restore(&sb, &task);
+    let threads = threads_of(restored.pid);
+    assert_eq!(threads, 5, "main thread and four workers after restore");
+    let at: Vec<usize> = (0..4).map(|k| per_thread(k).len()).collect();
+    wait_until(Duration::from_secs(20), "threads counting on", || (0..4).all(|k| per_thread(k).len() >= at[k] + 5));
+    restored.kill();
+    for k in 0..4 {
+        assert_unbroken(&per_thread(k), &format!("thread {k}"));
+    }
+}
+
+fn threads_of(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap()
+}
+
+#[test]
+fn process_tree_joined_by_a_pipe() {
+    if !criu_ready("process_tree_joined_by_a_pipe") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let cmd = format!("{COUNTER} | while read l; do echo $l; done");
+    let task = sb.exec("pipe.log", &["sh", "-c", &cmd]);
+    let log = sb.path().join("pipe.log");
+    wait_for_numbers(&log, 10);
+    let archive = sb.dump(task.pid, &[]);
+    let manifest = read_manifest(&archive);
+    assert!(manifest["process"]["tree_size"].as_u64().unwrap() >= 3, "sh and both ends of the pipe: {manifest}");
+    wait_until(Duration::from_secs(10), "tree gone", || !task.alive());
+    let restored = sb.restore(&archive);
+    let at = numbers(&log).len();
+    wait_for_numbers(&log, at + 20);
+    restored.kill();
+    assert_unbroken(&numbers(&log), "numbers through the pipe");
+}
+
+#[test]
+fn process_appending_to_a_file() {
+    if !criu_ready("process_appending_to_a_file") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let script = r#"
+import time
+f = open("data.txt", "a")
+n = 0
+while True:
+    n += 1
+    f.write("%d\n" % n)
+    f.flush()
+    time.sleep(0.05)
+"#;
+    let py = python();
+    let task = sb.exec("append.log", &[py.to_str().unwrap(), "-c", script]);
+    let data = sb.path().join("data.txt");
+    wait_for_numbers(&data, 10);
+    let (restored, _) = dump_kill_restore(&sb, &task);
+    let at = numbers(&data).len();
+    wait_for_numbers(&data, at + 20);
+    restored.kill();
+    assert_unbroken(&numbers(&data), "lines appended across dump and restore");
+}
+
+#[test]
+fn side_by_side_restores_from_one_archive() {
+    if !criu_ready("side_by_side_restores_from_one_archive") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let task = sb.exec("side.log", &["sh", "-c", COUNTER]);
+    wait_for_numbers(&sb.path().join("side.log"), 5);
+    let archive = sb.dump(task.pid, &["--leave-running"]);
+    assert!(task.alive(), "--leave-running keeps the original running");
+    let a = sb.restore(&archive);
+    let b = sb.restore(&archive);
+    let pids = [task.pid, a.pid, b.pid];
+    assert!(pids[0] != pids[1] && pids[1] != pids[2] && pids[0] != pids[2], "{pids:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in pids {
+        assert!(is_alive(pid), "copy {pid} is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert!(nspid.trim_end().ends_with("\t1"), "copy {pid} is PID 1 of its own namespace: {nspid}");
+    }
+    let manifest = read_manifest(&archive);
+    assert_eq!(manifest["criu"]["pid_namespace"], true);
+}
+
+/// The manifest of an archive as JSON.
+pub fn read_manifest(archive: &Path) -> serde_json::Value {
+    let mut z = zip::ZipArchive::new(std::fs::File::open(archive).unwrap()).unwrap();
+    let mut s = String::new();
+    z.by_name("manifest.json").unwrap().read_to_string(&mut s).unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
