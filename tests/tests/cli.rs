@@ -1,0 +1,209 @@
+//! The command line as a user meets it: exit codes, JSON output, config file, errors that name
+//! their input, failed dumps that leave earlier archives alone.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cedana_tests::*;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_binary_under_test_is_static_when_required() {
+    // The README's test command builds the agent fully static and sets CEDANA_REQUIRE_STATIC=1.
+    if std::env::var_os("CEDANA_REQUIRE_STATIC").is_none_or(|v| v != "1") {
+        eprintln!("NOTE: CEDANA_REQUIRE_STATIC is not 1; checking the static build is left to the README's test command");
+        return;
+    }
+    let out = std::process::Command::new("ldd").arg(agent_bin()).output().expect("run ldd");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(text.contains("not a dynamic executable") || text.contains("statically linked"), "ldd says: {text}");
+}
+
+#[test]
+fn help_explains_commands_and_exit_codes() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["dump", "restore", "exec", "check", "Exit codes", "RUST_LOG"] {
+        assert!(text.contains(word), "--help lacks {word}: {text}");
+    }
+    let out = sb.agent(["dump", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["--leave-running", "--compress", "--tcp-established", "--tcp-close", "--json", "dump_storage_dir"] {
+        assert!(text.contains(word), "dump --help lacks {word}: {text}");
+    }
+}
+
+#[test]
+fn check_reports_a_working_machine() {
+    if !criu_ready("check_reports_a_working_machine") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let out = sb.agent(["check", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["criu_version"]["major"].as_i64().unwrap() >= 4);
+    let names: Vec<&str> = v["findings"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    for n in ["criu version", "criu check", "soft-dirty", "userfaultfd"] {
+        assert!(names.contains(&n), "check reports {n}: {names:?}");
+    }
+    let text = String::from_utf8_lossy(&sb.agent(["check"]).stdout).into_owned();
+    assert!(text.contains("will work"), "{text}");
+}
+
+#[test]
+fn check_without_criu_says_what_to_do() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["--criu", "/nonexistent/criu", "check"]);
+    assert_eq!(out.status.code(), Some(5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/nonexistent/criu") && text.contains("install CRIU"), "{text}");
+}
+
+#[test]
+fn dump_of_a_missing_process() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["dump", "-p", "4999999", "-d", "."]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no process with PID 4999999"), "{}", stderr(&out));
+    let out = sb.agent(["dump", "-p", "4999999", "-d", ".", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["kind"], "input");
+}
+
+#[test]
+fn dump_into_a_missing_folder() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["dump", "-p", &std::process::id().to_string(), "-d", "/nonexistent/dumps"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("/nonexistent/dumps"), "{}", stderr(&out));
+}
+
+#[test]
+fn restore_of_a_missing_archive() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["restore", "/nonexistent/x.zip"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("/nonexistent/x.zip"), "{}", stderr(&out));
+}
+
+#[test]
+fn exec_of_a_missing_program() {
+    let sb = Sandbox::new();
+    let out = sb.agent(["exec", "--", "/nonexistent/program"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/program"), "{}", stderr(&out));
+}
+
+#[test]
+fn config_dump_storage_dir_is_the_default_folder() {
+    if !criu_ready("config_dump_storage_dir_is_the_default_folder") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let dumps = sb.path().join("from-config");
+    std::fs::create_dir(&dumps).unwrap();
+    let config = sb.path().join("cedana_config.json");
+    // The original's format, with keys this agent does not know.
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "self_serve": true,
+            "shared_storage": {"mount_point": "/mnt", "dump_storage_dir": dumps},
+            "connection": {"nats_url": "", "nats_port": 4222, "auth_token": "t"},
+            "something_new": 1
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let task = sb.exec("cfg.log", &["sh", "-c", "while :; do sleep 0.1; done"]);
+    let out = sb.agent_cmd(["dump", "-p", &task.pid.to_string()]).env("CEDANA_CONFIG", &config).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let archive = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(Path::new(&archive).starts_with(&dumps), "{archive} is in dump_storage_dir");
+}
+
+#[test]
+fn config_with_a_wrong_type_is_refused_clearly() {
+    let sb = Sandbox::new();
+    let config = sb.path().join("cedana_config.json");
+    std::fs::write(&config, "{\n  \"shared_storage\": {\n    \"dump_storage_dir\": [1, 2]\n  }\n}\n").unwrap();
+    let out = sb
+        .agent_cmd(["dump", "-p", &std::process::id().to_string()])
+        .env("CEDANA_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let e = stderr(&out);
+    assert!(e.contains(&config.display().to_string()) && e.contains("shared_storage.dump_storage_dir") && e.contains("line 3"), "{e}");
+}
+
+#[test]
+fn json_output_of_dump_and_restore() {
+    if !criu_ready("json_output_of_dump_and_restore") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let task = sb.exec("j.log", &["sh", "-c", "while :; do sleep 0.1; done"]);
+    let dir = sb.path().display().to_string();
+    let out = sb.agent(["dump", "-p", &task.pid.to_string(), "-d", &dir, "--json", "--compress", "deflate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let archive = v["archive"].as_str().unwrap().to_string();
+    assert_eq!(v["archive_bytes"].as_u64().unwrap(), std::fs::metadata(&archive).unwrap().len());
+    assert_eq!(v["manifest"]["compression"], "deflate");
+    assert!(v["manifest"]["entries"].as_array().unwrap().iter().all(|e| e["sha256"].as_str().unwrap().len() == 64));
+    wait_until(Duration::from_secs(10), "task gone", || !task.alive());
+    let out = sb.agent(["restore", &archive, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let restored = Task::new(v["pid"].as_i64().unwrap() as i32);
+    assert!(restored.alive());
+}
+
+/// A process with an established TCP connection cannot be dumped without a TCP flag: CRIU
+/// fails, and that failure must leave the earlier archive untouched and no new one.
+#[test]
+fn failed_dump_leaves_earlier_archive_intact() {
+    if !criu_ready("failed_dump_leaves_earlier_archive_intact") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "import socket, time\ns = socket.create_connection(('127.0.0.1', {port}))\nprint('connected', flush=True)\nwhile True: time.sleep(0.1)\n"
+    );
+    let py = python();
+    let task = sb.exec("tcp.log", &[py.to_str().unwrap(), "-c", &script]);
+    let (_conn, _) = listener.accept().unwrap();
+    wait_until(Duration::from_secs(20), "connected", || {
+        std::fs::read_to_string(sb.path().join("tcp.log")).unwrap_or_default().contains("connected")
+    });
+    // An earlier checkpoint, taken with the connection closed on restore.
+    let earlier = sb.dump(task.pid, &["--leave-running", "--tcp-close"]);
+    let before = std::fs::read(&earlier).unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // a new second: a new archive name
+    let dir = sb.path().display().to_string();
+    let out = sb.agent(["dump", "-p", &task.pid.to_string(), "-d", &dir]);
+    assert_eq!(out.status.code(), Some(4), "CRIU failure exit code: {}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("CRIU's log says") && e.contains("Error"), "CRIU's log is quoted: {e}");
+    assert!(e.contains("dump-failed.log"), "the full log is kept: {e}");
+    assert!(task.alive(), "a failed dump leaves the process running");
+    let zips: Vec<_> = std::fs::read_dir(sb.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".zip"))
+        .collect();
+    assert_eq!(zips, vec![earlier.file_name().unwrap().to_string_lossy().into_owned()], "only the earlier archive");
+    assert_eq!(std::fs::read(&earlier).unwrap(), before, "the earlier archive is untouched");
+    assert!(sb.staging_leftovers().is_empty());
+}

@@ -1,0 +1,245 @@
+//! Restore refuses a bad archive with exit code 3 and a message naming the archive and the
+//! reason, and changes nothing on the system: no process appears, nothing is written outside
+//! the private staging folder, and that folder is cleaned up.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cedana_tests::*;
+
+struct Fixture {
+    sb: Sandbox,
+    archive: PathBuf,
+    marker: String,
+}
+
+/// A good archive of a small counter whose command line carries a unique marker.
+fn fixture() -> Option<Fixture> {
+    if !criu_ready("refusals") {
+        return None;
+    }
+    let sb = Sandbox::new();
+    let marker = format!("refusal-marker-{}", std::process::id() as u64 * 1000 + rand_suffix());
+    let cmd = format!("i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done # {marker}");
+    let task = sb.exec("fx.log", &["sh", "-c", &cmd]);
+    wait_for_numbers(&sb.path().join("fx.log"), 3);
+    let archive = sb.dump(task.pid, &[]);
+    wait_until(Duration::from_secs(10), "fixture task gone", || !task.alive());
+    Some(Fixture { sb, archive, marker })
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 1000
+}
+
+/// Entries of an archive, in order.
+fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).unwrap();
+            (f.name().to_string(), b)
+        })
+        .collect()
+}
+
+/// Writes a zip with exactly these entries (stored).
+fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in entries {
+        z.start_file(name.as_str(), opts).unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(b))
+}
+
+/// Applies `edit` to the entries, then rewrites the manifest's list (names, sizes, SHA-256) to
+/// match them unless `keep_manifest_sums`; `edit_manifest` may change the manifest after that.
+fn forge(
+    fx: &Fixture,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<(String, Vec<u8>)>),
+    keep_manifest_sums: bool,
+    edit_manifest: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let mut es = entries(&fx.archive);
+    edit(&mut es);
+    let mi = es.iter().position(|(n, _)| n == "manifest.json").unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&es[mi].1).unwrap();
+    if !keep_manifest_sums {
+        let list: Vec<serde_json::Value> = es
+            .iter()
+            .filter(|(n, _)| n != "manifest.json")
+            .map(|(n, b)| serde_json::json!({"name": n, "size": b.len(), "sha256": sha(b)}))
+            .collect();
+        manifest["entries"] = serde_json::Value::Array(list);
+    }
+    edit_manifest(&mut manifest);
+    es[mi].1 = serde_json::to_vec(&manifest).unwrap();
+    let out = fx.sb.path().join(name);
+    write_zip(&out, &es);
+    out
+}
+
+/// Restores `archive`, expects a refusal mentioning `reason`, and checks nothing happened.
+fn assert_refused(fx: &Fixture, archive: &Path, reason: &str) {
+    let out = fx.sb.agent([std::ffi::OsStr::new("restore"), archive.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "expected exit 3 (input refused), got {}: {stderr}", out.status);
+    assert!(stderr.contains(&archive.display().to_string()), "message names the archive: {stderr}");
+    assert!(stderr.to_lowercase().contains(&reason.to_lowercase()), "message says {reason:?}: {stderr}");
+    assert!(fx.sb.staging_leftovers().is_empty(), "staging left behind: {:?}", fx.sb.staging_leftovers());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(processes_with(&fx.marker).is_empty(), "a process was restored from a refused archive");
+}
+
+fn processes_with(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn pages_entry(es: &[(String, Vec<u8>)]) -> usize {
+    es.iter().position(|(n, b)| n.starts_with("images/pages-") && !b.is_empty()).expect("a pages image")
+}
+
+#[test]
+fn the_fixture_itself_restores() {
+    // Guards the other tests: their archives differ from a restorable one only in the flaw.
+    let Some(fx) = fixture() else { return };
+    let rebuilt = forge(&fx, "rebuilt.zip", |_| {}, false, |_| {});
+    let task = fx.sb.restore(&rebuilt);
+    assert!(task.alive());
+    task.kill();
+}
+
+#[test]
+fn truncated_archive() {
+    let Some(fx) = fixture() else { return };
+    let bytes = std::fs::read(&fx.archive).unwrap();
+    let cut = fx.sb.path().join("truncated.zip");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&fx, &cut, "corrupt or truncated");
+}
+
+#[test]
+fn corrupt_bytes_inside_an_entry() {
+    let Some(fx) = fixture() else { return };
+    // Flip bytes of a stored page image inside the zip file itself: the zip's CRC catches it.
+    let mut bytes = std::fs::read(&fx.archive).unwrap();
+    let es = entries(&fx.archive);
+    let page = &es[pages_entry(&es)].1;
+    let at = bytes.windows(64).position(|w| w == &page[page.len() / 2..page.len() / 2 + 64]).expect("page bytes in zip");
+    for b in &mut bytes[at..at + 64] {
+        *b ^= 0xff;
+    }
+    let bad = fx.sb.path().join("corrupt.zip");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_refused(&fx, &bad, "corrupt");
+}
+
+#[test]
+fn checksum_differs_from_manifest() {
+    let Some(fx) = fixture() else { return };
+    // A well-formed zip (valid CRCs) whose page image differs from what the manifest recorded.
+    let bad = forge(
+        &fx,
+        "tampered.zip",
+        |es| {
+            let i = pages_entry(es);
+            let mid = es[i].1.len() / 2;
+            es[i].1[mid] ^= 0x01;
+        },
+        true,
+        |_| {},
+    );
+    assert_refused(&fx, &bad, "SHA-256");
+}
+
+#[test]
+fn absolute_entry_name() {
+    let Some(fx) = fixture() else { return };
+    let target = fx.sb.path().join("escaped-absolute");
+    let name = target.display().to_string();
+    let bad = forge(&fx, "absolute.zip", |es| es.push((name.clone(), b"pwned".to_vec())), false, |_| {});
+    assert_refused(&fx, &bad, "unsafe entry name");
+    assert!(!target.exists(), "the absolute entry was written");
+}
+
+#[test]
+fn dot_dot_entry_name() {
+    let Some(fx) = fixture() else { return };
+    let bad = forge(
+        &fx,
+        "dotdot.zip",
+        |es| es.push(("images/../../../escaped-dotdot".into(), b"pwned".to_vec())),
+        false,
+        |_| {},
+    );
+    assert_refused(&fx, &bad, "unsafe entry name");
+    assert!(!fx.sb.staging.join("../escaped-dotdot").exists());
+    assert!(!fx.sb.path().join("escaped-dotdot").exists());
+}
+
+#[test]
+fn entry_not_in_manifest() {
+    let Some(fx) = fixture() else { return };
+    let bad = forge(&fx, "unlisted.zip", |es| es.push(("images/extra.img".into(), b"x".to_vec())), true, |_| {});
+    assert_refused(&fx, &bad, "does not list");
+}
+
+#[test]
+fn unknown_manifest_version() {
+    let Some(fx) = fixture() else { return };
+    let bad = forge(&fx, "future.zip", |_| {}, false, |m| m["format_version"] = 99.into());
+    assert_refused(&fx, &bad, "format version 99");
+}
+
+#[test]
+fn missing_manifest() {
+    let Some(fx) = fixture() else { return };
+    let mut es = entries(&fx.archive);
+    es.retain(|(n, _)| n != "manifest.json");
+    let bad = fx.sb.path().join("nomanifest.zip");
+    write_zip(&bad, &es);
+    assert_refused(&fx, &bad, "no manifest.json");
+}
+
+#[test]
+fn cpu_this_machine_cannot_run() {
+    let Some(fx) = fixture() else { return };
+    // Claim every CPUID feature bit: no real CPU has them all, so CRIU's check must refuse.
+    let bad = forge(
+        &fx,
+        "foreign-cpu.zip",
+        |es| {
+            let i = es.iter().position(|(n, _)| n == "images/cpuinfo.img").expect("cpuinfo image");
+            es[i].1 = cedana_agent::criu::images::rewrite_cpuinfo(&es[i].1, |e| {
+                for w in &mut e.capability {
+                    *w = u32::MAX;
+                }
+                e.xfeatures_mask = Some(u64::MAX);
+            })
+            .unwrap();
+        },
+        false,
+        |_| {},
+    );
+    assert_refused(&fx, &bad, "CPU");
+}
