@@ -29,10 +29,15 @@ const CHUNK: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("cannot open archive {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("archive {path} is corrupt or truncated ({reason}); it cannot be restored, use an earlier checkpoint")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("archive {path} has no manifest.json; it was not written by cedana-agent or is damaged")]
+    #[error(
+        "archive {path} has no manifest.json; it was not written by cedana-agent or is damaged"
+    )]
     NoManifest { path: PathBuf },
     #[error("archive {path} has an unreadable manifest.json: {reason}")]
     BadManifest { path: PathBuf, reason: String },
@@ -45,11 +50,23 @@ pub enum ArchiveError {
     #[error("archive {path} lacks entry {name:?} that its manifest lists; it is incomplete")]
     MissingEntry { path: PathBuf, name: String },
     #[error("archive {path}: entry {name:?} has {what} {actual}, the manifest says {expected}; the archive was altered or damaged")]
-    Mismatch { path: PathBuf, name: String, what: &'static str, expected: String, actual: String },
+    Mismatch {
+        path: PathBuf,
+        name: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    ReadInput { path: PathBuf, source: std::io::Error },
+    ReadInput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How entries are compressed.
@@ -73,8 +90,12 @@ impl Compression {
             .last_modified_time(zip::DateTime::default());
         match self {
             Compression::None => o.compression_method(zip::CompressionMethod::Stored),
-            Compression::Zstd => o.compression_method(zip::CompressionMethod::Zstd).compression_level(Some(1)),
-            Compression::Deflate => o.compression_method(zip::CompressionMethod::Deflated).compression_level(Some(6)),
+            Compression::Zstd => o
+                .compression_method(zip::CompressionMethod::Zstd)
+                .compression_level(Some(1)),
+            Compression::Deflate => o
+                .compression_method(zip::CompressionMethod::Deflated)
+                .compression_level(Some(6)),
         }
     }
 }
@@ -156,15 +177,31 @@ pub fn write(
     compression: Compression,
     progress: &dyn Progress,
 ) -> Result<(), ArchiveError> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let werr = |source| ArchiveError::Write { path: dest.to_path_buf(), source };
-    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let werr = |source| ArchiveError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
         .suffix(".partial")
         .tempfile_in(dir)
-        .map_err(|source| ArchiveError::Write { path: dir.to_path_buf(), source })?;
-    let total: u64 = files.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        .map_err(|source| ArchiveError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let total: u64 = files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     progress.stage("writing archive", Some(total));
 
     let out = BufWriter::with_capacity(CHUNK, tmp.as_file().try_clone().map_err(werr)?);
@@ -173,10 +210,14 @@ pub fn write(
     manifest.entries.clear();
     manifest.compression = compression;
     for (name, path) in files {
-        let rerr = |source| ArchiveError::ReadInput { path: path.clone(), source };
+        let rerr = |source| ArchiveError::ReadInput {
+            path: path.clone(),
+            source,
+        };
         let mut src = File::open(path).map_err(rerr)?;
         let size = src.metadata().map_err(rerr)?.len();
-        zip.start_file(name.as_str(), compression.options(size)).map_err(|e| werr(zip_io(e)))?;
+        zip.start_file(name.as_str(), compression.options(size))
+            .map_err(|e| werr(zip_io(e)))?;
         let mut hasher = Sha256::new();
         let mut written = 0u64;
         loop {
@@ -189,10 +230,15 @@ pub fn write(
             written += n as u64;
             progress.advance(n as u64);
         }
-        manifest.entries.push(Entry { name: name.clone(), size: written, sha256: hex::encode(hasher.finalize()) });
+        manifest.entries.push(Entry {
+            name: name.clone(),
+            size: written,
+            sha256: hex::encode(hasher.finalize()),
+        });
     }
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    zip.start_file(MANIFEST, Compression::None.options(json.len() as u64)).map_err(|e| werr(zip_io(e)))?;
+    zip.start_file(MANIFEST, Compression::None.options(json.len() as u64))
+        .map_err(|e| werr(zip_io(e)))?;
     zip.write_all(&json).map_err(werr)?;
     let out = zip.finish().map_err(|e| werr(zip_io(e)))?;
     let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
@@ -225,7 +271,10 @@ pub fn safe_entry_name(name: &str) -> bool {
         return false;
     }
     let rest: Vec<&str> = parts.collect();
-    !rest.is_empty() && rest.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
+    !rest.is_empty()
+        && rest
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != "..")
 }
 
 /// Reads and checks an archive's manifest and entry list without extracting anything.
@@ -257,47 +306,93 @@ impl Extracted {
 /// Verifies an archive and extracts its images under `staging` (a fresh private folder).
 /// Names, sizes and checksums are checked against the manifest while extracting; on any
 /// mismatch the folder is removed and nothing else has been touched.
-pub fn extract(path: &Path, staging: &Path, progress: &dyn Progress) -> Result<Extracted, ArchiveError> {
+pub fn extract(
+    path: &Path,
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<Extracted, ArchiveError> {
     let mut zip = open_zip(path)?;
     let manifest = read_manifest(path, &mut zip)?;
     let index = check_listing(path, &mut zip, &manifest)?;
     let dir = tempfile::Builder::new()
         .prefix("cedana-restore-")
         .tempdir_in(staging)
-        .map_err(|source| ArchiveError::Write { path: staging.to_path_buf(), source })?;
+        .map_err(|source| ArchiveError::Write {
+            path: staging.to_path_buf(),
+            source,
+        })?;
     let images = dir.path().join(IMAGES_DIR);
-    std::fs::create_dir(&images).map_err(|source| ArchiveError::Write { path: images.clone(), source })?;
+    std::fs::create_dir(&images).map_err(|source| ArchiveError::Write {
+        path: images.clone(),
+        source,
+    })?;
     progress.stage("verifying and extracting", Some(manifest.total_size()));
     let mut buf = vec![0u8; CHUNK];
     for entry in &manifest.entries {
-        let corrupt = |reason: String| ArchiveError::Corrupt { path: path.to_path_buf(), reason };
-        let mut zf = zip.by_index(index[&entry.name]).map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+        let corrupt = |reason: String| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut zf = zip
+            .by_index(index[&entry.name])
+            .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
         let dest = dir.path().join(&entry.name);
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write { path: parent.to_path_buf(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         let mut out = BufWriter::with_capacity(CHUNK, {
-            let werr = |source| ArchiveError::Write { path: dest.clone(), source };
-            std::fs::OpenOptions::new().write(true).create_new(true).open(&dest).map_err(werr)?
+            let werr = |source| ArchiveError::Write {
+                path: dest.clone(),
+                source,
+            };
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dest)
+                .map_err(werr)?
         });
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         loop {
-            let n = zf.read(&mut buf).map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+            let n = zf
+                .read(&mut buf)
+                .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
             if n == 0 {
                 break;
             }
             size += n as u64;
             if size > entry.size {
-                return Err(mismatch(path, entry, "more than", entry.size.to_string(), "bytes".into()));
+                return Err(mismatch(
+                    path,
+                    entry,
+                    "more than",
+                    entry.size.to_string(),
+                    "bytes".into(),
+                ));
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|source| ArchiveError::Write { path: dest.clone(), source })?;
+            out.write_all(&buf[..n])
+                .map_err(|source| ArchiveError::Write {
+                    path: dest.clone(),
+                    source,
+                })?;
             progress.advance(n as u64);
         }
-        out.flush().map_err(|source| ArchiveError::Write { path: dest.clone(), source })?;
+        out.flush().map_err(|source| ArchiveError::Write {
+            path: dest.clone(),
+            source,
+        })?;
         if size != entry.size {
-            return Err(mismatch(path, entry, "size", entry.size.to_string(), size.to_string()));
+            return Err(mismatch(
+                path,
+                entry,
+                "size",
+                entry.size.to_string(),
+                size.to_string(),
+            ));
         }
         let sum = hex::encode(hasher.finalize());
         if sum != entry.sha256 {
@@ -307,70 +402,133 @@ pub fn extract(path: &Path, staging: &Path, progress: &dyn Progress) -> Result<E
     Ok(Extracted { manifest, dir })
 }
 
-fn mismatch(path: &Path, e: &Entry, what: &'static str, expected: String, actual: String) -> ArchiveError {
-    ArchiveError::Mismatch { path: path.to_path_buf(), name: e.name.clone(), what, expected, actual }
+fn mismatch(
+    path: &Path,
+    e: &Entry,
+    what: &'static str,
+    expected: String,
+    actual: String,
+) -> ArchiveError {
+    ArchiveError::Mismatch {
+        path: path.to_path_buf(),
+        name: e.name.clone(),
+        what,
+        expected,
+        actual,
+    }
 }
 
 type Zip = zip::ZipArchive<BufReader<File>>;
 
 fn open_zip(path: &Path) -> Result<Zip, ArchiveError> {
-    let f = File::open(path).map_err(|source| ArchiveError::Open { path: path.to_path_buf(), source })?;
+    let f = File::open(path).map_err(|source| ArchiveError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut r = BufReader::with_capacity(CHUNK, f);
-    r.rewind().map_err(|source| ArchiveError::Open { path: path.to_path_buf(), source })?;
-    zip::ZipArchive::new(r).map_err(|e| ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })
+    r.rewind().map_err(|source| ArchiveError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    zip::ZipArchive::new(r).map_err(|e| ArchiveError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
-    let bad = |reason: String| ArchiveError::BadManifest { path: path.to_path_buf(), reason };
+    let bad = |reason: String| ArchiveError::BadManifest {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut text = Vec::new();
     {
         let f = match zip.by_name(MANIFEST) {
             Ok(f) => f,
-            Err(zip::result::ZipError::FileNotFound) => return Err(ArchiveError::NoManifest { path: path.to_path_buf() }),
-            Err(e) => return Err(ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() }),
+            Err(zip::result::ZipError::FileNotFound) => {
+                return Err(ArchiveError::NoManifest {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                return Err(ArchiveError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
         };
         // A manifest is a few KiB; refuse to read an absurd one into memory.
-        f.take(16 << 20).read_to_end(&mut text).map_err(|e| ArchiveError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("{MANIFEST}: {e}"),
-        })?;
+        f.take(16 << 20)
+            .read_to_end(&mut text)
+            .map_err(|e| ArchiveError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("{MANIFEST}: {e}"),
+            })?;
     }
     let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-    let version = value.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| bad("no format_version".into()))?;
+    let version = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("no format_version".into()))?;
     if version != FORMAT_VERSION as u64 {
-        return Err(ArchiveError::UnsupportedVersion { path: path.to_path_buf(), found: version });
+        return Err(ArchiveError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+        });
     }
     serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
 
 /// Checks every zip entry against the manifest; returns entry name → zip index.
-fn check_listing(path: &Path, zip: &mut Zip, manifest: &Manifest) -> Result<BTreeMap<String, usize>, ArchiveError> {
+fn check_listing(
+    path: &Path,
+    zip: &mut Zip,
+    manifest: &Manifest,
+) -> Result<BTreeMap<String, usize>, ArchiveError> {
     let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
     for e in &manifest.entries {
         if !safe_entry_name(&e.name) || e.name == MANIFEST {
-            return Err(ArchiveError::UnsafeEntry { path: path.to_path_buf(), name: e.name.clone() });
+            return Err(ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name: e.name.clone(),
+            });
         }
     }
     let mut index = BTreeMap::new();
     for i in 0..zip.len() {
-        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let name = f.name().to_string();
         if !safe_entry_name(&name) {
-            return Err(ArchiveError::UnsafeEntry { path: path.to_path_buf(), name });
+            return Err(ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name,
+            });
         }
         if name == MANIFEST {
             continue;
         }
         if !listed.contains(name.as_str()) || f.is_dir() || f.is_symlink() {
-            return Err(ArchiveError::UnlistedEntry { path: path.to_path_buf(), name });
+            return Err(ArchiveError::UnlistedEntry {
+                path: path.to_path_buf(),
+                name,
+            });
         }
         if index.insert(name.clone(), i).is_some() {
-            return Err(ArchiveError::Corrupt { path: path.to_path_buf(), reason: format!("entry {name:?} appears twice") });
+            return Err(ArchiveError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("entry {name:?} appears twice"),
+            });
         }
     }
     for name in listed {
         if !index.contains_key(name) {
-            return Err(ArchiveError::MissingEntry { path: path.to_path_buf(), name: name.to_string() });
+            return Err(ArchiveError::MissingEntry {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
         }
     }
     Ok(index)
@@ -385,7 +543,17 @@ mod tests {
         for ok in ["manifest.json", "images/core-1.img", "images/sub/x"] {
             assert!(safe_entry_name(ok), "{ok}");
         }
-        for bad in ["/etc/passwd", "../x", "images/../../x", "images/", "images//x", "x.img", "images\\x", "images/./x", ""] {
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "images/../../x",
+            "images/",
+            "images//x",
+            "x.img",
+            "images\\x",
+            "images/./x",
+            "",
+        ] {
             assert!(!safe_entry_name(bad), "{bad}");
         }
     }

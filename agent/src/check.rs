@@ -34,23 +34,43 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 
 /// Runs every check. `criu` is `Err` with the reason when no CRIU was found.
 pub fn run(criu: Result<&Criu, String>) -> Report {
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     let kv = kernel_version(&kernel).unwrap_or((0, 0));
     let mut findings = Vec::new();
-    let mut add = |name, ok, fatal, detail: String| findings.push(Finding { name, ok, fatal, detail });
+    let mut add = |name, ok, fatal, detail: String| {
+        findings.push(Finding {
+            name,
+            ok,
+            fatal,
+            detail,
+        })
+    };
 
     let root = nix::unistd::geteuid().is_root();
     add(
         "root",
         root,
         true,
-        if root { "running as root".into() } else { "not root: CRIU needs root to dump and restore; run with sudo".into() },
+        if root {
+            "running as root".into()
+        } else {
+            "not root: CRIU needs root to dump and restore; run with sudo".into()
+        },
     );
     add(
         "kernel",
         kv >= (5, 4),
         false,
-        format!("Linux {kernel}{}", if kv < (5, 4) { " is older than 5.4; expect missing features" } else { "" }),
+        format!(
+            "Linux {kernel}{}",
+            if kv < (5, 4) {
+                " is older than 5.4; expect missing features"
+            } else {
+                ""
+            }
+        ),
     );
 
     let (mut criu_path, mut criu_version, mut features) = (None, None, None);
@@ -59,14 +79,22 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
         Ok(c) => {
             criu_path = Some(c.path().display().to_string());
             match c.version() {
-                Err(e) => add("criu version", false, true, format!("{} does not answer over RPC: {e}", c.path().display())),
+                Err(e) => add(
+                    "criu version",
+                    false,
+                    true,
+                    format!("{} does not answer over RPC: {e}", c.path().display()),
+                ),
                 Ok(v) => {
                     criu_version = Some(v);
                     let ok = v >= MIN_VERSION;
                     let why = if kv >= (6, 16) {
                         format!("Linux {}.{} restricts socket options that CRIU < 4.2 reads, so any process with a TCP or UDP socket fails to dump", kv.0, kv.1)
                     } else if kv >= (6, 13) {
-                        format!("Linux {}.{} changed the vDSO layout, which needs CRIU >= 4.1", kv.0, kv.1)
+                        format!(
+                            "Linux {}.{} changed the vDSO layout, which needs CRIU >= 4.1",
+                            kv.0, kv.1
+                        )
                     } else {
                         "this agent is tested with CRIU 4.2".into()
                     };
@@ -83,8 +111,18 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
                 }
             }
             match c.check() {
-                Ok(()) => add("criu check", true, true, "`criu check` passes: CRIU works on this kernel".into()),
-                Err(e) => add("criu check", false, true, format!("`criu check` fails: {e}")),
+                Ok(()) => add(
+                    "criu check",
+                    true,
+                    true,
+                    "`criu check` passes: CRIU works on this kernel".into(),
+                ),
+                Err(e) => add(
+                    "criu check",
+                    false,
+                    true,
+                    format!("`criu check` fails: {e}"),
+                ),
             }
             match c.features() {
                 Ok(f) => {
@@ -94,7 +132,8 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
                         f.mem_track,
                         false,
                         if f.mem_track {
-                            "memory change tracking works: incremental pre-dumps are possible".into()
+                            "memory change tracking works: incremental pre-dumps are possible"
+                                .into()
                         } else {
                             "no memory change tracking (kernel without CONFIG_MEM_SOFT_DIRTY): every checkpoint copies all memory; pre-dumps are unavailable".into()
                         },
@@ -106,11 +145,17 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
                         if f.lazy_pages {
                             "userfaultfd works: lazy restores (memory fetched on demand) are possible".into()
                         } else {
-                            "no userfaultfd: restores load all memory before the task resumes".into()
+                            "no userfaultfd: restores load all memory before the task resumes"
+                                .into()
                         },
                     );
                 }
-                Err(e) => add("features", false, false, format!("CRIU's feature check failed: {e}")),
+                Err(e) => add(
+                    "features",
+                    false,
+                    false,
+                    format!("CRIU's feature check failed: {e}"),
+                ),
             }
         }
     }
@@ -128,7 +173,14 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
         );
     }
     let ok = findings.iter().all(|f| f.ok || !f.fatal);
-    Report { criu_path, criu_version, kernel, features, findings, ok }
+    Report {
+        criu_path,
+        criu_version,
+        kernel,
+        features,
+        findings,
+        ok,
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +198,9 @@ mod tests {
     fn missing_criu_is_fatal_and_named() {
         let r = run(Err("no CRIU binary found".into()));
         assert!(!r.ok);
-        assert!(r.findings.iter().any(|f| f.name == "criu" && f.fatal && f.detail.contains("no CRIU")));
+        assert!(r
+            .findings
+            .iter()
+            .any(|f| f.name == "criu" && f.fatal && f.detail.contains("no CRIU")));
     }
 }

@@ -15,9 +15,18 @@ pub const CONFIG_ENV: &str = "CEDANA_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: `{key}` {message} (line {line}, column {column}); fix the value or remove the key to use the default")]
-    Invalid { path: PathBuf, key: String, message: String, line: usize, column: usize },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+        line: usize,
+        column: usize,
+    },
 }
 
 /// A string that never shows in logs or `Debug` output (tokens, API keys).
@@ -125,7 +134,8 @@ impl Config {
         if let Some(p) = std::env::var_os(CONFIG_ENV) {
             return Some(PathBuf::from(p));
         }
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cedana").join("cedana_config.json"))
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cedana").join("cedana_config.json"))
     }
 
     /// Loads the file at `path`; a missing file gives the defaults.
@@ -133,7 +143,10 @@ impl Config {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(source) => Err(ConfigError::Read { path: path.to_path_buf(), source }),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 
@@ -159,7 +172,11 @@ impl Config {
             };
             ConfigError::Invalid {
                 path: path.to_path_buf(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message,
                 line: inner.line(),
                 column: inner.column(),
@@ -169,7 +186,10 @@ impl Config {
 
     /// Where dumps go when `-d` is not given: `shared_storage.dump_storage_dir`, if set.
     pub fn dump_dir(&self) -> Option<&Path> {
-        self.shared_storage.dump_storage_dir.as_deref().filter(|p| !p.as_os_str().is_empty())
+        self.shared_storage
+            .dump_storage_dir
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
     }
 }
 
@@ -196,7 +216,10 @@ mod tests {
         let c = Config::parse(ORIGINAL, Path::new("c.json")).unwrap();
         assert_eq!(c.dump_dir(), Some(Path::new("/home/ubuntu/.cedana/")));
         assert_eq!(c.checkpoint.heartbeat_interval_seconds, Some(60));
-        assert_eq!(c.aws.as_ref().unwrap().launch_template.as_deref(), Some("caltech-test"));
+        assert_eq!(
+            c.aws.as_ref().unwrap().launch_template.as_deref(),
+            Some("caltech-test")
+        );
         assert_eq!(c.connection.nats_port, Some(4222));
         assert_eq!(c.connection.auth_token.expose(), "test");
         assert_eq!(c.enabled_providers, ["aws", "paperspace"]);
@@ -214,7 +237,9 @@ mod tests {
     #[test]
     fn wrong_type_names_file_key_line_and_column() {
         let text = "{\n  \"shared_storage\": {\n    \"dump_storage_dir\": 5\n  }\n}";
-        let err = Config::parse(text, Path::new("/x/cedana_config.json")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("/x/cedana_config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/x/cedana_config.json"), "{err}");
         assert!(err.contains("shared_storage.dump_storage_dir"), "{err}");
         assert!(err.contains("line 3"), "{err}");
@@ -223,7 +248,9 @@ mod tests {
 
     #[test]
     fn malformed_json_is_an_error_with_position() {
-        let err = Config::parse("{\"checkpoint\": {", Path::new("c.json")).unwrap_err().to_string();
+        let err = Config::parse("{\"checkpoint\": {", Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c.json") && err.contains("line 1"), "{err}");
     }
 
@@ -236,7 +263,11 @@ mod tests {
 
     #[test]
     fn empty_dump_dir_means_unset() {
-        let c = Config::parse(r#"{"shared_storage": {"dump_storage_dir": ""}}"#, Path::new("c")).unwrap();
+        let c = Config::parse(
+            r#"{"shared_storage": {"dump_storage_dir": ""}}"#,
+            Path::new("c"),
+        )
+        .unwrap();
         assert!(c.dump_dir().is_none());
     }
 }

@@ -55,14 +55,24 @@ pub struct DumpOutcome {
 /// Errors of a dump.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
-    #[error("dump folder {path} does not exist or is not a folder; create it or pass another with -d")]
+    #[error(
+        "dump folder {path} does not exist or is not a folder; create it or pass another with -d"
+    )]
     NoDir { path: PathBuf },
     #[error(transparent)]
     Process(#[from] ProcessError),
     #[error("cannot create a staging folder in {path}: {source}; set CEDANA_STAGING_DIR to a writable folder")]
-    Staging { path: PathBuf, source: std::io::Error },
+    Staging {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("checkpoint of PID {pid} ({name}) failed: {source}{kept}")]
-    Criu { pid: i32, name: String, source: CriuError, kept: String },
+    Criu {
+        pid: i32,
+        name: String,
+        source: Box<CriuError>,
+        kept: String,
+    },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
 }
@@ -71,9 +81,15 @@ pub enum DumpError {
 ///
 /// On failure no archive is created, nothing in `opts.dir` is replaced, and CRIU's log is
 /// kept in `opts.dir` as `<name>_<time>.dump-failed.log` and quoted in the error.
-pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<DumpOutcome, DumpError> {
+pub fn dump(
+    criu: &Criu,
+    opts: &DumpOptions,
+    progress: &dyn Progress,
+) -> Result<DumpOutcome, DumpError> {
     if !opts.dir.is_dir() {
-        return Err(DumpError::NoDir { path: opts.dir.clone() });
+        return Err(DumpError::NoDir {
+            path: opts.dir.clone(),
+        });
     }
     let info = ProcessInfo::inspect(opts.pid)?;
     let stamp = crate::timestamp();
@@ -82,7 +98,10 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
     let work = tempfile::Builder::new()
         .prefix("cedana-dump-")
         .tempdir_in(&staging_root)
-        .map_err(|source| DumpError::Staging { path: staging_root.clone(), source })?;
+        .map_err(|source| DumpError::Staging {
+            path: staging_root.clone(),
+            source,
+        })?;
     let shell_job = info.needs_shell_job();
     let req = DumpRequest {
         pid: opts.pid,
@@ -95,18 +114,25 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
     };
     info!(pid = opts.pid, name = %info.name, images = %work.path().display(), shell_job, "dumping");
     progress.stage("checkpointing with CRIU", Some(info.tree_rss_bytes));
-    let version = criu.version().map_err(|source| criu_err(&info, source, String::new()))?;
+    let version = criu
+        .version()
+        .map_err(|source| criu_err(&info, source, String::new()))?;
     let t0 = Instant::now();
     if let Err(source) = criu.dump(&req, &mut |_| {}) {
-        let kept = keep_log(&work.path().join(criu::DUMP_LOG), &opts.dir.join(format!("{stem}.dump-failed.log")));
+        let kept = keep_log(
+            &work.path().join(criu::DUMP_LOG),
+            &opts.dir.join(format!("{stem}.dump-failed.log")),
+        );
         progress.finish();
         return Err(criu_err(&info, source, kept));
     }
     let criu_time = t0.elapsed();
 
-    let cpu = match criu.cpuinfo_dump(work.path()).map_err(|e| e.to_string()).and_then(|()| {
-        images::read_cpuinfo(work.path()).map_err(|e| e.to_string())
-    }) {
+    let cpu = match criu
+        .cpuinfo_dump(work.path())
+        .map_err(|e| e.to_string())
+        .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
+    {
         Ok(c) => Some(c),
         Err(e) => {
             warn!(error = %e, "no CPU description in the dump");
@@ -116,8 +142,11 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
     // The tree as CRIU saw it: /proc, read before the dump, can miss short-lived children.
     let (tree_size, tree_pids) = match images::read_pstree(work.path()) {
         Ok(entries) => {
-            let pids: std::collections::BTreeSet<i32> =
-                entries.iter().flat_map(|e| std::iter::once(e.pid).chain(e.threads.iter().copied())).map(|p| p as i32).collect();
+            let pids: std::collections::BTreeSet<i32> = entries
+                .iter()
+                .flat_map(|e| std::iter::once(e.pid).chain(e.threads.iter().copied()))
+                .map(|p| p as i32)
+                .collect();
             (entries.len(), pids.into_iter().collect())
         }
         Err(e) => {
@@ -126,13 +155,29 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
         }
     };
     let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
-        .map_err(|source| DumpError::Staging { path: work.path().to_path_buf(), source })?
+        .map_err(|source| DumpError::Staging {
+            path: work.path().to_path_buf(),
+            source,
+        })?
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| (format!("{}/{}", archive::IMAGES_DIR, e.file_name().to_string_lossy()), e.path()))
+        .map(|e| {
+            (
+                format!(
+                    "{}/{}",
+                    archive::IMAGES_DIR,
+                    e.file_name().to_string_lossy()
+                ),
+                e.path(),
+            )
+        })
         .collect();
     files.sort();
-    let images_bytes = files.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let images_bytes = files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     let mut manifest = Manifest {
         format_version: archive::FORMAT_VERSION,
         created_at: stamp.rfc3339,
@@ -161,12 +206,26 @@ pub fn dump(criu: &Criu, opts: &DumpOptions, progress: &dyn Progress) -> Result<
         entries: Vec::new(),
     };
     let t1 = Instant::now();
-    let dest = write_unique(&opts.dir, &stem, &mut manifest, &files, opts.compression, progress)?;
+    let dest = write_unique(
+        &opts.dir,
+        &stem,
+        &mut manifest,
+        &files,
+        opts.compression,
+        progress,
+    )?;
     let archive_time = t1.elapsed();
     progress.finish();
     let archive_bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
     info!(archive = %dest.display(), archive_bytes, ?criu_time, ?archive_time, "dump complete");
-    Ok(DumpOutcome { archive: dest, archive_bytes, images_bytes, criu_time, archive_time, manifest })
+    Ok(DumpOutcome {
+        archive: dest,
+        archive_bytes,
+        images_bytes,
+        criu_time,
+        archive_time,
+        manifest,
+    })
 }
 
 /// Writes the archive as `stem.zip`, or `stem_N.zip` when that name is taken: never replaces.
@@ -179,24 +238,40 @@ fn write_unique(
     progress: &dyn Progress,
 ) -> Result<PathBuf, ArchiveError> {
     for n in 0..1000 {
-        let name = if n == 0 { format!("{stem}.zip") } else { format!("{stem}_{n}.zip") };
+        let name = if n == 0 {
+            format!("{stem}.zip")
+        } else {
+            format!("{stem}_{n}.zip")
+        };
         let dest = dir.join(name);
         if dest.exists() {
             continue;
         }
         match archive::write(&dest, manifest, files, compression, progress) {
-            Err(ArchiveError::Write { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(ArchiveError::Write { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                continue
+            }
             r => return r.map(|()| dest),
         }
     }
     Err(ArchiveError::Write {
         path: dir.join(format!("{stem}.zip")),
-        source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "1000 archives with this name already exist"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "1000 archives with this name already exist",
+        ),
     })
 }
 
 fn criu_err(info: &ProcessInfo, source: CriuError, kept: String) -> DumpError {
-    DumpError::Criu { pid: info.pid, name: info.name.clone(), source, kept }
+    DumpError::Criu {
+        pid: info.pid,
+        name: info.name.clone(),
+        source: Box::new(source),
+        kept,
+    }
 }
 
 /// Copies CRIU's log to `dest`; returns a sentence for the error message.

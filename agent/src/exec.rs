@@ -28,39 +28,59 @@ pub struct ExecOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("cannot open log file {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("argument {arg:?} contains a NUL byte")]
     Nul { arg: String },
     #[error("cannot create a PID namespace for {program}: {source}; exec needs root (CAP_SYS_ADMIN), try sudo")]
     Clone { program: String, source: nix::Error },
     #[error("cannot start {program}: {source}")]
-    Start { program: String, source: std::io::Error },
+    Start {
+        program: String,
+        source: std::io::Error,
+    },
 }
 
 /// Starts the task and returns its PID (in this machine's PID namespace). The task is not
 /// waited for: it outlives the caller, reparented to init (or the nearest subreaper).
 pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
     let program_name = opts.program.to_string_lossy().into_owned();
-    let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|_| ExecError::Nul { arg: s.to_string_lossy().into() });
+    let cstr = |s: &std::ffi::OsStr| {
+        CString::new(s.as_bytes()).map_err(|_| ExecError::Nul {
+            arg: s.to_string_lossy().into(),
+        })
+    };
     let program = cstr(&opts.program)?;
     let mut argv = vec![program.clone()];
     for a in &opts.args {
         argv.push(cstr(a)?);
     }
-    let cwd = opts.cwd.as_deref().map(|c| cstr(c.as_os_str())).transpose()?;
+    let cwd = opts
+        .cwd
+        .as_deref()
+        .map(|c| cstr(c.as_os_str()))
+        .transpose()?;
     let log = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
         .open(&opts.log)
-        .map_err(|source| ExecError::Log { path: opts.log.clone(), source })?;
+        .map_err(|source| ExecError::Log {
+            path: opts.log.clone(),
+            source,
+        })?;
     let devnull = OpenOptions::new()
         .read(true)
         .open("/dev/null")
-        .map_err(|source| ExecError::Start { program: program_name.clone(), source })?;
+        .map_err(|source| ExecError::Start {
+            program: program_name.clone(),
+            source,
+        })?;
     // The child reports a failed exec through this pipe; it closes on a successful exec.
-    let (err_r, err_w): (OwnedFd, OwnedFd) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ExecError::Start {
+    let (err_r, err_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ExecError::Start {
             program: program_name.clone(),
             source: e.into(),
         })?;
@@ -97,7 +117,10 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
             Some(nix::sys::signal::Signal::SIGCHLD as i32),
         )
     }
-    .map_err(|source| ExecError::Clone { program: program_name.clone(), source })?;
+    .map_err(|source| ExecError::Clone {
+        program: program_name.clone(),
+        source,
+    })?;
     drop(err_w);
     let mut msg = Vec::new();
     let _ = std::fs::File::from(err_r).read_to_end(&mut msg);
@@ -105,10 +128,17 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
         return Ok(pid);
     }
     let _ = nix::sys::wait::waitpid(pid, None);
-    let errno = if msg.len() >= 5 { i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]) } else { 0 };
+    let errno = if msg.len() >= 5 {
+        i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])
+    } else {
+        0
+    };
     let source = std::io::Error::from_raw_os_error(errno);
     let program = match msg[0] {
-        b'c' => format!("{program_name} (in {})", opts.cwd.as_deref().unwrap_or(Path::new("?")).display()),
+        b'c' => format!(
+            "{program_name} (in {})",
+            opts.cwd.as_deref().unwrap_or(Path::new("?")).display()
+        ),
         _ => program_name,
     };
     Err(ExecError::Start { program, source })

@@ -32,7 +32,10 @@ pub const CRIU_ENV: &str = "CEDANA_CRIU";
 /// places.
 pub fn locate_criu(flag: Option<&Path>, config: &Config) -> Result<Criu, criu::CriuError> {
     let env = std::env::var_os(CRIU_ENV).map(PathBuf::from);
-    let explicit = flag.map(Path::to_path_buf).or(env).or_else(|| config.criu.path.clone());
+    let explicit = flag
+        .map(Path::to_path_buf)
+        .or(env)
+        .or_else(|| config.criu.path.clone());
     Criu::locate(explicit.as_deref())
 }
 
@@ -40,8 +43,14 @@ pub fn locate_criu(flag: Option<&Path>, config: &Config) -> Result<Criu, criu::C
 pub fn host_info() -> archive::ManifestHost {
     let uts = nix::sys::utsname::uname().ok();
     archive::ManifestHost {
-        hostname: uts.as_ref().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
-        kernel: uts.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        hostname: uts
+            .as_ref()
+            .map(|u| u.nodename().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kernel: uts
+            .as_ref()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
     }
 }
@@ -57,8 +66,14 @@ pub(crate) fn timestamp() -> Stamp {
     let now = time::OffsetDateTime::now_utc();
     Stamp {
         file: now
-            .format(format_description!("[year][month][day]_[hour][minute][second]"))
+            .format(format_description!(
+                "[year][month][day]_[hour][minute][second]"
+            ))
             .expect("timestamp formats"),
-        rfc3339: now.replace_nanosecond(0).unwrap_or(now).format(&Rfc3339).expect("timestamp formats"),
+        rfc3339: now
+            .replace_nanosecond(0)
+            .unwrap_or(now)
+            .format(&Rfc3339)
+            .expect("timestamp formats"),
     }
 }

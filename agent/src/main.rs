@@ -137,7 +137,11 @@ struct Failure {
 
 impl Failure {
     fn new(code: u8, kind: &'static str, error: impl Into<anyhow::Error>) -> Self {
-        Failure { code, kind, error: error.into() }
+        Failure {
+            code,
+            kind,
+            error: error.into(),
+        }
     }
 }
 
@@ -159,7 +163,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(f) => {
             if json {
-                let v = serde_json::json!({"ok": false, "error": f.error.to_string(), "kind": f.kind});
+                let v =
+                    serde_json::json!({"ok": false, "error": f.error.to_string(), "kind": f.kind});
                 println!("{v}");
             }
             eprintln!("cedana-agent: error: {}", f.error);
@@ -173,7 +178,8 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
 }
 
 fn criu(cli: &Cli, config: &Config) -> Result<cedana_agent::Criu, Failure> {
-    cedana_agent::locate_criu(cli.criu.as_deref(), config).map_err(|e| Failure::new(5, "environment", e))
+    cedana_agent::locate_criu(cli.criu.as_deref(), config)
+        .map_err(|e| Failure::new(5, "environment", e))
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
@@ -219,7 +225,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 as_child: false,
             };
             let bar = Bar::new();
-            let out = cedana_agent::restore(&criu, &opts, bar.as_progress()).map_err(restore_failure)?;
+            let out =
+                cedana_agent::restore(&criu, &opts, bar.as_progress()).map_err(restore_failure)?;
             if a.json {
                 print_json(&out);
             } else {
@@ -230,11 +237,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Exec(a) => {
             let (program, args) = a.command.split_first().expect("clap requires a command");
             let log = a.log.clone().unwrap_or_else(|| {
-                let base = std::path::Path::new(program).file_name().unwrap_or(program.as_os_str());
-                PathBuf::from(format!("{}.log", cedana_agent::process::sanitize(&base.to_string_lossy())))
+                let base = std::path::Path::new(program)
+                    .file_name()
+                    .unwrap_or(program.as_os_str());
+                PathBuf::from(format!(
+                    "{}.log",
+                    cedana_agent::process::sanitize(&base.to_string_lossy())
+                ))
             });
             let log = std::path::absolute(&log).unwrap_or(log);
-            let opts = exec::ExecOptions { program: program.clone(), args: args.to_vec(), log: log.clone(), cwd: a.cwd.clone() };
+            let opts = exec::ExecOptions {
+                program: program.clone(),
+                args: args.to_vec(),
+                log: log.clone(),
+                cwd: a.cwd.clone(),
+            };
             let pid = exec::spawn(&opts).map_err(|e| match e {
                 exec::ExecError::Clone { .. } => Failure::new(5, "environment", e),
                 _ => Failure::new(1, "exec", e),
@@ -255,7 +272,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 print_json(&report);
             } else {
                 for f in &report.findings {
-                    let mark = if f.ok { "ok  " } else if f.fatal { "FAIL" } else { "warn" };
+                    let mark = if f.ok {
+                        "ok  "
+                    } else if f.fatal {
+                        "FAIL"
+                    } else {
+                        "warn"
+                    };
                     println!("[{mark}] {:<15} {}", f.name, f.detail);
                 }
                 println!();
@@ -268,7 +291,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     }
                 );
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(5) })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(5)
+            })
         }
     }
 }
@@ -278,7 +305,10 @@ fn print_json(v: &impl serde::Serialize) {
     if let Some(obj) = value.as_object_mut() {
         obj.entry("ok").or_insert(serde_json::Value::Bool(true));
     }
-    println!("{}", serde_json::to_string_pretty(&value).expect("output serializes"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).expect("output serializes")
+    );
 }
 
 fn dump_failure(e: DumpError) -> Failure {
@@ -291,8 +321,12 @@ fn dump_failure(e: DumpError) -> Failure {
 
 fn restore_failure(e: RestoreError) -> Failure {
     match e {
-        RestoreError::Archive(ArchiveError::Write { .. }) | RestoreError::Staging { .. } => Failure::new(1, "io", e),
-        RestoreError::Archive(_) | RestoreError::Cpu { .. } | RestoreError::PidTaken { .. } => Failure::new(3, "input", e),
+        RestoreError::Archive(ArchiveError::Write { .. }) | RestoreError::Staging { .. } => {
+            Failure::new(1, "io", e)
+        }
+        RestoreError::Archive(_) | RestoreError::Cpu { .. } | RestoreError::PidTaken { .. } => {
+            Failure::new(3, "input", e)
+        }
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
     }
 }
@@ -328,12 +362,16 @@ impl Progress for Bar {
             Some(t) if name != "checkpointing with CRIU" => {
                 pb.set_length(t);
                 pb.set_style(
-                    ProgressStyle::with_template("{msg:28} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                        .expect("template")
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{msg:28} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
                 );
             }
-            _ => pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("template")),
+            _ => pb.set_style(
+                ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("template"),
+            ),
         }
         pb.set_message(name.to_string());
     }

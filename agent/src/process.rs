@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum ProcessError {
     #[error("no process with PID {pid}; check the PID with `ps -p {pid}`")]
     NotFound { pid: i32 },
-    #[error("cannot inspect process {pid} through /proc: {source}; the agent needs root (try sudo)")]
+    #[error(
+        "cannot inspect process {pid} through /proc: {source}; the agent needs root (try sudo)"
+    )]
     Proc { pid: i32, source: procfs::ProcError },
 }
 
@@ -47,7 +49,10 @@ impl ProcessInfo {
         let cwd = p.cwd().map_err(wrap)?;
         let exe = p.exe().ok();
         let status = p.status().map_err(wrap)?;
-        let pid_namespace_init = status.nspid.as_ref().is_some_and(|ns| ns.len() > 1 && ns.last() == Some(&1));
+        let pid_namespace_init = status
+            .nspid
+            .as_ref()
+            .is_some_and(|ns| ns.len() > 1 && ns.last() == Some(&1));
         let tree = descendants(pid);
         let page = procfs::page_size();
         let tree_rss_bytes = tree
@@ -83,7 +88,13 @@ impl ProcessInfo {
 pub fn sanitize(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let s = s.trim_start_matches('.').to_string();
     if s.is_empty() {
@@ -101,10 +112,17 @@ pub fn descendants(root: i32) -> Vec<i32> {
     while i < out.len() {
         let pid = out[i];
         i += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
         for t in tasks.flatten() {
-            let Ok(children) = std::fs::read_to_string(t.path().join("children")) else { continue };
-            for c in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            let Ok(children) = std::fs::read_to_string(t.path().join("children")) else {
+                continue;
+            };
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
                 if seen.insert(c) {
                     out.push(c);
                 }
@@ -138,6 +156,9 @@ mod tests {
     fn missing_process_is_not_found() {
         // PID max is at most 2^22, so this PID cannot exist.
         let err = ProcessInfo::inspect(5_000_000).unwrap_err();
-        assert!(matches!(err, ProcessError::NotFound { pid: 5_000_000 }), "{err}");
+        assert!(
+            matches!(err, ProcessError::NotFound { pid: 5_000_000 }),
+            "{err}"
+        );
     }
 }

@@ -41,26 +41,48 @@ pub enum RestoreError {
     #[error(transparent)]
     Archive(#[from] ArchiveError),
     #[error("archive {path} was made on a CPU whose features this machine lacks{model}; restore it on a machine with the same CPU features\n  {source}")]
-    Cpu { path: PathBuf, source: CriuError, model: String },
+    Cpu {
+        path: PathBuf,
+        source: Box<CriuError>,
+        model: String,
+    },
     #[error("restore of {path} failed: {source}{kept}")]
-    Criu { path: PathBuf, source: CriuError, kept: String },
+    Criu {
+        path: PathBuf,
+        source: Box<CriuError>,
+        kept: String,
+    },
     #[error("archive {path} holds a process that must get back its PID {pid}, which {holder} uses now; stop that process, or start tasks with `cedana-agent exec` (own PID namespace) so restores need no particular PID")]
-    PidTaken { path: PathBuf, pid: i32, holder: String },
+    PidTaken {
+        path: PathBuf,
+        pid: i32,
+        holder: String,
+    },
     #[error("cannot create a staging folder in {path}: {source}; set CEDANA_STAGING_DIR to a writable folder")]
-    Staging { path: PathBuf, source: std::io::Error },
+    Staging {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Verifies `opts.archive` completely, checks the CPU, then restores. Nothing outside a private
 /// staging folder is touched before the archive has passed every check.
-pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreOutcome, RestoreError> {
+pub fn restore(
+    criu: &Criu,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreOutcome, RestoreError> {
     let path = &opts.archive;
     let t0 = Instant::now();
     let manifest = archive::inspect(path)?;
     let fallback = std::env::temp_dir();
     let staging_root = staging::root(opts.staging.as_deref(), manifest.total_size(), &fallback);
-    std::fs::create_dir_all(&staging_root)
-        .map_err(|source| RestoreError::Staging { path: staging_root.clone(), source })?;
-    let extracted = archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
+    std::fs::create_dir_all(&staging_root).map_err(|source| RestoreError::Staging {
+        path: staging_root.clone(),
+        source,
+    })?;
+    let extracted =
+        archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
     let images = extracted.images_dir();
     let verify_time = t0.elapsed();
 
@@ -68,10 +90,17 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> R
     if let Err(source) = criu.cpuinfo_check(&images) {
         progress.finish();
         let model = match &manifest.cpu {
-            Some(c) => format!(" (it was taken on {} family {} model {})", c.model_name, c.family, c.model),
+            Some(c) => format!(
+                " (it was taken on {} family {} model {})",
+                c.model_name, c.family, c.model
+            ),
             None => String::new(),
         };
-        return Err(RestoreError::Cpu { path: path.clone(), source, model });
+        return Err(RestoreError::Cpu {
+            path: path.clone(),
+            source: Box::new(source),
+            model,
+        });
     }
 
     let m = &extracted.manifest;
@@ -94,11 +123,21 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> R
         Ok(pid) => {
             let criu_time = t1.elapsed();
             info!(pid, archive = %path.display(), ?verify_time, ?criu_time, "restored");
-            Ok(RestoreOutcome { pid, archive: path.clone(), verify_time, criu_time, manifest: extracted.manifest })
+            Ok(RestoreOutcome {
+                pid,
+                archive: path.clone(),
+                verify_time,
+                criu_time,
+                manifest: extracted.manifest,
+            })
         }
         Err(source) => {
             let kept = keep_log(&images.join(criu::RESTORE_LOG), &failed_log_path(path));
-            Err(RestoreError::Criu { path: path.clone(), source, kept })
+            Err(RestoreError::Criu {
+                path: path.clone(),
+                source: Box::new(source),
+                kept,
+            })
         }
     }
 }
@@ -109,13 +148,20 @@ pub fn restore(criu: &Criu, opts: &RestoreOptions, progress: &dyn Progress) -> R
 fn wait_for_free_pids(path: &Path, pids: &[i32]) -> Result<(), RestoreError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let taken = pids.iter().copied().find(|p| Path::new(&format!("/proc/{p}")).exists());
+        let taken = pids
+            .iter()
+            .copied()
+            .find(|p| Path::new(&format!("/proc/{p}")).exists());
         match taken {
             None => return Ok(()),
             Some(pid) if Instant::now() >= deadline => {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 let holder = format!("process {pid} ({})", comm.trim());
-                return Err(RestoreError::PidTaken { path: path.to_path_buf(), pid, holder });
+                return Err(RestoreError::PidTaken {
+                    path: path.to_path_buf(),
+                    pid,
+                    holder,
+                });
             }
             Some(_) => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -127,9 +173,15 @@ fn wait_for_free_pids(path: &Path, pids: &[i32]) -> Result<(), RestoreError> {
 fn failed_log_path(archive: &Path) -> PathBuf {
     let name = format!(
         "{}.restore-failed.log",
-        archive.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "archive".into())
+        archive
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "archive".into())
     );
-    let dir = archive.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = archive
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let probe = tempfile::tempfile_in(dir);
     if probe.is_ok() {
         dir.join(name)

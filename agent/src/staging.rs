@@ -20,8 +20,13 @@ pub fn root(explicit: Option<&Path>, bytes: u64, fallback: &Path) -> PathBuf {
         return PathBuf::from(p);
     }
     let need = bytes.saturating_mul(2).saturating_add(64 << 20);
-    let shm_free = nix::sys::statvfs::statvfs(SHM).map(|s| s.blocks_available() * s.fragment_size()).unwrap_or(0);
-    let mem_free = procfs::Meminfo::current().ok().and_then(|m| m.mem_available).unwrap_or(0);
+    let shm_free = nix::sys::statvfs::statvfs(SHM)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0);
+    let mem_free = procfs::Meminfo::current()
+        .ok()
+        .and_then(|m| m.mem_available)
+        .unwrap_or(0);
     if shm_free >= need && mem_free >= need {
         PathBuf::from(SHM)
     } else {

@@ -17,7 +17,11 @@ pub fn agent_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>/cedana-agent
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("cedana-agent");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("cedana-agent");
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build -p cedana-agent`, or run the README's test command)",
@@ -42,11 +46,17 @@ pub fn criu_ready(test: &str) -> bool {
     let reason = if !nix::unistd::geteuid().is_root() {
         Some("not running as root".to_string())
     } else {
-        let out = Command::new(agent_bin()).args(["check", "--json"]).output().expect("run cedana-agent check");
+        let out = Command::new(agent_bin())
+            .args(["check", "--json"])
+            .output()
+            .expect("run cedana-agent check");
         if out.status.success() {
             None
         } else {
-            Some(format!("`cedana-agent check` fails:\n{}", String::from_utf8_lossy(&out.stdout)))
+            Some(format!(
+                "`cedana-agent check` fails:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
         }
     };
     match reason {
@@ -69,7 +79,10 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("cedana-test-").tempdir_in("/var/tmp").expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("cedana-test-")
+            .tempdir_in("/var/tmp")
+            .expect("temp dir");
         let staging = dir.path().join("staging");
         std::fs::create_dir(&staging).expect("staging dir");
         Sandbox { dir, staging }
@@ -102,7 +115,11 @@ impl Sandbox {
         let mut args = vec!["exec", "--log", log, "--"];
         args.extend_from_slice(cmd);
         let out = self.agent(&args);
-        assert!(out.status.success(), "exec {cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "exec {cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Task::new(parse_pid(&out))
     }
     /// Dumps `pid` into the sandbox; returns the archive's path.
@@ -137,7 +154,9 @@ impl Sandbox {
     }
     /// Files left in the staging folder (should be none after any command).
     pub fn staging_leftovers(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(&self.staging).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+        std::fs::read_dir(&self.staging)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -150,7 +169,10 @@ impl Default for Sandbox {
 /// The first line of stdout as a PID.
 pub fn parse_pid(out: &Output) -> i32 {
     let s = String::from_utf8_lossy(&out.stdout);
-    s.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("no PID in output {s:?}"))
+    s.lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no PID in output {s:?}"))
 }
 
 /// A process tree the test started; killed (SIGKILL) when dropped.
@@ -167,14 +189,22 @@ impl Task {
     }
     /// Kills it and waits (bounded) until it is gone.
     pub fn kill(&self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
-        wait_until(Duration::from_secs(20), "killed task to disappear", || !is_alive(self.pid));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        wait_until(Duration::from_secs(20), "killed task to disappear", || {
+            !is_alive(self.pid)
+        });
     }
 }
 
 impl Drop for Task {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -182,7 +212,9 @@ impl Drop for Task {
 pub fn is_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
-            let state = s.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+            let state = s
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -193,24 +225,39 @@ pub fn is_alive(pid: i32) -> bool {
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// The numbers in a file, one per line (other lines ignored).
 pub fn numbers(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// Asserts `nums` is 1, 2, 3, … with no gap or repeat.
 pub fn assert_unbroken(nums: &[u64], what: &str) {
     for (i, n) in nums.iter().enumerate() {
-        assert_eq!(*n, i as u64 + 1, "{what}: expected an unbroken 1..N sequence, got {nums:?}");
+        assert_eq!(
+            *n,
+            i as u64 + 1,
+            "{what}: expected an unbroken 1..N sequence, got {nums:?}"
+        );
     }
 }
 
 /// Waits until the file holds at least `n` numbers.
 pub fn wait_for_numbers(path: &Path, n: usize) {
-    wait_until(Duration::from_secs(30), &format!("{n} numbers in {}", path.display()), || numbers(path).len() >= n);
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{n} numbers in {}", path.display()),
+        || numbers(path).len() >= n,
+    );
 }

@@ -17,9 +17,15 @@ fn the_binary_under_test_is_static_when_required() {
         eprintln!("NOTE: CEDANA_REQUIRE_STATIC is not 1; checking the static build is left to the README's test command");
         return;
     }
-    let out = std::process::Command::new("ldd").arg(agent_bin()).output().expect("run ldd");
+    let out = std::process::Command::new("ldd")
+        .arg(agent_bin())
+        .output()
+        .expect("run ldd");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
-    assert!(text.contains("not a dynamic executable") || text.contains("statically linked"), "ldd says: {text}");
+    assert!(
+        text.contains("not a dynamic executable") || text.contains("statically linked"),
+        "ldd says: {text}"
+    );
 }
 
 #[test]
@@ -32,7 +38,14 @@ fn help_explains_commands_and_exit_codes() {
     }
     let out = sb.agent(["dump", "--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["--leave-running", "--compress", "--tcp-established", "--tcp-close", "--json", "dump_storage_dir"] {
+    for word in [
+        "--leave-running",
+        "--compress",
+        "--tcp-established",
+        "--tcp-close",
+        "--json",
+        "dump_storage_dir",
+    ] {
         assert!(text.contains(word), "dump --help lacks {word}: {text}");
     }
 }
@@ -48,7 +61,12 @@ fn check_reports_a_working_machine() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true);
     assert!(v["criu_version"]["major"].as_i64().unwrap() >= 4);
-    let names: Vec<&str> = v["findings"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     for n in ["criu version", "criu check", "soft-dirty", "userfaultfd"] {
         assert!(names.contains(&n), "check reports {n}: {names:?}");
     }
@@ -62,7 +80,10 @@ fn check_without_criu_says_what_to_do() {
     let out = sb.agent(["--criu", "/nonexistent/criu", "check"]);
     assert_eq!(out.status.code(), Some(5));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("/nonexistent/criu") && text.contains("install CRIU"), "{text}");
+    assert!(
+        text.contains("/nonexistent/criu") && text.contains("install CRIU"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -70,7 +91,11 @@ fn dump_of_a_missing_process() {
     let sb = Sandbox::new();
     let out = sb.agent(["dump", "-p", "4999999", "-d", "."]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("no process with PID 4999999"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no process with PID 4999999"),
+        "{}",
+        stderr(&out)
+    );
     let out = sb.agent(["dump", "-p", "4999999", "-d", ".", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
@@ -80,9 +105,19 @@ fn dump_of_a_missing_process() {
 #[test]
 fn dump_into_a_missing_folder() {
     let sb = Sandbox::new();
-    let out = sb.agent(["dump", "-p", &std::process::id().to_string(), "-d", "/nonexistent/dumps"]);
+    let out = sb.agent([
+        "dump",
+        "-p",
+        &std::process::id().to_string(),
+        "-d",
+        "/nonexistent/dumps",
+    ]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("/nonexistent/dumps"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/dumps"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -90,7 +125,11 @@ fn restore_of_a_missing_archive() {
     let sb = Sandbox::new();
     let out = sb.agent(["restore", "/nonexistent/x.zip"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("/nonexistent/x.zip"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/x.zip"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -98,7 +137,11 @@ fn exec_of_a_missing_program() {
     let sb = Sandbox::new();
     let out = sb.agent(["exec", "--", "/nonexistent/program"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("/nonexistent/program"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/program"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -123,17 +166,28 @@ fn config_dump_storage_dir_is_the_default_folder() {
     )
     .unwrap();
     let task = sb.exec("cfg.log", &["sh", "-c", "while :; do sleep 0.1; done"]);
-    let out = sb.agent_cmd(["dump", "-p", &task.pid.to_string()]).env("CEDANA_CONFIG", &config).output().unwrap();
+    let out = sb
+        .agent_cmd(["dump", "-p", &task.pid.to_string()])
+        .env("CEDANA_CONFIG", &config)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let archive = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(Path::new(&archive).starts_with(&dumps), "{archive} is in dump_storage_dir");
+    assert!(
+        Path::new(&archive).starts_with(&dumps),
+        "{archive} is in dump_storage_dir"
+    );
 }
 
 #[test]
 fn config_with_a_wrong_type_is_refused_clearly() {
     let sb = Sandbox::new();
     let config = sb.path().join("cedana_config.json");
-    std::fs::write(&config, "{\n  \"shared_storage\": {\n    \"dump_storage_dir\": [1, 2]\n  }\n}\n").unwrap();
+    std::fs::write(
+        &config,
+        "{\n  \"shared_storage\": {\n    \"dump_storage_dir\": [1, 2]\n  }\n}\n",
+    )
+    .unwrap();
     let out = sb
         .agent_cmd(["dump", "-p", &std::process::id().to_string()])
         .env("CEDANA_CONFIG", &config)
@@ -141,7 +195,12 @@ fn config_with_a_wrong_type_is_refused_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let e = stderr(&out);
-    assert!(e.contains(&config.display().to_string()) && e.contains("shared_storage.dump_storage_dir") && e.contains("line 3"), "{e}");
+    assert!(
+        e.contains(&config.display().to_string())
+            && e.contains("shared_storage.dump_storage_dir")
+            && e.contains("line 3"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -152,13 +211,29 @@ fn json_output_of_dump_and_restore() {
     let sb = Sandbox::new();
     let task = sb.exec("j.log", &["sh", "-c", "while :; do sleep 0.1; done"]);
     let dir = sb.path().display().to_string();
-    let out = sb.agent(["dump", "-p", &task.pid.to_string(), "-d", &dir, "--json", "--compress", "deflate"]);
+    let out = sb.agent([
+        "dump",
+        "-p",
+        &task.pid.to_string(),
+        "-d",
+        &dir,
+        "--json",
+        "--compress",
+        "deflate",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let archive = v["archive"].as_str().unwrap().to_string();
-    assert_eq!(v["archive_bytes"].as_u64().unwrap(), std::fs::metadata(&archive).unwrap().len());
+    assert_eq!(
+        v["archive_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&archive).unwrap().len()
+    );
     assert_eq!(v["manifest"]["compression"], "deflate");
-    assert!(v["manifest"]["entries"].as_array().unwrap().iter().all(|e| e["sha256"].as_str().unwrap().len() == 64));
+    assert!(v["manifest"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["sha256"].as_str().unwrap().len() == 64));
     wait_until(Duration::from_secs(10), "task gone", || !task.alive());
     let out = sb.agent(["restore", &archive, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -184,7 +259,9 @@ fn failed_dump_leaves_earlier_archive_intact() {
     let task = sb.exec("tcp.log", &[py.to_str().unwrap(), "-c", &script]);
     let (_conn, _) = listener.accept().unwrap();
     wait_until(Duration::from_secs(20), "connected", || {
-        std::fs::read_to_string(sb.path().join("tcp.log")).unwrap_or_default().contains("connected")
+        std::fs::read_to_string(sb.path().join("tcp.log"))
+            .unwrap_or_default()
+            .contains("connected")
     });
     // An earlier checkpoint, taken with the connection closed on restore.
     let earlier = sb.dump(task.pid, &["--leave-running", "--tcp-close"]);
@@ -192,9 +269,17 @@ fn failed_dump_leaves_earlier_archive_intact() {
     std::thread::sleep(Duration::from_millis(1100)); // a new second: a new archive name
     let dir = sb.path().display().to_string();
     let out = sb.agent(["dump", "-p", &task.pid.to_string(), "-d", &dir]);
-    assert_eq!(out.status.code(), Some(4), "CRIU failure exit code: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "CRIU failure exit code: {}",
+        stderr(&out)
+    );
     let e = stderr(&out);
-    assert!(e.contains("CRIU's log says") && e.contains("Error"), "CRIU's log is quoted: {e}");
+    assert!(
+        e.contains("CRIU's log says") && e.contains("Error"),
+        "CRIU's log is quoted: {e}"
+    );
     assert!(e.contains("dump-failed.log"), "the full log is kept: {e}");
     assert!(task.alive(), "a failed dump leaves the process running");
     let zips: Vec<_> = std::fs::read_dir(sb.path())
@@ -203,7 +288,15 @@ fn failed_dump_leaves_earlier_archive_intact() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".zip"))
         .collect();
-    assert_eq!(zips, vec![earlier.file_name().unwrap().to_string_lossy().into_owned()], "only the earlier archive");
-    assert_eq!(std::fs::read(&earlier).unwrap(), before, "the earlier archive is untouched");
+    assert_eq!(
+        zips,
+        vec![earlier.file_name().unwrap().to_string_lossy().into_owned()],
+        "only the earlier archive"
+    );
+    assert_eq!(
+        std::fs::read(&earlier).unwrap(),
+        before,
+        "the earlier archive is untouched"
+    );
     assert!(sb.staging_leftovers().is_empty());
 }

@@ -20,17 +20,30 @@ fn fixture() -> Option<Fixture> {
         return None;
     }
     let sb = Sandbox::new();
-    let marker = format!("refusal-marker-{}", std::process::id() as u64 * 1000 + rand_suffix());
+    let marker = format!(
+        "refusal-marker-{}",
+        std::process::id() as u64 * 1000 + rand_suffix()
+    );
     let cmd = format!("i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done # {marker}");
     let task = sb.exec("fx.log", &["sh", "-c", &cmd]);
     wait_for_numbers(&sb.path().join("fx.log"), 3);
     let archive = sb.dump(task.pid, &[]);
-    wait_until(Duration::from_secs(10), "fixture task gone", || !task.alive());
-    Some(Fixture { sb, archive, marker })
+    wait_until(Duration::from_secs(10), "fixture task gone", || {
+        !task.alive()
+    });
+    Some(Fixture {
+        sb,
+        archive,
+        marker,
+    })
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 1000
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        % 1000
 }
 
 /// Entries of an archive, in order.
@@ -49,7 +62,8 @@ fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {
 /// Writes a zip with exactly these entries (stored).
 fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
     let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for (name, bytes) in entries {
         z.start_file(name.as_str(), opts).unwrap();
         z.write_all(bytes).unwrap();
@@ -92,14 +106,34 @@ fn forge(
 
 /// Restores `archive`, expects a refusal mentioning `reason`, and checks nothing happened.
 fn assert_refused(fx: &Fixture, archive: &Path, reason: &str) {
-    let out = fx.sb.agent([std::ffi::OsStr::new("restore"), archive.as_os_str()]);
+    let out = fx
+        .sb
+        .agent([std::ffi::OsStr::new("restore"), archive.as_os_str()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "expected exit 3 (input refused), got {}: {stderr}", out.status);
-    assert!(stderr.contains(&archive.display().to_string()), "message names the archive: {stderr}");
-    assert!(stderr.to_lowercase().contains(&reason.to_lowercase()), "message says {reason:?}: {stderr}");
-    assert!(fx.sb.staging_leftovers().is_empty(), "staging left behind: {:?}", fx.sb.staging_leftovers());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "expected exit 3 (input refused), got {}: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains(&archive.display().to_string()),
+        "message names the archive: {stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains(&reason.to_lowercase()),
+        "message says {reason:?}: {stderr}"
+    );
+    assert!(
+        fx.sb.staging_leftovers().is_empty(),
+        "staging left behind: {:?}",
+        fx.sb.staging_leftovers()
+    );
     std::thread::sleep(Duration::from_millis(200));
-    assert!(processes_with(&fx.marker).is_empty(), "a process was restored from a refused archive");
+    assert!(
+        processes_with(&fx.marker).is_empty(),
+        "a process was restored from a refused archive"
+    );
 }
 
 fn processes_with(marker: &str) -> Vec<i32> {
@@ -116,7 +150,9 @@ fn processes_with(marker: &str) -> Vec<i32> {
 }
 
 fn pages_entry(es: &[(String, Vec<u8>)]) -> usize {
-    es.iter().position(|(n, b)| n.starts_with("images/pages-") && !b.is_empty()).expect("a pages image")
+    es.iter()
+        .position(|(n, b)| n.starts_with("images/pages-") && !b.is_empty())
+        .expect("a pages image")
 }
 
 #[test]
@@ -145,7 +181,10 @@ fn corrupt_bytes_inside_an_entry() {
     let mut bytes = std::fs::read(&fx.archive).unwrap();
     let es = entries(&fx.archive);
     let page = &es[pages_entry(&es)].1;
-    let at = bytes.windows(64).position(|w| w == &page[page.len() / 2..page.len() / 2 + 64]).expect("page bytes in zip");
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &page[page.len() / 2..page.len() / 2 + 64])
+        .expect("page bytes in zip");
     for b in &mut bytes[at..at + 64] {
         *b ^= 0xff;
     }
@@ -177,7 +216,13 @@ fn absolute_entry_name() {
     let Some(fx) = fixture() else { return };
     let target = fx.sb.path().join("escaped-absolute");
     let name = target.display().to_string();
-    let bad = forge(&fx, "absolute.zip", |es| es.push((name.clone(), b"pwned".to_vec())), false, |_| {});
+    let bad = forge(
+        &fx,
+        "absolute.zip",
+        |es| es.push((name.clone(), b"pwned".to_vec())),
+        false,
+        |_| {},
+    );
     assert_refused(&fx, &bad, "unsafe entry name");
     assert!(!target.exists(), "the absolute entry was written");
 }
@@ -200,14 +245,26 @@ fn dot_dot_entry_name() {
 #[test]
 fn entry_not_in_manifest() {
     let Some(fx) = fixture() else { return };
-    let bad = forge(&fx, "unlisted.zip", |es| es.push(("images/extra.img".into(), b"x".to_vec())), true, |_| {});
+    let bad = forge(
+        &fx,
+        "unlisted.zip",
+        |es| es.push(("images/extra.img".into(), b"x".to_vec())),
+        true,
+        |_| {},
+    );
     assert_refused(&fx, &bad, "does not list");
 }
 
 #[test]
 fn unknown_manifest_version() {
     let Some(fx) = fixture() else { return };
-    let bad = forge(&fx, "future.zip", |_| {}, false, |m| m["format_version"] = 99.into());
+    let bad = forge(
+        &fx,
+        "future.zip",
+        |_| {},
+        false,
+        |m| m["format_version"] = 99.into(),
+    );
     assert_refused(&fx, &bad, "format version 99");
 }
 
@@ -229,7 +286,10 @@ fn cpu_this_machine_cannot_run() {
         &fx,
         "foreign-cpu.zip",
         |es| {
-            let i = es.iter().position(|(n, _)| n == "images/cpuinfo.img").expect("cpuinfo image");
+            let i = es
+                .iter()
+                .position(|(n, _)| n == "images/cpuinfo.img")
+                .expect("cpuinfo image");
             es[i].1 = cedana_agent::criu::images::rewrite_cpuinfo(&es[i].1, |e| {
                 for w in &mut e.capability {
                     *w = u32::MAX;

@@ -13,10 +13,20 @@ const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
 /// Dumps (killing the task), checks it is gone, restores, and returns the restored task.
 fn dump_kill_restore(sb: &Sandbox, task: &Task) -> (Task, std::path::PathBuf) {
     let archive = sb.dump(task.pid, &[]);
-    wait_until(Duration::from_secs(10), "dumped task to be gone", || !task.alive());
+    wait_until(Duration::from_secs(10), "dumped task to be gone", || {
+        !task.alive()
+    });
     let restored = sb.restore(&archive);
-    assert!(restored.alive(), "restored PID {} is not running", restored.pid);
-    assert!(sb.staging_leftovers().is_empty(), "staging not cleaned: {:?}", sb.staging_leftovers());
+    assert!(
+        restored.alive(),
+        "restored PID {} is not running",
+        restored.pid
+    );
+    assert!(
+        sb.staging_leftovers().is_empty(),
+        "staging not cleaned: {:?}",
+        sb.staging_leftovers()
+    );
     (restored, archive)
 }
 
@@ -38,7 +48,12 @@ fn shell_counter_continues_after_restore() {
     assert_unbroken(&nums, "counter across dump and restore");
     // The seed's naming: <process name>_<YYYYMMDD_HHMMSS>.zip
     let name = archive.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with("sh_") && name.ends_with(".zip") && name.len() == "sh_20260101_000000.zip".len(), "{name}");
+    assert!(
+        name.starts_with("sh_")
+            && name.ends_with(".zip")
+            && name.len() == "sh_20260101_000000.zip".len(),
+        "{name}"
+    );
 }
 
 #[test]
@@ -62,7 +77,10 @@ fn plain_process_started_the_originals_way() {
     let archive = sb.dump(task.pid, &[]);
     let _ = child.wait(); // reap it, so its PID is free for the restore
     let restored = sb.restore(&archive);
-    assert_eq!(restored.pid, task.pid, "a process outside a PID namespace comes back with its PID");
+    assert_eq!(
+        restored.pid, task.pid,
+        "a process outside a PID namespace comes back with its PID"
+    );
     let at = numbers(&log).len();
     wait_for_numbers(&log, at + 10);
     restored.kill();
@@ -95,7 +113,10 @@ while True:
     let mut port = 0u16;
     wait_until(Duration::from_secs(20), "server port", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        port = text.lines().find_map(|l| l.strip_prefix("port ")?.trim().parse().ok()).unwrap_or(0);
+        port = text
+            .lines()
+            .find_map(|l| l.strip_prefix("port ")?.trim().parse().ok())
+            .unwrap_or(0);
         port != 0
     });
     let ask = || {
@@ -109,9 +130,16 @@ while True:
     assert_eq!(ask().unwrap(), "hello 2\n");
     let archive = sb.dump(task.pid, &[]);
     wait_until(Duration::from_secs(10), "server gone", || !task.alive());
-    assert!(ask().is_err(), "nothing listens while the server is checkpointed");
+    assert!(
+        ask().is_err(),
+        "nothing listens while the server is checkpointed"
+    );
     let restored = sb.restore(&archive);
-    assert_eq!(ask().unwrap(), "hello 3\n", "the restored server keeps its count");
+    assert_eq!(
+        ask().unwrap(),
+        "hello 3\n",
+        "the restored server keeps its count"
+    );
     restored.kill();
 }
 
@@ -144,12 +172,18 @@ fn expected_big_memory_sha() -> String {
 }
 
 fn memory_sha(sb: &Sandbox, log: &Path) -> String {
-    let before = std::fs::read_to_string(log).unwrap_or_default().matches("sha ").count();
+    let before = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("sha ")
+        .count();
     std::fs::write(sb.path().join("trigger"), b"").unwrap();
     let mut sha = String::new();
     wait_until(Duration::from_secs(60), "memory checksum", || {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        let shas: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("sha ")).collect();
+        let shas: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("sha "))
+            .collect();
         if shas.len() > before {
             sha = shas[shas.len() - 1].trim().to_string();
             true
@@ -170,10 +204,16 @@ fn python_with_256_mib_keeps_its_memory() {
     let task = sb.exec("big.log", &[py.to_str().unwrap(), "-c", BIG_MEMORY]);
     let log = sb.path().join("big.log");
     wait_until(Duration::from_secs(60), "256 MiB allocated", || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("ready")
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")
     });
     let expected = expected_big_memory_sha();
-    assert_eq!(memory_sha(&sb, &log), expected, "the pattern before the dump");
+    assert_eq!(
+        memory_sha(&sb, &log),
+        expected,
+        "the pattern before the dump"
+    );
     let archive = sb.dump(task.pid, &["--compress", "zstd"]);
     let manifest = read_manifest(&archive);
     assert!(manifest["process"]["rss_bytes"].as_u64().unwrap() >= 256 << 20);
@@ -181,9 +221,15 @@ fn python_with_256_mib_keeps_its_memory() {
         std::fs::metadata(&archive).unwrap().len() < 64 << 20,
         "zstd shrinks the repetitive pattern"
     );
-    wait_until(Duration::from_secs(10), "dumped task gone", || !task.alive());
+    wait_until(Duration::from_secs(10), "dumped task gone", || {
+        !task.alive()
+    });
     let restored = sb.restore(&archive);
-    assert_eq!(memory_sha(&sb, &log), expected, "the pattern after the restore");
+    assert_eq!(
+        memory_sha(&sb, &log),
+        expected,
+        "the pattern after the restore"
+    );
     restored.kill();
 }
 
@@ -218,12 +264,16 @@ while True:
             .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
             .collect()
     };
-    wait_until(Duration::from_secs(20), "all threads counting", || (0..4).all(|k| per_thread(k).len() >= 5));
+    wait_until(Duration::from_secs(20), "all threads counting", || {
+        (0..4).all(|k| per_thread(k).len() >= 5)
+    });
     let (restored, _) = dump_kill_restore(&sb, &task);
     let threads = threads_of(restored.pid);
     assert_eq!(threads, 5, "main thread and four workers after restore");
     let at: Vec<usize> = (0..4).map(|k| per_thread(k).len()).collect();
-    wait_until(Duration::from_secs(20), "threads counting on", || (0..4).all(|k| per_thread(k).len() >= at[k] + 5));
+    wait_until(Duration::from_secs(20), "threads counting on", || {
+        (0..4).all(|k| per_thread(k).len() >= at[k] + 5)
+    });
     restored.kill();
     for k in 0..4 {
         assert_unbroken(&per_thread(k), &format!("thread {k}"));
@@ -232,7 +282,10 @@ while True:
 
 fn threads_of(pid: i32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()).unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+        .unwrap()
 }
 
 #[test]
@@ -247,7 +300,10 @@ fn process_tree_joined_by_a_pipe() {
     wait_for_numbers(&log, 10);
     let archive = sb.dump(task.pid, &[]);
     let manifest = read_manifest(&archive);
-    assert!(manifest["process"]["tree_size"].as_u64().unwrap() >= 3, "sh and both ends of the pipe: {manifest}");
+    assert!(
+        manifest["process"]["tree_size"].as_u64().unwrap() >= 3,
+        "sh and both ends of the pipe: {manifest}"
+    );
     wait_until(Duration::from_secs(10), "tree gone", || !task.alive());
     let restored = sb.restore(&archive);
     let at = numbers(&log).len();
@@ -296,13 +352,19 @@ fn side_by_side_restores_from_one_archive() {
     let a = sb.restore(&archive);
     let b = sb.restore(&archive);
     let pids = [task.pid, a.pid, b.pid];
-    assert!(pids[0] != pids[1] && pids[1] != pids[2] && pids[0] != pids[2], "{pids:?}");
+    assert!(
+        pids[0] != pids[1] && pids[1] != pids[2] && pids[0] != pids[2],
+        "{pids:?}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     for pid in pids {
         assert!(is_alive(pid), "copy {pid} is running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-        assert!(nspid.trim_end().ends_with("\t1"), "copy {pid} is PID 1 of its own namespace: {nspid}");
+        assert!(
+            nspid.trim_end().ends_with("\t1"),
+            "copy {pid} is PID 1 of its own namespace: {nspid}"
+        );
     }
     let manifest = read_manifest(&archive);
     assert_eq!(manifest["criu"]["pid_namespace"], true);
@@ -312,7 +374,9 @@ fn side_by_side_restores_from_one_archive() {
 pub fn read_manifest(archive: &Path) -> serde_json::Value {
     let mut z = zip::ZipArchive::new(std::fs::File::open(archive).unwrap()).unwrap();
     let mut s = String::new();
-    z.by_name("manifest.json").unwrap().read_to_string(&mut s).unwrap();
+    z.by_name("manifest.json")
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
     serde_json::from_str(&s).unwrap()
 }
-

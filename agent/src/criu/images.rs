@@ -19,7 +19,10 @@ pub const CPUINFO_IMG: &str = "cpuinfo.img";
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot read CRIU image {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("CRIU image {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },
 }
@@ -66,7 +69,10 @@ pub struct Image {
 impl Image {
     /// Parses an image file's bytes.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self, ImageError> {
-        let bad = |reason: &str| ImageError::Malformed { path: name.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| ImageError::Malformed {
+            path: name.to_string(),
+            reason: reason.to_string(),
+        };
         let mut pos = 0;
         let word = |pos: &mut usize| -> Option<u32> {
             let b = bytes.get(*pos..*pos + 4)?;
@@ -81,7 +87,9 @@ impl Image {
         let mut entries = Vec::new();
         while pos < bytes.len() {
             let len = word(&mut pos).ok_or_else(|| bad("truncated entry length"))? as usize;
-            let body = bytes.get(pos..pos + len).ok_or_else(|| bad("truncated entry"))?;
+            let body = bytes
+                .get(pos..pos + len)
+                .ok_or_else(|| bad("truncated entry"))?;
             entries.push(body.to_vec());
             pos += len;
         }
@@ -105,16 +113,26 @@ impl Image {
 /// Decodes `cpuinfo.img`'s first x86 entry.
 pub fn read_cpuinfo_entry(bytes: &[u8]) -> Result<CpuinfoX86Entry, ImageError> {
     let img = Image::parse(bytes, CPUINFO_IMG)?;
-    let bad = |reason: String| ImageError::Malformed { path: CPUINFO_IMG.into(), reason };
+    let bad = |reason: String| ImageError::Malformed {
+        path: CPUINFO_IMG.into(),
+        reason,
+    };
     let first = img.entries.first().ok_or_else(|| bad("no entry".into()))?;
     let entry = CpuinfoEntry::decode(first.as_slice()).map_err(|e| bad(e.to_string()))?;
-    entry.x86_entry.into_iter().next().ok_or_else(|| bad("no x86 entry (only x86-64 is supported)".into()))
+    entry
+        .x86_entry
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("no x86 entry (only x86-64 is supported)".into()))
 }
 
 /// Reads the CPU description of a dump directory.
 pub fn read_cpuinfo(images_dir: &Path) -> Result<CpuInfo, ImageError> {
     let path = images_dir.join(CPUINFO_IMG);
-    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read { path: path.display().to_string(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     Ok(CpuInfo::from(&read_cpuinfo_entry(&bytes)?))
 }
 
@@ -125,20 +143,36 @@ pub const PSTREE_IMG: &str = "pstree.img";
 pub fn read_pstree(images_dir: &Path) -> Result<Vec<PstreeEntry>, ImageError> {
     let path = images_dir.join(PSTREE_IMG);
     let name = path.display().to_string();
-    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read { path: name.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Read {
+        path: name.clone(),
+        source,
+    })?;
     Image::parse(&bytes, &name)?
         .entries
         .iter()
-        .map(|e| PstreeEntry::decode(e.as_slice()).map_err(|e| ImageError::Malformed { path: name.clone(), reason: e.to_string() }))
+        .map(|e| {
+            PstreeEntry::decode(e.as_slice()).map_err(|e| ImageError::Malformed {
+                path: name.clone(),
+                reason: e.to_string(),
+            })
+        })
         .collect()
 }
 
 /// Rewrites the first x86 entry of a `cpuinfo.img` (tests use it to forge foreign CPUs).
-pub fn rewrite_cpuinfo(bytes: &[u8], edit: impl FnOnce(&mut CpuinfoX86Entry)) -> Result<Vec<u8>, ImageError> {
+pub fn rewrite_cpuinfo(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut CpuinfoX86Entry),
+) -> Result<Vec<u8>, ImageError> {
     let mut img = Image::parse(bytes, CPUINFO_IMG)?;
-    let first = img.entries.first().ok_or_else(|| ImageError::Malformed { path: CPUINFO_IMG.into(), reason: "no entry".into() })?;
-    let mut entry = CpuinfoEntry::decode(first.as_slice())
-        .map_err(|e| ImageError::Malformed { path: CPUINFO_IMG.into(), reason: e.to_string() })?;
+    let first = img.entries.first().ok_or_else(|| ImageError::Malformed {
+        path: CPUINFO_IMG.into(),
+        reason: "no entry".into(),
+    })?;
+    let mut entry = CpuinfoEntry::decode(first.as_slice()).map_err(|e| ImageError::Malformed {
+        path: CPUINFO_IMG.into(),
+        reason: e.to_string(),
+    })?;
     if let Some(x) = entry.x86_entry.first_mut() {
         edit(x);
     }

@@ -17,11 +17,15 @@ use prost::Message;
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use proto::{ReqType, Req, Resp};
+use proto::{Req, ReqType, Resp};
 
 /// The oldest CRIU this agent accepts: 4.2 handles the vDSO layout of Linux 6.13+ and the socket
 /// options Linux 6.16 restricted.
-pub const MIN_VERSION: CriuVersion = CriuVersion { major: 4, minor: 2, sublevel: 0 };
+pub const MIN_VERSION: CriuVersion = CriuVersion {
+    major: 4,
+    minor: 2,
+    sublevel: 0,
+};
 
 /// Errors of the CRIU client.
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +33,20 @@ pub enum CriuError {
     #[error("no CRIU binary found (looked for {looked}); install CRIU >= {MIN_VERSION} (README: \"Install\") or point --criu, CEDANA_CRIU or criu.path in the config at it")]
     NotFound { looked: String },
     #[error("cannot start {path} swrk: {source}")]
-    Spawn { path: PathBuf, source: std::io::Error },
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to CRIU ({path}) failed: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CRIU ({path}) sent a message that is not a valid criu_resp: {source}")]
-    Decode { path: PathBuf, source: prost::DecodeError },
+    Decode {
+        path: PathBuf,
+        source: prost::DecodeError,
+    },
     #[error("CRIU ({path}) closed the connection without answering{stderr}")]
     NoAnswer { path: PathBuf, stderr: String },
     #[error("CRIU {request} failed{errno}{errmsg}{log}")]
@@ -137,7 +150,9 @@ impl Criu {
             if p.is_file() {
                 return Ok(Criu::at(p));
             }
-            return Err(CriuError::NotFound { looked: p.display().to_string() });
+            return Err(CriuError::NotFound {
+                looked: p.display().to_string(),
+            });
         }
         let mut looked = Vec::new();
         let path_var = std::env::var_os("PATH").unwrap_or_default();
@@ -151,7 +166,9 @@ impl Criu {
             looked.push(c.display().to_string());
         }
         looked.dedup();
-        Err(CriuError::NotFound { looked: format!("criu on PATH and in {}", looked.join(", ")) })
+        Err(CriuError::NotFound {
+            looked: format!("criu on PATH and in {}", looked.join(", ")),
+        })
     }
 
     /// The binary this client runs.
@@ -163,7 +180,11 @@ impl Criu {
     pub fn version(&self) -> Result<CriuVersion, CriuError> {
         let resp = self.call(req(ReqType::Version, None), "version", None)?;
         let v = resp.version.unwrap_or_default();
-        Ok(CriuVersion { major: v.major_number, minor: v.minor_number, sublevel: v.sublevel.unwrap_or(0) })
+        Ok(CriuVersion {
+            major: v.major_number,
+            minor: v.minor_number,
+            sublevel: v.sublevel.unwrap_or(0),
+        })
     }
 
     /// `criu check`: whether CRIU can work on this kernel at all.
@@ -171,14 +192,22 @@ impl Criu {
         let dir = tempfile::tempdir().map_err(|source| self.io(source))?;
         let mut r = req(ReqType::Check, Some(log_opts(dir.path(), "check.log")));
         r.keep_open = None;
-        self.call(r, "check", Some(&dir.path().join("check.log"))).map(|_| ())
+        self.call(r, "check", Some(&dir.path().join("check.log")))
+            .map(|_| ())
     }
 
     /// Which optional features the kernel and CRIU support.
     pub fn features(&self) -> Result<Features, CriuError> {
         let mut r = req(ReqType::FeatureCheck, None);
-        r.features = Some(proto::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) });
-        let f = self.call(r, "feature check", None)?.features.unwrap_or_default();
+        r.features = Some(proto::Features {
+            mem_track: Some(true),
+            lazy_pages: Some(true),
+            pidfd_store: Some(true),
+        });
+        let f = self
+            .call(r, "feature check", None)?
+            .features
+            .unwrap_or_default();
         Ok(Features {
             mem_track: f.mem_track.unwrap_or(false),
             lazy_pages: f.lazy_pages.unwrap_or(false),
@@ -187,7 +216,11 @@ impl Criu {
     }
 
     /// Dumps a process tree into `req.images_dir`. CRIU's log stays there as [`DUMP_LOG`].
-    pub fn dump(&self, req_opts: &DumpRequest, on_notify: &mut dyn FnMut(&str)) -> Result<(), CriuError> {
+    pub fn dump(
+        &self,
+        req_opts: &DumpRequest,
+        on_notify: &mut dyn FnMut(&str),
+    ) -> Result<(), CriuError> {
         let mut opts = log_opts(&req_opts.images_dir, DUMP_LOG);
         opts.pid = Some(req_opts.pid);
         opts.leave_running = Some(req_opts.leave_running);
@@ -201,11 +234,21 @@ impl Criu {
             opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
         }
         let log = req_opts.images_dir.join(DUMP_LOG);
-        self.call_notify(req(ReqType::Dump, Some(opts)), "dump", Some(&log), on_notify).map(|_| ())
+        self.call_notify(
+            req(ReqType::Dump, Some(opts)),
+            "dump",
+            Some(&log),
+            on_notify,
+        )
+        .map(|_| ())
     }
 
     /// Restores the tree whose images are in `req.images_dir` and returns the PID of its root.
-    pub fn restore(&self, r: &RestoreRequest, on_notify: &mut dyn FnMut(&str)) -> Result<i32, CriuError> {
+    pub fn restore(
+        &self,
+        r: &RestoreRequest,
+        on_notify: &mut dyn FnMut(&str),
+    ) -> Result<i32, CriuError> {
         let mut opts = log_opts(&r.images_dir, RESTORE_LOG);
         opts.tcp_established = Some(r.tcp_established);
         opts.tcp_close = Some(r.tcp_close);
@@ -218,7 +261,12 @@ impl Criu {
             opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
         }
         let log = r.images_dir.join(RESTORE_LOG);
-        let resp = self.call_notify(req(ReqType::Restore, Some(opts)), "restore", Some(&log), on_notify)?;
+        let resp = self.call_notify(
+            req(ReqType::Restore, Some(opts)),
+            "restore",
+            Some(&log),
+            on_notify,
+        )?;
         match resp.restore {
             Some(rr) => Ok(rr.pid),
             None => Err(CriuError::Failed {
@@ -235,7 +283,11 @@ impl Criu {
     pub fn cpuinfo_dump(&self, images_dir: &Path) -> Result<(), CriuError> {
         let opts = log_opts(images_dir, "cpuinfo-dump.log");
         let log = images_dir.join("cpuinfo-dump.log");
-        self.call(req(ReqType::CpuinfoDump, Some(opts)), "CPU description dump", Some(&log))?;
+        self.call(
+            req(ReqType::CpuinfoDump, Some(opts)),
+            "CPU description dump",
+            Some(&log),
+        )?;
         let _ = std::fs::remove_file(log);
         Ok(())
     }
@@ -244,11 +296,19 @@ impl Criu {
     pub fn cpuinfo_check(&self, images_dir: &Path) -> Result<(), CriuError> {
         let opts = log_opts(images_dir, "cpuinfo-check.log");
         let log = images_dir.join("cpuinfo-check.log");
-        self.call(req(ReqType::CpuinfoCheck, Some(opts)), "CPU compatibility check", Some(&log)).map(|_| ())
+        self.call(
+            req(ReqType::CpuinfoCheck, Some(opts)),
+            "CPU compatibility check",
+            Some(&log),
+        )
+        .map(|_| ())
     }
 
     fn io(&self, source: std::io::Error) -> CriuError {
-        CriuError::Io { path: self.path.clone(), source }
+        CriuError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn call(&self, r: Req, what: &'static str, log: Option<&Path>) -> Result<Resp, CriuError> {
@@ -269,22 +329,43 @@ impl Criu {
         let result = loop {
             let resp = match session.recv() {
                 Ok(Some(resp)) => resp,
-                Ok(None) => break Err(CriuError::NoAnswer { path: self.path.clone(), stderr: session.stderr_tail() }),
+                Ok(None) => {
+                    break Err(CriuError::NoAnswer {
+                        path: self.path.clone(),
+                        stderr: session.stderr_tail(),
+                    })
+                }
                 Err(RecvError::Io(e)) => break Err(self.io(e)),
-                Err(RecvError::Decode(source)) => break Err(CriuError::Decode { path: self.path.clone(), source }),
+                Err(RecvError::Decode(source)) => {
+                    break Err(CriuError::Decode {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
             };
             if resp.r#type == ReqType::Notify as i32 {
-                let script = resp.notify.as_ref().and_then(|n| n.script.clone()).unwrap_or_default();
+                let script = resp
+                    .notify
+                    .as_ref()
+                    .and_then(|n| n.script.clone())
+                    .unwrap_or_default();
                 debug!(script, "criu notify");
                 on_notify(&script);
-                let ack = Req { r#type: ReqType::Notify as i32, notify_success: Some(true), ..Default::default() };
+                let ack = Req {
+                    r#type: ReqType::Notify as i32,
+                    notify_success: Some(true),
+                    ..Default::default()
+                };
                 if let Err(e) = session.send(&ack) {
                     break Err(self.io(e));
                 }
                 continue;
             }
             if resp.r#type != want {
-                warn!(got = resp.r#type, want, "criu answered a different request type");
+                warn!(
+                    got = resp.r#type,
+                    want, "criu answered a different request type"
+                );
             }
             if !resp.success {
                 break Err(failure(what, &resp, log));
@@ -297,7 +378,11 @@ impl Criu {
 }
 
 fn req(t: ReqType, opts: Option<proto::Opts>) -> Req {
-    Req { r#type: t as i32, opts, ..Default::default() }
+    Req {
+        r#type: t as i32,
+        opts,
+        ..Default::default()
+    }
 }
 
 fn log_opts(dir: &Path, log_file: &str) -> proto::Opts {
@@ -320,13 +405,24 @@ fn failure(what: &'static str, resp: &Resp, log: Option<&Path>) -> CriuError {
         _ => String::new(),
     };
     let log_text = log.map(log_tail).unwrap_or_default();
-    CriuError::Failed { request: what, errno, errmsg, log: log_text, log_path: log.map(Path::to_path_buf) }
+    CriuError::Failed {
+        request: what,
+        errno,
+        errmsg,
+        log: log_text,
+        log_path: log.map(Path::to_path_buf),
+    }
 }
 
 /// The error lines of a CRIU log, or its last lines when none is marked as an error.
 pub fn log_tail(path: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(path) else { return String::new() };
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (") || l.contains("Error:")).collect();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .collect();
     let lines: Vec<&str> = if errors.is_empty() {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(LOG_TAIL_LINES)..].to_vec()
@@ -358,12 +454,24 @@ struct Session {
 
 impl Session {
     fn start(path: &Path) -> Result<Self, CriuError> {
-        let spawn_err = |source| CriuError::Spawn { path: path.to_path_buf(), source };
-        let (ours, theirs) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-            .map_err(|e| spawn_err(e.into()))?;
+        let spawn_err = |source| CriuError::Spawn {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (ours, theirs) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| spawn_err(e.into()))?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(path);
-        cmd.arg("swrk").arg(fd.to_string()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.arg("swrk")
+            .arg(fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls between fork and exec: fcntl on an fd we own.
         unsafe {
             cmd.pre_exec(move || {
@@ -382,7 +490,11 @@ impl Session {
                 buf
             })
         });
-        Ok(Session { sock: ours, child, stderr })
+        Ok(Session {
+            sock: ours,
+            child,
+            stderr,
+        })
     }
 
     fn send(&self, r: &Req) -> std::io::Result<()> {
@@ -405,13 +517,18 @@ impl Session {
             return Ok(None);
         }
         let mut buf = vec![0u8; size];
-        let n = socket::recv(fd, &mut buf, MsgFlags::empty()).map_err(|e| RecvError::Io(e.into()))?;
+        let n =
+            socket::recv(fd, &mut buf, MsgFlags::empty()).map_err(|e| RecvError::Io(e.into()))?;
         Resp::decode(&buf[..n]).map(Some).map_err(RecvError::Decode)
     }
 
     fn stderr_tail(&mut self) -> String {
         let _ = self.child.wait();
-        let text = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let text = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         let text = text.trim();
         if text.is_empty() {
             String::new()

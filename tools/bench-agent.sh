@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Benchmark cedana-agent's dump/restore against raw CRIU and the original Cedana's
+# "criu dump + zip -r" way, for incompressible (random) and compressible memory.
+#
+# Usage: sudo tools/bench-agent.sh
+# Env:   BENCH_MB    memory the test process allocates, MiB (default 1024)
+#        BENCH_RUNS  runs per variant; the median is reported (default 1)
+#        BENCH_DIR   work folder on disk, not tmpfs (default /var/tmp/cedana-bench);
+#                    results.json is left there, everything else is removed on exit
+#        CEDANA_AGENT  use this agent binary instead of building one
+set -euo pipefail
+
+BENCH_MB=${BENCH_MB:-1024}
+BENCH_RUNS=${BENCH_RUNS:-1}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-bench}
+READY_TIMEOUT=120   # s for the test process to allocate its memory
+GONE_TIMEOUT=20     # s for a killed process to disappear
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+die() { echo "bench-agent: $*" >&2; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "must run as root (CRIU needs it)"
+[[ $BENCH_MB =~ ^[1-9][0-9]*$ && $BENCH_RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_MB and BENCH_RUNS must be positive integers"
+CRIU=$(command -v criu) || die "criu not found on PATH"
+for t in zip unzip python3 awk; do command -v "$t" >/dev/null || die "$t not found"; done
+# The test process must be a real interpreter, not a wrapper script (e.g. a pyenv shim),
+# so that what CRIU dumps is exactly the Python that holds the memory.
+PY=$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')
+
+if [[ -n ${CEDANA_AGENT:-} ]]; then
+    AGENT=$CEDANA_AGENT
+else
+    echo "building cedana-agent (release)..." >&2
+    (cd "$REPO" && cargo build --release --quiet -p cedana-agent)
+    AGENT=$REPO/target/release/cedana-agent
+fi
+[[ -x $AGENT ]] || die "agent binary $AGENT is not executable"
+export CEDANA_CRIU=$CRIU    # the agent uses the same CRIU as the raw variants
+
+mkdir -p "$BENCH_DIR"
+# On tmpfs the "disk" writes would be memory copies and every comparison would be off.
+[[ $(stat -f -c %T "$BENCH_DIR") != tmpfs ]] || die "BENCH_DIR=$BENCH_DIR is on tmpfs; use a folder on disk"
+WORK=$(mktemp -d "$BENCH_DIR/work.XXXXXX")   # logs, dumps; removed on exit
+DUMP=$WORK/dump                              # emptied before every variant
+RAW=$WORK/raw.tsv                            # kind variant run dump_s restore_s bytes
+PIDS=()                                      # every process we started or restored
+
+# Gone = no such PID or a zombie waiting for init to reap it.
+alive() { local s; s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ $s != Z ]]; }
+
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# Kills a test process (pid-namespace init: SIGTERM is ignored) and waits until it is gone.
+stop() {
+    local pid=$1 i
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < GONE_TIMEOUT * 10; i++)); do alive "$pid" || return 0; sleep 0.1; done
+    die "PID $pid still alive ${GONE_TIMEOUT}s after SIGKILL"
+}
+
+# Python that fills BENCH_MB MiB, says "ready", then sleeps. "compressible" is a log-like
+# counter text (compresses several times over, unlike zeros which compress ~1000x).
+ALLOC='
+import os, sys, time
+kind, size = sys.argv[1], int(sys.argv[2]) << 20
+buf, chunk, i, pos = bytearray(size), 1 << 20, 0, 0
+while pos < size:
+    if kind == "random":
+        piece = os.urandom(chunk)
+    else:
+        lines = []
+        while sum(map(len, lines)) < chunk:
+            lines.append(b"%012d INFO worker-%d processed request id=%x status=%d\n" % (i, i % 7, i * 2654435761 % 2**32, 200 + i % 3))
+            i += 1
+        piece = b"".join(lines)
+    n = min(len(piece), size - pos)
+    buf[pos:pos + n] = piece[:n]
+    pos += n
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+'
+
+# Starts a fresh test process through the agent; sets PID once it has its memory.
+# (Not run in $(...): PIDS must be updated in this shell for the cleanup trap.)
+start() {
+    local kind=$1 log i
+    log=$(mktemp "$WORK/proc.XXXXXX.log")
+    PID=$("$AGENT" exec --log "$log" -- "$PY" -c "$ALLOC" "$kind" "$BENCH_MB" 2>/dev/null)
+    [[ $PID =~ ^[0-9]+$ ]] || die "agent exec printed no PID ($PID)"
+    PIDS+=("$PID")
+    local pid=$PID
+    for ((i = 0; i < READY_TIMEOUT * 10; i++)); do
+        grep -qx ready "$log" && return 0
+        alive "$pid" || { cat "$log" >&2; die "test process $pid died while allocating"; }
+        sleep 0.1
+    done
+    die "test process $pid not ready after ${READY_TIMEOUT}s"
+}
+
+# Checks a restored process: alive, and holding (nearly) all its memory again.
+check_restored() {
+    local pid=$1 rss
+    [[ $pid =~ ^[0-9]+$ ]] || die "restore gave no PID ($pid)"
+    PIDS+=("$pid")
+    alive "$pid" || die "restored PID $pid is not alive"
+    rss=$(awk '/^VmRSS:/ { print int($2 / 1024) }' "/proc/$pid/status")
+    ((rss * 10 >= BENCH_MB * 9)) || die "restored PID $pid holds only ${rss} MiB of ${BENCH_MB} MiB"
+}
+
+json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+
+# One run of one variant: fresh process, timed dump, timed restore, check, kill.
+# Each timed step starts after a `sync`, so earlier dirty pages are not flushed on its clock.
+run_variant() {
+    local kind=$1 variant=$2 run=$3 pid t0 t1 t1b t2 out bytes rpid
+    rm -rf "$DUMP" && mkdir -p "$DUMP"
+    start "$kind"
+    pid=$PID
+    sync
+    t0=$(now)
+    case $variant in
+    agent-*)
+        out=$("$AGENT" dump -p "$pid" -d "$DUMP" --compress "${variant#agent-}" --json)
+        ;;
+    criu | zip)
+        mkdir "$DUMP/img"
+        "$CRIU" dump -t "$pid" -D "$DUMP/img" -o dump.log --file-locks 2>/dev/null ||
+            die "criu dump failed: $(tail -5 "$DUMP/img/dump.log" 2>/dev/null)"
+        # The original Cedana zips CRIU's folder (zip's default: deflate level 6).
+        [[ $variant == criu ]] || (cd "$DUMP/img" && zip -qr "$DUMP/ckpt.zip" .)
+        ;;
+    esac
+    t1=$(now)
+    case $variant in
+    agent-*) bytes=$(json_field archive_bytes <<<"$out") ;;
+    criu) bytes=$(du -sb "$DUMP/img" | cut -f1) ;;
+    zip) bytes=$(stat -c %s "$DUMP/ckpt.zip") ;;
+    esac
+    alive "$pid" && die "$variant: process $pid still runs after the dump"
+    sync
+    t1b=$(now)
+    case $variant in
+    agent-*)
+        rpid=$("$AGENT" restore "$(json_field archive <<<"$out")" --json | json_field pid)
+        ;;
+    criu | zip)
+        local img=$DUMP/img
+        if [[ $variant == zip ]]; then
+            img=$DUMP/unzipped
+            mkdir "$img" && (cd "$img" && unzip -q "$DUMP/ckpt.zip")
+        fi
+        # -d: CRIU exits once the tree runs; the pid namespace and session were dumped
+        # along with the task (it leads both), so no --shell-job is needed.
+        "$CRIU" restore -D "$img" -d -o restore.log --file-locks --pidfile "$DUMP/restored.pid" 2>/dev/null ||
+            die "criu restore failed: $(tail -5 "$img/restore.log" 2>/dev/null)"
+        rpid=$(<"$DUMP/restored.pid")
+        ;;
+    esac
+    t2=$(now)
+    check_restored "$rpid"
+    stop "$rpid"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$variant" "$run" "$(elapsed "$t0" "$t1")" "$(elapsed "$t1b" "$t2")" "$bytes" >>"$RAW"
+    echo "  $kind $variant run $run: dump $(elapsed "$t0" "$t1")s restore $(elapsed "$t1b" "$t2")s size $bytes B" >&2
+}
+
+VARIANTS=(criu agent-none agent-zstd agent-deflate zip)
+echo "cedana-agent benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), agent $AGENT, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}'))" >&2
+for kind in random compressible; do
+    for variant in "${VARIANTS[@]}"; do
+        for ((run = 1; run <= BENCH_RUNS; run++)); do run_variant "$kind" "$variant" "$run"; done
+    done
+done
+rm -rf "$DUMP"
+
+# Medians, tables, summary and results.json.
+python3 - "$RAW" "$BENCH_DIR/results.json" "$BENCH_MB" "$BENCH_RUNS" <<'EOF'
+import json, statistics, sys
+raw, out, mb, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rows = {}
+for line in open(raw):
+    kind, variant, _, d, r, b = line.split("\t")
+    rows.setdefault(kind, {}).setdefault(variant, []).append((float(d), float(r), int(b)))
+res = {"bench_mb": mb, "runs": runs, "kinds": {}}
+for kind, variants in rows.items():
+    med = {v: {"dump_s": statistics.median(x[0] for x in xs), "restore_s": statistics.median(x[1] for x in xs),
+               "bytes": int(statistics.median(x[2] for x in xs))} for v, xs in variants.items()}
+    base = med["criu"]
+    for m in med.values():
+        m["dump_vs_criu"] = m["dump_s"] / base["dump_s"]
+        m["restore_vs_criu"] = m["restore_s"] / base["restore_s"]
+    none_ratio = med["agent-none"]["dump_s"] / base["dump_s"]
+    speedup = med["zip"]["dump_s"] / med["agent-zstd"]["dump_s"]
+    size_ratio = med["agent-zstd"]["bytes"] / med["zip"]["bytes"]
+    res["kinds"][kind] = {"variants": med, "none_vs_criu_dump": none_ratio,
+                          "zstd_vs_zip_dump_speedup": speedup, "zstd_vs_zip_size": size_ratio}
+    print(f"\n### {kind} memory, {mb} MiB (median of {runs})\n")
+    print("| variant | dump s | restore s | size MiB | dump vs criu | restore vs criu |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for v, m in med.items():
+        print(f"| {v} | {m['dump_s']:.2f} | {m['restore_s']:.2f} | {m['bytes'] / 2**20:.1f} "
+              f"| {m['dump_vs_criu']:.2f}x | {m['restore_vs_criu']:.2f}x |")
+    print(f"\nnone vs raw criu dump: {none_ratio:.2f}x (target <= 1.2x)")
+    print(f"zstd vs original deflate zip dump: {speedup:.2f}x faster (target >= 3x), "
+          f"size zstd/deflate = {size_ratio:.2f} (target <= 1.0)")
+json.dump(res, open(out, "w"), indent=2)
+print(f"\nresults: {out}")
+EOF

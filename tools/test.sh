@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing (tools/deps.sh), checks format and lints, builds the
+# static agent and runs the workspace's tests against it with real CRIU.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+need_root "$@"
+"$ROOT/tools/deps.sh"
+cd "$ROOT"
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -q -- -D warnings
+build_static_agent
+ldd "$AGENT_BIN" 2>&1 | grep -Eq 'not a dynamic executable|statically linked' \
+  || { say "cedana-agent is not static: $(ldd "$AGENT_BIN" 2>&1)"; exit 1; }
+say "cargo test --workspace (agent under test: $AGENT_BIN)"
+CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_REQUIRE_STATIC=1 cargo test --locked --workspace -- "$@"
