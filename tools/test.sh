@@ -14,4 +14,11 @@ build_static_agent
 ldd "$AGENT_BIN" 2>&1 | grep -Eq 'not a dynamic executable|statically linked' \
   || { say "cedana-agent is not static: $(ldd "$AGENT_BIN" 2>&1)"; exit 1; }
 say "cargo test --workspace (agent under test: $AGENT_BIN)"
-CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_REQUIRE_STATIC=1 cargo test --locked --workspace -- "$@"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+status=0
+CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_REQUIRE_STATIC=1 cargo test --locked --workspace -- "$@" 2>&1 | tee "$out" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$out"
+exit "$status"

@@ -118,7 +118,7 @@ pub fn dump(
         .version()
         .map_err(|source| criu_err(&info, source, String::new()))?;
     let t0 = Instant::now();
-    if let Err(source) = criu.dump(&req, &mut |_| {}) {
+    if let Err(source) = dump_watching(criu, &req, progress) {
         let kept = keep_log(
             &work.path().join(criu::DUMP_LOG),
             &opts.dir.join(format!("{stem}.dump-failed.log")),
@@ -226,6 +226,38 @@ pub fn dump(
         archive_time,
         manifest,
     })
+}
+
+/// Runs CRIU's dump while a watcher reports the images' growth as progress.
+fn dump_watching(criu: &Criu, req: &DumpRequest, progress: &dyn Progress) -> Result<(), CriuError> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut reported = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = dir_bytes(&req.images_dir);
+                if now > reported {
+                    progress.advance(now - reported);
+                    reported = now;
+                }
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        let r = criu.dump(req, &mut |_| {});
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Writes the archive as `stem.zip`, or `stem_N.zip` when that name is taken: never replaces.

@@ -359,7 +359,7 @@ impl Progress for Bar {
         let Some(pb) = &self.pb else { return };
         pb.reset();
         match total {
-            Some(t) if name != "checkpointing with CRIU" => {
+            Some(t) => {
                 pb.set_length(t);
                 pb.set_style(
                     ProgressStyle::with_template(
