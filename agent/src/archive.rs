@@ -12,9 +12,9 @@ use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::criu::images::CpuInfo;
+use crate::hashing::{self, HashPipe, CHUNK};
 use crate::progress::Progress;
 
 /// The manifest format this agent writes and the only one it restores.
@@ -23,7 +23,6 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 /// Folder of CRIU's images inside the archive.
 pub const IMAGES_DIR: &str = "images";
-const CHUNK: usize = 1 << 20;
 
 /// Errors writing or reading an archive. Each names the archive.
 #[derive(Debug, thiserror::Error)]
@@ -167,88 +166,168 @@ impl Manifest {
     }
 }
 
-/// Writes `files` (name in the archive, path on disk) and the manifest into a new archive at
-/// `dest` (which must not exist): under a temporary name in the same folder, synced, then
-/// renamed. Fills `manifest.entries`. On error nothing is left behind.
-pub fn write(
-    dest: &Path,
-    manifest: &mut Manifest,
-    files: &[(String, PathBuf)],
+/// An archive being written: under a temporary name in its final folder until
+/// [`Writer::finish`] syncs it and gives it its name. Dropped unfinished, it leaves nothing.
+pub struct Writer {
+    dir: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    zip: zip::ZipWriter<BufWriter<File>>,
     compression: Compression,
-    progress: &dyn Progress,
-) -> Result<(), ArchiveError> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let werr = |source| ArchiveError::Write {
-        path: dest.to_path_buf(),
-        source,
-    };
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".partial")
-        .tempfile_in(dir)
-        .map_err(|source| ArchiveError::Write {
+    entries: Vec<Entry>,
+}
+
+impl Writer {
+    /// Starts an archive in `dir`; `stem` only names the temporary file.
+    pub fn new(dir: &Path, stem: &str, compression: Compression) -> Result<Self, ArchiveError> {
+        let werr = |source| ArchiveError::Write {
             path: dir.to_path_buf(),
             source,
-        })?;
-    let total: u64 = files
-        .iter()
-        .filter_map(|(_, p)| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    progress.stage("writing archive", Some(total));
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{stem}."))
+            .suffix(".partial")
+            .tempfile_in(dir)
+            .map_err(werr)?;
+        let out = BufWriter::with_capacity(CHUNK, tmp.as_file().try_clone().map_err(werr)?);
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            tmp,
+            zip: zip::ZipWriter::new(out),
+            compression,
+            entries: Vec::new(),
+        })
+    }
 
-    let out = BufWriter::with_capacity(CHUNK, tmp.as_file().try_clone().map_err(werr)?);
-    let mut zip = zip::ZipWriter::new(out);
-    let mut buf = vec![0u8; CHUNK];
-    manifest.entries.clear();
-    manifest.compression = compression;
-    for (name, path) in files {
+    fn werr(&self, source: std::io::Error) -> ArchiveError {
+        ArchiveError::Write {
+            path: self.tmp.path().to_path_buf(),
+            source,
+        }
+    }
+
+    /// Adds the file at `path` as entry `name`. With `complete`, the file may still be growing:
+    /// at its end the writer waits until `complete()` is true, then takes what remains. This
+    /// lets CRIU's page images stream into the archive while CRIU still writes them.
+    pub fn add(
+        &mut self,
+        name: &str,
+        path: &Path,
+        complete: Option<&dyn Fn() -> bool>,
+        progress: &dyn Progress,
+    ) -> Result<u64, ArchiveError> {
         let rerr = |source| ArchiveError::ReadInput {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         let mut src = File::open(path).map_err(rerr)?;
-        let size = src.metadata().map_err(rerr)?.len();
-        zip.start_file(name.as_str(), compression.options(size))
-            .map_err(|e| werr(zip_io(e)))?;
-        let mut hasher = Sha256::new();
+        // A growing file's size is unknown: give it the 64-bit header from the start.
+        let size = if complete.is_some() {
+            u64::MAX
+        } else {
+            src.metadata().map_err(rerr)?.len()
+        };
+        self.zip
+            .start_file(name, self.compression.options(size))
+            .map_err(|e| self.werr(zip_io(e)))?;
+        let mut pipe = HashPipe::new();
         let mut written = 0u64;
         loop {
-            let n = src.read(&mut buf).map_err(rerr)?;
+            let mut buf = pipe.buffer();
+            let n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
             if n == 0 {
-                break;
+                match complete {
+                    // Check completeness first, then read once more: nothing written before
+                    // completion is missed.
+                    Some(done) if !done() => {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        continue;
+                    }
+                    Some(_) => {
+                        let n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
+                        if n > 0 {
+                            self.zip.write_all(&buf).map_err(|e| self.werr(e))?;
+                            written += n as u64;
+                            progress.advance(n as u64);
+                            pipe.hash(buf);
+                            continue;
+                        }
+                        break;
+                    }
+                    None => break,
+                }
             }
-            hasher.update(&buf[..n]);
-            zip.write_all(&buf[..n]).map_err(werr)?;
+            self.zip.write_all(&buf).map_err(|e| self.werr(e))?;
             written += n as u64;
             progress.advance(n as u64);
+            pipe.hash(buf);
         }
-        manifest.entries.push(Entry {
-            name: name.clone(),
+        self.entries.push(Entry {
+            name: name.to_string(),
             size: written,
-            sha256: hex::encode(hasher.finalize()),
+            sha256: pipe.finish(),
         });
+        Ok(written)
     }
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    zip.start_file(MANIFEST, Compression::None.options(json.len() as u64))
-        .map_err(|e| werr(zip_io(e)))?;
-    zip.write_all(&json).map_err(werr)?;
-    let out = zip.finish().map_err(|e| werr(zip_io(e)))?;
-    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
-    file.sync_all().map_err(werr)?;
-    drop(file);
-    tmp.persist_noclobber(dest).map_err(|e| werr(e.error))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+
+    /// Names of the entries added so far.
+    pub fn has(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| e.name == name)
     }
-    Ok(())
+
+    /// Writes the manifest (with the entries' sizes and checksums), syncs, and renames the
+    /// archive to `<stem>.zip`, or `<stem>_N.zip` if taken: it never replaces a file.
+    pub fn finish(mut self, manifest: &mut Manifest, stem: &str) -> Result<PathBuf, ArchiveError> {
+        manifest.entries = std::mem::take(&mut self.entries);
+        manifest.compression = self.compression;
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        self.zip
+            .start_file(MANIFEST, Compression::None.options(json.len() as u64))
+            .map_err(|e| self.werr(zip_io(e)))?;
+        self.zip.write_all(&json).map_err(|e| self.werr(e))?;
+        let out = self.zip.finish().map_err(|e| ArchiveError::Write {
+            path: self.tmp.path().into(),
+            source: zip_io(e),
+        })?;
+        let file = out.into_inner().map_err(|e| ArchiveError::Write {
+            path: self.tmp.path().into(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(|source| ArchiveError::Write {
+            path: self.tmp.path().into(),
+            source,
+        })?;
+        drop(file);
+        let mut tmp = self.tmp;
+        for n in 0..1000 {
+            let dest = self.dir.join(if n == 0 {
+                format!("{stem}.zip")
+            } else {
+                format!("{stem}_{n}.zip")
+            });
+            match tmp.persist_noclobber(&dest) {
+                Ok(_) => {
+                    if let Ok(d) = File::open(&self.dir) {
+                        let _ = d.sync_all();
+                    }
+                    return Ok(dest);
+                }
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.file,
+                Err(e) => {
+                    return Err(ArchiveError::Write {
+                        path: dest,
+                        source: e.error,
+                    })
+                }
+            }
+        }
+        Err(ArchiveError::Write {
+            path: self.dir.join(format!("{stem}.zip")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "1000 archives with this name exist",
+            ),
+        })
+    }
 }
 
 fn zip_io(e: zip::result::ZipError) -> std::io::Error {
@@ -327,7 +406,6 @@ pub fn extract(
         source,
     })?;
     progress.stage("verifying and extracting", Some(manifest.total_size()));
-    let mut buf = vec![0u8; CHUNK];
     for entry in &manifest.entries {
         let corrupt = |reason: String| ArchiveError::Corrupt {
             path: path.to_path_buf(),
@@ -354,11 +432,11 @@ pub fn extract(
                 .open(&dest)
                 .map_err(werr)?
         });
-        let mut hasher = Sha256::new();
+        let mut pipe = HashPipe::new();
         let mut size = 0u64;
         loop {
-            let n = zf
-                .read(&mut buf)
+            let mut buf = pipe.buffer();
+            let n = hashing::fill(&mut zf, &mut buf)
                 .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
             if n == 0 {
                 break;
@@ -373,13 +451,12 @@ pub fn extract(
                     "bytes".into(),
                 ));
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|source| ArchiveError::Write {
-                    path: dest.clone(),
-                    source,
-                })?;
+            out.write_all(&buf).map_err(|source| ArchiveError::Write {
+                path: dest.clone(),
+                source,
+            })?;
             progress.advance(n as u64);
+            pipe.hash(buf);
         }
         out.flush().map_err(|source| ArchiveError::Write {
             path: dest.clone(),
@@ -394,7 +471,7 @@ pub fn extract(
                 size.to_string(),
             ));
         }
-        let sum = hex::encode(hasher.finalize());
+        let sum = pipe.finish();
         if sum != entry.sha256 {
             return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
         }

@@ -1,8 +1,13 @@
 //! `dump`: checkpoint a process tree with CRIU into a new archive.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -79,8 +84,11 @@ pub enum DumpError {
 
 /// Dumps `opts.pid` and its descendants into `opts.dir/<name>_<YYYYMMDD_HHMMSS>.zip`.
 ///
-/// On failure no archive is created, nothing in `opts.dir` is replaced, and CRIU's log is
-/// kept in `opts.dir` as `<name>_<time>.dump-failed.log` and quoted in the error.
+/// CRIU's page images stream into the archive while CRIU writes them. Unless the caller asked
+/// to leave the tree running, CRIU leaves it frozen; it is killed only once the archive is
+/// complete and synced, and thawed again if writing the archive fails, so a failed dump loses
+/// nothing. On failure no archive is created, nothing in `opts.dir` is replaced, and CRIU's log
+/// is kept as `<name>_<time>.dump-failed.log` in `opts.dir` and quoted in the error.
 pub fn dump(
     criu: &Criu,
     opts: &DumpOptions,
@@ -107,42 +115,219 @@ pub fn dump(
         pid: opts.pid,
         images_dir: work.path().to_path_buf(),
         leave_running: opts.leave_running,
+        leave_stopped: !opts.leave_running,
         tcp_established: opts.tcp == TcpMode::Established,
         tcp_close: opts.tcp == TcpMode::Close,
         shell_job,
         ext_unix_sk: opts.ext_unix_sk,
     };
     info!(pid = opts.pid, name = %info.name, images = %work.path().display(), shell_job, "dumping");
-    progress.stage("checkpointing with CRIU", Some(info.tree_rss_bytes));
     let version = criu
         .version()
         .map_err(|source| criu_err(&info, source, String::new()))?;
+    let mut writer = archive::Writer::new(&opts.dir, &stem, opts.compression)?;
+    progress.stage("checkpointing", Some(info.tree_rss_bytes));
+
     let t0 = Instant::now();
-    if let Err(source) = dump_watching(criu, &req, progress) {
+    let (criu_result, criu_time, streamed) = dump_streaming(criu, &req, &mut writer, progress);
+    if let Err(source) = criu_result {
+        progress.finish();
         let kept = keep_log(
             &work.path().join(criu::DUMP_LOG),
             &opts.dir.join(format!("{stem}.dump-failed.log")),
         );
-        progress.finish();
         return Err(criu_err(&info, source, kept));
     }
-    let criu_time = t0.elapsed();
-
-    let cpu = match criu
-        .cpuinfo_dump(work.path())
-        .map_err(|e| e.to_string())
-        .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
-    {
-        Ok(c) => Some(c),
+    // From here on the tree is frozen (or running, with --leave-running): any failure thaws it.
+    let frozen = !opts.leave_running;
+    let finish = || -> Result<(PathBuf, Manifest, u64), DumpError> {
+        streamed?;
+        let cpu = match criu
+            .cpuinfo_dump(work.path())
+            .map_err(|e| e.to_string())
+            .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
+        {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "no CPU description in the dump");
+                None
+            }
+        };
+        let (tree_size, tree_pids) = dumped_tree(work.path(), &info);
+        let mut rest: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
+            .map_err(|source| DumpError::Staging {
+                path: work.path().to_path_buf(),
+                source,
+            })?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| {
+                (
+                    format!(
+                        "{}/{}",
+                        archive::IMAGES_DIR,
+                        e.file_name().to_string_lossy()
+                    ),
+                    e.path(),
+                )
+            })
+            .filter(|(name, _)| !writer.has(name))
+            .collect();
+        rest.sort();
+        for (name, path) in &rest {
+            writer.add(name, path, None, progress)?;
+        }
+        let images_bytes = dir_bytes(work.path());
+        let mut manifest = Manifest {
+            format_version: archive::FORMAT_VERSION,
+            created_at: stamp.rfc3339.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            process: ManifestProcess {
+                name: info.name.clone(),
+                pid: info.pid,
+                cmdline: info.cmdline.clone(),
+                cwd: info.cwd.clone(),
+                exe: info.exe.clone(),
+                tree_size,
+                tree_pids,
+                rss_bytes: info.tree_rss_bytes,
+            },
+            host: host_info(),
+            criu: ManifestCriu {
+                version: version.to_string(),
+                shell_job,
+                tcp_established: req.tcp_established,
+                tcp_close: req.tcp_close,
+                ext_unix_sk: req.ext_unix_sk,
+                pid_namespace: info.pid_namespace_init,
+            },
+            cpu,
+            compression: opts.compression,
+            entries: Vec::new(),
+        };
+        let dest = writer.finish(&mut manifest, &stem)?;
+        Ok((dest, manifest, images_bytes))
+    };
+    let result = finish();
+    progress.finish();
+    let (dest, manifest, images_bytes) = match result {
+        Ok(r) => r,
         Err(e) => {
-            warn!(error = %e, "no CPU description in the dump");
-            None
+            if frozen {
+                warn!(pid = info.pid, "archive failed: thawing the process tree");
+                signal_tree(info.pid, Signal::SIGCONT);
+            }
+            return Err(e);
         }
     };
-    // The tree as CRIU saw it: /proc, read before the dump, can miss short-lived children.
-    let (tree_size, tree_pids) = match images::read_pstree(work.path()) {
+    if frozen {
+        signal_tree(info.pid, Signal::SIGKILL);
+    }
+    let total_time = t0.elapsed();
+    let archive_bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+    info!(archive = %dest.display(), archive_bytes, ?criu_time, ?total_time, "dump complete");
+    Ok(DumpOutcome {
+        archive: dest,
+        archive_bytes,
+        images_bytes,
+        criu_time,
+        archive_time: total_time.saturating_sub(criu_time),
+        manifest,
+    })
+}
+
+/// Runs CRIU's dump on a second thread while this one streams each page image into the
+/// archive as CRIU writes it (inotify tells when CRIU has closed it). Returns CRIU's result,
+/// how long CRIU took, and the result of streaming.
+fn dump_streaming(
+    criu: &Criu,
+    req: &DumpRequest,
+    writer: &mut archive::Writer,
+    progress: &dyn Progress,
+) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
+    let dir = &req.images_dir;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .and_then(|i| i.add_watch(dir, AddWatchFlags::IN_CLOSE_WRITE).map(|_| i));
+    let criu_done = AtomicBool::new(false);
+    let closed = std::cell::RefCell::new(BTreeSet::<String>::new());
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            let r = criu.dump(req, &mut |_| {});
+            let took = t0.elapsed();
+            criu_done.store(true, Ordering::SeqCst);
+            (r, took)
+        });
+        let is_closed = |name: &str| {
+            if let Ok(i) = &inotify {
+                while let Ok(events) = i.read_events() {
+                    if events.is_empty() {
+                        break;
+                    }
+                    let mut c = closed.borrow_mut();
+                    c.extend(
+                        events
+                            .into_iter()
+                            .filter_map(|e| e.name)
+                            .map(|n| n.to_string_lossy().into_owned()),
+                    );
+                }
+            }
+            closed.borrow().contains(name)
+        };
+        let mut streamed = Ok(());
+        loop {
+            let done = criu_done.load(Ordering::SeqCst);
+            let next = page_images(dir)
+                .into_iter()
+                .find(|n| !writer.has(&format!("{}/{n}", archive::IMAGES_DIR)));
+            match next {
+                Some(name) => {
+                    let complete = || criu_done.load(Ordering::SeqCst) || is_closed(&name);
+                    let entry = format!("{}/{name}", archive::IMAGES_DIR);
+                    if let Err(e) = writer.add(&entry, &dir.join(&name), Some(&complete), progress)
+                    {
+                        streamed = Err(e.into());
+                        break;
+                    }
+                }
+                None if done => break,
+                None => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        let (r, took) = handle.join().expect("CRIU thread does not panic");
+        // After a CRIU failure the page images may be partial; they are not kept.
+        (r, took, streamed)
+    })
+}
+
+/// CRIU's page images in `dir`, in the order CRIU writes them.
+fn page_images(dir: &Path) -> Vec<String> {
+    let mut names: Vec<(u64, String)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let id = n
+                        .strip_prefix("pages-")?
+                        .strip_suffix(".img")?
+                        .parse()
+                        .ok()?;
+                    Some((id, n))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.into_iter().map(|(_, n)| n).collect()
+}
+
+/// The tree as CRIU saw it (size, PIDs with threads): /proc, read before the dump, can miss
+/// short-lived children.
+fn dumped_tree(dir: &Path, info: &ProcessInfo) -> (usize, Vec<i32>) {
+    match images::read_pstree(dir) {
         Ok(entries) => {
-            let pids: std::collections::BTreeSet<i32> = entries
+            let pids: BTreeSet<i32> = entries
                 .iter()
                 .flat_map(|e| std::iter::once(e.pid).chain(e.threads.iter().copied()))
                 .map(|p| p as i32)
@@ -153,100 +338,14 @@ pub fn dump(
             warn!(error = %e, "cannot read the dumped process tree");
             (info.tree.len(), info.tree.clone())
         }
-    };
-    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
-        .map_err(|source| DumpError::Staging {
-            path: work.path().to_path_buf(),
-            source,
-        })?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| {
-            (
-                format!(
-                    "{}/{}",
-                    archive::IMAGES_DIR,
-                    e.file_name().to_string_lossy()
-                ),
-                e.path(),
-            )
-        })
-        .collect();
-    files.sort();
-    let images_bytes = files
-        .iter()
-        .filter_map(|(_, p)| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    let mut manifest = Manifest {
-        format_version: archive::FORMAT_VERSION,
-        created_at: stamp.rfc3339,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        process: ManifestProcess {
-            name: info.name.clone(),
-            pid: info.pid,
-            cmdline: info.cmdline.clone(),
-            cwd: info.cwd.clone(),
-            exe: info.exe.clone(),
-            tree_size,
-            tree_pids,
-            rss_bytes: info.tree_rss_bytes,
-        },
-        host: host_info(),
-        criu: ManifestCriu {
-            version: version.to_string(),
-            shell_job,
-            tcp_established: req.tcp_established,
-            tcp_close: req.tcp_close,
-            ext_unix_sk: req.ext_unix_sk,
-            pid_namespace: info.pid_namespace_init,
-        },
-        cpu,
-        compression: opts.compression,
-        entries: Vec::new(),
-    };
-    let t1 = Instant::now();
-    let dest = write_unique(
-        &opts.dir,
-        &stem,
-        &mut manifest,
-        &files,
-        opts.compression,
-        progress,
-    )?;
-    let archive_time = t1.elapsed();
-    progress.finish();
-    let archive_bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    info!(archive = %dest.display(), archive_bytes, ?criu_time, ?archive_time, "dump complete");
-    Ok(DumpOutcome {
-        archive: dest,
-        archive_bytes,
-        images_bytes,
-        criu_time,
-        archive_time,
-        manifest,
-    })
+    }
 }
 
-/// Runs CRIU's dump while a watcher reports the images' growth as progress.
-fn dump_watching(criu: &Criu, req: &DumpRequest, progress: &dyn Progress) -> Result<(), CriuError> {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut reported = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let now = dir_bytes(&req.images_dir);
-                if now > reported {
-                    progress.advance(now - reported);
-                    reported = now;
-                }
-                std::thread::sleep(Duration::from_millis(150));
-            }
-        });
-        let r = criu.dump(req, &mut |_| {});
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        r
-    })
+/// Sends `sig` to `root` and every descendant (the tree is frozen, so the list is stable).
+fn signal_tree(root: i32, sig: Signal) {
+    for pid in crate::process::descendants(root).into_iter().rev() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+    }
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -258,43 +357,6 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// Writes the archive as `stem.zip`, or `stem_N.zip` when that name is taken: never replaces.
-fn write_unique(
-    dir: &Path,
-    stem: &str,
-    manifest: &mut Manifest,
-    files: &[(String, PathBuf)],
-    compression: Compression,
-    progress: &dyn Progress,
-) -> Result<PathBuf, ArchiveError> {
-    for n in 0..1000 {
-        let name = if n == 0 {
-            format!("{stem}.zip")
-        } else {
-            format!("{stem}_{n}.zip")
-        };
-        let dest = dir.join(name);
-        if dest.exists() {
-            continue;
-        }
-        match archive::write(&dest, manifest, files, compression, progress) {
-            Err(ArchiveError::Write { source, .. })
-                if source.kind() == std::io::ErrorKind::AlreadyExists =>
-            {
-                continue
-            }
-            r => return r.map(|()| dest),
-        }
-    }
-    Err(ArchiveError::Write {
-        path: dir.join(format!("{stem}.zip")),
-        source: std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "1000 archives with this name already exist",
-        ),
-    })
 }
 
 fn criu_err(info: &ProcessInfo, source: CriuError, kept: String) -> DumpError {

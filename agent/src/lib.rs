@@ -9,6 +9,7 @@ pub mod config;
 pub mod criu;
 pub mod dump;
 pub mod exec;
+pub mod hashing;
 pub mod process;
 pub mod progress;
 pub mod restore;

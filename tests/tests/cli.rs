@@ -300,3 +300,63 @@ fn failed_dump_leaves_earlier_archive_intact() {
     );
     assert!(sb.staging_leftovers().is_empty());
 }
+
+/// When the archive cannot be written (here: a full disk), the frozen process is thawed and
+/// goes on as if nothing happened, and no partial archive is left.
+#[test]
+fn archive_failure_thaws_the_process() {
+    if !criu_ready("archive_failure_thaws_the_process") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let small = sb.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount a tiny tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let log = sb.path().join("thaw.log");
+    let task = sb.exec(
+        "thaw.log",
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done",
+        ],
+    );
+    wait_for_numbers(&log, 5);
+    let out = sb.agent([
+        "dump",
+        "-p",
+        &task.pid.to_string(),
+        "-d",
+        small.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an I/O failure: {}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));
+    let at = numbers(&log).len();
+    wait_for_numbers(&log, at + 10);
+    assert!(task.alive(), "the process runs on");
+    assert_unbroken(&numbers(&log), "counter across the failed dump");
+    let left: Vec<_> = std::fs::read_dir(&small)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left in the dump folder: {left:?}");
+    assert!(sb.staging_leftovers().is_empty());
+}

@@ -106,6 +106,8 @@ pub struct DumpRequest {
     pub pid: i32,
     pub images_dir: PathBuf,
     pub leave_running: bool,
+    /// Leave the tree frozen (SIGSTOP) after the dump instead of killing it.
+    pub leave_stopped: bool,
     pub tcp_established: bool,
     pub tcp_close: bool,
     pub shell_job: bool,
@@ -224,6 +226,7 @@ impl Criu {
         let mut opts = log_opts(&req_opts.images_dir, DUMP_LOG);
         opts.pid = Some(req_opts.pid);
         opts.leave_running = Some(req_opts.leave_running);
+        opts.leave_stopped = Some(req_opts.leave_stopped && !req_opts.leave_running);
         opts.tcp_established = Some(req_opts.tcp_established);
         opts.tcp_close = Some(req_opts.tcp_close);
         opts.shell_job = Some(req_opts.shell_job);

@@ -69,6 +69,8 @@ pub struct Opts {
     pub network_lock: Option<i32>,
     #[prost(string, optional, tag = "68")]
     pub images_dir: Option<String>,
+    #[prost(bool, optional, tag = "69")]
+    pub leave_stopped: Option<bool>,
 }
 
 /// `inherit_fd`.
