@@ -231,35 +231,27 @@ impl Writer {
             .map_err(|e| self.werr(zip_io(e)))?;
         let mut pipe = HashPipe::new();
         let mut written = 0u64;
+        let mut buf = pipe.buffer();
         loop {
-            let mut buf = pipe.buffer();
-            let n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
+            let mut n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
             if n == 0 {
-                match complete {
-                    // Check completeness first, then read once more: nothing written before
-                    // completion is missed.
-                    Some(done) if !done() => {
-                        std::thread::sleep(std::time::Duration::from_millis(2));
-                        continue;
-                    }
-                    Some(_) => {
-                        let n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
-                        if n > 0 {
-                            self.zip.write_all(&buf).map_err(|e| self.werr(e))?;
-                            written += n as u64;
-                            progress.advance(n as u64);
-                            pipe.hash(buf);
-                            continue;
-                        }
-                        break;
-                    }
-                    None => break,
+                let Some(done) = complete else { break };
+                // Check completeness first, then read once more: nothing written before
+                // completion is missed.
+                if !done() {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    continue;
+                }
+                n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
+                if n == 0 {
+                    break;
                 }
             }
             self.zip.write_all(&buf).map_err(|e| self.werr(e))?;
             written += n as u64;
             progress.advance(n as u64);
             pipe.hash(buf);
+            buf = pipe.buffer();
         }
         self.entries.push(Entry {
             name: name.to_string(),
@@ -614,6 +606,50 @@ fn check_listing(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A file that grows in bursts while the writer follows it, as CRIU's page images do:
+    /// the writer waits at each end of file and still gets every byte.
+    #[test]
+    fn follows_a_growing_file_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("pages-1.img");
+        std::fs::write(&src, b"").unwrap();
+        let chunk: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let done = AtomicBool::new(false);
+        let mut w = Writer::new(dir.path(), "t", Compression::Zstd).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+                for _ in 0..20 {
+                    f.write_all(&chunk).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(15));
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+            let complete = || done.load(Ordering::SeqCst);
+            let n = w.add("images/pages-1.img", &src, Some(&complete), &NoProgress).unwrap();
+            assert_eq!(n, 20 * chunk.len() as u64);
+        });
+        let mut m = Manifest {
+            format_version: FORMAT_VERSION,
+            created_at: String::new(),
+            agent_version: String::new(),
+            process: ManifestProcess::default(),
+            host: ManifestHost::default(),
+            criu: ManifestCriu::default(),
+            cpu: None,
+            compression: Compression::None,
+            entries: vec![],
+        };
+        let path = w.finish(&mut m, "t").unwrap();
+        let staging = tempfile::tempdir().unwrap();
+        let x = extract(&path, staging.path(), &NoProgress).unwrap();
+        let back = std::fs::read(x.images_dir().join("pages-1.img")).unwrap();
+        assert_eq!(back, chunk.repeat(20));
+        assert_eq!(x.manifest.compression, Compression::Zstd);
+    }
 
     #[test]
     fn entry_names() {

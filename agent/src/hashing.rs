@@ -14,7 +14,8 @@ const IN_FLIGHT: usize = 4;
 pub struct HashPipe {
     tx: Option<SyncSender<Vec<u8>>>,
     back: Receiver<Vec<u8>>,
-    spare: usize,
+    /// Buffers handed to the hashing thread and not yet seen back.
+    in_flight: usize,
     handle: Option<JoinHandle<String>>,
 }
 
@@ -34,20 +35,28 @@ impl HashPipe {
         HashPipe {
             tx: Some(tx),
             back,
-            spare: IN_FLIGHT,
+            in_flight: 0,
             handle: Some(handle),
         }
     }
 
-    /// An empty buffer of [`CHUNK`] capacity: a recycled one, or a new one while few are out.
+    /// An empty buffer of [`CHUNK`] capacity: a recycled one if the hashing thread has
+    /// returned one, a new one while fewer than a few are out, else the next one it returns.
+    /// It blocks only while buffers are in flight, so callers may drop buffers freely.
     pub fn buffer(&mut self) -> Vec<u8> {
-        let mut b = if self.spare > 0 {
-            self.spare -= 1;
-            Vec::with_capacity(CHUNK)
-        } else {
-            self.back
-                .recv()
-                .unwrap_or_else(|_| Vec::with_capacity(CHUNK))
+        let mut b = match self.back.try_recv() {
+            Ok(b) => {
+                self.in_flight -= 1;
+                b
+            }
+            Err(_) if self.in_flight < IN_FLIGHT => Vec::with_capacity(CHUNK),
+            Err(_) => match self.back.recv() {
+                Ok(b) => {
+                    self.in_flight -= 1;
+                    b
+                }
+                Err(_) => Vec::with_capacity(CHUNK),
+            },
         };
         b.clear();
         b
@@ -56,7 +65,9 @@ impl HashPipe {
     /// Hands a filled buffer over to be hashed.
     pub fn hash(&mut self, chunk: Vec<u8>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(chunk);
+            if tx.send(chunk).is_ok() {
+                self.in_flight += 1;
+            }
         }
     }
 
@@ -98,6 +109,18 @@ pub fn fill(r: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Result<us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropped_buffers_never_block() {
+        let mut pipe = HashPipe::new();
+        for _ in 0..(IN_FLIGHT * 3) {
+            drop(pipe.buffer());
+        }
+        let mut b = pipe.buffer();
+        b.extend_from_slice(b"abc");
+        pipe.hash(b);
+        assert_eq!(pipe.finish(), hex::encode(Sha256::digest(b"abc")));
+    }
 
     #[test]
     fn matches_a_plain_sha256_over_many_chunks() {
