@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::criu::images::CpuInfo;
 use crate::hashing::{self, HashPipe, CHUNK};
 use crate::progress::Progress;
+use crate::zipout::{self, ZipOut};
+use std::os::fd::AsRawFd;
 
 /// The manifest format this agent writes and the only one it restores.
 pub const FORMAT_VERSION: u32 = 1;
@@ -79,24 +81,6 @@ pub enum Compression {
     Zstd,
     /// Deflate: what every unzip reads; slow.
     Deflate,
-}
-
-impl Compression {
-    fn options(self, size: u64) -> zip::write::SimpleFileOptions {
-        let o = zip::write::SimpleFileOptions::default()
-            .unix_permissions(0o600)
-            .large_file(size >= u32::MAX as u64 / 2)
-            .last_modified_time(zip::DateTime::default());
-        match self {
-            Compression::None => o.compression_method(zip::CompressionMethod::Stored),
-            Compression::Zstd => o
-                .compression_method(zip::CompressionMethod::Zstd)
-                .compression_level(Some(1)),
-            Compression::Deflate => o
-                .compression_method(zip::CompressionMethod::Deflated)
-                .compression_level(Some(6)),
-        }
-    }
 }
 
 /// Size and checksum of one archive entry.
@@ -166,12 +150,81 @@ impl Manifest {
     }
 }
 
-/// An archive being written: under a temporary name in its final folder until
-/// [`Writer::finish`] syncs it and gives it its name. Dropped unfinished, it leaves nothing.
+/// Size, CRC-32 and SHA-256 of a file's contents, computed while it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    pub size: u64,
+    pub crc: u32,
+    pub sha256: String,
+}
+
+/// Reads a file as it grows (see [`Writer::add`] for `complete`) and returns its digest. Each
+/// range read is also handed to the kernel for writeback, so that syncing the file later has
+/// little left to do.
+pub fn digest_following(
+    path: &Path,
+    complete: &dyn Fn() -> bool,
+    progress: &dyn Progress,
+) -> Result<Digest, ArchiveError> {
+    let rerr = |source| ArchiveError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut src = File::open(path).map_err(rerr)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut pipe = HashPipe::new();
+    let mut size = 0u64;
+    let mut buf = pipe.buffer();
+    while let Some(n) = read_following(&mut src, &mut buf, complete).map_err(rerr)? {
+        crc.update(&buf);
+        // SAFETY: a plain syscall on an fd we own; failure only means no early writeback.
+        unsafe {
+            libc::sync_file_range(
+                src.as_raw_fd(),
+                size as i64,
+                n as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        size += n as u64;
+        progress.advance(n as u64);
+        pipe.hash(buf);
+        buf = pipe.buffer();
+    }
+    Ok(Digest {
+        size,
+        crc: crc.finalize(),
+        sha256: pipe.finish(),
+    })
+}
+
+/// Fills `buf` from `src`; at end of file waits (polling) until `complete()` and reads once
+/// more, so nothing written before completion is missed. `None` at the true end.
+fn read_following(
+    src: &mut File,
+    buf: &mut Vec<u8>,
+    complete: &dyn Fn() -> bool,
+) -> std::io::Result<Option<usize>> {
+    loop {
+        let n = hashing::fill(src, buf)?;
+        if n > 0 {
+            return Ok(Some(n));
+        }
+        if complete() {
+            let n = hashing::fill(src, buf)?;
+            return Ok((n > 0).then_some(n));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// An archive being written: under a temporary name in its final folder (or in a staging
+/// folder on the same filesystem) until [`Writer::finish`] syncs it and gives it its name.
+/// Dropped unfinished, it leaves nothing.
 pub struct Writer {
     dir: PathBuf,
-    tmp: tempfile::NamedTempFile,
-    zip: zip::ZipWriter<BufWriter<File>>,
+    tmp: tempfile::TempPath,
+    zip: ZipOut,
     compression: Compression,
     entries: Vec<Entry>,
 }
@@ -188,26 +241,62 @@ impl Writer {
             .suffix(".partial")
             .tempfile_in(dir)
             .map_err(werr)?;
-        let out = BufWriter::with_capacity(CHUNK, tmp.as_file().try_clone().map_err(werr)?);
+        let (file, tmp) = tmp.into_parts();
         Ok(Writer {
             dir: dir.to_path_buf(),
             tmp,
-            zip: zip::ZipWriter::new(out),
+            zip: ZipOut::new(file),
             compression,
             entries: Vec::new(),
         })
     }
 
+    /// Makes the file at `path` (on the same filesystem as `dir`) the archive, its contents the
+    /// stored entry `name`, without copying them (see [`ZipOut::adopt`]). Returns `Ok(None)`
+    /// where the filesystem cannot do that; the file is then unchanged.
+    pub fn adopt(
+        dir: &Path,
+        path: &Path,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<Option<Self>, ArchiveError> {
+        let werr = |source| ArchiveError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(werr)?;
+        match ZipOut::adopt(file, name, digest.size, digest.crc) {
+            Ok(zip) => Ok(Some(Writer {
+                dir: dir.to_path_buf(),
+                tmp: tempfile::TempPath::try_from_path(path).map_err(werr)?,
+                zip,
+                compression: Compression::None,
+                entries: vec![Entry {
+                    name: name.into(),
+                    size: digest.size,
+                    sha256: digest.sha256.clone(),
+                }],
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
+            Err(e) => Err(werr(e)),
+        }
+    }
+
     fn werr(&self, source: std::io::Error) -> ArchiveError {
         ArchiveError::Write {
-            path: self.tmp.path().to_path_buf(),
+            path: self.tmp.to_path_buf(),
             source,
         }
     }
 
-    /// Adds the file at `path` as entry `name`. With `complete`, the file may still be growing:
-    /// at its end the writer waits until `complete()` is true, then takes what remains. This
-    /// lets CRIU's page images stream into the archive while CRIU still writes them.
+    /// Adds the file at `path` as entry `name`, compressed as the archive says. With
+    /// `complete`, the file may still be growing: at its end the writer waits until
+    /// `complete()` is true, then takes what remains. This lets CRIU's page images stream into
+    /// the archive while CRIU still writes them.
     pub fn add(
         &mut self,
         name: &str,
@@ -220,39 +309,48 @@ impl Writer {
             source,
         };
         let mut src = File::open(path).map_err(rerr)?;
-        // A growing file's size is unknown: give it the 64-bit header from the start.
-        let size = if complete.is_some() {
-            u64::MAX
-        } else {
-            src.metadata().map_err(rerr)?.len()
+        let done = || true;
+        let complete = complete.unwrap_or(&done);
+        let method = match self.compression {
+            Compression::None => zipout::STORED,
+            Compression::Zstd => zipout::ZSTD,
+            Compression::Deflate => zipout::DEFLATED,
         };
         self.zip
-            .start_file(name, self.compression.options(size))
-            .map_err(|e| self.werr(zip_io(e)))?;
+            .begin_entry(name, method)
+            .map_err(|e| self.werr(e))?;
+        let start = self.zip.position();
+        let mut crc = crc32fast::Hasher::new();
         let mut pipe = HashPipe::new();
         let mut written = 0u64;
+        let mut sink =
+            Sink::new(self.compression, self.zip.data()).map_err(|e| ArchiveError::Write {
+                path: self.tmp.to_path_buf(),
+                source: e,
+            })?;
         let mut buf = pipe.buffer();
-        loop {
-            let mut n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
-            if n == 0 {
-                let Some(done) = complete else { break };
-                // Check completeness first, then read once more: nothing written before
-                // completion is missed.
-                if !done() {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                    continue;
-                }
-                n = hashing::fill(&mut src, &mut buf).map_err(rerr)?;
-                if n == 0 {
-                    break;
-                }
+        let result = (|| -> Result<(), ArchiveError> {
+            while let Some(n) = read_following(&mut src, &mut buf, complete).map_err(rerr)? {
+                crc.update(&buf);
+                sink.write_all(&buf).map_err(|source| ArchiveError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                written += n as u64;
+                progress.advance(n as u64);
+                pipe.hash(std::mem::take(&mut buf));
+                buf = pipe.buffer();
             }
-            self.zip.write_all(&buf).map_err(|e| self.werr(e))?;
-            written += n as u64;
-            progress.advance(n as u64);
-            pipe.hash(buf);
-            buf = pipe.buffer();
-        }
+            sink.finish().map_err(|source| ArchiveError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        })();
+        result?;
+        let csize = self.zip.position() - start;
+        self.zip
+            .end_entry(crc.finalize(), written, csize)
+            .map_err(|e| self.werr(e))?;
         self.entries.push(Entry {
             name: name.to_string(),
             size: written,
@@ -261,33 +359,56 @@ impl Writer {
         Ok(written)
     }
 
-    /// Names of the entries added so far.
+    /// Adds a complete file whose digest is known, stored, copied by the kernel.
+    pub fn add_digested(
+        &mut self,
+        name: &str,
+        path: &Path,
+        digest: &Digest,
+        progress: &dyn Progress,
+    ) -> Result<(), ArchiveError> {
+        let rerr = |source| ArchiveError::ReadInput {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut src = File::open(path).map_err(rerr)?;
+        self.zip
+            .copy_stored(name, &mut src, digest.size, digest.crc)
+            .map_err(|e| self.werr(e))?;
+        progress.advance(digest.size);
+        self.entries.push(Entry {
+            name: name.to_string(),
+            size: digest.size,
+            sha256: digest.sha256.clone(),
+        });
+        Ok(())
+    }
+
+    /// Whether entry `name` was added.
     pub fn has(&self, name: &str) -> bool {
         self.entries.iter().any(|e| e.name == name)
     }
 
     /// Writes the manifest (with the entries' sizes and checksums), syncs, and renames the
-    /// archive to `<stem>.zip`, or `<stem>_N.zip` if taken: it never replaces a file.
+    /// archive to `<stem>.zip` in its folder, or `<stem>_N.zip` if taken: it never replaces a
+    /// file.
     pub fn finish(mut self, manifest: &mut Manifest, stem: &str) -> Result<PathBuf, ArchiveError> {
         manifest.entries = std::mem::take(&mut self.entries);
         manifest.compression = self.compression;
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        self.zip
-            .start_file(MANIFEST, Compression::None.options(json.len() as u64))
-            .map_err(|e| self.werr(zip_io(e)))?;
-        self.zip.write_all(&json).map_err(|e| self.werr(e))?;
-        let out = self.zip.finish().map_err(|e| ArchiveError::Write {
-            path: self.tmp.path().into(),
-            source: zip_io(e),
-        })?;
-        let file = out.into_inner().map_err(|e| ArchiveError::Write {
-            path: self.tmp.path().into(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(|source| ArchiveError::Write {
-            path: self.tmp.path().into(),
+        let werr = |source| ArchiveError::Write {
+            path: self.tmp.to_path_buf(),
             source,
-        })?;
+        };
+        self.zip
+            .begin_entry(MANIFEST, zipout::STORED)
+            .map_err(werr)?;
+        self.zip.data().write_all(&json).map_err(werr)?;
+        self.zip
+            .end_entry(crc32fast::hash(&json), json.len() as u64, json.len() as u64)
+            .map_err(werr)?;
+        let file = self.zip.finish().map_err(werr)?;
+        file.sync_all().map_err(werr)?;
         drop(file);
         let mut tmp = self.tmp;
         for n in 0..1000 {
@@ -297,13 +418,13 @@ impl Writer {
                 format!("{stem}_{n}.zip")
             });
             match tmp.persist_noclobber(&dest) {
-                Ok(_) => {
+                Ok(()) => {
                     if let Ok(d) = File::open(&self.dir) {
                         let _ = d.sync_all();
                     }
                     return Ok(dest);
                 }
-                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.file,
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.path,
                 Err(e) => {
                     return Err(ArchiveError::Write {
                         path: dest,
@@ -322,10 +443,46 @@ impl Writer {
     }
 }
 
-fn zip_io(e: zip::result::ZipError) -> std::io::Error {
-    match e {
-        zip::result::ZipError::Io(e) => e,
-        other => std::io::Error::other(other),
+/// Where an entry's data goes: straight into the zip, or through a compressor.
+enum Sink<'a> {
+    Stored(zipout::DataWriter<'a>),
+    Zstd(zstd::stream::write::Encoder<'static, zipout::DataWriter<'a>>),
+    Deflate(flate2::write::DeflateEncoder<zipout::DataWriter<'a>>),
+}
+
+impl<'a> Sink<'a> {
+    fn new(c: Compression, w: zipout::DataWriter<'a>) -> std::io::Result<Self> {
+        Ok(match c {
+            Compression::None => Sink::Stored(w),
+            Compression::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(w, 1)?;
+                let workers = std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1);
+                if workers > 1 {
+                    e.multithread(workers)?;
+                }
+                Sink::Zstd(e)
+            }
+            Compression::Deflate => Sink::Deflate(flate2::write::DeflateEncoder::new(
+                w,
+                flate2::Compression::new(6),
+            )),
+        })
+    }
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stored(w) => w.write_all(b),
+            Sink::Zstd(w) => w.write_all(b),
+            Sink::Deflate(w) => w.write_all(b),
+        }
+    }
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Sink::Stored(mut w) => w.flush(),
+            Sink::Zstd(w) => w.finish().map(|_| ()),
+            Sink::Deflate(w) => w.finish().map(|_| ()),
+        }
     }
 }
 
@@ -386,7 +543,7 @@ pub fn extract(
     let manifest = read_manifest(path, &mut zip)?;
     let index = check_listing(path, &mut zip, &manifest)?;
     let dir = tempfile::Builder::new()
-        .prefix("cedana-restore-")
+        .prefix(".cedana-restore-")
         .tempdir_in(staging)
         .map_err(|source| ArchiveError::Write {
             path: staging.to_path_buf(),
@@ -629,7 +786,9 @@ mod tests {
                 done.store(true, Ordering::SeqCst);
             });
             let complete = || done.load(Ordering::SeqCst);
-            let n = w.add("images/pages-1.img", &src, Some(&complete), &NoProgress).unwrap();
+            let n = w
+                .add("images/pages-1.img", &src, Some(&complete), &NoProgress)
+                .unwrap();
             assert_eq!(n, 20 * chunk.len() as u64);
         });
         let mut m = Manifest {

@@ -1,6 +1,7 @@
 //! `dump`: checkpoint a process tree with CRIU into a new archive.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +12,9 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::archive::{self, ArchiveError, Compression, Manifest, ManifestCriu, ManifestProcess};
+use crate::archive::{
+    self, ArchiveError, Compression, Digest, Manifest, ManifestCriu, ManifestProcess,
+};
 use crate::criu::{self, images, Criu, CriuError, DumpRequest};
 use crate::process::{ProcessError, ProcessInfo};
 use crate::progress::Progress;
@@ -102,9 +105,9 @@ pub fn dump(
     let info = ProcessInfo::inspect(opts.pid)?;
     let stamp = crate::timestamp();
     let stem = format!("{}_{}", info.file_stem(), stamp.file);
-    let staging_root = staging::root(opts.staging.as_deref(), info.tree_rss_bytes, &opts.dir);
+    let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);
     let work = tempfile::Builder::new()
-        .prefix("cedana-dump-")
+        .prefix(".cedana-dump-")
         .tempdir_in(&staging_root)
         .map_err(|source| DumpError::Staging {
             path: staging_root.clone(),
@@ -125,11 +128,38 @@ pub fn dump(
     let version = criu
         .version()
         .map_err(|source| criu_err(&info, source, String::new()))?;
-    let mut writer = archive::Writer::new(&opts.dir, &stem, opts.compression)?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
-
     let t0 = Instant::now();
-    let (criu_result, criu_time, streamed) = dump_streaming(criu, &req, &mut writer, progress);
+    // Stored archives: hash CRIU's page images as they are written; the largest then becomes
+    // the archive in place. Compressed ones: compress the page images into the archive as
+    // they are written.
+    let mut writer = None;
+    let mut digests: Vec<(String, Digest)> = Vec::new();
+    let (criu_result, criu_time, streamed) = if opts.compression == Compression::None {
+        follow_page_images(criu, &req, |name, path, complete| {
+            digests.push((
+                name.to_string(),
+                archive::digest_following(path, complete, progress)?,
+            ));
+            Ok(())
+        })
+    } else {
+        match archive::Writer::new(&opts.dir, &stem, opts.compression) {
+            Ok(w) => {
+                let w = writer.insert(w);
+                follow_page_images(criu, &req, |name, path, complete| {
+                    w.add(
+                        &format!("{}/{name}", archive::IMAGES_DIR),
+                        path,
+                        Some(complete),
+                        progress,
+                    )?;
+                    Ok(())
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if let Err(source) = criu_result {
         progress.finish();
         let kept = keep_log(
@@ -154,6 +184,10 @@ pub fn dump(
             }
         };
         let (tree_size, tree_pids) = dumped_tree(work.path(), &info);
+        let mut writer = match writer.take() {
+            Some(w) => w,
+            None => stored_writer(&opts.dir, work.path(), &stem, &digests, progress)?,
+        };
         let mut rest: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
             .map_err(|source| DumpError::Staging {
                 path: work.path().to_path_buf(),
@@ -236,14 +270,13 @@ pub fn dump(
     })
 }
 
-/// Runs CRIU's dump on a second thread while this one streams each page image into the
-/// archive as CRIU writes it (inotify tells when CRIU has closed it). Returns CRIU's result,
-/// how long CRIU took, and the result of streaming.
-fn dump_streaming(
+/// Runs CRIU's dump on a second thread while this one hands each page image to `each` as
+/// soon as CRIU creates it, with a `complete` check that turns true once CRIU has closed it
+/// (inotify) or finished. Returns CRIU's result, how long CRIU took, and the result of `each`.
+fn follow_page_images(
     criu: &Criu,
     req: &DumpRequest,
-    writer: &mut archive::Writer,
-    progress: &dyn Progress,
+    mut each: impl FnMut(&str, &Path, &dyn Fn() -> bool) -> Result<(), DumpError>,
 ) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
     let dir = &req.images_dir;
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
@@ -264,41 +297,71 @@ fn dump_streaming(
                     if events.is_empty() {
                         break;
                     }
-                    let mut c = closed.borrow_mut();
-                    c.extend(
-                        events
-                            .into_iter()
-                            .filter_map(|e| e.name)
-                            .map(|n| n.to_string_lossy().into_owned()),
-                    );
+                    let names = events
+                        .into_iter()
+                        .filter_map(|e| e.name)
+                        .map(|n| n.to_string_lossy().into_owned());
+                    closed.borrow_mut().extend(names);
                 }
             }
             closed.borrow().contains(name)
         };
-        let mut streamed = Ok(());
+        let mut seen = BTreeSet::new();
+        let mut result = Ok(());
         loop {
             let done = criu_done.load(Ordering::SeqCst);
-            let next = page_images(dir)
-                .into_iter()
-                .find(|n| !writer.has(&format!("{}/{n}", archive::IMAGES_DIR)));
-            match next {
+            match page_images(dir).into_iter().find(|n| !seen.contains(n)) {
                 Some(name) => {
                     let complete = || criu_done.load(Ordering::SeqCst) || is_closed(&name);
-                    let entry = format!("{}/{name}", archive::IMAGES_DIR);
-                    if let Err(e) = writer.add(&entry, &dir.join(&name), Some(&complete), progress)
-                    {
-                        streamed = Err(e.into());
+                    if let Err(e) = each(&name, &dir.join(&name), &complete) {
+                        result = Err(e);
                         break;
                     }
+                    seen.insert(name);
                 }
                 None if done => break,
                 None => std::thread::sleep(Duration::from_millis(2)),
             }
         }
+        // After a CRIU failure the page images may be partial; the caller discards them.
         let (r, took) = handle.join().expect("CRIU thread does not panic");
-        // After a CRIU failure the page images may be partial; they are not kept.
-        (r, took, streamed)
+        (r, took, result)
     })
+}
+
+/// A stored archive of page images already digested: the largest image becomes the archive
+/// file in place when the filesystem allows, the others are copied in by the kernel.
+fn stored_writer(
+    dir: &Path,
+    images: &Path,
+    stem: &str,
+    digests: &[(String, Digest)],
+    progress: &dyn Progress,
+) -> Result<archive::Writer, DumpError> {
+    let entry = |name: &str| format!("{}/{name}", archive::IMAGES_DIR);
+    let same_fs = std::fs::metadata(dir).ok().map(|m| m.dev())
+        == std::fs::metadata(images).ok().map(|m| m.dev());
+    let largest = digests
+        .iter()
+        .max_by_key(|(_, d)| d.size)
+        .filter(|_| same_fs);
+    let mut adopted = None;
+    let mut writer = match largest {
+        Some((name, d)) => {
+            match archive::Writer::adopt(dir, &images.join(name), &entry(name), d)? {
+                Some(w) => {
+                    adopted = Some(name.as_str());
+                    w
+                }
+                None => archive::Writer::new(dir, stem, Compression::None)?,
+            }
+        }
+        None => archive::Writer::new(dir, stem, Compression::None)?,
+    };
+    for (name, d) in digests.iter().filter(|(n, _)| Some(n.as_str()) != adopted) {
+        writer.add_digested(&entry(name), &images.join(name), d, progress)?;
+    }
+    Ok(writer)
 }
 
 /// CRIU's page images in `dir`, in the order CRIU writes them.

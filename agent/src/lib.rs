@@ -14,6 +14,7 @@ pub mod process;
 pub mod progress;
 pub mod restore;
 pub mod staging;
+pub mod zipout;
 
 use std::path::{Path, PathBuf};
 

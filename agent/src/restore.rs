@@ -75,8 +75,17 @@ pub fn restore(
     let path = &opts.archive;
     let t0 = Instant::now();
     let manifest = archive::inspect(path)?;
-    let fallback = std::env::temp_dir();
-    let staging_root = staging::root(opts.staging.as_deref(), manifest.total_size(), &fallback);
+    // Next to the archive when that folder is writable, else the temp folder.
+    let near = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fallback = if tempfile::tempfile_in(near).is_ok() {
+        near.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let staging_root = staging::root(opts.staging.as_deref(), &fallback);
     std::fs::create_dir_all(&staging_root).map_err(|source| RestoreError::Staging {
         path: staging_root.clone(),
         source,

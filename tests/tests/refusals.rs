@@ -181,10 +181,26 @@ fn corrupt_bytes_inside_an_entry() {
     let mut bytes = std::fs::read(&fx.archive).unwrap();
     let es = entries(&fx.archive);
     let page = &es[pages_entry(&es)].1;
-    let at = bytes
+    // A distinctive run of page bytes (not, say, zeros that also pad a header), found once.
+    let start = (0..page.len() - 64)
+        .step_by(64)
+        .find(|&i| {
+            page[i..i + 64]
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                > 24
+        })
+        .expect("varied page bytes");
+    let window = &page[start..start + 64];
+    let hits: Vec<usize> = bytes
         .windows(64)
-        .position(|w| w == &page[page.len() / 2..page.len() / 2 + 64])
-        .expect("page bytes in zip");
+        .enumerate()
+        .filter(|(_, w)| w == &window)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(hits.len(), 1, "the run is unique in the archive");
+    let at = hits[0];
     for b in &mut bytes[at..at + 64] {
         *b ^= 0xff;
     }
