@@ -560,6 +560,26 @@ pub fn extract(
             path: path.to_path_buf(),
             reason,
         };
+        let idx = index[&entry.name];
+        let raw = zip
+            .by_index_raw(idx)
+            .map(|f| (f.compression(), f.data_start(), f.compressed_size()));
+        if let Ok((zip::CompressionMethod::Stored, start, csize)) = raw {
+            if csize == entry.size {
+                let dest = dir.path().join(&entry.name);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
+                        path: parent.to_path_buf(),
+                        source,
+                    })?;
+                }
+                let sum = copy_and_hash(path, start, entry.size, &dest, progress)?;
+                if sum != entry.sha256 {
+                    return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+                }
+                continue;
+            }
+        }
         let mut zf = zip
             .by_index(index[&entry.name])
             .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
@@ -626,6 +646,78 @@ pub fn extract(
         }
     }
     Ok(Extracted { manifest, dir })
+}
+
+/// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
+/// while this thread hashes the same bytes; returns their SHA-256.
+fn copy_and_hash(
+    archive: &Path,
+    start: u64,
+    len: u64,
+    dest: &Path,
+    progress: &dyn Progress,
+) -> Result<String, ArchiveError> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::FileExt;
+    let corrupt = |e: std::io::Error| ArchiveError::Corrupt {
+        path: archive.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let src = File::open(archive).map_err(|source| ArchiveError::Open {
+        path: archive.to_path_buf(),
+        source,
+    })?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|source| ArchiveError::Write {
+            path: dest.to_path_buf(),
+            source,
+        })?;
+    std::thread::scope(|s| {
+        let copier = s.spawn(|| -> std::io::Result<()> {
+            let mut off = start as i64;
+            let mut left = len;
+            while left > 0 {
+                let n = nix::fcntl::copy_file_range(
+                    &src,
+                    Some(&mut off),
+                    &out,
+                    None,
+                    left.min(1 << 30) as usize,
+                )?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                left -= n as u64;
+            }
+            Ok(())
+        });
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = 0u64;
+        while pos < len {
+            let want = (len - pos).min(CHUNK as u64) as usize;
+            let n = src
+                .read_at(&mut buf[..want], start + pos)
+                .map_err(corrupt)?;
+            if n == 0 {
+                return Err(corrupt(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+            progress.advance(n as u64);
+        }
+        match copier.join().expect("copy thread does not panic") {
+            Ok(()) => Ok(hex::encode(h.finalize())),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt(e)),
+            Err(source) => Err(ArchiveError::Write {
+                path: dest.to_path_buf(),
+                source,
+            }),
+        }
+    })
 }
 
 fn mismatch(
