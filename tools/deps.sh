@@ -33,6 +33,10 @@ if ! have_pkgs "${PKGS[@]}"; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 fi
 
+# nats-server with JetStream: Debian 12 has 2.9; the pinned sid source has a current one (a Go
+# binary that needs only libc6 >= 2.34).
+nats_ok() { command -v nats-server >/dev/null && nats-server --version 2>/dev/null | grep -Eq 'v2\.(1[0-9]|[2-9][0-9])\.'; }
+
 criu_ok() {
   local v
   v=$("$CRIU_WRAPPER" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
@@ -82,4 +86,23 @@ WRAP
   $SUDO chmod 0755 "$CRIU_WRAPPER"
   criu_ok || { log "CRIU at $CRIU_WRAPPER does not report version >= 4.2"; "$CRIU_WRAPPER" --version || true; exit 1; }
   log "CRIU $("$CRIU_WRAPPER" --version | sed -n 's/^Version: *//p') installed at $CRIU_WRAPPER"
+fi
+
+NATS_PREFIX=${CEDANA_NATS_PREFIX:-/opt/cedana/nats}
+if nats_ok; then
+  log "$(nats-server --version) already installed"
+else
+  # Unpacked, not installed: sid's maintainer scripts need a newer systemd than Debian 12's.
+  apt_update
+  log "installing nats-server from Debian sid into $NATS_PREFIX"
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -qq nats-server/sid >/dev/null)
+  $SUDO rm -rf "$NATS_PREFIX"
+  $SUDO mkdir -p "$NATS_PREFIX"
+  $SUDO dpkg -x "$work"/nats-server_*.deb "$NATS_PREFIX"
+  rm -rf "$work"
+  $SUDO ln -sf "$NATS_PREFIX/usr/sbin/nats-server" /usr/local/bin/nats-server
+  hash -r
+  nats_ok || { log "nats-server >= 2.10 did not install"; exit 1; }
+  log "$(nats-server --version) installed"
 fi
