@@ -21,6 +21,7 @@ Exit codes:
   3  input refused: no such process, bad archive, bad config file
   4  CRIU failed (its log is quoted and kept)
   5  this machine is not ready: no usable CRIU, not root (see `cedana-agent check`)
+  6  the NATS server refused the token (daemon)
 
 Logs: set RUST_LOG (e.g. RUST_LOG=debug) for tracing output on stderr.";
 
@@ -53,6 +54,32 @@ enum Command {
     Exec(ExecArgs),
     /// Report whether checkpoints work on this machine and what is missing.
     Check(CheckArgs),
+    /// Serve a job's commands over NATS JetStream (token from CEDANA_NATS_TOKEN or the config).
+    Daemon(DaemonArgs),
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct DaemonArgs {
+    /// Job this worker belongs to
+    #[arg(long, env = "CEDANA_JOB")]
+    job: String,
+    /// This worker's id
+    #[arg(long, env = "CEDANA_WORKER")]
+    worker: String,
+    /// NATS server URL, or several separated by commas [default: connection.nats_url and
+    /// connection.nats_port from the config]
+    #[arg(long, env = "CEDANA_NATS_URL")]
+    nats_url: Option<String>,
+    /// File holding the NATS token [default: $CEDANA_NATS_TOKEN, connection.auth_token]
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The worker's folder
+    #[arg(long, default_value = "/var/lib/cedana/work", env = "CEDANA_WORK_DIR")]
+    work_dir: PathBuf,
+    /// Seconds between heartbeats
+    #[arg(long, default_value_t = 5)]
+    heartbeat_secs: u64,
 }
 
 #[derive(Args)]
@@ -158,6 +185,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => a.json,
         Command::Exec(a) => a.json,
         Command::Check(a) => a.json,
+        Command::Daemon(_) => false,
     };
     match run(cli) {
         Ok(code) => code,
@@ -264,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Daemon(a) => daemon(&cli, a),
         Command::Check(a) => {
             let config = load_config(&cli)?;
             let located = cedana_agent::locate_criu(cli.criu.as_deref(), &config);
@@ -298,6 +327,69 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             })
         }
     }
+}
+
+fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
+    let config = load_config(cli)?;
+    let criu = criu(cli, &config)?;
+    let token = match (&a.token_file, std::env::var("CEDANA_NATS_TOKEN")) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .map(|t| cedana_agent::config::Secret::new(t.trim()))
+            .map_err(|e| {
+                Failure::new(
+                    3,
+                    "input",
+                    anyhow::anyhow!("cannot read token file {}: {e}", f.display()),
+                )
+            })?,
+        (None, Ok(t)) if !t.is_empty() => cedana_agent::config::Secret::new(t),
+        _ => config.connection.auth_token.clone(),
+    };
+    let nats_url = match &a.nats_url {
+        Some(u) => u.clone(),
+        None if !config.connection.nats_url.is_empty() => {
+            let u = &config.connection.nats_url;
+            match (u.contains("://") || u.contains(':'), config.connection.nats_port) {
+                (false, Some(port)) => format!("nats://{u}:{port}"),
+                _ => u.clone(),
+            }
+        }
+        None => {
+            return Err(Failure::new(
+                3,
+                "input",
+                anyhow::anyhow!("no NATS server: pass --nats-url, set CEDANA_NATS_URL, or connection.nats_url in the config"),
+            ))
+        }
+    };
+    let opts = cedana_agent::daemon::DaemonOptions {
+        nats_url,
+        token,
+        job: a.job.clone(),
+        worker: a.worker.clone(),
+        work_dir: a.work_dir.clone(),
+        heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(1, "io", e))?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        cedana_agent::daemon::run(opts, criu, shutdown).await
+    })
+    .map_err(|e| match e {
+        cedana_agent::daemon::DaemonError::NoToken
+        | cedana_agent::daemon::DaemonError::BadId(_) => Failure::new(3, "input", e),
+        cedana_agent::daemon::DaemonError::Auth { .. } => Failure::new(6, "auth", e),
+        _ => Failure::new(1, "nats", e),
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_json(v: &impl serde::Serialize) {

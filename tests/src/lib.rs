@@ -261,3 +261,148 @@ pub fn wait_for_numbers(path: &Path, n: usize) {
         || numbers(path).len() >= n,
     );
 }
+
+/// A real `nats-server` with JetStream and token auth on a free loopback port; killed on drop.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub port: u16,
+    pub token: String,
+    pub store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with a random token.
+    pub fn start() -> Self {
+        let token = format!(
+            "tok{}",
+            std::process::id() as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64 % 7919
+        );
+        Self::start_with(token, free_port(), tempfile::tempdir().expect("store dir"))
+    }
+
+    /// Starts a server on a given port and store (to restart one).
+    pub fn start_with(token: String, port: u16, store: tempfile::TempDir) -> Self {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--auth",
+                &token,
+                "--store_dir",
+            ])
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH (the README's test command installs it)");
+        wait_until(Duration::from_secs(15), "nats-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        NatsServer {
+            child,
+            port,
+            token,
+            store,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server, keeping its store, and returns what a restart needs.
+    pub fn stop(mut self) -> (String, u16, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let store = std::mem::replace(&mut self.store, tempfile::tempdir().expect("dir"));
+        (self.token.clone(), self.port, store)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `cedana-agent daemon` process; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct AgentDaemon {
+    pub child: std::process::Child,
+    pub stderr_path: PathBuf,
+}
+
+impl AgentDaemon {
+    pub fn start(nats: &NatsServer, token: &str, job: &str, worker: &str, work_dir: &Path) -> Self {
+        let stderr_path = work_dir.with_extension("daemon.log");
+        let child = Command::new(agent_bin())
+            .args([
+                "daemon",
+                "--job",
+                job,
+                "--worker",
+                worker,
+                "--heartbeat-secs",
+                "1",
+                "--nats-url",
+                &nats.url(),
+            ])
+            .arg("--work-dir")
+            .arg(work_dir)
+            .env("CEDANA_NATS_TOKEN", token)
+            .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
+            .env("RUST_LOG", "cedana_agent=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("daemon log"))
+            .spawn()
+            .expect("start cedana-agent daemon");
+        AgentDaemon { child, stderr_path }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "daemon did not exit within {timeout:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentDaemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,705 @@
+//! `cedana-agent daemon`: a worker that takes commands over NATS JetStream.
+//!
+//! It connects with a token (never without one), registers in the `cedana_workers` KV bucket,
+//! heartbeats, and serves the commands of [`crate::protocol`] one at a time from a durable
+//! JetStream consumer, so commands sent while it was away or reconnecting are not lost. Each
+//! reply is stored in `cedana_replies` before the command is acknowledged: a repeated command
+//! id is answered from there, not run again. Checkpoints go to the `cedana_checkpoints` object
+//! store, streamed from and to files. The daemon is a child subreaper and reaps every child
+//! itself, so the exit codes of tasks it starts or restores are known and reported.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::config::Secret;
+use crate::progress::NoProgress;
+use crate::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply, WorkerRecord};
+use crate::{exec, Criu};
+
+/// How a daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// One URL or a comma-separated list (a cluster).
+    pub nats_url: String,
+    pub token: Secret,
+    pub job: String,
+    pub worker: String,
+    /// The worker's folder: task logs, checkpoints on their way, commands' working directory.
+    pub work_dir: PathBuf,
+    pub heartbeat: Duration,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no NATS token: set CEDANA_NATS_TOKEN (or connection.auth_token in the config); the agent never connects without one")]
+    NoToken,
+    #[error("job id {0:?} or worker id is not usable: use letters, digits, - and _ (at most 64)")]
+    BadId(String),
+    #[error("NATS at {url} refused the token (authorization violation); check CEDANA_NATS_TOKEN against the server's")]
+    Auth { url: String },
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(
+        "NATS JetStream at {url}: {what}: {reason}; is JetStream enabled on the server (-js)?"
+    )]
+    JetStream {
+        url: String,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("cannot use work folder {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Exit statuses of children, for whoever registered interest in a PID.
+#[derive(Default)]
+struct Reaper {
+    inner: Mutex<Waits>,
+}
+
+/// Who waits for which PID, and exits nobody waited for yet.
+#[derive(Default)]
+struct Waits {
+    waiting: HashMap<i32, oneshot::Sender<ExitStatus>>,
+    unclaimed: HashMap<i32, ExitStatus>,
+}
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl Reaper {
+    /// Starts the thread that reaps every child of this process.
+    fn start() -> Arc<Self> {
+        let r = Arc::new(Reaper::default());
+        let me = r.clone();
+        std::thread::spawn(move || loop {
+            use nix::sys::wait::{waitpid, WaitStatus};
+            match waitpid(None, None) {
+                Ok(WaitStatus::Exited(pid, code)) => me.deliver(
+                    pid.as_raw(),
+                    ExitStatus {
+                        code: Some(code),
+                        signal: None,
+                    },
+                ),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => me.deliver(
+                    pid.as_raw(),
+                    ExitStatus {
+                        code: None,
+                        signal: Some(sig as i32),
+                    },
+                ),
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        });
+        r
+    }
+
+    fn deliver(&self, pid: i32, st: ExitStatus) {
+        let mut g = self.inner.lock().expect("reaper lock");
+        match g.waiting.remove(&pid) {
+            Some(tx) => {
+                let _ = tx.send(st);
+            }
+            None => {
+                g.unclaimed.insert(pid, st);
+            }
+        }
+    }
+
+    /// A future of `pid`'s exit (which may already have happened).
+    fn watch(&self, pid: i32) -> oneshot::Receiver<ExitStatus> {
+        let (tx, rx) = oneshot::channel();
+        let mut g = self.inner.lock().expect("reaper lock");
+        match g.unclaimed.remove(&pid) {
+            Some(st) => {
+                let _ = tx.send(st);
+            }
+            None => {
+                g.waiting.insert(pid, tx);
+            }
+        }
+        rx
+    }
+}
+
+struct Task {
+    pid: i32,
+    /// Set when a checkpoint stopped it on purpose: its exit is not the task ending.
+    checkpointed: bool,
+}
+
+struct Worker {
+    opts: DaemonOptions,
+    criu: Criu,
+    js: jetstream::Context,
+    replies: kv::Store,
+    checkpoints: object_store::ObjectStore,
+    reaper: Arc<Reaper>,
+    tasks: Arc<Mutex<HashMap<String, Task>>>,
+}
+
+/// Runs the daemon until `shutdown` resolves or the connection is lost for good.
+pub async fn run(
+    opts: DaemonOptions,
+    criu: Criu,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if opts.token.is_empty() {
+        return Err(DaemonError::NoToken);
+    }
+    for id in [&opts.job, &opts.worker] {
+        if !protocol::valid_id(id) {
+            return Err(DaemonError::BadId(id.clone()));
+        }
+    }
+    std::fs::create_dir_all(&opts.work_dir).map_err(|source| DaemonError::WorkDir {
+        path: opts.work_dir.clone(),
+        source,
+    })?;
+    // SAFETY: prctl with constant arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let reaper = Reaper::start();
+    let url = opts.nats_url.clone();
+    let client = async_nats::ConnectOptions::with_token(opts.token.expose().to_string())
+        .name(format!("cedana-agent {}/{}", opts.job, opts.worker))
+        .connection_timeout(Duration::from_secs(10))
+        .connect(url.as_str())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::ConnectErrorKind::AuthorizationViolation => {
+                DaemonError::Auth { url: url.clone() }
+            }
+            _ => DaemonError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+    let js = jetstream::new(client.clone());
+    let jerr = |what: &'static str| {
+        let url = url.clone();
+        move |e: &dyn std::fmt::Display| DaemonError::JetStream {
+            url: url.clone(),
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let (commands, workers, replies, checkpoints) = ensure_layout(&js)
+        .await
+        .map_err(|(what, e)| jerr(what)(&e))?;
+
+    let record = WorkerRecord {
+        v: protocol::VERSION,
+        job: opts.job.clone(),
+        worker: opts.worker.clone(),
+        hostname: crate::host_info().hostname,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        criu_version: criu.version().map(|v| v.to_string()).unwrap_or_default(),
+        started_at: protocol::now(),
+        last_heartbeat: protocol::now(),
+    };
+    let key = format!("{}.{}", opts.job, opts.worker);
+    workers
+        .put(
+            &key,
+            Bytes::from(serde_json::to_vec(&record).expect("serializes")),
+        )
+        .await
+        .map_err(|e| jerr("registering the worker")(&e))?;
+    info!(job = %opts.job, worker = %opts.worker, url = %url, "registered");
+
+    let consumer: consumer::PullConsumer = commands
+        .get_or_create_consumer(
+            &format!("w_{}_{}", opts.job, opts.worker),
+            consumer::pull::Config {
+                durable_name: Some(format!("w_{}_{}", opts.job, opts.worker)),
+                filter_subject: protocol::commands_subject(&opts.job, &opts.worker),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(600),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| jerr("creating the command consumer")(&e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| jerr("reading commands")(&e))?;
+
+    let worker = Arc::new(Worker {
+        opts: opts.clone(),
+        criu,
+        js: js.clone(),
+        replies,
+        checkpoints,
+        reaper,
+        tasks: Arc::new(Mutex::new(HashMap::new())),
+    });
+    let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = messages.next() => match msg {
+                None => break,
+                Some(Err(e)) => warn!(error = %e, "command stream error"),
+                Some(Ok(msg)) => {
+                    worker.handle(&msg.payload).await;
+                    if let Err(e) = msg.ack().await {
+                        warn!(error = %e, "ack failed; the command may be delivered again and answered from the stored reply");
+                    }
+                }
+            }
+        }
+    }
+    hb.abort();
+    info!("daemon stopping");
+    Ok(())
+}
+
+type Layout = (
+    stream::Stream,
+    kv::Store,
+    kv::Store,
+    object_store::ObjectStore,
+);
+
+/// Creates the streams and buckets if they are missing.
+async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, (&'static str, String)> {
+    let commands = js
+        .get_or_create_stream(stream::Config {
+            name: protocol::COMMANDS_STREAM.into(),
+            subjects: vec!["CEDANA.*.*.commands".into()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ("creating the commands stream", e.to_string()))?;
+    js.get_or_create_stream(stream::Config {
+        name: protocol::EVENTS_STREAM.into(),
+        subjects: vec!["CEDANA.*.*.state".into(), "CEDANA.*.*.logs".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ("creating the events stream", e.to_string()))?;
+    let workers = kv_bucket(js, protocol::WORKERS_BUCKET).await?;
+    let replies = kv_bucket(js, protocol::REPLIES_BUCKET).await?;
+    let checkpoints = match js.get_object_store(protocol::CHECKPOINTS_BUCKET).await {
+        Ok(s) => s,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: protocol::CHECKPOINTS_BUCKET.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ("creating the checkpoint store", e.to_string()))?,
+    };
+    Ok((commands, workers, replies, checkpoints))
+}
+
+async fn kv_bucket(
+    js: &jetstream::Context,
+    name: &'static str,
+) -> Result<kv::Store, (&'static str, String)> {
+    match js.get_key_value(name).await {
+        Ok(s) => Ok(s),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ("creating a KV bucket", e.to_string())),
+    }
+}
+
+async fn heartbeat(w: Arc<Worker>, workers: kv::Store, mut record: WorkerRecord) {
+    let key = format!("{}.{}", w.opts.job, w.opts.worker);
+    loop {
+        tokio::time::sleep(w.opts.heartbeat).await;
+        record.last_heartbeat = protocol::now();
+        if let Err(e) = workers
+            .put(
+                &key,
+                Bytes::from(serde_json::to_vec(&record).expect("serializes")),
+            )
+            .await
+        {
+            warn!(error = %e, "heartbeat failed");
+        }
+        let tasks = w.tasks.lock().expect("tasks").keys().cloned().collect();
+        w.publish(Event::Heartbeat { tasks }).await;
+    }
+}
+
+impl Worker {
+    async fn publish(&self, event: Event) {
+        let subject = match event {
+            Event::Log { .. } => protocol::logs_subject(&self.opts.job, &self.opts.worker),
+            _ => protocol::state_subject(&self.opts.job, &self.opts.worker),
+        };
+        let env = EventEnvelope {
+            v: protocol::VERSION,
+            job: self.opts.job.clone(),
+            worker: self.opts.worker.clone(),
+            at: protocol::now(),
+            event,
+        };
+        let payload = Bytes::from(serde_json::to_vec(&env).expect("serializes"));
+        match self.js.publish(subject, payload).await {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    warn!(error = %e, "event not acknowledged by JetStream");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot publish event"),
+        }
+    }
+
+    /// Serves one command message: from the stored reply if its id was seen, else by running it.
+    async fn handle(self: &Arc<Self>, payload: &[u8]) {
+        let env: CommandEnvelope = match protocol::decode(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "dropping a command that cannot be decoded");
+                return;
+            }
+        };
+        if !protocol::valid_id(&env.id) {
+            warn!(id = %env.id, "dropping a command whose id is not usable as a key");
+            return;
+        }
+        let key = format!("{}.{}.{}", self.opts.job, self.opts.worker, env.id);
+        if let Ok(Some(stored)) = self.replies.get(&key).await {
+            if let Ok(reply) = serde_json::from_slice::<Reply>(&stored) {
+                debug!(id = %env.id, "repeated command: answering from the stored reply");
+                self.publish(Event::Reply { id: env.id, reply }).await;
+                return;
+            }
+        }
+        debug!(id = %env.id, command = ?env.command, "running command");
+        let reply = match self.execute(env.command).await {
+            Ok(r) => r,
+            Err(message) => Reply::Error { message },
+        };
+        if let Err(e) = self
+            .replies
+            .put(
+                &key,
+                Bytes::from(serde_json::to_vec(&reply).expect("serializes")),
+            )
+            .await
+        {
+            warn!(error = %e, "cannot store the reply; a repeat of this command would run again");
+        }
+        self.publish(Event::Reply { id: env.id, reply }).await;
+    }
+
+    async fn execute(self: &Arc<Self>, command: Command) -> Result<Reply, String> {
+        match command {
+            Command::Ping => Ok(Reply::Pong {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Command::Sh { cmd, timeout_secs } => self.sh(cmd, timeout_secs.unwrap_or(600)).await,
+            Command::Spawn { task, cmd } => self.spawn(task, cmd).await,
+            Command::Checkpoint {
+                task,
+                leave_running,
+                compression,
+            } => self.checkpoint(task, leave_running, compression).await,
+            Command::Restore { task, object } => self.restore(task, object).await,
+            Command::Stop { task } => {
+                let pid = self.task_pid(&task)?;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Ok(Reply::Stopped { task })
+            }
+        }
+    }
+
+    fn task_pid(&self, task: &str) -> Result<i32, String> {
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .get(task)
+            .map(|t| t.pid)
+            .ok_or_else(|| format!("no task {task:?} on this worker"))
+    }
+
+    async fn sh(&self, cmd: String, timeout_secs: u64) -> Result<Reply, String> {
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .current_dir(&self.opts.work_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        let pid = child.id() as i32;
+        let exited = self.reaper.watch(pid);
+        let (mut out, mut err) = (child.stdout.expect("piped"), child.stderr.expect("piped"));
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut o, mut e) = (String::new(), String::new());
+            let t = std::thread::spawn(move || {
+                let _ = err.read_to_string(&mut e);
+                e
+            });
+            let _ = out.read_to_string(&mut o);
+            (o, t.join().unwrap_or_default())
+        });
+        let status = match tokio::time::timeout(Duration::from_secs(timeout_secs), exited).await {
+            Ok(Ok(st)) => st,
+            Ok(Err(_)) => return Err("lost track of the command".into()),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(format!(
+                    "command timed out after {timeout_secs} s and was killed"
+                ));
+            }
+        };
+        let (stdout, stderr) = read.await.unwrap_or_default();
+        Ok(Reply::Sh {
+            exit_code: status.code.unwrap_or(128 + status.signal.unwrap_or(0)),
+            stdout,
+            stderr,
+        })
+    }
+
+    fn log_path(&self, task: &str) -> PathBuf {
+        self.opts.work_dir.join(format!("{task}.log"))
+    }
+
+    async fn spawn(self: &Arc<Self>, task: String, cmd: String) -> Result<Reply, String> {
+        if !protocol::valid_id(&task) {
+            return Err(format!(
+                "task name {task:?} is not usable: use letters, digits, - and _"
+            ));
+        }
+        if self.tasks.lock().expect("tasks").contains_key(&task) {
+            return Err(format!("task {task:?} already runs on this worker"));
+        }
+        let log = self.log_path(&task);
+        let opts = exec::ExecOptions {
+            program: "sh".into(),
+            args: vec!["-c".into(), cmd.into()],
+            log: log.clone(),
+            cwd: Some(self.opts.work_dir.clone()),
+        };
+        let pid = tokio::task::spawn_blocking(move || exec::spawn(&opts))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .as_raw();
+        self.track(task.clone(), pid, log, 0);
+        Ok(Reply::Spawned { task, pid })
+    }
+
+    /// Records a running task, streams its log from `offset`, and reports its exit.
+    fn track(self: &Arc<Self>, task: String, pid: i32, log: PathBuf, offset: u64) {
+        self.tasks.lock().expect("tasks").insert(
+            task.clone(),
+            Task {
+                pid,
+                checkpointed: false,
+            },
+        );
+        let exited = self.reaper.watch(pid);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+            let tail = tokio::spawn(tail_log(me.clone(), task.clone(), log, offset, done_rx));
+            let status = exited.await.ok();
+            let _ = done_tx.send(true);
+            let _ = tail.await;
+            let checkpointed = me
+                .tasks
+                .lock()
+                .expect("tasks")
+                .remove(&task)
+                .is_some_and(|t| t.checkpointed);
+            if let (Some(st), false) = (status, checkpointed) {
+                me.publish(Event::TaskExited {
+                    task,
+                    code: st.code,
+                    signal: st.signal,
+                })
+                .await;
+            }
+        });
+    }
+
+    async fn checkpoint(
+        self: &Arc<Self>,
+        task: String,
+        leave_running: bool,
+        compression: crate::Compression,
+    ) -> Result<Reply, String> {
+        let pid = self.task_pid(&task)?;
+        let dir = self.opts.work_dir.join(".checkpoints");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        if !leave_running {
+            if let Some(t) = self.tasks.lock().expect("tasks").get_mut(&task) {
+                t.checkpointed = true;
+            }
+        }
+        let criu = self.criu.clone();
+        let opts = crate::DumpOptions {
+            pid,
+            dir: dir.clone(),
+            leave_running,
+            compression,
+            tcp: crate::TcpMode::Refuse,
+            ext_unix_sk: false,
+            staging: None,
+        };
+        let out = match tokio::task::spawn_blocking(move || crate::dump(&criu, &opts, &NoProgress))
+            .await
+        {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                if let Some(t) = self.tasks.lock().expect("tasks").get_mut(&task) {
+                    t.checkpointed = false;
+                }
+                return Err(e.to_string());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let file_name = out
+            .archive
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let object = format!("{}/{file_name}", self.opts.job);
+        let mut f = tokio::fs::File::open(&out.archive)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", out.archive.display()))?;
+        self.checkpoints
+            .put(object.as_str(), &mut f)
+            .await
+            .map_err(|e| format!("cannot upload {object}: {e}"))?;
+        let _ = std::fs::remove_file(&out.archive);
+        info!(task = %task, object = %object, bytes = out.archive_bytes, "checkpoint stored");
+        Ok(Reply::Checkpointed {
+            task,
+            object,
+            bytes: out.archive_bytes,
+            criu_ms: out.criu_time.as_millis() as u64,
+        })
+    }
+
+    async fn restore(self: &Arc<Self>, task: String, object: String) -> Result<Reply, String> {
+        if self.tasks.lock().expect("tasks").contains_key(&task) {
+            return Err(format!("task {task:?} already runs on this worker"));
+        }
+        let dir = self.opts.work_dir.join(".checkpoints");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let name = Path::new(&object)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "checkpoint.zip".into());
+        let local = dir.join(&name);
+        let mut obj = self
+            .checkpoints
+            .get(object.as_str())
+            .await
+            .map_err(|e| format!("cannot fetch {object}: {e}"))?;
+        let mut f = tokio::fs::File::create(&local)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
+        tokio::io::copy(&mut obj, &mut f)
+            .await
+            .map_err(|e| format!("cannot download {object}: {e}"))?;
+        drop(f);
+        let criu = self.criu.clone();
+        let opts = crate::RestoreOptions {
+            archive: local.clone(),
+            staging: None,
+            as_child: true,
+        };
+        let result = tokio::task::spawn_blocking(move || crate::restore(&criu, &opts, &NoProgress))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&local);
+        let out = result.map_err(|e| e.to_string())?;
+        // Logs go on where the original left them: stream from the current end.
+        let log = self.log_path(&task);
+        let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        self.track(task.clone(), out.pid, log, offset);
+        Ok(Reply::Restored { task, pid: out.pid })
+    }
+}
+
+/// Publishes a task's log as it grows, until the task ended and the end of the log is reached.
+async fn tail_log(
+    w: Arc<Worker>,
+    task: String,
+    log: PathBuf,
+    mut offset: u64,
+    done: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut pending = Vec::new();
+    loop {
+        let finished = *done.borrow();
+        if let Ok(mut f) = tokio::fs::File::open(&log).await {
+            if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf).await {
+                    offset += n as u64;
+                    pending.extend_from_slice(&buf);
+                }
+            }
+        }
+        // Whole lines only, unless the task is over.
+        let cut = if finished {
+            pending.len()
+        } else {
+            pending
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map(|i| i + 1)
+                .unwrap_or(0)
+        };
+        if cut > 0 {
+            let data: Vec<u8> = pending.drain(..cut).collect();
+            w.publish(Event::Log {
+                task: task.clone(),
+                data: String::from_utf8_lossy(&data).into_owned(),
+            })
+            .await;
+        }
+        if finished {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,228 @@
+//! The wire protocol between the driver and agent daemons over NATS JetStream: subjects,
+//! stream and bucket names, and the versioned message types. Every message is JSON with a
+//! `v` field; a receiver refuses versions it does not know.
+//!
+//! Subjects are namespaced by job and worker (as the original's `CEDANA.<job>.<client>.*`):
+//!
+//! | subject | stream | what |
+//! |---|---|---|
+//! | `CEDANA.<job>.<worker>.commands` | `CEDANA_COMMANDS` | [`CommandEnvelope`], driver → agent |
+//! | `CEDANA.<job>.<worker>.state` | `CEDANA_EVENTS` | [`EventEnvelope`]: replies, task exits, heartbeats |
+//! | `CEDANA.<job>.<worker>.logs` | `CEDANA_EVENTS` | [`EventEnvelope`] with [`Event::Log`] |
+//!
+//! KV `cedana_workers` holds a [`WorkerRecord`] per `<job>.<worker>`; KV `cedana_replies`
+//! holds each command's reply under `<job>.<worker>.<command id>` so a repeated id is answered
+//! from it, not run again; the object store `cedana_checkpoints` holds archives as
+//! `<job>/<name>.zip`.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of every message type in this module.
+pub const VERSION: u32 = 1;
+/// Stream of commands.
+pub const COMMANDS_STREAM: &str = "CEDANA_COMMANDS";
+/// Stream of events (replies, exits, heartbeats, logs).
+pub const EVENTS_STREAM: &str = "CEDANA_EVENTS";
+/// KV bucket of worker registrations.
+pub const WORKERS_BUCKET: &str = "cedana_workers";
+/// KV bucket of command replies, for idempotency.
+pub const REPLIES_BUCKET: &str = "cedana_replies";
+/// Object store bucket of checkpoint archives.
+pub const CHECKPOINTS_BUCKET: &str = "cedana_checkpoints";
+
+/// `CEDANA.<job>.<worker>.commands`.
+pub fn commands_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.commands")
+}
+/// `CEDANA.<job>.<worker>.state`.
+pub fn state_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.state")
+}
+/// `CEDANA.<job>.<worker>.logs`.
+pub fn logs_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.logs")
+}
+
+/// Whether a job or worker id is usable in a subject and a KV key.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A command to one worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    pub v: u32,
+    /// Unique per command; a repeated id gets the first reply again.
+    pub id: String,
+    pub command: Command,
+}
+
+/// What a worker is asked to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Answer with [`Reply::Pong`].
+    Ping,
+    /// Run `sh -c cmd` in the worker's folder and return its output and exit code.
+    Sh {
+        cmd: String,
+        timeout_secs: Option<u64>,
+    },
+    /// Start the task `task` checkpoint-friendly (as `cedana-agent exec`), output streamed.
+    Spawn { task: String, cmd: String },
+    /// Checkpoint task `task` into the object store.
+    Checkpoint {
+        task: String,
+        leave_running: bool,
+        compression: crate::Compression,
+    },
+    /// Restore a checkpoint from the object store as task `task`.
+    Restore { task: String, object: String },
+    /// Kill task `task`.
+    Stop { task: String },
+}
+
+/// What a command produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        agent_version: String,
+    },
+    Sh {
+        exit_code: i32,
+        stdout: String,
+        stderr: String,
+    },
+    Spawned {
+        task: String,
+        pid: i32,
+    },
+    Checkpointed {
+        task: String,
+        object: String,
+        bytes: u64,
+        criu_ms: u64,
+    },
+    Restored {
+        task: String,
+        pid: i32,
+    },
+    Stopped {
+        task: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Something a worker tells the driver.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The answer to command `id`.
+    Reply { id: String, reply: Reply },
+    /// A task ended: its exit code, or the signal that killed it.
+    TaskExited {
+        task: String,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// Output of a task (lines, in order).
+    Log { task: String, data: String },
+    /// The worker is alive.
+    Heartbeat { tasks: Vec<String> },
+}
+
+/// An event with its origin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    pub v: u32,
+    pub job: String,
+    pub worker: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub event: Event,
+}
+
+/// A worker's registration in [`WORKERS_BUCKET`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub v: u32,
+    pub job: String,
+    pub worker: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub criu_version: String,
+    pub started_at: u64,
+    pub last_heartbeat: u64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Errors decoding a message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is not valid JSON for this protocol: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "message has protocol version {found}, this agent speaks {VERSION}; upgrade the older side"
+    )]
+    Version { found: u64 },
+}
+
+/// Decodes a message, checking its `v` before its shape.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)?;
+    let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0);
+    if v != VERSION as u64 {
+        return Err(DecodeError::Version { found: v });
+    }
+    Ok(serde_json::from_value(value)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_look_as_documented() {
+        let c = CommandEnvelope {
+            v: VERSION,
+            id: "c1".into(),
+            command: Command::Sh {
+                cmd: "echo hi".into(),
+                timeout_secs: Some(5),
+            },
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"id":"c1","command":{"type":"sh","cmd":"echo hi","timeout_secs":5}}"#
+        );
+        assert_eq!(decode::<CommandEnvelope>(json.as_bytes()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_versions_are_refused() {
+        let err = decode::<CommandEnvelope>(br#"{"v":2,"id":"x","command":{"type":"ping"}}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn ids_fit_subjects() {
+        assert!(valid_id("job-1_a"));
+        assert!(!valid_id("a.b") && !valid_id("a*") && !valid_id("") && !valid_id("a b"));
+    }
+}
