@@ -677,20 +677,14 @@ fn copy_and_hash(
         })?;
     std::thread::scope(|s| {
         let copier = s.spawn(|| -> std::io::Result<()> {
-            let mut off = start as i64;
-            let mut left = len;
-            while left > 0 {
-                let n = nix::fcntl::copy_file_range(
-                    &src,
-                    Some(&mut off),
-                    &out,
-                    None,
-                    left.min(1 << 30) as usize,
-                )?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                left -= n as u64;
+            // std's copy uses copy_file_range where it can and falls back by itself (across
+            // filesystems, for instance).
+            let mut from = File::open(archive)?;
+            from.seek(std::io::SeekFrom::Start(start))?;
+            let mut to = &out;
+            let copied = std::io::copy(&mut from.take(len), &mut to)?;
+            if copied != len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             Ok(())
         });

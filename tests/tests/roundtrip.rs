@@ -380,3 +380,52 @@ pub fn read_manifest(archive: &Path) -> serde_json::Value {
         .unwrap();
     serde_json::from_str(&s).unwrap()
 }
+
+#[test]
+fn staging_on_another_filesystem() {
+    // Images staged on tmpfs while the archive lives on disk: copies cross filesystems.
+    if !criu_ready("staging_on_another_filesystem") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let shm = tempfile::Builder::new()
+        .prefix("cedana-test-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let log = sb.path().join("xfs.log");
+    let task = sb.exec("xfs.log", &["sh", "-c", COUNTER]);
+    wait_for_numbers(&log, 5);
+    let dir = sb.path().display().to_string();
+    let dump = sb
+        .agent_cmd(["dump", "-p", &task.pid.to_string(), "-d", &dir])
+        .env("CEDANA_STAGING_DIR", shm.path())
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let archive = String::from_utf8_lossy(&dump.stdout).trim().to_string();
+    wait_until(Duration::from_secs(10), "task gone", || !task.alive());
+    let out = sb
+        .agent_cmd(["restore", &archive])
+        .env("CEDANA_STAGING_DIR", shm.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = Task::new(parse_pid(&out));
+    let at = numbers(&log).len();
+    wait_for_numbers(&log, at + 10);
+    restored.kill();
+    assert_unbroken(&numbers(&log), "counter staged on tmpfs");
+    assert_eq!(
+        std::fs::read_dir(shm.path()).unwrap().count(),
+        0,
+        "staging cleaned"
+    );
+}
