@@ -7,6 +7,7 @@
 #        BENCH_RUNS  runs per variant; the median is reported (default 1)
 #        BENCH_DIR   work folder on disk, not tmpfs (default /var/tmp/cedana-bench);
 #                    results.json is left there, everything else is removed on exit
+#        BENCH_STEP_TIMEOUT  limit for one dump or restore command, s (default 300 + BENCH_MB/2)
 #        CEDANA_AGENT  use this agent binary instead of building one
 set -euo pipefail
 
@@ -15,6 +16,7 @@ BENCH_RUNS=${BENCH_RUNS:-1}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-bench}
 READY_TIMEOUT=120   # s for the test process to allocate its memory
 GONE_TIMEOUT=20     # s for a killed process to disappear
+STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-$((300 + BENCH_MB / 2))}   # ~15x this VM's slowest step
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 die() { echo "bench-agent: $*" >&2; exit 1; }
@@ -22,7 +24,7 @@ die() { echo "bench-agent: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "must run as root (CRIU needs it)"
 [[ $BENCH_MB =~ ^[1-9][0-9]*$ && $BENCH_RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_MB and BENCH_RUNS must be positive integers"
 CRIU=$(command -v criu) || die "criu not found on PATH"
-for t in zip unzip python3 awk; do command -v "$t" >/dev/null || die "$t not found"; done
+for t in zip unzip python3 awk timeout; do command -v "$t" >/dev/null || die "$t not found"; done
 # The test process must be a real interpreter, not a wrapper script (e.g. a pyenv shim),
 # so that what CRIU dumps is exactly the Python that holds the memory.
 PY=$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')
@@ -34,7 +36,6 @@ else
     (cd "$REPO" && cargo build --release --quiet -p cedana-agent)
     AGENT=$REPO/target/release/cedana-agent
 fi
-[[ -x $AGENT ]] || die "agent binary $AGENT is not executable"
 export CEDANA_CRIU=$CRIU    # the agent uses the same CRIU as the raw variants
 
 mkdir -p "$BENCH_DIR"
@@ -43,29 +44,53 @@ mkdir -p "$BENCH_DIR"
 WORK=$(mktemp -d "$BENCH_DIR/work.XXXXXX")   # logs, dumps; removed on exit
 DUMP=$WORK/dump                              # emptied before every variant
 RAW=$WORK/raw.tsv                            # kind variant run dump_s restore_s bytes
-PIDS=()                                      # every process we started or restored
+PIDS=()                                      # processes of the current run (started/restored)
+
+json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 # Gone = no such PID or a zombie waiting for init to reap it.
-alive() { local s; s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ $s != Z ]]; }
+alive() { local s; [[ $1 =~ ^[0-9]+$ ]] && s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ $s != Z ]]; }
 
 cleanup() {
     local p
+    # A restore interrupted by a signal finishes first; its PID is then only in these files.
+    [[ -s $DUMP/restored.pid ]] && PIDS+=("$(<"$DUMP/restored.pid")")
+    [[ -s $DUMP/restore.json ]] && PIDS+=("$(json_field pid <"$DUMP/restore.json" 2>/dev/null)")
     for p in "${PIDS[@]}"; do alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# On Ctrl-C the current step (run under `timeout`, in its own process group) completes first.
 trap 'exit 130' INT TERM
+
+# Run a private copy: target/ is shared, and a rebuild during the benchmark must not swap
+# the binary between variants.
+[[ -x $AGENT ]] || die "agent binary $AGENT is not executable"
+AGENT_INFO="$AGENT, built $(stat -c %y "$AGENT" | cut -d. -f1)"
+cp "$AGENT" "$WORK/cedana-agent"
+AGENT=$WORK/cedana-agent
+
+# Runs a dump/restore step with a time limit, so that a hung agent or CRIU cannot hang us.
+bounded() {
+    local rc=0
+    timeout -k 10 "$STEP_TIMEOUT" "$@" || rc=$?
+    ((rc != 124 && rc != 137)) ||
+        die "timed out after ${STEP_TIMEOUT}s: ${*:1:3}... (a killed agent can leave its staging folder in /dev/shm)"
+    return "$rc"
+}
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
-# Kills a test process (pid-namespace init: SIGTERM is ignored) and waits until it is gone.
-stop() {
+# Waits (bounded) until a process has died.
+wait_gone() {
     local pid=$1 i
-    kill -KILL "$pid" 2>/dev/null || true
     for ((i = 0; i < GONE_TIMEOUT * 10; i++)); do alive "$pid" || return 0; sleep 0.1; done
-    die "PID $pid still alive ${GONE_TIMEOUT}s after SIGKILL"
+    die "PID $pid still alive after ${GONE_TIMEOUT}s"
 }
+
+# Kills a test process (pid-namespace init: SIGTERM is ignored) and waits until it is gone.
+stop() { kill -KILL "$1" 2>/dev/null || true; wait_gone "$1"; }
 
 # Python that fills BENCH_MB MiB, says "ready", then sleeps. "compressible" is a log-like
 # counter text (compresses several times over, unlike zeros which compress ~1000x).
@@ -77,9 +102,10 @@ while pos < size:
     if kind == "random":
         piece = os.urandom(chunk)
     else:
-        lines = []
-        while sum(map(len, lines)) < chunk:
+        lines, n = [], 0
+        while n < chunk:
             lines.append(b"%012d INFO worker-%d processed request id=%x status=%d\n" % (i, i % 7, i * 2654435761 % 2**32, 200 + i % 3))
+            n += len(lines[-1])
             i += 1
         piece = b"".join(lines)
     n = min(len(piece), size - pos)
@@ -117,12 +143,13 @@ check_restored() {
     ((rss * 10 >= BENCH_MB * 9)) || die "restored PID $pid holds only ${rss} MiB of ${BENCH_MB} MiB"
 }
 
-json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
-
 # One run of one variant: fresh process, timed dump, timed restore, check, kill.
 # Each timed step starts after a `sync`, so earlier dirty pages are not flushed on its clock.
 run_variant() {
     local kind=$1 variant=$2 run=$3 pid t0 t1 t1b t2 out bytes rpid
+    # Every process of the previous run is gone: forget them, so that the cleanup trap can
+    # never kill an unrelated process that was handed one of their PIDs later.
+    PIDS=()
     rm -rf "$DUMP" && mkdir -p "$DUMP"
     start "$kind"
     pid=$PID
@@ -130,14 +157,14 @@ run_variant() {
     t0=$(now)
     case $variant in
     agent-*)
-        out=$("$AGENT" dump -p "$pid" -d "$DUMP" --compress "${variant#agent-}" --json)
+        out=$(bounded "$AGENT" dump -p "$pid" -d "$DUMP" --compress "${variant#agent-}" --json)
         ;;
     criu | zip)
         mkdir "$DUMP/img"
-        "$CRIU" dump -t "$pid" -D "$DUMP/img" -o dump.log --file-locks 2>/dev/null ||
+        bounded "$CRIU" dump -t "$pid" -D "$DUMP/img" -o dump.log --file-locks 2>/dev/null ||
             die "criu dump failed: $(tail -5 "$DUMP/img/dump.log" 2>/dev/null)"
         # The original Cedana zips CRIU's folder (zip's default: deflate level 6).
-        [[ $variant == criu ]] || (cd "$DUMP/img" && zip -qr "$DUMP/ckpt.zip" .)
+        [[ $variant == criu ]] || (cd "$DUMP/img" && bounded zip -qr "$DUMP/ckpt.zip" .)
         ;;
     esac
     t1=$(now)
@@ -146,22 +173,25 @@ run_variant() {
     criu) bytes=$(du -sb "$DUMP/img" | cut -f1) ;;
     zip) bytes=$(stat -c %s "$DUMP/ckpt.zip") ;;
     esac
-    alive "$pid" && die "$variant: process $pid still runs after the dump"
+    # Every variant kills the dumped process; the agent sends SIGKILL just before it exits,
+    # so give the process a moment to die (untimed) before the restore needs its PIDs.
+    wait_gone "$pid"
     sync
     t1b=$(now)
     case $variant in
     agent-*)
-        rpid=$("$AGENT" restore "$(json_field archive <<<"$out")" --json | json_field pid)
+        bounded "$AGENT" restore "$(json_field archive <<<"$out")" --json >"$DUMP/restore.json"
+        rpid=$(json_field pid <"$DUMP/restore.json")
         ;;
     criu | zip)
         local img=$DUMP/img
         if [[ $variant == zip ]]; then
             img=$DUMP/unzipped
-            mkdir "$img" && (cd "$img" && unzip -q "$DUMP/ckpt.zip")
+            mkdir "$img" && (cd "$img" && bounded unzip -q "$DUMP/ckpt.zip")
         fi
         # -d: CRIU exits once the tree runs; the pid namespace and session were dumped
         # along with the task (it leads both), so no --shell-job is needed.
-        "$CRIU" restore -D "$img" -d -o restore.log --file-locks --pidfile "$DUMP/restored.pid" 2>/dev/null ||
+        bounded "$CRIU" restore -D "$img" -d -o restore.log --file-locks --pidfile "$DUMP/restored.pid" 2>/dev/null ||
             die "criu restore failed: $(tail -5 "$img/restore.log" 2>/dev/null)"
         rpid=$(<"$DUMP/restored.pid")
         ;;
@@ -174,7 +204,7 @@ run_variant() {
 }
 
 VARIANTS=(criu agent-none agent-zstd agent-deflate zip)
-echo "cedana-agent benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), agent $AGENT, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}'))" >&2
+echo "cedana-agent benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), agent $AGENT_INFO, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}'))" >&2
 for kind in random compressible; do
     for variant in "${VARIANTS[@]}"; do
         for ((run = 1; run <= BENCH_RUNS; run++)); do run_variant "$kind" "$variant" "$run"; done

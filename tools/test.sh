@@ -11,6 +11,8 @@ cargo fmt --all -- --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -q -- -D warnings
 build_static_agent
+say "building the workspace's binaries (driver under test)"
+cargo build --locked --bins
 ldd "$AGENT_BIN" 2>&1 | grep -Eq 'not a dynamic executable|statically linked' \
   || { say "cedana-agent is not static: $(ldd "$AGENT_BIN" 2>&1)"; exit 1; }
 say "cargo test --workspace (agent under test: $AGENT_BIN)"

@@ -277,15 +277,16 @@ pub async fn run(
     Ok(())
 }
 
-type Layout = (
+/// The command stream, the workers and replies buckets, and the checkpoint store.
+pub type Layout = (
     stream::Stream,
     kv::Store,
     kv::Store,
     object_store::ObjectStore,
 );
 
-/// Creates the streams and buckets if they are missing.
-async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, (&'static str, String)> {
+/// Creates the streams and buckets if they are missing (the driver and every daemon call it).
+pub async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, (&'static str, String)> {
     let commands = js
         .get_or_create_stream(stream::Config {
             name: protocol::COMMANDS_STREAM.into(),

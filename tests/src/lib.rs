@@ -406,3 +406,42 @@ impl Drop for AgentDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// The `cedana-driver` binary under test: `$CEDANA_DRIVER_BIN`, else the one cargo built.
+pub fn driver_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CEDANA_DRIVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("cedana-driver");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build --bins`, or the README's test command)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository's root (for example scripts).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs `cedana-driver run SCRIPT` with job folders in `state` and the agent under test.
+pub fn run_driver(script: &Path, state: &Path) -> Output {
+    Command::new(driver_bin())
+        .arg("run")
+        .arg(script)
+        .env("CEDANA_STATE_DIR", state)
+        .env("CEDANA_AGENT_BIN", agent_bin())
+        .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
+        .output()
+        .expect("run cedana-driver")
+}
