@@ -392,10 +392,20 @@ fn log_opts(dir: &Path, log_file: &str) -> proto::Opts {
     proto::Opts {
         images_dir_fd: -1,
         images_dir: Some(dir.to_string_lossy().into_owned()),
-        log_level: Some(4),
+        log_level: Some(log_level()),
         log_file: Some(log_file.to_string()),
         ..Default::default()
     }
+}
+
+/// CRIU's log level: `$CEDANA_CRIU_LOG_LEVEL` (0-4), else 2 (errors and warnings: enough for
+/// the quoted failure; 4 writes tens of thousands of lines for a large process).
+fn log_level() -> i32 {
+    std::env::var("CEDANA_CRIU_LOG_LEVEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|l| (0..=4).contains(l))
+        .unwrap_or(2)
 }
 
 fn failure(what: &'static str, resp: &Resp, log: Option<&Path>) -> CriuError {
