@@ -48,6 +48,7 @@
             clippy
             rustfmt
             criu
+            nats-server
             python3
             zip
             unzip
