@@ -235,6 +235,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ext_unix_sk: a.ext_unix_sk,
                 staging: a.staging_dir.clone(),
             };
+            thaw_on_signal(a.pid);
             let bar = Bar::new();
             let out = cedana_agent::dump(&criu, &opts, bar.as_progress()).map_err(dump_failure)?;
             if a.json {
@@ -390,6 +391,31 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         _ => Failure::new(1, "nats", e),
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// During a dump the tree may be frozen; if the user interrupts the agent (Ctrl-C, SIGTERM,
+/// SIGHUP), thaw it before exiting so nothing is lost. (CRIU, cut off mid-dump, thaws the tree
+/// itself.) Must run before any other thread starts: they inherit the blocked signals.
+fn thaw_on_signal(pid: i32) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            for p in cedana_agent::process::descendants(pid).into_iter().rev() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGCONT);
+            }
+            eprintln!(
+                "cedana-agent: interrupted ({sig}): dump abandoned, process {pid} left running"
+            );
+            std::process::exit(130);
+        }
+    });
 }
 
 fn print_json(v: &impl serde::Serialize) {

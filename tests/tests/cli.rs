@@ -360,3 +360,48 @@ fn archive_failure_thaws_the_process() {
     assert!(left.is_empty(), "nothing left in the dump folder: {left:?}");
     assert!(sb.staging_leftovers().is_empty());
 }
+
+/// Interrupting the agent while the tree is frozen (here: a slow deflate archive of 256 MiB of
+/// random memory) thaws the tree: the process runs on, nothing is lost.
+#[test]
+fn interrupted_dump_thaws_the_process() {
+    if !criu_ready("interrupted_dump_thaws_the_process") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let script = "import os, time\nb = bytearray(os.urandom(256 << 20))\nn = 0\nwhile True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.05)\n";
+    let py = python();
+    let task = sb.exec("int.log", &[py.to_str().unwrap(), "-c", script]);
+    let log = sb.path().join("int.log");
+    wait_until(Duration::from_secs(60), "allocation done", || {
+        numbers(&log).len() >= 3
+    });
+    let dir = sb.path().display().to_string();
+    let child = sb
+        .agent_cmd([
+            "dump",
+            "-p",
+            &task.pid.to_string(),
+            "-d",
+            &dir,
+            "--compress",
+            "deflate",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("left running"), "{}", stderr(&out));
+    let at = numbers(&log).len();
+    wait_for_numbers(&log, at + 10);
+    assert!(task.alive());
+    assert_unbroken(&numbers(&log), "counter across the interrupted dump");
+}
