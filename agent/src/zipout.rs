@@ -88,13 +88,7 @@ impl ZipOut {
             }
             e => e.into(),
         })?;
-        let mut extra = Vec::new();
-        if size >= U32_MAX {
-            extra.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
-            extra.extend_from_slice(&16u16.to_le_bytes());
-            extra.extend_from_slice(&size.to_le_bytes());
-            extra.extend_from_slice(&size.to_le_bytes());
-        }
+        let mut extra = zip64_sizes(size);
         let fixed = 30 + name.len() + extra.len() + 4;
         let pad = (ADOPT_HEADER as usize)
             .checked_sub(fixed)
@@ -156,13 +150,7 @@ impl ZipOut {
         crc: u32,
     ) -> io::Result<()> {
         assert!(self.open.is_none(), "previous entry not ended");
-        let mut extra = Vec::new();
-        if size >= U32_MAX {
-            extra.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
-            extra.extend_from_slice(&16u16.to_le_bytes());
-            extra.extend_from_slice(&size.to_le_bytes());
-            extra.extend_from_slice(&size.to_le_bytes());
-        }
+        let extra = zip64_sizes(size);
         let header = local_header(name, STORED, FLAG_UTF8, crc, size, size, &extra);
         let offset = self.pos;
         self.out.write_all(&header)?;
@@ -307,6 +295,18 @@ impl Write for DataWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         self.zip.out.flush()
     }
+}
+
+/// The ZIP64 extra field of a local header for a stored entry of `size` bytes, if it needs one.
+fn zip64_sizes(size: u64) -> Vec<u8> {
+    let mut extra = Vec::new();
+    if size >= U32_MAX {
+        extra.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
+        extra.extend_from_slice(&16u16.to_le_bytes());
+        extra.extend_from_slice(&size.to_le_bytes());
+        extra.extend_from_slice(&size.to_le_bytes());
+    }
+    extra
 }
 
 fn version_needed(method: u16) -> u16 {

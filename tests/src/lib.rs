@@ -12,19 +12,24 @@ use std::time::{Duration, Instant};
 /// The `cedana-agent` binary under test: `$CEDANA_AGENT_BIN` (the README's test command points
 /// it at the static build), else the one cargo built next to this test.
 pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CEDANA_AGENT_BIN") {
+    workspace_bin("cedana-agent", "CEDANA_AGENT_BIN")
+}
+
+/// `$env` if set, else the binary `name` cargo built next to this test.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/cedana-agent
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("cedana-agent");
+        .join(name);
     assert!(
         bin.is_file(),
-        "{} is missing: build it first (`cargo build -p cedana-agent`, or run the README's test command)",
+        "{} is missing: build it first (`cargo build --bins`, or run the README's test command)",
         bin.display()
     );
     bin
@@ -409,21 +414,7 @@ impl Drop for AgentDaemon {
 
 /// The `cedana-driver` binary under test: `$CEDANA_DRIVER_BIN`, else the one cargo built.
 pub fn driver_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CEDANA_DRIVER_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("cedana-driver");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build --bins`, or the README's test command)",
-        bin.display()
-    );
-    bin
+    workspace_bin("cedana-driver", "CEDANA_DRIVER_BIN")
 }
 
 /// The repository's root (for example scripts).
