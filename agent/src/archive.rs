@@ -561,18 +561,18 @@ pub fn extract(
             reason,
         };
         let idx = index[&entry.name];
+        let dest = dir.path().join(&entry.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
         let raw = zip
             .by_index_raw(idx)
             .map(|f| (f.compression(), f.data_start(), f.compressed_size()));
         if let Ok((zip::CompressionMethod::Stored, start, csize)) = raw {
             if csize == entry.size {
-                let dest = dir.path().join(&entry.name);
-                if let Some(parent) = dest.parent() {
-                    std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
-                        path: parent.to_path_buf(),
-                        source,
-                    })?;
-                }
                 let sum = copy_and_hash(path, start, entry.size, &dest, progress)?;
                 if sum != entry.sha256 {
                     return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
@@ -581,15 +581,8 @@ pub fn extract(
             }
         }
         let mut zf = zip
-            .by_index(index[&entry.name])
+            .by_index(idx)
             .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
-        let dest = dir.path().join(&entry.name);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
         let mut out = BufWriter::with_capacity(CHUNK, {
             let werr = |source| ArchiveError::Write {
                 path: dest.clone(),

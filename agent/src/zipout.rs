@@ -46,6 +46,21 @@ struct Central {
     offset: u64,
 }
 
+impl Central {
+    /// A stored entry whose local header carries its sizes (no data descriptor).
+    fn stored(name: &str, crc: u32, size: u64, offset: u64) -> Self {
+        Central {
+            name: name.into(),
+            method: STORED,
+            flags: FLAG_UTF8,
+            crc,
+            csize: size,
+            usize: size,
+            offset,
+        }
+    }
+}
+
 /// A zip being written to a file, front to back.
 pub struct ZipOut {
     out: io::BufWriter<File>,
@@ -102,15 +117,7 @@ impl ZipOut {
         out.seek(SeekFrom::Start(0))?;
         out.write_all(&header)?;
         out.seek(SeekFrom::Start(ADOPT_HEADER + size))?;
-        let central = vec![Central {
-            name: name.into(),
-            method: STORED,
-            flags: FLAG_UTF8,
-            crc,
-            csize: size,
-            usize: size,
-            offset: 0,
-        }];
+        let central = vec![Central::stored(name, crc, size, 0)];
         Ok(ZipOut {
             out,
             pos: ADOPT_HEADER + size,
@@ -163,15 +170,7 @@ impl ZipOut {
             ));
         }
         self.pos += header.len() as u64 + size;
-        self.central.push(Central {
-            name: name.into(),
-            method: STORED,
-            flags: FLAG_UTF8,
-            crc,
-            csize: size,
-            usize: size,
-            offset,
-        });
+        self.central.push(Central::stored(name, crc, size, offset));
         Ok(())
     }
 
