@@ -23,10 +23,12 @@ apt_update() {
   fi
 }
 
-# Packages from Debian 12 itself: tools the tests use and CRIU's libraries that bookworm's
-# versions satisfy.
+# Packages from Debian 12 itself: tools the tests use, CRIU's libraries that bookworm's
+# versions satisfy, the worker image's tools (images/build.sh; umoci and skopeo read OCI
+# layouts, runc runs the image in the tests) and nix-bin (parses the flake; it cannot build here).
 PKGS=(zip unzip iproute2 procps ca-certificates python3
-      libprotobuf-c1 libnftables1 libgnutls30 libbsd0 libuuid1 libcap2 libnl-route-3-200)
+      libprotobuf-c1 libnftables1 libgnutls30 libbsd0 libuuid1 libcap2 libnl-route-3-200
+      umoci skopeo runc nix-bin)
 if ! have_pkgs "${PKGS[@]}"; then
   apt_update
   log "installing ${PKGS[*]}"
