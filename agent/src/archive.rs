@@ -44,7 +44,7 @@ pub enum ArchiveError {
     BadManifest { path: PathBuf, reason: String },
     #[error("archive {path} has manifest format version {found}, this agent reads version {FORMAT_VERSION}; restore it with a cedana-agent of the matching version")]
     UnsupportedVersion { path: PathBuf, found: u64 },
-    #[error("archive {path} has an unsafe entry name {name:?} (absolute, `..`, or outside images/); refusing to restore it")]
+    #[error("archive {path} has an unsafe entry name {name:?} (absolute, `..`, or outside images/ and files/); refusing to restore it")]
     UnsafeEntry { path: PathBuf, name: String },
     #[error("archive {path} holds entry {name:?}, which its manifest does not list; refusing to restore it")]
     UnlistedEntry { path: PathBuf, name: String },
@@ -141,6 +141,9 @@ pub struct Manifest {
     pub compression: Compression,
     /// Every entry but the manifest itself.
     pub entries: Vec<Entry>,
+    /// The folder the checkpoint carries (its files are the `files/` entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<crate::files::ManifestFiles>,
 }
 
 impl Manifest {
@@ -486,7 +489,8 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// Checks that an entry name is a plain relative path under `images/` (or is the manifest).
+/// Checks that an entry name is a plain relative path under `images/` or `files/` (or is the
+/// manifest).
 pub fn safe_entry_name(name: &str) -> bool {
     if name == MANIFEST {
         return true;
@@ -495,7 +499,8 @@ pub fn safe_entry_name(name: &str) -> bool {
         return false;
     }
     let mut parts = name.split('/');
-    if parts.next() != Some(IMAGES_DIR) {
+    let top = parts.next();
+    if top != Some(IMAGES_DIR) && top != Some(crate::files::FILES_DIR) {
         return false;
     }
     let rest: Vec<&str> = parts.collect();
@@ -524,6 +529,10 @@ impl Extracted {
     /// The folder holding CRIU's images.
     pub fn images_dir(&self) -> PathBuf {
         self.dir.path().join(IMAGES_DIR)
+    }
+    /// The folder holding the carried files (see [`crate::files`]).
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.path().join(crate::files::FILES_DIR)
     }
     /// Keeps the folder on disk (for debugging) and returns its path.
     pub fn keep(self) -> PathBuf {
@@ -828,13 +837,47 @@ fn check_listing(
             });
         }
     }
-    for name in listed {
-        if !index.contains_key(name) {
+    for name in &listed {
+        if !index.contains_key(*name) {
             return Err(ArchiveError::MissingEntry {
                 path: path.to_path_buf(),
                 name: name.to_string(),
             });
         }
+    }
+    // Carried files: safe paths, and exactly one `files/` entry per listed file.
+    let carried: BTreeSet<String> = match &manifest.files {
+        Some(files) => {
+            crate::files::check(files).map_err(|e| ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name: e.to_string(),
+            })?;
+            files
+                .items
+                .iter()
+                .filter(|i| i.kind == crate::files::ItemKind::File)
+                .map(|i| format!("{}/{}", crate::files::FILES_DIR, i.path))
+                .collect()
+        }
+        None => BTreeSet::new(),
+    };
+    let prefix = format!("{}/", crate::files::FILES_DIR);
+    for name in carried.iter().map(String::as_str) {
+        if !listed.contains(name) {
+            return Err(ArchiveError::MissingEntry {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
+        }
+    }
+    if let Some(name) = listed
+        .iter()
+        .find(|n| n.starts_with(&prefix) && !carried.contains(**n))
+    {
+        return Err(ArchiveError::UnlistedEntry {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
     }
     Ok(index)
 }
@@ -880,6 +923,7 @@ mod tests {
             cpu: None,
             compression: Compression::None,
             entries: vec![],
+            files: None,
         };
         let path = w.finish(&mut m, "t").unwrap();
         let staging = tempfile::tempdir().unwrap();

@@ -35,6 +35,9 @@ pub struct DaemonOptions {
     /// The worker's folder: task logs, checkpoints on their way, commands' working directory.
     pub work_dir: PathBuf,
     pub heartbeat: Duration,
+    /// A folder every worker of the job mounts (the original's `shared_storage`): checkpoints
+    /// are written there as `<job>/<name>.zip` instead of going through the object store.
+    pub shared_storage: Option<PathBuf>,
 }
 
 /// Errors that stop the daemon.
@@ -141,6 +144,9 @@ impl Reaper {
     }
 }
 
+/// Folder inside the work folder where checkpoints are written and downloaded (never carried).
+pub const CHECKPOINTS_DIR: &str = ".checkpoints";
+
 struct Task {
     pid: i32,
     /// Set when a checkpoint stopped it on purpose: its exit is not the task ending.
@@ -217,6 +223,7 @@ pub async fn run(
         criu_version: criu.version().map(|v| v.to_string()).unwrap_or_default(),
         started_at: protocol::now(),
         last_heartbeat: protocol::now(),
+        pid: std::process::id(),
     };
     let key = format!("{}.{}", opts.job, opts.worker);
     workers
@@ -563,7 +570,10 @@ impl Worker {
         compression: crate::Compression,
     ) -> Result<Reply, String> {
         let pid = self.task_pid(&task)?;
-        let dir = self.opts.work_dir.join(".checkpoints");
+        let dir = match &self.opts.shared_storage {
+            Some(shared) => shared.join(&self.opts.job),
+            None => self.opts.work_dir.join(CHECKPOINTS_DIR),
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         if !leave_running {
@@ -580,6 +590,9 @@ impl Worker {
             tcp: crate::TcpMode::Refuse,
             ext_unix_sk: false,
             staging: None,
+            // The task's files travel with it.
+            files: Some(self.opts.work_dir.clone()),
+            files_exclude: vec![CHECKPOINTS_DIR.into()],
         };
         let out = match tokio::task::spawn_blocking(move || crate::dump(&criu, &opts, &NoProgress))
             .await
@@ -599,14 +612,16 @@ impl Worker {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let object = format!("{}/{file_name}", self.opts.job);
-        let mut f = tokio::fs::File::open(&out.archive)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", out.archive.display()))?;
-        self.checkpoints
-            .put(object.as_str(), &mut f)
-            .await
-            .map_err(|e| format!("cannot upload {object}: {e}"))?;
-        let _ = std::fs::remove_file(&out.archive);
+        if self.opts.shared_storage.is_none() {
+            let mut f = tokio::fs::File::open(&out.archive)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", out.archive.display()))?;
+            self.checkpoints
+                .put(object.as_str(), &mut f)
+                .await
+                .map_err(|e| format!("cannot upload {object}: {e}"))?;
+            let _ = std::fs::remove_file(&out.archive);
+        }
         info!(task = %task, object = %object, bytes = out.archive_bytes, "checkpoint stored");
         Ok(Reply::Checkpointed {
             task,
@@ -620,36 +635,49 @@ impl Worker {
         if self.tasks.lock().expect("tasks").contains_key(&task) {
             return Err(format!("task {task:?} already runs on this worker"));
         }
-        let dir = self.opts.work_dir.join(".checkpoints");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let name = Path::new(&object)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "checkpoint.zip".into());
-        let local = dir.join(&name);
-        let mut obj = self
-            .checkpoints
-            .get(object.as_str())
-            .await
-            .map_err(|e| format!("cannot fetch {object}: {e}"))?;
-        let mut f = tokio::fs::File::create(&local)
-            .await
-            .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
-        tokio::io::copy(&mut obj, &mut f)
-            .await
-            .map_err(|e| format!("cannot download {object}: {e}"))?;
-        drop(f);
+        if !object.split('/').all(protocol::valid_object_part) {
+            return Err(format!("checkpoint name {object:?} is not usable"));
+        }
+        // From the shared folder as it is, or downloaded from the object store.
+        let (local, downloaded) = match &self.opts.shared_storage {
+            Some(shared) => (shared.join(&object), false),
+            None => {
+                let dir = self.opts.work_dir.join(CHECKPOINTS_DIR);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                let name = Path::new(&object)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "checkpoint.zip".into());
+                let local = dir.join(&name);
+                let mut obj = self
+                    .checkpoints
+                    .get(object.as_str())
+                    .await
+                    .map_err(|e| format!("cannot fetch {object}: {e}"))?;
+                let mut f = tokio::fs::File::create(&local)
+                    .await
+                    .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
+                tokio::io::copy(&mut obj, &mut f)
+                    .await
+                    .map_err(|e| format!("cannot download {object}: {e}"))?;
+                (local, true)
+            }
+        };
         let criu = self.criu.clone();
         let opts = crate::RestoreOptions {
             archive: local.clone(),
-            staging: None,
+            // Extracted inside the work folder, so carried files are renamed into place.
+            staging: Some(self.opts.work_dir.join(CHECKPOINTS_DIR)),
             as_child: true,
+            files_to: Some(self.opts.work_dir.clone()),
         };
         let result = tokio::task::spawn_blocking(move || crate::restore(&criu, &opts, &NoProgress))
             .await
             .map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(&local);
+        if downloaded {
+            let _ = std::fs::remove_file(&local);
+        }
         let out = result.map_err(|e| e.to_string())?;
         // Logs go on where the original left them: stream from the current end.
         let log = self.log_path(&task);

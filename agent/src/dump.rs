@@ -18,7 +18,7 @@ use crate::archive::{
 use crate::criu::{self, images, Criu, CriuError, DumpRequest};
 use crate::process::{ProcessError, ProcessInfo};
 use crate::progress::Progress;
-use crate::{host_info, staging};
+use crate::{files, host_info, staging};
 
 /// What happens to established TCP connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +45,10 @@ pub struct DumpOptions {
     pub ext_unix_sk: bool,
     /// Where CRIU writes images before they are archived (see [`staging::root`]).
     pub staging: Option<PathBuf>,
+    /// A folder to carry in the checkpoint as of the dump (see [`crate::files`]).
+    pub files: Option<PathBuf>,
+    /// Top-level names in that folder not to carry.
+    pub files_exclude: Vec<String>,
 }
 
 /// The result of a successful dump.
@@ -83,6 +87,8 @@ pub enum DumpError {
     },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Files(#[from] crate::files::FilesError),
 }
 
 /// Dumps `opts.pid` and its descendants into `opts.dir/<name>_<YYYYMMDD_HHMMSS>.zip`.
@@ -114,11 +120,14 @@ pub fn dump(
             source,
         })?;
     let shell_job = info.needs_shell_job();
+    // Carried files must be read while the tree is stopped; the tree is then resumed here
+    // rather than by CRIU.
+    let resume_after_files = opts.leave_running && opts.files.is_some();
     let req = DumpRequest {
         pid: opts.pid,
         images_dir: work.path().to_path_buf(),
-        leave_running: opts.leave_running,
-        leave_stopped: !opts.leave_running,
+        leave_running: opts.leave_running && !resume_after_files,
+        leave_stopped: !opts.leave_running || resume_after_files,
         tcp_established: opts.tcp == TcpMode::Established,
         tcp_close: opts.tcp == TcpMode::Close,
         shell_job,
@@ -168,10 +177,32 @@ pub fn dump(
         );
         return Err(criu_err(&info, source, kept));
     }
+    // The carried folder, read while the tree is stopped (copied first if it is to go on).
+    let carried = opts
+        .files
+        .as_deref()
+        .map(|root| -> Result<files::Collected, DumpError> {
+            let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
+            let mut c = files::collect(root, &exclude)?;
+            if opts.leave_running {
+                let snap = work.path().join("carried");
+                std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
+                    path: snap.clone(),
+                    source,
+                })?;
+                files::snapshot(&mut c, &snap)?;
+            }
+            Ok(c)
+        })
+        .transpose();
+    if resume_after_files {
+        signal_tree(info.pid, Signal::SIGCONT);
+    }
     // From here on the tree is frozen (or running, with --leave-running): any failure thaws it.
     let frozen = !opts.leave_running;
     let finish = || -> Result<(PathBuf, Manifest, u64), DumpError> {
         streamed?;
+        let carried = carried?;
         let cpu = match criu
             .cpuinfo_dump(work.path())
             .map_err(|e| e.to_string())
@@ -211,6 +242,15 @@ pub fn dump(
         for (name, path) in &rest {
             writer.add(name, path, None, progress)?;
         }
+        let carried = match carried {
+            Some(c) => {
+                for (name, path) in &c.sources {
+                    writer.add(name, path, None, progress)?;
+                }
+                Some(c.files)
+            }
+            None => None,
+        };
         let images_bytes = dir_bytes(work.path());
         let mut manifest = Manifest {
             format_version: archive::FORMAT_VERSION,
@@ -238,6 +278,7 @@ pub fn dump(
             cpu,
             compression: opts.compression,
             entries: Vec::new(),
+            files: carried,
         };
         let dest = writer.finish(&mut manifest, &stem)?;
         Ok((dest, manifest, images_bytes))

@@ -10,6 +10,7 @@ pub mod criu;
 pub mod daemon;
 pub mod dump;
 pub mod exec;
+pub mod files;
 pub mod hashing;
 pub mod process;
 pub mod progress;

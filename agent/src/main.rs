@@ -80,6 +80,10 @@ struct DaemonArgs {
     /// Seconds between heartbeats
     #[arg(long, default_value_t = 5)]
     heartbeat_secs: u64,
+    /// A folder all workers of the job mount (shared_storage): checkpoints go there instead of
+    /// the NATS object store
+    #[arg(long, value_name = "DIR", env = "CEDANA_SHARED_STORAGE")]
+    shared_storage: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -107,10 +111,13 @@ struct DumpArgs {
     /// Allow connections to unix sockets outside the process tree (e.g. /dev/log)
     #[arg(long)]
     ext_unix_sk: bool,
-    /// Where CRIU writes images before archiving [default: $CEDANA_STAGING_DIR, /dev/shm if it
-    /// has room, else DIR]
+    /// Where CRIU writes images before archiving [default: $CEDANA_STAGING_DIR, else DIR]
     #[arg(long, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
+    /// Carry this folder (the task's work folder) in the checkpoint as it is at the dump, so
+    /// the task finds its files after a restore elsewhere (`restore --files-to`)
+    #[arg(long, value_name = "FOLDER")]
+    with_files: Option<PathBuf>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -121,10 +128,15 @@ struct DumpArgs {
 struct RestoreArgs {
     /// The archive written by `dump`
     archive: PathBuf,
-    /// Where images are extracted before the restore [default: $CEDANA_STAGING_DIR, /dev/shm if
-    /// it has room, else the temp folder]
+    /// Where images are extracted before the restore [default: $CEDANA_STAGING_DIR, else next
+    /// to the archive, else the temp folder]
     #[arg(long, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
+    /// Put the files the checkpoint carries (`dump --with-files`) back under this folder before
+    /// restoring; normally the folder they came from. Files there with the same names are
+    /// replaced.
+    #[arg(long, value_name = "FOLDER")]
+    files_to: Option<PathBuf>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -234,6 +246,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 },
                 ext_unix_sk: a.ext_unix_sk,
                 staging: a.staging_dir.clone(),
+                files: a.with_files.clone(),
+                files_exclude: Vec::new(),
             };
             thaw_on_signal(a.pid);
             let bar = Bar::new();
@@ -252,6 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 archive: a.archive.clone(),
                 staging: a.staging_dir.clone(),
                 as_child: false,
+                files_to: a.files_to.clone(),
             };
             let bar = Bar::new();
             let out =
@@ -370,6 +385,7 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         worker: a.worker.clone(),
         work_dir: a.work_dir.clone(),
         heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
+        shared_storage: a.shared_storage.clone(),
     };
     let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(1, "io", e))?;
     rt.block_on(async {
@@ -433,18 +449,24 @@ fn dump_failure(e: DumpError) -> Failure {
     match e {
         DumpError::NoDir { .. } | DumpError::Process(_) => Failure::new(3, "input", e),
         DumpError::Criu { .. } => Failure::new(4, "criu", e),
-        DumpError::Staging { .. } | DumpError::Archive(_) => Failure::new(1, "io", e),
+        DumpError::Staging { .. } | DumpError::Archive(_) | DumpError::Files(_) => {
+            Failure::new(1, "io", e)
+        }
     }
 }
 
 fn restore_failure(e: RestoreError) -> Failure {
     match e {
-        RestoreError::Archive(ArchiveError::Write { .. }) | RestoreError::Staging { .. } => {
-            Failure::new(1, "io", e)
-        }
-        RestoreError::Archive(_) | RestoreError::Cpu { .. } | RestoreError::PidTaken { .. } => {
-            Failure::new(3, "input", e)
-        }
+        RestoreError::Archive(ArchiveError::Write { .. })
+        | RestoreError::Staging { .. }
+        | RestoreError::Files {
+            source: cedana_agent::files::FilesError::Write { .. },
+            ..
+        } => Failure::new(1, "io", e),
+        RestoreError::Archive(_)
+        | RestoreError::Cpu { .. }
+        | RestoreError::PidTaken { .. }
+        | RestoreError::Files { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
     }
 }

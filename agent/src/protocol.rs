@@ -52,6 +52,17 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Whether one `/`-separated part of a checkpoint object name is usable (an id, or an archive
+/// file name: letters, digits, `-`, `_`, `.`, not starting with a dot).
+pub fn valid_object_part(part: &str) -> bool {
+    !part.is_empty()
+        && !part.starts_with('.')
+        && part.len() <= 200
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// A command to one worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommandEnvelope {
@@ -160,6 +171,9 @@ pub struct WorkerRecord {
     pub criu_version: String,
     pub started_at: u64,
     pub last_heartbeat: u64,
+    /// The daemon's process id on its machine.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// Seconds since the Unix epoch.

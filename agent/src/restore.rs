@@ -20,6 +20,9 @@ pub struct RestoreOptions {
     pub staging: Option<PathBuf>,
     /// Make the restored tree a child of this process (which must then reap it).
     pub as_child: bool,
+    /// Put the files the checkpoint carries back under this folder (normally the folder they
+    /// were carried from) before CRIU runs; without it they are not put back.
+    pub files_to: Option<PathBuf>,
 }
 
 /// The result of a successful restore.
@@ -62,6 +65,11 @@ pub enum RestoreError {
     Staging {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("archive {path}: {source}")]
+    Files {
+        path: PathBuf,
+        source: crate::files::FilesError,
     },
 }
 
@@ -113,6 +121,16 @@ pub fn restore(
     }
 
     let m = &extracted.manifest;
+    if let (Some(files), Some(to)) = (&m.files, &opts.files_to) {
+        progress.stage("putting back the carried files", None);
+        info!(to = %to.display(), items = files.items.len(), "putting back carried files");
+        crate::files::put_back(files, &extracted.files_dir(), to).map_err(|source| {
+            RestoreError::Files {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
     if !m.criu.pid_namespace {
         wait_for_free_pids(path, &m.process.tree_pids)?;
     }

@@ -320,3 +320,53 @@ fn cpu_this_machine_cannot_run() {
     );
     assert_refused(&fx, &bad, "CPU");
 }
+
+#[test]
+fn carried_file_under_a_link_out_of_the_folder() {
+    let Some(fx) = fixture() else { return };
+    let outside = fx.sb.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let bad = forge(
+        &fx,
+        "case-10.zip",
+        |es| es.push(("files/l/pwned".into(), b"pwned".to_vec())),
+        false,
+        |m| {
+            m["files"] = serde_json::json!({
+                "root": "/job",
+                "items": [
+                    {"path": "l", "kind": "symlink", "mode": 511, "target": outside.display().to_string()},
+                    {"path": "l/pwned", "kind": "file", "mode": 420},
+                ]
+            })
+        },
+    );
+    assert_refused(&fx, &bad, "unsafe");
+    // Also with a folder to put files into.
+    let into = fx.sb.path().join("into");
+    let out = fx.sb.agent([
+        "restore",
+        bad.to_str().unwrap(),
+        "--files-to",
+        into.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        !outside.join("pwned").exists(),
+        "a file escaped through a link"
+    );
+    assert!(!into.exists(), "files were put back from a refused archive");
+}
+
+#[test]
+fn carried_file_missing_from_the_listing() {
+    let Some(fx) = fixture() else { return };
+    let bad = forge(
+        &fx,
+        "case-11.zip",
+        |es| es.push(("files/extra.txt".into(), b"x".to_vec())),
+        false,
+        |m| m["files"] = serde_json::json!({"root": "/job", "items": []}),
+    );
+    assert_refused(&fx, &bad, "does not list");
+}

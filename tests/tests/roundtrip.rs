@@ -429,3 +429,59 @@ fn staging_on_another_filesystem() {
         "staging cleaned"
     );
 }
+
+/// A task that writes files in its folder: the checkpoint carries the folder as of the dump,
+/// and the restore puts it back, so the task goes on even after the folder was lost (as on a
+/// new machine) or changed after the dump.
+#[test]
+fn carried_files_come_back_with_the_task() {
+    if !criu_ready("carried_files_come_back_with_the_task") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let job = sb.path().join("job");
+    std::fs::create_dir_all(job.join("data")).unwrap();
+    std::fs::write(job.join("data/input.txt"), "seed\n").unwrap();
+    let out_file = job.join("data/out.txt");
+    // The task keeps out.txt open and appends to it; its stdout log is in the folder too.
+    let script = format!(
+        "exec 3>>{out}; i=0; while :; do i=$((i+1)); echo $i >&3; echo $i; sleep 0.05; done",
+        out = out_file.display()
+    );
+    let task = sb.exec("job/task.log", &["sh", "-c", &script]);
+    wait_for_numbers(&out_file, 10);
+    let job_s = job.to_str().unwrap();
+    let archive = sb.dump(task.pid, &["--with-files", job_s]);
+    wait_until(Duration::from_secs(10), "dumped task to be gone", || {
+        !task.alive()
+    });
+    let at_dump = numbers(&out_file);
+    // The folder is lost, as on a machine that never saw it.
+    std::fs::remove_dir_all(&job).unwrap();
+    let out = sb.agent(["restore", archive.to_str().unwrap(), "--files-to", job_s]);
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = Task::new(parse_pid(&out));
+    assert_eq!(
+        std::fs::read_to_string(job.join("data/input.txt")).unwrap(),
+        "seed\n"
+    );
+    wait_for_numbers(&out_file, at_dump.len() + 10);
+    restored.kill();
+    let nums = numbers(&out_file);
+    assert_eq!(&nums[..at_dump.len()], &at_dump[..]);
+    assert_unbroken(
+        &nums,
+        "file written across dump, loss of the folder and restore",
+    );
+    assert_unbroken(&numbers(&job.join("task.log")), "task's log");
+
+    // Without --files-to nothing is put back, and the task cannot find its files.
+    std::fs::remove_dir_all(&job).unwrap();
+    let out = sb.agent(["restore", archive.to_str().unwrap()]);
+    assert!(!out.status.success(), "restore without its files succeeded");
+    assert!(!job.exists(), "files were put back without --files-to");
+}

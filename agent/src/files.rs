@@ -1,0 +1,322 @@
+//! The job's files inside a checkpoint. A task's open files must be where, and as large as,
+//! they were at the dump, or CRIU refuses to restore it; and a task that writes files must find
+//! them after moving to a machine that never saw them. So a checkpoint can carry a folder (the
+//! job's work folder) as of the dump: regular files as `files/<path>` entries, folders and
+//! symbolic links in the manifest.
+//!
+//! Invariants: item paths are plain relative paths (no `..`, not absolute); no item lies under
+//! a symbolic link the checkpoint itself creates; nothing is written before the archive was
+//! verified; each file is put in place by a rename, so a reader sees the old file or the new
+//! one, never half of one.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Folder of carried files inside the archive.
+pub const FILES_DIR: &str = "files";
+
+/// The carried folder as the manifest records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFiles {
+    /// The folder as the task saw it.
+    pub root: PathBuf,
+    /// Everything under it, each folder before what it holds.
+    pub items: Vec<FileItem>,
+}
+
+/// One file, folder or link of a carried folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileItem {
+    /// Relative to the root, `/`-separated.
+    pub path: String,
+    pub kind: ItemKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Where a symbolic link points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// What an item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Errors reading or putting back a carried folder.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("cannot read {path} to carry it in the checkpoint: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot put back {path} from the checkpoint: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the checkpoint lists an unsafe file path {0:?} (absolute, `..`, or under a link it creates); refusing to restore its files")]
+    Unsafe(String),
+}
+
+/// A folder's listing and, for each regular file, the entry name it gets and where to read it.
+pub struct Collected {
+    pub files: ManifestFiles,
+    pub sources: Vec<(String, PathBuf)>,
+}
+
+/// Lists `root` (skipping top-level names in `exclude` and anything named `.cedana-*`).
+/// Sockets, pipes and devices are skipped: they cannot be carried.
+pub fn collect(root: &Path, exclude: &[&str]) -> Result<Collected, FilesError> {
+    let mut out = Collected {
+        files: ManifestFiles {
+            root: root.to_path_buf(),
+            items: Vec::new(),
+        },
+        sources: Vec::new(),
+    };
+    walk(root, "", exclude, &mut out)?;
+    Ok(out)
+}
+
+fn walk(dir: &Path, rel: &str, exclude: &[&str], out: &mut Collected) -> Result<(), FilesError> {
+    let rerr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FilesError::Read { path, source }
+    };
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(rerr(dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(rerr(dir))?;
+    names.sort();
+    for name in names {
+        let name_s = name.to_string_lossy().into_owned();
+        if name_s.starts_with(".cedana-") || (rel.is_empty() && exclude.contains(&name_s.as_str()))
+        {
+            continue;
+        }
+        let path = dir.join(&name);
+        let item_path = if rel.is_empty() {
+            name_s
+        } else {
+            format!("{rel}/{name_s}")
+        };
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            // Removed while listing (a temporary file of a running task): not part of it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(rerr(&path)(e)),
+        };
+        let mode = meta.mode() & 0o7777;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            out.files.items.push(FileItem {
+                path: item_path.clone(),
+                kind: ItemKind::Dir,
+                mode,
+                target: None,
+            });
+            walk(&path, &item_path, exclude, out)?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(rerr(&path))?;
+            out.files.items.push(FileItem {
+                path: item_path,
+                kind: ItemKind::Symlink,
+                mode,
+                target: Some(target.to_string_lossy().into_owned()),
+            });
+        } else if ft.is_file() {
+            out.sources
+                .push((format!("{FILES_DIR}/{item_path}"), path.clone()));
+            out.files.items.push(FileItem {
+                path: item_path,
+                kind: ItemKind::File,
+                mode,
+                target: None,
+            });
+        } else {
+            tracing::debug!(path = %path.display(), "not carried: not a file, folder or link");
+        }
+    }
+    Ok(())
+}
+
+/// Copies every collected file into `dest` (so the task may go on writing the originals) and
+/// points the sources there.
+pub fn snapshot(c: &mut Collected, dest: &Path) -> Result<(), FilesError> {
+    for (i, (_, src)) in c.sources.iter_mut().enumerate() {
+        let copy = dest.join(format!("{i}"));
+        std::fs::copy(&*src, &copy).map_err(|source| FilesError::Read {
+            path: src.clone(),
+            source,
+        })?;
+        *src = copy;
+    }
+    Ok(())
+}
+
+/// Whether a listed path is a plain relative path.
+pub fn safe_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Checks every item path, and that nothing is listed under a link the listing creates.
+pub fn check(files: &ManifestFiles) -> Result<(), FilesError> {
+    let links: Vec<&str> = files
+        .items
+        .iter()
+        .filter(|i| i.kind == ItemKind::Symlink)
+        .map(|i| i.path.as_str())
+        .collect();
+    for item in &files.items {
+        if !safe_path(&item.path)
+            || links
+                .iter()
+                .any(|l| item.path.len() > l.len() && item.path.starts_with(&format!("{l}/")))
+            || (item.kind == ItemKind::Symlink && item.target.is_none())
+        {
+            return Err(FilesError::Unsafe(item.path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Puts the carried folder back under `root`, from `extracted` (the verified `files/` folder of
+/// the archive, on the same filesystem as `root` ideally: files are renamed into place, else
+/// copied). Items already there are replaced; other files under `root` are left alone.
+pub fn put_back(files: &ManifestFiles, extracted: &Path, root: &Path) -> Result<(), FilesError> {
+    check(files)?;
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FilesError::Write { path, source }
+    };
+    std::fs::create_dir_all(root).map_err(werr(root))?;
+    for item in &files.items {
+        let dest = root.join(&item.path);
+        let existing = std::fs::symlink_metadata(&dest).ok();
+        match item.kind {
+            ItemKind::Dir => {
+                match existing {
+                    Some(m) if m.is_dir() => {}
+                    Some(_) => {
+                        std::fs::remove_file(&dest).map_err(werr(&dest))?;
+                        std::fs::create_dir(&dest).map_err(werr(&dest))?;
+                    }
+                    None => std::fs::create_dir(&dest).map_err(werr(&dest))?,
+                }
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(item.mode))
+                    .map_err(werr(&dest))?;
+            }
+            ItemKind::File => {
+                if existing.as_ref().is_some_and(|m| m.is_dir()) {
+                    std::fs::remove_dir_all(&dest).map_err(werr(&dest))?;
+                }
+                let src = extracted.join(&item.path);
+                std::fs::set_permissions(&src, std::fs::Permissions::from_mode(item.mode))
+                    .map_err(werr(&src))?;
+                if std::fs::rename(&src, &dest).is_err() {
+                    // Another filesystem: copy next to the destination, then rename.
+                    let tmp = dest.with_file_name(format!(
+                        ".cedana-put-{}",
+                        dest.file_name().unwrap_or_default().to_string_lossy()
+                    ));
+                    std::fs::copy(&src, &tmp).map_err(werr(&tmp))?;
+                    std::fs::rename(&tmp, &dest).map_err(werr(&dest))?;
+                }
+            }
+            ItemKind::Symlink => {
+                match existing {
+                    Some(m) if m.is_dir() => std::fs::remove_dir_all(&dest).map_err(werr(&dest))?,
+                    Some(_) => std::fs::remove_file(&dest).map_err(werr(&dest))?,
+                    None => {}
+                }
+                let target = item.target.as_deref().unwrap_or_default();
+                std::os::unix::fs::symlink(target, &dest).map_err(werr(&dest))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(path: &str, kind: ItemKind, target: Option<&str>) -> FileItem {
+        FileItem {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            target: target.map(String::from),
+        }
+    }
+
+    #[test]
+    fn collects_and_puts_back_a_folder() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("a/b")).unwrap();
+        std::fs::write(src.path().join("a/b/data.txt"), "hello").unwrap();
+        std::fs::write(src.path().join("top.log"), "1\n2\n").unwrap();
+        std::fs::create_dir(src.path().join(".checkpoints")).unwrap();
+        std::fs::write(src.path().join(".checkpoints/x.zip"), "zip").unwrap();
+        std::os::unix::fs::symlink("a/b/data.txt", src.path().join("link")).unwrap();
+        let mut c = collect(src.path(), &[".checkpoints"]).unwrap();
+        let paths: Vec<&str> = c.files.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a/b", "a/b/data.txt", "link", "top.log"]);
+        let snap = tempfile::tempdir().unwrap();
+        snapshot(&mut c, snap.path()).unwrap();
+        // The originals may change after the snapshot without changing what is carried.
+        std::fs::write(src.path().join("top.log"), "changed").unwrap();
+
+        // What an archive's verified `files/` folder looks like.
+        let extracted = tempfile::tempdir().unwrap();
+        for (name, from) in &c.sources {
+            let to = extracted.path().join(name.strip_prefix("files/").unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(from, to).unwrap();
+        }
+        let dest = tempfile::tempdir().unwrap();
+        std::fs::write(dest.path().join("top.log"), "stale and longer").unwrap();
+        std::fs::write(dest.path().join("other"), "kept").unwrap();
+        put_back(&c.files, extracted.path(), dest.path()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dest.path().join(p)).unwrap();
+        assert_eq!(read("top.log"), "1\n2\n");
+        assert_eq!(read("a/b/data.txt"), "hello");
+        assert_eq!(read("link"), "hello");
+        assert_eq!(read("other"), "kept");
+        assert!(!dest.path().join(".checkpoints").exists());
+    }
+
+    #[test]
+    fn refuses_paths_that_escape() {
+        for bad in [
+            vec![item("../x", ItemKind::File, None)],
+            vec![item("/etc/passwd", ItemKind::File, None)],
+            vec![item("a/./b", ItemKind::File, None)],
+            vec![
+                item("l", ItemKind::Symlink, Some("/etc")),
+                item("l/passwd", ItemKind::File, None),
+            ],
+        ] {
+            let files = ManifestFiles {
+                root: "/w".into(),
+                items: bad.clone(),
+            };
+            let dest = tempfile::tempdir().unwrap();
+            let err = put_back(&files, dest.path(), dest.path()).unwrap_err();
+            assert!(matches!(err, FilesError::Unsafe(_)), "{bad:?}: {err}");
+            assert_eq!(std::fs::read_dir(dest.path()).unwrap().count(), 0);
+        }
+    }
+}
