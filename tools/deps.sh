@@ -24,11 +24,12 @@ apt_update() {
 }
 
 # Packages from Debian 12 itself: tools the tests use, CRIU's libraries that bookworm's
-# versions satisfy, the worker image's tools (images/build.sh; umoci and skopeo read OCI
-# layouts, runc runs the image in the tests) and nix-bin (parses the flake; it cannot build here).
+# versions satisfy, what the worker image needs (images/build.sh: busybox-static is the image's
+# shell; umoci and skopeo read OCI layouts and runc runs the image in the tests) and nix-bin
+# (parses the flake; it cannot build here).
 PKGS=(zip unzip iproute2 procps ca-certificates python3
       libprotobuf-c1 libnftables1 libgnutls30 libbsd0 libuuid1 libcap2 libnl-route-3-200
-      umoci skopeo runc nix-bin)
+      umoci skopeo runc busybox-static nix-bin)
 if ! have_pkgs "${PKGS[@]}"; then
   apt_update
   log "installing ${PKGS[*]}"
