@@ -21,8 +21,8 @@ Usage: images/build.sh [--agent PATH] [--out DIR] [--criu-prefix DIR] [--busybox
   --no-shell          leave busybox out (the daemon's `sh` and `spawn` commands then cannot run)
   --json              print the summary as JSON
 
-SOURCE_DATE_EPOCH sets every timestamp in the image (default 0). Tags: cedana-worker:<agent
-version> and cedana-worker:latest.
+SOURCE_DATE_EPOCH sets every timestamp in the image (default 0); PYTHON the interpreter (default
+Debian's /usr/bin/python3). Tags: cedana-worker:<agent version> and cedana-worker:latest.
 EOF
 }
 
