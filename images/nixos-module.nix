@@ -6,7 +6,7 @@
 # Job, worker id, NATS URL and token come from the options below or, with `userData.enable`, from
 # the EC2 instance's user-data: lines `KEY=VALUE` (an `export ` prefix and quotes around the value
 # are allowed, so the same user-data can be a shell script elsewhere) with the keys
-#   CEDANA_JOB, CEDANA_WORKER, CEDANA_NATS_URL, CEDANA_NATS_TOKEN
+#   CEDANA_JOB, CEDANA_WORKER, CEDANA_NATS_URL, CEDANA_NATS_TOKEN, CEDANA_SHARED_STORAGE
 # Other lines are ignored. Options that are set win over user-data.
 { config, lib, pkgs, utils, ... }:
 let
@@ -23,6 +23,7 @@ let
     ++ optionals (cfg.job != null) [ "--job" cfg.job ]
     ++ optionals (cfg.worker != null) [ "--worker" cfg.worker ]
     ++ optionals (cfg.natsUrl != null) [ "--nats-url" cfg.natsUrl ]
+    ++ optionals (cfg.sharedStorage != null) [ "--shared-storage" cfg.sharedStorage ]
     ++ cfg.extraArgs;
 
   criuVersion = lib.getVersion cfg.criuPackage;
@@ -77,6 +78,13 @@ in
       type = types.str;
       default = "/var/lib/cedana/work";
       description = "The worker's folder: the tasks' working directory and checkpoint staging.";
+    };
+
+    sharedStorage = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/mnt/cedana";
+      description = "A folder all workers of the job mount: checkpoints go there instead of the NATS object store. Null: from user-data (CEDANA_SHARED_STORAGE) or the object store.";
     };
 
     extraArgs = mkOption {
@@ -161,7 +169,7 @@ in
           line=''${line%$'\r'}
           line=''${line#export }
           case "$line" in
-            CEDANA_JOB=* | CEDANA_WORKER=* | CEDANA_NATS_URL=* | CEDANA_NATS_TOKEN=*) ;;
+            CEDANA_JOB=* | CEDANA_WORKER=* | CEDANA_NATS_URL=* | CEDANA_NATS_TOKEN=* | CEDANA_SHARED_STORAGE=*) ;;
             *) continue ;;
           esac
           key=''${line%%=*}

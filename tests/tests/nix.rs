@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cedana_tests::repo_root;
+use cedana_tests::{agent_bin, repo_root};
 
 fn require_nix_instantiate() {
     let found = Command::new("nix-instantiate")
@@ -126,6 +126,75 @@ fn the_flake_has_the_promised_outputs() {
             flake.contains("nix flake lock"),
             "without a flake.lock, flake.nix must say how to make one"
         );
+    }
+}
+
+/// The words in `text` that start with `prefix` and go on with `[A-Za-z0-9_-]`.
+fn words_starting(text: &str, prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices(prefix) {
+        if text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            continue;
+        }
+        let rest = &text[i + prefix.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(rest.len());
+        if end > 0 {
+            found.push(format!("{prefix}{}", &rest[..end]));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_module_and_image_use_flags_and_variables_the_daemon_has() {
+    // The agent's own help is the reference: a renamed flag or variable must not leave the
+    // NixOS module or the image passing something the daemon ignores or rejects.
+    let out = Command::new(agent_bin())
+        .args(["daemon", "--help"])
+        .output()
+        .expect("run cedana-agent daemon --help");
+    assert!(out.status.success(), "{}", text(&out));
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let module = fs::read_to_string(repo_root().join("images/nixos-module.nix")).expect("read");
+    let image = fs::read_to_string(repo_root().join("images/worker-image.nix")).expect("read");
+
+    // Flags the module passes: quoted list items, and those on the ExecStart line.
+    let mut flags: Vec<String> = words_starting(&module, "\"--")
+        .into_iter()
+        .map(|w| w[1..].to_string())
+        .collect();
+    for line in module.lines().filter(|l| l.contains("ExecStart")) {
+        flags.extend(words_starting(line, "--"));
+    }
+    assert!(
+        flags.len() >= 5,
+        "too few flags found in the module: {flags:?}"
+    );
+    for f in &flags {
+        assert!(
+            help.contains(&format!("{f} ")),
+            "images/nixos-module.nix passes {f}, which `cedana-agent daemon --help` does not list:\n{help}"
+        );
+    }
+
+    for (file, src) in [
+        ("images/nixos-module.nix", &module),
+        ("images/worker-image.nix", &image),
+    ] {
+        let vars = words_starting(src, "CEDANA_");
+        assert!(!vars.is_empty(), "{file} names no CEDANA_ variable");
+        for v in vars {
+            assert!(
+                help.contains(&v),
+                "{file} uses {v}, which `cedana-agent daemon --help` does not mention:\n{help}"
+            );
+        }
     }
 }
 
