@@ -111,6 +111,11 @@ printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$WORK/group"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$WORK/hosts"
 printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$WORK/nsswitch.conf"
+# CA certificates for TLS to NATS (the agent's TLS reads the system store or SSL_CERT_FILE).
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+[ -f "$CA_BUNDLE" ] || die "no $CA_BUNDLE: run tools/deps.sh (ca-certificates)"
+cp "$CA_BUNDLE" "$WORK/ca-certificates.crt"
+printf 'file\tetc/ssl/certs/ca-certificates.crt\t0644\t%s\n' "$WORK/ca-certificates.crt" >>"$BASE"
 
 # Exactly what CRIU loads, as sid's loader resolves it with the wrapper's library path; each
 # goes in under the name CRIU asks for (its soname), as a plain file.
@@ -131,6 +136,8 @@ LABELS=(
   "dev.cedana.agent.version=$AGENT_VERSION"
   "dev.cedana.agent.sha256=$AGENT_SHA"
   "dev.cedana.criu.version=$CRIU_VERSION"
+  "org.opencontainers.image.licenses=Apache-2.0"
+  "dev.cedana.requires=root; CAP_SYS_ADMIN CAP_CHECKPOINT_RESTORE CAP_SYS_PTRACE CAP_NET_ADMIN; writable /proc/sys; /dev/net/tun; unconfined seccomp and AppArmor"
 )
 [ -n "$CRIU_PACKAGE" ] && LABELS+=("dev.cedana.criu.package=$CRIU_PACKAGE")
 [ -n "$GLIBC" ] && LABELS+=("dev.cedana.glibc.version=$GLIBC")
@@ -170,6 +177,9 @@ mkdir -p "$OUT"
   --entrypoint '["/usr/local/bin/cedana-agent","daemon"]' \
   --env "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
   --env "HOME=/root" \
+  --env "CEDANA_CRIU=/usr/sbin/criu" \
+  --env "CEDANA_WORK_DIR=/work" \
+  --env "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" \
   --workdir /work \
   "${LABELS[@]/#/--label=}" \
   --started "$STARTED" "${JSON[@]}"

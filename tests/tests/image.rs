@@ -359,6 +359,7 @@ fn skopeo_inspects_it_and_umoci_unpacks_it() {
         "var/lib/cedana",
         "etc/passwd",
         "etc/group",
+        "etc/ssl/certs/ca-certificates.crt",
         "usr/lib/x86_64-linux-gnu/libc.so.6",
         "bin/sh",
     ] {
