@@ -96,6 +96,9 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
             libc::dup2(null_fd, 0);
             libc::dup2(log_fd, 1);
             libc::dup2(log_fd, 2);
+            // Nothing else this process holds reaches the task: a leaked descriptor would be
+            // part of every checkpoint (and may not be restorable elsewhere).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1u32 << 2);
             if let Some(c) = &cwd {
                 if libc::chdir(c.as_ptr()) != 0 {
                     report(err_fd, b'c');

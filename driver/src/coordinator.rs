@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, consumer};
 use cedana_agent::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply};
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
@@ -25,6 +25,12 @@ pub enum CoordError {
     },
     #[error("worker {worker} did not register within {secs} s")]
     NotRegistered { worker: String, secs: u64 },
+    #[error("worker {worker} was lost ({reason}) while running command {id}")]
+    Lost {
+        worker: String,
+        id: String,
+        reason: String,
+    },
 }
 
 /// How a task ended.
@@ -38,15 +44,22 @@ pub struct Exit {
 struct Routes {
     replies: HashMap<String, oneshot::Sender<Reply>>,
     exits: HashMap<String, watch::Sender<Option<Exit>>>,
+    /// When each worker was last heard from.
+    seen: HashMap<String, std::time::Instant>,
 }
 
 /// A connection to the job's NATS, with the event router running.
 #[derive(Clone)]
 pub struct Coordinator {
     pub job: String,
+    pub client: async_nats::Client,
     js: jetstream::Context,
     workers: async_nats::jetstream::kv::Store,
+    replies: async_nats::jetstream::kv::Store,
+    jobs: async_nats::jetstream::kv::Store,
     routes: Arc<Mutex<Routes>>,
+    /// Where task output is appended (the job's output log), besides stdout.
+    output: Arc<Mutex<Option<std::fs::File>>>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
     prefix: String,
 }
@@ -69,23 +82,61 @@ impl Coordinator {
                 reason: e.to_string(),
             })?;
         let js = jetstream::new(client.clone());
-        let (_, workers, _, _) = cedana_agent::daemon::ensure_layout(&js)
+        let (_, workers, replies, _) = cedana_agent::daemon::ensure_layout(&js)
             .await
             .map_err(|(what, e)| CoordError::Nats(format!("{what}: {e}")))?;
-        let mut sub = client
-            .subscribe(format!("CEDANA.{job}.>"))
+        let jobs = match js.get_key_value(crate::state::JOBS_BUCKET).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: crate::state::JOBS_BUCKET.into(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| CoordError::Nats(e.to_string()))?,
+        };
+        // Events come through an ordered JetStream consumer: after a reconnect (or a restart
+        // of the server) it resumes after the last event seen, so none is lost.
+        let events = js
+            .get_stream(protocol::EVENTS_STREAM)
+            .await
+            .map_err(|e| CoordError::Nats(e.to_string()))?
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subjects: vec![
+                    format!("CEDANA.{job}.*.state"),
+                    format!("CEDANA.{job}.*.logs"),
+                ],
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
+        let mut sub = events
+            .messages()
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?;
         let routes = Arc::new(Mutex::new(Routes::default()));
         let r = routes.clone();
+        let output = Arc::new(Mutex::new(None::<std::fs::File>));
+        let out = output.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                if msg.subject.ends_with(".commands") {
-                    continue;
-                }
-                let Ok(env) = protocol::decode::<EventEnvelope>(&msg.payload) else {
+                let Ok(msg) = msg else {
                     continue;
                 };
+                let env = match protocol::decode::<EventEnvelope>(&msg.payload) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "undecodable event");
+                        continue;
+                    }
+                };
+                tracing::trace!(worker = %env.worker, event = ?env.event, "event");
+                r.lock()
+                    .expect("routes")
+                    .seen
+                    .insert(env.worker.clone(), std::time::Instant::now());
                 match env.event {
                     Event::Reply { id, reply } => {
                         if let Some(tx) = r.lock().expect("routes").replies.remove(&id) {
@@ -93,11 +144,14 @@ impl Coordinator {
                         }
                     }
                     Event::Log { data, .. } => {
+                        use std::io::Write;
+                        if let Some(f) = out.lock().expect("output").as_mut() {
+                            let _ = f.write_all(data.as_bytes());
+                        }
                         if echo_logs {
-                            use std::io::Write;
-                            let mut out = std::io::stdout().lock();
-                            let _ = out.write_all(data.as_bytes());
-                            let _ = out.flush();
+                            let mut o = std::io::stdout().lock();
+                            let _ = o.write_all(data.as_bytes());
+                            let _ = o.flush();
                         }
                     }
                     Event::TaskExited { task, code, signal } => {
@@ -105,10 +159,11 @@ impl Coordinator {
                             .lock()
                             .expect("routes")
                             .exits
-                            .entry(task)
+                            .entry(format!("{}/{task}", env.worker))
                             .or_insert_with(|| watch::channel(None).0)
                             .clone();
-                        let _ = tx.send(Some(Exit { code, signal }));
+                        // `send` stores nothing while no one is subscribed; `send_replace` always does.
+                        tx.send_replace(Some(Exit { code, signal }));
                     }
                     Event::Heartbeat { .. } => {}
                 }
@@ -117,9 +172,13 @@ impl Coordinator {
         let prefix = crate::nats::random_hex(4).unwrap_or_default();
         Ok(Coordinator {
             job: job.into(),
+            client,
             js,
             workers,
+            replies,
+            jobs,
             routes,
+            output,
             next_id: Default::default(),
             prefix,
         })
@@ -141,18 +200,21 @@ impl Coordinator {
         })
     }
 
-    /// Sends a command and waits for its reply.
+    /// Sends a command and waits for its reply, giving up early if `lost` says the worker is
+    /// gone. The command is published with a message id (a retried publish is stored once);
+    /// the reply is also looked up in the replies bucket, in case its event was missed.
     pub async fn call(
         &self,
         worker: &str,
         command: Command,
         secs: u64,
+        lost: &dyn Fn() -> Option<String>,
     ) -> Result<Reply, CoordError> {
         let n = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-{n}", self.prefix);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.routes
             .lock()
             .expect("routes")
@@ -163,58 +225,143 @@ impl Coordinator {
             id: id.clone(),
             command,
         };
-        let payload = serde_json::to_vec(&env).expect("serializes");
-        self.js
-            .publish(
-                protocol::commands_subject(&self.job, worker),
-                payload.into(),
-            )
-            .await
-            .map_err(|e| CoordError::Nats(e.to_string()))?
-            .await
-            .map_err(|e| CoordError::Nats(e.to_string()))?;
-        match tokio::time::timeout(Duration::from_secs(secs), rx).await {
-            Ok(Ok(r)) => Ok(r),
-            _ => {
-                self.routes.lock().expect("routes").replies.remove(&id);
-                Err(CoordError::Timeout {
-                    worker: worker.into(),
-                    id,
-                    secs,
-                })
+        let payload = bytes::Bytes::from(serde_json::to_vec(&env).expect("serializes"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let subject = protocol::commands_subject(&self.job, worker);
+        let fail = |this: &Self, e: CoordError| {
+            this.routes.lock().expect("routes").replies.remove(&id);
+            Err(e)
+        };
+        // Publish until JetStream has it (the server may be restarting).
+        let mut attempt = 0u32;
+        loop {
+            let sent = async {
+                self.js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(&id),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match sent.await {
+                Ok(_) => break,
+                Err(e) => {
+                    attempt += 1;
+                    if tokio::time::Instant::now() >= deadline {
+                        return fail(self, CoordError::Nats(e));
+                    }
+                    if let Some(reason) = lost() {
+                        return fail(
+                            self,
+                            CoordError::Lost {
+                                worker: worker.into(),
+                                id: id.clone(),
+                                reason,
+                            },
+                        );
+                    }
+                    tracing::warn!(error = %e, attempt, "command not yet stored by JetStream; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let key = format!("{}.{worker}.{id}", self.job);
+        let mut ticks = 0u32;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), &mut rx).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(_)) => {}
+                Err(_) => {}
+            }
+            ticks += 1;
+            if ticks % 4 == 0 {
+                if let Ok(Some(stored)) = self.replies.get(&key).await {
+                    if let Ok(r) = serde_json::from_slice::<Reply>(&stored) {
+                        self.routes.lock().expect("routes").replies.remove(&id);
+                        return Ok(r);
+                    }
+                }
+            }
+            if let Some(reason) = lost() {
+                return fail(
+                    self,
+                    CoordError::Lost {
+                        worker: worker.into(),
+                        id: id.clone(),
+                        reason,
+                    },
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return fail(
+                    self,
+                    CoordError::Timeout {
+                        worker: worker.into(),
+                        id: id.clone(),
+                        secs,
+                    },
+                );
             }
         }
     }
 
-    /// Forgets an earlier exit of `task` (before it starts again under the same name).
-    pub fn reset_exit(&self, task: &str) {
+    /// Stores the job's record in the jobs bucket.
+    pub async fn put_job(&self, record: &crate::state::JobRecord) {
+        let bytes = bytes::Bytes::from(serde_json::to_vec(record).expect("serializes"));
+        if let Err(e) = self.jobs.put(&record.job, bytes).await {
+            tracing::debug!(error = %e, "cannot store the job record in KV");
+        }
+    }
+
+    /// When `worker` was last heard from (any event).
+    pub fn last_seen(&self, worker: &str) -> Option<std::time::Instant> {
+        self.routes
+            .lock()
+            .expect("routes")
+            .seen
+            .get(worker)
+            .copied()
+    }
+
+    /// Appends task output to `file` from now on.
+    pub fn set_output(&self, file: std::fs::File) {
+        *self.output.lock().expect("output") = Some(file);
+    }
+
+    /// Forgets an earlier exit of `task` on `worker` (before it starts there again).
+    pub fn reset_exit(&self, worker: &str, task: &str) {
         self.routes
             .lock()
             .expect("routes")
             .exits
-            .insert(task.into(), watch::channel(None).0);
+            .insert(format!("{worker}/{task}"), watch::channel(None).0);
     }
 
-    /// Waits until `task` exits.
-    pub async fn wait_exit(&self, task: &str) -> Exit {
-        let mut rx = self
-            .routes
+    /// How `task` on `worker` ended, if it has.
+    pub fn exit_of(&self, worker: &str, task: &str) -> Option<Exit> {
+        self.routes
             .lock()
             .expect("routes")
             .exits
-            .entry(task.into())
-            .or_insert_with(|| watch::channel(None).0)
-            .subscribe();
-        loop {
-            if let Some(e) = *rx.borrow_and_update() {
-                return e;
-            }
-            if rx.changed().await.is_err() {
-                return Exit {
-                    code: None,
-                    signal: None,
-                };
-            }
-        }
+            .get(&format!("{worker}/{task}"))
+            .and_then(|tx| *tx.borrow())
+    }
+
+    /// Deletes a checkpoint from the object store.
+    pub async fn delete_checkpoint(&self, object: &str) -> Result<(), CoordError> {
+        let store = self
+            .js
+            .get_object_store(protocol::CHECKPOINTS_BUCKET)
+            .await
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
+        store
+            .delete(object)
+            .await
+            .map_err(|e| CoordError::Nats(e.to_string()))
     }
 }

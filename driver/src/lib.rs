@@ -1,12 +1,16 @@
-//! cedana-driver: runs job scripts on workers, keeping the job alive by checkpointing and
-//! migrating it. This release has the `local` provider, the embedded NATS server and the Rhai
-//! host API; providers with prices, the managed flow's recovery and the rest of the commands
-//! come next.
+//! cedana-driver: runs jobs (Rhai scripts or the original's YAML job specs) on workers,
+//! keeping them alive by checkpointing, recovering and migrating their tasks. This release has
+//! the `local` provider and the embedded NATS server; cloud providers and prices come next.
 
+pub mod control;
 pub mod coordinator;
+pub mod job;
 pub mod local;
+pub mod managed;
 pub mod nats;
 pub mod run;
 pub mod script;
+pub mod state;
+pub mod yaml;
 
 pub use cedana_agent::Config;

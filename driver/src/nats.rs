@@ -95,7 +95,19 @@ impl EmbeddedNats {
 
 impl Drop for EmbeddedNats {
     fn drop(&mut self) {
-        crate::local::stop_child(&mut self.child);
+        // Asked to stop, then killed if it has not within 2 s.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..40 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

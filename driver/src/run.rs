@@ -1,12 +1,19 @@
 //! `cedana-driver run FILE`: one job from start to end.
 
 use std::cell::RefCell;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::coordinator::Coordinator;
+use crate::job::{Job, JobError};
+use crate::managed::{self, FlowError};
 use crate::nats::EmbeddedNats;
-use crate::script::{self, Host, ScriptError};
+use crate::script::{self, ScriptError};
+use crate::state::{JobRecord, JobState, OUTPUT_FILE, TOKEN_FILE};
 
 /// Errors of a run.
 #[derive(Debug, thiserror::Error)]
@@ -17,14 +24,27 @@ pub enum RunError {
     Nats(#[from] crate::nats::NatsError),
     #[error(transparent)]
     Coord(#[from] crate::coordinator::CoordError),
+    #[error(transparent)]
+    Flow(FlowError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: only Rhai job scripts (.rhai) run in this release; YAML job specs come with the next one")]
+    #[error("{path}: a job is a Rhai script (.rhai) or a YAML job spec (.yml, .yaml)")]
     Unsupported { path: PathBuf },
+    #[error("job {job} was taken down")]
+    Down { job: String },
+}
+
+impl From<FlowError> for RunError {
+    fn from(e: FlowError) -> Self {
+        match e {
+            FlowError::Script(s) => RunError::Script(s),
+            other => RunError::Flow(other),
+        }
+    }
 }
 
 /// Options of a run.
@@ -33,6 +53,8 @@ pub struct RunOptions {
     pub config: cedana_agent::Config,
     /// Where jobs keep their folders [default: $CEDANA_STATE_DIR, ~/.cedana/jobs].
     pub state_dir: PathBuf,
+    /// Checkpoint interval of the managed flow, overriding the config (0: none).
+    pub checkpoint_every: Option<u64>,
 }
 
 /// The default state folder.
@@ -47,89 +69,243 @@ pub fn default_state_dir() -> PathBuf {
         .join("jobs")
 }
 
+enum Kind {
+    Rhai,
+    Yaml,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunError {
+    let path = path.to_path_buf();
+    move |source| RunError::Io { what, path, source }
+}
+
 /// Runs the job; returns the exit status it ends with (the task's, or the script's integer
 /// result).
 pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     let path = &opts.script;
-    if path.extension().and_then(|e| e.to_str()) != Some("rhai") {
-        return Err(RunError::Unsupported { path: path.clone() });
-    }
-    let stem = path
-        .file_stem()
-        .map(|s| cedana_agent::process::sanitize(&s.to_string_lossy()))
-        .unwrap_or_else(|| "job".into());
-    let stem: String = stem
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(40)
-        .collect();
-    let job = format!(
-        "{stem}-{}",
-        crate::nats::random_hex(3).map_err(|source| RunError::Io {
-            what: "random",
-            path: "/dev/urandom".into(),
-            source
-        })?
-    );
-    let job_dir = opts.state_dir.join(&job);
-    let work_dir = job_dir.join("work");
-    let log_dir = job_dir.join("logs");
-    for d in [&work_dir, &log_dir] {
-        std::fs::create_dir_all(d).map_err(|source| RunError::Io {
-            what: "cannot create",
-            path: d.clone(),
-            source,
-        })?;
-    }
+    let kind = match path.extension().and_then(|e| e.to_str()) {
+        Some("rhai") => Kind::Rhai,
+        Some("yml" | "yaml") => Kind::Yaml,
+        _ => return Err(RunError::Unsupported { path: path.clone() }),
+    };
     let script_dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    // Mistakes in the job surface before anything starts.
+    let yaml = match kind {
+        Kind::Rhai => {
+            script::compile(&script::sandbox(&script_dir), path)?;
+            None
+        }
+        Kind::Yaml => Some(crate::yaml::load(path)?),
+    };
 
-    // Syntax errors surface before anything starts.
-    script::compile(&script::sandbox(&script_dir), path)?;
+    let stem: String = path
+        .file_stem()
+        .map(|s| cedana_agent::process::sanitize(&s.to_string_lossy()))
+        .unwrap_or_else(|| "job".into())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(40)
+        .collect();
+    let job_id = format!(
+        "{stem}-{}",
+        crate::nats::random_hex(3).map_err(io("random", Path::new("/dev/urandom")))?
+    );
+    let job_dir = opts.state_dir.join(&job_id);
+    for d in [job_dir.join("work"), job_dir.join("logs")] {
+        std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
+    }
 
-    let (url, token, _embedded) = if opts.config.connection.nats_url.is_empty() {
+    let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
         let n = EmbeddedNats::start()?;
-        (n.url.clone(), n.token.expose().to_string(), Some(n))
+        let token_file = job_dir.join(TOKEN_FILE);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .and_then(|mut f| f.write_all(n.token.expose().as_bytes()))
+            .map_err(io("cannot write", &token_file))?;
+        (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
         let url = match c.nats_port {
             Some(port) if !c.nats_url.contains(':') => format!("nats://{}:{port}", c.nats_url),
             _ => c.nats_url.clone(),
         };
-        (url, c.auth_token.expose().to_string(), None)
+        (url, c.auth_token.clone(), None)
     };
-    let rt = tokio::runtime::Runtime::new().map_err(|source| RunError::Io {
-        what: "cannot start the runtime for",
-        path: path.clone(),
-        source,
-    })?;
-    let coord = rt.block_on(Coordinator::connect(&url, &token, &job, true))?;
-    eprintln!("[cedana] job {job}: folder {}", job_dir.display());
-    let host = Rc::new(RefCell::new(Host::new(
+    let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", path))?;
+    let coord = rt.block_on(Coordinator::connect(&url, token.expose(), &job_id, true))?;
+    let output = job_dir.join("logs").join(OUTPUT_FILE);
+    coord.set_output(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&output)
+            .map_err(io("cannot create", &output))?,
+    );
+    eprintln!("[cedana] job {job_id}: folder {}", job_dir.display());
+
+    let interval = match opts.checkpoint_every {
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(s)),
+        None if opts.config.checkpoint.heartbeat_enabled == Some(false) => None,
+        None => Some(Duration::from_secs(
+            opts.config
+                .checkpoint
+                .heartbeat_interval_seconds
+                .unwrap_or(60)
+                .max(1),
+        )),
+    };
+    let shared_storage = opts
+        .config
+        .shared_storage
+        .dump_storage_dir
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty());
+    let record = JobRecord {
+        v: 1,
+        job: job_id.clone(),
+        script: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+        state: JobState::Starting,
+        started_at: cedana_agent::protocol::now(),
+        updated_at: cedana_agent::protocol::now(),
+        driver_pid: std::process::id(),
+        nats_url: url.clone(),
+        embedded_nats: embedded.is_some(),
+        managed: false,
+        workers: Vec::new(),
+        task: None,
+        checkpoints: Vec::new(),
+        recoveries: 0,
+        migrations: 0,
+        cost_usd: 0.0,
+        exit_code: None,
+        error: None,
+    };
+    let job = Rc::new(RefCell::new(Job::new(
+        job_id.clone(),
         rt.handle().clone(),
-        coord,
+        coord.clone(),
         url,
         token,
-        work_dir,
-        log_dir,
+        job_dir,
+        shared_storage,
+        record,
     )));
-    let engine = script::engine(host.clone(), &script_dir);
-    let ast = script::compile(&engine, path)?;
-    let result = if script::is_managed(&ast) {
-        script::run_managed(&engine, &ast, &host, path)
-    } else {
-        engine
-            .eval_ast::<rhai::Dynamic>(&ast)
-            .map(|v| v.as_int().unwrap_or(0))
-            .map_err(|e| script::runtime_error(path, e))
+    let down = job.borrow().down.clone();
+    // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
+    {
+        let down = down.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut i), Ok(mut t), Ok(mut h)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+                _ = h.recv() => {}
+            }
+            eprintln!("[cedana] signal received: taking the job down");
+            down.store(true, Ordering::SeqCst);
+        });
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flow_opts = managed::Options {
+        interval,
+        keep: 2,
+        attempts: 3,
+    };
+    let result: Result<i64, RunError> = match yaml {
+        Some(spec) => {
+            job.borrow_mut().record.managed = true;
+            rt.block_on(crate::control::serve(
+                coord.client.clone(),
+                job_id.clone(),
+                Some(tx),
+                down.clone(),
+            ))
+            .map_err(|e| crate::coordinator::CoordError::Nats(e.to_string()))?;
+            let mut hooks = crate::yaml::YamlHooks {
+                spec,
+                base: script_dir.clone(),
+            };
+            managed::run(&job, &mut hooks, &flow_opts, &rx).map_err(RunError::from)
+        }
+        None => {
+            let engine = script::engine(job.clone(), &script_dir);
+            let ast = script::compile(&engine, path)?;
+            let is_managed = script::is_managed(&ast);
+            job.borrow_mut().record.managed = is_managed;
+            rt.block_on(crate::control::serve(
+                coord.client.clone(),
+                job_id.clone(),
+                is_managed.then_some(tx),
+                down.clone(),
+            ))
+            .map_err(|e| crate::coordinator::CoordError::Nats(e.to_string()))?;
+            if is_managed {
+                let mut hooks = script::RhaiHooks {
+                    engine: &engine,
+                    ast: &ast,
+                    path,
+                    scope: rhai::Scope::new(),
+                };
+                managed::run(&job, &mut hooks, &flow_opts, &rx).map_err(RunError::from)
+            } else {
+                job.borrow_mut().set_state(JobState::Running);
+                engine
+                    .eval_ast::<rhai::Dynamic>(&ast)
+                    .map(|v| v.as_int().unwrap_or(0))
+                    .map_err(|e| script::runtime_error(path, e).into())
+            }
+        }
+    };
+    let taken_down = down.load(Ordering::SeqCst);
+    let result = match result {
+        Err(_) | Ok(_) if taken_down => Err(RunError::Down { job: job_id }),
+        r => r,
     };
     // Workers end with the job.
-    for (_, mut w) in host.borrow_mut().workers.drain() {
-        w.terminate();
+    {
+        let mut j = job.borrow_mut();
+        // Ending a worker kills its tasks too.
+        j.end();
+        match &result {
+            Ok(code) => {
+                j.record.exit_code = Some(*code);
+                j.set_state(if *code == 0 {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                });
+            }
+            Err(RunError::Down { .. }) => j.set_state(JobState::Down),
+            Err(e) => {
+                j.record.error = Some(e.to_string());
+                j.set_state(JobState::Failed);
+            }
+        }
     }
+    drop(job);
     drop(rt);
-    Ok(result?)
+    drop(embedded);
+    result
+}
+
+impl From<JobError> for RunError {
+    fn from(e: JobError) -> Self {
+        RunError::Flow(FlowError::Job(e))
+    }
 }

@@ -5,17 +5,13 @@
 //! registered here. No `eval`, no modules from outside the script's folder, bounded operations,
 //! strings, arrays, maps and call depth.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::Duration;
 
-use cedana_agent::protocol::{Command, Reply};
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, AST};
 
-use crate::coordinator::Coordinator;
-use crate::local::LocalWorker;
+use crate::job::{Checkpoint, JobError, Spec, Task, Worker};
+use crate::managed::{FlowError, Hooks, Shared};
 
 /// Operations a script may run before it is stopped (a runaway loop ends in about a second).
 pub const MAX_OPERATIONS: u64 = 20_000_000;
@@ -46,63 +42,6 @@ pub enum ScriptError {
     Other { path: PathBuf, message: String },
 }
 
-/// A worker as a script sees it.
-#[derive(Clone, Debug)]
-pub struct Worker {
-    pub id: String,
-}
-
-/// A task as a script sees it: its name and the worker it runs on now.
-#[derive(Clone, Debug)]
-pub struct Task {
-    pub name: String,
-    pub worker: String,
-}
-
-/// A checkpoint in the object store.
-#[derive(Clone, Debug)]
-pub struct Checkpoint {
-    pub object: String,
-    pub task: String,
-}
-
-/// What the host API works with.
-pub struct Host {
-    pub rt: tokio::runtime::Handle,
-    pub coord: Coordinator,
-    pub nats_url: String,
-    pub token: String,
-    pub work_dir: PathBuf,
-    pub log_dir: PathBuf,
-    pub workers: HashMap<String, LocalWorker>,
-    next_worker: u32,
-    next_task: u32,
-}
-
-impl Host {
-    pub fn new(
-        rt: tokio::runtime::Handle,
-        coord: Coordinator,
-        nats_url: String,
-        token: String,
-        work_dir: PathBuf,
-        log_dir: PathBuf,
-    ) -> Self {
-        Host {
-            rt,
-            coord,
-            nats_url,
-            token,
-            work_dir,
-            log_dir,
-            workers: HashMap::new(),
-            next_worker: 0,
-            next_task: 0,
-        }
-    }
-}
-
-type Shared = Rc<RefCell<Host>>;
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
 fn err<T>(msg: impl Into<String>) -> Res<T> {
@@ -112,113 +51,46 @@ fn err<T>(msg: impl Into<String>) -> Res<T> {
     )))
 }
 
-fn call(host: &Shared, worker: &str, command: Command, secs: u64) -> Res<Reply> {
-    let (rt, coord) = {
-        let h = host.borrow();
-        (h.rt.clone(), h.coord.clone())
-    };
-    match rt.block_on(coord.call(worker, command, secs)) {
-        Ok(Reply::Error { message }) => err(format!("worker {worker}: {message}")),
-        Ok(r) => Ok(r),
-        Err(e) => err(e.to_string()),
-    }
+/// A job error as a script error (the script's position is added by Rhai).
+fn rhai_err(e: JobError) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(e.to_string()),
+        Position::NONE,
+    ))
 }
 
-fn launch(host: &Shared, _spec: Map) -> Res<Worker> {
-    let (id, coord, rt) = {
-        let mut h = host.borrow_mut();
-        h.next_worker += 1;
-        let id = format!("w{}", h.next_worker);
-        let w = LocalWorker::launch(
-            &h.coord.job,
-            &id,
-            &h.nats_url,
-            &h.token,
-            &h.work_dir,
-            &h.log_dir,
-        )
-        .map_err(|e| e.to_string())?;
-        h.workers.insert(id.clone(), w);
-        (id, h.coord.clone(), h.rt.clone())
-    };
-    rt.block_on(coord.wait_registered(&id, 30))
-        .map_err(|e| e.to_string())?;
-    tracing::info!(worker = %id, "worker launched");
-    Ok(Worker { id })
-}
-
-fn spawn(host: &Shared, w: &Worker, cmd: &str) -> Res<Task> {
-    let name = {
-        let mut h = host.borrow_mut();
-        h.next_task += 1;
-        format!("task{}", h.next_task)
-    };
-    host.borrow().coord.reset_exit(&name);
-    match call(
-        host,
-        &w.id,
-        Command::Spawn {
-            task: name.clone(),
-            cmd: cmd.into(),
-        },
-        60,
-    )? {
-        Reply::Spawned { pid, .. } => {
-            if let Some(lw) = host.borrow_mut().workers.get_mut(&w.id) {
-                lw.task_pids.push(pid);
-            }
-            Ok(Task {
-                name,
-                worker: w.id.clone(),
+/// A spec from a script's map (`#{cpu_cores: 2, memory_gb: 4}`).
+pub fn spec_from_map(m: &Map) -> Res<Spec> {
+    let num = |k: &str, v: &Dynamic| -> Res<f64> {
+        v.as_float()
+            .ok()
+            .or_else(|| v.as_int().ok().map(|i| i as f64))
+            .ok_or_else(|| {
+                format!("instance spec: {k} must be a number, not {}", v.type_name()).into()
             })
-        }
-        other => err(format!("unexpected reply {other:?}")),
-    }
-}
-
-fn checkpoint(host: &Shared, t: &Task, leave_running: bool) -> Res<Checkpoint> {
-    let cmd = Command::Checkpoint {
-        task: t.name.clone(),
-        leave_running,
-        compression: cedana_agent::Compression::Zstd,
     };
-    match call(host, &t.worker, cmd, 3600)? {
-        Reply::Checkpointed { object, .. } => Ok(Checkpoint {
-            object,
-            task: t.name.clone(),
-        }),
-        other => err(format!("unexpected reply {other:?}")),
-    }
-}
-
-fn restore(host: &Shared, c: &Checkpoint, w: &Worker) -> Res<Task> {
-    host.borrow().coord.reset_exit(&c.task);
-    match call(
-        host,
-        &w.id,
-        Command::Restore {
-            task: c.task.clone(),
-            object: c.object.clone(),
-        },
-        3600,
-    )? {
-        Reply::Restored { pid, .. } => {
-            if let Some(lw) = host.borrow_mut().workers.get_mut(&w.id) {
-                lw.task_pids.push(pid);
+    let mut spec = Spec::default();
+    for (k, v) in m {
+        match k.as_str() {
+            "cpu_cores" => spec.cpu_cores = Some(num(k, v)?),
+            "memory_gb" => spec.memory_gb = Some(num(k, v)?),
+            "vram_gb" => spec.vram_gb = Some(num(k, v)?),
+            "max_price_usd_hour" => spec.max_price_usd_hour = Some(num(k, v)?),
+            "gpu_count" => spec.gpu_count = Some(num(k, v)? as u32),
+            "gpu" => spec.gpu = Some(v.to_string()),
+            other => {
+                return err(format!(
+                    "instance spec: unknown key {other:?} (keys: cpu_cores, memory_gb, gpu, gpu_count, vram_gb, max_price_usd_hour)"
+                ))
             }
-            Ok(Task {
-                name: c.task.clone(),
-                worker: w.id.clone(),
-            })
         }
-        other => err(format!("unexpected reply {other:?}")),
     }
+    Ok(spec)
 }
 
-fn terminate(host: &Shared, w: &Worker) {
-    if let Some(mut lw) = host.borrow_mut().workers.remove(&w.id) {
-        lw.terminate();
-    }
+fn launch(job: &Shared, spec: Map) -> Res<Worker> {
+    let spec = spec_from_map(&spec)?;
+    job.borrow_mut().launch(&spec).map_err(rhai_err)
 }
 
 /// The sandboxed engine without the host API (enough to compile a script).
@@ -266,93 +138,81 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     e.register_fn("launch", move |spec: Map| launch(&h, spec));
     let h = host.clone();
     e.register_fn("sh", move |w: &mut Worker, cmd: &str| -> Res<Map> {
-        match call(
-            &h,
-            &w.id,
-            Command::Sh {
-                cmd: cmd.into(),
-                timeout_secs: Some(3600),
-            },
-            3700,
-        )? {
-            Reply::Sh {
-                exit_code,
-                stdout,
-                stderr,
-            } => {
-                let mut m = Map::new();
-                m.insert("code".into(), (exit_code as i64).into());
-                m.insert("stdout".into(), stdout.into());
-                m.insert("stderr".into(), stderr.into());
-                Ok(m)
-            }
-            other => err(format!("unexpected reply {other:?}")),
-        }
+        let (code, stdout, stderr) = h.borrow().sh(w, cmd).map_err(rhai_err)?;
+        let mut m = Map::new();
+        m.insert("code".into(), (code as i64).into());
+        m.insert("stdout".into(), stdout.into());
+        m.insert("stderr".into(), stderr.into());
+        Ok(m)
     });
     let h = host.clone();
-    e.register_fn("spawn", move |w: &mut Worker, cmd: &str| spawn(&h, w, cmd));
+    e.register_fn("spawn", move |w: &mut Worker, cmd: &str| {
+        h.borrow_mut().spawn(w, cmd).map_err(rhai_err)
+    });
     let h = host.clone();
     e.register_fn("upload", move |w: &mut Worker, path: &str| -> Res<()> {
-        let hb = h.borrow();
-        let src = Path::new(path);
-        let name = src.file_name().ok_or("upload needs a file path")?;
-        std::fs::copy(src, hb.work_dir.join(name))
-            .map_err(|e| format!("upload of {path} to {}: {e}", w.id))?;
-        Ok(())
+        h.borrow().upload(w, Path::new(path)).map_err(rhai_err)
     });
     let h = host.clone();
-    e.register_fn("terminate", move |w: &mut Worker| terminate(&h, w));
+    e.register_fn("terminate", move |w: &mut Worker| {
+        h.borrow_mut().terminate(w)
+    });
     let h = host.clone();
-    e.register_fn("checkpoint", move |t: &mut Task| checkpoint(&h, t, true));
+    e.register_fn("checkpoint", move |t: &mut Task| {
+        h.borrow_mut().checkpoint(t, true).map_err(rhai_err)
+    });
     let h = host.clone();
     e.register_fn("restore", move |c: Checkpoint, w: Worker| {
-        restore(&h, &c, &w)
+        h.borrow_mut().restore(&c, &w).map_err(rhai_err)
     });
     let h = host.clone();
     e.register_fn("migrate", move |ctx: NativeCallContext, t: &mut Task, to: Worker| -> Res<Task> {
         let from = Worker { id: t.worker.clone() };
-        let c = checkpoint(&h, t, false)?;
-        let moved = restore(&h, &c, &to)?;
+        let c = h.borrow_mut().checkpoint(t, false).map_err(rhai_err)?;
+        let moved = h.borrow_mut().restore(&c, &to).map_err(rhai_err)?;
         match ctx.call_fn::<Dynamic>("restored_task", (to.clone(), moved.clone())) {
             Ok(_) => {}
             Err(e) if matches!(*e, EvalAltResult::ErrorFunctionNotFound(ref f, _) if f.starts_with("restored_task")) => {}
             Err(e) => return Err(e),
         }
-        terminate(&h, &from);
+        h.borrow_mut().terminate(&from);
+        h.borrow_mut().record.migrations += 1;
         *t = moved.clone();
         Ok(moved)
     });
     let h = host.clone();
-    e.register_fn("wait", move |t: &mut Task| -> i64 {
-        let (rt, coord) = {
-            let hb = h.borrow();
-            (hb.rt.clone(), hb.coord.clone())
-        };
-        let exit = rt.block_on(coord.wait_exit(&t.name));
-        exit.code
-            .map(i64::from)
-            .unwrap_or(128 + exit.signal.unwrap_or(0) as i64)
+    e.register_fn("wait", move |t: &mut Task| -> Res<i64> {
+        let exit = h.borrow().wait(t).map_err(rhai_err)?;
+        Ok(crate::managed::status(exit))
     });
     let h = host.clone();
     e.register_fn("stop", move |t: &mut Task| -> Res<()> {
-        call(
-            &h,
-            &t.worker,
-            Command::Stop {
-                task: t.name.clone(),
-            },
-            60,
-        )
-        .map(|_| ())
+        h.borrow().stop(t).map_err(rhai_err)
     });
-    e.register_fn("sleep", |secs: f64| {
-        std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)))
-    });
-    e.register_fn("sleep", |secs: i64| {
-        std::thread::sleep(Duration::from_secs(secs.max(0) as u64))
+    let down = host.borrow().down.clone();
+    let d = down.clone();
+    e.register_fn("sleep", move |secs: f64| sleep(&d, secs));
+    let d = down.clone();
+    e.register_fn("sleep", move |secs: i64| sleep(&d, secs as f64));
+    // `down` (or Ctrl-C) stops a script between any two operations.
+    e.on_progress(move |_| {
+        down.load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| Dynamic::from("the job was taken down"))
     });
     e.register_fn("log", |msg: &str| eprintln!("[job] {msg}"));
     e
+}
+
+/// Sleeps, ending early if the job is taken down.
+fn sleep(down: &std::sync::atomic::AtomicBool, secs: f64) -> Res<()> {
+    let until = std::time::Instant::now() + Duration::from_secs_f64(secs.max(0.0));
+    while std::time::Instant::now() < until {
+        if down.load(std::sync::atomic::Ordering::SeqCst) {
+            return err("the job was taken down");
+        }
+        std::thread::sleep(Duration::from_millis(50).min(until - std::time::Instant::now()));
+    }
+    Ok(())
 }
 
 /// Loads modules only from the script's folder: no absolute paths, no `..`.
@@ -412,30 +272,51 @@ pub fn runtime_error(path: &Path, e: impl std::ops::Deref<Target = EvalAltResult
     }
 }
 
-/// Runs the managed flow: launch a worker, `setup(w)`, `work(w)` returns the task, wait for it.
-pub fn run_managed(
-    engine: &Engine,
-    ast: &AST,
-    host: &Shared,
-    path: &Path,
-) -> Result<i64, ScriptError> {
-    let mut scope = rhai::Scope::new();
-    let w = launch(host, Map::new()).map_err(|e| runtime_error(path, e))?;
-    if ast.iter_functions().any(|f| f.name == "setup") {
-        let _ = engine
-            .call_fn::<Dynamic>(&mut scope, ast, "setup", (w.clone(),))
-            .map_err(|e| runtime_error(path, e))?;
+/// A hooks-only script's hooks, for the managed flow.
+pub struct RhaiHooks<'a> {
+    pub engine: &'a Engine,
+    pub ast: &'a AST,
+    pub path: &'a Path,
+    pub scope: rhai::Scope<'static>,
+}
+
+impl RhaiHooks<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.ast.iter_functions().any(|f| f.name == name)
     }
-    let task: Task = engine
-        .call_fn(&mut scope, ast, "work", (w,))
-        .map_err(|e| runtime_error(path, e))?;
-    let (rt, coord) = {
-        let h = host.borrow();
-        (h.rt.clone(), h.coord.clone())
-    };
-    let exit = rt.block_on(coord.wait_exit(&task.name));
-    Ok(exit
-        .code
-        .map(i64::from)
-        .unwrap_or(128 + exit.signal.unwrap_or(0) as i64))
+
+    fn call<T: rhai::Variant + Clone>(
+        &mut self,
+        name: &str,
+        args: impl rhai::FuncArgs,
+    ) -> Result<T, FlowError> {
+        self.engine
+            .call_fn::<T>(&mut self.scope, self.ast, name, args)
+            .map_err(|e| runtime_error(self.path, e).into())
+    }
+}
+
+impl Hooks for RhaiHooks<'_> {
+    fn spec(&mut self) -> Result<Spec, FlowError> {
+        if !self.has("instance_specs") {
+            return Ok(Spec::default());
+        }
+        let m: Map = self.call("instance_specs", ())?;
+        spec_from_map(&m).map_err(|e| runtime_error(self.path, e).into())
+    }
+    fn setup(&mut self, _job: &Shared, w: &Worker) -> Result<(), FlowError> {
+        if self.has("setup") {
+            let _ = self.call::<Dynamic>("setup", (w.clone(),))?;
+        }
+        Ok(())
+    }
+    fn work(&mut self, _job: &Shared, w: &Worker) -> Result<Task, FlowError> {
+        self.call("work", (w.clone(),))
+    }
+    fn restored_task(&mut self, _job: &Shared, w: &Worker, t: &Task) -> Result<(), FlowError> {
+        if self.has("restored_task") {
+            let _ = self.call::<Dynamic>("restored_task", (w.clone(), t.clone()))?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,170 @@
+//! Requests to a running job from other processes (`cedana-driver checkpoint|migrate|down
+//! JOB`): core NATS request/reply on `CEDANA.<job>.driver.control`, served by the job's driver.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+/// The subject a job's driver answers on.
+pub fn subject(job: &str) -> String {
+    format!("CEDANA.{job}.driver.control")
+}
+
+/// What is asked of the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Checkpoint the task now.
+    Checkpoint,
+    /// Move the task to a new worker.
+    Migrate,
+    /// Stop the task and end every worker.
+    Down,
+}
+
+/// A request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    pub action: Action,
+}
+
+/// The answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub v: u32,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// A request waiting for the job's loop, with where its answer goes.
+pub type Pending = (Action, tokio::sync::oneshot::Sender<Answer>);
+
+/// Errors of a control request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach job {job}'s NATS at {url}: {reason}")]
+    Connect {
+        job: String,
+        url: String,
+        reason: String,
+    },
+    #[error("job {job}'s driver did not answer within {secs} s (is it still running? `cedana-driver status`)")]
+    NoAnswer { job: String, secs: u64 },
+    #[error("job {job}: {message}")]
+    Refused { job: String, message: String },
+}
+
+/// Serves control requests for `job`. Managed jobs get them through `tx`; a script that runs
+/// its own code only takes `down`. `down` sets `down` at once, so every wait of the job ends.
+pub async fn serve(
+    client: async_nats::Client,
+    job: String,
+    tx: Option<std::sync::mpsc::Sender<Pending>>,
+    down: Arc<AtomicBool>,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut sub = client.subscribe(subject(&job)).await?;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Some(reply_to) = msg.reply.clone() else {
+                continue;
+            };
+            let answer = match serde_json::from_slice::<Request>(&msg.payload) {
+                Err(e) => Answer {
+                    v: 1,
+                    ok: false,
+                    message: format!("bad request: {e}"),
+                },
+                Ok(req) => {
+                    if req.action == Action::Down {
+                        down.store(true, Ordering::SeqCst);
+                    }
+                    match (&tx, req.action) {
+                        (Some(tx), action) => {
+                            let (atx, arx) = tokio::sync::oneshot::channel();
+                            if tx.send((action, atx)).is_err() {
+                                Answer {
+                                    v: 1,
+                                    ok: false,
+                                    message: "the job is ending".into(),
+                                }
+                            } else {
+                                match tokio::time::timeout(Duration::from_secs(3600), arx).await {
+                                    Ok(Ok(a)) => a,
+                                    _ => Answer {
+                                        v: 1,
+                                        ok: false,
+                                        message: "the job ended before answering".into(),
+                                    },
+                                }
+                            }
+                        }
+                        (None, Action::Down) => Answer {
+                            v: 1,
+                            ok: true,
+                            message: "taking the job down".into(),
+                        },
+                        (None, _) => Answer {
+                            v: 1,
+                            ok: false,
+                            message: "this job's script drives its own checkpoints and migrations; only jobs on the managed flow take them from the command line".into(),
+                        },
+                    }
+                }
+            };
+            let _ = client
+                .publish(
+                    reply_to,
+                    serde_json::to_vec(&answer).expect("serializes").into(),
+                )
+                .await;
+            let _ = client.flush().await;
+        }
+    });
+    Ok(())
+}
+
+/// Sends `action` to the driver of `job` and waits for its answer.
+pub async fn request(
+    url: &str,
+    token: &str,
+    job: &str,
+    action: Action,
+    secs: u64,
+) -> Result<Answer, ControlError> {
+    let client = async_nats::ConnectOptions::with_token(token.to_string())
+        .name("cedana-driver control")
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(secs)))
+        .connect(url)
+        .await
+        .map_err(|e| ControlError::Connect {
+            job: job.into(),
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
+    let body = serde_json::to_vec(&Request { v: 1, action }).expect("serializes");
+    let msg = client
+        .request(subject(job), body.into())
+        .await
+        .map_err(|_| ControlError::NoAnswer {
+            job: job.into(),
+            secs,
+        })?;
+    let answer: Answer =
+        serde_json::from_slice(&msg.payload).map_err(|e| ControlError::Refused {
+            job: job.into(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+    if answer.ok {
+        Ok(answer)
+    } else {
+        Err(ControlError::Refused {
+            job: job.into(),
+            message: answer.message,
+        })
+    }
+}

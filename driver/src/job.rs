@@ -1,0 +1,467 @@
+//! One running job: its workers, its task, its checkpoints and its record. Both ways a job
+//! runs (the script's own code, and the managed flow) act through this.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cedana_agent::protocol::{self, Command, Reply};
+use tracing::{info, warn};
+
+use crate::coordinator::{CoordError, Coordinator, Exit};
+use crate::local::{LaunchSpec, LocalWorker};
+
+use crate::state::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
+
+/// A worker silent this long is lost (heartbeats come every 2 s; the margin covers a NATS
+/// server restart).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors of job operations.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Coord(#[from] CoordError),
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+    #[error("worker {worker}: {message}")]
+    Worker { worker: String, message: String },
+    #[error("worker {worker} was lost: {reason}")]
+    Lost { worker: String, reason: String },
+    #[error("no worker {0} in this job")]
+    NoWorker(String),
+    #[error("the job was taken down")]
+    Down,
+    #[error("worker {worker} answered {reply}, not what {what} expects")]
+    Unexpected {
+        worker: String,
+        what: &'static str,
+        reply: String,
+    },
+}
+
+/// What a job asks of a worker's machine (the original's `instance_specs`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Spec {
+    pub cpu_cores: Option<f64>,
+    pub memory_gb: Option<f64>,
+    pub gpu: Option<String>,
+    pub gpu_count: Option<u32>,
+    pub vram_gb: Option<f64>,
+    pub max_price_usd_hour: Option<f64>,
+}
+
+/// A worker as scripts see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Worker {
+    pub id: String,
+}
+
+/// A task as scripts see it: its name and the worker it runs on now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub name: String,
+    pub worker: String,
+}
+
+/// A checkpoint of a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub object: String,
+    pub task: String,
+}
+
+/// The running job.
+pub struct Job {
+    pub id: String,
+    pub rt: tokio::runtime::Handle,
+    pub coord: Coordinator,
+    pub nats_url: String,
+    token: cedana_agent::config::Secret,
+    /// The job's folder.
+    pub dir: PathBuf,
+    /// The path every worker sees its own folder at.
+    pub work_path: PathBuf,
+    pub shared_storage: Option<PathBuf>,
+    pub workers: BTreeMap<String, LocalWorker>,
+    pub record: JobRecord,
+    /// Set by `down` or a signal: every wait ends.
+    pub down: Arc<AtomicBool>,
+    next_worker: u32,
+    next_task: u32,
+    pruned: std::collections::BTreeSet<String>,
+}
+
+impl Job {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        rt: tokio::runtime::Handle,
+        coord: Coordinator,
+        nats_url: String,
+        token: cedana_agent::config::Secret,
+        dir: PathBuf,
+        shared_storage: Option<PathBuf>,
+        record: JobRecord,
+    ) -> Self {
+        Job {
+            id,
+            rt,
+            coord,
+            nats_url,
+            token,
+            work_path: dir.join("work"),
+            dir,
+            shared_storage,
+            workers: BTreeMap::new(),
+            record,
+            down: Arc::new(AtomicBool::new(false)),
+            next_worker: 0,
+            next_task: 0,
+            pruned: Default::default(),
+        }
+    }
+
+    /// Records a change: `job.json` now, and the KV bucket (best effort).
+    pub fn save(&mut self) {
+        self.record.updated_at = protocol::now();
+        if let Err(e) = self.record.save(&self.dir) {
+            warn!(error = %e, "cannot save the job record");
+        }
+        let coord = self.coord.clone();
+        let record = self.record.clone();
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), coord.put_job(&record)).await
+        });
+    }
+
+    pub fn set_state(&mut self, state: JobState) {
+        self.record.state = state;
+        self.save();
+    }
+
+    /// Launches a worker for `spec` and waits until it registered.
+    pub fn launch(&mut self, spec: &Spec) -> Result<Worker, JobError> {
+        self.next_worker += 1;
+        let id = format!("w{}", self.next_worker);
+        if spec.gpu.is_some() {
+            warn!(worker = %id, "the local provider has no GPU; launching without one");
+        }
+        let dir = self.dir.join("workers").join(&id);
+        let log = self.dir.join("logs").join(format!("{id}.log"));
+        let w = LocalWorker::launch(&LaunchSpec {
+            job: &self.id,
+            id: &id,
+            nats_url: &self.nats_url,
+            token: self.token.expose(),
+            work_path: &self.work_path,
+            dir: &dir,
+            log: &log,
+            shared_storage: self.shared_storage.as_deref(),
+        })?;
+        if !w.isolated && self.workers.is_empty() {
+            warn!("not root: local workers share the job's folder instead of each having its own");
+        }
+        self.record.workers.push(WorkerInfo {
+            id: id.clone(),
+            provider: "local".into(),
+            pid: w.pid,
+            dir: w.dir.clone(),
+            launched_at: protocol::now(),
+            state: "running".into(),
+        });
+        self.workers.insert(id.clone(), w);
+        self.save();
+        let coord = self.coord.clone();
+        let registered = self.rt.block_on(coord.wait_registered(&id, 30));
+        if let Err(e) = registered {
+            self.terminate(&Worker { id: id.clone() });
+            return Err(e.into());
+        }
+        info!(worker = %id, "worker launched");
+        Ok(Worker { id })
+    }
+
+    /// Why `worker` is lost, if it is: its daemon exited, or it has been silent too long.
+    pub fn lost(&self, worker: &str) -> Option<String> {
+        let w = self.workers.get(worker)?;
+        lost_reason(w.exited(), self.coord.last_seen(worker))
+    }
+
+    /// Sends a command to `worker` and waits for its reply (an error reply is an error).
+    pub fn call(&self, worker: &str, command: Command, secs: u64) -> Result<Reply, JobError> {
+        let exited = self
+            .workers
+            .get(worker)
+            .map(|w| w.exited_arc())
+            .ok_or_else(|| JobError::NoWorker(worker.into()))?;
+        let coord = self.coord.clone();
+        let down = self.down.clone();
+        let lost = move || {
+            if down.load(Ordering::SeqCst) {
+                return Some("the job is being taken down".to_string());
+            }
+            lost_reason(exited.load(Ordering::SeqCst), coord.last_seen(worker))
+        };
+        let coord = self.coord.clone();
+        match self.rt.block_on(coord.call(worker, command, secs, &lost)) {
+            Ok(Reply::Error { message }) => Err(JobError::Worker {
+                worker: worker.into(),
+                message,
+            }),
+            Ok(r) => Ok(r),
+            Err(CoordError::Lost { reason, .. }) => Err(JobError::Lost {
+                worker: worker.into(),
+                reason,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs `sh -c cmd` on the worker: (exit code, stdout, stderr).
+    pub fn sh(&self, w: &Worker, cmd: &str) -> Result<(i32, String, String), JobError> {
+        match self.call(
+            &w.id,
+            Command::Sh {
+                cmd: cmd.into(),
+                timeout_secs: Some(3600),
+            },
+            3700,
+        )? {
+            Reply::Sh {
+                exit_code,
+                stdout,
+                stderr,
+            } => Ok((exit_code, stdout, stderr)),
+            other => Err(unexpected(&w.id, "sh", other)),
+        }
+    }
+
+    /// Starts the job's task on `w`.
+    pub fn spawn(&mut self, w: &Worker, cmd: &str) -> Result<Task, JobError> {
+        self.next_task += 1;
+        let name = format!("task{}", self.next_task);
+        self.coord.reset_exit(&w.id, &name);
+        match self.call(
+            &w.id,
+            Command::Spawn {
+                task: name.clone(),
+                cmd: cmd.into(),
+            },
+            60,
+        )? {
+            Reply::Spawned { pid, .. } => {
+                self.track_task(&name, &w.id, pid);
+                Ok(Task {
+                    name,
+                    worker: w.id.clone(),
+                })
+            }
+            other => Err(unexpected(&w.id, "spawn", other)),
+        }
+    }
+
+    fn track_task(&mut self, name: &str, worker: &str, pid: i32) {
+        if let Some(lw) = self.workers.get_mut(worker) {
+            lw.task_pids.push(pid);
+        }
+        self.record.task = Some(TaskInfo {
+            name: name.into(),
+            worker: worker.into(),
+            pid,
+        });
+        self.save();
+    }
+
+    /// Checkpoints `t` (its files included) into the object store or shared storage.
+    pub fn checkpoint(&mut self, t: &Task, leave_running: bool) -> Result<Checkpoint, JobError> {
+        let cmd = Command::Checkpoint {
+            task: t.name.clone(),
+            leave_running,
+            compression: cedana_agent::Compression::Zstd,
+        };
+        match self.call(&t.worker, cmd, 3600)? {
+            Reply::Checkpointed { object, bytes, .. } => {
+                self.record.checkpoints.push(CheckpointInfo {
+                    object: object.clone(),
+                    task: t.name.clone(),
+                    worker: t.worker.clone(),
+                    at: protocol::now(),
+                    bytes,
+                });
+                self.save();
+                Ok(Checkpoint {
+                    object,
+                    task: t.name.clone(),
+                })
+            }
+            other => Err(unexpected(&t.worker, "checkpoint", other)),
+        }
+    }
+
+    /// Restores `c` on `w` (its files first).
+    pub fn restore(&mut self, c: &Checkpoint, w: &Worker) -> Result<Task, JobError> {
+        self.coord.reset_exit(&w.id, &c.task);
+        match self.call(
+            &w.id,
+            Command::Restore {
+                task: c.task.clone(),
+                object: c.object.clone(),
+            },
+            3600,
+        )? {
+            Reply::Restored { pid, .. } => {
+                self.track_task(&c.task, &w.id, pid);
+                Ok(Task {
+                    name: c.task.clone(),
+                    worker: w.id.clone(),
+                })
+            }
+            other => Err(unexpected(&w.id, "restore", other)),
+        }
+    }
+
+    /// Kills task `t`.
+    pub fn stop(&self, t: &Task) -> Result<(), JobError> {
+        self.call(
+            &t.worker,
+            Command::Stop {
+                task: t.name.clone(),
+            },
+            60,
+        )
+        .map(|_| ())
+    }
+
+    /// Ends a worker as an instance ends.
+    pub fn terminate(&mut self, w: &Worker) {
+        self.end_worker(&w.id, "terminated");
+    }
+
+    /// Ends a worker and records how it ended (`terminated` or `lost`).
+    pub fn end_worker(&mut self, id: &str, how: &str) {
+        if let Some(mut lw) = self.workers.remove(id) {
+            lw.terminate();
+        }
+        if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
+            if info.state == "running" {
+                info.state = how.into();
+            }
+        }
+        self.save();
+    }
+
+    /// Waits until `t` exits. Ends early if its worker is lost or the job is taken down.
+    pub fn wait(&self, t: &Task) -> Result<Exit, JobError> {
+        loop {
+            if let Some(e) = self.coord.exit_of(&t.worker, &t.name) {
+                return Ok(e);
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Err(JobError::Down);
+            }
+            if let Some(reason) = self.lost(&t.worker) {
+                return Err(JobError::Lost {
+                    worker: t.worker.clone(),
+                    reason,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Copies a file or folder from this machine into worker `w`'s folder.
+    pub fn upload(&self, w: &Worker, from: &Path) -> Result<(), JobError> {
+        let lw = self
+            .workers
+            .get(&w.id)
+            .ok_or_else(|| JobError::NoWorker(w.id.clone()))?;
+        let name = from.file_name().ok_or_else(|| JobError::Worker {
+            worker: w.id.clone(),
+            message: format!("upload needs a file or folder path, not {}", from.display()),
+        })?;
+        copy_tree(from, &lw.dir.join(name)).map_err(|e| JobError::Worker {
+            worker: w.id.clone(),
+            message: format!("upload of {}: {e}", from.display()),
+        })
+    }
+
+    /// Deletes all but the newest `keep` checkpoints from the store (they stay in the record,
+    /// marked by their absence from `kept`).
+    pub fn prune_checkpoints(&mut self, keep: usize) {
+        let n = self.record.checkpoints.len();
+        if n <= keep {
+            return;
+        }
+        let old: Vec<String> = self.record.checkpoints[..n - keep]
+            .iter()
+            .map(|c| c.object.clone())
+            .filter(|o| !self.pruned.contains(o))
+            .collect();
+        for object in old {
+            let result = match &self.shared_storage {
+                Some(dir) => std::fs::remove_file(dir.join(&object)).map_err(|e| e.to_string()),
+                None => {
+                    let coord = self.coord.clone();
+                    self.rt
+                        .block_on(async move { coord.delete_checkpoint(&object).await })
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "cannot delete an old checkpoint");
+            }
+        }
+        self.pruned.extend(
+            self.record.checkpoints[..n - keep]
+                .iter()
+                .map(|c| c.object.clone()),
+        );
+    }
+
+    /// Ends every worker (the job is over).
+    pub fn end(&mut self) {
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for id in ids {
+            self.end_worker(&id, "terminated");
+        }
+    }
+}
+
+fn lost_reason(exited: bool, last_seen: Option<Instant>) -> Option<String> {
+    if exited {
+        return Some("its agent exited".into());
+    }
+    match last_seen {
+        Some(t) if t.elapsed() > HEARTBEAT_TIMEOUT => {
+            Some(format!("no heartbeat for {} s", t.elapsed().as_secs()))
+        }
+        _ => None,
+    }
+}
+
+fn unexpected(worker: &str, what: &'static str, reply: Reply) -> JobError {
+    JobError::Unexpected {
+        worker: worker.into(),
+        what,
+        reply: format!("{reply:?}"),
+    }
+}
+
+/// Copies a file, or a folder recursively.
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(from)?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        Ok(())
+    } else {
+        std::fs::copy(from, to).map(|_| ())
+    }
+}

@@ -1,0 +1,259 @@
+//! The managed flow: for a job that only defines hooks (a Rhai script with `setup`, `work` and
+//! `restored_task`, or a YAML job spec). The driver launches a worker, runs `setup` and `work`
+//! (which starts the task), checkpoints the task every interval, and when the worker is lost
+//! launches another, restores the newest checkpoint there and runs `restored_task`. It also
+//! serves `checkpoint`, `migrate` and `down` from the command line.
+//!
+//! Invariant: a failed checkpoint never replaces the newest good one; recovery always restores
+//! the newest checkpoint that succeeded.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::control::{Action, Answer, Pending};
+use crate::coordinator::Exit;
+use crate::job::{Checkpoint, Job, JobError, Spec, Task, Worker};
+use crate::script::ScriptError;
+use crate::state::JobState;
+
+/// A job's hooks.
+pub trait Hooks {
+    /// What the job's workers need.
+    fn spec(&mut self) -> Result<Spec, FlowError>;
+    /// Prepares a new worker (every worker, the first and those that replace a lost one).
+    fn setup(&mut self, job: &Shared, w: &Worker) -> Result<(), FlowError>;
+    /// Starts the task on the first worker.
+    fn work(&mut self, job: &Shared, w: &Worker) -> Result<Task, FlowError>;
+    /// Runs after the task was restored on a new worker.
+    fn restored_task(&mut self, job: &Shared, w: &Worker, t: &Task) -> Result<(), FlowError>;
+}
+
+/// The job, shared with the script engine.
+pub type Shared = Rc<RefCell<Job>>;
+
+/// Errors that end a managed job.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("{what} failed: {message}")]
+    Hook { what: String, message: String },
+    #[error("worker lost {attempts} times in a row while recovering; giving up (last: {last})")]
+    Recovery { attempts: u32, last: String },
+}
+
+/// How the managed flow runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Checkpoint the task this often (`checkpoint.heartbeat_interval_seconds`); `None`: never
+    /// on a timer.
+    pub interval: Option<Duration>,
+    /// Newest checkpoints kept in the store; older ones are deleted.
+    pub keep: usize,
+    /// Attempts at bringing the task back after a worker is lost.
+    pub attempts: u32,
+}
+
+/// Runs the flow to the task's end; returns its exit status.
+pub fn run(
+    job: &Shared,
+    hooks: &mut dyn Hooks,
+    opts: &Options,
+    control: &std::sync::mpsc::Receiver<Pending>,
+) -> Result<i64, FlowError> {
+    let spec = hooks.spec()?;
+    let mut newest: Option<Checkpoint> = None;
+    let (mut w, mut task) = bring_up(job, hooks, &spec, None)?;
+    job.borrow_mut().set_state(JobState::Running);
+    let mut next = opts.interval.map(|i| Instant::now() + i);
+    loop {
+        let exit = job.borrow().coord.exit_of(&task.worker, &task.name);
+        if let Some(e) = exit {
+            return Ok(status(e));
+        }
+        if job.borrow().down.load(Ordering::SeqCst) {
+            return Err(JobError::Down.into());
+        }
+        let lost = job.borrow().lost(&w.id);
+        if let Some(reason) = lost {
+            warn!(worker = %w.id, %reason, "worker lost; recovering from the newest checkpoint");
+            eprintln!(
+                "[cedana] worker {} lost ({reason}); recovering from {}",
+                w.id,
+                newest
+                    .as_ref()
+                    .map(|c| c.object.as_str())
+                    .unwrap_or("the start (no checkpoint yet)")
+            );
+            {
+                let mut j = job.borrow_mut();
+                j.end_worker(&w.id, "lost");
+                j.record.recoveries += 1;
+                j.set_state(JobState::Recovering);
+            }
+            (w, task) = bring_up(job, hooks, &spec, newest.as_ref())?;
+            job.borrow_mut().set_state(JobState::Running);
+            next = opts.interval.map(|i| Instant::now() + i);
+            continue;
+        }
+        while let Ok((action, answer)) = control.try_recv() {
+            let reply = match action {
+                Action::Checkpoint => match take_checkpoint(job, &task, &mut newest, opts) {
+                    Ok(c) => ok(format!("checkpoint {}", c.object)),
+                    Err(e) => fail(e.to_string()),
+                },
+                Action::Migrate => match migrate(job, hooks, &spec, &mut w, &mut task) {
+                    Ok(()) => ok(format!("task {} now runs on worker {}", task.name, w.id)),
+                    Err(e) => fail(e.to_string()),
+                },
+                Action::Down => ok("taking the job down".into()),
+            };
+            let _ = answer.send(reply);
+        }
+        if next.is_some_and(|n| Instant::now() >= n) {
+            // A failure keeps the previous checkpoint; a lost worker is seen on the next turn.
+            if let Err(e) = take_checkpoint(job, &task, &mut newest, opts) {
+                warn!(error = %e, "periodic checkpoint failed; the previous one is kept");
+                eprintln!("[cedana] checkpoint failed ({e}); keeping the previous one");
+            }
+            next = opts.interval.map(|i| Instant::now() + i);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The task's exit status as a shell reports it.
+pub fn status(e: Exit) -> i64 {
+    e.code
+        .map(i64::from)
+        .unwrap_or(128 + e.signal.unwrap_or(0) as i64)
+}
+
+fn ok(message: String) -> Answer {
+    Answer {
+        v: 1,
+        ok: true,
+        message,
+    }
+}
+
+fn fail(message: String) -> Answer {
+    Answer {
+        v: 1,
+        ok: false,
+        message,
+    }
+}
+
+/// Launches a worker, runs `setup`, then starts the task (`work`) or restores `from` and runs
+/// `restored_task`. A worker lost on the way is replaced, a few times at most.
+fn bring_up(
+    job: &Shared,
+    hooks: &mut dyn Hooks,
+    spec: &Spec,
+    from: Option<&Checkpoint>,
+) -> Result<(Worker, Task), FlowError> {
+    let attempts = 3;
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        let w = job.borrow_mut().launch(spec)?;
+        let result = (|| -> Result<Task, FlowError> {
+            hooks.setup(job, &w)?;
+            match from {
+                None => hooks.work(job, &w),
+                Some(c) => {
+                    let t = job.borrow_mut().restore(c, &w)?;
+                    hooks.restored_task(job, &w, &t)?;
+                    Ok(t)
+                }
+            }
+        })();
+        match result {
+            Ok(t) => {
+                if from.is_some() {
+                    info!(worker = %w.id, task = %t.name, "task restored");
+                    eprintln!("[cedana] task {} restored on worker {}", t.name, w.id);
+                }
+                return Ok((w, t));
+            }
+            Err(e) => {
+                let lost = job.borrow().lost(&w.id);
+                match lost {
+                    Some(reason) => {
+                        warn!(worker = %w.id, %reason, attempt, "worker lost while starting");
+                        last = format!("worker {}: {reason}", w.id);
+                        job.borrow_mut().end_worker(&w.id, "lost");
+                    }
+                    None => {
+                        job.borrow_mut().end_worker(&w.id, "terminated");
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    Err(FlowError::Recovery { attempts, last })
+}
+
+/// Checkpoints the task, leaving it running; keeps the newest `opts.keep` checkpoints.
+fn take_checkpoint(
+    job: &Shared,
+    task: &Task,
+    newest: &mut Option<Checkpoint>,
+    opts: &Options,
+) -> Result<Checkpoint, JobError> {
+    job.borrow_mut().set_state(JobState::Checkpointing);
+    let t0 = Instant::now();
+    let result = job.borrow_mut().checkpoint(task, true);
+    job.borrow_mut().set_state(JobState::Running);
+    let c = result?;
+    info!(object = %c.object, ms = t0.elapsed().as_millis() as u64, "checkpoint taken");
+    *newest = Some(c.clone());
+    job.borrow_mut().prune_checkpoints(opts.keep);
+    Ok(c)
+}
+
+/// Moves the task to a new worker: launch, setup, checkpoint (stopping the task), restore
+/// there, `restored_task`, terminate the old worker. If the new worker cannot take it, the
+/// task is restored where it was.
+fn migrate(
+    job: &Shared,
+    hooks: &mut dyn Hooks,
+    spec: &Spec,
+    w: &mut Worker,
+    task: &mut Task,
+) -> Result<(), FlowError> {
+    job.borrow_mut().set_state(JobState::Migrating);
+    let result = (|| -> Result<(), FlowError> {
+        let to = job.borrow_mut().launch(spec)?;
+        if let Err(e) = hooks.setup(job, &to) {
+            job.borrow_mut().terminate(&to);
+            return Err(e);
+        }
+        let c = job.borrow_mut().checkpoint(task, false)?;
+        let moved = match job.borrow_mut().restore(&c, &to) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "restore on the new worker failed; restoring where it was");
+                job.borrow_mut().terminate(&to);
+                let back = job.borrow_mut().restore(&c, w)?;
+                *task = back;
+                return Err(e.into());
+            }
+        };
+        hooks.restored_task(job, &to, &moved)?;
+        let old = std::mem::replace(w, to);
+        job.borrow_mut().terminate(&old);
+        job.borrow_mut().record.migrations += 1;
+        *task = moved;
+        Ok(())
+    })();
+    job.borrow_mut().set_state(JobState::Running);
+    result
+}

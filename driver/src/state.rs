@@ -1,0 +1,203 @@
+//! A job's state: what `status`, `logs`, `checkpoint`, `migrate` and `down` read. The driver
+//! keeps it in `<state dir>/<job>/job.json` (written atomically on every change) and in the KV
+//! bucket `cedana_jobs` under the job's id.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// KV bucket of job records.
+pub const JOBS_BUCKET: &str = "cedana_jobs";
+/// The record's file in the job's folder.
+pub const RECORD_FILE: &str = "job.json";
+/// The embedded NATS server's token, for the commands that talk to a running job (0600).
+pub const TOKEN_FILE: &str = "nats.token";
+/// Task output of the whole job, in order.
+pub const OUTPUT_FILE: &str = "output.log";
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Starting,
+    Running,
+    Checkpointing,
+    Recovering,
+    Migrating,
+    Succeeded,
+    Failed,
+    Down,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Down
+        )
+    }
+}
+
+/// A worker of the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub provider: String,
+    /// The daemon's process id (local workers).
+    pub pid: i32,
+    /// Its folder on this machine (local workers).
+    pub dir: PathBuf,
+    pub launched_at: u64,
+    /// `running`, `lost` or `terminated`.
+    pub state: String,
+}
+
+/// The job's task now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub name: String,
+    pub worker: String,
+    pub pid: i32,
+}
+
+/// A checkpoint taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub object: String,
+    pub task: String,
+    pub worker: String,
+    pub at: u64,
+    pub bytes: u64,
+}
+
+/// `job.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub v: u32,
+    pub job: String,
+    pub script: PathBuf,
+    pub state: JobState,
+    pub started_at: u64,
+    pub updated_at: u64,
+    pub driver_pid: u32,
+    pub nats_url: String,
+    /// Whether the driver runs its own NATS server (its token is in [`TOKEN_FILE`]).
+    pub embedded_nats: bool,
+    /// The managed flow (checkpoints, recovery, `checkpoint`/`migrate` commands) or the
+    /// script's own code.
+    pub managed: bool,
+    pub workers: Vec<WorkerInfo>,
+    pub task: Option<TaskInfo>,
+    pub checkpoints: Vec<CheckpointInfo>,
+    pub recoveries: u32,
+    pub migrations: u32,
+    /// What the job has cost so far (zero on `local`).
+    pub cost_usd: f64,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Errors reading job state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no job {job:?} in {dir}; `cedana-driver status` lists the jobs there")]
+    NoJob { job: String, dir: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a job record: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl JobRecord {
+    /// Writes the record to `dir/job.json` atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let path = dir.join(RECORD_FILE);
+        let werr = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
+        tmp.write_all(&serde_json::to_vec_pretty(self).expect("serializes"))
+            .map_err(werr)?;
+        tmp.persist(&path).map_err(|e| werr(e.error))?;
+        Ok(())
+    }
+
+    /// Reads `dir/job.json`.
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(RECORD_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// Whether the driver that runs the job is still alive (a record left by a driver that
+    /// died says `running` but is not).
+    pub fn driver_alive(&self) -> bool {
+        !self.state.is_final()
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.driver_pid as i32), None)
+                .is_ok()
+    }
+
+    /// The state to show: a job whose driver is gone is `orphaned`.
+    pub fn shown_state(&self) -> String {
+        if !self.state.is_final() && !self.driver_alive() {
+            "orphaned".into()
+        } else {
+            serde_json::to_value(self.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        }
+    }
+}
+
+/// Every job record under `state_dir`, newest first.
+pub fn list(state_dir: &Path) -> Vec<(PathBuf, JobRecord)> {
+    let mut jobs: Vec<(PathBuf, JobRecord)> = std::fs::read_dir(state_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let dir = e.path();
+                    JobRecord::load(&dir).ok().map(|r| (dir, r))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.1.started_at));
+    jobs
+}
+
+/// The folder and record of `job` (its full id, or a unique prefix of it).
+pub fn find(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), StateError> {
+    let exact = state_dir.join(job);
+    if let Ok(r) = JobRecord::load(&exact) {
+        return Ok((exact, r));
+    }
+    let mut matches: Vec<_> = list(state_dir)
+        .into_iter()
+        .filter(|(_, r)| r.job.starts_with(job))
+        .collect();
+    if matches.len() == 1 {
+        return Ok(matches.remove(0));
+    }
+    Err(StateError::NoJob {
+        job: job.into(),
+        dir: state_dir.into(),
+    })
+}
