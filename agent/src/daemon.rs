@@ -161,6 +161,10 @@ struct Worker {
     checkpoints: object_store::ObjectStore,
     reaper: Arc<Reaper>,
     tasks: Arc<Mutex<HashMap<String, Task>>>,
+    /// Numbers events for their message ids.
+    next_event: std::sync::atomic::AtomicU64,
+    /// Distinguishes this run of the daemon from earlier ones (message ids stay unique).
+    incarnation: String,
 }
 
 /// Runs the daemon until `shutdown` resolves or the connection is lost for good.
@@ -261,6 +265,8 @@ pub async fn run(
         checkpoints,
         reaper,
         tasks: Arc::new(Mutex::new(HashMap::new())),
+        next_event: Default::default(),
+        incarnation: format!("{}-{}", std::process::id(), protocol::now()),
     });
     let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
     tokio::pin!(shutdown);
@@ -374,14 +380,37 @@ impl Worker {
             event,
         };
         let payload = Bytes::from(serde_json::to_vec(&env).expect("serializes"));
-        match self.js.publish(subject, payload).await {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    warn!(error = %e, "event not acknowledged by JetStream");
+        // Retried until JetStream stores it (the server may be restarting); the message id makes
+        // a retry of an event that was stored after all a duplicate JetStream drops.
+        let n = self
+            .next_event
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let msg_id = format!("{}.{}.{}.{n}", self.opts.job, self.opts.worker, self.incarnation);
+        for attempt in 0..240u32 {
+            let sent = async {
+                self.js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(&msg_id),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match sent.await {
+                Ok(_) => return,
+                Err(e) => {
+                    if attempt % 10 == 0 {
+                        warn!(error = %e, attempt, "event not stored by JetStream yet; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            Err(e) => warn!(error = %e, "cannot publish event"),
         }
+        warn!("event dropped after two minutes of retries");
     }
 
     /// Serves one command message: from the stored reply if its id was seen, else by running it.

@@ -18,7 +18,13 @@ pub fn agent_bin() -> PathBuf {
 /// `$env` if set, else the binary `name` cargo built next to this test.
 fn workspace_bin(name: &str, env: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
+        // Relative to the workspace root (cargo runs tests from the crate's folder).
+        let p = PathBuf::from(p);
+        return if p.is_relative() && p.components().count() > 1 {
+            repo_root().join(p)
+        } else {
+            p
+        };
     }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
@@ -435,4 +441,134 @@ pub fn run_driver(script: &Path, state: &Path) -> Output {
         .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
         .output()
         .expect("run cedana-driver")
+}
+
+/// `cedana-driver` with job folders in `state`, the agent under test and no user config.
+pub fn driver_cmd(state: &Path) -> Command {
+    let mut c = Command::new(driver_bin());
+    c.env("CEDANA_STATE_DIR", state)
+        .env("CEDANA_AGENT_BIN", agent_bin())
+        .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json");
+    c
+}
+
+/// A `cedana-driver run` in the background, its output in files; taken down on drop.
+pub struct BackgroundDriver {
+    pub child: std::process::Child,
+    pub state: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl BackgroundDriver {
+    /// Starts `cedana-driver [global args] run [run args] SCRIPT`.
+    pub fn start(state: &Path, config: Option<&Path>, run_args: &[&str], script: &Path) -> Self {
+        let out = state.join("driver.stdout");
+        let err = state.join("driver.stderr");
+        let mut c = driver_cmd(state);
+        if let Some(cfg) = config {
+            c.env("CEDANA_CONFIG", cfg);
+        }
+        let child = c
+            .arg("run")
+            .args(run_args)
+            .arg(script)
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("start cedana-driver");
+        BackgroundDriver {
+            child,
+            state: state.to_path_buf(),
+            out,
+            err,
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// The job's record (`job.json`), once the driver has written it.
+    pub fn record(&self) -> Option<serde_json::Value> {
+        let dir = std::fs::read_dir(&self.state)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("job.json").is_file())?;
+        serde_json::from_slice(&std::fs::read(dir.join("job.json")).ok()?).ok()
+    }
+
+    /// Waits until the record satisfies `f` (bounded); returns it.
+    pub fn wait_record(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(r) = self.record() {
+                if f(&r) {
+                    return r;
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; record: {:?}\nstderr: {}",
+                self.record(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (bounded) for the driver to end; returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "driver did not end within {timeout:?}\nstdout: {}\nstderr: {}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for BackgroundDriver {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The numbers printed after a `--- NAME` marker line (the example jobs print their output
+/// file that way at the end).
+pub fn numbers_after(text: &str, marker: &str) -> Vec<u64> {
+    text.split(marker)
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }

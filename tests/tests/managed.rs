@@ -1,0 +1,272 @@
+//! The managed flow end to end, with real CRIU and a real nats-server: a worker killed with
+//! SIGKILL mid-job, a NATS server restarted mid-job, the original's YAML job spec, and the
+//! commands that act on a running job (`status`, `logs`, `checkpoint`, `migrate`, `down`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use cedana_tests::*;
+
+fn example(name: &str) -> std::path::PathBuf {
+    repo_root().join("scripts/examples").join(name)
+}
+
+fn kill9(pid: i64) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+fn checkpoints(r: &serde_json::Value) -> usize {
+    r["checkpoints"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+/// The count the task printed at its end, which must be 1..=n with no gap and no repeat.
+fn assert_counted_to(stdout: &str, n: usize) {
+    let nums = numbers_after(stdout, "--- counter.txt");
+    assert_eq!(nums.len(), n, "stdout:\n{stdout}");
+    assert_unbroken(&nums, "the task's count");
+}
+
+#[test]
+fn worker_killed_mid_job_resumes_from_the_newest_checkpoint() {
+    if !criu_ready("worker_killed_mid_job_resumes_from_the_newest_checkpoint") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        None,
+        &["--checkpoint-every", "2"],
+        &example("managed.rhai"),
+    );
+    let r = d.wait_record(Duration::from_secs(60), "two checkpoints", |r| {
+        checkpoints(r) >= 2
+    });
+    // The machine is lost: its agent and its task die at once.
+    let daemon = r["workers"][0]["pid"].as_i64().expect("worker pid");
+    let task = r["task"]["pid"].as_i64().expect("task pid");
+    kill9(task);
+    kill9(daemon);
+    let code = d.wait(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "stderr: {}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    let r = d.record().expect("record");
+    assert_eq!(r["recoveries"], 1, "{r}");
+    assert_eq!(r["workers"][0]["state"], "lost", "{r}");
+    assert_eq!(r["task"]["worker"], "w2", "{r}");
+    assert_eq!(r["state"], "succeeded", "{r}");
+    // Resumed from a checkpoint, not restarted: the restored folder already had numbers.
+    let err = d.stderr();
+    let restored_lines: u64 = err
+        .split("counter.txt has ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no restored_task line in: {err}"));
+    assert!(
+        restored_lines >= 2,
+        "restored with {restored_lines} lines: {err}"
+    );
+    assert!(err.contains("worker w1 lost"), "{err}");
+    // `logs` has the task's output, the count at its end included.
+    let out = driver(&sb, &["logs", r["job"].as_str().unwrap()]);
+    assert_counted_to(&String::from_utf8_lossy(&out.stdout), 60);
+}
+
+fn config_for(sb: &Sandbox, nats: &NatsServer) -> std::path::PathBuf {
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "connection": {"nats_url": "127.0.0.1", "nats_port": nats.port, "auth_token": nats.token},
+            "checkpoint": {"heartbeat_enabled": true, "heartbeat_interval_seconds": 2},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn nats_server_restarted_mid_job_loses_nothing() {
+    if !criu_ready("nats_server_restarted_mid_job_loses_nothing") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let nats = NatsServer::start();
+    let cfg = config_for(&sb, &nats);
+    let mut d = BackgroundDriver::start(sb.path(), Some(&cfg), &[], &example("managed.rhai"));
+    let r = d.wait_record(Duration::from_secs(60), "a checkpoint", |r| {
+        checkpoints(r) >= 1
+    });
+    let before = checkpoints(&r);
+    let (token, port, store) = nats.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    let _nats = NatsServer::start_with(token, port, store);
+    let code = d.wait(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "stderr: {}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    let r = d.record().expect("record");
+    assert_eq!(r["recoveries"], 0, "the worker was never lost: {r}");
+    assert!(
+        checkpoints(&r) > before,
+        "checkpoints went on after the restart: {r}"
+    );
+}
+
+#[test]
+fn configured_server_with_a_wrong_token_is_refused() {
+    let sb = Sandbox::new();
+    let nats = NatsServer::start();
+    let cfg = sb.path().join("bad.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"connection": {"nats_url": nats.url(), "auth_token": "wrong"}})
+            .to_string(),
+    )
+    .unwrap();
+    let out = driver_cmd(sb.path())
+        .env("CEDANA_CONFIG", &cfg)
+        .arg("run")
+        .arg(example("managed.rhai"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to NATS") && err.to_lowercase().contains("authorization"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("wrong"),
+        "the token reached the output: {err}"
+    );
+}
+
+#[test]
+fn the_originals_yaml_job_runs() {
+    if !criu_ready("the_originals_yaml_job_runs") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let out = driver_cmd(sb.path())
+        .args(["run", "--checkpoint-every", "1"])
+        .arg(example("seed-job.yml"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("foo"), "setup ran: {stdout}");
+    assert!(
+        stdout.contains("input has 3 lines"),
+        "work_dir copied: {stdout}"
+    );
+    assert_counted_to(&stdout, 30);
+}
+
+#[test]
+fn yaml_mistakes_name_file_line_and_column() {
+    let sb = Sandbox::new();
+    let p = sb.path().join("bad.yml");
+    std::fs::write(&p, "task:\n  run: [\"echo hi\"\n  oops: 1\n").unwrap();
+    let out = driver_cmd(sb.path()).arg("run").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("{}:3:", p.display())), "{err}");
+    // A wrong type, too.
+    std::fs::write(
+        &p,
+        "instance_specs:\n  cpu_cores: many\ntask:\n  run: [\"true\"]\n",
+    )
+    .unwrap();
+    let out = driver_cmd(sb.path()).arg("run").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{}:2:", p.display())) && err.contains("cpu_cores"),
+        "{err}"
+    );
+}
+
+fn driver(sb: &Sandbox, args: &[&str]) -> std::process::Output {
+    driver_cmd(sb.path()).args(args).output().unwrap()
+}
+
+#[test]
+fn a_running_job_is_checkpointed_migrated_and_taken_down_from_the_command_line() {
+    if !criu_ready("a_running_job_is_checkpointed_migrated_and_taken_down") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        None,
+        &["--checkpoint-every", "0"],
+        &example("managed.rhai"),
+    );
+    let r = d.wait_record(Duration::from_secs(60), "the task", |r| {
+        r["state"] == "running" && r["task"].is_object()
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    let prefix = &job[..job.len() - 2];
+
+    let out = driver(&sb, &["checkpoint", prefix]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checkpoint "));
+    assert_eq!(checkpoints(&d.record().unwrap()), 1);
+
+    let out = driver(&sb, &["migrate", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = d.record().unwrap();
+    assert_eq!(r["task"]["worker"], "w2", "{r}");
+    assert_eq!(r["migrations"], 1, "{r}");
+    let w1 = r["workers"][0]["pid"].as_i64().unwrap();
+    assert!(!is_alive(w1 as i32), "the old worker was terminated");
+
+    let out = driver(&sb, &["status", "--json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all[0]["job"], job.as_str());
+    assert_eq!(all[0]["shown_state"], "running");
+    let out = driver(&sb, &["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&job));
+
+    // The count goes on in the new worker's folder, unbroken.
+    let counter = Path::new(r["workers"][1]["dir"].as_str().unwrap()).join("counter.txt");
+    let n = numbers(&counter).len();
+    wait_for_numbers(&counter, n + 4);
+    assert_unbroken(&numbers(&counter), "count across the migration");
+
+    let out = driver(&sb, &["down", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.wait(Duration::from_secs(30)), Some(130), "{}", d.stderr());
+    let r = d.record().unwrap();
+    assert_eq!(r["state"], "down", "{r}");
+    let w2 = r["workers"][1]["pid"].as_i64().unwrap();
+    let task = r["task"]["pid"].as_i64().unwrap();
+    wait_until(Duration::from_secs(5), "worker and task gone", || {
+        !is_alive(w2 as i32) && !is_alive(task as i32)
+    });
+
+    let out = driver(&sb, &["logs", &job]);
+    assert!(out.status.success());
+    // `down` on a finished job, and an unknown job: exit 4.
+    assert_eq!(driver(&sb, &["down", &job]).status.code(), Some(4));
+    assert_eq!(driver(&sb, &["status", "nosuchjob"]).status.code(), Some(4));
+}
