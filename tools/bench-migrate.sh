@@ -3,6 +3,11 @@
 # against raw CRIU (dump, cp -r, restore) in the same run; plus the time from
 # `cedana-driver run` to the task running and a command's round trip through NATS.
 #
+# Variants per kind of memory and run: raw-criu; cedana-none and cedana-zstd (Checkpoint
+# {leave_running: false} to w1, Restore to w2, through the object store); shared-none and
+# shared-zstd (the same between daemons started with --shared-storage: no object store).
+# The `store` section times the object store alone (put and get of one file).
+#
 # Usage: sudo tools/bench-migrate.sh [SECTION...]   (ping migrate store driver; default all)
 # Env:   BENCH_MB           memory the test process holds, MiB (default 1024)
 #        BENCH_RUNS         migrations per variant and kind; medians are reported (default 1)
@@ -92,8 +97,13 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
             by.setdefault(r["variant"], []).append(r)
     m = {v: {k: med(r[k] for r in rs) for k in ("downtime", "checkpoint", "restore", "total", "gap", "bytes")}
          for v, rs in by.items()}
-    parts = {v: {k: med(r["parts"][k] for r in rs if r.get("parts") and k in r["parts"])
-                 for k in rs[0]["parts"] or {}} for v, rs in by.items()}
+    parts = {}
+    for v, rs in by.items():
+        have = [r["parts"] for r in rs if r.get("parts")]
+        parts[v] = {k: med(p_[k] for p_ in have) for k in (have[0] if have else {})}
+        # What the parts do not cover (messages, waits), run by run.
+        if have:
+            parts[v]["rest"] = med(r["downtime"] - sum(r["parts"].values()) for r in rs if r.get("parts"))
     base = m["raw-criu"]
     print(f"\n### {kind} memory, {mb} MiB (median of {runs})\n")
     print("| variant | downtime s | vs raw | task's own gap s | checkpoint s | restore s | first output s | size MiB |")
@@ -107,8 +117,7 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
     print("| variant | " + " | ".join(names) + " | rest |")
     print("|---|" + "---:|" * (len(names) + 1))
     for v, ps in parts.items():
-        rest = m[v]["downtime"] - sum(ps.values())
-        print(f"| {v} | " + " | ".join(f"{ps[n]:.2f}" if n in ps else "" for n in names) + f" | {rest:.2f} |")
+        print(f"| {v} | " + " | ".join(f"{abs(ps[n]) if abs(ps[n]) < 0.005 else ps[n]:.2f}" if n in ps else "" for n in names + ["rest"]) + " |")
     for v in m:
         if v != "raw-criu":
             ok = "met" if m[v]["vs_raw"] <= 1.5 else "NOT met"

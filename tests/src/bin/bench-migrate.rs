@@ -291,20 +291,31 @@ fn start_nats(cfg: &Cfg, token: &str) -> Result<(Guard, String)> {
 }
 
 /// `cedana-agent daemon` with debug logs (timestamps of each step) in `<dir>/<worker>.log`.
-fn start_daemon(cfg: &Cfg, url: &str, token: &str, worker: &str, work: &Path) -> Result<Guard> {
+fn start_daemon(
+    cfg: &Cfg,
+    url: &str,
+    token: &str,
+    worker: &str,
+    work: &Path,
+    shared: Option<&Path>,
+) -> Result<Guard> {
     let log = std::fs::File::create(cfg.dir.join(format!("{worker}.log")))?;
-    let child = std::process::Command::new(&cfg.agent)
-        .args([
-            "daemon",
-            "--job",
-            JOB,
-            "--worker",
-            worker,
-            "--nats-url",
-            url,
-        ])
-        .arg("--work-dir")
-        .arg(work)
+    let mut cmd = std::process::Command::new(&cfg.agent);
+    cmd.args([
+        "daemon",
+        "--job",
+        JOB,
+        "--worker",
+        worker,
+        "--nats-url",
+        url,
+    ])
+    .arg("--work-dir")
+    .arg(work);
+    if let Some(dir) = shared {
+        cmd.arg("--shared-storage").arg(dir);
+    }
+    let child = cmd
         .env("CEDANA_NATS_TOKEN", token)
         .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
         .env("RUST_LOG", "cedana_agent=debug")
@@ -480,26 +491,42 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-/// One migration w1 → w2: spawn, checkpoint (task stopped), restore; timed and split.
+/// Which daemons a migration goes between, and how the checkpoint travels.
+struct Route<'a> {
+    from: &'a str,
+    to: &'a str,
+    /// The daemons' `--shared-storage` folder; else the object store.
+    shared: Option<&'a Path>,
+}
+
+/// One migration: spawn, checkpoint (task stopped), restore; timed and split.
+#[allow(clippy::too_many_arguments)]
 async fn migrate_run(
     cfg: &Cfg,
     c: &mut Client,
     store: &object_store::ObjectStore,
     work: &Path,
+    route: &Route<'_>,
     kind: &str,
     compression: Compression,
     run: u32,
 ) -> Result<Value> {
+    let (from, to) = (route.from, route.to);
     let variant = format!(
-        "cedana-{}",
+        "{}-{}",
+        if route.shared.is_some() {
+            "shared"
+        } else {
+            "cedana"
+        },
         serde_json::to_value(compression)?.as_str().unwrap_or("?")
     );
-    let task = format!("mem{run}-{kind}-{}", &variant[7..]);
+    let task = format!("mem{run}-{kind}-{variant}");
     let limit = cfg.step;
     let cmd = format!("exec /usr/bin/python3 alloc.py {kind} {}", cfg.mb);
     let r = c
         .call(
-            "w1",
+            from,
             Command::Spawn {
                 task: task.clone(),
                 cmd,
@@ -515,7 +542,10 @@ async fn migrate_run(
     let mut orig = TaskGuard(Some(pid));
     let log = work.join(format!("{task}.log"));
     wait_ready(&log, pid).await?;
-    let (log1, log2) = (cfg.dir.join("w1.log"), cfg.dir.join("w2.log"));
+    let (log1, log2) = (
+        cfg.dir.join(format!("{from}.log")),
+        cfg.dir.join(format!("{to}.log")),
+    );
     let (from1, from2) = (file_len(&log1), file_len(&log2));
     nix::unistd::sync();
 
@@ -526,7 +556,7 @@ async fn migrate_run(
         leave_running: false,
         compression,
     };
-    let r = c.call("w1", command, limit, |_| {}).await?;
+    let r = c.call(from, command, limit, |_| {}).await?;
     let t1 = Instant::now();
     let checkpoint_id = c.next_id;
     let Reply::Checkpointed { object, bytes, .. } = r else {
@@ -535,7 +565,7 @@ async fn migrate_run(
     let mut first_log = None;
     let mut seen = |e: &EventEnvelope| {
         if first_log.is_none()
-            && e.worker == "w2"
+            && e.worker == to
             && matches!(&e.event, Event::Log { task: t, .. } if *t == task)
         {
             first_log = Some(Instant::now());
@@ -545,7 +575,7 @@ async fn migrate_run(
         task: task.clone(),
         object: object.clone(),
     };
-    let r = c.call("w2", command, limit, &mut seen).await?;
+    let r = c.call(to, command, limit, &mut seen).await?;
     let t2 = Instant::now();
     let restore_id = c.next_id;
     let Reply::Restored { pid: rpid, .. } = r else {
@@ -555,7 +585,7 @@ async fn migrate_run(
     let mut restored = TaskGuard(Some(rpid));
     if first_log.is_none() {
         let w2_log = |e: &EventEnvelope| {
-            (e.worker == "w2" && matches!(&e.event, Event::Log { task: t, .. } if *t == task))
+            (e.worker == to && matches!(&e.event, Event::Log { task: t, .. } if *t == task))
                 .then(Instant::now)
         };
         first_log = Some(c.until(Duration::from_secs(30), w2_log).await?);
@@ -563,12 +593,15 @@ async fn migrate_run(
     let t3 = first_log.unwrap_or(t2);
     let gap = check_restored(cfg, rpid, &log).await?;
     orig.stop().await?;
-    let r = c.call("w2", Command::Stop { task }, limit, |_| {}).await?;
+    let r = c.call(to, Command::Stop { task }, limit, |_| {}).await?;
     if !matches!(r, Reply::Stopped { .. }) {
         bail!("stop answered {r:?}");
     }
     restored.stop().await?;
-    store.delete(&object).await?;
+    match route.shared {
+        Some(dir) => std::fs::remove_file(dir.join(&object))?,
+        None => store.delete(&object).await?,
+    }
 
     // The parts, from the daemons' log timestamps.
     let cmd1 = log_line(
@@ -768,11 +801,28 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     let work = cfg.dir.join("job");
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join("alloc.py"), ALLOC)?;
-    let _w1 = start_daemon(cfg, url, token, "w1", &work)?;
-    let _w2 = start_daemon(cfg, url, token, "w2", &work)?;
+    // s1 and s2 pass checkpoints through a shared folder instead (no object store).
+    let shared = cfg.dir.join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let mut daemons = Vec::new();
+    for w in ["w1", "w2", "s1", "s2"] {
+        let storage = w.starts_with('s').then_some(shared.as_path());
+        daemons.push(start_daemon(cfg, url, token, w, &work, storage)?);
+    }
     let mut c = Client::connect(url, token).await?;
-    c.wait_registered("w1").await?;
-    c.wait_registered("w2").await?;
+    for w in ["w1", "w2", "s1", "s2"] {
+        c.wait_registered(w).await?;
+    }
+    let by_store = Route {
+        from: "w1",
+        to: "w2",
+        shared: None,
+    };
+    let by_folder = Route {
+        from: "s1",
+        to: "s2",
+        shared: Some(&shared),
+    };
     if sections.contains(&"ping") {
         eprintln!("ping: {} round trips to w1", cfg.pings);
         ping_section(cfg, &mut c).await?;
@@ -785,15 +835,21 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     };
     for run in 1..=runs {
         for kind in &cfg.kinds {
-            for variant in ["raw-criu", "none", "zstd"] {
+            for variant in ["raw-criu", "none", "zstd", "shared-none", "shared-zstd"] {
+                let route = if variant.starts_with("shared") {
+                    &by_folder
+                } else {
+                    &by_store
+                };
+                let compression = if variant.ends_with("zstd") {
+                    Compression::Zstd
+                } else {
+                    Compression::None
+                };
                 let row = match variant {
                     "raw-criu" => raw_run(cfg, kind, run).await?,
-                    "none" => {
-                        migrate_run(cfg, &mut c, &store, &work, kind, Compression::None, run)
-                            .await?
-                    }
                     _ => {
-                        migrate_run(cfg, &mut c, &store, &work, kind, Compression::Zstd, run)
+                        migrate_run(cfg, &mut c, &store, &work, route, kind, compression, run)
                             .await?
                     }
                 };
