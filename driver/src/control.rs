@@ -83,6 +83,12 @@ pub async fn serve(
                         down.store(true, Ordering::SeqCst);
                     }
                     match (&tx, req.action) {
+                        // Answered at once: the job's loop ends without another turn.
+                        (_, Action::Down) => Answer {
+                            v: 1,
+                            ok: true,
+                            message: "taking the job down".into(),
+                        },
                         (Some(tx), action) => {
                             let (atx, arx) = tokio::sync::oneshot::channel();
                             if tx.send((action, atx)).is_err() {
@@ -102,11 +108,6 @@ pub async fn serve(
                                 }
                             }
                         }
-                        (None, Action::Down) => Answer {
-                            v: 1,
-                            ok: true,
-                            message: "taking the job down".into(),
-                        },
                         (None, _) => Answer {
                             v: 1,
                             ok: false,

@@ -282,7 +282,7 @@ fn send(state_dir: &Path, config: &cedana_driver::Config, job: &str, action: Act
         &token,
         &record.job,
         action,
-        3600,
+        if action == Action::Down { 60 } else { 3600 },
     ));
     if let Some(pb) = spinner {
         pb.finish_and_clear();

@@ -299,6 +299,12 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         }
     }
     drop(job);
+    // Answers to control requests go out before the connection closes.
+    let client = coord.client.clone();
+    let _ =
+        rt.block_on(
+            async move { tokio::time::timeout(Duration::from_secs(2), client.flush()).await },
+        );
     drop(rt);
     drop(embedded);
     result
