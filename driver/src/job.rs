@@ -161,6 +161,7 @@ impl Job {
             dir: &dir,
             log: &log,
             shared_storage: self.shared_storage.as_deref(),
+            rt: &self.rt,
         })?;
         if !w.isolated && self.workers.is_empty() {
             warn!("not root: local workers share the job's folder instead of each having its own");
@@ -170,6 +171,7 @@ impl Job {
             provider: "local".into(),
             pid: w.pid,
             dir: w.dir.clone(),
+            netns: w.netns.as_ref().map(|n| n.name.clone()),
             launched_at: protocol::now(),
             state: "running".into(),
         });

@@ -4,7 +4,10 @@
 //! disk. Restored tasks reopen their files by path, so every worker must show its folder at
 //! the same path, as the same path exists on every machine: as root, each daemon runs in a
 //! mount namespace of its own where its folder is bind-mounted on the job's work path
-//! (`<job>/work`). Without root, workers share `<job>/work` and say so.
+//! (`<job>/work`), and in a network namespace of its own (a separate host), joined to this
+//! machine by a veth pair; the driver forwards a port on the host side of that pair to the NATS
+//! server, so the worker reaches NATS as a remote machine would. Without root, workers share
+//! `<job>/work` and this machine's network, and say so.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -27,6 +30,99 @@ pub struct LocalWorker {
     pub isolated: bool,
     exited: Arc<AtomicBool>,
     pub task_pids: Vec<i32>,
+    /// The worker's network namespace, if it has one (removed when the worker ends).
+    pub netns: Option<NetNs>,
+    forwarder: Option<tokio::task::AbortHandle>,
+}
+
+/// A network namespace standing for a separate host, with a veth pair to this machine.
+pub struct NetNs {
+    pub name: String,
+    /// This machine's address on the pair (the worker's is the next one).
+    pub host_ip: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl NetNs {
+    /// Creates namespace `name` and a veth pair on a random /30 of 10.64.0.0/10.
+    pub fn create(name: &str) -> std::io::Result<Self> {
+        let r = crate::nats::random_hex(4)?;
+        let n = u32::from_str_radix(&r, 16).unwrap_or(0) & 0x000f_ffff;
+        let base = (10u32 << 24) | (64 << 16) | (n << 2);
+        let host_ip = std::net::Ipv4Addr::from(base + 1);
+        let worker_ip = std::net::Ipv4Addr::from(base + 2);
+        let host_if = format!("cdn{}", &r[..8]);
+        ip(&["netns", "add", name])?;
+        let ns = NetNs {
+            name: name.into(),
+            host_ip,
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
+        ])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{worker_ip}/30"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", name, "link", "set", "eth0", "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!(error = %e, "cannot remove a worker's network namespace");
+        }
+    }
+}
+
+/// Forwards connections to `listen` (this machine's side of a worker's veth pair) to `to`.
+async fn forward(listener: tokio::net::TcpListener, to: String) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        let to = to.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// `host:port` of the first server in a NATS URL list.
+fn nats_addr(url: &str) -> Option<String> {
+    let first = url.split(',').next()?.trim();
+    let rest = first.split("://").last()?;
+    let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
+    Some(if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:4222")
+    })
 }
 
 /// Errors launching a local worker.
@@ -72,6 +168,8 @@ pub struct LaunchSpec<'a> {
     pub dir: &'a Path,
     pub log: &'a Path,
     pub shared_storage: Option<&'a Path>,
+    /// Runs the NATS forwarder of a worker in its own network namespace.
+    pub rt: &'a tokio::runtime::Handle,
 }
 
 /// Whether workers can have mount namespaces of their own here.
@@ -91,6 +189,37 @@ impl LocalWorker {
         std::fs::create_dir_all(s.work_path).map_err(derr(s.work_path))?;
         let isolated = can_isolate();
         let log = std::fs::File::create(s.log).map_err(derr(s.log))?;
+        // A separate host where the machine allows: its own network namespace, NATS reached
+        // through a forwarded port.
+        let mut nats_url = s.nats_url.to_string();
+        let mut netns = None;
+        let mut forwarder = None;
+        let mut netns_fd = None;
+        if isolated {
+            let name = format!("cedana-{}-{}", s.job, s.id);
+            let setup = (|| -> std::io::Result<_> {
+                let ns = NetNs::create(&name)?;
+                let to = nats_addr(s.nats_url)
+                    .ok_or_else(|| std::io::Error::other("cannot read the NATS URL"))?;
+                let listener =
+                    s.rt.block_on(tokio::net::TcpListener::bind((ns.host_ip, 0)))?;
+                let port = listener.local_addr()?.port();
+                let fd = std::fs::File::open(format!("/run/netns/{name}"))?;
+                Ok((ns, listener, port, to, fd))
+            })();
+            match setup {
+                Ok((ns, listener, port, to, fd)) => {
+                    nats_url = format!("nats://{}:{port}", ns.host_ip);
+                    forwarder = Some(s.rt.spawn(forward(listener, to)).abort_handle());
+                    netns = Some(ns);
+                    netns_fd = Some(fd);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, worker = s.id, "no network namespace for the worker; it shares this machine's network");
+                    let _ = ip(&["netns", "del", &name]);
+                }
+            }
+        }
         let mut cmd = Command::new(&agent);
         cmd.args([
             "daemon",
@@ -99,7 +228,7 @@ impl LocalWorker {
             "--worker",
             s.id,
             "--nats-url",
-            s.nats_url,
+            &nats_url,
             "--heartbeat-secs",
             "2",
         ])
@@ -115,6 +244,7 @@ impl LocalWorker {
         if isolated {
             let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL in paths");
             let (src, dst) = (cstr(s.dir), cstr(s.work_path));
+            let net = netns_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
             // SAFETY: between fork and exec only async-signal-safe system calls are made, on
             // strings prepared before the fork.
             unsafe {
@@ -141,7 +271,11 @@ impl LocalWorker {
                         std::ptr::null(),
                         libc::MS_BIND,
                         std::ptr::null(),
-                    ))
+                    ))?;
+                    if let Some(fd) = net {
+                        check(libc::setns(fd, libc::CLONE_NEWNET))?;
+                    }
+                    Ok(())
                 });
             }
         }
@@ -166,6 +300,8 @@ impl LocalWorker {
             isolated,
             exited,
             task_pids: Vec::new(),
+            netns,
+            forwarder,
         })
     }
 
@@ -179,8 +315,17 @@ impl LocalWorker {
         self.exited.load(Ordering::SeqCst)
     }
 
-    /// Ends the worker as an instance ends: its tasks and the daemon are killed.
+    /// Ends the worker as an instance ends: its tasks and the daemon are killed, its network
+    /// namespace removed.
     pub fn terminate(&mut self) {
+        self.stop_processes();
+        if let Some(f) = self.forwarder.take() {
+            f.abort();
+        }
+        self.netns.take();
+    }
+
+    fn stop_processes(&mut self) {
         for pid in self.task_pids.drain(..) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
@@ -207,5 +352,20 @@ impl LocalWorker {
 impl Drop for LocalWorker {
     fn drop(&mut self) {
         self.terminate();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_nats_addresses() {
+        use super::nats_addr;
+        assert_eq!(
+            nats_addr("nats://127.0.0.1:4222").unwrap(),
+            "127.0.0.1:4222"
+        );
+        assert_eq!(nats_addr("nats://a:1, nats://b:2").unwrap(), "a:1");
+        assert_eq!(nats_addr("10.0.0.1").unwrap(), "10.0.0.1:4222");
+        assert_eq!(nats_addr("nats://tok@h:5/").unwrap(), "h:5");
     }
 }

@@ -49,6 +49,9 @@ pub struct WorkerInfo {
     pub pid: i32,
     /// Its folder on this machine (local workers).
     pub dir: PathBuf,
+    /// Its network namespace (local workers, as root).
+    #[serde(default)]
+    pub netns: Option<String>,
     pub launched_at: u64,
     /// `running`, `lost` or `terminated`.
     pub state: String,

@@ -214,6 +214,21 @@ fn a_running_job_is_checkpointed_migrated_and_taken_down_from_the_command_line()
     });
     let job = r["job"].as_str().unwrap().to_string();
     let prefix = &job[..job.len() - 2];
+    // A local worker is a separate host: its own mount and network namespaces.
+    let daemon = r["workers"][0]["pid"].as_i64().unwrap();
+    for ns in ["net", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{daemon}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(
+            theirs, ours,
+            "worker w1 shares this machine's {ns} namespace"
+        );
+    }
+    let netns = r["workers"][0]["netns"]
+        .as_str()
+        .expect("netns recorded")
+        .to_string();
+    assert!(Path::new("/run/netns").join(&netns).exists());
 
     let out = driver(&sb, &["checkpoint", prefix]);
     assert!(
@@ -263,10 +278,60 @@ fn a_running_job_is_checkpointed_migrated_and_taken_down_from_the_command_line()
     wait_until(Duration::from_secs(5), "worker and task gone", || {
         !is_alive(w2 as i32) && !is_alive(task as i32)
     });
+    assert!(
+        !Path::new("/run/netns").join(&netns).exists(),
+        "the worker's network namespace was removed"
+    );
 
     let out = driver(&sb, &["logs", &job]);
     assert!(out.status.success());
     // `down` on a finished job, and an unknown job: exit 4.
     assert_eq!(driver(&sb, &["down", &job]).status.code(), Some(4));
     assert_eq!(driver(&sb, &["status", "nosuchjob"]).status.code(), Some(4));
+}
+
+#[test]
+fn checkpoints_go_to_shared_storage_when_configured() {
+    if !criu_ready("checkpoints_go_to_shared_storage_when_configured") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let shared = sb.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"shared_storage": {"mount_point": shared, "dump_storage_dir": shared}})
+            .to_string(),
+    )
+    .unwrap();
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        Some(&cfg),
+        &["--checkpoint-every", "1"],
+        &example("managed.rhai"),
+    );
+    let r = d.wait_record(Duration::from_secs(60), "three checkpoints", |r| {
+        checkpoints(r) >= 3
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    // The newest are in the shared folder (the two newest are kept), not the object store.
+    let zips = || -> Vec<String> {
+        std::fs::read_dir(shared.join(&job))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".zip"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(!zips().is_empty() && zips().len() <= 3, "{:?}", zips());
+    // Recovery restores from there.
+    let daemon = r["workers"][0]["pid"].as_i64().unwrap();
+    kill9(r["task"]["pid"].as_i64().unwrap());
+    kill9(daemon);
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    assert_eq!(d.record().unwrap()["recoveries"], 1);
 }
