@@ -385,7 +385,10 @@ impl Worker {
         let n = self
             .next_event
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let msg_id = format!("{}.{}.{}.{n}", self.opts.job, self.opts.worker, self.incarnation);
+        let msg_id = format!(
+            "{}.{}.{}.{n}",
+            self.opts.job, self.opts.worker, self.incarnation
+        );
         for attempt in 0..240u32 {
             let sent = async {
                 self.js
