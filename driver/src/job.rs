@@ -86,6 +86,8 @@ pub struct Job {
     /// The path every worker sees its own folder at.
     pub work_path: PathBuf,
     pub shared_storage: Option<PathBuf>,
+    /// Workers boot as containers from this worker image (an OCI layout), not as processes.
+    pub image: Option<PathBuf>,
     pub workers: BTreeMap<String, LocalWorker>,
     pub record: JobRecord,
     /// Set by `down` or a signal: every wait ends.
@@ -116,6 +118,7 @@ impl Job {
             work_path: dir.join("work"),
             dir,
             shared_storage,
+            image: None,
             workers: BTreeMap::new(),
             record,
             down: Arc::new(AtomicBool::new(false)),
@@ -162,13 +165,18 @@ impl Job {
             log: &log,
             shared_storage: self.shared_storage.as_deref(),
             rt: &self.rt,
+            image: self.image.as_deref(),
         })?;
         if !w.isolated && self.workers.is_empty() {
             warn!("not root: local workers share the job's folder instead of each having its own");
         }
         self.record.workers.push(WorkerInfo {
             id: id.clone(),
-            provider: "local".into(),
+            provider: if self.image.is_some() {
+                "local-container".into()
+            } else {
+                "local".into()
+            },
             pid: w.pid,
             dir: w.dir.clone(),
             netns: w.netns.as_ref().map(|n| n.name.clone()),
@@ -178,10 +186,26 @@ impl Job {
         self.workers.insert(id.clone(), w);
         self.save();
         let coord = self.coord.clone();
-        let registered = self.rt.block_on(coord.wait_registered(&id, 30));
+        let exited = self.workers[&id].exited_arc();
+        let registered = self.rt.block_on(async {
+            tokio::select! {
+                r = coord.wait_registered(&id, 30) => r.map_err(JobError::from),
+                _ = async {
+                    while !exited.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                } => Err(JobError::Lost {
+                    worker: id.clone(),
+                    reason: format!(
+                        "it exited before registering; its log says: {}",
+                        last_lines(&log, 3)
+                    ),
+                }),
+            }
+        });
         if let Err(e) = registered {
-            self.terminate(&Worker { id: id.clone() });
-            return Err(e.into());
+            self.end_worker(&id, "lost");
+            return Err(e);
         }
         info!(worker = %id, "worker launched");
         Ok(Worker { id })
@@ -443,6 +467,13 @@ fn lost_reason(exited: bool, last_seen: Option<Instant>) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The last `n` lines of a log file, on one line.
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 fn unexpected(worker: &str, what: &'static str, reply: Reply) -> JobError {

@@ -33,6 +33,8 @@ pub struct LocalWorker {
     /// The worker's network namespace, if it has one (removed when the worker ends).
     pub netns: Option<NetNs>,
     forwarder: Option<tokio::task::AbortHandle>,
+    /// runc's state folder and the container id, for a container worker.
+    container: Option<(PathBuf, String)>,
 }
 
 /// A network namespace standing for a separate host, with a veth pair to this machine.
@@ -138,6 +140,10 @@ pub enum LocalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
+    #[error("container workers need root and network namespaces: {0}")]
+    NoIsolation(String),
 }
 
 /// The agent binary: `$CEDANA_AGENT_BIN`, next to this driver, or `cedana-agent` on PATH.
@@ -170,6 +176,8 @@ pub struct LaunchSpec<'a> {
     pub shared_storage: Option<&'a Path>,
     /// Runs the NATS forwarder of a worker in its own network namespace.
     pub rt: &'a tokio::runtime::Handle,
+    /// Boot the worker as a runc container from this OCI image layout instead of a process.
+    pub image: Option<&'a Path>,
 }
 
 /// Whether workers can have mount namespaces of their own here.
@@ -215,10 +223,78 @@ impl LocalWorker {
                     netns_fd = Some(fd);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, worker = s.id, "no network namespace for the worker; it shares this machine's network");
                     let _ = ip(&["netns", "del", &name]);
+                    if s.image.is_some() {
+                        return Err(LocalError::NoIsolation(e.to_string()));
+                    }
+                    tracing::warn!(error = %e, worker = s.id, "no network namespace for the worker; it shares this machine's network");
                 }
             }
+        } else if s.image.is_some() {
+            return Err(LocalError::NoIsolation("run the driver as root".into()));
+        }
+        if let (Some(image), Some(ns)) = (s.image, netns.as_ref()) {
+            let runc_root = s.work_path.parent().unwrap_or(Path::new("/")).join("runc");
+            let id = format!("cedana-{}-{}", s.job, s.id);
+            let bundle = s.dir.with_extension("bundle");
+            let mut args: Vec<String> = [
+                "/usr/local/bin/cedana-agent",
+                "daemon",
+                "--job",
+                s.job,
+                "--worker",
+                s.id,
+                "--nats-url",
+                &nats_url,
+                "--heartbeat-secs",
+                "2",
+                "--work-dir",
+                crate::container::WORK_PATH,
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            if let Some(shared) = s.shared_storage {
+                args.push("--shared-storage".into());
+                args.push(shared.display().to_string());
+            }
+            let mut env = vec![
+                ("CEDANA_NATS_TOKEN".to_string(), s.token.to_string()),
+                ("CEDANA_CRIU".to_string(), "/usr/sbin/criu".to_string()),
+            ];
+            if let Ok(l) = std::env::var("RUST_LOG") {
+                env.push(("RUST_LOG".into(), l));
+            }
+            let mut child = crate::container::start(crate::container::ContainerSpec {
+                image,
+                bundle: &bundle,
+                runc_root: &runc_root,
+                id: &id,
+                args,
+                env,
+                work_dir: s.dir,
+                shared: s.shared_storage,
+                netns: ns,
+                log,
+            })?;
+            let pid = child.id() as i32;
+            let exited = Arc::new(AtomicBool::new(false));
+            let flag = exited.clone();
+            std::thread::spawn(move || {
+                let _ = child.wait();
+                flag.store(true, Ordering::SeqCst);
+            });
+            return Ok(LocalWorker {
+                id: s.id.into(),
+                pid,
+                dir: s.dir.to_path_buf(),
+                isolated: true,
+                exited,
+                task_pids: Vec::new(),
+                netns,
+                forwarder,
+                container: Some((runc_root, id)),
+            });
         }
         let mut cmd = Command::new(&agent);
         cmd.args([
@@ -302,6 +378,7 @@ impl LocalWorker {
             task_pids: Vec::new(),
             netns,
             forwarder,
+            container: None,
         })
     }
 
@@ -326,6 +403,18 @@ impl LocalWorker {
     }
 
     fn stop_processes(&mut self) {
+        if let Some((root, id)) = self.container.take() {
+            // The container's processes all die with it (PIDs there are not this machine's).
+            self.task_pids.clear();
+            crate::container::remove(&root, &id);
+            for _ in 0..100 {
+                if self.exited() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return;
+        }
         for pid in self.task_pids.drain(..) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }

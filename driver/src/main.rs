@@ -46,6 +46,10 @@ enum Cmd {
         /// checkpoint.heartbeat_interval_seconds from the config, else 60]
         #[arg(long, value_name = "SECS")]
         checkpoint_every: Option<u64>,
+        /// Boot each local worker as a runc container from this worker image (an OCI layout, as
+        /// `images/build.sh` writes; `DIR` or `DIR:TAG`) instead of as a process
+        #[arg(long, value_name = "DIR", env = "CEDANA_WORKER_IMAGE")]
+        image: Option<PathBuf>,
     },
     /// Show jobs: state, workers, task, checkpoints, cost.
     Status {
@@ -93,12 +97,14 @@ fn main() -> ExitCode {
         Cmd::Run {
             script,
             checkpoint_every,
+            image,
         } => {
             let opts = RunOptions {
                 script,
                 config,
                 state_dir,
                 checkpoint_every,
+                image,
             };
             match cedana_driver::run::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Checkpoint interval of the managed flow, overriding the config (0: none).
     pub checkpoint_every: Option<u64>,
+    /// Boot local workers as runc containers from this worker image (OCI layout).
+    pub image: Option<PathBuf>,
 }
 
 /// The default state folder.
@@ -198,6 +200,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         shared_storage,
         record,
     )));
+    job.borrow_mut().image = opts.image.clone();
     let down = job.borrow().down.clone();
     // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
     {

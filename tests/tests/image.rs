@@ -582,3 +582,71 @@ echo "restored $A as $R"
     assert!(nums.len() >= at_dump + 5, "{nums:?} (at dump: {at_dump})");
     assert_unbroken(&nums, "counter checkpointed and restored in the container");
 }
+
+/// The counter migration with container workers: each worker boots from the image as a runc
+/// container (its own PID, mount and network namespaces), nothing installed at launch, and the
+/// task moves between two of them with its state intact.
+#[test]
+fn a_job_migrates_between_two_container_workers() {
+    if !runc_ready("a_job_migrates_between_two_container_workers") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let out_dir = sb.path().join("image");
+    let summary = build(&sb, &agent_path(), &out_dir, 1);
+    let state = sb.path().join("jobs");
+    std::fs::create_dir(&state).unwrap();
+    let out = driver_cmd(&state)
+        .arg("run")
+        .arg("--image")
+        .arg(s(&summary, "oci_layout"))
+        .arg(repo_root().join("scripts/examples/counter.rhai"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "driver failed: {stderr}");
+    let nums: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 40, "{stdout}");
+    assert_unbroken(&nums, "counter across container workers");
+    assert!(stderr.contains("ended with 0 on w2"), "{stderr}");
+    let job_dir = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("job.json").is_file())
+        .expect("job folder");
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(
+        record["workers"][0]["provider"], "local-container",
+        "{record}"
+    );
+    // Each worker's root filesystem is the image's, untouched: the agent and CRIU came with it.
+    for w in ["w1", "w2"] {
+        let rootfs = job_dir
+            .join("workers")
+            .join(format!("{w}.bundle"))
+            .join("rootfs");
+        assert!(
+            rootfs.join("usr/sbin/criu").is_file(),
+            "{}",
+            rootfs.display()
+        );
+        assert!(rootfs.join("usr/local/bin/cedana-agent").is_file());
+    }
+    // No container outlives the job.
+    let list = Command::new("runc")
+        .arg("--root")
+        .arg(job_dir.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&list.stdout).trim().is_empty(),
+        "{}",
+        text(&list.stdout)
+    );
+}
