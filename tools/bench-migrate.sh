@@ -66,7 +66,7 @@ for b in cedana-agent cedana-driver bench-migrate; do
 done
 REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$(cd "$REPO" && git status --porcelain --untracked-files=no 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-echo "migration benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), commit $REV${DIRTY:+ (modified: $DIRTY)}, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}')), $(nats-server --version)" >&2
+echo "migration benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), commit $REV${DIRTY:+ (modified: $DIRTY)}, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}')), $(nats-server --version), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 # The run's limit: every step inside is bounded too; this catches anything else.
 BENCH_DIR=$WORK BENCH_PIDS=$PIDS BENCH_MB=$BENCH_MB BENCH_RUNS=$BENCH_RUNS \
@@ -77,6 +77,8 @@ BENCH_DIR=$WORK BENCH_PIDS=$PIDS BENCH_MB=$BENCH_MB BENCH_RUNS=$BENCH_RUNS \
     done
     die "the benchmark failed; the daemons' and drivers' logs are in $BENCH_DIR/failed-*.log"
 }
+
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min; this machine has $(nproc) CPUs)" >&2
 
 python3 - "$OUT" "$BENCH_DIR/results.json" "$BENCH_MB" "$BENCH_RUNS" <<'EOF'
 import json, statistics, sys
