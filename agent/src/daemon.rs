@@ -194,7 +194,7 @@ pub async fn run(
     let client = async_nats::ConnectOptions::with_token(opts.token.expose().to_string())
         .name(format!("cedana-agent {}/{}", opts.job, opts.worker))
         .connection_timeout(Duration::from_secs(10))
-        .connect(url.as_str())
+        .connect(protocol::server_list(&url))
         .await
         .map_err(|e| match e.kind() {
             async_nats::ConnectErrorKind::AuthorizationViolation => {

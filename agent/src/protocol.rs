@@ -52,6 +52,15 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The servers of a NATS URL list (`nats://a:4222,nats://b:4222`), for `connect`.
+pub fn server_list(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// Whether one `/`-separated part of a checkpoint object name is usable (an id, or an archive
 /// file name: letters, digits, `-`, `_`, `.`, not starting with a dot).
 pub fn valid_object_part(part: &str) -> bool {
@@ -232,6 +241,15 @@ mod tests {
         let err = decode::<CommandEnvelope>(br#"{"v":2,"id":"x","command":{"type":"ping"}}"#)
             .unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn url_lists_split() {
+        assert_eq!(
+            server_list("nats://a:1, nats://b:2,"),
+            ["nats://a:1", "nats://b:2"]
+        );
+        assert_eq!(server_list("nats://a:1"), ["nats://a:1"]);
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub async fn request(
         .name("cedana-driver control")
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(secs)))
-        .connect(url)
+        .connect(cedana_agent::protocol::server_list(url))
         .await
         .map_err(|e| ControlError::Connect {
             job: job.into(),

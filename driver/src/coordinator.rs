@@ -75,7 +75,7 @@ impl Coordinator {
         let client = async_nats::ConnectOptions::with_token(token.to_string())
             .name(format!("cedana-driver {job}"))
             .connection_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect(cedana_agent::protocol::server_list(url))
             .await
             .map_err(|e| CoordError::Connect {
                 url: url.into(),

@@ -100,31 +100,40 @@ impl Drop for NetNs {
     }
 }
 
-/// Forwards connections to `listen` (this machine's side of a worker's veth pair) to `to`.
-async fn forward(listener: tokio::net::TcpListener, to: String) {
+/// Forwards connections to `listen` (this machine's side of a worker's veth pair) to the first
+/// of `to` (the NATS servers, in order) that accepts.
+async fn forward(listener: tokio::net::TcpListener, to: Vec<String>) {
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
         };
         let to = to.clone();
         tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            for addr in &to {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
             }
         });
     }
 }
 
-/// `host:port` of the first server in a NATS URL list.
-fn nats_addr(url: &str) -> Option<String> {
-    let first = url.split(',').next()?.trim();
-    let rest = first.split("://").last()?;
-    let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
-    Some(if hostport.contains(':') {
-        hostport.to_string()
-    } else {
-        format!("{hostport}:4222")
-    })
+/// `host:port` of each server in a NATS URL list.
+fn nats_addrs(url: &str) -> Vec<String> {
+    url.split(',')
+        .filter_map(|one| {
+            let rest = one.trim().split("://").last()?;
+            let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
+            (!hostport.is_empty()).then(|| {
+                if hostport.contains(':') {
+                    hostport.to_string()
+                } else {
+                    format!("{hostport}:4222")
+                }
+            })
+        })
+        .collect()
 }
 
 /// Errors launching a local worker.
@@ -207,8 +216,10 @@ impl LocalWorker {
             let name = format!("cedana-{}-{}", s.job, s.id);
             let setup = (|| -> std::io::Result<_> {
                 let ns = NetNs::create(&name)?;
-                let to = nats_addr(s.nats_url)
-                    .ok_or_else(|| std::io::Error::other("cannot read the NATS URL"))?;
+                let to = nats_addrs(s.nats_url);
+                if to.is_empty() {
+                    return Err(std::io::Error::other("cannot read the NATS URL"));
+                }
                 let listener =
                     s.rt.block_on(tokio::net::TcpListener::bind((ns.host_ip, 0)))?;
                 let port = listener.local_addr()?.port();
@@ -448,13 +459,10 @@ impl Drop for LocalWorker {
 mod tests {
     #[test]
     fn reads_nats_addresses() {
-        use super::nats_addr;
-        assert_eq!(
-            nats_addr("nats://127.0.0.1:4222").unwrap(),
-            "127.0.0.1:4222"
-        );
-        assert_eq!(nats_addr("nats://a:1, nats://b:2").unwrap(), "a:1");
-        assert_eq!(nats_addr("10.0.0.1").unwrap(), "10.0.0.1:4222");
-        assert_eq!(nats_addr("nats://tok@h:5/").unwrap(), "h:5");
+        use super::nats_addrs;
+        assert_eq!(nats_addrs("nats://127.0.0.1:4222"), ["127.0.0.1:4222"]);
+        assert_eq!(nats_addrs("nats://a:1, nats://b:2"), ["a:1", "b:2"]);
+        assert_eq!(nats_addrs("10.0.0.1"), ["10.0.0.1:4222"]);
+        assert_eq!(nats_addrs("nats://tok@h:5/"), ["h:5"]);
     }
 }

@@ -134,11 +134,11 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
-        let url = match c.nats_port {
-            Some(port) if !c.nats_url.contains(':') => format!("nats://{}:{port}", c.nats_url),
-            _ => c.nats_url.clone(),
-        };
-        (url, c.auth_token.clone(), None)
+        (
+            config_url(&c.nats_url, c.nats_port),
+            c.auth_token.clone(),
+            None,
+        )
     };
     let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", path))?;
     let coord = rt.block_on(Coordinator::connect(&url, token.expose(), &job_id, true))?;
@@ -316,5 +316,42 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
 impl From<JobError> for RunError {
     fn from(e: JobError) -> Self {
         RunError::Flow(FlowError::Job(e))
+    }
+}
+
+/// The config's `nats_url` (one host or URL, or a comma-separated list) with `nats_port` added
+/// to each entry that has no port.
+pub fn config_url(nats_url: &str, port: Option<u16>) -> String {
+    nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let (scheme, rest) = match u.split_once("://") {
+                Some((s, r)) => (s, r),
+                None => ("nats", u),
+            };
+            let host = rest.rsplit('@').next().unwrap_or(rest);
+            match port {
+                Some(p) if !host.contains(':') => format!("{scheme}://{rest}:{p}"),
+                _ => format!("{scheme}://{rest}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_urls_get_the_port() {
+        use super::config_url;
+        assert_eq!(config_url("10.0.0.5", Some(4222)), "nats://10.0.0.5:4222");
+        assert_eq!(config_url("nats://h:1", Some(4222)), "nats://h:1");
+        assert_eq!(
+            config_url("a, nats://b, c:9", Some(5)),
+            "nats://a:5,nats://b:5,nats://c:9"
+        );
+        assert_eq!(config_url("nats://a", None), "nats://a");
     }
 }

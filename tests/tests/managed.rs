@@ -335,3 +335,42 @@ fn checkpoints_go_to_shared_storage_when_configured() {
     assert_counted_to(&d.stdout(), 60);
     assert_eq!(d.record().unwrap()["recoveries"], 1);
 }
+
+#[test]
+fn a_configured_server_list_is_used_past_a_dead_server() {
+    if !criu_ready("a_configured_server_list_is_used_past_a_dead_server") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let nats = NatsServer::start();
+    let cfg = sb.path().join("cedana_config.json");
+    // The first server of the list is down (the original's nats_port fills in missing ports).
+    let dead = free_port();
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"connection": {
+            "nats_url": format!("nats://127.0.0.1:{dead}, 127.0.0.1"),
+            "nats_port": nats.port,
+            "auth_token": nats.token}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = driver_cmd(sb.path())
+        .env("CEDANA_CONFIG", &cfg)
+        .arg("run")
+        .arg(repo_root().join("scripts/examples/counter.rhai"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nums: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 40, "{stdout}");
+    assert_unbroken(&nums, "counter through a server list");
+}
