@@ -48,7 +48,7 @@ EOF
 one() {
   local state="$BENCH_DIR/state"
   rm -rf "$state"; mkdir -p "$state"
-  CEDANA_STATE_DIR="$state" CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_CONFIG=/nonexistent \
+  CEDANA_STATE_DIR="$state" CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_CONFIG=/nonexistent/cedana_config.json \
     timeout 120 "$DRIVER" run --checkpoint-every 0 "$@" "$BENCH_DIR/job.rhai" 2>"$BENCH_DIR/last.err" \
     | awk '/^RESULT/ { print $2, $3, $4 }'
 }
@@ -61,7 +61,7 @@ for variant in process container; do
   [ "$variant" = container ] && args=(--image "$BENCH_DIR/image/oci")
   : >"$BENCH_DIR/$variant.txt"
   for i in $(seq "$BENCH_RUNS"); do
-    r=$(one "${args[@]}")
+    r=$(one "${args[@]}" || true)
     [ -n "$r" ] || { cat "$BENCH_DIR/last.err" >&2; echo "bench-workers: $variant run $i failed" >&2; exit 1; }
     echo "$r" >>"$BENCH_DIR/$variant.txt"
   done
@@ -75,7 +75,7 @@ say "installing CRIU the way a stock machine would (download + unpack), $BENCH_R
 for i in $(seq "$BENCH_RUNS"); do
   w=$(mktemp -d "$BENCH_DIR/install.XXXXXX")
   s=$(date +%s.%N)
-  (cd "$w" && apt-get download -qq -o Dir::Cache::archives="$w" criu/sid libcompel1/sid libc6/sid libnet9/sid libnl-3-200/sid >/dev/null \
+  (cd "$w" && apt-get download -qq -o Dir::Cache::archives="$w" criu/sid libcompel1/sid libc6/sid libnet9/sid libnl-3-200/sid >/dev/null 2>&1 \
      && for d in ./*.deb; do dpkg -x "$d" "$w/root"; done \
      && cp "$AGENT_BIN" "$w/root/cedana-agent")
   e=$(date +%s.%N)
