@@ -11,7 +11,7 @@ use cedana_agent::protocol::{self, Command, Reply};
 use tracing::{info, warn};
 
 use crate::coordinator::{CoordError, Coordinator, Exit};
-use crate::local::{LaunchSpec, LocalWorker};
+use crate::provider::{self, Bootstrap, Instance, Provider};
 
 use crate::state::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
 
@@ -25,7 +25,9 @@ pub enum JobError {
     #[error(transparent)]
     Coord(#[from] CoordError),
     #[error(transparent)]
-    Local(#[from] crate::local::LocalError),
+    Provider(#[from] provider::ProviderError),
+    #[error("no offer fits the job's spec {spec}{why}")]
+    NoOffer { spec: String, why: String },
     #[error("worker {worker}: {message}")]
     Worker { worker: String, message: String },
     #[error("worker {worker} was lost: {reason}")]
@@ -86,9 +88,9 @@ pub struct Job {
     /// The path every worker sees its own folder at.
     pub work_path: PathBuf,
     pub shared_storage: Option<PathBuf>,
-    /// Workers boot as containers from this worker image (an OCI layout), not as processes.
-    pub image: Option<PathBuf>,
-    pub workers: BTreeMap<String, LocalWorker>,
+    /// Where workers come from.
+    pub providers: Vec<Box<dyn Provider>>,
+    pub workers: BTreeMap<String, Box<dyn Instance>>,
     pub record: JobRecord,
     /// Set by `down` or a signal: every wait ends.
     pub down: Arc<AtomicBool>,
@@ -118,7 +120,7 @@ impl Job {
             work_path: dir.join("work"),
             dir,
             shared_storage,
-            image: None,
+            providers: Vec::new(),
             workers: BTreeMap::new(),
             record,
             down: Arc::new(AtomicBool::new(false)),
@@ -130,7 +132,19 @@ impl Job {
 
     /// Records a change: `job.json` now, and the KV bucket (best effort).
     pub fn save(&mut self) {
-        self.record.updated_at = protocol::now();
+        let now = protocol::now();
+        self.record.updated_at = now;
+        // What the workers have cost so far, at their offers' prices.
+        self.record.cost_usd = self
+            .record
+            .workers
+            .iter()
+            .map(|w| {
+                let price = w.offer.as_ref().map(|o| o.price_usd_hour).unwrap_or(0.0);
+                let secs = w.ended_at.unwrap_or(now).saturating_sub(w.launched_at);
+                price * secs as f64 / 3600.0
+            })
+            .sum();
         if let Err(e) = self.record.save(&self.dir) {
             warn!(error = %e, "cannot save the job record");
         }
@@ -146,47 +160,80 @@ impl Job {
         self.save();
     }
 
-    /// Launches a worker for `spec` and waits until it registered.
+    /// Launches a worker on the cheapest offer that fits `spec` (the next one when a provider
+    /// has no capacity) and waits until it registered.
     pub fn launch(&mut self, spec: &Spec) -> Result<Worker, JobError> {
         self.next_worker += 1;
         let id = format!("w{}", self.next_worker);
-        if spec.gpu.is_some() {
-            warn!(worker = %id, "the local provider has no GPU; launching without one");
+        let (offers, why) = provider::ranked(&self.providers, spec);
+        if offers.is_empty() {
+            return Err(JobError::NoOffer {
+                spec: serde_json::to_string(spec).unwrap_or_default(),
+                why: if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", why.join("; "))
+                },
+            });
         }
-        let dir = self.dir.join("workers").join(&id);
         let log = self.dir.join("logs").join(format!("{id}.log"));
-        let w = LocalWorker::launch(&LaunchSpec {
-            job: &self.id,
-            id: &id,
-            nats_url: &self.nats_url,
-            token: self.token.expose(),
-            work_path: &self.work_path,
-            dir: &dir,
-            log: &log,
-            shared_storage: self.shared_storage.as_deref(),
-            rt: &self.rt,
-            image: self.image.as_deref(),
-        })?;
-        if !w.isolated && self.workers.is_empty() {
-            warn!("not root: local workers share the job's folder instead of each having its own");
+        let mut launched = None;
+        for offer in offers {
+            let Some(p) = self
+                .providers
+                .iter_mut()
+                .find(|p| p.name() == offer.provider)
+            else {
+                continue;
+            };
+            let boot = Bootstrap {
+                job: &self.id,
+                worker: &id,
+                nats_url: &self.nats_url,
+                token: self.token.expose(),
+                job_dir: &self.dir,
+                shared_storage: self.shared_storage.as_deref(),
+                rt: &self.rt,
+            };
+            match p.launch(&offer, &boot) {
+                Ok(w) => {
+                    launched = Some((w, offer));
+                    break;
+                }
+                Err(e @ provider::ProviderError::Capacity { .. }) => {
+                    warn!(error = %e, "no capacity; trying the next offer");
+                    eprintln!("[cedana] {e}; trying the next offer");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        let Some((w, offer)) = launched else {
+            return Err(JobError::NoOffer {
+                spec: serde_json::to_string(spec).unwrap_or_default(),
+                why: ": every fitting offer is out of capacity".into(),
+            });
+        };
+        info!(worker = %id, provider = %offer.provider, instance_type = %offer.instance_type, price = offer.price_usd_hour, "launching");
         self.record.workers.push(WorkerInfo {
             id: id.clone(),
-            provider: if self.image.is_some() {
-                "local-container".into()
-            } else {
-                "local".into()
-            },
-            pid: w.pid,
-            dir: w.dir.clone(),
-            netns: w.netns.as_ref().map(|n| n.name.clone()),
+            provider: offer.provider.clone(),
+            pid: w
+                .instance_id()
+                .strip_prefix("pid ")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0),
+            dir: w.local_dir().unwrap_or_default(),
+            netns: w.netns(),
             launched_at: protocol::now(),
             state: "running".into(),
+            instance: w.instance_id(),
+            offer: Some(offer),
+            ended_at: None,
         });
         self.workers.insert(id.clone(), w);
         self.save();
         let coord = self.coord.clone();
-        let exited = self.workers[&id].exited_arc();
+        let exited = self.workers[&id].gone_flag();
         let registered = self.rt.block_on(async {
             tokio::select! {
                 r = coord.wait_registered(&id, 30) => r.map_err(JobError::from),
@@ -214,7 +261,10 @@ impl Job {
     /// Why `worker` is lost, if it is: its daemon exited, or it has been silent too long.
     pub fn lost(&self, worker: &str) -> Option<String> {
         let w = self.workers.get(worker)?;
-        lost_reason(w.exited(), self.coord.last_seen(worker))
+        lost_reason(
+            w.gone_flag().load(Ordering::SeqCst),
+            self.coord.last_seen(worker),
+        )
     }
 
     /// Sends a command to `worker` and waits for its reply (an error reply is an error).
@@ -222,7 +272,7 @@ impl Job {
         let exited = self
             .workers
             .get(worker)
-            .map(|w| w.exited_arc())
+            .map(|w| w.gone_flag())
             .ok_or_else(|| JobError::NoWorker(worker.into()))?;
         let coord = self.coord.clone();
         let down = self.down.clone();
@@ -291,8 +341,8 @@ impl Job {
     }
 
     fn track_task(&mut self, name: &str, worker: &str, pid: i32) {
-        if let Some(lw) = self.workers.get_mut(worker) {
-            lw.task_pids.push(pid);
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.note_task(pid);
         }
         self.record.task = Some(TaskInfo {
             name: name.into(),
@@ -375,6 +425,7 @@ impl Job {
         if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
             if info.state == "running" {
                 info.state = how.into();
+                info.ended_at = Some(protocol::now());
             }
         }
         self.save();
@@ -401,15 +452,20 @@ impl Job {
 
     /// Copies a file or folder from this machine into worker `w`'s folder.
     pub fn upload(&self, w: &Worker, from: &Path) -> Result<(), JobError> {
-        let lw = self
+        let dir = self
             .workers
             .get(&w.id)
-            .ok_or_else(|| JobError::NoWorker(w.id.clone()))?;
+            .ok_or_else(|| JobError::NoWorker(w.id.clone()))?
+            .local_dir()
+            .ok_or_else(|| JobError::Worker {
+                worker: w.id.clone(),
+                message: "this worker has no folder on this machine to upload into".into(),
+            })?;
         let name = from.file_name().ok_or_else(|| JobError::Worker {
             worker: w.id.clone(),
             message: format!("upload needs a file or folder path, not {}", from.display()),
         })?;
-        copy_tree(from, &lw.dir.join(name)).map_err(|e| JobError::Worker {
+        copy_tree(from, &dir.join(name)).map_err(|e| JobError::Worker {
             worker: w.id.clone(),
             message: format!("upload of {}: {e}", from.display()),
         })

@@ -9,6 +9,7 @@ pub mod job;
 pub mod local;
 pub mod managed;
 pub mod nats;
+pub mod provider;
 pub mod run;
 pub mod script;
 pub mod state;

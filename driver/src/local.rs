@@ -455,6 +455,114 @@ impl Drop for LocalWorker {
     }
 }
 
+/// The `local` provider: one offer, this machine, free.
+pub struct LocalProvider {
+    /// Boot workers as containers from this worker image instead of as processes.
+    pub image: Option<PathBuf>,
+}
+
+/// This machine's memory in GB (from /proc/meminfo).
+fn memory_gb() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0)
+}
+
+impl crate::provider::Provider for LocalProvider {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn offers(
+        &self,
+        _spec: &crate::job::Spec,
+    ) -> Result<Vec<crate::provider::Offer>, crate::provider::ProviderError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Ok(vec![crate::provider::Offer {
+            provider: "local".into(),
+            instance_type: if self.image.is_some() {
+                "local-container".into()
+            } else {
+                "local".into()
+            },
+            vcpus: cpus as f64,
+            memory_gb: (memory_gb() * 10.0).round() / 10.0,
+            gpu: None,
+            gpu_count: 0,
+            vram_gb: 0.0,
+            region: "local".into(),
+            zone: None,
+            price_usd_hour: 0.0,
+            spot: false,
+            price_source: "free (this machine)".into(),
+            priced_at: None,
+        }])
+    }
+
+    fn launch(
+        &mut self,
+        _offer: &crate::provider::Offer,
+        b: &crate::provider::Bootstrap,
+    ) -> Result<Box<dyn crate::provider::Instance>, crate::provider::ProviderError> {
+        let dir = b.job_dir.join("workers").join(b.worker);
+        let log = b.job_dir.join("logs").join(format!("{}.log", b.worker));
+        let w = LocalWorker::launch(&LaunchSpec {
+            job: b.job,
+            id: b.worker,
+            nats_url: b.nats_url,
+            token: b.token,
+            work_path: &b.job_dir.join("work"),
+            dir: &dir,
+            log: &log,
+            shared_storage: b.shared_storage,
+            rt: b.rt,
+            image: self.image.as_deref(),
+        })
+        .map_err(|e| crate::provider::ProviderError::Failed {
+            provider: "local".into(),
+            message: e.to_string(),
+        })?;
+        if !w.isolated {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(
+                    "not root: local workers share the job's folder and this machine's network"
+                )
+            });
+        }
+        Ok(Box::new(w))
+    }
+}
+
+impl crate::provider::Instance for LocalWorker {
+    fn instance_id(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+    fn local_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.clone())
+    }
+    fn netns(&self) -> Option<String> {
+        self.netns.as_ref().map(|n| n.name.clone())
+    }
+    fn gone_flag(&self) -> Arc<AtomicBool> {
+        self.exited_arc()
+    }
+    fn note_task(&mut self, pid: i32) {
+        self.task_pids.push(pid);
+    }
+    fn terminate(&mut self) {
+        LocalWorker::terminate(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

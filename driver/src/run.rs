@@ -36,6 +36,8 @@ pub enum RunError {
     Unsupported { path: PathBuf },
     #[error("job {job} was taken down")]
     Down { job: String },
+    #[error("none of the enabled providers {enabled:?} is available in this release; add \"local\" to enabled_providers in the config")]
+    NoProvider { enabled: Vec<String> },
 }
 
 impl From<FlowError> for RunError {
@@ -200,7 +202,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         shared_storage,
         record,
     )));
-    job.borrow_mut().image = opts.image.clone();
+    job.borrow_mut().providers = providers(&opts)?;
     let down = job.borrow().down.clone();
     // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
     {
@@ -311,6 +313,34 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     drop(rt);
     drop(embedded);
     result
+}
+
+/// The enabled providers (`enabled_providers` in the config; `local` when none).
+fn providers(opts: &RunOptions) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
+    let enabled = if opts.config.enabled_providers.is_empty() {
+        vec!["local".to_string()]
+    } else {
+        opts.config.enabled_providers.clone()
+    };
+    let mut out: Vec<Box<dyn crate::provider::Provider>> = Vec::new();
+    for name in &enabled {
+        match name.to_lowercase().as_str() {
+            "local" => out.push(Box::new(crate::local::LocalProvider {
+                image: opts.image.clone(),
+            })),
+            other => {
+                tracing::warn!(
+                    provider = other,
+                    "provider not available in this release; skipped"
+                );
+                eprintln!("[cedana] provider {other:?} is not available in this release of the driver; skipped (enabled_providers)");
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(RunError::NoProvider { enabled });
+    }
+    Ok(out)
 }
 
 impl From<JobError> for RunError {

@@ -41,7 +41,7 @@ impl JobState {
 }
 
 /// A worker of the job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub id: String,
     pub provider: String,
@@ -55,6 +55,14 @@ pub struct WorkerInfo {
     pub launched_at: u64,
     /// `running`, `lost` or `terminated`.
     pub state: String,
+    /// The provider's id for it.
+    #[serde(default)]
+    pub instance: String,
+    /// What was launched, at what price.
+    #[serde(default)]
+    pub offer: Option<crate::provider::Offer>,
+    #[serde(default)]
+    pub ended_at: Option<u64>,
 }
 
 /// The job's task now.

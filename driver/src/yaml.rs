@@ -131,7 +131,7 @@ impl Hooks for YamlHooks {
         if let Some(dir) = &self.spec.work_dir {
             let dir = self.base.join(dir);
             let j = job.borrow();
-            let to = &j.workers.get(&w.id).map(|lw| lw.dir.clone());
+            let to = &j.workers.get(&w.id).and_then(|i| i.local_dir());
             if let Some(to) = to {
                 // The folder's contents, not the folder: the task runs where they land.
                 for e in std::fs::read_dir(&dir).map_err(|e| FlowError::Hook {

@@ -89,3 +89,20 @@ fn eval_and_modules_outside_the_folder_are_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_spec_no_offer_fits_is_a_clear_error() {
+    let sb = Sandbox::new();
+    let p = script(
+        &sb,
+        "gpu.rhai",
+        "let w = launch(#{gpu: \"A100\", gpu_count: 2});\n",
+    );
+    let out = run_driver(&p, sb.path());
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("gpu.rhai:1:") && e.contains("no offer fits") && e.contains("GPUs, 2 wanted"),
+        "{e}"
+    );
+}
