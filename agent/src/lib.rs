@@ -12,6 +12,7 @@ pub mod dump;
 pub mod exec;
 pub mod files;
 pub mod hashing;
+pub mod imds;
 pub mod process;
 pub mod progress;
 pub mod protocol;
