@@ -7,13 +7,21 @@
 //! | subject | stream | what |
 //! |---|---|---|
 //! | `CEDANA.<job>.<worker>.commands` | `CEDANA_COMMANDS` | [`CommandEnvelope`], driver → agent |
-//! | `CEDANA.<job>.<worker>.state` | `CEDANA_EVENTS` | [`EventEnvelope`]: replies, task exits, heartbeats |
+//! | `CEDANA.<job>.<worker>.state` | `CEDANA_EVENTS` | [`EventEnvelope`]: replies, task exits, heartbeats, spot notices |
 //! | `CEDANA.<job>.<worker>.logs` | `CEDANA_EVENTS` | [`EventEnvelope`] with [`Event::Log`] |
 //!
 //! KV `cedana_workers` holds a [`WorkerRecord`] per `<job>.<worker>`; KV `cedana_replies`
 //! holds each command's reply under `<job>.<worker>.<command id>` so a repeated id is answered
 //! from it, not run again; the object store `cedana_checkpoints` holds archives as
 //! `<job>/<name>.zip`.
+//!
+//! | event (`type`) | subject | when |
+//! |---|---|---|
+//! | `reply {id, reply}` | state | a command was served (or repeated) |
+//! | `task_exited {task, code, signal}` | state | a task ended (not when a checkpoint stopped it) |
+//! | `heartbeat {tasks}` | state | every `--heartbeat-secs` |
+//! | `log {task, data}` | logs | a task wrote whole lines |
+//! | `spot_notice {kind, action, at, checkpoints, failed}` | state | EC2 instance metadata (IMDSv2) showed a spot interruption notice (`kind` `instance-action`: every running task was first checkpointed, one dump at a time, left running, zstd, with the work folder; `checkpoints` lists `{task, object}`, `failed` lists `{task, message}`) or a rebalance recommendation (`kind` `rebalance`: nothing is checkpointed); each once per daemon run, only when the daemon watches (`--watch-spot`, `--imds-endpoint`) |
 
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +164,49 @@ pub enum Event {
     Log { task: String, data: String },
     /// The worker is alive.
     Heartbeat { tasks: Vec<String> },
+    /// EC2 instance metadata showed a spot interruption notice or a rebalance recommendation.
+    /// For an interruption notice every running task was checkpointed first (left running);
+    /// the driver should restore these elsewhere before the instance goes.
+    SpotNotice {
+        kind: SpotKind,
+        /// The notice's `action` (`terminate`, `stop` or `hibernate`); none for a rebalance
+        /// recommendation.
+        action: Option<String>,
+        /// The notice's time (`time`, or `noticeTime` of a recommendation), as IMDS wrote it
+        /// (UTC, RFC 3339).
+        at: Option<String>,
+        /// The checkpoints taken because of the notice.
+        checkpoints: Vec<SpotCheckpoint>,
+        /// Tasks whose checkpoint failed.
+        #[serde(default)]
+        failed: Vec<SpotFailure>,
+    },
+}
+
+/// Which instance metadata item a [`Event::SpotNotice`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpotKind {
+    /// `spot/instance-action`: the instance is stopped, hibernated or terminated in about two
+    /// minutes.
+    InstanceAction,
+    /// `events/recommendations/rebalance`: the instance is at elevated risk of interruption.
+    Rebalance,
+}
+
+/// A checkpoint taken on a spot notice: restore `object` as `task` (as in
+/// [`Command::Restore`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpotCheckpoint {
+    pub task: String,
+    pub object: String,
+}
+
+/// A task whose checkpoint on a spot notice failed, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpotFailure {
+    pub task: String,
+    pub message: String,
 }
 
 /// An event with its origin.
@@ -234,6 +285,37 @@ mod tests {
             r#"{"v":1,"id":"c1","command":{"type":"sh","cmd":"echo hi","timeout_secs":5}}"#
         );
         assert_eq!(decode::<CommandEnvelope>(json.as_bytes()).unwrap(), c);
+    }
+
+    #[test]
+    fn spot_notices_look_as_documented() {
+        let e = Event::SpotNotice {
+            kind: SpotKind::InstanceAction,
+            action: Some("terminate".into()),
+            at: Some("2026-11-21T01:02:03Z".into()),
+            checkpoints: vec![SpotCheckpoint {
+                task: "t".into(),
+                object: "j/sh_20261121_010000.zip".into(),
+            }],
+            failed: vec![],
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"spot_notice","kind":"instance-action","action":"terminate","at":"2026-11-21T01:02:03Z","checkpoints":[{"task":"t","object":"j/sh_20261121_010000.zip"}],"failed":[]}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        let r: Event = serde_json::from_str(
+            r#"{"type":"spot_notice","kind":"rebalance","action":null,"at":null,"checkpoints":[]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Event::SpotNotice {
+                kind: SpotKind::Rebalance,
+                ..
+            }
+        ));
     }
 
     #[test]

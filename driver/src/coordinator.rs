@@ -166,6 +166,8 @@ impl Coordinator {
                         tx.send_replace(Some(Exit { code, signal }));
                     }
                     Event::Heartbeat { .. } => {}
+                    // Not acted on by the driver yet.
+                    Event::SpotNotice { .. } => {}
                 }
             }
         });
