@@ -7,6 +7,13 @@
 //! id is answered from there, not run again. Checkpoints go to the `cedana_checkpoints` object
 //! store, streamed from and to files. The daemon is a child subreaper and reaps every child
 //! itself, so the exit codes of tasks it starts or restores are known and reported.
+//!
+//! With [`DaemonOptions::spot`] it also polls EC2 instance metadata (IMDSv2, [`crate::imds`])
+//! in a task of its own: on a spot interruption notice it checkpoints every running task right
+//! away (left running, through the same path as the `checkpoint` command) and publishes
+//! [`Event::SpotNotice`] with the checkpoints; a rebalance recommendation is only reported.
+//! Each is acted on once. CRIU runs one dump or restore at a time (see `Worker::criu_lock`),
+//! so a notice's checkpoints and a command's take turns; uploads overlap the next dump.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,8 +27,12 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::config::Secret;
+use crate::imds::{self, Imds};
 use crate::progress::NoProgress;
-use crate::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply, WorkerRecord};
+use crate::protocol::{
+    self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotFailure,
+    SpotKind, WorkerRecord,
+};
 use crate::{exec, Criu};
 
 /// How a daemon runs.
@@ -38,6 +49,17 @@ pub struct DaemonOptions {
     /// A folder every worker of the job mounts (the original's `shared_storage`): checkpoints
     /// are written there as `<job>/<name>.zip` instead of going through the object store.
     pub shared_storage: Option<PathBuf>,
+    /// Watch EC2 instance metadata for spot notices (off: no IMDS is contacted).
+    pub spot: Option<SpotOptions>,
+}
+
+/// How spot notices are watched.
+#[derive(Clone, Debug)]
+pub struct SpotOptions {
+    /// IMDS, `http://HOST[:PORT]` ([`imds::DEFAULT_ENDPOINT`] on EC2).
+    pub endpoint: String,
+    /// Time between polls.
+    pub poll: Duration,
 }
 
 /// Errors that stop the daemon.
@@ -64,6 +86,8 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Imds(#[from] imds::ImdsError),
 }
 
 /// Exit statuses of children, for whoever registered interest in a PID.
@@ -161,6 +185,14 @@ struct Worker {
     checkpoints: object_store::ObjectStore,
     reaper: Arc<Reaper>,
     tasks: Arc<Mutex<HashMap<String, Task>>>,
+    /// Held while CRIU dumps or restores. Two dumps never overlap: not of one task, and not of
+    /// two tasks either, since all tasks share the work folder as their working directory and
+    /// CRIU's parasite mounts a proc of the task's PID namespace at `proc.crtools` there (a
+    /// second dump meanwhile fails with EEXIST). A restore does not run during a dump either:
+    /// it puts carried files back into the folder the dump is reading.
+    criu_lock: tokio::sync::Mutex<()>,
+    /// Held while an archive's object name is chosen and the archive uploaded.
+    upload_lock: tokio::sync::Mutex<()>,
     /// Numbers events for their message ids.
     next_event: std::sync::atomic::AtomicU64,
     /// Distinguishes this run of the daemon from earlier ones (message ids stay unique).
@@ -185,6 +217,11 @@ pub async fn run(
         path: opts.work_dir.clone(),
         source,
     })?;
+    // A bad endpoint is a bad command line; an absent IMDS is not an error (no notices).
+    let imds = match &opts.spot {
+        Some(spot) => Some((Imds::new(&spot.endpoint)?, spot.poll)),
+        None => None,
+    };
     // SAFETY: prctl with constant arguments.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
@@ -265,10 +302,13 @@ pub async fn run(
         checkpoints,
         reaper,
         tasks: Arc::new(Mutex::new(HashMap::new())),
+        criu_lock: Default::default(),
+        upload_lock: Default::default(),
         next_event: Default::default(),
         incarnation: format!("{}-{}", std::process::id(), protocol::now()),
     });
     let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
+    let spot = imds.map(|(imds, poll)| tokio::spawn(watch_spot(worker.clone(), imds, poll)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -286,6 +326,9 @@ pub async fn run(
         }
     }
     hb.abort();
+    if let Some(spot) = spot {
+        spot.abort();
+    }
     info!("daemon stopping");
     Ok(())
 }
@@ -601,7 +644,17 @@ impl Worker {
         leave_running: bool,
         compression: crate::Compression,
     ) -> Result<Reply, String> {
-        let pid = self.task_pid(&task)?;
+        // A command's checkpoint and a spot notice's may meet: one dump at a time.
+        let criu_turn = self.criu_lock.lock().await;
+        let pid = match self.tasks.lock().expect("tasks").get(&task) {
+            None => return Err(format!("no task {task:?} on this worker")),
+            Some(t) if t.checkpointed => {
+                return Err(format!(
+                    "task {task:?} was stopped by a checkpoint and no longer runs here"
+                ))
+            }
+            Some(t) => t.pid,
+        };
         let dir = match &self.opts.shared_storage {
             Some(shared) => shared.join(&self.opts.job),
             None => self.opts.work_dir.join(CHECKPOINTS_DIR),
@@ -638,13 +691,19 @@ impl Worker {
             }
             Err(e) => return Err(e.to_string()),
         };
+        // The next dump may start while this archive is uploaded.
+        drop(criu_turn);
         let file_name = out
             .archive
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let object = format!("{}/{file_name}", self.opts.job);
+        let mut object = format!("{}/{file_name}", self.opts.job);
         if self.opts.shared_storage.is_none() {
+            // Archive names have one-second resolution and the local file is removed once
+            // uploaded, so an object of that name may exist already: never replace it.
+            let _uploading = self.upload_lock.lock().await;
+            object = self.free_object_name(&file_name).await;
             let mut f = tokio::fs::File::open(&out.archive)
                 .await
                 .map_err(|e| format!("cannot read {}: {e}", out.archive.display()))?;
@@ -661,6 +720,88 @@ impl Worker {
             bytes: out.archive_bytes,
             criu_ms: out.criu_time.as_millis() as u64,
         })
+    }
+
+    /// `<job>/<file_name>`, or `<job>/<stem>_N.zip` when that object exists (and is not
+    /// deleted) in the object store.
+    async fn free_object_name(&self, file_name: &str) -> String {
+        let job = &self.opts.job;
+        let stem = file_name.strip_suffix(".zip").unwrap_or(file_name);
+        for n in 0..1000 {
+            let name = match n {
+                0 => format!("{job}/{file_name}"),
+                n => format!("{job}/{stem}_{n}.zip"),
+            };
+            match self.checkpoints.info(&name).await {
+                Ok(info) if !info.deleted => continue,
+                _ => return name,
+            }
+        }
+        format!("{job}/{file_name}")
+    }
+
+    /// A spot interruption notice: checkpoints every running task right away (left running,
+    /// with the work folder; the dumps take turns, each upload overlaps the next dump) and
+    /// publishes the notice with the checkpoints.
+    async fn spot_interruption(self: &Arc<Self>, notice: imds::InstanceAction) {
+        let tasks: Vec<String> = self
+            .tasks
+            .lock()
+            .expect("tasks")
+            .iter()
+            .filter(|(_, t)| !t.checkpointed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        warn!(action = %notice.action, time = ?notice.time, tasks = ?tasks,
+            "spot interruption notice: checkpointing every task now");
+        let results = futures::future::join_all(tasks.into_iter().map(|task| async move {
+            let r = self
+                .checkpoint(task.clone(), true, crate::Compression::Zstd)
+                .await;
+            (task, r)
+        }))
+        .await;
+        let (mut checkpoints, mut failed) = (Vec::new(), Vec::new());
+        for (task, result) in results {
+            match result {
+                Ok(Reply::Checkpointed { object, .. }) => {
+                    checkpoints.push(SpotCheckpoint { task, object })
+                }
+                Ok(other) => failed.push(SpotFailure {
+                    task,
+                    message: format!("unexpected outcome {other:?}"),
+                }),
+                Err(message) => {
+                    // A task that ended or was stopped by a command's checkpoint meanwhile is
+                    // not a failure: there is nothing left to save.
+                    let running = self
+                        .tasks
+                        .lock()
+                        .expect("tasks")
+                        .get(&task)
+                        .is_some_and(|t| !t.checkpointed);
+                    if running {
+                        warn!(task = %task, error = %message, "checkpoint on the spot notice failed");
+                        failed.push(SpotFailure { task, message });
+                    } else {
+                        info!(task = %task, "task ended before its checkpoint on the spot notice");
+                    }
+                }
+            }
+        }
+        info!(
+            checkpoints = checkpoints.len(),
+            failed = failed.len(),
+            "spot notice handled"
+        );
+        self.publish(Event::SpotNotice {
+            kind: SpotKind::InstanceAction,
+            action: Some(notice.action),
+            at: notice.time,
+            checkpoints,
+            failed,
+        })
+        .await;
     }
 
     async fn restore(self: &Arc<Self>, task: String, object: String) -> Result<Reply, String> {
@@ -696,6 +837,7 @@ impl Worker {
                 (local, true)
             }
         };
+        let criu_turn = self.criu_lock.lock().await;
         let criu = self.criu.clone();
         let opts = crate::RestoreOptions {
             archive: local.clone(),
@@ -715,7 +857,57 @@ impl Worker {
         let log = self.log_path(&task);
         let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.track(task.clone(), out.pid, log, offset);
+        drop(criu_turn);
         Ok(Reply::Restored { task, pid: out.pid })
+    }
+}
+
+/// Polls instance metadata every `poll` until an interruption notice was acted on. IMDS
+/// failures are logged (the first at `warn`, repeats at `debug`) and never stop the daemon.
+async fn watch_spot(w: Arc<Worker>, mut imds: Imds, poll: Duration) {
+    info!(endpoint = %imds.endpoint(), poll_ms = poll.as_millis() as u64, "watching for spot notices");
+    let mut rebalance_seen = false;
+    let mut failing = false;
+    loop {
+        let polled = async {
+            if let Some(notice) = imds.instance_action().await? {
+                return Ok(Some(notice));
+            }
+            if !rebalance_seen {
+                if let Some(r) = imds.rebalance().await? {
+                    rebalance_seen = true;
+                    warn!(notice_time = ?r.notice_time, "rebalance recommendation: the instance is at elevated risk of interruption");
+                    w.publish(Event::SpotNotice {
+                        kind: SpotKind::Rebalance,
+                        action: None,
+                        at: r.notice_time,
+                        checkpoints: Vec::new(),
+                        failed: Vec::new(),
+                    })
+                    .await;
+                }
+            }
+            Ok::<_, imds::ImdsError>(None)
+        };
+        match polled.await {
+            Ok(Some(notice)) => {
+                w.spot_interruption(notice).await;
+                info!("spot interruption notice acted on; no more polling");
+                return;
+            }
+            Ok(None) => {
+                if failing {
+                    info!(endpoint = %imds.endpoint(), "instance metadata answers again");
+                    failing = false;
+                }
+            }
+            Err(e) if !failing => {
+                warn!(error = %e, "instance metadata not available; spot notices are not seen until it is (polling on)");
+                failing = true;
+            }
+            Err(e) => debug!(error = %e, "instance metadata still not available"),
+        }
+        tokio::time::sleep(poll).await;
     }
 }
 

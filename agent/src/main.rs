@@ -84,6 +84,18 @@ struct DaemonArgs {
     /// the NATS object store
     #[arg(long, value_name = "DIR", env = "CEDANA_SHARED_STORAGE")]
     shared_storage: Option<PathBuf>,
+    /// Watch EC2 instance metadata (IMDSv2) for spot interruption notices: on one, every task
+    /// is checkpointed right away (left running) and a spot_notice event names the checkpoints;
+    /// rebalance recommendations are reported too
+    #[arg(long, env = "CEDANA_WATCH_SPOT", value_parser = clap::builder::BoolishValueParser::new())]
+    watch_spot: bool,
+    /// Instance metadata endpoint (plain HTTP); giving one turns --watch-spot on
+    /// [default: http://169.254.169.254]
+    #[arg(long, value_name = "URL", env = "CEDANA_IMDS_ENDPOINT")]
+    imds_endpoint: Option<String>,
+    /// Seconds between polls of instance metadata
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    spot_poll_secs: u64,
 }
 
 #[derive(Args)]
@@ -386,6 +398,15 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         work_dir: a.work_dir.clone(),
         heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
         shared_storage: a.shared_storage.clone(),
+        spot: match a.imds_endpoint.as_deref().map(str::trim) {
+            Some(endpoint) if !endpoint.is_empty() => Some(endpoint.to_string()),
+            _ if a.watch_spot => Some(cedana_agent::imds::DEFAULT_ENDPOINT.to_string()),
+            _ => None,
+        }
+        .map(|endpoint| cedana_agent::daemon::SpotOptions {
+            endpoint,
+            poll: std::time::Duration::from_secs(a.spot_poll_secs.max(1)),
+        }),
     };
     let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(1, "io", e))?;
     rt.block_on(async {
@@ -402,7 +423,8 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
     })
     .map_err(|e| match e {
         cedana_agent::daemon::DaemonError::NoToken
-        | cedana_agent::daemon::DaemonError::BadId(_) => Failure::new(3, "input", e),
+        | cedana_agent::daemon::DaemonError::BadId(_)
+        | cedana_agent::daemon::DaemonError::Imds(_) => Failure::new(3, "input", e),
         cedana_agent::daemon::DaemonError::Auth { .. } => Failure::new(6, "auth", e),
         _ => Failure::new(1, "nats", e),
     })?;
