@@ -1,0 +1,804 @@
+//! Spot interruption notices: the agent daemon watching a fake EC2 instance metadata service
+//! (IMDSv2, as published: session tokens from `PUT /latest/api/token`, 401 without a valid
+//! token, 404 while there is no notice) with a real nats-server, real tasks and real CRIU.
+//!
+//! The fake stands in for IMDS because no real one runs here; it follows the AWS
+//! documentation of `spot/instance-action` and `events/recommendations/rebalance`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use cedana_agent::protocol::{
+    self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotKind,
+};
+use cedana_tests::*;
+use futures::StreamExt;
+
+// ---------------------------------------------------------------------------------------------
+// The fake IMDS
+
+/// What the fake was asked and how it answered.
+#[derive(Default)]
+struct FakeState {
+    /// Valid tokens and when they expire.
+    tokens: HashMap<String, Instant>,
+    issued: u64,
+    /// Body of `spot/instance-action` (404 while `None`).
+    instance_action: Option<String>,
+    /// Body of `events/recommendations/rebalance` (404 while `None`).
+    rebalance: Option<String>,
+    /// Metadata GETs answered with a valid token, by path.
+    served: HashMap<String, usize>,
+    /// Metadata GETs refused (401) because they carried no token.
+    without_token: usize,
+    /// Metadata GETs refused (401) because their token was not (or no longer) valid.
+    bad_token: usize,
+    /// Token requests refused (400 or 403).
+    bad_token_requests: usize,
+}
+
+/// IMDSv2 on a loopback port, one thread per connection, every read bounded.
+struct FakeImds {
+    port: u16,
+    state: Arc<Mutex<FakeState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeImds {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || serve(conn, &st));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeImds {
+            port,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.state.lock().expect("fake state"))
+    }
+
+    fn served(&self, path: &str) -> usize {
+        self.with(|s| s.served.get(path).copied().unwrap_or(0))
+    }
+
+    /// Waits until `path` was served `n` more times than `from`.
+    fn wait_served(&self, path: &str, from: usize, n: usize) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{n} GETs of {path} with a valid token"),
+            || self.served(path) >= from + n,
+        );
+    }
+}
+
+impl Drop for FakeImds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
+const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
+
+/// Answers one request on `conn` as IMDSv2 does.
+fn serve(mut conn: std::net::TcpStream, state: &Mutex<FakeState>) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 16 * 1024 {
+            return;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request = lines.next().unwrap_or_default().split(' ');
+    let (method, path) = (
+        request.next().unwrap_or_default(),
+        request.next().unwrap_or_default(),
+    );
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let (status, body, extra) = answer(method, path, &headers, state);
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let content_type = if body.starts_with('{') {
+        "application/octet-stream"
+    } else {
+        "text/plain"
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\nServer: EC2ws\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(response.as_bytes());
+}
+
+/// Status, body and extra header lines for one request.
+fn answer(
+    method: &str,
+    path: &str,
+    headers: &HashMap<String, String>,
+    state: &Mutex<FakeState>,
+) -> (u16, String, String) {
+    let mut s = state.lock().expect("fake state");
+    if path == "/latest/api/token" {
+        if method != "PUT" {
+            return (405, String::new(), String::new());
+        }
+        // Token requests through a proxy are refused, and the TTL must be 1..=21600 seconds.
+        if headers.contains_key("x-forwarded-for") {
+            s.bad_token_requests += 1;
+            return (403, String::new(), String::new());
+        }
+        let ttl = headers
+            .get("x-aws-ec2-metadata-token-ttl-seconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| (1..=21600).contains(t));
+        let Some(ttl) = ttl else {
+            s.bad_token_requests += 1;
+            return (400, String::new(), String::new());
+        };
+        s.issued += 1;
+        let token = format!("AQAEAFake{}Token{}==", std::process::id(), s.issued);
+        s.tokens
+            .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
+        return (
+            200,
+            token,
+            format!("X-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n"),
+        );
+    }
+    if method != "GET" {
+        return (405, String::new(), String::new());
+    }
+    match headers.get("x-aws-ec2-metadata-token") {
+        None => {
+            s.without_token += 1;
+            return (401, String::new(), String::new());
+        }
+        Some(t) if s.tokens.get(t).is_none_or(|exp| *exp <= Instant::now()) => {
+            s.bad_token += 1;
+            return (401, String::new(), String::new());
+        }
+        Some(_) => {}
+    }
+    *s.served.entry(path.to_string()).or_default() += 1;
+    let item = match path {
+        INSTANCE_ACTION => s.instance_action.clone(),
+        REBALANCE => s.rebalance.clone(),
+        _ => None,
+    };
+    match item {
+        Some(body) => (200, body, String::new()),
+        None => (404, not_found(), String::new()),
+    }
+}
+
+/// IMDS's 404 page.
+fn not_found() -> String {
+    "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n<html><head><title>404 - Not Found</title></head><body><h1>404 - Not Found</h1></body></html>\n".into()
+}
+
+/// One raw request to the fake; its status code.
+fn raw_status(port: u16, request: &str) -> u16 {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the fake");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver's side, as in tests/daemon.rs
+
+struct Driver {
+    js: jetstream::Context,
+    events: async_nats::Subscriber,
+    seen: std::collections::VecDeque<EventEnvelope>,
+    job: String,
+}
+
+impl Driver {
+    async fn connect(nats: &NatsServer, job: &str) -> Self {
+        let client = async_nats::ConnectOptions::with_token(nats.token.clone())
+            .connect(nats.url())
+            .await
+            .expect("connect");
+        let events = client
+            .subscribe(format!("CEDANA.{job}.>"))
+            .await
+            .expect("subscribe");
+        Driver {
+            js: jetstream::new(client),
+            events,
+            seen: Default::default(),
+            job: job.into(),
+        }
+    }
+
+    async fn wait_registered(&self, worker: &str) {
+        let key = format!("{}.{worker}", self.job);
+        for _ in 0..200 {
+            if let Ok(kv) = self.js.get_key_value(protocol::WORKERS_BUCKET).await {
+                if let Ok(Some(_)) = kv.get(&key).await {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("worker {key} did not register");
+    }
+
+    async fn send(&self, worker: &str, id: &str, command: Command) {
+        let env = CommandEnvelope {
+            v: protocol::VERSION,
+            id: id.into(),
+            command,
+        };
+        self.js
+            .publish(
+                protocol::commands_subject(&self.job, worker),
+                serde_json::to_vec(&env).unwrap().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("JetStream ack");
+    }
+
+    /// The next event satisfying `want` within `secs` (others are kept for later calls), or
+    /// `None` when none came.
+    async fn within(
+        &mut self,
+        secs: u64,
+        mut want: impl FnMut(&EventEnvelope) -> bool,
+    ) -> Option<EventEnvelope> {
+        if let Some(i) = self.seen.iter().position(&mut want) {
+            return self.seen.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.events.next()).await {
+                Err(_) => return None,
+                Ok(m) => m.expect("subscription open"),
+            };
+            if msg.subject.ends_with(".commands") {
+                continue;
+            }
+            let env: EventEnvelope = protocol::decode(&msg.payload).expect("event decodes");
+            if want(&env) {
+                return Some(env);
+            }
+            self.seen.push_back(env);
+        }
+    }
+
+    async fn next(&mut self, secs: u64, want: impl FnMut(&EventEnvelope) -> bool) -> EventEnvelope {
+        self.within(secs, want).await.unwrap_or_else(|| {
+            panic!(
+                "no awaited event within {secs} s; the last others: {:?}",
+                self.seen.iter().rev().take(5).collect::<Vec<_>>()
+            )
+        })
+    }
+
+    async fn reply(&mut self, id: &str, secs: u64) -> Reply {
+        match self
+            .next(
+                secs,
+                |e| matches!(&e.event, Event::Reply { id: i, .. } if i == id),
+            )
+            .await
+            .event
+        {
+            Event::Reply { reply, .. } => reply,
+            _ => unreachable!(),
+        }
+    }
+
+    async fn call(&mut self, worker: &str, id: &str, command: Command, secs: u64) -> Reply {
+        self.send(worker, id, command).await;
+        self.reply(id, secs).await
+    }
+
+    /// Names of the job's objects in the checkpoint store (deleted ones excluded).
+    async fn objects(&self) -> Vec<String> {
+        let store = self
+            .js
+            .get_object_store(protocol::CHECKPOINTS_BUCKET)
+            .await
+            .expect("checkpoint store");
+        let mut list = store.list().await.expect("list objects");
+        let mut names = Vec::new();
+        while let Some(o) = list.next().await {
+            let o = o.expect("object info");
+            if !o.deleted && o.name.starts_with(&format!("{}/", self.job)) {
+                names.push(o.name);
+            }
+        }
+        names
+    }
+
+    async fn object_size(&self, name: &str) -> usize {
+        let store = self
+            .js
+            .get_object_store(protocol::CHECKPOINTS_BUCKET)
+            .await
+            .expect("checkpoint store");
+        store.info(name).await.expect("object exists").size
+    }
+}
+
+fn is_spot(e: &EventEnvelope) -> bool {
+    matches!(e.event, Event::SpotNotice { .. })
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `cedana-agent daemon` as [`AgentDaemon::start`] starts it, with `extra` arguments.
+fn daemon(nats: &NatsServer, job: &str, worker: &str, work: &Path, extra: &[&str]) -> AgentDaemon {
+    let stderr_path = work.with_extension("daemon.log");
+    let child = std::process::Command::new(agent_bin())
+        .args([
+            "daemon",
+            "--job",
+            job,
+            "--worker",
+            worker,
+            "--heartbeat-secs",
+            "1",
+            "--nats-url",
+            &nats.url(),
+        ])
+        .arg("--work-dir")
+        .arg(work)
+        .args(extra)
+        .env("CEDANA_NATS_TOKEN", &nats.token)
+        .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
+        .env_remove("CEDANA_WATCH_SPOT")
+        .env_remove("CEDANA_IMDS_ENDPOINT")
+        .env("RUST_LOG", "cedana_agent=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("daemon log"))
+        .spawn()
+        .expect("start cedana-agent daemon");
+    AgentDaemon { child, stderr_path }
+}
+
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
+
+// ---------------------------------------------------------------------------------------------
+
+/// No notice: the daemon polls with a token (the fake refuses requests without one) and does
+/// nothing else; an expired token is replaced; a rebalance recommendation is reported once,
+/// with no checkpoint.
+#[test]
+fn no_notice_means_no_event_and_no_checkpoint() {
+    if !criu_ready("no_notice_means_no_event_and_no_checkpoint") {
+        return;
+    }
+    let fake = FakeImds::start();
+    // The fake holds to the published API: no token, no metadata; a token needs a TTL.
+    assert_eq!(
+        raw_status(
+            fake.port,
+            &format!("GET {INSTANCE_ACTION} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        ),
+        401
+    );
+    assert_eq!(
+        raw_status(
+            fake.port,
+            "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+        400
+    );
+    let refused_before = fake.with(|s| s.without_token);
+
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("w1");
+    let d = daemon(
+        &nats,
+        "spot1",
+        "w1",
+        &work,
+        &["--imds-endpoint", &fake.url(), "--spot-poll-secs", "1"],
+    );
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "spot1").await;
+        drv.wait_registered("w1").await;
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "counter".into(),
+                    cmd: COUNTER.into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+
+        // Several polls of both items, each with a valid token.
+        let (a0, r0) = (fake.served(INSTANCE_ACTION), fake.served(REBALANCE));
+        fake.wait_served(INSTANCE_ACTION, a0, 3);
+        fake.wait_served(REBALANCE, r0, 3);
+        assert!(
+            drv.within(1, is_spot).await.is_none(),
+            "no notice, no spot event"
+        );
+        assert_eq!(
+            drv.objects().await,
+            Vec::<String>::new(),
+            "and no checkpoint"
+        );
+        fake.with(|s| {
+            assert_eq!(
+                s.without_token, refused_before,
+                "the daemon never asks without a token"
+            );
+            assert_eq!(s.bad_token_requests, 1, "only the test's own bad request");
+            assert_eq!(s.issued, 1, "one token serves many requests");
+        });
+
+        // Tokens expire (or IMDS forgets them): a 401, then a new token, then polling goes on.
+        fake.with(|s| s.tokens.clear());
+        let a1 = fake.served(INSTANCE_ACTION);
+        fake.wait_served(INSTANCE_ACTION, a1, 2);
+        fake.with(|s| {
+            assert!(s.bad_token >= 1, "the old token was refused");
+            assert_eq!(s.issued, 2, "and replaced once");
+        });
+
+        // A rebalance recommendation is reported, once, and checkpoints nothing.
+        fake.with(|s| s.rebalance = Some(r#"{"noticeTime": "2026-11-21T01:00:00Z"}"#.into()));
+        let e = drv.next(20, is_spot).await;
+        assert_eq!(e.worker, "w1");
+        assert_eq!(
+            e.event,
+            Event::SpotNotice {
+                kind: SpotKind::Rebalance,
+                action: None,
+                at: Some("2026-11-21T01:00:00Z".into()),
+                checkpoints: vec![],
+                failed: vec![],
+            }
+        );
+        let a2 = fake.served(INSTANCE_ACTION);
+        fake.wait_served(INSTANCE_ACTION, a2, 3);
+        assert!(
+            drv.within(1, is_spot).await.is_none(),
+            "a recommendation is reported once"
+        );
+        assert_eq!(drv.objects().await, Vec::<String>::new());
+        let r = drv.call("w1", "ping", Command::Ping, 20).await;
+        assert!(matches!(r, Reply::Pong { .. }), "{r:?}");
+    });
+    assert!(
+        d.stderr().contains("watching for spot notices"),
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        !work.join(cedana_agent::daemon::CHECKPOINTS_DIR).exists()
+            || std::fs::read_dir(work.join(cedana_agent::daemon::CHECKPOINTS_DIR))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no archive on the worker either"
+    );
+}
+
+/// An interruption notice: every task is checkpointed at once (a command checkpoint of the same
+/// task at the same moment waits its turn and gets its own object), the event names the
+/// checkpoints, and the counter restored from one on another worker, after the first is gone
+/// with its folder, counts on with no gap.
+#[test]
+fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
+    if !criu_ready("notice_checkpoints_every_task_and_the_checkpoint_restores") {
+        return;
+    }
+    let fake = FakeImds::start();
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    // The folder every worker of the job has at the same path (as on real machines).
+    let work = sb.path().join("job");
+    let log = work.join("counter.log");
+    let w1 = daemon(
+        &nats,
+        "spot2",
+        "w1",
+        &work,
+        &["--imds-endpoint", &fake.url(), "--spot-poll-secs", "1"],
+    );
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "spot2").await;
+        drv.wait_registered("w1").await;
+        for (task, cmd) in [
+            ("counter", COUNTER),
+            ("idle", "while :; do sleep 0.2; done"),
+        ] {
+            let r = drv
+                .call(
+                    "w1",
+                    &format!("spawn-{task}"),
+                    Command::Spawn {
+                        task: task.into(),
+                        cmd: cmd.into(),
+                    },
+                    20,
+                )
+                .await;
+            assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        }
+        wait_for_numbers(&log, 10);
+        let a0 = fake.served(INSTANCE_ACTION);
+        fake.wait_served(INSTANCE_ACTION, a0, 1);
+
+        // The notice, and at the same moment a command checkpoint of the counter.
+        fake.with(|s| {
+            s.instance_action =
+                Some(r#"{"action": "terminate", "time": "2026-11-21T01:02:03Z"}"#.into())
+        });
+        drv.send(
+            "w1",
+            "ckpt",
+            Command::Checkpoint {
+                task: "counter".into(),
+                leave_running: true,
+                compression: cedana_agent::Compression::Zstd,
+            },
+        )
+        .await;
+        let e = drv.next(90, is_spot).await;
+        let Event::SpotNotice {
+            kind,
+            action,
+            at,
+            mut checkpoints,
+            failed,
+        } = e.event
+        else {
+            unreachable!()
+        };
+        assert_eq!(kind, SpotKind::InstanceAction);
+        assert_eq!(action.as_deref(), Some("terminate"));
+        assert_eq!(at.as_deref(), Some("2026-11-21T01:02:03Z"));
+        assert!(failed.is_empty(), "{failed:?}");
+        checkpoints.sort_by(|a, b| a.task.cmp(&b.task));
+        let tasks: Vec<&str> = checkpoints.iter().map(|c| c.task.as_str()).collect();
+        assert_eq!(tasks, ["counter", "idle"], "every task is checkpointed");
+        let SpotCheckpoint { object, .. } = checkpoints[0].clone();
+        let r = drv.reply("ckpt", 90).await;
+        let Reply::Checkpointed {
+            object: by_command, ..
+        } = r
+        else {
+            panic!("the command checkpoint: {r:?}")
+        };
+        assert_ne!(
+            by_command, object,
+            "two checkpoints of one task never share an object"
+        );
+        let mut stored = drv.objects().await;
+        stored.sort();
+        let mut expected = vec![
+            by_command.clone(),
+            object.clone(),
+            checkpoints[1].object.clone(),
+        ];
+        expected.sort();
+        assert_eq!(stored, expected, "the objects named exist in the store");
+        assert!(drv.object_size(&object).await > 0);
+
+        // Left running; commands are still served; the notice is acted on once.
+        let n = numbers(&log).len();
+        wait_for_numbers(&log, n + 5);
+        let r = drv.call("w1", "ping", Command::Ping, 20).await;
+        assert!(matches!(r, Reply::Pong { .. }), "{r:?}");
+        assert!(
+            drv.within(3, is_spot).await.is_none(),
+            "the notice is acted on once"
+        );
+
+        // The instance goes: its tasks, its daemon and its folder.
+        for task in ["counter", "idle"] {
+            let r = drv
+                .call(
+                    "w1",
+                    &format!("stop-{task}"),
+                    Command::Stop { task: task.into() },
+                    20,
+                )
+                .await;
+            assert!(matches!(r, Reply::Stopped { .. }), "{r:?}");
+            drv.next(
+                20,
+                |e| matches!(&e.event, Event::TaskExited { task: t, .. } if t == task),
+            )
+            .await;
+        }
+        drop(w1);
+        std::fs::remove_dir_all(&work).expect("remove the first worker's folder");
+
+        // Another worker restores the counter from the spot checkpoint.
+        let _w2 = daemon(&nats, "spot2", "w2", &work, &[]);
+        drv.wait_registered("w2").await;
+        let r = drv
+            .call(
+                "w2",
+                "restore",
+                Command::Restore {
+                    task: "counter".into(),
+                    object,
+                },
+                90,
+            )
+            .await;
+        assert!(matches!(r, Reply::Restored { .. }), "{r:?}");
+        let at_restore = numbers(&log).len();
+        assert!(at_restore >= 10, "the folder came back with the checkpoint");
+        wait_for_numbers(&log, at_restore + 10);
+        let r = drv
+            .call(
+                "w2",
+                "stop-restored",
+                Command::Stop {
+                    task: "counter".into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Stopped { .. }), "{r:?}");
+    });
+    assert_unbroken(&numbers(&log), "counter restored from the spot checkpoint");
+}
+
+/// No IMDS (nobody listens), or one that never answers: the daemon serves commands as ever and
+/// says once that it cannot see notices. A malformed endpoint is refused at start.
+#[test]
+fn unreachable_imds_does_not_stop_the_daemon() {
+    if !criu_ready("unreachable_imds_does_not_stop_the_daemon") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    // Accepts connections (the kernel does) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let d1 = daemon(
+        &nats,
+        "spot3",
+        "w1",
+        &sb.path().join("w1"),
+        &["--imds-endpoint", &nobody, "--spot-poll-secs", "1"],
+    );
+    let d2 = daemon(
+        &nats,
+        "spot3",
+        "w2",
+        &sb.path().join("w2"),
+        &["--imds-endpoint", &silent_url, "--spot-poll-secs", "1"],
+    );
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "spot3").await;
+        drv.wait_registered("w1").await;
+        drv.wait_registered("w2").await;
+        for round in 0..4 {
+            for w in ["w1", "w2"] {
+                let start = Instant::now();
+                let r = drv
+                    .call(w, &format!("ping-{w}-{round}"), Command::Ping, 20)
+                    .await;
+                assert!(matches!(r, Reply::Pong { .. }), "{r:?}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{w} answered late"
+                );
+            }
+            let r = drv
+                .call(
+                    "w2",
+                    &format!("sh-{round}"),
+                    Command::Sh {
+                        cmd: "echo ok".into(),
+                        timeout_secs: Some(10),
+                    },
+                    20,
+                )
+                .await;
+            assert!(
+                matches!(r, Reply::Sh { ref stdout, .. } if stdout == "ok\n"),
+                "{r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        assert!(drv.within(1, is_spot).await.is_none());
+    });
+    for d in [&d1, &d2] {
+        let log = d.stderr();
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("instance metadata not available"))
+            .count();
+        assert_eq!(warned, 1, "said once, at warn level:\n{log}");
+    }
+    assert!(d1.stderr().contains("cannot reach IMDS"), "{}", d1.stderr());
+    assert!(d2.stderr().contains("did not answer"), "{}", d2.stderr());
+    drop(silent);
+
+    let mut bad = daemon(
+        &nats,
+        "spot3",
+        "w3",
+        &sb.path().join("w3"),
+        &["--imds-endpoint", "https://169.254.169.254"],
+    );
+    assert_eq!(
+        bad.wait_exit(Duration::from_secs(20)),
+        Some(3),
+        "{}",
+        bad.stderr()
+    );
+    assert!(bad.stderr().contains("plain HTTP"), "{}", bad.stderr());
+}
