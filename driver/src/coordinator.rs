@@ -46,6 +46,20 @@ struct Routes {
     exits: HashMap<String, watch::Sender<Option<Exit>>>,
     /// When each worker was last heard from.
     seen: HashMap<String, std::time::Instant>,
+    /// Spot notices per worker, in order.
+    spot: HashMap<String, Vec<SpotNotice>>,
+}
+
+/// A spot notice a worker reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpotNotice {
+    pub kind: protocol::SpotKind,
+    /// When the instance goes (RFC 3339), if IMDS said.
+    pub at: Option<String>,
+    /// (task, checkpoint object) taken because of the notice.
+    pub checkpoints: Vec<(String, String)>,
+    /// Tasks whose checkpoint failed.
+    pub failed: Vec<String>,
 }
 
 /// A connection to the job's NATS, with the event router running.
@@ -166,8 +180,29 @@ impl Coordinator {
                         tx.send_replace(Some(Exit { code, signal }));
                     }
                     Event::Heartbeat { .. } => {}
-                    // Not acted on by the driver yet.
-                    Event::SpotNotice { .. } => {}
+                    Event::SpotNotice {
+                        kind,
+                        action,
+                        at,
+                        checkpoints,
+                        failed,
+                    } => {
+                        tracing::warn!(worker = %env.worker, ?kind, ?action, ?at, "spot notice");
+                        r.lock()
+                            .expect("routes")
+                            .spot
+                            .entry(env.worker.clone())
+                            .or_default()
+                            .push(SpotNotice {
+                                kind,
+                                at,
+                                checkpoints: checkpoints
+                                    .into_iter()
+                                    .map(|c| (c.task, c.object))
+                                    .collect(),
+                                failed: failed.into_iter().map(|f| f.task).collect(),
+                            });
+                    }
                 }
             }
         });
@@ -318,6 +353,20 @@ impl Coordinator {
         if let Err(e) = self.jobs.put(&record.job, bytes).await {
             tracing::debug!(error = %e, "cannot store the job record in KV");
         }
+    }
+
+    /// The first interruption notice (`instance-action`) `worker` reported, if any.
+    pub fn interruption(&self, worker: &str) -> Option<SpotNotice> {
+        self.routes
+            .lock()
+            .expect("routes")
+            .spot
+            .get(worker)
+            .and_then(|v| {
+                v.iter()
+                    .find(|n| n.kind == protocol::SpotKind::InstanceAction)
+                    .cloned()
+            })
     }
 
     /// When `worker` was last heard from (any event).

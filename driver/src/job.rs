@@ -378,6 +378,18 @@ impl Job {
         }
     }
 
+    /// Records a checkpoint a worker took by itself (on a spot notice).
+    pub fn record_checkpoint(&mut self, c: &Checkpoint, worker: &str) {
+        self.record.checkpoints.push(CheckpointInfo {
+            object: c.object.clone(),
+            task: c.task.clone(),
+            worker: worker.into(),
+            at: protocol::now(),
+            bytes: 0,
+        });
+        self.save();
+    }
+
     /// Restores `c` on `w` (its files first).
     pub fn restore(&mut self, c: &Checkpoint, w: &Worker) -> Result<Task, JobError> {
         self.coord.reset_exit(&w.id, &c.task);

@@ -72,6 +72,7 @@ pub fn run(
     let (mut w, mut task) = bring_up(job, hooks, &spec, None)?;
     job.borrow_mut().set_state(JobState::Running);
     let mut next = opts.interval.map(|i| Instant::now() + i);
+    let mut noticed = std::collections::BTreeSet::new();
     loop {
         let exit = job.borrow().coord.exit_of(&task.worker, &task.name);
         if let Some(e) = exit {
@@ -99,6 +100,33 @@ pub fn run(
             }
             (w, task) = bring_up(job, hooks, &spec, newest.as_ref())?;
             job.borrow_mut().set_state(JobState::Running);
+            next = opts.interval.map(|i| Instant::now() + i);
+            continue;
+        }
+        // A spot interruption notice: the worker goes in about two minutes. Its checkpoint is
+        // the safety net; the task moves now with a fresh one (no work lost), and if the
+        // worker is gone first the next turn recovers from the notice's checkpoint.
+        let notice = job.borrow().coord.interruption(&w.id);
+        if let Some(n) = notice.filter(|_| !noticed.contains(&w.id)) {
+            noticed.insert(w.id.clone());
+            if let Some((_, object)) = n.checkpoints.iter().find(|(t, _)| *t == task.name) {
+                let c = Checkpoint {
+                    object: object.clone(),
+                    task: task.name.clone(),
+                };
+                job.borrow_mut().record_checkpoint(&c, &w.id);
+                newest = Some(c);
+            }
+            eprintln!(
+                "[cedana] spot interruption notice for worker {} (instance goes at {}); moving the task",
+                w.id,
+                n.at.as_deref().unwrap_or("an unknown time")
+            );
+            job.borrow_mut().record.spot_notices += 1;
+            if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task) {
+                warn!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
+                eprintln!("[cedana] moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes");
+            }
             next = opts.interval.map(|i| Instant::now() + i);
             continue;
         }

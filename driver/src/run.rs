@@ -188,6 +188,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         checkpoints: Vec::new(),
         recoveries: 0,
         migrations: 0,
+        spot_notices: 0,
         cost_usd: 0.0,
         exit_code: None,
         error: None,

@@ -104,6 +104,9 @@ pub struct JobRecord {
     pub checkpoints: Vec<CheckpointInfo>,
     pub recoveries: u32,
     pub migrations: u32,
+    /// Spot interruption notices acted on.
+    #[serde(default)]
+    pub spot_notices: u32,
     /// What the job has cost so far (zero on `local`).
     pub cost_usd: f64,
     pub exit_code: Option<i64>,

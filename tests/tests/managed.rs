@@ -374,3 +374,71 @@ fn a_configured_server_list_is_used_past_a_dead_server() {
     assert_eq!(nums.len(), 40, "{stdout}");
     assert_unbroken(&nums, "counter through a server list");
 }
+
+/// What a worker's agent publishes when EC2 says the spot instance goes (see tests/spot.rs for
+/// the agent's side, with a fake instance metadata service).
+fn publish_spot_notice(nats: &NatsServer, job: &str, worker: &str) {
+    use cedana_agent::protocol::{self, Event, EventEnvelope, SpotKind};
+    let env = EventEnvelope {
+        v: protocol::VERSION,
+        job: job.into(),
+        worker: worker.into(),
+        at: protocol::now(),
+        event: Event::SpotNotice {
+            kind: SpotKind::InstanceAction,
+            action: Some("terminate".into()),
+            at: Some("2026-11-21T01:02:03Z".into()),
+            checkpoints: vec![],
+            failed: vec![],
+        },
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::with_token(nats.token.clone())
+            .connect(nats.url())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.publish(
+            protocol::state_subject(job, worker),
+            serde_json::to_vec(&env).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    });
+}
+
+#[test]
+fn a_spot_notice_moves_the_task_before_the_worker_goes() {
+    if !criu_ready("a_spot_notice_moves_the_task_before_the_worker_goes") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let nats = NatsServer::start();
+    let cfg = config_for(&sb, &nats);
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        Some(&cfg),
+        &["--checkpoint-every", "0"],
+        &example("managed.rhai"),
+    );
+    let r = d.wait_record(Duration::from_secs(60), "the task running", |r| {
+        r["state"] == "running" && r["task"].is_object()
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    publish_spot_notice(&nats, &job, "w1");
+    let r = d.wait_record(Duration::from_secs(60), "the task on w2", |r| {
+        r["task"]["worker"] == "w2" && r["migrations"] == 1
+    });
+    assert_eq!(r["spot_notices"], 1, "{r}");
+    assert_eq!(r["workers"][0]["state"], "terminated", "{r}");
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    assert_eq!(d.record().unwrap()["recoveries"], 0);
+    assert!(d
+        .stderr()
+        .contains("spot interruption notice for worker w1"));
+}
