@@ -1,0 +1,502 @@
+//! The price catalog: what a machine type costs per hour where, and where that figure came
+//! from. Providers without a price API (Paperspace) make their offers from it.
+//!
+//! The catalog is a JSON file, `~/.cedana/catalog.json` (`$CEDANA_CATALOG` names another one):
+//!
+//! ```json
+//! { "entries": [
+//!   { "provider": "paperspace", "instance_type": "A4000", "region": "ny2",
+//!     "vcpus": 8, "memory_gb": 45, "gpu": "NVIDIA RTX A4000", "gpu_count": 1, "vram_gb": 16,
+//!     "price_usd_hour": 0.76, "spot": false,
+//!     "source": "my invoice of 2026-10", "updated_at": "2026-10-31T00:00:00Z" } ] }
+//! ```
+//!
+//! `gpu`, `gpu_count`, `vram_gb` and `spot` may be left out (no GPU, on-demand). Regions are the
+//! provider's API names (`ny2`, not `East Coast (NY2)`). A built-in catalog for Paperspace ships
+//! inside the driver (`driver/catalog/paperspace.json`); entries of the user's file replace
+//! built-in ones with the same provider, type, region and spot flag, and add to the rest.
+//! Errors name the file, the entry's key, the line and the column.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::provider::Offer;
+
+/// Environment variable naming the catalog file.
+pub const CATALOG_ENV: &str = "CEDANA_CATALOG";
+
+/// The built-in Paperspace catalog.
+const BUILTIN_PAPERSPACE: &str = include_str!("../catalog/paperspace.json");
+
+/// Errors loading a catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read price catalog {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("price catalog {path}: `{key}` {message} (line {line}, column {column}); fix the entry or remove the file to use the built-in prices")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+}
+
+/// A time stamp in RFC 3339 form, kept as written and as seconds since the epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Timestamp {
+    text: String,
+    #[serde(skip)]
+    epoch: u64,
+}
+
+impl Timestamp {
+    /// Seconds since the epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    /// As written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match parse_rfc3339(&text) {
+            Some(epoch) => Ok(Timestamp { text, epoch }),
+            None => Err(serde::de::Error::custom(format!(
+                "{text:?} is not an RFC 3339 time such as 2026-09-20T00:00:00Z"
+            ))),
+        }
+    }
+}
+
+/// One machine type at one place and price.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    pub provider: String,
+    pub instance_type: String,
+    pub region: String,
+    pub vcpus: f64,
+    pub memory_gb: f64,
+    #[serde(default)]
+    pub gpu: Option<String>,
+    #[serde(default)]
+    pub gpu_count: u32,
+    #[serde(default)]
+    pub vram_gb: f64,
+    pub price_usd_hour: f64,
+    #[serde(default)]
+    pub spot: bool,
+    /// Where the price came from, for people: a page and its date, an invoice, "placeholder".
+    pub source: String,
+    /// When the price was observed.
+    pub updated_at: Timestamp,
+}
+
+impl CatalogEntry {
+    /// The offer this entry makes.
+    pub fn offer(&self) -> Offer {
+        Offer {
+            provider: self.provider.clone(),
+            instance_type: self.instance_type.clone(),
+            vcpus: self.vcpus,
+            memory_gb: self.memory_gb,
+            gpu: self.gpu.clone(),
+            gpu_count: self.gpu_count,
+            vram_gb: self.vram_gb,
+            region: self.region.clone(),
+            zone: None,
+            price_usd_hour: self.price_usd_hour,
+            spot: self.spot,
+            price_source: format!("catalog: {}", self.source),
+            priced_at: Some(self.updated_at.epoch()),
+        }
+    }
+
+    fn key(&self) -> (&str, &str, &str, bool) {
+        (&self.provider, &self.instance_type, &self.region, self.spot)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    entries: Vec<CatalogEntry>,
+}
+
+/// A set of priced machine types.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub entries: Vec<CatalogEntry>,
+}
+
+impl Catalog {
+    /// The catalog built into the driver.
+    pub fn builtin() -> Self {
+        Self::parse(
+            BUILTIN_PAPERSPACE,
+            Path::new("driver/catalog/paperspace.json"),
+        )
+        .expect("the built-in catalog is valid (a unit test checks it)")
+    }
+
+    /// Parses catalog text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, CatalogError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let file: CatalogFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
+            // serde_json appends " at line L column C"; they are reported separately.
+            let message = match message.rfind(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            CatalogError::Invalid {
+                path: path.to_path_buf(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message,
+                line: inner.line(),
+                column: inner.column(),
+            }
+        })?;
+        for (i, e) in file.entries.iter().enumerate() {
+            let bad = if !(e.price_usd_hour.is_finite() && e.price_usd_hour >= 0.0) {
+                Some(("price_usd_hour", "must be a price of zero or more"))
+            } else if !(e.vcpus > 0.0 && e.memory_gb > 0.0) {
+                Some(("vcpus", "and memory_gb must be more than zero"))
+            } else if e.source.trim().is_empty() {
+                Some(("source", "must say where the price came from"))
+            } else {
+                None
+            };
+            if let Some((field, message)) = bad {
+                let (line, column) = entry_position(text, i);
+                return Err(CatalogError::Invalid {
+                    path: path.to_path_buf(),
+                    key: format!("entries[{i}].{field}"),
+                    message: message.into(),
+                    line,
+                    column,
+                });
+            }
+        }
+        Ok(Catalog {
+            entries: file.entries,
+        })
+    }
+
+    /// Reads the catalog file at `path`.
+    pub fn from_file(path: &Path) -> Result<Self, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The user's catalog file: `$CEDANA_CATALOG`, else `~/.cedana/catalog.json`.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os(CATALOG_ENV) {
+            return Some(PathBuf::from(p));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cedana").join("catalog.json"))
+    }
+
+    /// The built-in catalog with the user's file on top. `$CEDANA_CATALOG` must name a file
+    /// that exists; `~/.cedana/catalog.json` is optional.
+    pub fn load() -> Result<Self, CatalogError> {
+        let mut catalog = Self::builtin();
+        let explicit = std::env::var_os(CATALOG_ENV).is_some();
+        if let Some(path) = Self::default_path() {
+            if explicit || path.exists() {
+                catalog.overlay(Self::from_file(&path)?);
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Entries of `other` replace entries with the same provider, type, region and spot flag;
+    /// the others are added.
+    pub fn overlay(&mut self, other: Catalog) {
+        for e in other.entries {
+            match self.entries.iter_mut().find(|x| x.key() == e.key()) {
+                Some(slot) => *slot = e,
+                None => self.entries.push(e),
+            }
+        }
+    }
+
+    /// Offers of `provider` in `regions` (every region when empty).
+    pub fn offers(&self, provider: &str, regions: &[String]) -> Vec<Offer> {
+        self.entries
+            .iter()
+            .filter(|e| e.provider == provider)
+            .filter(|e| regions.is_empty() || regions.contains(&e.region))
+            .map(CatalogEntry::offer)
+            .collect()
+    }
+}
+
+/// Line and column of the `i`-th object in the `entries` array of `text` (1-based), for
+/// errors found after parsing.
+fn entry_position(text: &str, i: usize) -> (usize, usize) {
+    let Some(start) = text.find("\"entries\"") else {
+        return (1, 1);
+    };
+    let mut depth = 0usize;
+    let mut seen = 0usize;
+    let mut in_str = false;
+    let mut escaped = false;
+    for (off, c) in text[start..].char_indices() {
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '[' | '{' => {
+                depth += 1;
+                if c == '{' && depth == 2 {
+                    if seen == i {
+                        let at = start + off;
+                        let line = text[..at].matches('\n').count() + 1;
+                        let column = at - text[..at].rfind('\n').map(|n| n + 1).unwrap_or(0) + 1;
+                        return (line, column);
+                    }
+                    seen += 1;
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    (1, 1)
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2026-09-20T12:00:00Z`,
+/// `2026-09-20T12:00:00.5+02:00`); None when it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let (sign, hm) = match rest.as_bytes().first()? {
+                b'+' => (1, &rest[1..]),
+                b'-' => (-1, &rest[1..]),
+                _ => return None,
+            };
+            if hm.len() != 5 || hm.as_bytes()[2] != b':' {
+                return None;
+            }
+            let h: i64 = hm[..2].parse().ok()?;
+            let m: i64 = hm[3..].parse().ok()?;
+            if h > 23 || m > 59 {
+                return None;
+            }
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days_in_month = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month[(month - 1) as usize]
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    // Days since 1970-01-01 of a civil date (proleptic Gregorian).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    u64::try_from(t).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2026-09-20T00:00:00Z"), Some(1_789_862_400));
+        assert_eq!(parse_rfc3339("2000-02-29T12:30:15.250Z"), Some(951_827_415));
+        assert_eq!(
+            parse_rfc3339("2026-09-20T02:00:00+02:00"),
+            parse_rfc3339("2026-09-20T00:00:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2026-09-19T22:30:00-01:30"),
+            parse_rfc3339("2026-09-20T00:00:00Z")
+        );
+        for bad in [
+            "2026-09-20",
+            "2026-09-20T00:00:00",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-09-20T24:00:00Z",
+            "2026-09-20T00:00:00.Z",
+            "yesterday at noon, UTC!",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn builtin_catalog_is_valid_and_says_where_prices_come_from() {
+        let c = Catalog::builtin();
+        assert!(c.entries.len() > 10);
+        for e in &c.entries {
+            assert_eq!(e.provider, "paperspace");
+            assert!(["ny2", "ca1", "ams1"].contains(&e.region.as_str()), "{e:?}");
+            assert!(!e.source.is_empty());
+            assert!(e.updated_at.epoch() > 1_700_000_000);
+        }
+        let o = c.offers("paperspace", &["ny2".into()]);
+        assert!(o.iter().all(|o| o.region == "ny2"));
+        assert!(o.iter().any(|o| o.gpu_count > 0));
+        assert!(o.iter().all(|o| o.price_source.starts_with("catalog: ")));
+    }
+
+    #[test]
+    fn entry_errors_name_file_key_line_and_column() {
+        let text = "{\n  \"entries\": [\n    {\"provider\": \"p\", \"instance_type\": \"t\", \"region\": \"r\",\n     \"vcpus\": 2, \"memory_gb\": \"lots\", \"price_usd_hour\": 1, \"source\": \"s\",\n     \"updated_at\": \"2026-01-01T00:00:00Z\"}\n  ]\n}";
+        let err = Catalog::parse(text, Path::new("/x/catalog.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/x/catalog.json"), "{err}");
+        assert!(err.contains("entries[0].memory_gb"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("column"), "{err}");
+
+        let bad_time = text
+            .replace("\"lots\"", "4")
+            .replace("2026-01-01T00:00:00Z", "last Tuesday");
+        let err = Catalog::parse(&bad_time, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("entries[0].updated_at") && err.contains("RFC 3339"),
+            "{err}"
+        );
+        assert!(err.contains("line 5"), "{err}");
+
+        let negative = text
+            .replace("\"lots\"", "4")
+            .replace("\"price_usd_hour\": 1", "\"price_usd_hour\": -1");
+        let err = Catalog::parse(&negative, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entries[0].price_usd_hour"), "{err}");
+        assert!(err.contains("line 3, column 5"), "{err}");
+
+        let unknown = text
+            .replace("\"lots\"", "4")
+            .replace("\"vcpus\"", "\"cpus\"");
+        let err = Catalog::parse(&unknown, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `cpus`"), "{err}");
+    }
+
+    #[test]
+    fn users_entries_replace_builtin_ones() {
+        let mut c = Catalog::builtin();
+        let before = c.entries.len();
+        let mine = Catalog::parse(
+            r#"{"entries": [
+                {"provider": "paperspace", "instance_type": "A4000", "region": "ny2", "vcpus": 8,
+                 "memory_gb": 45, "gpu": "A4000", "gpu_count": 1, "vram_gb": 16,
+                 "price_usd_hour": 0.5, "source": "my invoice", "updated_at": "2026-10-31T00:00:00Z"},
+                {"provider": "paperspace", "instance_type": "X1", "region": "ny2", "vcpus": 1,
+                 "memory_gb": 1, "price_usd_hour": 0.01, "source": "test", "updated_at": "2026-10-31T00:00:00Z"}
+            ]}"#,
+            Path::new("mine.json"),
+        )
+        .unwrap();
+        c.overlay(mine);
+        assert_eq!(c.entries.len(), before + 1);
+        let a4000: Vec<_> = c
+            .entries
+            .iter()
+            .filter(|e| e.instance_type == "A4000" && e.region == "ny2")
+            .collect();
+        assert_eq!(a4000.len(), 1);
+        assert_eq!(a4000[0].price_usd_hour, 0.5);
+        assert_eq!(a4000[0].offer().price_source, "catalog: my invoice");
+        assert_eq!(
+            a4000[0].offer().priced_at,
+            parse_rfc3339("2026-10-31T00:00:00Z")
+        );
+    }
+}
