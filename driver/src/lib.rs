@@ -2,6 +2,7 @@
 //! keeping them alive by checkpointing, recovering and migrating their tasks. This release has
 //! the `local` provider and the embedded NATS server; cloud providers and prices come next.
 
+pub mod catalog;
 pub mod container;
 pub mod control;
 pub mod coordinator;
@@ -9,6 +10,7 @@ pub mod job;
 pub mod local;
 pub mod managed;
 pub mod nats;
+pub mod paperspace;
 pub mod provider;
 pub mod run;
 pub mod script;

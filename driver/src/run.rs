@@ -329,6 +329,12 @@ fn providers(opts: &RunOptions) -> Result<Vec<Box<dyn crate::provider::Provider>
             "local" => out.push(Box::new(crate::local::LocalProvider {
                 image: opts.image.clone(),
             })),
+            "paperspace" => {
+                let config = opts.config.paperspace.clone().unwrap_or_default();
+                let p = crate::paperspace::PaperspaceProvider::from_config(&config)
+                    .map_err(|e| RunError::from(JobError::Provider(e)))?;
+                out.push(Box::new(p));
+            }
             other => {
                 tracing::warn!(
                     provider = other,
