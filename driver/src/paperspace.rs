@@ -984,9 +984,11 @@ impl Provider for PaperspaceProvider {
             return Ok(offers);
         }
         // Only offers that fit are worth asking about; the others go back as they are, for
-        // the ranking to say why they do not fit.
+        // the ranking to say why they do not fit. A few questions at a time, not to be rate
+        // limited.
         let client = self.client.clone();
-        let checked = self.rt.block_on(async move {
+        let checked: Vec<(Offer, Result<bool, ApiError>)> = self.rt.block_on(async move {
+            use futures::StreamExt;
             let asks = offers.into_iter().map(|o| {
                 let client = client.clone();
                 async move {
@@ -997,7 +999,10 @@ impl Provider for PaperspaceProvider {
                     (o, r)
                 }
             });
-            futures::future::join_all(asks).await
+            futures::stream::iter(asks)
+                .buffer_unordered(4)
+                .collect()
+                .await
         });
         let mut out = Vec::new();
         for (o, r) in checked {
