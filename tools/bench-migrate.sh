@@ -127,16 +127,19 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
     print()
     res.setdefault("migrate", {})[kind] = {"medians": m, "parts": parts}
 
-store = [r for r in rows if r["section"] == "store"]
+store = {}
+for r in rows:
+    if r["section"] == "store":
+        store.setdefault(r["step"], []).append(r["s"])
 if store:
-    print(f"\n### object store alone, {mb} MiB of random bytes (one run)\n")
-    print("| step | s | MiB/s |")
-    print("|---|---:|---:|")
-    for r in store:
-        if r.get("error"):
-            print(f"| {r['step']} | failed: {r['error']} | |")
-        else:
-            print(f"| {r['step']} | {r['s']:.2f} | {r['mib_s']:.0f} |")
+    n = max(len(v) for v in store.values())
+    print(f"\n### object store alone, {mb} MiB of random bytes (median of {n})\n")
+    print("| step | s | MiB/s | min s | max s |")
+    print("|---|---:|---:|---:|---:|")
+    res["store"] = {}
+    for step, xs in store.items():
+        res["store"][step] = med(xs)
+        print(f"| {step} | {med(xs):.2f} | {mb / med(xs):.0f} | {min(xs):.2f} | {max(xs):.2f} |")
 
 ping = [x for r in rows if r["section"] == "ping" for x in r["ms"]]
 if ping:

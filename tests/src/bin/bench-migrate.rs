@@ -714,8 +714,10 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
     }))
 }
 
-/// The object store alone: a file of `mb` random MiB up and down, as the daemon does it and
-/// with larger chunks and writes.
+/// The object store alone, `runs` times: a file of `mb` random MiB up (128 KiB chunks as the
+/// daemon's, the same with the file out of the page cache as `--compress none` archives are,
+/// 1 MiB chunks) and down (as the daemon: `tokio::io::copy` into a tokio `File`; and through a
+/// 4 MiB `BufWriter`), and a plain `cp` for scale.
 async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let blob = cfg.dir.join("blob");
@@ -735,59 +737,76 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
             ..Default::default()
         })
         .await?;
-    let mb = cfg.mb as f64;
-    for (name, chunk) in [("chunk128k", None), ("chunk1m", Some(1 << 20))] {
+    let step = |step: String, run: u32, s: f64| {
+        emit(json!({"section": "store", "step": step, "run": run, "s": s}));
+    };
+    for run in 1..=cfg.runs {
+        for (name, chunk, cached) in [
+            ("chunk128k", None, true),
+            ("chunk128k-uncached", None, false),
+            ("chunk1m", Some(1 << 20), true),
+        ] {
+            nix::unistd::sync();
+            let f = std::fs::File::open(&blob)?;
+            if !cached {
+                use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+                posix_fadvise(&f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
+            }
+            let t = Instant::now();
+            let meta = object_store::ObjectMetadata {
+                name: name.into(),
+                chunk_size: chunk,
+                ..Default::default()
+            };
+            let mut f = tokio::fs::File::from_std(f);
+            if let Err(e) = store.put(meta, &mut f).await {
+                bail!("object store put with {name}: {e}");
+            }
+            step(format!("put {name}"), run, secs(t.elapsed()));
+            if !cached {
+                store.delete(name).await?;
+                continue;
+            }
+            // Alternate which download goes first.
+            let order = if run % 2 == 1 {
+                ["daemon", "buffered"]
+            } else {
+                ["buffered", "daemon"]
+            };
+            for how in order {
+                nix::unistd::sync();
+                let out = cfg.dir.join("blob.down");
+                let t = Instant::now();
+                let mut obj = store.get(name).await?;
+                let f = tokio::fs::File::create(&out).await?;
+                if how == "daemon" {
+                    // As agent/src/daemon.rs's restore: tokio::io::copy into a tokio File.
+                    let mut f = f;
+                    tokio::io::copy(&mut obj, &mut f).await?;
+                } else {
+                    let mut f = tokio::io::BufWriter::with_capacity(4 << 20, f);
+                    tokio::io::copy(&mut obj, &mut f).await?;
+                    f.flush().await?;
+                }
+                let s = secs(t.elapsed());
+                if file_len(&out) != cfg.mb << 20 {
+                    bail!("downloaded {} bytes of {}", file_len(&out), cfg.mb << 20);
+                }
+                std::fs::remove_file(&out)?;
+                step(format!("get {name} {how}"), run, s);
+            }
+            store.delete(name).await?;
+        }
         nix::unistd::sync();
         let t = Instant::now();
-        let mut f = tokio::fs::File::open(&blob).await?;
-        let meta = object_store::ObjectMetadata {
-            name: name.into(),
-            chunk_size: chunk,
-            ..Default::default()
-        };
-        let put = store.put(meta, &mut f).await.map(|_| secs(t.elapsed()));
-        emit(
-            json!({"section": "store", "step": format!("put {name}"), "s": put.as_ref().ok(),
-            "mib_s": put.as_ref().ok().map(|s| mb / s), "error": put.as_ref().err().map(|e| e.to_string())}),
-        );
-        if put.is_err() {
-            continue;
-        }
-        for how in ["daemon", "buffered"] {
-            nix::unistd::sync();
-            let out = cfg.dir.join("blob.down");
-            let t = Instant::now();
-            let mut obj = store.get(name).await?;
-            let f = tokio::fs::File::create(&out).await?;
-            if how == "daemon" {
-                // As agent/src/daemon.rs's restore: tokio::io::copy into a tokio File.
-                let mut f = f;
-                tokio::io::copy(&mut obj, &mut f).await?;
-            } else {
-                let mut f = tokio::io::BufWriter::with_capacity(4 << 20, f);
-                tokio::io::copy(&mut obj, &mut f).await?;
-                f.flush().await?;
-            }
-            let s = secs(t.elapsed());
-            if file_len(&out) != cfg.mb << 20 {
-                bail!("downloaded {} bytes of {}", file_len(&out), cfg.mb << 20);
-            }
-            let _ = std::fs::remove_file(&out);
-            emit(
-                json!({"section": "store", "step": format!("get {name} {how}"), "s": s, "mib_s": mb / s}),
-            );
-        }
+        let mut cp = tokio::process::Command::new("cp");
+        cp.arg(&blob).arg(cfg.dir.join("blob.cp"));
+        run_step(&mut cp, cfg.step, "cp").await?;
+        step("cp (same disk)".into(), run, secs(t.elapsed()));
+        std::fs::remove_file(cfg.dir.join("blob.cp"))?;
     }
-    nix::unistd::sync();
-    let t = Instant::now();
-    let mut cp = tokio::process::Command::new("cp");
-    cp.arg(&blob).arg(cfg.dir.join("blob.cp"));
-    run_step(&mut cp, cfg.step, "cp").await?;
-    let s = secs(t.elapsed());
-    emit(json!({"section": "store", "step": "cp (same disk)", "s": s, "mib_s": mb / s}));
     js.delete_object_store("cedana_bench").await?;
-    let _ = std::fs::remove_file(&blob);
-    let _ = std::fs::remove_file(cfg.dir.join("blob.cp"));
+    std::fs::remove_file(&blob)?;
     Ok(())
 }
 
