@@ -19,7 +19,7 @@ say "cargo test --workspace (agent under test: $AGENT_BIN)"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
-CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_REQUIRE_STATIC=1 cargo test --locked --workspace -- "$@" 2>&1 | tee "$out" || status=$?
+CEDANA_AGENT_BIN="$AGENT_BIN" CEDANA_REQUIRE_STATIC=1 cargo test --locked --no-fail-fast --workspace -- "$@" 2>&1 | tee "$out" || status=$?
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$out"

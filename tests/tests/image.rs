@@ -621,7 +621,7 @@ fn a_job_migrates_between_two_container_workers() {
     let record: Value =
         serde_json::from_slice(&std::fs::read(job_dir.join("job.json")).unwrap()).unwrap();
     assert_eq!(
-        record["workers"][0]["provider"], "local-container",
+        record["workers"][0]["offer"]["instance_type"], "local-container",
         "{record}"
     );
     // Each worker's root filesystem is the image's, untouched: the agent and CRIU came with it.
