@@ -716,8 +716,8 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
 
 /// The object store alone, `runs` times: a file of `mb` random MiB up (128 KiB chunks as the
 /// daemon's, the same with the file out of the page cache as `--compress none` archives are,
-/// 1 MiB chunks) and down (as the daemon: `tokio::io::copy` into a tokio `File`; and through a
-/// 4 MiB `BufWriter`), and a plain `cp` for scale.
+/// 1 MiB chunks) and down (as the daemon: `tokio::io::copy` into a tokio `File`; through a
+/// 4 MiB `BufWriter`; 4 MiB blocks to a writer thread), and a plain `cp` for scale.
 async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let blob = cfg.dir.join("blob");
@@ -767,26 +767,50 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
                 store.delete(name).await?;
                 continue;
             }
-            // Alternate which download goes first.
-            let order = if run % 2 == 1 {
-                ["daemon", "buffered"]
-            } else {
-                ["buffered", "daemon"]
-            };
+            // Rotate which download goes first.
+            let mut order = ["daemon", "buffered", "thread"];
+            order.rotate_left(run as usize % 3);
             for how in order {
                 nix::unistd::sync();
                 let out = cfg.dir.join("blob.down");
                 let t = Instant::now();
                 let mut obj = store.get(name).await?;
-                let f = tokio::fs::File::create(&out).await?;
-                if how == "daemon" {
+                match how {
                     // As agent/src/daemon.rs's restore: tokio::io::copy into a tokio File.
-                    let mut f = f;
-                    tokio::io::copy(&mut obj, &mut f).await?;
-                } else {
-                    let mut f = tokio::io::BufWriter::with_capacity(4 << 20, f);
-                    tokio::io::copy(&mut obj, &mut f).await?;
-                    f.flush().await?;
+                    "daemon" => {
+                        let mut f = tokio::fs::File::create(&out).await?;
+                        tokio::io::copy(&mut obj, &mut f).await?;
+                    }
+                    "buffered" => {
+                        let f = tokio::fs::File::create(&out).await?;
+                        let mut f = tokio::io::BufWriter::with_capacity(4 << 20, f);
+                        tokio::io::copy(&mut obj, &mut f).await?;
+                        f.flush().await?;
+                    }
+                    // 4 MiB blocks written by a thread of their own while the next arrive.
+                    _ => {
+                        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+                        let mut f = std::fs::File::create(&out)?;
+                        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                            use std::io::Write;
+                            while let Some(b) = rx.blocking_recv() {
+                                f.write_all(&b)?;
+                            }
+                            Ok(())
+                        });
+                        let mut buf = Vec::with_capacity(4 << 20);
+                        while obj.read_buf(&mut buf).await? > 0 {
+                            if buf.len() == buf.capacity() {
+                                let full = std::mem::replace(&mut buf, Vec::with_capacity(4 << 20));
+                                tx.send(full).await?;
+                            }
+                        }
+                        tx.send(buf).await?;
+                        drop(tx);
+                        writer
+                            .join()
+                            .map_err(|_| anyhow!("the writer thread failed"))??;
+                    }
                 }
                 let s = secs(t.elapsed());
                 if file_len(&out) != cfg.mb << 20 {
