@@ -403,8 +403,33 @@ impl AgentDaemon {
     }
 }
 
+/// The direct children of `pid` (every thread's), from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Drop for AgentDaemon {
     fn drop(&mut self) {
+        // The tasks it started or restored are its children (each the init of its own PID
+        // namespace, so killing it ends everything inside); a daemon that stops leaves them
+        // running, as on a real worker, so the test's tasks are ended here.
+        for task in children_of(self.child.id() as i32) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(task),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         for _ in 0..50 {
