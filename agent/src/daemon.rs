@@ -433,20 +433,9 @@ impl Worker {
             self.opts.job, self.opts.worker, self.incarnation
         );
         for attempt in 0..240u32 {
-            let sent = async {
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        jetstream::message::PublishMessage::build()
-                            .payload(payload.clone())
-                            .message_id(&msg_id),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match sent.await {
+            match protocol::publish_stored(&self.js, subject.clone(), payload.clone(), &msg_id)
+                .await
+            {
                 Ok(_) => return,
                 Err(e) => {
                     if attempt % 10 == 0 {

@@ -60,6 +60,27 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Publishes `payload` to JetStream with message id `msg_id` and waits until it is stored. A
+/// retry with the same id is dropped by JetStream as a duplicate, so callers may retry freely.
+pub async fn publish_stored(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    payload: bytes::Bytes,
+    msg_id: &str,
+) -> Result<(), String> {
+    js.send_publish(
+        subject,
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(msg_id),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 /// The servers of a NATS URL list (`nats://a:4222,nats://b:4222`), for `connect`.
 pub fn server_list(urls: &str) -> Vec<String> {
     urls.split(',')

@@ -53,7 +53,7 @@ pub struct ContainerSpec<'a> {
 }
 
 /// The capabilities this process may hand on (its bounding set), by name.
-fn bounding_caps() -> Vec<String> {
+pub fn bounding_caps() -> Vec<String> {
     const NAMES: [&str; 41] = [
         "CHOWN",
         "DAC_OVERRIDE",

@@ -272,20 +272,7 @@ impl Coordinator {
         // Publish until JetStream has it (the server may be restarting).
         let mut attempt = 0u32;
         loop {
-            let sent = async {
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        jetstream::message::PublishMessage::build()
-                            .payload(payload.clone())
-                            .message_id(&id),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match sent.await {
+            match protocol::publish_stored(&self.js, subject.clone(), payload.clone(), &id).await {
                 Ok(_) => break,
                 Err(e) => {
                     attempt += 1;

@@ -189,6 +189,31 @@ pub struct LaunchSpec<'a> {
     pub image: Option<&'a Path>,
 }
 
+/// `cedana-agent daemon` arguments for a worker (the token goes in the environment).
+fn daemon_args(s: &LaunchSpec, nats_url: &str, work_dir: &Path) -> Vec<String> {
+    [
+        "daemon",
+        "--job",
+        s.job,
+        "--worker",
+        s.id,
+        "--nats-url",
+        nats_url,
+        "--heartbeat-secs",
+        "2",
+        "--work-dir",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .chain(std::iter::once(work_dir.display().to_string()))
+    .chain(
+        s.shared_storage
+            .iter()
+            .flat_map(|d| ["--shared-storage".to_string(), d.display().to_string()]),
+    )
+    .collect()
+}
+
 /// Whether workers can have mount namespaces of their own here.
 pub fn can_isolate() -> bool {
     nix::unistd::geteuid().is_root() && std::env::var_os("CEDANA_LOCAL_SHARED").is_none()
@@ -248,27 +273,12 @@ impl LocalWorker {
             let runc_root = s.work_path.parent().unwrap_or(Path::new("/")).join("runc");
             let id = format!("cedana-{}-{}", s.job, s.id);
             let bundle = s.dir.with_extension("bundle");
-            let mut args: Vec<String> = [
-                "/usr/local/bin/cedana-agent",
-                "daemon",
-                "--job",
-                s.job,
-                "--worker",
-                s.id,
-                "--nats-url",
+            let mut args = vec!["/usr/local/bin/cedana-agent".to_string()];
+            args.extend(daemon_args(
+                s,
                 &nats_url,
-                "--heartbeat-secs",
-                "2",
-                "--work-dir",
-                crate::container::WORK_PATH,
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-            if let Some(shared) = s.shared_storage {
-                args.push("--shared-storage".into());
-                args.push(shared.display().to_string());
-            }
+                Path::new(crate::container::WORK_PATH),
+            ));
             let mut env = vec![
                 ("CEDANA_NATS_TOKEN".to_string(), s.token.to_string()),
                 ("CEDANA_CRIU".to_string(), "/usr/sbin/criu".to_string()),
@@ -308,26 +318,11 @@ impl LocalWorker {
             });
         }
         let mut cmd = Command::new(&agent);
-        cmd.args([
-            "daemon",
-            "--job",
-            s.job,
-            "--worker",
-            s.id,
-            "--nats-url",
-            &nats_url,
-            "--heartbeat-secs",
-            "2",
-        ])
-        .arg("--work-dir")
-        .arg(s.work_path)
-        .env("CEDANA_NATS_TOKEN", s.token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-        if let Some(shared) = s.shared_storage {
-            cmd.arg("--shared-storage").arg(shared);
-        }
+        cmd.args(daemon_args(s, &nats_url, s.work_path))
+            .env("CEDANA_NATS_TOKEN", s.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         if isolated {
             let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL in paths");
             let (src, dst) = (cstr(s.dir), cstr(s.work_path));

@@ -357,6 +357,19 @@ pub struct AgentDaemon {
 
 impl AgentDaemon {
     pub fn start(nats: &NatsServer, token: &str, job: &str, worker: &str, work_dir: &Path) -> Self {
+        Self::start_with(nats, token, job, worker, work_dir, &[])
+    }
+
+    /// [`AgentDaemon::start`] with `extra` arguments; spot watching comes only from them, never
+    /// from this process's environment.
+    pub fn start_with(
+        nats: &NatsServer,
+        token: &str,
+        job: &str,
+        worker: &str,
+        work_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         let stderr_path = work_dir.with_extension("daemon.log");
         let child = Command::new(agent_bin())
             .args([
@@ -372,8 +385,11 @@ impl AgentDaemon {
             ])
             .arg("--work-dir")
             .arg(work_dir)
+            .args(extra)
             .env("CEDANA_NATS_TOKEN", token)
             .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
+            .env_remove("CEDANA_WATCH_SPOT")
+            .env_remove("CEDANA_IMDS_ENDPOINT")
             .env("RUST_LOG", "cedana_agent=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).expect("daemon log"))

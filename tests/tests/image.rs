@@ -375,73 +375,13 @@ fn skopeo_inspects_it_and_umoci_unpacks_it() {
     assert_eq!(runtime["process"]["args"], json!(ENTRYPOINT));
 }
 
-/// The capabilities this process may hand on (its bounding set), by name.
-fn bounding_caps() -> Vec<String> {
-    const NAMES: [&str; 41] = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ];
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .expect("CapBnd in /proc/self/status")
-        .trim();
-    let mask = u64::from_str_radix(hex, 16).unwrap();
-    NAMES
-        .iter()
-        .enumerate()
-        .filter(|(bit, _)| mask & (1 << bit) != 0)
-        .map(|(_, n)| format!("CAP_{n}"))
-        .collect()
-}
-
 /// Turns umoci's bundle into a worker container: `args` run as root with every capability this
 /// process holds, its own PID, mount and network namespaces, a writable root and `/proc/sys`
 /// (CRIU sets `ns_last_pid`), `/dev/net/tun` (`criu check` opens it), no terminal.
 fn make_worker_bundle(bundle: &Path, args: &[&str]) {
     let path = bundle.join("config.json");
     let mut c: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let caps = json!(bounding_caps());
+    let caps = json!(cedana_driver::container::bounding_caps());
     c["process"]["args"] = json!(args);
     c["process"]["terminal"] = json!(false);
     c["process"]["capabilities"] = json!({

@@ -392,34 +392,9 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// `cedana-agent daemon` as [`AgentDaemon::start`] starts it, with `extra` arguments.
+/// A daemon of the test's job with `extra` arguments.
 fn daemon(nats: &NatsServer, job: &str, worker: &str, work: &Path, extra: &[&str]) -> AgentDaemon {
-    let stderr_path = work.with_extension("daemon.log");
-    let child = std::process::Command::new(agent_bin())
-        .args([
-            "daemon",
-            "--job",
-            job,
-            "--worker",
-            worker,
-            "--heartbeat-secs",
-            "1",
-            "--nats-url",
-            &nats.url(),
-        ])
-        .arg("--work-dir")
-        .arg(work)
-        .args(extra)
-        .env("CEDANA_NATS_TOKEN", &nats.token)
-        .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
-        .env_remove("CEDANA_WATCH_SPOT")
-        .env_remove("CEDANA_IMDS_ENDPOINT")
-        .env("RUST_LOG", "cedana_agent=debug")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).expect("daemon log"))
-        .spawn()
-        .expect("start cedana-agent daemon");
-    AgentDaemon { child, stderr_path }
+    AgentDaemon::start_with(nats, &nats.token, job, worker, work, extra)
 }
 
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
