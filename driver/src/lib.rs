@@ -11,6 +11,7 @@ pub mod local;
 pub mod managed;
 pub mod nats;
 pub mod paperspace;
+pub mod price;
 pub mod provider;
 pub mod run;
 pub mod script;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cedana_driver::control::{self, Action};
+use cedana_driver::job::JobError;
+use cedana_driver::managed::FlowError;
 use cedana_driver::run::{RunError, RunOptions};
 use cedana_driver::script::ScriptError;
 use cedana_driver::state::{self, JobRecord, OUTPUT_FILE, TOKEN_FILE};
@@ -13,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 const AFTER: &str = "Exit codes: `run` ends with the task's exit status (0 when it succeeded, 128+N when signal N ended it); \
 otherwise 0 ok; 1 job or command failed; 2 bad command line or job file (file:line:column given); 3 bad config; \
-4 no such job, or its driver did not answer; 130 job taken down (`down`, Ctrl-C).\n\
+4 no such job, or its driver did not answer; 5 no offer fits (`price`, `run` of a managed job); 130 job taken down (`down`, Ctrl-C).\n\
 Jobs keep their folders in $CEDANA_STATE_DIR or ~/.cedana/jobs. Logs: RUST_LOG=debug.";
 
 /// Run long jobs on the cheapest machine that fits and keep them alive across preemption.
@@ -50,6 +52,15 @@ enum Cmd {
         /// `images/build.sh` writes; `DIR` or `DIR:TAG`) instead of as a process
         #[arg(long, value_name = "DIR", env = "CEDANA_WORKER_IMAGE")]
         image: Option<PathBuf>,
+        /// Arbitrage (managed flow): price the job's spec again every SECS seconds and move
+        /// the task when an offer is cheaper than its current one by more than the margin
+        /// (0: off) [default: the config's `arbitrage` block; off without one]
+        #[arg(long, value_name = "SECS")]
+        arbitrage_every: Option<u64>,
+        /// How much cheaper an offer must be to move to it, in percent of the current price
+        /// [default: arbitrage.margin_percent, else 20]
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        arbitrage_margin: Option<f64>,
     },
     /// Show jobs: state, workers, task, checkpoints, cost.
     Status {
@@ -72,6 +83,35 @@ enum Cmd {
     Migrate { job: String },
     /// Stop a job: its task is killed and its workers end.
     Down { job: String },
+    /// Show the offers that fit a machine across the enabled providers, cheapest first, with
+    /// where each price came from and how old it is.
+    ///
+    /// Prices come from the providers' APIs where they have one (AWS spot prices) and from the
+    /// price catalog otherwise (~/.cedana/catalog.json over the built-in one; see
+    /// docs/providers.md). Exits with 5 when nothing fits.
+    Price {
+        /// vCPUs wanted (at least)
+        #[arg(long, value_name = "N")]
+        cpu: Option<f64>,
+        /// Memory wanted in GB (at least)
+        #[arg(long, value_name = "GB")]
+        memory: Option<f64>,
+        /// GPU wanted: a name (matched in the offer's GPU model) and optionally a count
+        #[arg(long, value_name = "NAME[:COUNT]")]
+        gpu: Option<String>,
+        /// GPU memory wanted in GB (at least)
+        #[arg(long, value_name = "GB")]
+        vram: Option<f64>,
+        /// Highest price per hour in USD
+        #[arg(long, value_name = "USD")]
+        max_price: Option<f64>,
+        /// Show only the N cheapest offers
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print JSON ({spec, offers, left_out}) on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +129,17 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
+    if matches!(
+        cli.command,
+        Cmd::Status { .. } | Cmd::Logs { .. } | Cmd::Price { .. }
+    ) {
+        // Commands that only print end quietly when their reader goes (`| head`). Commands
+        // that talk to servers keep SIGPIPE ignored: a closed socket is an error, not death.
+        // SAFETY: no other thread runs yet; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let state_dir = cli
         .state_dir
         .clone()
@@ -98,6 +149,8 @@ fn main() -> ExitCode {
             script,
             checkpoint_every,
             image,
+            arbitrage_every,
+            arbitrage_margin,
         } => {
             let opts = RunOptions {
                 script,
@@ -105,6 +158,8 @@ fn main() -> ExitCode {
                 state_dir,
                 checkpoint_every,
                 image,
+                arbitrage_every,
+                arbitrage_margin,
             };
             match cedana_driver::run::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -114,6 +169,7 @@ fn main() -> ExitCode {
                         RunError::Script(ScriptError::Syntax { .. } | ScriptError::Read { .. })
                         | RunError::Unsupported { .. } => 2,
                         RunError::Down { .. } => 130,
+                        RunError::Flow(FlowError::Job(JobError::NoOffer { .. })) => 5,
                         _ => 1,
                     })
                 }
@@ -124,6 +180,109 @@ fn main() -> ExitCode {
         Cmd::Checkpoint { job } => send(&state_dir, &config, &job, Action::Checkpoint),
         Cmd::Migrate { job } => send(&state_dir, &config, &job, Action::Migrate),
         Cmd::Down { job } => send(&state_dir, &config, &job, Action::Down),
+        Cmd::Price {
+            cpu,
+            memory,
+            gpu,
+            vram,
+            max_price,
+            limit,
+            json,
+        } => {
+            let (gpu, gpu_count) = match gpu.as_deref().map(cedana_driver::price::parse_gpu) {
+                None => (None, None),
+                Some(Ok((name, count))) => (Some(name), count),
+                Some(Err(e)) => {
+                    eprintln!("cedana-driver: error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let spec = cedana_driver::job::Spec {
+                cpu_cores: cpu,
+                memory_gb: memory,
+                gpu,
+                gpu_count,
+                vram_gb: vram,
+                max_price_usd_hour: max_price,
+            };
+            price(&config, &spec, limit, json)
+        }
+    }
+}
+
+fn price(
+    config: &cedana_driver::Config,
+    spec: &cedana_driver::job::Spec,
+    limit: Option<usize>,
+    json: bool,
+) -> ExitCode {
+    let providers = match cedana_driver::run::providers(config, None) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cedana-driver: error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let mut prices = cedana_driver::price::prices(&providers, spec);
+    if let Some(n) = limit {
+        prices.offers.truncate(n);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&prices).expect("serializes")
+        );
+    } else if !prices.offers.is_empty() {
+        print!("{}", cedana_driver::price::table(&prices));
+    }
+    if prices.offers.is_empty() {
+        eprintln!("cedana-driver: no offer fits {}", spec_text(spec));
+        for why in &prices.left_out {
+            eprintln!("  {why}");
+        }
+        return ExitCode::from(5);
+    }
+    if !json && !prices.left_out.is_empty() {
+        eprintln!(
+            "({} offers left out; --json lists why)",
+            prices.left_out.len()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// A spec as a user would write it on the command line.
+fn spec_text(spec: &cedana_driver::job::Spec) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = spec.cpu_cores {
+        parts.push(format!("--cpu {c}"));
+    }
+    if let Some(m) = spec.memory_gb {
+        parts.push(format!("--memory {m}"));
+    }
+    if let Some(g) = &spec.gpu {
+        parts.push(match spec.gpu_count {
+            Some(n) => format!("--gpu {g}:{n}"),
+            None => format!("--gpu {g}"),
+        });
+    }
+    if let Some(v) = spec.vram_gb {
+        parts.push(format!("--vram {v}"));
+    }
+    if let Some(p) = spec.max_price_usd_hour {
+        parts.push(format!("--max-price {p}"));
+    }
+    if parts.is_empty() {
+        "(any machine)".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 20)")),
     }
 }
 
@@ -166,18 +325,17 @@ fn status(state_dir: &Path, job: Option<&str>, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>9}  LAST CHECKPOINT",
-        "JOB", "STATE", "WORKER", "TASK", "CKPTS", "RECOVERED", "COST $"
+        "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9} {:>8}  LAST CHECKPOINT",
+        "JOB", "STATE", "WORKER", "TASK", "CKPTS", "RECOVERED", "MOVED", "COST $", "NOW $/H"
     );
     let now = cedana_agent::protocol::now();
     for (_, r) in &jobs {
-        let worker = r
-            .workers
-            .iter()
-            .rev()
-            .find(|w| w.state == "running")
-            .map(|w| w.id.as_str())
-            .unwrap_or("-");
+        let running = r.workers.iter().rev().find(|w| w.state == "running");
+        let worker = running.map(|w| w.id.as_str()).unwrap_or("-");
+        let rate = running
+            .and_then(|w| w.offer.as_ref())
+            .map(|o| format!("{:.4}", o.price_usd_hour))
+            .unwrap_or_else(|| "-".into());
         let task = r.task.as_ref().map(|t| t.name.as_str()).unwrap_or("-");
         let last = r
             .checkpoints
@@ -191,14 +349,16 @@ fn status(state_dir: &Path, job: Option<&str>, json: bool) -> ExitCode {
             })
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>9.4}  {last}",
+            "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9.4} {:>8}  {last}",
             r.job,
             r.shown_state(),
             worker,
             task,
             r.checkpoints.len(),
             r.recoveries,
-            r.cost_usd
+            r.migrations,
+            r.cost_usd,
+            rate
         );
     }
     ExitCode::SUCCESS
