@@ -2,6 +2,7 @@
 //! keeping them alive by checkpointing, recovering and migrating their tasks. This release has
 //! the `local` provider and the embedded NATS server; cloud providers and prices come next.
 
+pub mod bootstrap;
 pub mod catalog;
 pub mod container;
 pub mod control;

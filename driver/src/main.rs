@@ -83,6 +83,14 @@ enum Cmd {
     Migrate { job: String },
     /// Stop a job: its task is killed and its workers end.
     Down { job: String },
+    /// Write the config file (~/.cedana/cedana_config.json, or --config) in the original
+    /// Cedana's format: asks on a terminal, takes flags otherwise.
+    ///
+    /// An existing file's values are the defaults, and keys not asked about are kept. Secrets
+    /// are never flag values: the Paperspace key comes from $PAPERSPACE_API_KEY, a file or a
+    /// prompt; the NATS token from a file, a prompt, or --generate-token. With --aws-create it
+    /// also makes the AWS key pair, security group and launch template workers need.
+    Bootstrap(Box<BootstrapArgs>),
     /// Show the offers that fit a machine across the enabled providers, cheapest first, with
     /// where each price came from and how old it is.
     ///
@@ -114,6 +122,59 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct BootstrapArgs {
+    /// Never ask; take flags and the existing file only (also when stdin is not a terminal)
+    #[arg(long)]
+    non_interactive: bool,
+    /// A provider to enable (local, aws, paperspace); repeat for several
+    #[arg(long = "provider", value_name = "NAME")]
+    providers: Vec<String>,
+    /// AWS region to use; repeat for several
+    #[arg(long = "aws-region", value_name = "REGION")]
+    aws_regions: Vec<String>,
+    /// AWS instance family to use (t3, m5, g5...); repeat for several
+    #[arg(long = "aws-family", value_name = "FAMILY")]
+    aws_families: Vec<String>,
+    /// SSH private key for AWS instances (bake connects with it)
+    #[arg(long, value_name = "PATH")]
+    aws_ssh_key: Option<PathBuf>,
+    /// Launch template workers start from (name or id)
+    #[arg(long, value_name = "NAME")]
+    aws_launch_template: Option<String>,
+    /// File holding the Paperspace API key [default: $PAPERSPACE_API_KEY]
+    #[arg(long, value_name = "FILE")]
+    paperspace_api_key_file: Option<PathBuf>,
+    /// SSH private key for Paperspace machines
+    #[arg(long, value_name = "PATH")]
+    paperspace_ssh_key: Option<PathBuf>,
+    /// Paperspace region ("East Coast (NY2)", ny2...); repeat for several
+    #[arg(long = "paperspace-region", value_name = "REGION")]
+    paperspace_regions: Vec<String>,
+    /// NATS server workers reach (host, host:port or nats:// URL; a comma-separated list for
+    /// a cluster); empty: the driver starts its own (local workers only)
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+    /// NATS port for entries of --nats-url without one
+    #[arg(long, value_name = "PORT")]
+    nats_port: Option<u16>,
+    /// File holding the NATS token
+    #[arg(long, value_name = "FILE", conflicts_with = "generate_token")]
+    auth_token_file: Option<PathBuf>,
+    /// Make a new random NATS token (to start your nats-server with)
+    #[arg(long)]
+    generate_token: bool,
+    /// Seconds between checkpoints (0: none)
+    #[arg(long, value_name = "SECS")]
+    checkpoint_every: Option<u64>,
+    /// A folder every worker mounts: checkpoints go there instead of the NATS object store
+    #[arg(long, value_name = "DIR")]
+    shared_storage: Option<PathBuf>,
+    /// Print what was written as JSON (secrets left out)
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -122,7 +183,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match cedana_driver::Config::load_default(cli.config.as_deref()) {
+    // `bootstrap` reads and repairs the config itself.
+    let config = if matches!(cli.command, Cmd::Bootstrap(_)) {
+        Ok(cedana_driver::Config::default())
+    } else {
+        cedana_driver::Config::load_default(cli.config.as_deref())
+    };
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cedana-driver: error: {e}");
@@ -180,6 +247,7 @@ fn main() -> ExitCode {
         Cmd::Checkpoint { job } => send(&state_dir, &config, &job, Action::Checkpoint),
         Cmd::Migrate { job } => send(&state_dir, &config, &job, Action::Migrate),
         Cmd::Down { job } => send(&state_dir, &config, &job, Action::Down),
+        Cmd::Bootstrap(args) => bootstrap(cli.config.as_deref(), *args),
         Cmd::Price {
             cpu,
             memory,
@@ -467,4 +535,98 @@ fn send(state_dir: &Path, config: &cedana_driver::Config, job: &str, action: Act
             ExitCode::from(4)
         }
     }
+}
+
+fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> ExitCode {
+    use cedana_driver::bootstrap as b;
+    let Some(path) = config_path
+        .map(Path::to_path_buf)
+        .or_else(cedana_driver::Config::default_path)
+    else {
+        eprintln!("cedana-driver: error: no config path: set HOME or give --config");
+        return ExitCode::from(3);
+    };
+    let fail = |e: b::BootstrapError, code: u8| {
+        eprintln!("cedana-driver: error: {e}");
+        ExitCode::from(code)
+    };
+    let existing = match b::read_existing(&path) {
+        Ok(v) => v,
+        Err(e) => return fail(e, 3),
+    };
+    let list = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    let mut answers = b::Answers {
+        providers: list(args.providers),
+        aws_regions: list(args.aws_regions),
+        aws_families: list(args.aws_families),
+        aws_ssh_key_path: args.aws_ssh_key,
+        aws_launch_template: args.aws_launch_template,
+        paperspace_regions: list(args.paperspace_regions),
+        paperspace_ssh_key_path: args.paperspace_ssh_key,
+        nats_url: args.nats_url,
+        nats_port: args.nats_port,
+        checkpoint_interval: args.checkpoint_every,
+        shared_storage: args.shared_storage,
+        ..Default::default()
+    };
+    if let Some(f) = &args.paperspace_api_key_file {
+        match b::secret_from_file(f) {
+            Ok(s) => answers.paperspace_api_key = Some(s),
+            Err(e) => return fail(e, 2),
+        }
+    } else if let Some(k) = std::env::var("PAPERSPACE_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        answers.paperspace_api_key = Some(cedana_agent::config::Secret::new(k.trim()));
+    }
+    if let Some(f) = &args.auth_token_file {
+        match b::secret_from_file(f) {
+            Ok(s) => answers.auth_token = Some(s),
+            Err(e) => return fail(e, 2),
+        }
+    } else if args.generate_token {
+        match b::generate_token() {
+            Ok(s) => answers.auth_token = Some(s),
+            Err(e) => return fail(e, 1),
+        }
+    }
+    let interactive = !args.non_interactive && std::io::stdin().is_terminal();
+    if interactive {
+        let mut p = b::Prompter {
+            input: std::io::stdin().lock(),
+            output: std::io::stderr(),
+            hide_secrets: true,
+        };
+        answers = match b::interview(&mut p, &existing, answers) {
+            Ok(a) => a,
+            Err(e) => return fail(e, 2),
+        };
+    }
+    let v = b::apply(existing, &answers);
+    let config = match b::check(&v, &path) {
+        Ok(c) => c,
+        Err(e) => return fail(e, 2),
+    };
+    if let Err(e) = b::write(&path, &v) {
+        return fail(e, 1);
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "config": path,
+            "enabled_providers": config.enabled_providers,
+            "nats_url": config.connection.nats_url,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serializes")
+        );
+    } else {
+        println!(
+            "wrote {} (providers: {})",
+            path.display(),
+            config.enabled_providers.join(", ")
+        );
+    }
+    ExitCode::SUCCESS
 }
