@@ -18,7 +18,7 @@ use cedana_driver::aws::{
 use cedana_driver::catalog::Catalog;
 use cedana_driver::job::Spec;
 use cedana_driver::provider::{ranked, Bootstrap, Offer, Provider, ProviderError};
-use cedana_tests::moto::{MotoServer, RefusingProxy, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+use cedana_tests::moto::{MotoServer, Refusal, RefusingProxy, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use cedana_tests::{repo_root, wait_until};
 
 /// An x86_64 Ubuntu AMI moto has in every region.
@@ -371,10 +371,8 @@ fn refreshed_spot_prices_make_a_catalog() {
     let back = Catalog::from_file(&path).unwrap();
     assert_eq!(back.entries, entries);
 
-    // With EC2 unreachable for spot prices (a dead endpoint after the types are known), the
-    // catalog's spot entries price the spot offers. Here: a provider whose spot window is
-    // fine but whose endpoint is a closed port, with the types coming from... the same moto
-    // would answer, so instead the refreshed entries are changed and moto stopped.
+    // When EC2's spot prices cannot be had (here: moto is gone once the provider knows the
+    // types and the image), the catalog's spot entries price the spot offers.
     let mut catalog = Catalog::builtin();
     let mut mine = back.clone();
     for e in &mut mine.entries {
@@ -734,6 +732,60 @@ fn capacity_errors_move_on_to_the_next_offer() {
         Err(e) => panic!("expected a failure, got {e}"),
         Ok(_) => panic!("expected a failure"),
     }
+}
+
+/// Throttling (`RequestLimitExceeded`) is retried with backoff until the call goes through;
+/// still throttled after every attempt, the error says so and what to do, and offers fall back
+/// to what the catalog knows.
+#[test]
+fn throttling_is_retried_then_reported() {
+    let moto = MotoServer::start();
+    let throttle = |action: &str, times| Refusal {
+        action: action.into(),
+        instance_type: None,
+        code: "RequestLimitExceeded".into(),
+        status: 503,
+        times,
+    };
+    let proxy = RefusingProxy::start_with(
+        &moto,
+        vec![
+            throttle("DescribeInstanceTypes", Some(2)),
+            throttle("DescribeSpotPriceHistory", None),
+        ],
+    );
+    let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro"]);
+    s.connect.max_attempts = 4;
+    s.connect.max_backoff = Duration::from_secs(1);
+    let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+    let offers = p.offers(&Spec::default()).unwrap();
+    // Instance types came through on the third attempt; spot prices never did, so only the
+    // catalog's on-demand price is offered.
+    assert_eq!(offers.len(), 1, "{offers:?}");
+    assert!(!offers[0].spot && offers[0].instance_type == "t2.micro");
+    assert_eq!(
+        proxy.refused(),
+        2 + 4,
+        "2 throttled type listings, 4 spot price attempts"
+    );
+    assert!(logged().contains("no live spot prices"));
+
+    let (rt, ec2) = ec2_at(&proxy.url());
+    let err = rt
+        .block_on(prices::spot_quotes(
+            &ec2.client("us-east-1"),
+            &["t2.micro".to_string()],
+            Duration::from_secs(3600),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, AwsError::Throttled { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("DescribeSpotPriceHistory")
+            && text.contains("us-east-1")
+            && text.contains("try again"),
+        "{text}"
+    );
 }
 
 /// A loopback or missing NATS URL is refused with what to set (cloud machines cannot reach
