@@ -635,6 +635,18 @@ fn gone_flag_terminate_and_drop() {
     rt.block_on(async move { drop(inside) });
     assert!(["shutting-down", "terminated"].contains(&state(&id4).as_str()));
 
+    // The provider and a worker dropped together inside async code (the provider's own
+    // runtime goes with them): the instance is terminated and nothing panics.
+    let last = p
+        .launch(&offer, &boot(rt.handle(), "g", "w5", nats))
+        .unwrap();
+    let id5 = last.instance_id();
+    rt.block_on(async move {
+        drop(last);
+        drop(p);
+    });
+    assert!(["shutting-down", "terminated"].contains(&state(&id5).as_str()));
+
     // Waiting for an instance that ended says so.
     let err = art
         .block_on(api::wait_running(&c, &id, Duration::from_secs(5)))
