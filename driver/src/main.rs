@@ -177,12 +177,22 @@ struct BootstrapArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_writer(std::io::stderr)
+            .finish()
+            // The AWS SDK's own debug output holds whole requests: it is never shown.
+            .with(tracing_subscriber::filter::filter_fn(
+                cedana_driver::log_event_allowed,
+            ))
+            .init();
+    }
     // `bootstrap` reads and repairs the config itself.
     let config = if matches!(cli.command, Cmd::Bootstrap(_)) {
         Ok(cedana_driver::Config::default())
