@@ -536,6 +536,104 @@ pub fn interview<R: BufRead, W: Write>(
     Ok(a)
 }
 
+/// What `--aws-create` makes in the first enabled region.
+#[derive(Clone, Debug)]
+pub struct AwsCreate {
+    pub region: String,
+    /// Key pair name; its private key goes to `key_path` when it is made.
+    pub key_name: String,
+    pub key_path: PathBuf,
+    /// Security group allowing SSH (for `bake`).
+    pub security_group: String,
+    /// Launch template, made only when `image` is given.
+    pub template: String,
+    pub image: Option<String>,
+    pub instance_type: Option<String>,
+}
+
+/// What `--aws-create` made or found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AwsCreated {
+    pub region: String,
+    pub key_name: String,
+    pub key_created: bool,
+    /// The private key file, when there is one.
+    pub key_path: Option<PathBuf>,
+    pub security_group_id: String,
+    pub launch_template_id: Option<String>,
+    pub launch_template: Option<String>,
+}
+
+/// Makes (or finds) the key pair, the security group and, with an image, the launch template
+/// workers start from. Run again, it changes nothing that is there (a template gets a new
+/// default version).
+#[cfg(feature = "aws")]
+pub fn create_aws_resources(c: &AwsCreate) -> Result<AwsCreated, BootstrapError> {
+    use crate::aws::{self, ConnectOptions, Ec2, KeyPairOutcome, TemplateRequest};
+    let fail = |e: aws::AwsError| BootstrapError::Answer {
+        what: format!("AWS in {}", c.region),
+        message: e.to_string(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| BootstrapError::Prompt {
+            question: "a runtime for AWS calls".into(),
+            source,
+        })?;
+    rt.block_on(async {
+        let ec2 = Ec2::connect(ConnectOptions {
+            region: Some(c.region.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(fail)?;
+        let client = ec2.client(&c.region);
+        let (key_created, key_path) =
+            match aws::ensure_key_pair(&client, &c.key_name, &c.key_path).await.map_err(fail)? {
+                KeyPairOutcome::Created { path, .. } => (true, Some(path)),
+                KeyPairOutcome::Existing { path, .. } => (false, path),
+            };
+        let sg = aws::ensure_security_group(
+            &client,
+            &c.security_group,
+            "Cedana workers: SSH for cedana-driver bake",
+            &[22],
+        )
+        .await
+        .map_err(fail)?;
+        let template = match &c.image {
+            Some(image) => Some(
+                aws::ensure_launch_template(
+                    &client,
+                    &TemplateRequest {
+                        name: c.template.clone(),
+                        image_id: image.clone(),
+                        instance_type: c.instance_type.clone(),
+                        key_name: Some(c.key_name.clone()),
+                        security_group_ids: vec![sg.clone()],
+                        // Each worker's own user-data (its job, NATS server and token) is
+                        // given when it is launched.
+                        user_data: String::new(),
+                    },
+                )
+                .await
+                .map_err(fail)?,
+            ),
+            None => None,
+        };
+        Ok(AwsCreated {
+            region: c.region.clone(),
+            key_name: c.key_name.clone(),
+            key_created,
+            key_path,
+            security_group_id: sg,
+            launch_template: template.as_ref().map(|_| c.template.clone()),
+            launch_template_id: template,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,6 +119,10 @@ enum Cmd {
         /// Print JSON ({spec, offers, left_out}) on stdout
         #[arg(long)]
         json: bool,
+        /// First fetch the prices providers publish (AWS spot prices per type and zone) into
+        /// the catalog file (~/.cedana/catalog.json or $CEDANA_CATALOG)
+        #[arg(long)]
+        refresh: bool,
     },
 }
 
@@ -170,6 +174,23 @@ struct BootstrapArgs {
     /// A folder every worker mounts: checkpoints go there instead of the NATS object store
     #[arg(long, value_name = "DIR")]
     shared_storage: Option<PathBuf>,
+    /// Make what AWS workers need in the first AWS region: a key pair (private key saved
+    /// under ~/.cedana/), a security group allowing SSH (for bake) and, with --aws-image, a
+    /// launch template; the config then points at them. Safe to run again.
+    #[arg(long)]
+    aws_create: bool,
+    /// Key pair name for --aws-create
+    #[arg(long, value_name = "NAME", default_value = "cedana")]
+    aws_key_name: String,
+    /// Security group name for --aws-create
+    #[arg(long, value_name = "NAME", default_value = "cedana-workers")]
+    aws_security_group: String,
+    /// Image (AMI) the --aws-create launch template starts workers from (`bake` makes one)
+    #[arg(long, value_name = "AMI")]
+    aws_image: Option<String>,
+    /// Instance type the launch template names (the driver picks one per launch anyway)
+    #[arg(long, value_name = "TYPE")]
+    aws_instance_type: Option<String>,
     /// Print what was written as JSON (secrets left out)
     #[arg(long)]
     json: bool,
@@ -266,7 +287,17 @@ fn main() -> ExitCode {
             max_price,
             limit,
             json,
+            refresh,
         } => {
+            if refresh {
+                match cedana_driver::price::refresh(&config) {
+                    Ok((path, n)) => eprintln!("{n} prices written to {}", path.display()),
+                    Err(e) => {
+                        eprintln!("cedana-driver: error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
             let (gpu, gpu_count) = match gpu.as_deref().map(cedana_driver::price::parse_gpu) {
                 None => (None, None),
                 Some(Ok((name, count))) => (Some(name), count),
@@ -613,6 +644,78 @@ fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> ExitCode {
             Err(e) => return fail(e, 2),
         };
     }
+    // Checked before anything is made in AWS, and again with what was made.
+    if let Err(e) = b::check(&b::apply(existing.clone(), &answers), &path) {
+        return fail(e, 2);
+    }
+    let mut created = None;
+    if args.aws_create {
+        let region = answers
+            .aws_regions
+            .as_ref()
+            .and_then(|r| r.first().cloned())
+            .or_else(|| {
+                existing["aws"]["enabled_regions"][0]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "us-east-1".into());
+        let home = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let want = b::AwsCreate {
+            key_path: home.join(format!("{}.pem", args.aws_key_name)),
+            region,
+            key_name: args.aws_key_name.clone(),
+            security_group: args.aws_security_group.clone(),
+            template: answers
+                .aws_launch_template
+                .clone()
+                .unwrap_or_else(|| "cedana-worker".into()),
+            image: args.aws_image.clone(),
+            instance_type: args.aws_instance_type.clone(),
+        };
+        #[cfg(feature = "aws")]
+        let made = b::create_aws_resources(&want);
+        #[cfg(not(feature = "aws"))]
+        let made: Result<b::AwsCreated, b::BootstrapError> = Err(b::BootstrapError::Answer {
+            what: "--aws-create".into(),
+            message: format!(
+                "this driver was built without its `aws` feature (region {})",
+                want.region
+            ),
+        });
+        match made {
+            Ok(c) => {
+                if let Some(p) = &c.key_path {
+                    answers.aws_ssh_key_path = Some(p.clone());
+                }
+                if let Some(t) = &c.launch_template {
+                    answers.aws_launch_template = Some(t.clone());
+                }
+                if !args.json {
+                    eprintln!(
+                        "AWS {}: key pair {} ({}), security group {}{}",
+                        c.region,
+                        c.key_name,
+                        match (&c.key_path, c.key_created) {
+                            (Some(p), true) => format!("made; private key in {}", p.display()),
+                            (Some(p), false) => format!("there; private key in {}", p.display()),
+                            (None, _) => "there; its private key is not on this machine".into(),
+                        },
+                        c.security_group_id,
+                        match &c.launch_template_id {
+                            Some(id) => format!(", launch template {id}"),
+                            None => ", no launch template (give --aws-image, or run `cedana-driver bake`)".into(),
+                        }
+                    );
+                }
+                created = Some(c);
+            }
+            Err(e) => return fail(e, 1),
+        }
+    }
     let v = b::apply(existing, &answers);
     let config = match b::check(&v, &path) {
         Ok(c) => c,
@@ -626,6 +729,7 @@ fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> ExitCode {
             "config": path,
             "enabled_providers": config.enabled_providers,
             "nats_url": config.connection.nats_url,
+            "aws_created": created,
         });
         println!(
             "{}",

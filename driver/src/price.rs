@@ -80,6 +80,71 @@ pub fn prices(providers: &[Box<dyn Provider>], spec: &Spec) -> Prices {
     }
 }
 
+/// Errors of `price --refresh`.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("--refresh: {0}")]
+    Provider(#[from] crate::provider::ProviderError),
+    #[error("--refresh: {0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("--refresh: cannot write the catalog {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--refresh: no enabled provider has a price API (AWS has one; add \"aws\" to enabled_providers)")]
+    Nothing,
+    #[error("--refresh: no catalog path (set HOME or CEDANA_CATALOG)")]
+    NoPath,
+}
+
+/// Fetches the prices of the enabled providers that publish them (AWS spot prices, per type
+/// and zone) into the user's catalog file (`$CEDANA_CATALOG`, `~/.cedana/catalog.json`):
+/// entries for the same provider, type, region, zone and market are replaced, the others are
+/// kept. The file is written whole, then renamed into place. The path and how many entries
+/// were written.
+pub fn refresh(config: &cedana_agent::Config) -> Result<(std::path::PathBuf, usize), RefreshError> {
+    let uses = |n: &str| {
+        config
+            .enabled_providers
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(n))
+    };
+    #[allow(unused_mut)]
+    let mut fresh: Vec<crate::catalog::CatalogEntry> = Vec::new();
+    #[allow(unused_mut)]
+    let mut any = false;
+    #[cfg(feature = "aws")]
+    if uses("aws") {
+        let p = crate::aws::AwsProvider::from_config(&config.aws.clone().unwrap_or_default())?;
+        fresh.extend(p.refresh_catalog()?);
+        any = true;
+    }
+    let _ = uses;
+    if !any {
+        return Err(RefreshError::Nothing);
+    }
+    let path = crate::catalog::Catalog::default_path().ok_or(RefreshError::NoPath)?;
+    let mut catalog = if path.exists() {
+        crate::catalog::Catalog::from_file(&path)?
+    } else {
+        crate::catalog::Catalog::default()
+    };
+    let n = fresh.len();
+    catalog.overlay(crate::catalog::Catalog { entries: fresh });
+    let write_err = |source| RefreshError::Write {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(write_err)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, catalog.to_json()).map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    Ok((path, n))
+}
+
 /// A price's age as people say it.
 pub fn age(secs: Option<u64>) -> String {
     match secs {
