@@ -1172,18 +1172,51 @@ async fn c_instances(c: &aws_sdk_ec2::Client) -> Result<Vec<String>, AwsError> {
         .collect())
 }
 
-/// A non-loopback address of this machine (the NATS server the "cloud" would reach).
-fn host_address() -> Option<std::net::Ipv4Addr> {
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|a| a.parse().ok())
+/// A non-loopback address of this machine for the test's NATS server (what the "cloud" would
+/// reach): on a veth pair of the test's own (needs root), removed on drop.
+struct HostAddress {
+    ifname: String,
+    addr: std::net::Ipv4Addr,
+}
+
+impl HostAddress {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test makes a network interface: run it as root (CI does)"
+        );
+        let pid = std::process::id();
+        let ifname = format!("cdnaws{}", pid % 100_000);
+        let peer = format!("cdnawp{}", pid % 100_000);
+        let addr = std::net::Ipv4Addr::new(198, 18, (pid % 250) as u8, 1 + (pid / 250 % 250) as u8);
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "link", "add", &ifname, "type", "veth", "peer", "name", &peer,
+        ]);
+        let me = HostAddress { ifname, addr };
+        run(&["addr", "add", &format!("{addr}/32"), "dev", &me.ifname]);
+        run(&["link", "set", &me.ifname, "up"]);
+        run(&["link", "set", &peer, "up"]);
+        me
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.ifname])
+            .status();
+    }
 }
 
 /// A `cedana-driver run` on `aws` with `RUST_LOG=trace` launches an instance (and, as no agent
@@ -1191,9 +1224,8 @@ fn host_address() -> Option<std::net::Ipv4Addr> {
 /// its output.
 #[test]
 fn driver_logs_hold_no_secrets_and_leave_no_instance() {
-    let Some(addr) = host_address() else {
-        panic!("this test needs a non-loopback IPv4 address on the machine (ip -4 addr)");
-    };
+    let host = HostAddress::new();
+    let addr = host.addr;
     let moto = MotoServer::start();
     let port = cedana_tests::free_port();
     let store = tempfile::tempdir().unwrap();
