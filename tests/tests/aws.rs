@@ -2,7 +2,8 @@
 //! mocks). moto serves real instance type data and a constant spot price, launches any type it
 //! knows, and keeps instances, key pairs, security groups, launch templates and images; a small
 //! proxy in front of it (`cedana_tests::moto::RefusingProxy`) answers some launches with EC2's
-//! capacity errors. These tests need no root and no CRIU, only moto (tools/deps.sh installs it).
+//! capacity errors and throttling. They need moto (tools/deps.sh installs it), not CRIU; one
+//! (the driver's trace log) runs a NATS server on a veth address of its own, so needs root.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
