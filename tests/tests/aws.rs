@@ -747,6 +747,90 @@ fn capacity_errors_move_on_to_the_next_offer() {
     }
 }
 
+/// `Job::launch` itself walks down the ranking past a capacity error: the cheapest offer is
+/// refused, the next one is launched and recorded; as no agent registers here (no instance
+/// simulator), the launch ends at the provider's boot timeout and the instance is terminated.
+#[test]
+fn job_launch_moves_past_capacity_errors() {
+    use cedana_driver::coordinator::Coordinator;
+    use cedana_driver::job::Job;
+    use cedana_driver::state::{JobRecord, JobState};
+    let moto = MotoServer::start();
+    let proxy = RefusingProxy::start(&moto, &[("t2.micro", "InsufficientInstanceCapacity")]);
+    let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro", "t2.small"]);
+    s.spot = false;
+    s.boot_timeout = Duration::from_secs(2);
+    let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+    let nats = cedana_tests::NatsServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let coord = rt
+        .block_on(Coordinator::connect(
+            &nats.url(),
+            &nats.token,
+            "capjob",
+            false,
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let record = JobRecord {
+        v: 1,
+        job: "capjob".into(),
+        script: "capjob.rhai".into(),
+        state: JobState::Starting,
+        started_at: 0,
+        updated_at: 0,
+        driver_pid: std::process::id(),
+        nats_url: "nats://10.77.0.1:4222".into(),
+        embedded_nats: false,
+        managed: false,
+        workers: Vec::new(),
+        task: None,
+        checkpoints: Vec::new(),
+        recoveries: 0,
+        migrations: 0,
+        spot_notices: 0,
+        cost_usd: 0.0,
+        exit_code: None,
+        error: None,
+    };
+    let mut job = Job::new(
+        "capjob".into(),
+        rt.handle().clone(),
+        coord,
+        "nats://10.77.0.1:4222".into(),
+        Secret::new(nats.token.clone()),
+        dir.path().to_path_buf(),
+        None,
+        record,
+    );
+    job.providers = vec![Box::new(p)];
+    let err = job.launch(&Spec::default()).unwrap_err().to_string();
+    assert!(err.contains("did not register within 2 s"), "{err}");
+    assert_eq!(proxy.refused(), 1, "the cheapest offer was tried once");
+    assert_eq!(job.record.workers.len(), 1);
+    let w = &job.record.workers[0];
+    let offer = w.offer.as_ref().unwrap();
+    assert_eq!(
+        (offer.instance_type.as_str(), offer.spot),
+        ("t2.small", false)
+    );
+    assert_eq!(w.state, "lost");
+    let (art, ec2) = ec2_at(&moto.url());
+    let v = art
+        .block_on(api::describe_instance(
+            &ec2.client("us-east-1"),
+            &w.instance,
+        ))
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.instance_type, "t2.small");
+    assert!(
+        ["shutting-down", "terminated"].contains(&v.state.as_str()),
+        "{v:?}"
+    );
+}
+
 /// Throttling (`RequestLimitExceeded`) is retried with backoff until the call goes through;
 /// still throttled after every attempt, the error says so and what to do, and offers fall back
 /// to what the catalog knows.
