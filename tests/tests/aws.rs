@@ -790,6 +790,7 @@ fn job_launch_moves_past_capacity_errors() {
         recoveries: 0,
         migrations: 0,
         spot_notices: 0,
+        arbitrage_moves: 0,
         cost_usd: 0.0,
         exit_code: None,
         error: None,
