@@ -73,6 +73,21 @@ pub struct Config {
     pub connection: Connection,
     /// Cedana-rs addition: where CRIU is.
     pub criu: CriuConfig,
+    /// Cedana-rs addition: moving a running job to cheaper offers.
+    pub arbitrage: ArbitrageConfig,
+}
+
+/// `arbitrage` block (Cedana-rs addition; off unless enabled): every `interval_seconds` the
+/// driver prices the job's spec again across the enabled providers, and when an offer is
+/// cheaper than the one the job runs on by more than `margin_percent`, the job migrates there.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArbitrageConfig {
+    pub enabled: Option<bool>,
+    /// Seconds between pricings [default: 600].
+    pub interval_seconds: Option<u64>,
+    /// How much cheaper, in percent of the current price, an offer must be [default: 20].
+    pub margin_percent: Option<f64>,
 }
 
 /// `checkpoint` block.
@@ -101,6 +116,24 @@ pub struct AwsConfig {
     /// The original wrote both `launch_template` and `launch_template_name`.
     #[serde(alias = "launch_template_name")]
     pub launch_template: Option<String>,
+    /// Cedana-rs additions (left out of the file when unset). The AMI workers boot from when
+    /// there is no launch template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// EC2 key pair and security groups for workers launched from `image_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// `cedana-agent` on the image [default: /usr/local/bin/cedana-agent].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_path: Option<String>,
+    /// Seconds a new instance gets to boot and register [default: 300].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_seconds: Option<u64>,
+    /// Offer spot instances [default: true].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spot: Option<bool>,
 }
 
 /// `paperspace` block.

@@ -219,9 +219,25 @@ fn http(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-/// A proxy in front of moto that answers `RunInstances` for some instance types with an EC2
-/// error (as EC2 sends them: HTTP 400 and an `<Errors>` document), and passes every other request
-/// through. moto launches any type it knows, so this is how tests meet "no capacity".
+/// A request the proxy answers with an EC2 error instead of passing it on.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// The EC2 action (`RunInstances`).
+    pub action: String,
+    /// Only requests for this instance type (`InstanceType`), when set.
+    pub instance_type: Option<String>,
+    /// EC2's error code (`InsufficientInstanceCapacity`, `RequestLimitExceeded`).
+    pub code: String,
+    /// HTTP status (EC2 sends 400 for client errors, 503 for `RequestLimitExceeded`).
+    pub status: u16,
+    /// How many matching requests are refused (then they pass); every one when `None`.
+    pub times: Option<usize>,
+}
+
+/// A proxy in front of moto that answers chosen requests with EC2 errors (as EC2 sends them: an
+/// HTTP error status and an `<Errors>` document) and passes every other request through. moto
+/// launches any type it knows and is never throttled, so this is how tests meet "no capacity"
+/// and `RequestLimitExceeded`.
 pub struct RefusingProxy {
     pub port: u16,
     refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -229,19 +245,35 @@ pub struct RefusingProxy {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+type Rules = std::sync::Arc<std::sync::Mutex<Vec<(Refusal, usize)>>>;
+
 impl RefusingProxy {
-    /// Refuses `RunInstances` of each `(instance type, EC2 error code)`.
+    /// Refuses every `RunInstances` of each `(instance type, EC2 error code)` with HTTP 400.
     pub fn start(moto: &MotoServer, refuse: &[(&str, &str)]) -> Self {
+        Self::start_with(
+            moto,
+            refuse
+                .iter()
+                .map(|(t, c)| Refusal {
+                    action: "RunInstances".into(),
+                    instance_type: Some(t.to_string()),
+                    code: c.to_string(),
+                    status: 400,
+                    times: None,
+                })
+                .collect(),
+        )
+    }
+
+    /// Refuses what `rules` say (the first matching rule with refusals left applies).
+    pub fn start_with(moto: &MotoServer, rules: Vec<Refusal>) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::sync::{Arc, Mutex};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let upstream = moto.port;
-        let refuse: Vec<(String, String)> = refuse
-            .iter()
-            .map(|(t, c)| (t.to_string(), c.to_string()))
-            .collect();
+        let rules: Rules = Arc::new(Mutex::new(rules.into_iter().map(|r| (r, 0)).collect()));
         let refused = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (r2, s2) = (refused.clone(), stop.clone());
@@ -249,14 +281,11 @@ impl RefusingProxy {
             while !s2.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let refuse = refuse.clone();
+                        let rules = rules.clone();
                         let r3 = r2.clone();
                         std::thread::spawn(move || {
-                            let _ = serve_proxied(conn, upstream, &refuse, &r3);
+                            let _ = serve_proxied(conn, upstream, &rules, &r3);
                         });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -346,7 +375,7 @@ fn form_decode(s: &str) -> String {
 fn serve_proxied(
     conn: TcpStream,
     upstream: u16,
-    refuse: &[(String, String)],
+    rules: &Rules,
     refused: &std::sync::atomic::AtomicUsize,
 ) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
@@ -360,23 +389,37 @@ fn serve_proxied(
             .map(|(k, v)| (form_decode(k), form_decode(v)))
             .collect();
         let get = |k: &str| form.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str());
-        if get("Action") == Some("RunInstances") {
-            if let Some((t, code)) = refuse
-                .iter()
-                .find(|(t, _)| Some(t.as_str()) == get("InstanceType"))
-            {
-                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let xml = format!(
-                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>We currently do not have sufficient {t} capacity in the Availability Zone you requested.</Message></Error></Errors><RequestID>cedana-test-refusal</RequestID></Response>"
-                );
-                write!(
-                    out,
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{xml}",
-                    xml.len()
-                )?;
-                out.flush()?;
-                continue;
-            }
+        let refusal = {
+            let mut rules = rules.lock().unwrap_or_else(|e| e.into_inner());
+            rules
+                .iter_mut()
+                .find(|(r, used)| {
+                    Some(r.action.as_str()) == get("Action")
+                        && r.instance_type
+                            .as_deref()
+                            .is_none_or(|t| Some(t) == get("InstanceType"))
+                        && r.times.is_none_or(|n| *used < n)
+                })
+                .map(|(r, used)| {
+                    *used += 1;
+                    r.clone()
+                })
+        };
+        if let Some(r) = refusal {
+            refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let what = r.instance_type.as_deref().unwrap_or("this");
+            let xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{}</Code><Message>Refused by the test proxy: {} for {what} ({}).</Message></Error></Errors><RequestID>cedana-test-refusal</RequestID></Response>",
+                r.code, r.code, r.action
+            );
+            write!(
+                out,
+                "HTTP/1.1 {} Refused\r\nContent-Type: text/xml;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{xml}",
+                r.status,
+                xml.len()
+            )?;
+            out.flush()?;
+            continue;
         }
         // Through to moto, one connection per request.
         let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
