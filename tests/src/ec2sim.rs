@@ -868,9 +868,10 @@ impl Watcher {
                 info.init_pid = Some(live.init);
                 info.booted = Some(Instant::now());
                 eprintln!(
-                    "[ec2sim] {} ({}, {:?}, {}{}) booted at {} in {:?}",
+                    "[ec2sim] {} ({} in {}, {:?}, {}{}) booted at {} in {:?}",
                     v.id,
                     v.instance_type,
+                    v.zone,
                     info.image,
                     v.image_id,
                     if v.spot { ", spot" } else { "" },
