@@ -303,7 +303,7 @@ impl Coordinator {
                 Err(_) => {}
             }
             ticks += 1;
-            if ticks % 4 == 0 {
+            if ticks.is_multiple_of(4) {
                 if let Ok(Some(stored)) = self.replies.get(&key).await {
                     if let Ok(r) = serde_json::from_slice::<Reply>(&stored) {
                         self.routes.lock().expect("routes").replies.remove(&id);
