@@ -14,6 +14,7 @@ pub mod paperspace;
 pub mod provider;
 pub mod run;
 pub mod script;
+pub mod ssh;
 pub mod state;
 pub mod yaml;
 

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod sshd;
+
 /// The `cedana-agent` binary under test: `$CEDANA_AGENT_BIN` (the README's test command points
 /// it at the static build), else the one cargo built next to this test.
 pub fn agent_bin() -> PathBuf {
