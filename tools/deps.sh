@@ -133,3 +133,26 @@ else
   nats_ok || { log "nats-server >= 2.10 did not install"; exit 1; }
   log "$(nats-server --version) installed"
 fi
+
+# moto's EC2 server (the AWS API the AWS provider's tests run against), pinned, in a venv of its
+# own made with Debian's python3 (tests/src/moto.rs finds it at $CEDANA_MOTO_PREFIX/bin).
+MOTO_PREFIX=${CEDANA_MOTO_PREFIX:-/opt/cedana/moto}
+MOTO_VERSION=5.2.5
+moto_ok() { [ -x "$MOTO_PREFIX/bin/moto_server" ] && [ "$("$MOTO_PREFIX/bin/python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" = "$MOTO_VERSION" ]; }
+if moto_ok; then
+  log "moto $MOTO_VERSION already in $MOTO_PREFIX"
+else
+  if ! have_pkgs python3-venv; then
+    apt_update
+    log "installing python3-venv"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  log "installing moto[server,ec2]==$MOTO_VERSION from PyPI into $MOTO_PREFIX"
+  # Made in place (a venv's scripts name their interpreter by path); a half-made one fails
+  # moto_ok next time and is made again.
+  $SUDO rm -rf "$MOTO_PREFIX"
+  $SUDO /usr/bin/python3 -m venv "$MOTO_PREFIX"
+  $SUDO "$MOTO_PREFIX/bin/pip" install -q --disable-pip-version-check "moto[server,ec2]==$MOTO_VERSION"
+  moto_ok || { log "moto $MOTO_VERSION did not install in $MOTO_PREFIX"; exit 1; }
+  log "moto $MOTO_VERSION installed in $MOTO_PREFIX"
+fi

@@ -101,6 +101,24 @@ pub struct AwsConfig {
     /// The original wrote both `launch_template` and `launch_template_name`.
     #[serde(alias = "launch_template_name")]
     pub launch_template: Option<String>,
+    /// Cedana-rs additions (left out of the file when unset). The AMI workers boot from when
+    /// there is no launch template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// EC2 key pair and security groups for workers launched from `image_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// `cedana-agent` on the image [default: /usr/local/bin/cedana-agent].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_path: Option<String>,
+    /// Seconds a new instance gets to boot and register [default: 300].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_timeout_seconds: Option<u64>,
+    /// Offer spot instances [default: true].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spot: Option<bool>,
 }
 
 /// `paperspace` block.

@@ -12,9 +12,12 @@
 //! ```
 //!
 //! `gpu`, `gpu_count`, `vram_gb` and `spot` may be left out (no GPU, on-demand). Regions are the
-//! provider's API names (`ny2`, not `East Coast (NY2)`). A built-in catalog for Paperspace ships
-//! inside the driver (`driver/catalog/paperspace.json`); entries of the user's file replace
-//! built-in ones with the same provider, type, region and spot flag, and add to the rest.
+//! provider's API names (`ny2`, not `East Coast (NY2)`; `us-east-1`). `zone` (an availability
+//! zone such as `us-east-1a`) may be given for prices that differ per zone (spot prices, as
+//! `cedana-driver price --refresh` writes them). Built-in catalogs ship inside the driver
+//! (`driver/catalog/paperspace.json`, `driver/catalog/aws.json`: AWS on-demand Linux prices);
+//! entries of the user's file replace built-in ones with the same provider, type, region, zone
+//! and spot flag, and add to the rest.
 //! Errors name the file, the entry's key, the line and the column.
 
 use std::path::{Path, PathBuf};
@@ -26,8 +29,17 @@ use crate::provider::Offer;
 /// Environment variable naming the catalog file.
 pub const CATALOG_ENV: &str = "CEDANA_CATALOG";
 
-/// The built-in Paperspace catalog.
-const BUILTIN_PAPERSPACE: &str = include_str!("../catalog/paperspace.json");
+/// The built-in catalogs: (file, text).
+const BUILTIN: [(&str, &str); 2] = [
+    (
+        "driver/catalog/paperspace.json",
+        include_str!("../catalog/paperspace.json"),
+    ),
+    (
+        "driver/catalog/aws.json",
+        include_str!("../catalog/aws.json"),
+    ),
+];
 
 /// Errors loading a catalog.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +77,31 @@ impl Timestamp {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The time `epoch` seconds after 1970-01-01T00:00:00Z, written `2026-09-20T12:00:00Z`.
+    pub fn from_epoch(epoch: u64) -> Self {
+        let days = (epoch / 86_400) as i64;
+        let secs = epoch % 86_400;
+        // Civil date of a day count since 1970-01-01 (proleptic Gregorian).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Timestamp {
+            text: format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+                secs / 3600,
+                secs % 3600 / 60,
+                secs % 60
+            ),
+            epoch,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
@@ -86,6 +123,9 @@ pub struct CatalogEntry {
     pub provider: String,
     pub instance_type: String,
     pub region: String,
+    /// The availability zone, for prices that differ per zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub vcpus: f64,
     pub memory_gb: f64,
     #[serde(default)]
@@ -115,7 +155,7 @@ impl CatalogEntry {
             gpu_count: self.gpu_count,
             vram_gb: self.vram_gb,
             region: self.region.clone(),
-            zone: None,
+            zone: self.zone.clone(),
             price_usd_hour: self.price_usd_hour,
             spot: self.spot,
             price_source: format!("catalog: {}", self.source),
@@ -123,12 +163,18 @@ impl CatalogEntry {
         }
     }
 
-    fn key(&self) -> (&str, &str, &str, bool) {
-        (&self.provider, &self.instance_type, &self.region, self.spot)
+    fn key(&self) -> (&str, &str, &str, Option<&str>, bool) {
+        (
+            &self.provider,
+            &self.instance_type,
+            &self.region,
+            self.zone.as_deref(),
+            self.spot,
+        )
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogFile {
     entries: Vec<CatalogEntry>,
@@ -141,13 +187,26 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// The catalog built into the driver.
+    /// The catalogs built into the driver.
     pub fn builtin() -> Self {
-        Self::parse(
-            BUILTIN_PAPERSPACE,
-            Path::new("driver/catalog/paperspace.json"),
-        )
-        .expect("the built-in catalog is valid (a unit test checks it)")
+        let mut all = Catalog::default();
+        for (path, text) in BUILTIN {
+            all.overlay(
+                Self::parse(text, Path::new(path))
+                    .expect("the built-in catalogs are valid (a unit test checks them)"),
+            );
+        }
+        all
+    }
+
+    /// The catalog as the file format's JSON text.
+    pub fn to_json(&self) -> String {
+        let file = CatalogFile {
+            entries: self.entries.clone(),
+        };
+        let mut text = serde_json::to_string_pretty(&file).expect("a catalog serializes");
+        text.push('\n');
+        text
     }
 
     /// Parses catalog text; `path` only names the file in errors.
@@ -230,8 +289,8 @@ impl Catalog {
         Ok(catalog)
     }
 
-    /// Entries of `other` replace entries with the same provider, type, region and spot flag;
-    /// the others are added.
+    /// Entries of `other` replace entries with the same provider, type, region, zone and spot
+    /// flag; the others are added.
     pub fn overlay(&mut self, other: Catalog) {
         for e in other.entries {
             match self.entries.iter_mut().find(|x| x.key() == e.key()) {
@@ -387,6 +446,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn timestamps_from_epoch_read_back() {
+        for t in [0, 951_827_415, 1_789_862_400, 4_102_444_799, 1_136_214_245] {
+            let ts = Timestamp::from_epoch(t);
+            assert_eq!(parse_rfc3339(ts.as_str()), Some(t), "{}", ts.as_str());
+            assert_eq!(ts.epoch(), t);
+        }
+        assert_eq!(
+            Timestamp::from_epoch(1_789_862_400).as_str(),
+            "2026-09-20T00:00:00Z"
+        );
+        assert_eq!(
+            Timestamp::from_epoch(951_827_415).as_str(),
+            "2000-02-29T12:30:15Z"
+        );
+    }
+
+    #[test]
     fn rfc3339_times() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2026-09-20T00:00:00Z"), Some(1_789_862_400));
@@ -417,11 +493,36 @@ mod tests {
         let c = Catalog::builtin();
         assert!(c.entries.len() > 10);
         for e in &c.entries {
-            assert_eq!(e.provider, "paperspace");
-            assert!(["ny2", "ca1", "ams1"].contains(&e.region.as_str()), "{e:?}");
+            match e.provider.as_str() {
+                "paperspace" => {
+                    assert!(["ny2", "ca1", "ams1"].contains(&e.region.as_str()), "{e:?}")
+                }
+                "aws" => {
+                    assert!(e.region.starts_with("us-") && e.zone.is_none(), "{e:?}");
+                    assert!(!e.spot, "built-in AWS prices are on-demand: {e:?}");
+                }
+                other => panic!("unexpected provider {other} in the built-in catalog"),
+            }
             assert!(!e.source.is_empty());
             assert!(e.updated_at.epoch() > 1_700_000_000);
         }
+        // One entry per key: no built-in file repeats (or silently replaces) an entry.
+        let files: Vec<Catalog> = BUILTIN
+            .iter()
+            .map(|(path, text)| Catalog::parse(text, Path::new(path)).unwrap())
+            .collect();
+        let mut keys: Vec<_> = files
+            .iter()
+            .flat_map(|f| f.entries.iter().map(CatalogEntry::key))
+            .collect();
+        let n = keys.len();
+        assert_eq!(n, c.entries.len());
+        keys.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        keys.dedup();
+        assert_eq!(keys.len(), n, "duplicate entries in the built-in catalogs");
+        let aws = c.offers("aws", &["us-east-1".into()]);
+        assert!(aws.iter().any(|o| o.instance_type == "t2.micro"));
+        assert!(aws.iter().any(|o| o.gpu_count > 0));
         let o = c.offers("paperspace", &["ny2".into()]);
         assert!(o.iter().all(|o| o.region == "ny2"));
         assert!(o.iter().any(|o| o.gpu_count > 0));
@@ -497,6 +598,41 @@ mod tests {
         assert_eq!(
             a4000[0].offer().priced_at,
             parse_rfc3339("2026-10-31T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn zones_are_part_of_the_key_and_survive_a_round_trip() {
+        let text = r#"{"entries": [
+            {"provider": "aws", "instance_type": "t2.micro", "region": "us-east-1", "zone": "us-east-1a",
+             "vcpus": 1, "memory_gb": 1, "price_usd_hour": 0.0035, "spot": true,
+             "source": "aws:DescribeSpotPriceHistory", "updated_at": "2026-11-20T10:00:00Z"},
+            {"provider": "aws", "instance_type": "t2.micro", "region": "us-east-1", "zone": "us-east-1b",
+             "vcpus": 1, "memory_gb": 1, "price_usd_hour": 0.0041, "spot": true,
+             "source": "aws:DescribeSpotPriceHistory", "updated_at": "2026-11-20T10:00:00Z"}
+        ]}"#;
+        let mine = Catalog::parse(text, Path::new("mine.json")).unwrap();
+        let mut c = Catalog::builtin();
+        let before = c.entries.len();
+        c.overlay(mine.clone());
+        assert_eq!(c.entries.len(), before + 2, "two zones are two entries");
+        let offers = c.offers("aws", &["us-east-1".into()]);
+        let spot: Vec<_> = offers.iter().filter(|o| o.spot).collect();
+        assert_eq!(spot.len(), 2);
+        assert!(spot
+            .iter()
+            .any(|o| o.zone.as_deref() == Some("us-east-1b") && o.price_usd_hour == 0.0041));
+        let again = Catalog::parse(&mine.to_json(), Path::new("again.json")).unwrap();
+        assert_eq!(again.entries, mine.entries);
+        // Entries without a zone are written without one (the format others read stays as is).
+        let plain = Catalog::builtin().to_json();
+        assert!(!plain.contains("\"zone\""));
+        assert_eq!(
+            Catalog::parse(&plain, Path::new("p.json"))
+                .unwrap()
+                .entries
+                .len(),
+            before
         );
     }
 }

@@ -178,6 +178,7 @@ impl Job {
         }
         let log = self.dir.join("logs").join(format!("{id}.log"));
         let mut launched = None;
+        let mut boot_timeout = provider::DEFAULT_BOOT_TIMEOUT;
         for offer in offers {
             let Some(p) = self
                 .providers
@@ -197,6 +198,7 @@ impl Job {
             };
             match p.launch(&offer, &boot) {
                 Ok(w) => {
+                    boot_timeout = p.boot_timeout();
                     launched = Some((w, offer));
                     break;
                 }
@@ -234,9 +236,16 @@ impl Job {
         self.save();
         let coord = self.coord.clone();
         let exited = self.workers[&id].gone_flag();
+        let down = self.down.clone();
         let registered = self.rt.block_on(async {
             tokio::select! {
-                r = coord.wait_registered(&id, 30) => r.map_err(JobError::from),
+                // A cloud machine may take minutes to boot: taking the job down does not wait.
+                _ = async {
+                    while !down.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                } => Err(JobError::Down),
+                r = coord.wait_registered(&id, boot_timeout.as_secs().max(1)) => r.map_err(JobError::from),
                 _ = async {
                     while !exited.load(Ordering::SeqCst) {
                         tokio::time::sleep(Duration::from_millis(50)).await;

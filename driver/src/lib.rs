@@ -1,7 +1,9 @@
 //! cedana-driver: runs jobs (Rhai scripts or the original's YAML job specs) on workers,
-//! keeping them alive by checkpointing, recovering and migrating their tasks. This release has
-//! the `local` provider and the embedded NATS server; cloud providers and prices come next.
+//! keeping them alive by checkpointing, recovering and migrating their tasks, on the cheapest
+//! machine that fits: `local` workers, Paperspace machines, or (feature `aws`) EC2 instances.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod catalog;
 pub mod container;
 pub mod control;
@@ -19,3 +21,21 @@ pub mod state;
 pub mod yaml;
 
 pub use cedana_agent::Config;
+
+/// Whether the driver's log shows an event: everything the log level allows, except the AWS
+/// SDK's and its HTTP stack's own debug and trace output, which holds whole requests (their
+/// signed headers, and user-data that carries the job's NATS token).
+pub fn log_event_allowed(meta: &tracing::Metadata<'_>) -> bool {
+    const SDK: [&str; 9] = [
+        "aws_smithy",
+        "aws_sdk",
+        "aws_config",
+        "aws_runtime",
+        "aws_sigv4",
+        "aws_credential_types",
+        "hyper",
+        "h2",
+        "rustls",
+    ];
+    *meta.level() <= tracing::Level::INFO || !SDK.iter().any(|p| meta.target().starts_with(p))
+}

@@ -76,12 +76,22 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_writer(std::io::stderr)
+            .finish()
+            // The AWS SDK's own debug output holds whole requests: it is never shown.
+            .with(tracing_subscriber::filter::filter_fn(
+                cedana_driver::log_event_allowed,
+            ))
+            .init();
+    }
     let config = match cedana_driver::Config::load_default(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::job::Spec;
-use crate::provider::{Bootstrap, Instance, Offer, Provider, ProviderError};
+use crate::provider::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
 
 /// The public API.
 pub const DEFAULT_URL: &str = "https://api.paperspace.com/v1";
@@ -43,8 +43,6 @@ pub const DISK_ENV: &str = "CEDANA_PAPERSPACE_DISK_GB";
 pub const AGENT_ENV: &str = "CEDANA_PAPERSPACE_AGENT";
 
 const NAME: &str = "paperspace";
-/// Where the token goes on the machine (root only).
-const TOKEN_PATH: &str = "/var/lib/cedana/nats-token";
 /// Disk sizes Paperspace offers, in GB.
 const DISK_SIZES: [u32; 8] = [50, 100, 250, 500, 1000, 2000, 5000, 10000];
 /// Lists longer than this many pages are refused rather than followed forever.
@@ -822,64 +820,11 @@ fn api_failed(e: ApiError) -> ProviderError {
     }
 }
 
-/// Single-quotes `s` for sh.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// The startup script that makes the machine a worker of the job. It holds the job's token:
-/// it is sent to the API once and never logged.
+/// The startup script that makes the machine a worker of the job
+/// ([`crate::provider::worker_boot_script`]). It holds the job's token: it is sent to the API
+/// once and never logged.
 pub fn startup_script(agent: &str, boot: &Bootstrap) -> String {
-    let mut daemon = format!(
-        "{} daemon --job {} --worker {} --nats-url {} --token-file {TOKEN_PATH}",
-        sh_quote(agent),
-        sh_quote(boot.job),
-        sh_quote(boot.worker),
-        sh_quote(boot.nats_url),
-    );
-    if let Some(dir) = boot.shared_storage {
-        daemon.push_str(&format!(
-            " --shared-storage {}",
-            sh_quote(&dir.display().to_string())
-        ));
-    }
-    format!(
-        "#!/bin/sh\n\
-         # Written by cedana-driver: makes this machine worker {worker} of job {job}.\n\
-         set -eu\n\
-         umask 077\n\
-         mkdir -p /var/lib/cedana\n\
-         # printf is a shell builtin: the token is not on any command line.\n\
-         printf '%s\\n' {token} > {TOKEN_PATH}\n\
-         nohup {daemon} >>/var/log/cedana-agent.log 2>&1 &\n",
-        worker = boot.worker,
-        job = boot.job,
-        token = sh_quote(boot.token),
-    )
-}
-
-/// Whether every server of a NATS URL list is on loopback.
-fn loopback_only(url: &str) -> bool {
-    let hosts: Vec<String> = url
-        .split(',')
-        .filter_map(|one| {
-            let rest = one.trim().split("://").last()?;
-            let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
-            let host = if let Some(h) = hostport.strip_prefix('[') {
-                h.split(']').next()?.to_string()
-            } else {
-                hostport.split(':').next()?.to_string()
-            };
-            (!host.is_empty()).then_some(host)
-        })
-        .collect();
-    !hosts.is_empty()
-        && hosts.iter().all(|h| {
-            h.eq_ignore_ascii_case("localhost")
-                || h.parse::<std::net::IpAddr>()
-                    .map(|ip| ip.is_loopback())
-                    .unwrap_or(false)
-        })
+    crate::provider::worker_boot_script(agent, boot, &[])
 }
 
 impl PaperspaceProvider {
@@ -964,6 +909,11 @@ impl PaperspaceProvider {
 impl Provider for PaperspaceProvider {
     fn name(&self) -> &str {
         NAME
+    }
+
+    /// A Paperspace machine is provisioned and booted before its startup script runs.
+    fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(600)
     }
 
     fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {

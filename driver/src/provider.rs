@@ -4,11 +4,13 @@
 //! The driver takes the cheapest offer that fits across the enabled providers, moving on to
 //! the next when a provider has no capacity.
 //!
-//! This release has the `local` provider; AWS and Paperspace plug in here.
+//! Providers: `local` (this machine), `paperspace` and, with the `aws` feature, `aws`. Cloud
+//! workers boot from an image that has `cedana-agent` and run [`worker_boot_script`] once.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -109,9 +111,17 @@ pub trait Instance {
     fn terminate(&mut self);
 }
 
+/// How long a worker of `local` gets to register with the job.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A source of workers.
 pub trait Provider {
     fn name(&self) -> &str;
+    /// How long a launched worker may take to register with the job before it counts as lost
+    /// (a cloud machine boots for minutes; a local worker for seconds).
+    fn boot_timeout(&self) -> Duration {
+        DEFAULT_BOOT_TIMEOUT
+    }
     /// Offers that fit `spec`, any order.
     fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError>;
     /// Launches a worker from `offer`.
@@ -120,6 +130,76 @@ pub trait Provider {
         offer: &Offer,
         boot: &Bootstrap,
     ) -> Result<Box<dyn Instance>, ProviderError>;
+}
+
+/// Where a worker's boot script puts the job's NATS token (root only).
+pub const BOOT_TOKEN_PATH: &str = "/var/lib/cedana/nats-token";
+
+/// Single-quotes `s` for sh.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The `#!/bin/sh` script that makes a fresh cloud machine a worker of the job: it writes the
+/// job's NATS token to a root-only file with a shell builtin (never on a command line) and
+/// starts `AGENT daemon` for the job and worker in the background, its output in
+/// `/var/log/cedana-agent.log`. `extra` arguments go to the daemon (`--watch-spot`). The script
+/// holds the token: it goes to the provider's API once and is never logged.
+pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> String {
+    let mut daemon = format!(
+        "{} daemon --job {} --worker {} --nats-url {} --token-file {BOOT_TOKEN_PATH}",
+        sh_quote(agent),
+        sh_quote(boot.job),
+        sh_quote(boot.worker),
+        sh_quote(boot.nats_url),
+    );
+    if let Some(dir) = boot.shared_storage {
+        daemon.push_str(&format!(
+            " --shared-storage {}",
+            sh_quote(&dir.display().to_string())
+        ));
+    }
+    for a in extra {
+        daemon.push(' ');
+        daemon.push_str(&sh_quote(a));
+    }
+    format!(
+        "#!/bin/sh\n\
+         # Written by cedana-driver: makes this machine worker {worker} of job {job}.\n\
+         set -eu\n\
+         umask 077\n\
+         mkdir -p /var/lib/cedana\n\
+         # printf is a shell builtin: the token is not on any command line.\n\
+         printf '%s\\n' {token} > {BOOT_TOKEN_PATH}\n\
+         nohup {daemon} >>/var/log/cedana-agent.log 2>&1 &\n",
+        worker = boot.worker,
+        job = boot.job,
+        token = sh_quote(boot.token),
+    )
+}
+
+/// Whether every server of a NATS URL list is on loopback (or the list names none): a cloud
+/// machine cannot reach it.
+pub fn loopback_only(url: &str) -> bool {
+    let hosts: Vec<String> = url
+        .split(',')
+        .filter_map(|one| {
+            let rest = one.trim().split("://").last()?;
+            let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
+            let host = if let Some(h) = hostport.strip_prefix('[') {
+                h.split(']').next()?.to_string()
+            } else {
+                hostport.split(':').next()?.to_string()
+            };
+            (!host.is_empty()).then_some(host)
+        })
+        .collect();
+    hosts.iter().all(|h| {
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .map(|ip| ip.is_loopback() || ip.is_unspecified())
+                .unwrap_or(false)
+    })
 }
 
 /// Every fitting offer of `providers`, cheapest first (on-demand before spot at the same
@@ -211,6 +291,47 @@ mod tests {
         assert!(why
             .iter()
             .any(|w| w.contains("big") && w.contains("$0.4/h")));
+    }
+
+    #[test]
+    fn boot_scripts_pass_extra_arguments_and_hide_the_token_from_command_lines() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let boot = Bootstrap {
+            job: "j-1",
+            worker: "w3",
+            nats_url: "nats://10.0.0.5:4222",
+            token: "t0k'en",
+            job_dir: Path::new("/x"),
+            shared_storage: Some(Path::new("/mnt/shared")),
+            rt: rt.handle(),
+        };
+        let s = worker_boot_script("/usr/local/bin/cedana-agent", &boot, &["--watch-spot"]);
+        assert!(s.starts_with("#!/bin/sh\n"));
+        assert!(s.contains("'/usr/local/bin/cedana-agent' daemon --job 'j-1' --worker 'w3' --nats-url 'nats://10.0.0.5:4222' --token-file /var/lib/cedana/nats-token --shared-storage '/mnt/shared' '--watch-spot' >>"), "{s}");
+        let token_lines: Vec<&str> = s.lines().filter(|l| l.contains("t0k")).collect();
+        assert_eq!(
+            token_lines,
+            [r"printf '%s\n' 't0k'\''en' > /var/lib/cedana/nats-token"]
+        );
+    }
+
+    #[test]
+    fn unreachable_nats_urls() {
+        for u in [
+            "",
+            "nats://127.0.0.1:4222",
+            "localhost",
+            "nats://0.0.0.0:4222",
+            "nats://[::1]:1",
+        ] {
+            assert!(loopback_only(u), "{u}");
+        }
+        for u in [
+            "nats://10.0.0.5:4222",
+            "nats://127.0.0.1:1,nats://nats.example.org:4222",
+        ] {
+            assert!(!loopback_only(u), "{u}");
+        }
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub enum RunError {
     Down { job: String },
     #[error("none of the enabled providers {enabled:?} is available in this release; add \"local\" to enabled_providers in the config")]
     NoProvider { enabled: Vec<String> },
+    #[error("provider {provider} launches cloud machines, which cannot reach the job's NATS server ({url}); set connection.nats_url (and connection.auth_token) in the config to a NATS server with JetStream the machines can reach (docs/providers.md)")]
+    NatsUnreachable { provider: String, url: String },
+    #[error("provider {provider} is not built into this driver; build it with the cargo feature `{feature}` (on by default)")]
+    NotBuiltIn {
+        provider: String,
+        feature: &'static str,
+    },
 }
 
 impl From<FlowError> for RunError {
@@ -105,6 +112,9 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         }
         Kind::Yaml => Some(crate::yaml::load(path)?),
     };
+    // So do mistakes in the providers' settings (a missing key, a cloud provider without a
+    // NATS server the machines can reach).
+    let providers = providers(&opts)?;
 
     let stem: String = path
         .file_stem()
@@ -203,7 +213,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         shared_storage,
         record,
     )));
-    job.borrow_mut().providers = providers(&opts)?;
+    job.borrow_mut().providers = providers;
     let down = job.borrow().down.clone();
     // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
     {
@@ -316,6 +326,24 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     result
 }
 
+/// Cloud machines cannot reach a NATS server on this machine's loopback (the embedded one):
+/// with a cloud provider, `connection.nats_url` must name a server they can reach.
+fn cloud_needs_nats(opts: &RunOptions, provider: &str) -> Result<(), RunError> {
+    let c = &opts.config.connection;
+    let url = config_url(&c.nats_url, c.nats_port);
+    if url.is_empty() || crate::provider::loopback_only(&url) {
+        return Err(RunError::NatsUnreachable {
+            provider: provider.into(),
+            url: if url.is_empty() {
+                "none: the driver would start its own on loopback".into()
+            } else {
+                url
+            },
+        });
+    }
+    Ok(())
+}
+
 /// The enabled providers (`enabled_providers` in the config; `local` when none).
 fn providers(opts: &RunOptions) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
     let enabled = if opts.config.enabled_providers.is_empty() {
@@ -333,7 +361,23 @@ fn providers(opts: &RunOptions) -> Result<Vec<Box<dyn crate::provider::Provider>
                 let config = opts.config.paperspace.clone().unwrap_or_default();
                 let p = crate::paperspace::PaperspaceProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
+                cloud_needs_nats(opts, "paperspace")?;
                 out.push(Box::new(p));
+            }
+            #[cfg(feature = "aws")]
+            "aws" => {
+                let config = opts.config.aws.clone().unwrap_or_default();
+                let p = crate::aws::AwsProvider::from_config(&config)
+                    .map_err(|e| RunError::from(JobError::Provider(e)))?;
+                cloud_needs_nats(opts, "aws")?;
+                out.push(Box::new(p));
+            }
+            #[cfg(not(feature = "aws"))]
+            "aws" => {
+                return Err(RunError::NotBuiltIn {
+                    provider: "aws".into(),
+                    feature: "aws",
+                })
             }
             other => {
                 tracing::warn!(

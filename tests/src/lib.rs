@@ -4,6 +4,8 @@
 //! Tests that need root and CRIU fail loudly when either is missing; they are skipped only when
 //! `CEDANA_SKIP_CRIU_TESTS=1` is set, and then say so on stderr.
 
+pub mod moto;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

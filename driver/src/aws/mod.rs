@@ -1,0 +1,825 @@
+//! The `aws` provider (cargo feature `aws`): workers are EC2 instances, launched from the
+//! configured launch template or AMI with user-data that starts `cedana-agent daemon` for the
+//! job ([`crate::provider::worker_boot_script`], with `--watch-spot`).
+//!
+//! Offers: the instance types of each enabled region (`DescribeInstanceTypes`, cached) in the
+//! enabled families that run the image's architecture and fit the job's spec; spot prices per
+//! zone from `DescribeSpotPriceHistory` (the newest Linux entry of each zone); on-demand prices
+//! from the price catalog ([`crate::catalog`]; `driver/catalog/aws.json` under the user's
+//! `~/.cedana/catalog.json`). A type without a catalog price still gets its spot offers. When
+//! the spot price query fails, spot prices of the catalog (as `price --refresh` writes them)
+//! stand in.
+//!
+//! A worker is one `RunInstances` (spot market options for a spot offer, the offer's zone,
+//! tags `cedana:job`, `cedana:worker`, `Name`, IMDSv2 required); capacity errors make the job
+//! try its next offer. A background poll of `DescribeInstances` marks the worker gone when its
+//! instance is shutting down, stopped, terminated or no longer known; terminating (or dropping)
+//! the worker terminates the instance.
+//!
+//! The EC2 calls themselves, usable on their own (`bootstrap`, `bake`), are in [`api`].
+
+pub mod api;
+pub mod prices;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_ec2::Client;
+use cedana_agent::config::AwsConfig;
+
+pub use api::{
+    base64_decode, base64_encode, create_image, describe_image, describe_instance, ensure_key_pair,
+    ensure_launch_template, ensure_security_group, find_launch_template, instance_user_data,
+    instances_tagged, launch_template_image, run_instance, terminate, wait_image_available,
+    wait_running, AwsError, ConnectOptions, Ec2, ImageView, InstanceView, KeyPairOutcome,
+    RunRequest, TemplateRequest,
+};
+pub use prices::{family_matches, newest_per_zone, SpotQuote, TypeInfo, SPOT_SOURCE};
+
+use crate::catalog::{Catalog, CatalogEntry, Timestamp};
+use crate::job::Spec;
+use crate::provider::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
+
+const NAME: &str = "aws";
+
+/// Environment variable naming the launch template (name or `lt-` id), over the config's.
+pub const LAUNCH_TEMPLATE_ENV: &str = "CEDANA_AWS_LAUNCH_TEMPLATE";
+/// Environment variable naming the AMI, over the config's.
+pub const IMAGE_ENV: &str = "CEDANA_AWS_IMAGE_ID";
+/// Environment variable with the agent's path on the image.
+pub const AGENT_ENV: &str = "CEDANA_AWS_AGENT";
+/// Environment variable with the boot timeout in seconds.
+pub const BOOT_TIMEOUT_ENV: &str = "CEDANA_AWS_BOOT_TIMEOUT";
+/// Where a baked image has the agent.
+pub const DEFAULT_AGENT: &str = "/usr/local/bin/cedana-agent";
+/// How long a new instance gets to boot and register by default.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Tags every worker instance carries.
+pub const TAG_JOB: &str = "cedana:job";
+pub const TAG_WORKER: &str = "cedana:worker";
+
+/// What the provider needs: the original's `aws` block, the environment, defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How to reach EC2 (endpoint, credentials, retries).
+    pub connect: ConnectOptions,
+    /// Regions offers are made in [default: the SDK's region: AWS_REGION, the profile's, else
+    /// us-east-1].
+    pub regions: Vec<String>,
+    /// Families (`t2`) or types (`t2.micro`) offered; all when empty.
+    pub families: Vec<String>,
+    /// Launch template workers boot from (name or `lt-` id), in every enabled region.
+    pub launch_template: Option<String>,
+    /// AMI workers boot from (overrides the template's).
+    pub image_id: Option<String>,
+    pub key_name: Option<String>,
+    pub security_group_ids: Vec<String>,
+    /// The agent on the image.
+    pub agent: String,
+    /// Architecture of the image when it cannot be looked up [default: x86_64].
+    pub architecture: String,
+    /// Make spot offers.
+    pub spot: bool,
+    /// Highest spot price asked for [default: none, EC2 caps at the on-demand price].
+    pub spot_max_price: Option<f64>,
+    /// How long a new instance gets to register with the job.
+    pub boot_timeout: Duration,
+    /// How often a worker's instance is looked at.
+    pub poll_every: Duration,
+    /// How far back spot prices are asked for.
+    pub spot_window: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect: ConnectOptions::default(),
+            regions: Vec::new(),
+            families: Vec::new(),
+            launch_template: None,
+            image_id: None,
+            key_name: None,
+            security_group_ids: Vec::new(),
+            agent: DEFAULT_AGENT.into(),
+            architecture: "x86_64".into(),
+            spot: true,
+            spot_max_price: None,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            poll_every: Duration::from_secs(5),
+            spot_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+fn failed(message: impl Into<String>) -> ProviderError {
+    ProviderError::Failed {
+        provider: NAME.into(),
+        message: message.into(),
+    }
+}
+
+/// Whether `r` looks like an AWS region name (`us-east-1`, `us-gov-west-1`, `ap-southeast-4`).
+pub fn is_region_name(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts[0].len() == 2
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+impl Settings {
+    /// From the config's `aws` block and the environment (`CEDANA_AWS_*` over the config).
+    pub fn from_config(c: &AwsConfig) -> Result<Self, ProviderError> {
+        let mut s = Settings::default();
+        for r in &c.enabled_regions {
+            let r = r.trim();
+            if !is_region_name(r) {
+                return Err(failed(format!(
+                    "`aws.enabled_regions` has {r:?}, which is not an AWS region name; use names such as \"us-east-1\""
+                )));
+            }
+            if !s.regions.iter().any(|x| x == r) {
+                s.regions.push(r.to_string());
+            }
+        }
+        for f in &c.enabled_instance_families {
+            let f = f.trim();
+            if f.is_empty()
+                || !f
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            {
+                return Err(failed(format!(
+                    "`aws.enabled_instance_families` has {f:?}, which is not an instance family such as \"t2\" or \"m5\" (or a type such as \"t2.micro\")"
+                )));
+            }
+            s.families.push(f.to_lowercase());
+        }
+        s.launch_template = env_nonempty(LAUNCH_TEMPLATE_ENV).or_else(|| {
+            c.launch_template
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+        });
+        s.image_id = env_nonempty(IMAGE_ENV).or_else(|| {
+            c.image_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+        });
+        if let Some(img) = &s.image_id {
+            if !img.starts_with("ami-") {
+                return Err(failed(format!(
+                    "the image id {img:?} (aws.image_id or ${IMAGE_ENV}) is not an AMI id such as \"ami-0abc...\""
+                )));
+            }
+        }
+        s.key_name = c.key_name.clone().filter(|k| !k.trim().is_empty());
+        s.security_group_ids = c.security_group_ids.clone();
+        if let Some(a) = env_nonempty(AGENT_ENV).or_else(|| c.agent_path.clone()) {
+            s.agent = a;
+        }
+        s.spot = c.spot.unwrap_or(true);
+        let boot = match env_nonempty(BOOT_TIMEOUT_ENV) {
+            Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                failed(format!(
+                    "${BOOT_TIMEOUT_ENV} is {v:?}, not a number of seconds"
+                ))
+            })?),
+            None => c.boot_timeout_seconds,
+        };
+        if let Some(secs) = boot {
+            if secs == 0 {
+                return Err(failed(
+                    "the boot timeout (aws.boot_timeout_seconds or $CEDANA_AWS_BOOT_TIMEOUT) must be at least 1 second",
+                ));
+            }
+            s.boot_timeout = Duration::from_secs(secs);
+        }
+        Ok(s)
+    }
+}
+
+/// The `aws` provider.
+pub struct AwsProvider {
+    settings: Settings,
+    catalog: Catalog,
+    /// The provider's own runtime: the `Provider` trait is synchronous, and the SDK's clients
+    /// live on one runtime.
+    rt: Arc<tokio::runtime::Runtime>,
+    ec2: Arc<Ec2>,
+    regions: Vec<String>,
+    types: Mutex<HashMap<String, Arc<Vec<TypeInfo>>>>,
+    /// Per region: the architecture of the image workers boot from there (checked once).
+    arches: Mutex<HashMap<String, String>>,
+}
+
+impl AwsProvider {
+    /// A provider with `settings`, on-demand prices from `catalog`. Must not be called from
+    /// inside a tokio runtime.
+    pub fn new(settings: Settings, catalog: Catalog) -> Result<Self, ProviderError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cedana-aws")
+            .enable_all()
+            .build()
+            .map_err(|e| failed(format!("cannot start a runtime for the EC2 client: {e}")))?;
+        let ec2 = rt
+            .block_on(Ec2::connect(&settings.connect))
+            .map_err(|e| failed(e.to_string()))?;
+        let regions = if settings.regions.is_empty() {
+            vec![ec2.default_region().to_string()]
+        } else {
+            settings.regions.clone()
+        };
+        Ok(AwsProvider {
+            settings,
+            catalog,
+            rt: Arc::new(rt),
+            ec2: Arc::new(ec2),
+            regions,
+            types: Mutex::new(HashMap::new()),
+            arches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// From the config's `aws` block, the environment and the price catalog.
+    pub fn from_config(c: &AwsConfig) -> Result<Self, ProviderError> {
+        let settings = Settings::from_config(c)?;
+        let catalog = Catalog::load().map_err(|e| failed(e.to_string()))?;
+        Self::new(settings, catalog)
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The regions offers are made in.
+    pub fn regions(&self) -> &[String] {
+        &self.regions
+    }
+
+    /// The EC2 access the provider uses (its calls must run on [`AwsProvider::runtime`]).
+    pub fn ec2(&self) -> &Arc<Ec2> {
+        &self.ec2
+    }
+
+    /// The provider's runtime.
+    pub fn runtime(&self) -> &Arc<tokio::runtime::Runtime> {
+        &self.rt
+    }
+
+    /// The region's instance types (asked once).
+    async fn types(&self, region: &str) -> Result<Arc<Vec<TypeInfo>>, AwsError> {
+        if let Some(t) = self
+            .types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(region)
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(prices::instance_types(&self.ec2.client(region)).await?);
+        self.types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(region.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// The architecture of what workers in `region` boot from, checked against EC2 (the
+    /// template and the image exist there; positive answers are kept). `Ok(None)` when nothing
+    /// is configured; `Err` says why the region cannot be used.
+    async fn source(&self, region: &str) -> Result<Option<String>, String> {
+        if self.settings.launch_template.is_none() && self.settings.image_id.is_none() {
+            return Ok(None);
+        }
+        if let Some(a) = self
+            .arches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(region)
+        {
+            return Ok(Some(a.clone()));
+        }
+        let client = self.ec2.client(region);
+        let mut image = self.settings.image_id.clone();
+        if let Some(lt) = &self.settings.launch_template {
+            let found = api::find_launch_template(&client, lt)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some((id, _)) = found else {
+                return Err(format!(
+                    "launch template {lt:?} (aws.launch_template) does not exist in {region}; make it there (cedana-driver bake --region {region}) or remove the region from aws.enabled_regions"
+                ));
+            };
+            if image.is_none() {
+                image = api::launch_template_image(&client, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let mut architecture = self.settings.architecture.clone();
+        if let Some(img) = &image {
+            match api::describe_image(&client, img)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(v) => {
+                    if let Some(a) = v.architecture {
+                        architecture = a;
+                    }
+                }
+                None if self.settings.image_id.is_some() => {
+                    return Err(format!(
+                        "image {img} (aws.image_id) does not exist in {region}; AMIs are regional: copy it there (aws ec2 copy-image) or remove the region from aws.enabled_regions"
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "the launch template's image {img} does not exist in {region}"
+                    ))
+                }
+            }
+        }
+        self.arches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(region.to_string(), architecture.clone());
+        Ok(Some(architecture))
+    }
+
+    /// The offers of one region; `Err` says why the region has none.
+    async fn region_offers(&self, region: &str, spec: &Spec) -> Result<Vec<Offer>, String> {
+        let arch = self
+            .source(region)
+            .await?
+            .unwrap_or_else(|| self.settings.architecture.clone());
+        let types = self.types(region).await.map_err(|e| e.to_string())?;
+        let hardware_only = Spec {
+            max_price_usd_hour: None,
+            ..spec.clone()
+        };
+        let fit: Vec<&TypeInfo> = types
+            .iter()
+            .filter(|t| family_matches(&self.settings.families, &t.name))
+            .filter(|t| t.runs(&arch))
+            .filter(|t| {
+                t.offer(region, None, 0.0, false, String::new(), None)
+                    .misfit(&hardware_only)
+                    .is_none()
+            })
+            .collect();
+        if fit.is_empty() {
+            let families = if self.settings.families.is_empty() {
+                "any family".to_string()
+            } else {
+                format!("families {:?}", self.settings.families)
+            };
+            return Err(format!(
+                "no {arch} instance type of {families} in {region} fits {}",
+                serde_json::to_string(&hardware_only).unwrap_or_default()
+            ));
+        }
+        let mut offers = Vec::new();
+        // Spot: the newest price per zone, or the catalog's when EC2 cannot say.
+        if self.settings.spot {
+            let names: Vec<String> = fit
+                .iter()
+                .filter(|t| t.spot)
+                .map(|t| t.name.clone())
+                .collect();
+            match prices::spot_quotes(&self.ec2.client(region), &names, self.settings.spot_window)
+                .await
+            {
+                Ok(quotes) => {
+                    for q in quotes {
+                        if let Some(t) = fit.iter().find(|t| t.name == q.instance_type) {
+                            offers.push(t.offer(
+                                region,
+                                Some(&q.zone),
+                                q.price,
+                                true,
+                                SPOT_SOURCE.into(),
+                                Some(q.at),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%region, error = %e, "no live spot prices; using the catalog's");
+                    for c in self.catalog_entries(region, true) {
+                        if let Some(t) = fit.iter().find(|t| t.name == c.instance_type) {
+                            offers.push(t.offer(
+                                region,
+                                c.zone.as_deref(),
+                                c.price_usd_hour,
+                                true,
+                                format!("catalog: {}", c.source),
+                                Some(c.updated_at.epoch()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        // On demand: the catalog's price for the region.
+        for c in self.catalog_entries(region, false) {
+            if let Some(t) = fit
+                .iter()
+                .find(|t| t.name == c.instance_type && t.on_demand)
+            {
+                offers.push(t.offer(
+                    region,
+                    None,
+                    c.price_usd_hour,
+                    false,
+                    format!("catalog: {}", c.source),
+                    Some(c.updated_at.epoch()),
+                ));
+            }
+        }
+        if offers.is_empty() {
+            return Err(format!(
+                "{} instance types in {region} fit, but none has a price: no spot price from EC2 and no on-demand price in the catalog (add entries to ~/.cedana/catalog.json)",
+                fit.len()
+            ));
+        }
+        Ok(offers)
+    }
+
+    fn catalog_entries(&self, region: &str, spot: bool) -> Vec<&CatalogEntry> {
+        self.catalog
+            .entries
+            .iter()
+            .filter(|e| e.provider == NAME && e.region == region && e.spot == spot)
+            .filter(|e| spot || e.zone.is_none())
+            .collect()
+    }
+
+    /// The current spot prices of the enabled families in the enabled regions, as catalog
+    /// entries (provider `aws`, per type and zone, `spot: true`, source
+    /// `aws:DescribeSpotPriceHistory`, the time EC2 gives the price), for
+    /// `cedana-driver price --refresh` to keep.
+    pub fn refresh_catalog(&self) -> Result<Vec<CatalogEntry>, ProviderError> {
+        self.rt
+            .block_on(refresh_catalog(&self.ec2, &self.settings, &self.regions))
+            .map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// The current spot prices of `settings.families` in `regions` as catalog entries (see
+/// [`AwsProvider::refresh_catalog`]).
+pub async fn refresh_catalog(
+    ec2: &Ec2,
+    settings: &Settings,
+    regions: &[String],
+) -> Result<Vec<CatalogEntry>, AwsError> {
+    let mut out = Vec::new();
+    for region in regions {
+        let client = ec2.client(region);
+        let types: Vec<TypeInfo> = prices::instance_types(&client)
+            .await?
+            .into_iter()
+            .filter(|t| t.spot && family_matches(&settings.families, &t.name))
+            .collect();
+        let names: Vec<String> = types.iter().map(|t| t.name.clone()).collect();
+        for q in prices::spot_quotes(&client, &names, settings.spot_window).await? {
+            let Some(t) = types.iter().find(|t| t.name == q.instance_type) else {
+                continue;
+            };
+            out.push(CatalogEntry {
+                provider: NAME.into(),
+                instance_type: t.name.clone(),
+                region: region.clone(),
+                zone: Some(q.zone),
+                vcpus: t.vcpus,
+                memory_gb: t.memory_gb,
+                gpu: t.gpu.clone(),
+                gpu_count: t.gpu_count,
+                vram_gb: t.vram_gb,
+                price_usd_hour: q.price,
+                spot: true,
+                source: SPOT_SOURCE.into(),
+                updated_at: Timestamp::from_epoch(q.at),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl Provider for AwsProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        self.settings.boot_timeout
+    }
+
+    fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
+        let results: Vec<Result<Vec<Offer>, String>> = self.rt.block_on(async {
+            futures::future::join_all(self.regions.iter().map(|r| self.region_offers(r, spec)))
+                .await
+        });
+        let mut offers = Vec::new();
+        let mut why = Vec::new();
+        for r in results {
+            match r {
+                Ok(o) => offers.extend(o),
+                Err(e) => why.push(e),
+            }
+        }
+        if offers.is_empty() && !why.is_empty() {
+            return Err(failed(why.join("; ")));
+        }
+        for w in &why {
+            tracing::warn!(reason = %w, "aws: a region has no offers");
+        }
+        Ok(offers)
+    }
+
+    fn launch(
+        &mut self,
+        offer: &Offer,
+        boot: &Bootstrap,
+    ) -> Result<Box<dyn Instance>, ProviderError> {
+        if loopback_only(boot.nats_url) {
+            return Err(failed(format!(
+                "the job's NATS server ({}) is not reachable from EC2 instances (loopback or no address); set connection.nats_url (and connection.auth_token) in the config to a NATS server the instances can reach (docs/providers.md)",
+                if boot.nats_url.is_empty() { "none" } else { boot.nats_url }
+            )));
+        }
+        if self.settings.launch_template.is_none() && self.settings.image_id.is_none() {
+            return Err(failed(format!(
+                "no image to boot workers from: set aws.launch_template in the config to the template `cedana-driver bake` made (or ${LAUNCH_TEMPLATE_ENV}), or aws.image_id to an AMI with cedana-agent at {}",
+                self.settings.agent
+            )));
+        }
+        let region = offer.region.clone();
+        let client = self.ec2.client(&region);
+        let user_data =
+            crate::provider::worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
+        let token = crate::nats::random_hex(16)
+            .map_err(|e| failed(format!("cannot read /dev/urandom: {e}")))?;
+        let req = RunRequest {
+            image_id: self.settings.image_id.clone(),
+            launch_template: self.settings.launch_template.clone(),
+            instance_type: offer.instance_type.clone(),
+            zone: offer.zone.clone(),
+            spot: offer.spot,
+            max_price: if offer.spot {
+                self.settings.spot_max_price
+            } else {
+                None
+            },
+            user_data,
+            key_name: self.settings.key_name.clone(),
+            security_group_ids: self.settings.security_group_ids.clone(),
+            tags: vec![
+                (TAG_JOB.into(), boot.job.into()),
+                (TAG_WORKER.into(), boot.worker.into()),
+                (
+                    "Name".into(),
+                    format!("cedana-{}-{}", boot.job, boot.worker),
+                ),
+            ],
+            client_token: Some(format!("cedana-{token}")),
+        };
+        let id = self.rt.block_on(async {
+            if let Err(why) = self.source(&region).await {
+                return Err(failed(why));
+            }
+            run_instance(&client, &req).await.map_err(|e| {
+                if e.is_capacity() {
+                    ProviderError::Capacity {
+                        provider: NAME.into(),
+                        instance_type: offer.instance_type.clone(),
+                        message: format!(
+                            "{}{}",
+                            offer
+                                .zone
+                                .as_deref()
+                                .map(|z| format!("{z}, "))
+                                .unwrap_or_default(),
+                            e
+                        ),
+                    }
+                } else {
+                    failed(e.to_string())
+                }
+            })
+        })?;
+        let gone = Arc::new(AtomicBool::new(false));
+        let poller = self
+            .rt
+            .spawn(watch(
+                client.clone(),
+                id.clone(),
+                self.settings.poll_every,
+                gone.clone(),
+            ))
+            .abort_handle();
+        Ok(Box::new(AwsWorker {
+            id,
+            region,
+            client,
+            rt: self.rt.clone(),
+            gone,
+            poller: Some(poller),
+            ended: false,
+        }))
+    }
+}
+
+/// How long an instance EC2 has never shown may stay unknown before it counts as gone (EC2 is
+/// eventually consistent just after a launch).
+const UNSEEN_GRACE: Duration = Duration::from_secs(120);
+
+/// Follows a worker's instance until it is gone: shutting down, stopping, stopped, terminated,
+/// or unknown to EC2 (after it was seen, or for longer than [`UNSEEN_GRACE`]).
+async fn watch(client: Client, id: String, every: Duration, gone: Arc<AtomicBool>) {
+    let started = tokio::time::Instant::now();
+    let mut seen = false;
+    loop {
+        tokio::time::sleep(every).await;
+        match describe_instance(&client, &id).await {
+            Ok(Some(v)) if v.is_gone() => {
+                tracing::info!(instance = %id, state = %v.state, reason = v.state_reason.as_deref().unwrap_or(""), "EC2 instance is gone");
+                gone.store(true, Ordering::SeqCst);
+                return;
+            }
+            Ok(Some(_)) => seen = true,
+            Ok(None) if seen || started.elapsed() > UNSEEN_GRACE => {
+                tracing::info!(instance = %id, "EC2 no longer knows the instance");
+                gone.store(true, Ordering::SeqCst);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "cannot read the instance's state")
+            }
+        }
+    }
+}
+
+/// A worker on an EC2 instance. Terminating (or dropping) it terminates the instance.
+pub struct AwsWorker {
+    id: String,
+    region: String,
+    client: Client,
+    rt: Arc<tokio::runtime::Runtime>,
+    gone: Arc<AtomicBool>,
+    poller: Option<tokio::task::AbortHandle>,
+    ended: bool,
+}
+
+impl AwsWorker {
+    /// The instance's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    fn end(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        if let Some(p) = self.poller.take() {
+            p.abort();
+        }
+        let client = self.client.clone();
+        let id = self.id.clone();
+        let region = self.region.clone();
+        let work = async move {
+            let r = tokio::time::timeout(Duration::from_secs(120), terminate(&client, &id)).await;
+            let err = match r {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer within 120 s".to_string(),
+            };
+            tracing::error!(instance = %id, %region, error = %err, "cannot terminate the EC2 instance; terminate it in the console to stop paying for it");
+            eprintln!("[cedana] cannot terminate EC2 instance {id} in {region}: {err}; terminate it in the EC2 console to stop paying for it");
+        };
+        let on_own_runtime = std::thread::current().name() == Some("cedana-aws");
+        if on_own_runtime {
+            // Cannot wait here for the runtime this thread drives: in the background.
+            self.rt.spawn(work);
+        } else if tokio::runtime::Handle::try_current().is_ok() {
+            // Inside another runtime nothing may block_on: a helper thread waits.
+            let rt = self.rt.clone();
+            let _ = std::thread::spawn(move || rt.block_on(work)).join();
+        } else {
+            self.rt.block_on(work);
+        }
+        self.gone.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Instance for AwsWorker {
+    fn instance_id(&self) -> String {
+        self.id.clone()
+    }
+    fn local_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+    fn netns(&self) -> Option<String> {
+        None
+    }
+    fn gone_flag(&self) -> Arc<AtomicBool> {
+        self.gone.clone()
+    }
+    fn note_task(&mut self, _pid: i32) {}
+    fn terminate(&mut self) {
+        self.end();
+    }
+}
+
+impl Drop for AwsWorker {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_names_are_checked() {
+        for ok in [
+            "us-east-1",
+            "us-gov-west-1",
+            "ap-southeast-4",
+            "eu-central-2",
+        ] {
+            assert!(is_region_name(ok), "{ok}");
+        }
+        for bad in [
+            "East Coast (NY2)",
+            "us-east",
+            "US-EAST-1",
+            "us-east-1a",
+            "",
+            "us--1",
+        ] {
+            assert!(!is_region_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_name_bad_input() {
+        let c = AwsConfig {
+            enabled_regions: vec!["us-east-1".into(), "Virginia".into()],
+            ..Default::default()
+        };
+        let e = Settings::from_config(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("aws.enabled_regions") && e.contains("Virginia"),
+            "{e}"
+        );
+        let c = AwsConfig {
+            enabled_instance_families: vec!["t2; rm -rf".into()],
+            ..Default::default()
+        };
+        let e = Settings::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("aws.enabled_instance_families"), "{e}");
+        let c = AwsConfig {
+            image_id: Some("ubuntu".into()),
+            ..Default::default()
+        };
+        let e = Settings::from_config(&c).unwrap_err().to_string();
+        assert!(e.contains("aws.image_id") && e.contains("ubuntu"), "{e}");
+        let c = AwsConfig {
+            enabled_regions: vec!["us-east-1".into(), "us-west-1".into(), "us-east-1".into()],
+            enabled_instance_families: vec!["T2".into()],
+            launch_template: Some("caltech-test".into()),
+            boot_timeout_seconds: Some(600),
+            ..Default::default()
+        };
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.regions, ["us-east-1", "us-west-1"]);
+        assert_eq!(s.families, ["t2"]);
+        assert_eq!(s.launch_template.as_deref(), Some("caltech-test"));
+        assert_eq!(s.boot_timeout, Duration::from_secs(600));
+        assert_eq!(s.agent, DEFAULT_AGENT);
+        assert!(s.spot);
+    }
+}
