@@ -4,6 +4,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod bake;
 pub mod catalog;
 pub mod container;
 pub mod control;
