@@ -832,7 +832,19 @@ mod flow {
         };
         let mut connect = ConnectOptions::new(&address, &opts.ssh_user, policy, opts.auth.clone());
         connect.port = opts.ssh_port;
-        let remote = connect_when_up(connect, opts.ssh_timeout).await?;
+        let remote = connect_when_up(connect, opts.ssh_timeout)
+            .await
+            .map_err(|e| match e {
+                BakeError::Ssh(e) if e.is_transient() => BakeError::Remote {
+                    instance: instance.to_string(),
+                    message: format!(
+                        "no SSH at {address} port {} within {} s ({e}): check that a security group lets this machine reach that port, that the address is reachable from here (--connect-via), and that the image runs sshd and cloud-init",
+                        opts.ssh_port,
+                        opts.ssh_timeout.as_secs()
+                    ),
+                },
+                other => other,
+            })?;
 
         let check = provision(&remote, opts, instance, agent, criu, say).await?;
         drop(remote);
