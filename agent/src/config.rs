@@ -73,6 +73,21 @@ pub struct Config {
     pub connection: Connection,
     /// Cedana-rs addition: where CRIU is.
     pub criu: CriuConfig,
+    /// Cedana-rs addition: moving a running job to cheaper offers.
+    pub arbitrage: ArbitrageConfig,
+}
+
+/// `arbitrage` block (Cedana-rs addition; off unless enabled): every `interval_seconds` the
+/// driver prices the job's spec again across the enabled providers, and when an offer is
+/// cheaper than the one the job runs on by more than `margin_percent`, the job migrates there.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArbitrageConfig {
+    pub enabled: Option<bool>,
+    /// Seconds between pricings [default: 600].
+    pub interval_seconds: Option<u64>,
+    /// How much cheaper, in percent of the current price, an offer must be [default: 20].
+    pub margin_percent: Option<f64>,
 }
 
 /// `checkpoint` block.

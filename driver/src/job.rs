@@ -11,7 +11,7 @@ use cedana_agent::protocol::{self, Command, Reply};
 use tracing::{info, warn};
 
 use crate::coordinator::{CoordError, Coordinator, Exit};
-use crate::provider::{self, Bootstrap, Instance, Provider};
+use crate::provider::{self, Bootstrap, Instance, Offer, Provider};
 
 use crate::state::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
 
@@ -69,6 +69,15 @@ pub struct Task {
     pub worker: String,
 }
 
+/// Whether two offers are the same machine type at the same place and market (prices aside).
+pub fn same_offer(a: &Offer, b: &Offer) -> bool {
+    a.provider == b.provider
+        && a.instance_type == b.instance_type
+        && a.region == b.region
+        && a.zone == b.zone
+        && a.spot == b.spot
+}
+
 /// A checkpoint of a task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -97,6 +106,9 @@ pub struct Job {
     next_worker: u32,
     next_task: u32,
     pruned: std::collections::BTreeSet<String>,
+    /// Offers not to launch on until the time given (a spot market that just took a worker
+    /// back), unless nothing else fits.
+    avoided: Vec<(Offer, Instant)>,
 }
 
 impl Job {
@@ -127,6 +139,7 @@ impl Job {
             next_worker: 0,
             next_task: 0,
             pruned: Default::default(),
+            avoided: Vec::new(),
         }
     }
 
@@ -163,9 +176,57 @@ impl Job {
     /// Launches a worker on the cheapest offer that fits `spec` (the next one when a provider
     /// has no capacity) and waits until it registered.
     pub fn launch(&mut self, spec: &Spec) -> Result<Worker, JobError> {
+        self.launch_preferring(spec, None)
+    }
+
+    /// The offers fitting `spec`, cheapest first, without the avoided ones (unless only
+    /// avoided ones fit), and why others were left out.
+    pub fn offers(&mut self, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
+        let (offers, why) = provider::ranked(&self.providers, spec);
+        let now = Instant::now();
+        self.avoided.retain(|(_, until)| *until > now);
+        let kept: Vec<Offer> = offers
+            .iter()
+            .filter(|o| !self.avoided.iter().any(|(a, _)| same_offer(a, o)))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            (offers, why)
+        } else {
+            (kept, why)
+        }
+    }
+
+    /// Launches on other offers than `offer` for `how_long` (unless nothing else fits).
+    pub fn avoid(&mut self, offer: &Offer, how_long: Duration) {
+        self.avoided
+            .push((offer.clone(), Instant::now() + how_long));
+    }
+
+    /// The offer `worker` was launched on.
+    pub fn offer_of(&self, worker: &str) -> Option<Offer> {
+        self.record
+            .workers
+            .iter()
+            .find(|w| w.id == worker)
+            .and_then(|w| w.offer.clone())
+    }
+
+    /// Like [`Job::launch`], trying `prefer` first when it still fits.
+    pub fn launch_preferring(
+        &mut self,
+        spec: &Spec,
+        prefer: Option<&Offer>,
+    ) -> Result<Worker, JobError> {
         self.next_worker += 1;
         let id = format!("w{}", self.next_worker);
-        let (offers, why) = provider::ranked(&self.providers, spec);
+        let (mut offers, why) = self.offers(spec);
+        if let Some(p) = prefer {
+            if let Some(i) = offers.iter().position(|o| same_offer(o, p)) {
+                let o = offers.remove(i);
+                offers.insert(0, o);
+            }
+        }
         if offers.is_empty() {
             return Err(JobError::NoOffer {
                 spec: serde_json::to_string(spec).unwrap_or_default(),

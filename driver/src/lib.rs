@@ -5,6 +5,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod bake;
+pub mod bootstrap;
 pub mod catalog;
 pub mod container;
 pub mod control;
@@ -14,6 +15,7 @@ pub mod local;
 pub mod managed;
 pub mod nats;
 pub mod paperspace;
+pub mod price;
 pub mod provider;
 pub mod run;
 pub mod script;

@@ -450,7 +450,11 @@ impl Drop for LocalWorker {
     }
 }
 
-/// The `local` provider: one offer, this machine, free.
+/// The `local` provider: one offer, this machine, free. The price catalog may also name
+/// `local` machine types with prices (`"provider": "local"`): then those are the offers, each
+/// launching a worker on this machine. That lets a job try price-driven behaviour (`price`,
+/// arbitrage) without a cloud; the catalog is read again at every pricing, so a changed
+/// price is seen by a running job.
 pub struct LocalProvider {
     /// Boot workers as containers from this worker image instead of as processes.
     pub image: Option<PathBuf>,
@@ -478,6 +482,15 @@ impl crate::provider::Provider for LocalProvider {
         &self,
         _spec: &crate::job::Spec,
     ) -> Result<Vec<crate::provider::Offer>, crate::provider::ProviderError> {
+        let priced = crate::catalog::Catalog::load()
+            .map_err(|e| crate::provider::ProviderError::Failed {
+                provider: "local".into(),
+                message: e.to_string(),
+            })?
+            .offers("local", &[]);
+        if !priced.is_empty() {
+            return Ok(priced);
+        }
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);

@@ -58,7 +58,22 @@ pub struct Options {
     pub keep: usize,
     /// Attempts at bringing the task back after a worker is lost.
     pub attempts: u32,
+    /// Move the job to cheaper offers (off when `None`).
+    pub arbitrage: Option<Arbitrage>,
 }
+
+/// When the job moves to a cheaper offer.
+#[derive(Clone, Debug)]
+pub struct Arbitrage {
+    /// Price the spec again this often.
+    pub every: Duration,
+    /// Move when an offer is cheaper than the current one by more than this fraction of the
+    /// current price (0.2: 20 % cheaper).
+    pub margin: f64,
+}
+
+/// How long a spot offer that took a worker back is passed over.
+pub const AVOID_AFTER_NOTICE: Duration = Duration::from_secs(30 * 60);
 
 /// Runs the flow to the task's end; returns its exit status.
 pub fn run(
@@ -72,6 +87,7 @@ pub fn run(
     let (mut w, mut task) = bring_up(job, hooks, &spec, None)?;
     job.borrow_mut().set_state(JobState::Running);
     let mut next = opts.interval.map(|i| Instant::now() + i);
+    let mut next_pricing = opts.arbitrage.as_ref().map(|a| Instant::now() + a.every);
     let mut noticed = std::collections::BTreeSet::new();
     loop {
         let exit = job.borrow().coord.exit_of(&task.worker, &task.name);
@@ -123,7 +139,12 @@ pub fn run(
                 n.at.as_deref().unwrap_or("an unknown time")
             );
             job.borrow_mut().record.spot_notices += 1;
-            if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task) {
+            // The next worker goes elsewhere: this market just took one back.
+            let interrupted = job.borrow().offer_of(&w.id);
+            if let Some(o) = interrupted {
+                job.borrow_mut().avoid(&o, AVOID_AFTER_NOTICE);
+            }
+            if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task, None) {
                 warn!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
                 eprintln!("[cedana] moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes");
             }
@@ -136,13 +157,38 @@ pub fn run(
                     Ok(c) => ok(format!("checkpoint {}", c.object)),
                     Err(e) => fail(e.to_string()),
                 },
-                Action::Migrate => match migrate(job, hooks, &spec, &mut w, &mut task) {
+                Action::Migrate => match migrate(job, hooks, &spec, &mut w, &mut task, None) {
                     Ok(()) => ok(format!("task {} now runs on worker {}", task.name, w.id)),
                     Err(e) => fail(e.to_string()),
                 },
                 Action::Down => ok("taking the job down".into()),
             };
             let _ = answer.send(reply);
+        }
+        if let (Some(a), Some(at)) = (&opts.arbitrage, next_pricing) {
+            if Instant::now() >= at {
+                if let Some(better) = cheaper_offer(job, &spec, &w, a.margin) {
+                    let (from, to) = better;
+                    info!(from = %offer_name(&from), to = %offer_name(&to), "moving to a cheaper offer");
+                    eprintln!(
+                        "[cedana] {} at ${:.4}/h is more than {:.0}% cheaper than {} at ${:.4}/h; moving the task",
+                        offer_name(&to),
+                        to.price_usd_hour,
+                        a.margin * 100.0,
+                        offer_name(&from),
+                        from.price_usd_hour
+                    );
+                    match migrate(job, hooks, &spec, &mut w, &mut task, Some(&to)) {
+                        Ok(()) => job.borrow_mut().record.arbitrage_moves += 1,
+                        Err(e) => {
+                            warn!(error = %e, "moving to a cheaper offer failed; staying");
+                            eprintln!("[cedana] moving to the cheaper offer failed ({e}); the task stays where it was");
+                        }
+                    }
+                    next = opts.interval.map(|i| Instant::now() + i);
+                }
+                next_pricing = Some(Instant::now() + a.every);
+            }
         }
         if next.is_some_and(|n| Instant::now() >= n) {
             // A failure keeps the previous checkpoint; a lost worker is seen on the next turn.
@@ -154,6 +200,39 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `provider type place market`, for messages.
+pub fn offer_name(o: &crate::provider::Offer) -> String {
+    format!(
+        "{} {} in {}{}",
+        o.provider,
+        o.instance_type,
+        o.zone.as_deref().unwrap_or(&o.region),
+        if o.spot { " (spot)" } else { "" }
+    )
+}
+
+/// The cheapest fitting offer when it is cheaper than the one `w` runs on (at its price now)
+/// by more than `margin`: (the current offer as priced now, the cheaper one).
+fn cheaper_offer(
+    job: &Shared,
+    spec: &Spec,
+    w: &Worker,
+    margin: f64,
+) -> Option<(crate::provider::Offer, crate::provider::Offer)> {
+    let current = job.borrow().offer_of(&w.id)?;
+    let (offers, _) = job.borrow_mut().offers(spec);
+    // The current offer's price now, if it is still offered; else the price it launched at.
+    let current = offers
+        .iter()
+        .find(|o| crate::job::same_offer(o, &current))
+        .cloned()
+        .unwrap_or(current);
+    let best = offers.into_iter().next()?;
+    (!crate::job::same_offer(&best, &current)
+        && best.price_usd_hour < current.price_usd_hour * (1.0 - margin))
+        .then_some((current, best))
 }
 
 /// The task's exit status as a shell reports it.
@@ -247,19 +326,20 @@ fn take_checkpoint(
     Ok(c)
 }
 
-/// Moves the task to a new worker: launch, setup, checkpoint (stopping the task), restore
-/// there, `restored_task`, terminate the old worker. If the new worker cannot take it, the
-/// task is restored where it was.
+/// Moves the task to a new worker (on `prefer` when it still fits, else the cheapest offer):
+/// launch, setup, checkpoint (stopping the task), restore there, `restored_task`, terminate
+/// the old worker. If the new worker cannot take it, the task is restored where it was.
 fn migrate(
     job: &Shared,
     hooks: &mut dyn Hooks,
     spec: &Spec,
     w: &mut Worker,
     task: &mut Task,
+    prefer: Option<&crate::provider::Offer>,
 ) -> Result<(), FlowError> {
     job.borrow_mut().set_state(JobState::Migrating);
     let result = (|| -> Result<(), FlowError> {
-        let to = job.borrow_mut().launch(spec)?;
+        let to = job.borrow_mut().launch_preferring(spec, prefer)?;
         if let Err(e) = hooks.setup(job, &to) {
             job.borrow_mut().terminate(&to);
             return Err(e);

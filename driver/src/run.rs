@@ -66,6 +66,30 @@ pub struct RunOptions {
     pub checkpoint_every: Option<u64>,
     /// Boot local workers as runc containers from this worker image (OCI layout).
     pub image: Option<PathBuf>,
+    /// Price the spec again this often and move to a cheaper offer, overriding the config's
+    /// `arbitrage` block (0: off).
+    pub arbitrage_every: Option<u64>,
+    /// The margin (percent) an offer must be cheaper by, overriding the config.
+    pub arbitrage_margin: Option<f64>,
+}
+
+/// The arbitrage settings of the command line over the config's `arbitrage` block.
+pub fn arbitrage(
+    config: &cedana_agent::config::ArbitrageConfig,
+    every: Option<u64>,
+    margin: Option<f64>,
+) -> Option<managed::Arbitrage> {
+    let secs = match every {
+        Some(0) => return None,
+        Some(s) => s,
+        None if config.enabled != Some(true) => return None,
+        None => config.interval_seconds.unwrap_or(600).max(1),
+    };
+    let percent = margin.or(config.margin_percent).unwrap_or(20.0);
+    Some(managed::Arbitrage {
+        every: Duration::from_secs(secs),
+        margin: (percent / 100.0).clamp(0.0, 1.0),
+    })
 }
 
 /// The default state folder.
@@ -114,7 +138,12 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     };
     // So do mistakes in the providers' settings (a missing key, a cloud provider without a
     // NATS server the machines can reach).
-    let providers = providers(&opts)?;
+    let providers = providers(&opts.config, opts.image.as_deref())?;
+    for p in &providers {
+        if p.name() != "local" {
+            cloud_needs_nats(&opts.config, p.name())?;
+        }
+    }
 
     let stem: String = path
         .file_stem()
@@ -199,6 +228,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         recoveries: 0,
         migrations: 0,
         spot_notices: 0,
+        arbitrage_moves: 0,
         cost_usd: 0.0,
         exit_code: None,
         error: None,
@@ -242,6 +272,11 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         interval,
         keep: 2,
         attempts: 3,
+        arbitrage: arbitrage(
+            &opts.config.arbitrage,
+            opts.arbitrage_every,
+            opts.arbitrage_margin,
+        ),
     };
     let result: Result<i64, RunError> = match yaml {
         Some(spec) => {
@@ -328,8 +363,8 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
 
 /// Cloud machines cannot reach a NATS server on this machine's loopback (the embedded one):
 /// with a cloud provider, `connection.nats_url` must name a server they can reach.
-fn cloud_needs_nats(opts: &RunOptions, provider: &str) -> Result<(), RunError> {
-    let c = &opts.config.connection;
+fn cloud_needs_nats(config: &cedana_agent::Config, provider: &str) -> Result<(), RunError> {
+    let c = &config.connection;
     let url = config_url(&c.nats_url, c.nats_port);
     if url.is_empty() || crate::provider::loopback_only(&url) {
         return Err(RunError::NatsUnreachable {
@@ -344,32 +379,34 @@ fn cloud_needs_nats(opts: &RunOptions, provider: &str) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The enabled providers (`enabled_providers` in the config; `local` when none).
-fn providers(opts: &RunOptions) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
-    let enabled = if opts.config.enabled_providers.is_empty() {
+/// The providers `enabled_providers` names (`local` when it names none). Local workers boot
+/// from `image` when one is given.
+pub fn providers(
+    config: &cedana_agent::Config,
+    image: Option<&Path>,
+) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
+    let enabled = if config.enabled_providers.is_empty() {
         vec!["local".to_string()]
     } else {
-        opts.config.enabled_providers.clone()
+        config.enabled_providers.clone()
     };
     let mut out: Vec<Box<dyn crate::provider::Provider>> = Vec::new();
     for name in &enabled {
         match name.to_lowercase().as_str() {
             "local" => out.push(Box::new(crate::local::LocalProvider {
-                image: opts.image.clone(),
+                image: image.map(Path::to_path_buf),
             })),
             "paperspace" => {
-                let config = opts.config.paperspace.clone().unwrap_or_default();
+                let config = config.paperspace.clone().unwrap_or_default();
                 let p = crate::paperspace::PaperspaceProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
-                cloud_needs_nats(opts, "paperspace")?;
                 out.push(Box::new(p));
             }
             #[cfg(feature = "aws")]
             "aws" => {
-                let config = opts.config.aws.clone().unwrap_or_default();
+                let config = config.aws.clone().unwrap_or_default();
                 let p = crate::aws::AwsProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
-                cloud_needs_nats(opts, "aws")?;
                 out.push(Box::new(p));
             }
             #[cfg(not(feature = "aws"))]

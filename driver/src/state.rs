@@ -107,6 +107,9 @@ pub struct JobRecord {
     /// Spot interruption notices acted on.
     #[serde(default)]
     pub spot_notices: u32,
+    /// Moves to a cheaper offer (arbitrage).
+    #[serde(default)]
+    pub arbitrage_moves: u32,
     /// What the job has cost so far (zero on `local`).
     pub cost_usd: f64,
     pub exit_code: Option<i64>,

@@ -508,12 +508,24 @@ pub struct BackgroundDriver {
 impl BackgroundDriver {
     /// Starts `cedana-driver [global args] run [run args] SCRIPT`.
     pub fn start(state: &Path, config: Option<&Path>, run_args: &[&str], script: &Path) -> Self {
+        Self::start_env(state, config, run_args, script, &[])
+    }
+
+    /// Like [`BackgroundDriver::start`], with more environment for the driver.
+    pub fn start_env(
+        state: &Path,
+        config: Option<&Path>,
+        run_args: &[&str],
+        script: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let out = state.join("driver.stdout");
         let err = state.join("driver.stderr");
         let mut c = driver_cmd(state);
         if let Some(cfg) = config {
             c.env("CEDANA_CONFIG", cfg);
         }
+        c.envs(env.iter().copied());
         let child = c
             .arg("run")
             .args(run_args)
@@ -616,4 +628,39 @@ pub fn numbers_after(text: &str, marker: &str) -> Vec<u64> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
+}
+
+/// Publishes a spot interruption notice for `worker` of `job` as its agent would (no
+/// checkpoints in it), through JetStream on `nats`.
+pub fn publish_spot_notice(nats: &NatsServer, job: &str, worker: &str) {
+    use cedana_agent::protocol::{self, Event, EventEnvelope, SpotKind};
+    let env = EventEnvelope {
+        v: protocol::VERSION,
+        job: job.into(),
+        worker: worker.into(),
+        at: protocol::now(),
+        event: Event::SpotNotice {
+            kind: SpotKind::InstanceAction,
+            action: Some("terminate".into()),
+            at: Some("2026-11-21T01:02:03Z".into()),
+            checkpoints: vec![],
+            failed: vec![],
+        },
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::with_token(nats.token.clone())
+            .connect(nats.url())
+            .await
+            .expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        js.publish(
+            protocol::state_subject(job, worker),
+            serde_json::to_vec(&env).expect("serializes").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    });
 }

@@ -2,7 +2,8 @@
 //! mocks). moto serves real instance type data and a constant spot price, launches any type it
 //! knows, and keeps instances, key pairs, security groups, launch templates and images; a small
 //! proxy in front of it (`cedana_tests::moto::RefusingProxy`) answers some launches with EC2's
-//! capacity errors. These tests need no root and no CRIU, only moto (tools/deps.sh installs it).
+//! capacity errors and throttling. They need moto (tools/deps.sh installs it), not CRIU; one
+//! (the driver's trace log) runs a NATS server on a veth address of its own, so needs root.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -635,6 +636,18 @@ fn gone_flag_terminate_and_drop() {
     rt.block_on(async move { drop(inside) });
     assert!(["shutting-down", "terminated"].contains(&state(&id4).as_str()));
 
+    // The provider and a worker dropped together inside async code (the provider's own
+    // runtime goes with them): the instance is terminated and nothing panics.
+    let last = p
+        .launch(&offer, &boot(rt.handle(), "g", "w5", nats))
+        .unwrap();
+    let id5 = last.instance_id();
+    rt.block_on(async move {
+        drop(last);
+        drop(p);
+    });
+    assert!(["shutting-down", "terminated"].contains(&state(&id5).as_str()));
+
     // Waiting for an instance that ended says so.
     let err = art
         .block_on(api::wait_running(&c, &id, Duration::from_secs(5)))
@@ -732,6 +745,91 @@ fn capacity_errors_move_on_to_the_next_offer() {
         Err(e) => panic!("expected a failure, got {e}"),
         Ok(_) => panic!("expected a failure"),
     }
+}
+
+/// `Job::launch` itself walks down the ranking past a capacity error: the cheapest offer is
+/// refused, the next one is launched and recorded; as no agent registers here (no instance
+/// simulator), the launch ends at the provider's boot timeout and the instance is terminated.
+#[test]
+fn job_launch_moves_past_capacity_errors() {
+    use cedana_driver::coordinator::Coordinator;
+    use cedana_driver::job::Job;
+    use cedana_driver::state::{JobRecord, JobState};
+    let moto = MotoServer::start();
+    let proxy = RefusingProxy::start(&moto, &[("t2.micro", "InsufficientInstanceCapacity")]);
+    let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro", "t2.small"]);
+    s.spot = false;
+    s.boot_timeout = Duration::from_secs(2);
+    let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+    let nats = cedana_tests::NatsServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let coord = rt
+        .block_on(Coordinator::connect(
+            &nats.url(),
+            &nats.token,
+            "capjob",
+            false,
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let record = JobRecord {
+        v: 1,
+        job: "capjob".into(),
+        script: "capjob.rhai".into(),
+        state: JobState::Starting,
+        started_at: 0,
+        updated_at: 0,
+        driver_pid: std::process::id(),
+        nats_url: "nats://10.77.0.1:4222".into(),
+        embedded_nats: false,
+        managed: false,
+        workers: Vec::new(),
+        task: None,
+        checkpoints: Vec::new(),
+        recoveries: 0,
+        migrations: 0,
+        spot_notices: 0,
+        arbitrage_moves: 0,
+        cost_usd: 0.0,
+        exit_code: None,
+        error: None,
+    };
+    let mut job = Job::new(
+        "capjob".into(),
+        rt.handle().clone(),
+        coord,
+        "nats://10.77.0.1:4222".into(),
+        Secret::new(nats.token.clone()),
+        dir.path().to_path_buf(),
+        None,
+        record,
+    );
+    job.providers = vec![Box::new(p)];
+    let err = job.launch(&Spec::default()).unwrap_err().to_string();
+    assert!(err.contains("did not register within 2 s"), "{err}");
+    assert_eq!(proxy.refused(), 1, "the cheapest offer was tried once");
+    assert_eq!(job.record.workers.len(), 1);
+    let w = &job.record.workers[0];
+    let offer = w.offer.as_ref().unwrap();
+    assert_eq!(
+        (offer.instance_type.as_str(), offer.spot),
+        ("t2.small", false)
+    );
+    assert_eq!(w.state, "lost");
+    let (art, ec2) = ec2_at(&moto.url());
+    let v = art
+        .block_on(api::describe_instance(
+            &ec2.client("us-east-1"),
+            &w.instance,
+        ))
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.instance_type, "t2.small");
+    assert!(
+        ["shutting-down", "terminated"].contains(&v.state.as_str()),
+        "{v:?}"
+    );
 }
 
 /// Throttling (`RequestLimitExceeded`) is retried with backoff until the call goes through;
@@ -1160,18 +1258,51 @@ async fn c_instances(c: &aws_sdk_ec2::Client) -> Result<Vec<String>, AwsError> {
         .collect())
 }
 
-/// A non-loopback address of this machine (the NATS server the "cloud" would reach).
-fn host_address() -> Option<std::net::Ipv4Addr> {
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|a| a.parse().ok())
+/// A non-loopback address of this machine for the test's NATS server (what the "cloud" would
+/// reach): on a veth pair of the test's own (needs root), removed on drop.
+struct HostAddress {
+    ifname: String,
+    addr: std::net::Ipv4Addr,
+}
+
+impl HostAddress {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test makes a network interface: run it as root (CI does)"
+        );
+        let pid = std::process::id();
+        let ifname = format!("cdnaws{}", pid % 100_000);
+        let peer = format!("cdnawp{}", pid % 100_000);
+        let addr = std::net::Ipv4Addr::new(198, 18, (pid % 250) as u8, 1 + (pid / 250 % 250) as u8);
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "link", "add", &ifname, "type", "veth", "peer", "name", &peer,
+        ]);
+        let me = HostAddress { ifname, addr };
+        run(&["addr", "add", &format!("{addr}/32"), "dev", &me.ifname]);
+        run(&["link", "set", &me.ifname, "up"]);
+        run(&["link", "set", &peer, "up"]);
+        me
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.ifname])
+            .status();
+    }
 }
 
 /// A `cedana-driver run` on `aws` with `RUST_LOG=trace` launches an instance (and, as no agent
@@ -1179,9 +1310,8 @@ fn host_address() -> Option<std::net::Ipv4Addr> {
 /// its output.
 #[test]
 fn driver_logs_hold_no_secrets_and_leave_no_instance() {
-    let Some(addr) = host_address() else {
-        panic!("this test needs a non-loopback IPv4 address on the machine (ip -4 addr)");
-    };
+    let host = HostAddress::new();
+    let addr = host.addr;
     let moto = MotoServer::start();
     let port = cedana_tests::free_port();
     let store = tempfile::tempdir().unwrap();

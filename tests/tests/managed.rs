@@ -377,39 +377,6 @@ fn a_configured_server_list_is_used_past_a_dead_server() {
 
 /// What a worker's agent publishes when EC2 says the spot instance goes (see tests/spot.rs for
 /// the agent's side, with a fake instance metadata service).
-fn publish_spot_notice(nats: &NatsServer, job: &str, worker: &str) {
-    use cedana_agent::protocol::{self, Event, EventEnvelope, SpotKind};
-    let env = EventEnvelope {
-        v: protocol::VERSION,
-        job: job.into(),
-        worker: worker.into(),
-        at: protocol::now(),
-        event: Event::SpotNotice {
-            kind: SpotKind::InstanceAction,
-            action: Some("terminate".into()),
-            at: Some("2026-11-21T01:02:03Z".into()),
-            checkpoints: vec![],
-            failed: vec![],
-        },
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = async_nats::ConnectOptions::with_token(nats.token.clone())
-            .connect(nats.url())
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.publish(
-            protocol::state_subject(job, worker),
-            serde_json::to_vec(&env).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    });
-}
-
 #[test]
 fn a_spot_notice_moves_the_task_before_the_worker_goes() {
     if !criu_ready("a_spot_notice_moves_the_task_before_the_worker_goes") {

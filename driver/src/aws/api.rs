@@ -19,7 +19,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     ArchitectureValues, Filter, HttpTokensState, ImageState, InstanceInterruptionBehavior,
     InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
@@ -218,11 +218,26 @@ impl AwsError {
     }
 }
 
+/// An error and its causes, `: `-separated, by their `Display` only (the SDK's `Debug` holds
+/// whole responses).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.ends_with(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
 /// Maps an SDK error of `call` in `region`.
 pub fn sdk_error<E, R>(call: &'static str, region: &str, e: SdkError<E, R>) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     let region_s = region.to_string();
     match &e {
@@ -237,7 +252,7 @@ where
             message: "timed out".into(),
         },
         SdkError::DispatchFailure(_) => {
-            let message = DisplayErrorContext(&e).to_string();
+            let message = causes(&e);
             if message.contains("credential") || message.contains("identity") {
                 AwsError::Credentials {
                     call,
@@ -255,12 +270,12 @@ where
         SdkError::ConstructionFailure(_) => AwsError::Credentials {
             call,
             region: region_s,
-            message: DisplayErrorContext(&e).to_string(),
+            message: causes(&e),
         },
         _ => AwsError::Unexpected {
             call,
             region: region_s,
-            message: DisplayErrorContext(&e).to_string(),
+            message: causes(&e),
         },
     }
 }
@@ -916,7 +931,7 @@ pub async fn ensure_key_pair(
         // The private key exists nowhere else: the key pair goes, so a retry can make it again.
         let _ = std::fs::remove_file(save_to);
         if let Err(e) = client.delete_key_pair().key_name(name).send().await {
-            tracing::warn!(key = name, %region, error = %DisplayErrorContext(&e), "cannot delete the key pair whose private key could not be saved");
+            tracing::warn!(key = name, %region, error = %causes(&e), "cannot delete the key pair whose private key could not be saved");
         }
         return Err(AwsError::Io {
             what: "cannot write the private key to",

@@ -216,13 +216,34 @@ impl Settings {
     }
 }
 
+/// The provider's runtime. Whoever drops it last may be inside another runtime (a worker
+/// dropped in async code), where a runtime cannot be dropped: then it is shut down in the
+/// background.
+pub struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until dropped")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
 /// The `aws` provider.
 pub struct AwsProvider {
     settings: Settings,
     catalog: Catalog,
     /// The provider's own runtime: the `Provider` trait is synchronous, and the SDK's clients
     /// live on one runtime.
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<OwnRuntime>,
     ec2: Arc<Ec2>,
     regions: Vec<String>,
     types: Mutex<HashMap<String, Arc<Vec<TypeInfo>>>>,
@@ -251,7 +272,7 @@ impl AwsProvider {
         Ok(AwsProvider {
             settings,
             catalog,
-            rt: Arc::new(rt),
+            rt: Arc::new(OwnRuntime(Some(rt))),
             ec2: Arc::new(ec2),
             regions,
             types: Mutex::new(HashMap::new()),
@@ -282,8 +303,8 @@ impl AwsProvider {
     }
 
     /// The provider's runtime.
-    pub fn runtime(&self) -> &Arc<tokio::runtime::Runtime> {
-        &self.rt
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.rt.get()
     }
 
     /// The region's instance types (asked once).
@@ -480,6 +501,7 @@ impl AwsProvider {
     /// `cedana-driver price --refresh` to keep.
     pub fn refresh_catalog(&self) -> Result<Vec<CatalogEntry>, ProviderError> {
         self.rt
+            .get()
             .block_on(refresh_catalog(&self.ec2, &self.settings, &self.regions))
             .map_err(|e| failed(e.to_string()))
     }
@@ -535,7 +557,7 @@ impl Provider for AwsProvider {
     }
 
     fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
-        let results: Vec<Result<Vec<Offer>, String>> = self.rt.block_on(async {
+        let results: Vec<Result<Vec<Offer>, String>> = self.rt.get().block_on(async {
             futures::future::join_all(self.regions.iter().map(|r| self.region_offers(r, spec)))
                 .await
         });
@@ -603,7 +625,7 @@ impl Provider for AwsProvider {
             ],
             client_token: Some(format!("cedana-{token}")),
         };
-        let id = self.rt.block_on(async {
+        let id = self.rt.get().block_on(async {
             if let Err(why) = self.source(&region).await {
                 return Err(failed(why));
             }
@@ -630,6 +652,7 @@ impl Provider for AwsProvider {
         let gone = Arc::new(AtomicBool::new(false));
         let poller = self
             .rt
+            .get()
             .spawn(watch(
                 client.clone(),
                 id.clone(),
@@ -685,7 +708,7 @@ pub struct AwsWorker {
     id: String,
     region: String,
     client: Client,
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<OwnRuntime>,
     gone: Arc<AtomicBool>,
     poller: Option<tokio::task::AbortHandle>,
     ended: bool,
@@ -721,13 +744,13 @@ impl AwsWorker {
         let on_own_runtime = std::thread::current().name() == Some("cedana-aws");
         if on_own_runtime {
             // Cannot wait here for the runtime this thread drives: in the background.
-            self.rt.spawn(work);
+            self.rt.get().spawn(work);
         } else if tokio::runtime::Handle::try_current().is_ok() {
             // Inside another runtime nothing may block_on: a helper thread waits.
             let rt = self.rt.clone();
-            let _ = std::thread::spawn(move || rt.block_on(work)).join();
+            let _ = std::thread::spawn(move || rt.get().block_on(work)).join();
         } else {
-            self.rt.block_on(work);
+            self.rt.get().block_on(work);
         }
         self.gone.store(true, Ordering::SeqCst);
     }
