@@ -589,11 +589,13 @@ pub fn create_aws_resources(c: &AwsCreate) -> Result<AwsCreated, BootstrapError>
         .await
         .map_err(fail)?;
         let client = ec2.client(&c.region);
-        let (key_created, key_path) =
-            match aws::ensure_key_pair(&client, &c.key_name, &c.key_path).await.map_err(fail)? {
-                KeyPairOutcome::Created { path, .. } => (true, Some(path)),
-                KeyPairOutcome::Existing { path, .. } => (false, path),
-            };
+        let (key_created, key_path) = match aws::ensure_key_pair(&client, &c.key_name, &c.key_path)
+            .await
+            .map_err(fail)?
+        {
+            KeyPairOutcome::Created { path, .. } => (true, Some(path)),
+            KeyPairOutcome::Existing { path, .. } => (false, path),
+        };
         let sg = aws::ensure_security_group(
             &client,
             &c.security_group,

@@ -116,7 +116,9 @@ pub fn refresh(config: &cedana_agent::Config) -> Result<(std::path::PathBuf, usi
     let mut any = false;
     #[cfg(feature = "aws")]
     if uses("aws") {
-        let p = crate::aws::AwsProvider::from_config(&config.aws.clone().unwrap_or_default())?;
+        // The catalog file may not exist yet: it is what this writes.
+        let settings = crate::aws::Settings::from_config(&config.aws.clone().unwrap_or_default())?;
+        let p = crate::aws::AwsProvider::new(settings, crate::catalog::Catalog::builtin())?;
         fresh.extend(p.refresh_catalog()?);
         any = true;
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub mod ec2sim;
 pub mod imds;
+pub mod sshd;
 
 /// The `cedana-agent` binary under test: `$CEDANA_AGENT_BIN` (the README's test command points
 /// it at the static build), else the one cargo built next to this test.

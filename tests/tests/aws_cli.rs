@@ -1,0 +1,290 @@
+//! The AWS side of the command line against moto's EC2 server: `price` with AWS offers and
+//! `--refresh`, and `bootstrap --aws-create` making the key pair, security group and launch
+//! template, then writing a config that points at them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use cedana_driver::aws::{self, ConnectOptions, Ec2};
+use cedana_tests::moto::MotoServer;
+use cedana_tests::*;
+
+const AMI: &str = "ami-1e749f67";
+
+fn driver(sb: &Sandbox, moto: &MotoServer, catalog: &Path, args: &[&str]) -> std::process::Output {
+    let mut c = driver_cmd(sb.path());
+    moto.apply_env(&mut c);
+    c.env("CEDANA_CATALOG", catalog)
+        .env("CEDANA_AWS_IMAGE_ID", AMI)
+        .env_remove("PAPERSPACE_API_KEY")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run cedana-driver")
+}
+
+fn aws_config(sb: &Sandbox) -> std::path::PathBuf {
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"enabled_providers": ["aws"],
+            "aws": {"enabled_regions": ["us-east-1"], "enabled_instance_families": ["t2"]},
+            "connection": {"nats_url": "nats.example.org", "nats_port": 4222, "auth_token": "tok"}}"#,
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn price_shows_aws_offers_and_refresh_keeps_spot_prices_in_the_catalog() {
+    let moto = MotoServer::start();
+    let sb = Sandbox::new();
+    let cfg = aws_config(&sb);
+    let cat = sb.path().join("home/.cedana/catalog.json");
+    let cfg_s = cfg.to_str().unwrap();
+    let out = driver(
+        &sb,
+        &moto,
+        &cat,
+        &[
+            "--config",
+            cfg_s,
+            "price",
+            "--cpu",
+            "1",
+            "--refresh",
+            "--json",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("prices written to") && err.contains("catalog.json"),
+        "{err}"
+    );
+    // The file holds the spot prices per type and zone, in the catalog format.
+    let written = cedana_driver::catalog::Catalog::from_file(&cat).expect("a valid catalog");
+    assert!(!written.entries.is_empty());
+    for e in &written.entries {
+        assert!(
+            e.provider == "aws" && e.spot && e.instance_type.starts_with("t2."),
+            "{e:?}"
+        );
+        assert!(
+            e.zone
+                .as_deref()
+                .is_some_and(|z| z.starts_with("us-east-1")),
+            "{e:?}"
+        );
+        assert_eq!(e.source, aws::SPOT_SOURCE);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let offers = v["offers"].as_array().unwrap();
+    assert!(!offers.is_empty(), "{v}");
+    // Only t2, each fitting, cheapest first, each saying where its price is from.
+    let mut last = 0.0;
+    for o in offers {
+        assert_eq!(o["provider"], "aws");
+        assert!(
+            o["instance_type"].as_str().unwrap().starts_with("t2."),
+            "{o}"
+        );
+        assert!(o["vcpus"].as_f64().unwrap() >= 1.0);
+        let p = o["price_usd_hour"].as_f64().unwrap();
+        assert!(p >= last, "not cheapest first: {v}");
+        last = p;
+        let source = o["price_source"].as_str().unwrap();
+        assert!(
+            source == aws::SPOT_SOURCE || source.starts_with("catalog: "),
+            "{source}"
+        );
+        assert!(o["age_seconds"].is_u64(), "{o}");
+    }
+    assert!(offers.iter().any(|o| o["spot"] == true));
+    assert!(
+        offers.iter().any(|o| o["spot"] == false),
+        "on-demand from the built-in catalog: {v}"
+    );
+
+    // A user's own entries survive a refresh.
+    let mut c = written.clone();
+    c.entries.push(cedana_driver::catalog::CatalogEntry {
+        provider: "paperspace".into(),
+        instance_type: "C5".into(),
+        region: "ny2".into(),
+        zone: None,
+        vcpus: 4.0,
+        memory_gb: 8.0,
+        gpu: None,
+        gpu_count: 0,
+        vram_gb: 0.0,
+        price_usd_hour: 0.08,
+        spot: false,
+        source: "mine".into(),
+        updated_at: cedana_driver::catalog::Timestamp::from_epoch(1_790_000_000),
+    });
+    std::fs::write(&cat, c.to_json()).unwrap();
+    let out = driver(&sb, &moto, &cat, &["--config", cfg_s, "price", "--refresh"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = cedana_driver::catalog::Catalog::from_file(&cat).unwrap();
+    assert_eq!(
+        again.entries.len(),
+        c.entries.len(),
+        "replaced, not added twice"
+    );
+    assert!(again.entries.iter().any(|e| e.source == "mine"));
+    // The table names AWS offers with their market.
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.starts_with("aws")),
+        "{table}"
+    );
+
+    // Without a provider that publishes prices, --refresh says so.
+    let local = sb.path().join("local.json");
+    std::fs::write(&local, r#"{"enabled_providers": ["local"]}"#).unwrap();
+    let out = driver(
+        &sb,
+        &moto,
+        &cat,
+        &["--config", local.to_str().unwrap(), "price", "--refresh"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no enabled provider has a price API"));
+}
+
+#[test]
+fn bootstrap_makes_what_aws_workers_need_and_points_the_config_at_it() {
+    let moto = MotoServer::start();
+    let sb = Sandbox::new();
+    let cfg = sb.path().join("home/.cedana/cedana_config.json");
+    let cat = sb.path().join("catalog.json");
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "bootstrap",
+        "--provider",
+        "aws",
+        "--aws-region",
+        "us-east-1",
+        "--aws-family",
+        "t3",
+        "--nats-url",
+        "nats.example.org",
+        "--generate-token",
+        "--aws-create",
+        "--aws-image",
+        AMI,
+        "--aws-launch-template",
+        "cedana-test-workers",
+    ];
+    let out = driver(&sb, &moto, &cat, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let key = cfg.parent().unwrap().join("cedana.pem");
+    let mode = std::fs::metadata(&key)
+        .expect("private key saved")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let pem = std::fs::read_to_string(&key).unwrap();
+    assert!(pem.contains("PRIVATE KEY"));
+    assert!(
+        !err.contains(pem.lines().nth(1).unwrap()),
+        "the private key was printed"
+    );
+    assert!(
+        err.contains("key pair cedana (made; private key in"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    assert_eq!(v["aws"]["ssh_key_path"], key.display().to_string());
+    assert_eq!(v["aws"]["launch_template_name"], "cedana-test-workers");
+    assert_eq!(
+        v["aws"]["enabled_instance_families"],
+        serde_json::json!(["t3"])
+    );
+
+    // What moto now has: the key pair, the group with SSH open, the template on the image.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ec2 = rt
+        .block_on(Ec2::connect(ConnectOptions {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(moto.url()),
+            credentials: Some((
+                cedana_tests::moto::ACCESS_KEY_ID.into(),
+                cedana_agent::config::Secret::new(cedana_tests::moto::SECRET_ACCESS_KEY),
+            )),
+            ..Default::default()
+        }))
+        .unwrap();
+    let client = ec2.client("us-east-1");
+    let (lt, version) = rt
+        .block_on(aws::find_launch_template(&client, "cedana-test-workers"))
+        .unwrap()
+        .expect("launch template made");
+    assert_eq!(version, 1);
+    let image = rt
+        .block_on(aws::launch_template_image(&client, &lt))
+        .unwrap();
+    assert_eq!(image.as_deref(), Some(AMI));
+    let groups = rt
+        .block_on(
+            client
+                .describe_security_groups()
+                .group_names("cedana-workers")
+                .send(),
+        )
+        .expect("security group made");
+    let sg = &groups.security_groups()[0];
+    assert!(sg
+        .ip_permissions()
+        .iter()
+        .any(|p| p.from_port() == Some(22) && p.to_port() == Some(22)));
+    let keys = rt
+        .block_on(client.describe_key_pairs().key_names("cedana").send())
+        .unwrap();
+    assert_eq!(keys.key_pairs().len(), 1);
+
+    // Again: nothing new is made, the key file is kept, the template gets a new version.
+    let out = driver(&sb, &moto, &cat, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("key pair cedana (there; private key in"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), pem);
+    let (_, version) = rt
+        .block_on(aws::find_launch_template(&client, "cedana-test-workers"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(version, 2);
+
+    // A bad answer is refused before anything is made in AWS.
+    let bad = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "bootstrap",
+        "--provider",
+        "gcp",
+        "--aws-create",
+        "--aws-key-name",
+        "never-made",
+    ];
+    let out = driver(&sb, &moto, &cat, &bad);
+    assert_eq!(out.status.code(), Some(2));
+    let keys = rt.block_on(client.describe_key_pairs().send()).unwrap();
+    assert!(keys
+        .key_pairs()
+        .iter()
+        .all(|k| k.key_name() != Some("never-made")));
+}
