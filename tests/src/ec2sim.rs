@@ -225,6 +225,10 @@ pub struct SimConfig {
     pub lock_timeout: Duration,
     /// Environment added to the user-data's (for example `RUST_LOG` while debugging).
     pub env: Vec<(String, String)>,
+    /// The rate of the link between this machine and each instance, both ways, in Mbit/s
+    /// (`tc` token bucket on both ends of the veth pair); unlimited when `None`. Stands in for
+    /// the network between a driver and a cloud (no added latency: this kernel may lack netem).
+    pub link_mbit: Option<u32>,
     /// Credentials for moto (it accepts any).
     pub access_key: String,
     pub secret_key: String,
@@ -251,6 +255,7 @@ impl SimConfig {
             wrong_host_key: false,
             lock_timeout: Duration::from_secs(900),
             env: Vec::new(),
+            link_mbit: None,
             access_key: "AKIDEC2SIMTESTING01".into(),
             secret_key: "ec2sim+test+secret".into(),
         }
@@ -983,6 +988,9 @@ impl Watcher {
             v.public_ip,
             self.cfg.gateway,
         )?;
+        if let Some(mbit) = self.cfg.link_mbit {
+            net.limit(mbit)?;
+        }
         let listener = bind_in_netns(&info.netns, SocketAddr::from((IMDS_ADDR, 80)))?;
         let imds = FakeImds::serve(
             listener,
@@ -1810,6 +1818,40 @@ impl Net {
             ])?;
         }
         Ok(net)
+    }
+}
+
+impl Net {
+    /// Limits the pair to `mbit` Mbit/s each way.
+    fn limit(&self, mbit: u32) -> Result<(), SimError> {
+        let rate = format!("{mbit}mbit");
+        for (ns, dev) in [
+            (None, self.host_if.as_str()),
+            (Some(self.ns.as_str()), "eth0"),
+        ] {
+            let mut args: Vec<&str> = Vec::new();
+            if let Some(ns) = ns {
+                args.extend(["-n", ns]);
+            }
+            args.extend([
+                "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", "256kbit",
+                "latency", "100ms",
+            ]);
+            let out = Command::new("tc")
+                .args(&args)
+                .output()
+                .map_err(|e| SimError::Ip {
+                    args: format!("tc {}", args.join(" ")),
+                    message: format!("cannot run tc: {e} (install iproute2)"),
+                })?;
+            if !out.status.success() {
+                return Err(SimError::Ip {
+                    args: format!("tc {}", args.join(" ")),
+                    message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -476,7 +476,10 @@ fn cloud_config_gives_sshd_exactly_its_host_key_and_the_key_pair_logs_in() {
 
 #[test]
 fn baked_images_have_the_agent_and_images_carry_their_instance_disk() {
-    let cloud = Cloud::start(|c| c);
+    let cloud = Cloud::start(|c| SimConfig {
+        link_mbit: Some(80),
+        ..c
+    });
     let baked = cloud.launch(BAKED, "#!/bin/sh\necho up > /var/lib/cedana/up\n", None);
     let stock = cloud.launch(STOCK, "", None);
     let b = cloud.running(&baked);
@@ -484,6 +487,13 @@ fn baked_images_have_the_agent_and_images_carry_their_instance_disk() {
     assert_eq!(b.image, ImageKind::Baked);
     assert_eq!(s.user_data, UserData::None);
     assert_ne!(b.private_ip, s.private_ip);
+
+    // The link to the instances is limited as asked, both ways.
+    let qdisc = cloud.sh(&stock, "tc qdisc show dev eth0");
+    assert!(
+        qdisc.contains("tbf") && qdisc.contains("rate 80Mbit"),
+        "{qdisc}"
+    );
 
     // The baked image's agent is the one under test, and CRIU works in the instance.
     let check = cloud.sh(&baked, "cedana-agent check --json");
