@@ -1249,7 +1249,8 @@ impl Watcher {
                 .block_on(
                     client
                         .describe_images()
-                        .set_image_ids(Some(new.clone()))
+                        // Not by image id as well: moto then ignores the filters.
+                        .owners("self")
                         .filters(
                             Filter::builder()
                                 .name("source-instance-id")
@@ -1260,7 +1261,12 @@ impl Watcher {
                 )
                 .map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())
                 .map_err(moto("DescribeImages"))?;
-            for ami in made.images().iter().filter_map(|i| i.image_id()) {
+            for ami in made
+                .images()
+                .iter()
+                .filter_map(|i| i.image_id())
+                .filter(|ami| new.iter().any(|n| n == ami))
+            {
                 snapshot_disk(&self.dir, instance, ami)?;
                 eprintln!("[ec2sim] image {ami} made from {instance}: its disk copied");
                 self.inner
