@@ -245,7 +245,7 @@ impl Job {
         &mut self,
         spec: &Spec,
         prefer: Option<&Offer>,
-    ) -> Result<Worker, (JobError, Option<Offer>)> {
+    ) -> Result<Worker, (JobError, Option<Box<Offer>>)> {
         self.next_worker += 1;
         let id = format!("w{}", self.next_worker);
         let (mut offers, why) = self.offers(spec);
@@ -356,7 +356,7 @@ impl Job {
         });
         if let Err(e) = registered {
             self.end_worker(&id, "lost");
-            return Err((e, Some(offer)));
+            return Err((e, Some(Box::new(offer))));
         }
         info!(worker = %id, "worker launched");
         Ok(Worker { id })
