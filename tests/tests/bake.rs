@@ -556,3 +556,79 @@ fn the_criu_bundle_runs_on_its_own_libraries() {
         "{wrapper}"
     );
 }
+
+#[test]
+fn an_interrupted_bake_terminates_its_instance_and_makes_nothing() {
+    // With the simulator, so that every address the bake may connect to is on this machine.
+    let env = setup(false);
+    let image_name = "cedana-interrupted";
+    let mut cmd = Command::new(cedana_tests::driver_bin());
+    env.moto.apply_env(&mut cmd);
+    let mut child = cmd
+        .env("CEDANA_CONFIG", env.dir.path().join("no-config.json"))
+        .env("HOME", env.dir.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .args([
+            "bake",
+            "--base-image",
+            &env.base,
+            "--region",
+            REGION,
+            "--ssh-key",
+        ])
+        .arg(&env.user_key.private)
+        .arg("--agent")
+        .arg(cedana_tests::agent_bin())
+        .args(["--image-name", image_name, "--boot-timeout", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cedana-driver bake");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("launched bake instance") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // As soon as the instance is launched, interrupt the bake as Ctrl-C would.
+    let launched = rx.recv_timeout(Duration::from_secs(120));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("bake did not end within 60 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = reader.join().unwrap();
+    eprintln!("{stderr}");
+    assert!(launched.is_ok(), "bake launched nothing");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let instances = bake_instances(&env, image_name);
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let (id, state) = &instances[0];
+    assert!(
+        state == "terminated" || state == "shutting-down",
+        "bake instance {id} is {state}"
+    );
+    assert!(own_images(&env).is_empty(), "{:?}", own_images(&env));
+    assert!(!template_exists(&env));
+}
