@@ -428,6 +428,146 @@ fn bake_makes_an_image_and_a_template_whose_workers_need_no_setup() {
         )),
         "{text}"
     );
+
+    // The template's user-data starts the agent once the worker's settings are there (what a
+    // worker's own user-data writes): it registers with the job's NATS server, using the
+    // image's CRIU.
+    let nats = GatewayNats::start(env.sim.gateway());
+    let env_file = cedana_driver::bake::worker_env("bake-job", "w1", &nats.url(), None).unwrap();
+    let script = format!(
+        "set -e\nmkdir -p /etc/cedana /var/lib/cedana\n\
+         cat > {env} <<'EOF'\n{env_file}EOF\n\
+         printf '%s\\n' {token} > {token_file}\n\
+         /var/lib/cloud/instance/user-data.txt\n",
+        env = cedana_driver::bake::WORKER_ENV,
+        token = nats.token,
+        token_file = cedana_driver::bake::TOKEN_FILE,
+    );
+    let out = env.sim.exec(&worker, &script).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let record = nats.wait_worker("bake-job.w1", Duration::from_secs(60), || {
+        env.sim
+            .exec(&worker, "cat /var/log/cedana-agent.log")
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    });
+    assert_eq!(
+        record["criu_version"].as_str(),
+        baked["criu_version"].as_str(),
+        "{record}"
+    );
+    assert_eq!(record["agent_version"], baked["agent_version"], "{record}");
+}
+
+/// A token-protected nats-server with JetStream on the simulator's gateway address (where
+/// instances reach this machine); killed by PID on drop.
+struct GatewayNats {
+    child: std::process::Child,
+    addr: std::net::Ipv4Addr,
+    port: u16,
+    token: String,
+    _store: tempfile::TempDir,
+}
+
+impl GatewayNats {
+    fn start(addr: std::net::Ipv4Addr) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let token = format!("bake{}", std::process::id());
+        let port = {
+            let l = std::net::TcpListener::bind((addr, 0)).expect("bind on the gateway");
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                &addr.to_string(),
+                "-p",
+                &port.to_string(),
+                "--auth",
+                &token,
+                "--store_dir",
+            ])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (tools/deps.sh installs it)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect((addr, port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "nats-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        GatewayNats {
+            child,
+            addr,
+            port,
+            token,
+            _store: store,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}:{}", self.addr, self.port)
+    }
+
+    /// The worker's registration (KV `cedana_workers`), waited for at most `within`.
+    fn wait_worker(
+        &self,
+        key: &str,
+        within: Duration,
+        log: impl Fn() -> String,
+    ) -> serde_json::Value {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = async_nats::ConnectOptions::with_token(self.token.clone())
+                .connect(self.url())
+                .await
+                .expect("connect to nats");
+            let js = async_nats::jetstream::new(client);
+            let start = Instant::now();
+            loop {
+                if let Ok(kv) = js
+                    .get_key_value(cedana_agent::protocol::WORKERS_BUCKET)
+                    .await
+                {
+                    if let Ok(Some(v)) = kv.get(key).await {
+                        return serde_json::from_slice(&v).expect("a worker record");
+                    }
+                }
+                assert!(
+                    start.elapsed() < within,
+                    "worker {key} did not register within {within:?}; its agent's log:\n{}",
+                    log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+}
+
+impl Drop for GatewayNats {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
