@@ -239,6 +239,10 @@ fn bake_makes_an_image_and_a_template_whose_workers_need_no_setup() {
         baked["check"].as_str().unwrap().contains("will work"),
         "{baked}"
     );
+    // The static agent (the README's test command) draws no warning.
+    if std::env::var_os("CEDANA_REQUIRE_STATIC").is_some_and(|v| v == "1") {
+        assert_eq!(baked["warnings"], serde_json::json!([]), "{baked}");
+    }
 
     // The image is in moto under its name.
     let images = own_images(&env);
