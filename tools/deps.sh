@@ -36,6 +36,30 @@ if ! have_pkgs "${PKGS[@]}"; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 fi
 
+# OpenSSH for the SSH and `bake` tests: they run sshd from a private config on loopback (or in
+# a network namespace), never the system's. Installing the package would start a system-wide
+# sshd on port 22 and enable it at boot, so when it is installed here a policy-rc.d keeps it from
+# starting (unless the machine already has one) and the service is disabled again afterwards.
+if ! have_pkgs openssh-server; then
+  apt_update
+  log "installing openssh-server openssh-client (the system sshd is not started)"
+  POLICY_GUARD=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# Temporary, from Cedana tools/deps.sh: no service starts during this install.\nexit 101\n' |
+      $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 0755 /usr/sbin/policy-rc.d
+    POLICY_GUARD=1
+  fi
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null; then
+    if [ -n "$POLICY_GUARD" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+    log "openssh-server did not install"; exit 1
+  fi
+  if [ -n "$POLICY_GUARD" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+  if command -v systemctl >/dev/null 2>&1; then
+    $SUDO systemctl disable --quiet ssh.service ssh.socket >/dev/null 2>&1 || true
+  fi
+fi
+
 # nats-server with JetStream: Debian 12 has 2.9; the pinned sid source has a current one (a Go
 # binary that needs only libc6 >= 2.34).
 nats_ok() { command -v nats-server >/dev/null && nats-server --version 2>/dev/null | grep -Eq 'v2\.(1[0-9]|[2-9][0-9])\.'; }

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod bake;
 pub mod bootstrap;
 pub mod catalog;
 pub mod container;
@@ -18,6 +19,7 @@ pub mod price;
 pub mod provider;
 pub mod run;
 pub mod script;
+pub mod ssh;
 pub mod state;
 pub mod yaml;
 

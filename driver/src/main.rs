@@ -83,6 +83,10 @@ enum Cmd {
     Migrate { job: String },
     /// Stop a job: its task is killed and its workers end.
     Down { job: String },
+    /// Bake a worker image (AMI) and a launch template from a stock image: the agent, CRIU and
+    /// a systemd unit installed over SSH (host key verified), `cedana-agent check` passed there.
+    #[cfg(feature = "aws")]
+    Bake(Box<cedana_driver::bake::BakeArgs>),
     /// Write the config file (~/.cedana/cedana_config.json, or --config) in the original
     /// Cedana's format: asks on a terminal, takes flags otherwise.
     ///
@@ -278,6 +282,19 @@ fn main() -> ExitCode {
         Cmd::Checkpoint { job } => send(&state_dir, &config, &job, Action::Checkpoint),
         Cmd::Migrate { job } => send(&state_dir, &config, &job, Action::Migrate),
         Cmd::Down { job } => send(&state_dir, &config, &job, Action::Down),
+        #[cfg(feature = "aws")]
+        Cmd::Bake(args) => match cedana_driver::bake::run_bake(*args, &config) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cedana-driver: error: {e:#}");
+                use cedana_driver::bake::BakeError;
+                ExitCode::from(match e.downcast_ref::<BakeError>() {
+                    Some(BakeError::Invalid(_)) => 2,
+                    Some(BakeError::Interrupted { .. }) => 130,
+                    _ => 1,
+                })
+            }
+        },
         Cmd::Bootstrap(args) => bootstrap(cli.config.as_deref(), *args),
         Cmd::Price {
             cpu,

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod ec2sim;
+pub mod imds;
+pub mod sshd;
+
 /// The `cedana-agent` binary under test: `$CEDANA_AGENT_BIN` (the README's test command points
 /// it at the static build), else the one cargo built next to this test.
 pub fn agent_bin() -> PathBuf {
@@ -278,6 +282,8 @@ pub fn wait_for_numbers(path: &Path, n: usize) {
 /// A real `nats-server` with JetStream and token auth on a free loopback port; killed on drop.
 pub struct NatsServer {
     child: std::process::Child,
+    /// The address it listens on (loopback unless started with [`NatsServer::start_on`]).
+    pub host: std::net::IpAddr,
     pub port: u16,
     pub token: String,
     pub store: tempfile::TempDir,
@@ -286,20 +292,49 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server with a random token.
     pub fn start() -> Self {
-        let token = format!(
-            "tok{}",
-            std::process::id() as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64 % 7919
-        );
-        Self::start_with(token, free_port(), tempfile::tempdir().expect("store dir"))
+        Self::start_with(
+            random_token(),
+            free_port(),
+            tempfile::tempdir().expect("store dir"),
+        )
+    }
+
+    /// Starts a server with a random token listening on `host` (an address of this machine,
+    /// such as the instance simulator's gateway), on a port free there.
+    pub fn start_on(host: std::net::IpAddr) -> Self {
+        let port = std::net::TcpListener::bind((host, 0))
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
+            .port();
+        Self::start_at(
+            host,
+            random_token(),
+            port,
+            tempfile::tempdir().expect("store dir"),
+        )
     }
 
     /// Starts a server on a given port and store (to restart one).
     pub fn start_with(token: String, port: u16, store: tempfile::TempDir) -> Self {
+        Self::start_at(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            token,
+            port,
+            store,
+        )
+    }
+
+    fn start_at(
+        host: std::net::IpAddr,
+        token: String,
+        port: u16,
+        store: tempfile::TempDir,
+    ) -> Self {
         let child = Command::new("nats-server")
             .args([
                 "-js",
                 "-a",
-                "127.0.0.1",
+                &host.to_string(),
                 "-p",
                 &port.to_string(),
                 "--auth",
@@ -312,10 +347,11 @@ impl NatsServer {
             .spawn()
             .expect("nats-server on PATH (the README's test command installs it)");
         wait_until(Duration::from_secs(15), "nats-server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            std::net::TcpStream::connect((host, port)).is_ok()
         });
         NatsServer {
             child,
+            host,
             port,
             token,
             store,
@@ -323,7 +359,12 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
+    }
+
+    /// The server's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the server, keeping its store, and returns what a restart needs.
@@ -340,6 +381,16 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A random token (`tok` and 32 hex digits from /dev/urandom).
+pub fn random_token() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("read /dev/urandom");
+    format!("tok{}", hex::encode(b))
 }
 
 /// A loopback port nobody listens on right now.

@@ -2,242 +2,23 @@
 //! (IMDSv2, as published: session tokens from `PUT /latest/api/token`, 401 without a valid
 //! token, 404 while there is no notice) with a real nats-server, real tasks and real CRIU.
 //!
-//! The fake stands in for IMDS because no real one runs here; it follows the AWS
-//! documentation of `spot/instance-action` and `events/recommendations/rebalance`.
+//! The fake (`cedana_tests::imds`) stands in for IMDS because no real one runs here; it follows
+//! the AWS documentation of `spot/instance-action` and `events/recommendations/rebalance`.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use cedana_agent::protocol::{
     self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotKind,
 };
+use cedana_tests::imds::{raw_request, FakeImds, INSTANCE_ACTION, REBALANCE};
 use cedana_tests::*;
 use futures::StreamExt;
 
-// ---------------------------------------------------------------------------------------------
-// The fake IMDS
-
-/// What the fake was asked and how it answered.
-#[derive(Default)]
-struct FakeState {
-    /// Valid tokens and when they expire.
-    tokens: HashMap<String, Instant>,
-    issued: u64,
-    /// Body of `spot/instance-action` (404 while `None`).
-    instance_action: Option<String>,
-    /// Body of `events/recommendations/rebalance` (404 while `None`).
-    rebalance: Option<String>,
-    /// Metadata GETs answered with a valid token, by path.
-    served: HashMap<String, usize>,
-    /// Metadata GETs refused (401) because they carried no token.
-    without_token: usize,
-    /// Metadata GETs refused (401) because their token was not (or no longer) valid.
-    bad_token: usize,
-    /// Token requests refused (400 or 403).
-    bad_token_requests: usize,
-}
-
-/// IMDSv2 on a loopback port, one thread per connection, every read bounded.
-struct FakeImds {
-    port: u16,
-    state: Arc<Mutex<FakeState>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FakeImds {
-    fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        listener.set_nonblocking(true).expect("nonblocking");
-        let state = Arc::new(Mutex::new(FakeState::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !sp.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let st = st.clone();
-                        std::thread::spawn(move || serve(conn, &st));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        FakeImds {
-            port,
-            state,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
-        f(&mut self.state.lock().expect("fake state"))
-    }
-
-    fn served(&self, path: &str) -> usize {
-        self.with(|s| s.served.get(path).copied().unwrap_or(0))
-    }
-
-    /// Waits until `path` was served `n` more times than `from`.
-    fn wait_served(&self, path: &str, from: usize, n: usize) {
-        wait_until(
-            Duration::from_secs(30),
-            &format!("{n} GETs of {path} with a valid token"),
-            || self.served(path) >= from + n,
-        );
-    }
-}
-
-impl Drop for FakeImds {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
-const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
-
-/// Answers one request on `conn` as IMDSv2 does.
-fn serve(mut conn: std::net::TcpStream, state: &Mutex<FakeState>) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.len() > 16 * 1024 {
-            return;
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut request = lines.next().unwrap_or_default().split(' ');
-    let (method, path) = (
-        request.next().unwrap_or_default(),
-        request.next().unwrap_or_default(),
-    );
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let (status, body, extra) = answer(method, path, &headers, state);
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        _ => "Method Not Allowed",
-    };
-    let content_type = if body.starts_with('{') {
-        "application/octet-stream"
-    } else {
-        "text/plain"
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\nServer: EC2ws\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = conn.write_all(response.as_bytes());
-}
-
-/// Status, body and extra header lines for one request.
-fn answer(
-    method: &str,
-    path: &str,
-    headers: &HashMap<String, String>,
-    state: &Mutex<FakeState>,
-) -> (u16, String, String) {
-    let mut s = state.lock().expect("fake state");
-    if path == "/latest/api/token" {
-        if method != "PUT" {
-            return (405, String::new(), String::new());
-        }
-        // Token requests through a proxy are refused, and the TTL must be 1..=21600 seconds.
-        if headers.contains_key("x-forwarded-for") {
-            s.bad_token_requests += 1;
-            return (403, String::new(), String::new());
-        }
-        let ttl = headers
-            .get("x-aws-ec2-metadata-token-ttl-seconds")
-            .and_then(|t| t.parse::<u64>().ok())
-            .filter(|t| (1..=21600).contains(t));
-        let Some(ttl) = ttl else {
-            s.bad_token_requests += 1;
-            return (400, String::new(), String::new());
-        };
-        s.issued += 1;
-        let token = format!("AQAEAFake{}Token{}==", std::process::id(), s.issued);
-        s.tokens
-            .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
-        return (
-            200,
-            token,
-            format!("X-aws-ec2-metadata-token-ttl-seconds: {ttl}\r\n"),
-        );
-    }
-    if method != "GET" {
-        return (405, String::new(), String::new());
-    }
-    match headers.get("x-aws-ec2-metadata-token") {
-        None => {
-            s.without_token += 1;
-            return (401, String::new(), String::new());
-        }
-        Some(t) if s.tokens.get(t).is_none_or(|exp| *exp <= Instant::now()) => {
-            s.bad_token += 1;
-            return (401, String::new(), String::new());
-        }
-        Some(_) => {}
-    }
-    *s.served.entry(path.to_string()).or_default() += 1;
-    let item = match path {
-        INSTANCE_ACTION => s.instance_action.clone(),
-        REBALANCE => s.rebalance.clone(),
-        _ => None,
-    };
-    match item {
-        Some(body) => (200, body, String::new()),
-        None => (404, not_found(), String::new()),
-    }
-}
-
-/// IMDS's 404 page.
-fn not_found() -> String {
-    "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n<html><head><title>404 - Not Found</title></head><body><h1>404 - Not Found</h1></body></html>\n".into()
-}
-
 /// One raw request to the fake; its status code.
-fn raw_status(port: u16, request: &str) -> u16 {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the fake");
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    c.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {out:?}"))
+fn raw_status(fake: &FakeImds, request: &str) -> u16 {
+    raw_request(fake.addr(), request).0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,14 +194,14 @@ fn no_notice_means_no_event_and_no_checkpoint() {
     // The fake holds to the published API: no token, no metadata; a token needs a TTL.
     assert_eq!(
         raw_status(
-            fake.port,
+            &fake,
             &format!("GET {INSTANCE_ACTION} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         ),
         401
     );
     assert_eq!(
         raw_status(
-            fake.port,
+            &fake,
             "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         ),
         400
