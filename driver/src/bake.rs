@@ -747,6 +747,15 @@ mod flow {
             ],
             ..Default::default()
         };
+        // Ctrl-C or SIGTERM from here on ends the bake with its instance terminated: the
+        // handlers are in place before the launch (a signal during it is seen right after).
+        let signal = |kind: tokio::signal::unix::SignalKind| {
+            tokio::signal::unix::signal(kind).map_err(|e| {
+                BakeError::Invalid(format!("cannot watch for Ctrl-C and SIGTERM: {e}"))
+            })
+        };
+        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate())?;
         let instance = aws::run_instance(&client, &request).await?;
         say(&format!(
             "launched bake instance {instance} ({}, {}) in {}",
@@ -765,7 +774,8 @@ mod flow {
         );
         let result = tokio::select! {
             r = work => r,
-            _ = tokio::signal::ctrl_c() => Err(BakeError::Interrupted { instance: instance.clone() }),
+            _ = sigint.recv() => Err(BakeError::Interrupted { instance: instance.clone() }),
+            _ = sigterm.recv() => Err(BakeError::Interrupted { instance: instance.clone() }),
         };
         // The bake instance goes in every case.
         match aws::terminate(&client, &instance).await {

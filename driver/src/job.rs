@@ -213,11 +213,39 @@ impl Job {
     }
 
     /// Like [`Job::launch`], trying `prefer` first when it still fits.
+    /// A worker that does not come up (it exits, or does not register within its provider's
+    /// boot time) is ended and its offer passed over for 10 minutes; the next offer is tried,
+    /// three launches at most.
     pub fn launch_preferring(
         &mut self,
         spec: &Spec,
         prefer: Option<&Offer>,
     ) -> Result<Worker, JobError> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.launch_once(spec, prefer) {
+                Ok(w) => return Ok(w),
+                Err((e, Some(offer))) if !matches!(e, JobError::Down) => {
+                    warn!(error = %e, "the worker did not come up; trying the next offer");
+                    eprintln!("[cedana] {e}; trying the next offer");
+                    self.avoid(&offer, Duration::from_secs(600));
+                    last = Some(e);
+                }
+                // Nothing else to try: what went wrong with the one that was tried says more.
+                Err((JobError::NoOffer { .. }, None)) if last.is_some() => break,
+                Err((e, _)) => return Err(e),
+            }
+        }
+        Err(last.expect("a launch was tried"))
+    }
+
+    /// One launch: `Err((error, Some(offer)))` when a worker was launched on `offer` but did
+    /// not come up.
+    fn launch_once(
+        &mut self,
+        spec: &Spec,
+        prefer: Option<&Offer>,
+    ) -> Result<Worker, (JobError, Option<Box<Offer>>)> {
         self.next_worker += 1;
         let id = format!("w{}", self.next_worker);
         let (mut offers, why) = self.offers(spec);
@@ -228,14 +256,17 @@ impl Job {
             }
         }
         if offers.is_empty() {
-            return Err(JobError::NoOffer {
-                spec: serde_json::to_string(spec).unwrap_or_default(),
-                why: if why.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", why.join("; "))
+            return Err((
+                JobError::NoOffer {
+                    spec: serde_json::to_string(spec).unwrap_or_default(),
+                    why: if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", why.join("; "))
+                    },
                 },
-            });
+                None,
+            ));
         }
         let log = self.dir.join("logs").join(format!("{id}.log"));
         let mut launched = None;
@@ -267,14 +298,17 @@ impl Job {
                     warn!(error = %e, "no capacity; trying the next offer");
                     eprintln!("[cedana] {e}; trying the next offer");
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err((e.into(), None)),
             }
         }
         let Some((w, offer)) = launched else {
-            return Err(JobError::NoOffer {
-                spec: serde_json::to_string(spec).unwrap_or_default(),
-                why: ": every fitting offer is out of capacity".into(),
-            });
+            return Err((
+                JobError::NoOffer {
+                    spec: serde_json::to_string(spec).unwrap_or_default(),
+                    why: ": every fitting offer is out of capacity".into(),
+                },
+                None,
+            ));
         };
         info!(worker = %id, provider = %offer.provider, instance_type = %offer.instance_type, price = offer.price_usd_hour, "launching");
         self.record.workers.push(WorkerInfo {
@@ -290,7 +324,7 @@ impl Job {
             launched_at: protocol::now(),
             state: "running".into(),
             instance: w.instance_id(),
-            offer: Some(offer),
+            offer: Some(offer.clone()),
             ended_at: None,
         });
         self.workers.insert(id.clone(), w);
@@ -322,7 +356,7 @@ impl Job {
         });
         if let Err(e) = registered {
             self.end_worker(&id, "lost");
-            return Err(e);
+            return Err((e, Some(Box::new(offer))));
         }
         info!(worker = %id, "worker launched");
         Ok(Worker { id })

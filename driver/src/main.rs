@@ -287,11 +287,12 @@ fn main() -> ExitCode {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cedana-driver: error: {e:#}");
-                let invalid = matches!(
-                    e.downcast_ref::<cedana_driver::bake::BakeError>(),
-                    Some(cedana_driver::bake::BakeError::Invalid(_))
-                );
-                ExitCode::from(if invalid { 2 } else { 1 })
+                use cedana_driver::bake::BakeError;
+                ExitCode::from(match e.downcast_ref::<BakeError>() {
+                    Some(BakeError::Invalid(_)) => 2,
+                    Some(BakeError::Interrupted { .. }) => 130,
+                    _ => 1,
+                })
             }
         },
         Cmd::Bootstrap(args) => bootstrap(cli.config.as_deref(), *args),

@@ -538,7 +538,8 @@ impl Ssh {
 
     /// Runs `command` (through the login shell) and collects its output and exit status; each
     /// line is logged at debug as it arrives. Gives up after `timeout` (the command may go on
-    /// running on the remote machine).
+    /// running on the remote machine). The command itself is logged at debug too: pass
+    /// secrets in uploaded files, never on the command line.
     pub fn exec(&self, command: &str, timeout: Duration) -> Result<ExecOutput, SshError> {
         let exec_err = |message: String| SshError::Exec {
             host: self.host.clone(),
