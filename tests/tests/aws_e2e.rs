@@ -111,109 +111,214 @@ fn offer_of(w: &serde_json::Value) -> Offer {
     serde_json::from_value(w["offer"].clone()).expect("the worker's offer")
 }
 
+/// moto, the simulator, nats-server on its gateway, a baked image and its launch template, the
+/// config enabling only `aws`, the catalog, the job, and the offers as `price --json` ranks them.
+struct AwsJob {
+    sim: Simulator,
+    _moto: MotoServer,
+    _nats: NatsServer,
+    sb: Sandbox,
+    config: std::path::PathBuf,
+    job: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    expected: Vec<Offer>,
+}
+
+impl AwsJob {
+    fn setup() -> AwsJob {
+        let moto = MotoServer::start();
+        let sim = Simulator::start(SimConfig::new(moto.url())).unwrap_or_else(|e| panic!("{e}"));
+        let nats = NatsServer::start_on(sim.gateway().into());
+        let sb = Sandbox::new();
+
+        // What the user made with `bake`: an image with the agent and a launch template for it.
+        let ami = sim
+            .register_image(REGION, "cedana-worker", true)
+            .expect("an image");
+        let client = sim.client(REGION);
+        sim.block_on(
+            client
+                .create_launch_template()
+                .launch_template_name("cedana-e2e")
+                .launch_template_data(RequestLaunchTemplateData::builder().image_id(&ami).build())
+                .send(),
+        )
+        .expect("CreateLaunchTemplate");
+
+        // The original's config file, with only aws enabled.
+        let config = sb.path().join("cedana_config.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({
+                "self_serve": true,
+                "enabled_providers": ["aws"],
+                "aws": {
+                    "enabled_regions": [REGION],
+                    "enabled_instance_families": ["t3.micro", "t3.small"],
+                    "launch_template": "cedana-e2e",
+                },
+                "connection": {
+                    "nats_url": sim.gateway().to_string(),
+                    "nats_port": nats.port,
+                    "auth_token": nats.token,
+                },
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let catalog = sb.path().join("catalog.json");
+        std::fs::write(&catalog, catalog_json()).unwrap();
+        let job = sb.path().join("job.yml");
+        std::fs::write(&job, job_yaml()).unwrap();
+
+        // The ranking the driver makes from the same config, catalog and moto.
+        let env: Vec<(String, String)> = moto
+            .env()
+            .into_iter()
+            .chain([
+                ("CEDANA_CATALOG".to_string(), catalog.display().to_string()),
+                ("CEDANA_CONFIG".to_string(), config.display().to_string()),
+            ])
+            .collect();
+        let price = driver_cmd(sb.path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args([
+                "price",
+                "--cpu",
+                "2",
+                "--memory",
+                "1",
+                "--max-price",
+                "0.5",
+                "--json",
+            ])
+            .output()
+            .expect("cedana-driver price");
+        assert!(
+            price.status.success(),
+            "price: {}",
+            String::from_utf8_lossy(&price.stderr)
+        );
+        let prices: serde_json::Value =
+            serde_json::from_slice(&price.stdout).expect("price --json");
+        let expected: Vec<Offer> =
+            serde_json::from_value(prices["offers"].clone()).expect("offers");
+        assert!(expected.len() >= 2, "at least two offers: {prices}");
+        AwsJob {
+            sim,
+            _moto: moto,
+            _nats: nats,
+            sb,
+            config,
+            job,
+            env,
+            expected,
+        }
+    }
+
+    /// `cedana-driver run job.yml` in the background.
+    fn run(&self) -> BackgroundDriver {
+        let state = self.sb.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let driver_env: Vec<(&str, &std::ffi::OsStr)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v.as_str())))
+            .chain([("RUST_LOG", std::ffi::OsStr::new("cedana_driver=info"))])
+            .collect();
+        BackgroundDriver::start_env(&state, Some(&self.config), &[], &self.job, &driver_env)
+    }
+
+    /// Waits for worker `id` on an instance; the record, the worker and its instance.
+    fn worker(
+        &self,
+        driver: &BackgroundDriver,
+        id: &str,
+    ) -> (serde_json::Value, serde_json::Value, String) {
+        let record = driver.wait_record(
+            Duration::from_secs(180),
+            &format!("worker {id} on an instance"),
+            |r| worker(r, id).is_some(),
+        );
+        let w = worker(&record, id).unwrap().clone();
+        let instance = w["instance"].as_str().unwrap().to_string();
+        (record, w, instance)
+    }
+
+    /// Waits until the task counted `n` numbers on instance `id`.
+    fn counting(&self, driver: &BackgroundDriver, id: &str, n: usize) {
+        let inst = self
+            .sim
+            .wait_running(id, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\n{}", driver.stderr()));
+        let counter = inst.disk.join("var/lib/cedana/work/counter.txt");
+        wait_until(
+            Duration::from_secs(120),
+            "the task to count on the instance",
+            || numbers(&counter).len() >= n,
+        );
+    }
+
+    /// The job ended well with its count unbroken, `restored_task` ran on the last worker, and
+    /// every instance it launched is terminated.
+    fn finished_intact(&self, driver: &mut BackgroundDriver) -> serde_json::Value {
+        let code = driver.wait(Duration::from_secs(300));
+        let out = driver.stdout();
+        let err = driver.stderr();
+        assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+        let nums = numbers_after(&out, "--- counter.txt");
+        assert_eq!(nums.len() as u64, COUNT, "stdout:\n{out}");
+        assert_unbroken(&nums, "the count across the spot interruption");
+        assert!(err.contains("spot interruption notice"), "{err}");
+        let record = driver.record().expect("the job's record");
+        let instances: Vec<String> = record["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["instance"].as_str())
+            .filter(|i| i.starts_with("i-"))
+            .map(str::to_string)
+            .collect();
+        let last = self
+            .sim
+            .instance(instances.last().expect("a worker"))
+            .expect("simulated");
+        let restored = std::fs::read_to_string(last.disk.join("var/lib/cedana/work/restored.txt"))
+            .expect("restored_task ran on the last worker");
+        let host = format!("ip-{}", last.private_ip.to_string().replace('.', "-"));
+        assert!(
+            restored.contains(&format!("restored on {host}")),
+            "{restored}"
+        );
+        for id in &instances {
+            assert_eq!(moto_view(&self.sim, id).state, "terminated", "{id}");
+            let gone = self
+                .sim
+                .wait_gone(id, Duration::from_secs(30))
+                .expect("torn down");
+            assert_eq!(gone.state, SimState::Terminated);
+        }
+        record
+    }
+}
+
 #[test]
 fn a_job_on_aws_survives_a_spot_interruption_on_the_next_offer() {
     if !criu_ready("a_job_on_aws_survives_a_spot_interruption_on_the_next_offer") {
         return;
     }
-    let moto = MotoServer::start();
-    let sim = Simulator::start(SimConfig::new(moto.url())).unwrap_or_else(|e| panic!("{e}"));
-    let nats = NatsServer::start_on(sim.gateway().into());
-    let sb = Sandbox::new();
-
-    // What the user made with `bake`: an image with the agent and a launch template for it.
-    let ami = sim
-        .register_image(REGION, "cedana-worker", true)
-        .expect("an image");
-    let client = sim.client(REGION);
-    sim.block_on(
-        client
-            .create_launch_template()
-            .launch_template_name("cedana-e2e")
-            .launch_template_data(RequestLaunchTemplateData::builder().image_id(&ami).build())
-            .send(),
-    )
-    .expect("CreateLaunchTemplate");
-
-    // The original's config file, with only aws enabled.
-    let config = sb.path().join("cedana_config.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "self_serve": true,
-            "enabled_providers": ["aws"],
-            "aws": {
-                "enabled_regions": [REGION],
-                "enabled_instance_families": ["t3.micro", "t3.small"],
-                "launch_template": "cedana-e2e",
-            },
-            "connection": {
-                "nats_url": sim.gateway().to_string(),
-                "nats_port": nats.port,
-                "auth_token": nats.token,
-            },
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let catalog = sb.path().join("catalog.json");
-    std::fs::write(&catalog, catalog_json()).unwrap();
-    let job = sb.path().join("job.yml");
-    std::fs::write(&job, job_yaml()).unwrap();
-
-    // The ranking the driver makes from the same config, catalog and moto.
-    let env: Vec<(String, String)> = moto
-        .env()
-        .into_iter()
-        .chain([
-            ("CEDANA_CATALOG".to_string(), catalog.display().to_string()),
-            ("CEDANA_CONFIG".to_string(), config.display().to_string()),
-        ])
-        .collect();
-    let price = driver_cmd(sb.path())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .args([
-            "price",
-            "--cpu",
-            "2",
-            "--memory",
-            "1",
-            "--max-price",
-            "0.5",
-            "--json",
-        ])
-        .output()
-        .expect("cedana-driver price");
-    assert!(
-        price.status.success(),
-        "price: {}",
-        String::from_utf8_lossy(&price.stderr)
-    );
-    let prices: serde_json::Value = serde_json::from_slice(&price.stdout).expect("price --json");
-    let expected: Vec<Offer> = serde_json::from_value(prices["offers"].clone()).expect("offers");
-    assert!(expected.len() >= 2, "at least two offers: {prices}");
-
-    let state = sb.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let driver_env: Vec<(&str, &std::ffi::OsStr)> = env
-        .iter()
-        .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v.as_str())))
-        .chain([("RUST_LOG", std::ffi::OsStr::new("cedana_driver=info"))])
-        .collect();
-    let mut driver = BackgroundDriver::start_env(&state, Some(&config), &[], &job, &driver_env);
+    let aws = AwsJob::setup();
+    let (sim, expected) = (&aws.sim, &aws.expected);
+    let mut driver = aws.run();
 
     // The cheapest offer is launched, as moto sees it.
-    let record = driver.wait_record(Duration::from_secs(120), "worker w1 on an instance", |r| {
-        worker(r, "w1").is_some()
-    });
-    let w1 = worker(&record, "w1").unwrap().clone();
-    let first = w1["instance"].as_str().unwrap().to_string();
+    let (record, w1, first) = aws.worker(&driver, "w1");
     let chosen = offer_of(&w1);
     assert!(
         same_offer(&chosen, &expected[0]) && chosen.price_usd_hour == expected[0].price_usd_hour,
         "the cheapest offer first: {chosen:?}, ranking {expected:?}"
     );
-    let m = moto_view(&sim, &first);
+    let m = moto_view(sim, &first);
     assert_eq!(m.instance_type, chosen.instance_type);
     assert_eq!(Some(&m.zone), chosen.zone.as_ref(), "in the offer's zone");
     assert_eq!(m.spot, chosen.spot, "spot as offered");
@@ -228,15 +333,7 @@ fn a_job_on_aws_survives_a_spot_interruption_on_the_next_offer() {
     );
 
     // The work runs on that instance.
-    let inst = sim
-        .wait_running(&first, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", driver.stderr()));
-    let counter = inst.disk.join("var/lib/cedana/work/counter.txt");
-    wait_until(
-        Duration::from_secs(120),
-        "the task to count on the first instance",
-        || numbers(&counter).len() >= 20,
-    );
+    aws.counting(&driver, &first, 20);
 
     // EC2 gives notice: the job moves to the next offer.
     sim.spot_notice(&first).expect("spot notice");
@@ -262,46 +359,65 @@ fn a_job_on_aws_survives_a_spot_interruption_on_the_next_offer() {
         next.instance_type != chosen.instance_type || next.zone != chosen.zone,
         "another capacity pool: {next:?}"
     );
-    let m2 = moto_view(&sim, &second);
+    let m2 = moto_view(sim, &second);
     assert_eq!(m2.instance_type, next.instance_type);
     assert_eq!(Some(&m2.zone), next.zone.as_ref());
     assert_eq!(m2.tags.get("cedana:worker").map(String::as_str), Some("w2"));
-    let second_inst = sim
-        .wait_running(&second, Duration::from_secs(60))
-        .expect("the second instance runs");
-
     // The interrupted instance is terminated (by the driver, not by EC2 here).
     sim.wait_gone(&first, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", driver.stderr()));
-    assert_eq!(moto_view(&sim, &first).state, "terminated");
+    assert_eq!(moto_view(sim, &first).state, "terminated");
 
-    // The job finishes on the second instance with its count intact.
-    let code = driver.wait(Duration::from_secs(240));
-    let out = driver.stdout();
-    let err = driver.stderr();
-    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
-    let nums = numbers_after(&out, "--- counter.txt");
-    assert_eq!(nums.len() as u64, COUNT, "stdout:\n{out}");
-    assert_unbroken(&nums, "the count across the spot interruption");
-    let restored =
-        std::fs::read_to_string(second_inst.disk.join("var/lib/cedana/work/restored.txt"))
-            .expect("restored_task ran on the second instance");
-    let host = format!(
-        "ip-{}",
-        second_inst.private_ip.to_string().replace('.', "-")
-    );
-    assert!(
-        restored.contains(&format!("restored on {host}")),
-        "{restored}"
-    );
-    assert!(err.contains("spot interruption notice"), "{err}");
+    // The job finishes on the second instance with its count intact; no instance outlives it.
+    let record = aws.finished_intact(&mut driver);
+    let last = record["workers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["instance"], second, "it ended on the second instance");
+    assert_eq!(record["recoveries"], 0, "moved, not recovered: {record}");
+}
 
-    // No instance outlives the job.
-    for id in [&first, &second] {
-        assert_eq!(moto_view(&sim, id).state, "terminated", "{id}");
-        let gone = sim
-            .wait_gone(id, Duration::from_secs(30))
-            .expect("torn down");
-        assert_eq!(gone.state, SimState::Terminated);
+/// EC2 takes the instance back right after the agent's checkpoint for the notice, before the
+/// job could move in an orderly way: the job carries on from that checkpoint on another
+/// instance and still finishes with its count intact.
+#[test]
+fn a_job_on_aws_survives_its_instance_reclaimed_right_after_the_notice() {
+    if !criu_ready("a_job_on_aws_survives_its_instance_reclaimed_right_after_the_notice") {
+        return;
     }
+    let aws = AwsJob::setup();
+    let mut driver = aws.run();
+    let (_, _, first) = aws.worker(&driver, "w1");
+    aws.counting(&driver, &first, 20);
+    aws.sim.spot_notice(&first).expect("spot notice");
+    // The driver has the notice, with the agent's checkpoint, once it counts it.
+    driver.wait_record(
+        Duration::from_secs(120),
+        "the driver to act on the notice",
+        |r| r["spot_notices"] == 1,
+    );
+    aws.sim
+        .reclaim(&first)
+        .expect("EC2 takes the instance back");
+    aws.sim
+        .wait_gone(&first, Duration::from_secs(30))
+        .expect("torn down");
+    let record = aws.finished_intact(&mut driver);
+    let instances: Vec<&str> = record["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["instance"].as_str())
+        .collect();
+    assert_ne!(
+        instances.last(),
+        Some(&first.as_str()),
+        "it ended elsewhere"
+    );
+    let moved =
+        record["migrations"].as_u64().unwrap_or(0) + record["recoveries"].as_u64().unwrap_or(0);
+    assert!(moved >= 1, "{record}");
 }
