@@ -1396,17 +1396,23 @@ fn driver_logs_hold_no_secrets_and_leave_no_instance() {
         !all.contains("UserData"),
         "a request body reached the driver's output"
     );
-    // The job's instance was terminated when the job failed.
+    // No agent registers here: the launch is tried on the next offers (three launches at
+    // most), and every instance was terminated when the job failed.
     let (rt, ec2) = ec2_at(&moto.url());
     let c = ec2.client("us-east-1");
     let ids = rt.block_on(c_instances(&c)).unwrap();
-    assert_eq!(ids.len(), 1, "one instance was launched: {ids:?}");
-    let v = rt
-        .block_on(aws::describe_instance(&c, &ids[0]))
-        .unwrap()
-        .unwrap();
     assert!(
-        ["shutting-down", "terminated"].contains(&v.state.as_str()),
-        "{v:?}"
+        (1..=3).contains(&ids.len()),
+        "at most three launches: {ids:?}"
     );
+    for id in &ids {
+        let v = rt
+            .block_on(aws::describe_instance(&c, id))
+            .unwrap()
+            .unwrap();
+        assert!(
+            ["shutting-down", "terminated"].contains(&v.state.as_str()),
+            "{v:?}"
+        );
+    }
 }
