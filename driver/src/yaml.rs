@@ -132,6 +132,17 @@ impl Hooks for YamlHooks {
             let dir = self.base.join(dir);
             let j = job.borrow();
             let to = &j.workers.get(&w.id).and_then(|i| i.local_dir());
+            if to.is_none() {
+                // Never skipped silently: a task that needs the folder would fail later, far
+                // from the cause.
+                return Err(FlowError::Hook {
+                    what: format!("work_dir {}", dir.display()),
+                    message: format!(
+                        "worker {} is a cloud machine and this release copies work_dir only to local workers; put the files in the worker image, or fetch them in setup.run (e.g. git clone), and drop work_dir",
+                        w.id
+                    ),
+                });
+            }
             if let Some(to) = to {
                 // The folder's contents, not the folder: the task runs where they land.
                 for e in std::fs::read_dir(&dir).map_err(|e| FlowError::Hook {
