@@ -18,6 +18,7 @@ pub mod progress;
 pub mod protocol;
 pub mod restore;
 pub mod staging;
+pub mod zipin;
 pub mod zipout;
 
 use std::path::{Path, PathBuf};
