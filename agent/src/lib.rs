@@ -13,6 +13,7 @@ pub mod exec;
 pub mod files;
 pub mod hashing;
 pub mod imds;
+pub mod objstore;
 pub mod process;
 pub mod progress;
 pub mod protocol;
