@@ -6,12 +6,15 @@
 # Variants per kind of memory and run: raw-criu; cedana-none and cedana-zstd (Checkpoint
 # {leave_running: false} to w1, Restore to w2, through the object store); shared-none and
 # shared-zstd (the same between daemons started with --shared-storage: no object store).
-# The `store` section times the object store alone (put and get of one file).
+# The `store` section times the object store alone (put and get of one file, as the daemon
+# does and as async-nats's put and get do), with CPU time.
 #
 # Usage: sudo tools/bench-migrate.sh [SECTION...]   (ping migrate store driver; default all)
 # Env:   BENCH_MB           memory the test process holds, MiB (default 1024)
 #        BENCH_RUNS         migrations per variant and kind; medians are reported (default 1)
 #        BENCH_KINDS        "random compressible" (default), or one of them
+#        BENCH_VARIANTS     migration variants besides raw-criu (default "none zstd shared-none
+#                           shared-zstd")
 #        BENCH_PINGS        pings timed (default 200, after 20 untimed)
 #        BENCH_DRIVER_RUNS  `cedana-driver run` repetitions (default 5)
 #        BENCH_DIR          work folder on disk, not tmpfs (default /var/tmp/cedana-bench-migrate);
@@ -97,7 +100,7 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
     for r in mig:
         if r["kind"] == kind:
             by.setdefault(r["variant"], []).append(r)
-    m = {v: {k: med(r[k] for r in rs) for k in ("downtime", "checkpoint", "restore", "total", "gap", "bytes")}
+    m = {v: {k: med(r.get(k, 0.0) for r in rs) for k in ("downtime", "checkpoint", "restore", "total", "gap", "bytes", "cpu", "cpu_nats")}
          for v, rs in by.items()}
     parts = {}
     for v, rs in by.items():
@@ -108,12 +111,12 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
             parts[v]["rest"] = med(r["downtime"] - sum(r["parts"].values()) for r in rs if r.get("parts"))
     base = m["raw-criu"]
     print(f"\n### {kind} memory, {mb} MiB (median of {runs})\n")
-    print("| variant | downtime s | vs raw | task's own gap s | checkpoint s | restore s | first output s | size MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | downtime s | vs raw | task's own gap s | checkpoint s | restore s | first output s | size MiB | CPU s | of which nats-server |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v, x in m.items():
         x["vs_raw"] = x["downtime"] / base["downtime"]
         print(f"| {v} | {x['downtime']:.2f} | {x['vs_raw']:.2f}x | {x['gap']:.2f} | {x['checkpoint']:.2f} "
-              f"| {x['restore']:.2f} | {x['total']:.2f} | {x['bytes'] / 2**20:.1f} |")
+              f"| {x['restore']:.2f} | {x['total']:.2f} | {x['bytes'] / 2**20:.1f} | {x['cpu']:.2f} | {x['cpu_nats']:.2f} |")
     names = ["to_w1", "criu_dump", "archive", "upload", "copy", "download", "verify", "put_back", "criu_restore"]
     print("\nParts of the downtime, s (from the daemons' log timestamps; raw: each command):\n")
     print("| variant | " + " | ".join(names) + " | rest |")
@@ -130,16 +133,19 @@ for kind in dict.fromkeys(r["kind"] for r in mig):
 store = {}
 for r in rows:
     if r["section"] == "store":
-        store.setdefault(r["step"], []).append(r["s"])
+        store.setdefault(r["step"], []).append(r)
 if store:
     n = max(len(v) for v in store.values())
     print(f"\n### object store alone, {mb} MiB of random bytes (median of {n})\n")
-    print("| step | s | MiB/s | min s | max s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| step | s | MiB/s | min s | max s | CPU s (client) | CPU s (nats-server) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     res["store"] = {}
-    for step, xs in store.items():
-        res["store"][step] = med(xs)
-        print(f"| {step} | {med(xs):.2f} | {mb / med(xs):.0f} | {min(xs):.2f} | {max(xs):.2f} |")
+    for step, rs in store.items():
+        xs = [r["s"] for r in rs]
+        c = med(r.get("cpu", 0.0) for r in rs)
+        cn = med(r.get("cpu_nats", 0.0) for r in rs)
+        res["store"][step] = {"s": med(xs), "cpu": c, "cpu_nats": cn}
+        print(f"| {step} | {med(xs):.2f} | {mb / med(xs):.0f} | {min(xs):.2f} | {max(xs):.2f} | {c:.2f} | {cn:.2f} |")
 
 ping = [x for r in rows if r["section"] == "ping" for x in r["ms"]]
 if ping:

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::criu::images::CpuInfo;
 use crate::hashing::{self, HashPipe, CHUNK};
-use crate::progress::Progress;
+use crate::progress::{NoProgress, Progress};
+use crate::zipin;
 use crate::zipout::{self, ZipOut};
 use std::os::fd::AsRawFd;
 
@@ -63,11 +64,35 @@ pub enum ArchiveError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("archive {path} cannot be read front to back: its stored entry {name:?} has no size in its header (written by an older agent); read it from a file")]
+    Unstreamable { path: PathBuf, name: String },
     #[error("cannot read {path}: {source}")]
     ReadInput {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl ArchiveError {
+    /// The same error naming the archive `label` (say, the object a downloaded file came from).
+    pub fn relabel(mut self, label: &Path) -> Self {
+        use ArchiveError::*;
+        match &mut self {
+            Open { path, .. }
+            | Corrupt { path, .. }
+            | NoManifest { path }
+            | BadManifest { path, .. }
+            | UnsupportedVersion { path, .. }
+            | UnsafeEntry { path, .. }
+            | UnlistedEntry { path, .. }
+            | MissingEntry { path, .. }
+            | Mismatch { path, .. }
+            | Unstreamable { path, .. } => *path = label.to_path_buf(),
+            // The file written or read is what these are about.
+            Write { .. } | ReadInput { .. } => {}
+        }
+        self
+    }
 }
 
 /// How entries are compressed.
@@ -161,12 +186,13 @@ pub struct Digest {
     pub sha256: String,
 }
 
-/// Reads a file as it grows (see [`Writer::add`] for `complete`) and returns its digest. Each
-/// range read is also handed to the kernel for writeback, so that syncing the file later has
-/// little left to do.
+/// Reads a file as it grows (see [`Writer::add`] for `complete`) and returns its digest. With
+/// `writeback`, each range read is also handed to the kernel for writeback, so that syncing the
+/// file later has little left to do.
 pub fn digest_following(
     path: &Path,
     complete: &dyn Fn() -> bool,
+    writeback: bool,
     progress: &dyn Progress,
 ) -> Result<Digest, ArchiveError> {
     let rerr = |source| ArchiveError::ReadInput {
@@ -180,14 +206,16 @@ pub fn digest_following(
     let mut buf = pipe.buffer();
     while let Some(n) = read_following(&mut src, &mut buf, complete).map_err(rerr)? {
         crc.update(&buf);
-        // SAFETY: a plain syscall on an fd we own; failure only means no early writeback.
-        unsafe {
-            libc::sync_file_range(
-                src.as_raw_fd(),
-                size as i64,
-                n as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+        if writeback {
+            // SAFETY: a plain syscall on an fd we own; failure only means no early writeback.
+            unsafe {
+                libc::sync_file_range(
+                    src.as_raw_fd(),
+                    size as i64,
+                    n as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
         }
         size += n as u64;
         progress.advance(n as u64);
@@ -222,14 +250,33 @@ fn read_following(
 }
 
 /// An archive being written: under a temporary name in its final folder (or in a staging
-/// folder on the same filesystem) until [`Writer::finish`] syncs it and gives it its name.
-/// Dropped unfinished, it leaves nothing.
+/// folder on the same filesystem) until [`Writer::finish`] syncs it and gives it its name; or
+/// into a [`zipout::Sink`] that commits it at the end. Dropped unfinished, it leaves nothing.
 pub struct Writer {
-    dir: PathBuf,
-    tmp: tempfile::TempPath,
+    dest: Dest,
     zip: ZipOut,
     compression: Compression,
     entries: Vec<Entry>,
+}
+
+/// Where a [`Writer`]'s archive goes.
+enum Dest {
+    Folder {
+        dir: PathBuf,
+        tmp: tempfile::TempPath,
+    },
+    /// `label` names the archive in errors.
+    Sink { label: PathBuf },
+}
+
+/// Where a finished archive is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// A file.
+    File(PathBuf),
+    /// The name a [`zipout::Sink`] committed it under (an object in the object store), and
+    /// its size.
+    Committed { name: String, bytes: u64 },
 }
 
 impl Writer {
@@ -246,12 +293,29 @@ impl Writer {
             .map_err(werr)?;
         let (file, tmp) = tmp.into_parts();
         Ok(Writer {
-            dir: dir.to_path_buf(),
-            tmp,
+            dest: Dest::Folder {
+                dir: dir.to_path_buf(),
+                tmp,
+            },
             zip: ZipOut::new(file),
             compression,
             entries: Vec::new(),
         })
+    }
+
+    /// Starts an archive written to `sink` front to back; `label` names it in errors. Stored
+    /// entries of complete files get their sizes in their local header; the sizes of followed
+    /// ones (page images stored while CRIU writes them) are handed to the sink on commit. So
+    /// the archive can be read front to back as it arrives (see [`extract_stream`]).
+    pub fn to_sink(sink: Box<dyn zipout::Sink>, label: &str, compression: Compression) -> Self {
+        Writer {
+            dest: Dest::Sink {
+                label: PathBuf::from(label),
+            },
+            zip: ZipOut::to(zipout::Output::Sink(sink)),
+            compression,
+            entries: Vec::new(),
+        }
     }
 
     /// Makes the file at `path` (on the same filesystem as `dir`) the archive, its contents the
@@ -274,8 +338,10 @@ impl Writer {
             .map_err(werr)?;
         match ZipOut::adopt(file, name, digest.size, digest.crc) {
             Ok(zip) => Ok(Some(Writer {
-                dir: dir.to_path_buf(),
-                tmp: tempfile::TempPath::try_from_path(path).map_err(werr)?,
+                dest: Dest::Folder {
+                    dir: dir.to_path_buf(),
+                    tmp: tempfile::TempPath::try_from_path(path).map_err(werr)?,
+                },
                 zip,
                 compression: Compression::None,
                 entries: vec![Entry {
@@ -289,9 +355,21 @@ impl Writer {
         }
     }
 
+    /// Whether the archive goes to a sink rather than a file.
+    pub fn is_sink(&self) -> bool {
+        matches!(self.dest, Dest::Sink { .. })
+    }
+
+    fn label(&self) -> PathBuf {
+        match &self.dest {
+            Dest::Folder { tmp, .. } => tmp.to_path_buf(),
+            Dest::Sink { label } => label.clone(),
+        }
+    }
+
     fn werr(&self, source: std::io::Error) -> ArchiveError {
         ArchiveError::Write {
-            path: self.tmp.to_path_buf(),
+            path: self.label(),
             source,
         }
     }
@@ -307,13 +385,31 @@ impl Writer {
         complete: Option<&dyn Fn() -> bool>,
         progress: &dyn Progress,
     ) -> Result<u64, ArchiveError> {
+        if self.compression == Compression::None && complete.is_none() && self.is_sink() {
+            // A complete file into a sink: digested first, so that its local header can carry
+            // its size and CRC-32 (the copy checks the CRC-32 again).
+            let digest = digest_following(path, &|| true, false, &NoProgress)?;
+            self.copy_in(name, path, &digest, true, progress)?;
+            return Ok(digest.size);
+        }
         let rerr = |source| ArchiveError::ReadInput {
             path: path.to_path_buf(),
             source,
         };
-        let mut src = File::open(path).map_err(rerr)?;
+        // A followed image (one CRIU is writing) that streams out to a sink is not needed once
+        // read: its ranges are dropped behind the reader, so it never takes more than a few
+        // MiB of memory and never reaches the disk.
+        let mut punch = self.is_sink() && complete.is_some();
+        let mut src = std::fs::OpenOptions::new()
+            .read(true)
+            .write(punch)
+            .open(path)
+            .map_err(rerr)?;
         let done = || true;
         let complete = complete.unwrap_or(&done);
+        if self.compression == Compression::None && self.is_sink() {
+            return self.add_stored_to_sink(name, &mut src, complete, punch, progress);
+        }
         let method = match self.compression {
             Compression::None => zipout::STORED,
             Compression::Zstd => zipout::ZSTD,
@@ -326,9 +422,10 @@ impl Writer {
         let mut crc = crc32fast::Hasher::new();
         let mut pipe = HashPipe::new();
         let mut written = 0u64;
+        let label = self.label();
         let mut sink =
             Sink::new(self.compression, self.zip.data()).map_err(|e| ArchiveError::Write {
-                path: self.tmp.to_path_buf(),
+                path: label.clone(),
                 source: e,
             })?;
         let mut buf = pipe.buffer();
@@ -336,16 +433,21 @@ impl Writer {
             while let Some(n) = read_following(&mut src, &mut buf, complete).map_err(rerr)? {
                 crc.update(&buf);
                 sink.write_all(&buf).map_err(|source| ArchiveError::Write {
-                    path: path.to_path_buf(),
+                    path: label.clone(),
                     source,
                 })?;
+                if punch {
+                    use nix::fcntl::{fallocate, FallocateFlags as F};
+                    let flags = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+                    punch = fallocate(&src, flags, written as i64, n as i64).is_ok();
+                }
                 written += n as u64;
                 progress.advance(n as u64);
                 pipe.hash(std::mem::take(&mut buf));
                 buf = pipe.buffer();
             }
             sink.finish().map_err(|source| ArchiveError::Write {
-                path: path.to_path_buf(),
+                path: label.clone(),
                 source,
             })
         })();
@@ -362,7 +464,53 @@ impl Writer {
         Ok(written)
     }
 
-    /// Adds a complete file whose digest is known, stored, copied by the kernel.
+    /// [`Writer::add`] of a stored entry to a sink: each piece read is handed on as it is (no
+    /// copy), hashed on another thread meanwhile; with `punch`, dropped from the file once read.
+    fn add_stored_to_sink(
+        &mut self,
+        name: &str,
+        src: &mut File,
+        complete: &dyn Fn() -> bool,
+        mut punch: bool,
+        progress: &dyn Progress,
+    ) -> Result<u64, ArchiveError> {
+        self.zip
+            .begin_entry(name, zipout::STORED)
+            .map_err(|e| self.werr(e))?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut hash = hashing::BytesHasher::new();
+        let mut written = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(CHUNK);
+            let n = match read_following(src, &mut buf, complete) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => return Err(self.werr(e)),
+            };
+            let b = bytes::Bytes::from(buf);
+            crc.update(&b);
+            hash.hash(b.clone());
+            if punch {
+                use nix::fcntl::{fallocate, FallocateFlags as F};
+                let flags = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+                punch = fallocate(&*src, flags, written as i64, n as i64).is_ok();
+            }
+            self.zip.data_bytes(b).map_err(|e| self.werr(e))?;
+            written += n as u64;
+            progress.advance(n as u64);
+        }
+        self.zip
+            .end_entry(crc.finalize(), written, written)
+            .map_err(|e| self.werr(e))?;
+        self.entries.push(Entry {
+            name: name.to_string(),
+            size: written,
+            sha256: hex::encode(hash.finish()),
+        });
+        Ok(written)
+    }
+
+    /// Adds a complete file whose digest is known, stored (copied by the kernel into a file).
     pub fn add_digested(
         &mut self,
         name: &str,
@@ -370,14 +518,32 @@ impl Writer {
         digest: &Digest,
         progress: &dyn Progress,
     ) -> Result<(), ArchiveError> {
-        let rerr = |source| ArchiveError::ReadInput {
+        self.copy_in(name, path, digest, false, progress)
+    }
+
+    fn copy_in(
+        &mut self,
+        name: &str,
+        path: &Path,
+        digest: &Digest,
+        check: bool,
+        progress: &dyn Progress,
+    ) -> Result<(), ArchiveError> {
+        let mut src = File::open(path).map_err(|source| ArchiveError::ReadInput {
             path: path.to_path_buf(),
             source,
-        };
-        let mut src = File::open(path).map_err(rerr)?;
+        })?;
         self.zip
-            .copy_stored(name, &mut src, digest.size, digest.crc)
-            .map_err(|e| self.werr(e))?;
+            .copy_stored(name, &mut src, digest.size, digest.crc, check)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::Other | std::io::ErrorKind::UnexpectedEof => {
+                    ArchiveError::ReadInput {
+                        path: path.to_path_buf(),
+                        source: e,
+                    }
+                }
+                _ => self.werr(e),
+            })?;
         progress.advance(digest.size);
         self.entries.push(Entry {
             name: name.to_string(),
@@ -392,40 +558,50 @@ impl Writer {
         self.entries.iter().any(|e| e.name == name)
     }
 
-    /// Writes the manifest (with the entries' sizes and checksums), syncs, and renames the
-    /// archive to `<stem>.zip` in its folder, or `<stem>_N.zip` if taken: it never replaces a
-    /// file.
-    pub fn finish(mut self, manifest: &mut Manifest, stem: &str) -> Result<PathBuf, ArchiveError> {
+    /// Writes the manifest (with the entries' sizes and checksums) and ends the archive: a
+    /// file is synced and renamed to `<stem>.zip` in its folder, or `<stem>_N.zip` if taken
+    /// (it never replaces a file); a sink commits it under a name made from `stem`.
+    pub fn finish(mut self, manifest: &mut Manifest, stem: &str) -> Result<Finished, ArchiveError> {
         manifest.entries = std::mem::take(&mut self.entries);
         manifest.compression = self.compression;
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let label = self.label();
         let werr = |source| ArchiveError::Write {
-            path: self.tmp.to_path_buf(),
+            path: label.clone(),
             source,
         };
-        self.zip
-            .begin_entry(MANIFEST, zipout::STORED)
-            .map_err(werr)?;
-        self.zip.data().write_all(&json).map_err(werr)?;
-        self.zip
-            .end_entry(crc32fast::hash(&json), json.len() as u64, json.len() as u64)
-            .map_err(werr)?;
-        let file = self.zip.finish().map_err(werr)?;
-        file.sync_all().map_err(werr)?;
-        drop(file);
-        let mut tmp = self.tmp;
+        self.zip.add_bytes(MANIFEST, &json).map_err(werr)?;
+        let stored_sizes = self.zip.stored_sizes();
+        let (out, bytes) = self.zip.finish().map_err(werr)?;
+        let (dir, tmp) = match (out, self.dest) {
+            (zipout::Output::Sink(sink), _) => {
+                return sink
+                    .commit(stem, &stored_sizes)
+                    .map(|name| Finished::Committed { name, bytes })
+                    .map_err(werr)
+            }
+            (zipout::Output::File(file), Dest::Folder { dir, tmp }) => {
+                let file = file.into_inner().map_err(|e| werr(e.into_error()))?;
+                file.sync_all().map_err(werr)?;
+                (dir, tmp)
+            }
+            (zipout::Output::File(_), Dest::Sink { .. }) => {
+                unreachable!("a sink writer writes to its sink")
+            }
+        };
+        let mut tmp = tmp;
         for n in 0..1000 {
-            let dest = self.dir.join(if n == 0 {
+            let dest = dir.join(if n == 0 {
                 format!("{stem}.zip")
             } else {
                 format!("{stem}_{n}.zip")
             });
             match tmp.persist_noclobber(&dest) {
                 Ok(()) => {
-                    if let Ok(d) = File::open(&self.dir) {
+                    if let Ok(d) = File::open(&dir) {
                         let _ = d.sync_all();
                     }
-                    return Ok(dest);
+                    return Ok(Finished::File(dest));
                 }
                 Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.path,
                 Err(e) => {
@@ -437,7 +613,7 @@ impl Writer {
             }
         }
         Err(ArchiveError::Write {
-            path: self.dir.join(format!("{stem}.zip")),
+            path: dir.join(format!("{stem}.zip")),
             source: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "1000 archives with this name exist",
@@ -520,6 +696,7 @@ pub fn inspect(path: &Path) -> Result<Manifest, ArchiveError> {
 
 /// An archive whose images were verified and extracted into a private temporary folder,
 /// removed when this is dropped.
+#[derive(Debug)]
 pub struct Extracted {
     pub manifest: Manifest,
     dir: tempfile::TempDir,
@@ -650,6 +827,113 @@ pub fn extract(
     Ok(Extracted { manifest, dir })
 }
 
+/// Verifies an archive read front to back from `src` (as it arrives from the object store) and
+/// extracts it under `staging` (a fresh private folder) in the same pass: each entry is written
+/// to its place while its size, CRC-32 and SHA-256 are computed; at the end the central
+/// directory must match the entries read, and the manifest's version, listing, sizes and
+/// checksums must match too. Entry names are checked before anything is written for them. On
+/// any failure the folder is removed and nothing else has been touched. `label` names the
+/// archive in errors; `stored_sizes` are the sizes its writer gave for stored entries with
+/// data descriptors (local header offset → size; see [`zipout::Sink::commit`]): without one,
+/// such an entry is [`ArchiveError::Unstreamable`] (read the archive from a file instead).
+pub fn extract_stream(
+    src: &mut dyn zipin::ChunkSource,
+    label: &Path,
+    stored_sizes: &BTreeMap<u64, u64>,
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<Extracted, ArchiveError> {
+    let dir = tempfile::Builder::new()
+        .prefix(".cedana-restore-")
+        .tempdir_in(staging)
+        .map_err(|source| ArchiveError::Write {
+            path: staging.to_path_buf(),
+            source,
+        })?;
+    let root = dir.path().to_path_buf();
+    std::fs::create_dir(root.join(IMAGES_DIR)).map_err(|source| ArchiveError::Write {
+        path: root.join(IMAGES_DIR),
+        source,
+    })?;
+    progress.stage("receiving, verifying and extracting", None);
+    let mut place = |h: &zipin::LocalHeader| -> Result<zipin::Place, ArchiveError> {
+        if !safe_entry_name(&h.name) {
+            return Err(ArchiveError::UnsafeEntry {
+                path: label.to_path_buf(),
+                name: h.name.clone(),
+            });
+        }
+        if h.name == MANIFEST {
+            // A manifest is a few KiB; refuse an absurd one.
+            return Ok(zipin::Place::Memory(16 << 20));
+        }
+        let dest = root.join(&h.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dest)
+        {
+            Ok(f) => Ok(zipin::Place::File(f, dest)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(ArchiveError::Corrupt {
+                path: label.to_path_buf(),
+                reason: format!("entry {:?} appears twice", h.name),
+            }),
+            Err(source) => Err(ArchiveError::Write { path: dest, source }),
+        }
+    };
+    let listing = zipin::read(src, label, stored_sizes, &mut place, progress)?;
+    let mut manifests = listing.entries.iter().filter(|e| e.name == MANIFEST);
+    let text = match (manifests.next(), manifests.next()) {
+        (Some(m), None) => m.data.as_deref().unwrap_or_default(),
+        (None, _) => {
+            return Err(ArchiveError::NoManifest {
+                path: label.to_path_buf(),
+            })
+        }
+        (Some(_), Some(_)) => {
+            return Err(ArchiveError::Corrupt {
+                path: label.to_path_buf(),
+                reason: format!("entry {MANIFEST:?} appears twice"),
+            })
+        }
+    };
+    let manifest = parse_manifest(label, text)?;
+    let names: Vec<(String, bool)> = listing
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), listing.not_files.contains(&e.name)))
+        .collect();
+    let index = check_names(label, &names, &manifest)?;
+    for entry in &manifest.entries {
+        let got = &listing.entries[index[&entry.name]];
+        if got.usize != entry.size {
+            return Err(mismatch(
+                label,
+                entry,
+                "size",
+                entry.size.to_string(),
+                got.usize.to_string(),
+            ));
+        }
+        if got.sha256 != entry.sha256 {
+            return Err(mismatch(
+                label,
+                entry,
+                "SHA-256",
+                entry.sha256.clone(),
+                got.sha256.clone(),
+            ));
+        }
+    }
+    Ok(Extracted { manifest, dir })
+}
+
 /// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
 /// while this thread hashes the same bytes; returns their SHA-256.
 fn copy_and_hash(
@@ -751,10 +1035,6 @@ fn open_zip(path: &Path) -> Result<Zip, ArchiveError> {
 }
 
 fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
-    let bad = |reason: String| ArchiveError::BadManifest {
-        path: path.to_path_buf(),
-        reason,
-    };
     let mut text = Vec::new();
     {
         let f = match zip.by_name(MANIFEST) {
@@ -779,7 +1059,16 @@ fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
                 reason: format!("{MANIFEST}: {e}"),
             })?;
     }
-    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    parse_manifest(path, &text)
+}
+
+/// The manifest from its bytes: its format version is checked before anything else is read.
+fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest, ArchiveError> {
+    let bad = |reason: String| ArchiveError::BadManifest {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
     let version = value
         .get("format_version")
         .and_then(|v| v.as_u64())
@@ -799,6 +1088,25 @@ fn check_listing(
     zip: &mut Zip,
     manifest: &Manifest,
 ) -> Result<BTreeMap<String, usize>, ArchiveError> {
+    let mut names = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        names.push((f.name().to_string(), f.is_dir() || f.is_symlink()));
+    }
+    check_names(path, &names, manifest)
+}
+
+/// Checks an archive's entries (name, and whether it is a folder or link rather than a file)
+/// against the manifest: safe names, each listed entry present once, nothing unlisted, the
+/// carried files exactly the `files/` entries. Returns entry name → position in `names`.
+fn check_names(
+    path: &Path,
+    names: &[(String, bool)],
+    manifest: &Manifest,
+) -> Result<BTreeMap<String, usize>, ArchiveError> {
     let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
     for e in &manifest.entries {
         if !safe_entry_name(&e.name) || e.name == MANIFEST {
@@ -809,25 +1117,20 @@ fn check_listing(
         }
     }
     let mut index = BTreeMap::new();
-    for i in 0..zip.len() {
-        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let name = f.name().to_string();
-        if !safe_entry_name(&name) {
+    for (i, (name, not_file)) in names.iter().enumerate() {
+        if !safe_entry_name(name) {
             return Err(ArchiveError::UnsafeEntry {
                 path: path.to_path_buf(),
-                name,
+                name: name.clone(),
             });
         }
         if name == MANIFEST {
             continue;
         }
-        if !listed.contains(name.as_str()) || f.is_dir() || f.is_symlink() {
+        if !listed.contains(name.as_str()) || *not_file {
             return Err(ArchiveError::UnlistedEntry {
                 path: path.to_path_buf(),
-                name,
+                name: name.clone(),
             });
         }
         if index.insert(name.clone(), i).is_some() {
@@ -886,7 +1189,304 @@ fn check_listing(
 mod tests {
     use super::*;
     use crate::progress::NoProgress;
+
+    /// Where the first entry's data starts in a sink archive: after its local header (with a
+    /// ZIP64 extra field, as followed entries have).
+    const FIRST_DATA: usize = 30 + "images/pages-1.img".len() + 20;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn empty_manifest() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            created_at: String::new(),
+            agent_version: String::new(),
+            process: ManifestProcess::default(),
+            host: ManifestHost::default(),
+            criu: ManifestCriu::default(),
+            cpu: None,
+            compression: Compression::None,
+            entries: vec![],
+            files: None,
+        }
+    }
+
+    /// A sink writing into a file, committed under the file's name.
+    struct FileSink(File, PathBuf);
+
+    impl Write for FileSink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    impl zipout::Sink for FileSink {
+        fn copy_from(
+            &mut self,
+            src: &mut File,
+            len: u64,
+            crc: Option<&mut crc32fast::Hasher>,
+        ) -> std::io::Result<u64> {
+            let mut b = Vec::new();
+            src.take(len).read_to_end(&mut b)?;
+            if let Some(c) = crc {
+                c.update(&b);
+            }
+            self.0.write_all(&b)?;
+            Ok(b.len() as u64)
+        }
+        fn commit(self: Box<Self>, _stem: &str, sizes: &[(u64, u64)]) -> std::io::Result<String> {
+            let list: Vec<String> = sizes.iter().map(|(o, s)| format!("{o}:{s}")).collect();
+            std::fs::write(self.1.with_extension("sizes"), list.join(","))?;
+            Ok(self.1.display().to_string())
+        }
+    }
+
+    /// Pseudo-random bytes (incompressible enough).
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Images as a dump has them: large page images, small ones, an empty one.
+    fn images(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let imgs = vec![
+            ("pages-1.img".to_string(), noise(5 << 20, 1)),
+            ("core-1.img".to_string(), b"core".repeat(1000)),
+            ("empty.img".to_string(), Vec::new()),
+            ("pagemap-1.img".to_string(), noise(70_000, 2)),
+            ("pages-2.img".to_string(), noise(300_000, 3)),
+        ];
+        for (n, b) in &imgs {
+            std::fs::write(dir.join(n), b).unwrap();
+        }
+        imgs
+    }
+
+    /// An archive of `images` written to a sink as the object store path writes them (the
+    /// first page image followed as if CRIU were writing it, the second digested first), or to
+    /// a file as `cedana-agent dump` writes them. Returns it and the stored sizes the sink was
+    /// given.
+    fn archive_of(dir: &Path, c: Compression, to_sink: bool) -> (PathBuf, BTreeMap<u64, u64>) {
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let imgs = images(&src);
+        let out = dir.join(format!("a-{c:?}-{to_sink}.zip"));
+        let mut w = if to_sink {
+            let f = File::create(&out).unwrap();
+            Writer::to_sink(Box::new(FileSink(f, out.clone())), "a", c)
+        } else {
+            Writer::new(dir, "a", c).unwrap()
+        };
+        for (n, _) in &imgs {
+            let name = format!("{IMAGES_DIR}/{n}");
+            let path = src.join(n);
+            match n.as_str() {
+                "pages-1.img" => {
+                    let done = || true;
+                    w.add(&name, &path, Some(&done), &NoProgress).unwrap();
+                }
+                "pages-2.img" if c == Compression::None => {
+                    let d = digest_following(&path, &|| true, false, &NoProgress).unwrap();
+                    w.add_digested(&name, &path, &d, &NoProgress).unwrap();
+                }
+                _ => {
+                    w.add(&name, &path, None, &NoProgress).unwrap();
+                }
+            }
+        }
+        match w.finish(&mut empty_manifest(), "a").unwrap() {
+            Finished::File(p) => {
+                std::fs::rename(&p, &out).unwrap();
+                (out, BTreeMap::new())
+            }
+            Finished::Committed { name, bytes } => {
+                assert_eq!(std::fs::metadata(&name).unwrap().len(), bytes);
+                let text = std::fs::read_to_string(out.with_extension("sizes")).unwrap();
+                let sizes = text
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (o, n) = p.split_once(':').unwrap();
+                        (o.parse().unwrap(), n.parse().unwrap())
+                    })
+                    .collect();
+                (out, sizes)
+            }
+        }
+    }
+
+    fn staging_is_empty(staging: &Path) -> bool {
+        std::fs::read_dir(staging).unwrap().next().is_none()
+    }
+
+    /// Archives written to a sink read back front to back, in pieces of any size, with the same
+    /// result as reading them from a file; and stay readable by the zip crate and `extract`.
+    #[test]
+    fn sink_archives_stream_back_in_any_piece_size() {
+        for c in [Compression::None, Compression::Zstd, Compression::Deflate] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, sizes) = archive_of(dir.path(), c, true);
+            assert_eq!(sizes.len(), usize::from(c == Compression::None), "{c:?}");
+            let want = images(&dir.path().join("src"));
+            let staging = tempfile::tempdir().unwrap();
+            let from_file = extract(&path, staging.path(), &NoProgress).unwrap();
+            for piece in [1usize, 7, 4096, 1 << 20] {
+                let mut src = zipin::ReadChunks {
+                    reader: File::open(&path).unwrap(),
+                    size: piece,
+                };
+                let x = extract_stream(&mut src, &path, &sizes, staging.path(), &NoProgress)
+                    .unwrap_or_else(|e| panic!("{c:?} in pieces of {piece}: {e}"));
+                assert_eq!(x.manifest, from_file.manifest);
+                for (n, b) in &want {
+                    let got = std::fs::read(x.images_dir().join(n)).unwrap();
+                    assert!(got == *b, "{c:?}, pieces of {piece}: {n} differs");
+                }
+            }
+        }
+    }
+
+    /// A stored entry of unknown size cannot be read front to back: not in a file archive
+    /// (stored entries with data descriptors), nor in a sink archive whose sizes were lost. The
+    /// reader says so (the caller then reads it from a file) and leaves nothing behind.
+    #[test]
+    fn stored_entries_of_unknown_size_are_unstreamable() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, first) in [
+            (
+                archive_of(dir.path(), Compression::None, false).0,
+                "images/pages-1.img",
+            ),
+            (
+                archive_of(dir.path(), Compression::None, true).0,
+                "images/pages-1.img",
+            ),
+        ] {
+            let staging = tempfile::tempdir().unwrap();
+            let mut src = zipin::ReadChunks::new(File::open(&path).unwrap());
+            match extract_stream(
+                &mut src,
+                &path,
+                &BTreeMap::new(),
+                staging.path(),
+                &NoProgress,
+            ) {
+                Err(ArchiveError::Unstreamable { name, .. }) => assert_eq!(name, first),
+                other => panic!("{:?}", other.map(|x| x.manifest)),
+            }
+            assert!(staging_is_empty(staging.path()));
+            // The same archive reads from its file.
+            extract(&path, staging.path(), &NoProgress).unwrap();
+        }
+    }
+
+    /// Gives `pieces` of the archive, then fails (as a broken connection or a failed digest
+    /// check does).
+    struct FailingAfter(zipin::ReadChunks<File>, usize);
+
+    impl zipin::ChunkSource for FailingAfter {
+        fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+            if self.1 == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "wrong digest",
+                ));
+            }
+            self.1 -= 1;
+            self.0.next_chunk()
+        }
+    }
+
+    /// Every way a stream can go wrong is refused, and the private staging folder is gone
+    /// afterwards (nothing else was written).
+    #[test]
+    fn bad_streams_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, sizes) = archive_of(dir.path(), Compression::None, true);
+        let good = std::fs::read(&path).unwrap();
+        let at = |needle: &[u8]| {
+            good.windows(needle.len())
+                .position(|w| w == needle)
+                .expect("present")
+        };
+        let run_with = |bytes: &[u8], sizes: &BTreeMap<u64, u64>| {
+            let staging = tempfile::tempdir().unwrap();
+            let mut src = zipin::ReadChunks {
+                reader: std::io::Cursor::new(bytes.to_vec()),
+                size: 64 << 10,
+            };
+            let r = extract_stream(
+                &mut src,
+                Path::new("obj.zip"),
+                sizes,
+                staging.path(),
+                &NoProgress,
+            );
+            assert!(staging_is_empty(staging.path()), "staging left behind");
+            match r {
+                Ok(_) => panic!("accepted"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let run = |bytes: &[u8]| run_with(bytes, &sizes);
+        // A wrong size for the followed page image: its data descriptor disagrees.
+        let wrong: BTreeMap<u64, u64> = sizes.iter().map(|(o, n)| (*o, n - 4096)).collect();
+        let msg = run_with(&good, &wrong);
+        assert!(msg.contains("corrupt") || msg.contains("CRC-32"), "{msg}");
+        // A byte of the page image flipped (the local CRC-32 catches it first).
+        let mut b = good.clone();
+        b[FIRST_DATA + 1000] ^= 1;
+        assert!(run(&b).contains("CRC-32"), "{}", run(&b));
+        // Truncated, at several places.
+        for cut in [10, 3 << 20, good.len() - 30] {
+            assert!(
+                run(&good[..cut]).contains("corrupt or truncated"),
+                "cut {cut}"
+            );
+        }
+        // Bytes after the end record.
+        let mut b = good.clone();
+        b.extend_from_slice(b"junk");
+        assert!(run(&b).contains("follow its end"), "{}", run(&b));
+        // An entry name escaping its folder: refused before anything is written for it.
+        let mut b = good.clone();
+        let i = at(b"images/core-1.img");
+        b[i..i + 17].copy_from_slice(b"images/../../x.im");
+        let msg = run(&b);
+        assert!(msg.contains("unsafe entry name"), "{msg}");
+        // The central directory disagreeing with a local header.
+        let mut b = good.clone();
+        let name = b"images/pagemap-1.img";
+        let last = good
+            .windows(name.len())
+            .rposition(|w| w == name)
+            .expect("central record");
+        b[last + 7] = b'P';
+        let msg = run(&b);
+        assert!(msg.contains("central directory"), "{msg}");
+        // The source failing part way (the object store's digest check, a lost connection).
+        let staging = tempfile::tempdir().unwrap();
+        let mut src = FailingAfter(
+            zipin::ReadChunks {
+                reader: File::open(&path).unwrap(),
+                size: 1 << 20,
+            },
+            3,
+        );
+        let e = extract_stream(&mut src, &path, &sizes, staging.path(), &NoProgress).unwrap_err();
+        assert!(e.to_string().contains("wrong digest"), "{e}");
+        assert!(staging_is_empty(staging.path()));
+    }
 
     /// A file that grows in bursts while the writer follows it, as CRIU's page images do:
     /// the writer waits at each end of file and still gets every byte.
@@ -925,7 +1525,9 @@ mod tests {
             entries: vec![],
             files: None,
         };
-        let path = w.finish(&mut m, "t").unwrap();
+        let Finished::File(path) = w.finish(&mut m, "t").unwrap() else {
+            panic!("a file archive")
+        };
         let staging = tempfile::tempdir().unwrap();
         let x = extract(&path, staging.path(), &NoProgress).unwrap();
         let back = std::fs::read(x.images_dir().join("pages-1.img")).unwrap();

@@ -4,16 +4,19 @@
 //! heartbeats, and serves the commands of [`crate::protocol`] one at a time from a durable
 //! JetStream consumer, so commands sent while it was away or reconnecting are not lost. Each
 //! reply is stored in `cedana_replies` before the command is acknowledged: a repeated command
-//! id is answered from there, not run again. Checkpoints go to the `cedana_checkpoints` object
-//! store, streamed from and to files. The daemon is a child subreaper and reaps every child
-//! itself, so the exit codes of tasks it starts or restores are known and reported.
+//! id is answered from there, not run again. Checkpoints stream into the `cedana_checkpoints`
+//! object store while they are made and are verified and extracted as they come back out
+//! ([`crate::objstore`], [`crate::archive::extract_stream`]). The daemon is a child
+//! subreaper and reaps every child itself, so the exit codes of tasks it starts or restores
+//! are known and reported.
 //!
 //! With [`DaemonOptions::spot`] it also polls EC2 instance metadata (IMDSv2, [`crate::imds`])
 //! in a task of its own: on a spot interruption notice it checkpoints every running task right
 //! away (left running, through the same path as the `checkpoint` command) and publishes
 //! [`Event::SpotNotice`] with the checkpoints; a rebalance recommendation is only reported.
 //! Each is acted on once. CRIU runs one dump or restore at a time (see `Worker::criu_lock`),
-//! so a notice's checkpoints and a command's take turns; uploads overlap the next dump.
+//! so a notice's checkpoints and a command's take turns; each archive streams into the object
+//! store while its dump runs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::archive::{self, ArchiveError};
 use crate::config::Secret;
 use crate::imds::{self, Imds};
 use crate::progress::NoProgress;
@@ -33,7 +37,7 @@ use crate::protocol::{
     self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotFailure,
     SpotKind, WorkerRecord,
 };
-use crate::{exec, Criu};
+use crate::{exec, objstore, Criu};
 
 /// How a daemon runs.
 #[derive(Clone, Debug)]
@@ -182,7 +186,7 @@ struct Worker {
     criu: Criu,
     js: jetstream::Context,
     replies: kv::Store,
-    checkpoints: object_store::ObjectStore,
+    checkpoints: objstore::Bucket,
     reaper: Arc<Reaper>,
     tasks: Arc<Mutex<HashMap<String, Task>>>,
     /// Held while CRIU dumps or restores. Two dumps never overlap: not of one task, and not of
@@ -191,8 +195,8 @@ struct Worker {
     /// second dump meanwhile fails with EEXIST). A restore does not run during a dump either:
     /// it puts carried files back into the folder the dump is reading.
     criu_lock: tokio::sync::Mutex<()>,
-    /// Held while an archive's object name is chosen and the archive uploaded.
-    upload_lock: tokio::sync::Mutex<()>,
+    /// Held while an archive's object name is chosen and claimed.
+    naming: Arc<tokio::sync::Mutex<()>>,
     /// Numbers events for their message ids.
     next_event: std::sync::atomic::AtomicU64,
     /// Distinguishes this run of the daemon from earlier ones (message ids stay unique).
@@ -254,6 +258,9 @@ pub async fn run(
     let (commands, workers, replies, checkpoints) = ensure_layout(&js)
         .await
         .map_err(|(what, e)| jerr(what)(&e))?;
+    let checkpoints = objstore::Bucket::open(&js, checkpoints, protocol::CHECKPOINTS_BUCKET)
+        .await
+        .map_err(|e| jerr("opening the checkpoint store")(&e))?;
 
     let record = WorkerRecord {
         v: protocol::VERSION,
@@ -303,7 +310,7 @@ pub async fn run(
         reaper,
         tasks: Arc::new(Mutex::new(HashMap::new())),
         criu_lock: Default::default(),
-        upload_lock: Default::default(),
+        naming: Default::default(),
         next_event: Default::default(),
         incarnation: format!("{}-{}", std::process::id(), protocol::now()),
     });
@@ -668,9 +675,28 @@ impl Worker {
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into()],
         };
-        let out = match tokio::task::spawn_blocking(move || crate::dump(&criu, &opts, &NoProgress))
-            .await
-        {
+        // Into the shared folder as a file, or streamed into the object store as it is made
+        // (the tree stays frozen until the object is stored).
+        let (sink, cleaned) = match &self.opts.shared_storage {
+            Some(_) => (None, None),
+            None => {
+                let (upload, cleaned) =
+                    self.checkpoints.upload(&self.opts.job, self.naming.clone());
+                (
+                    Some(Box::new(upload) as Box<dyn crate::zipout::Sink>),
+                    Some(cleaned),
+                )
+            }
+        };
+        let dumped = tokio::task::spawn_blocking(move || {
+            crate::dump::dump_into(&criu, &opts, sink, &NoProgress)
+        })
+        .await;
+        // An abandoned upload's chunks are purged before the reply.
+        if let Some(cleaned) = cleaned {
+            let _ = cleaned.await;
+        }
+        let out = match dumped {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
                 if let Some(t) = self.tasks.lock().expect("tasks").get_mut(&task) {
@@ -680,28 +706,18 @@ impl Worker {
             }
             Err(e) => return Err(e.to_string()),
         };
-        // The next dump may start while this archive is uploaded.
         drop(criu_turn);
-        let file_name = out
-            .archive
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut object = format!("{}/{file_name}", self.opts.job);
-        if self.opts.shared_storage.is_none() {
-            // Archive names have one-second resolution and the local file is removed once
-            // uploaded, so an object of that name may exist already: never replace it.
-            let _uploading = self.upload_lock.lock().await;
-            object = self.free_object_name(&file_name).await;
-            let mut f = tokio::fs::File::open(&out.archive)
-                .await
-                .map_err(|e| format!("cannot read {}: {e}", out.archive.display()))?;
-            self.checkpoints
-                .put(object.as_str(), &mut f)
-                .await
-                .map_err(|e| format!("cannot upload {object}: {e}"))?;
-            let _ = std::fs::remove_file(&out.archive);
-        }
+        let object = match out.object {
+            Some(object) => object,
+            None => {
+                let file_name = out
+                    .archive
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{}/{file_name}", self.opts.job)
+            }
+        };
         info!(task = %task, object = %object, bytes = out.archive_bytes, "checkpoint stored");
         Ok(Reply::Checkpointed {
             task,
@@ -711,26 +727,8 @@ impl Worker {
         })
     }
 
-    /// `<job>/<file_name>`, or `<job>/<stem>_N.zip` when that object exists (and is not
-    /// deleted) in the object store.
-    async fn free_object_name(&self, file_name: &str) -> String {
-        let job = &self.opts.job;
-        let stem = file_name.strip_suffix(".zip").unwrap_or(file_name);
-        for n in 0..1000 {
-            let name = match n {
-                0 => format!("{job}/{file_name}"),
-                n => format!("{job}/{stem}_{n}.zip"),
-            };
-            match self.checkpoints.info(&name).await {
-                Ok(info) if !info.deleted => continue,
-                _ => return name,
-            }
-        }
-        format!("{job}/{file_name}")
-    }
-
     /// A spot interruption notice: checkpoints every running task right away (left running,
-    /// with the work folder; the dumps take turns, each upload overlaps the next dump) and
+    /// with the work folder; the dumps take turns, each streaming into the object store) and
     /// publishes the notice with the checkpoints.
     async fn spot_interruption(self: &Arc<Self>, notice: imds::InstanceAction) {
         let tasks: Vec<String> = self
@@ -800,54 +798,108 @@ impl Worker {
         if !object.split('/').all(protocol::valid_object_part) {
             return Err(format!("checkpoint name {object:?} is not usable"));
         }
-        // From the shared folder as it is, or downloaded from the object store.
-        let (local, downloaded) = match &self.opts.shared_storage {
-            Some(shared) => (shared.join(&object), false),
-            None => {
-                let dir = self.opts.work_dir.join(CHECKPOINTS_DIR);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                let name = Path::new(&object)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "checkpoint.zip".into());
-                let local = dir.join(&name);
-                let mut obj = self
-                    .checkpoints
-                    .get(object.as_str())
-                    .await
-                    .map_err(|e| format!("cannot fetch {object}: {e}"))?;
-                let mut f = tokio::fs::File::create(&local)
-                    .await
-                    .map_err(|e| format!("cannot write {}: {e}", local.display()))?;
-                tokio::io::copy(&mut obj, &mut f)
-                    .await
-                    .map_err(|e| format!("cannot download {object}: {e}"))?;
-                (local, true)
-            }
-        };
-        let criu_turn = self.criu_lock.lock().await;
-        let criu = self.criu.clone();
-        let opts = crate::RestoreOptions {
-            archive: local.clone(),
-            // Extracted inside the work folder, so carried files are renamed into place.
-            staging: Some(self.opts.work_dir.join(CHECKPOINTS_DIR)),
+        let staging = self.opts.work_dir.join(CHECKPOINTS_DIR);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+        let t0 = std::time::Instant::now();
+        // Verified and extracted (into a private folder inside the work folder, so carried
+        // files are renamed into place) from the shared folder's file, or from the object store
+        // as it arrives; nothing else is touched until then.
+        let mut opts = crate::RestoreOptions {
+            archive: PathBuf::from(&object),
+            staging: Some(staging.clone()),
             as_child: true,
             files_to: Some(self.opts.work_dir.clone()),
         };
-        let result = tokio::task::spawn_blocking(move || crate::restore(&criu, &opts, &NoProgress))
-            .await
-            .map_err(|e| e.to_string())?;
-        if downloaded {
-            let _ = std::fs::remove_file(&local);
-        }
-        let out = result.map_err(|e| e.to_string())?;
+        let extracted = match &self.opts.shared_storage {
+            Some(shared) => {
+                opts.archive = shared.join(&object);
+                let (path, staging) = (opts.archive.clone(), staging.clone());
+                tokio::task::spawn_blocking(move || {
+                    archive::inspect(&path)?;
+                    archive::extract(&path, &staging, &NoProgress)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+            }
+            None => self.receive(&object, &staging).await?,
+        };
+        let verify_time = t0.elapsed();
+        let failed_log = match &self.opts.shared_storage {
+            Some(_) => crate::restore::failed_log_path(&opts.archive),
+            None => staging.join(format!(
+                "{}.restore-failed.log",
+                object.rsplit('/').next().unwrap_or("checkpoint")
+            )),
+        };
+        let criu_turn = self.criu_lock.lock().await;
+        let criu = self.criu.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            crate::restore::restore_extracted(
+                &criu,
+                extracted,
+                &opts,
+                verify_time,
+                &failed_log,
+                &NoProgress,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         // Logs go on where the original left them: stream from the current end.
         let log = self.log_path(&task);
         let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.track(task.clone(), out.pid, log, offset);
         drop(criu_turn);
         Ok(Reply::Restored { task, pid: out.pid })
+    }
+
+    /// Fetches `object` from the object store, verifying and extracting it under `staging` as
+    /// it arrives. An archive that cannot be read front to back (from an older agent) is
+    /// downloaded into a file and read from there.
+    async fn receive(&self, object: &str, staging: &Path) -> Result<archive::Extracted, String> {
+        let label = PathBuf::from(object);
+        let fetch = self.checkpoints.fetch(object).await?;
+        let sizes = fetch.stored_sizes();
+        let (tx, mut rx) = fetch.channel();
+        let (into, name) = (staging.to_path_buf(), label.clone());
+        let extract = tokio::task::spawn_blocking(move || {
+            archive::extract_stream(&mut rx, &name, &sizes, &into, &NoProgress)
+        });
+        let size = fetch.info.size as u64;
+        if let Ok(bytes) = fetch.pump(tx).await {
+            if bytes == size {
+                info!(object = %object, bytes, "checkpoint received");
+            }
+        }
+        match extract.await.map_err(|e| e.to_string())? {
+            Ok(x) => return Ok(x),
+            Err(ArchiveError::Unstreamable { .. }) => {
+                info!(object = %object, "archive from an older agent: downloading it before reading it");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(".download-")
+            .suffix(".zip")
+            .tempfile_in(staging)
+            .map_err(|e| format!("cannot write in {}: {e}", staging.display()))?;
+        let (file, path) = tmp.into_parts();
+        objstore::download(self.checkpoints.fetch(object).await?, file)
+            .await
+            .map_err(|e| format!("cannot download {object}: {e}"))?;
+        let staging = staging.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let x = archive::inspect(&path)
+                .and_then(|_| archive::extract(&path, &staging, &NoProgress));
+            drop(path);
+            x
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.relabel(&label).to_string())
     }
 }
 

@@ -54,13 +54,21 @@ pub struct DumpOptions {
 /// The result of a successful dump.
 #[derive(Clone, Debug, Serialize)]
 pub struct DumpOutcome {
+    /// The archive file, or for a dump into a sink the name it was committed under.
     pub archive: PathBuf,
+    /// For a dump into a sink ([`dump_into`]): the name it was committed under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
     pub archive_bytes: u64,
     pub images_bytes: u64,
     #[serde(with = "millis")]
     pub criu_time: Duration,
     #[serde(with = "millis")]
     pub archive_time: Duration,
+    /// Of `archive_time`: writing the manifest and making the archive durable (sync and
+    /// rename, or the sink's commit).
+    #[serde(with = "millis")]
+    pub finish_time: Duration,
     pub manifest: Manifest,
 }
 
@@ -101,6 +109,22 @@ pub enum DumpError {
 pub fn dump(
     criu: &Criu,
     opts: &DumpOptions,
+    progress: &dyn Progress,
+) -> Result<DumpOutcome, DumpError> {
+    dump_into(criu, opts, None, progress)
+}
+
+/// [`dump`], with the archive written to `sink` instead of a file in `opts.dir` (which then
+/// only holds the staging folder, unless `opts.staging` says otherwise): the archive streams
+/// out while it is made, page images included as CRIU writes them (stored ones too: their
+/// sizes, unknown when their entries start, go to the sink on commit), and a page image is
+/// dropped from the staging folder as it is read. The tree stays frozen until the sink has
+/// committed the archive, and is thawed if anything fails; a sink dropped uncommitted leaves
+/// nothing.
+pub fn dump_into(
+    criu: &Criu,
+    opts: &DumpOptions,
+    sink: Option<Box<dyn crate::zipout::Sink>>,
     progress: &dyn Progress,
 ) -> Result<DumpOutcome, DumpError> {
     if !opts.dir.is_dir() {
@@ -144,31 +168,40 @@ pub fn dump(
     // they are written.
     let mut writer = None;
     let mut digests: Vec<(String, Digest)> = Vec::new();
-    let (criu_result, criu_time, streamed) = if opts.compression == Compression::None {
-        follow_page_images(criu, &req, |name, path, complete| {
-            digests.push((
-                name.to_string(),
-                archive::digest_following(path, complete, progress)?,
-            ));
-            Ok(())
-        })
-    } else {
-        match archive::Writer::new(&opts.dir, &stem, opts.compression) {
-            Ok(w) => {
-                let w = writer.insert(w);
-                follow_page_images(criu, &req, |name, path, complete| {
-                    w.add(
-                        &format!("{}/{name}", archive::IMAGES_DIR),
-                        path,
-                        Some(complete),
-                        progress,
-                    )?;
-                    Ok(())
-                })
+    let mut sink = sink;
+    let new_writer =
+        |sink: &mut Option<Box<dyn crate::zipout::Sink>>, compression| match sink.take() {
+            Some(s) => Ok(archive::Writer::to_sink(s, &stem, compression)),
+            None => archive::Writer::new(&opts.dir, &stem, compression),
+        };
+    // Into a sink, stored page images stream out as CRIU writes them too (their sizes go to
+    // the sink at the end, see `zipout::Sink::commit`).
+    let (criu_result, criu_time, streamed) =
+        if opts.compression == Compression::None && sink.is_none() {
+            follow_page_images(criu, &req, |name, path, complete| {
+                digests.push((
+                    name.to_string(),
+                    archive::digest_following(path, complete, true, progress)?,
+                ));
+                Ok(())
+            })
+        } else {
+            match new_writer(&mut sink, opts.compression) {
+                Ok(w) => {
+                    let w = writer.insert(w);
+                    follow_page_images(criu, &req, |name, path, complete| {
+                        w.add(
+                            &format!("{}/{name}", archive::IMAGES_DIR),
+                            path,
+                            Some(complete),
+                            progress,
+                        )?;
+                        Ok(())
+                    })
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        }
-    };
+        };
     if let Err(source) = criu_result {
         progress.finish();
         let kept = keep_log(
@@ -200,7 +233,7 @@ pub fn dump(
     }
     // From here on the tree is frozen (or running, with --leave-running): any failure thaws it.
     let frozen = !opts.leave_running;
-    let finish = || -> Result<(PathBuf, Manifest, u64), DumpError> {
+    let finish = || -> Result<(archive::Finished, Manifest, u64, Duration), DumpError> {
         streamed?;
         let carried = carried?;
         let cpu = match criu
@@ -280,12 +313,13 @@ pub fn dump(
             entries: Vec::new(),
             files: carried,
         };
+        let t_finish = Instant::now();
         let dest = writer.finish(&mut manifest, &stem)?;
-        Ok((dest, manifest, images_bytes))
+        Ok((dest, manifest, images_bytes, t_finish.elapsed()))
     };
     let result = finish();
     progress.finish();
-    let (dest, manifest, images_bytes) = match result {
+    let (dest, manifest, images_bytes, finish_time) = match result {
         Ok(r) => r,
         Err(e) => {
             if frozen {
@@ -299,14 +333,22 @@ pub fn dump(
         signal_tree(info.pid, Signal::SIGKILL);
     }
     let total_time = t0.elapsed();
-    let archive_bytes = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    info!(archive = %dest.display(), archive_bytes, ?criu_time, ?total_time, "dump complete");
+    let (archive, object, archive_bytes) = match dest {
+        archive::Finished::File(path) => {
+            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            (path, None, bytes)
+        }
+        archive::Finished::Committed { name, bytes } => (PathBuf::from(&name), Some(name), bytes),
+    };
+    info!(archive = %archive.display(), archive_bytes, ?criu_time, ?finish_time, ?total_time, "dump complete");
     Ok(DumpOutcome {
-        archive: dest,
+        archive,
+        object,
         archive_bytes,
         images_bytes,
         criu_time,
         archive_time: total_time.saturating_sub(criu_time),
+        finish_time,
         manifest,
     })
 }

@@ -4,6 +4,7 @@
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 /// Size of the chunks callers fill.
@@ -82,6 +83,57 @@ impl HashPipe {
 }
 
 impl Default for HashPipe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// SHA-256 of shared byte buffers ([`Bytes`]) on a thread of its own: the caller keeps using
+/// (or passes on) the same bytes while they are hashed.
+pub struct BytesHasher {
+    tx: Option<SyncSender<Bytes>>,
+    handle: Option<JoinHandle<[u8; 32]>>,
+}
+
+impl BytesHasher {
+    /// Starts the hashing thread.
+    pub fn new() -> Self {
+        Self::continuing(Sha256::new())
+    }
+
+    /// Starts the hashing thread from a hash already fed with earlier bytes.
+    pub fn continuing(mut h: Sha256) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Bytes>(IN_FLIGHT);
+        let handle = std::thread::spawn(move || {
+            for chunk in rx {
+                h.update(&chunk);
+            }
+            h.finalize().into()
+        });
+        BytesHasher {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Hands bytes over to be hashed (waits while a few are queued).
+    pub fn hash(&mut self, b: Bytes) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(b);
+        }
+    }
+
+    /// Waits for everything handed over to be hashed; returns the SHA-256.
+    pub fn finish(mut self) -> [u8; 32] {
+        drop(self.tx.take());
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for BytesHasher {
     fn default() -> Self {
         Self::new()
     }

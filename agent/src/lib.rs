@@ -13,11 +13,13 @@ pub mod exec;
 pub mod files;
 pub mod hashing;
 pub mod imds;
+pub mod objstore;
 pub mod process;
 pub mod progress;
 pub mod protocol;
 pub mod restore;
 pub mod staging;
+pub mod zipin;
 pub mod zipout;
 
 use std::path::{Path, PathBuf};

@@ -82,7 +82,7 @@ pub fn restore(
 ) -> Result<RestoreOutcome, RestoreError> {
     let path = &opts.archive;
     let t0 = Instant::now();
-    let manifest = archive::inspect(path)?;
+    archive::inspect(path)?;
     // Next to the archive when that folder is writable, else the temp folder.
     let near = path
         .parent()
@@ -100,13 +100,34 @@ pub fn restore(
     })?;
     let extracted =
         archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
-    let images = extracted.images_dir();
-    let verify_time = t0.elapsed();
+    restore_extracted(
+        criu,
+        extracted,
+        opts,
+        t0.elapsed(),
+        &failed_log_path(path),
+        progress,
+    )
+}
 
+/// The rest of a restore once the archive was verified and extracted (by
+/// [`archive::extract`] or [`archive::extract_stream`]): the CPU check, the carried files put
+/// back (to `opts.files_to`), CRIU. `opts.archive` names the archive in errors; CRIU's log is
+/// kept at `failed_log` if it fails.
+pub fn restore_extracted(
+    criu: &Criu,
+    extracted: archive::Extracted,
+    opts: &RestoreOptions,
+    verify_time: Duration,
+    failed_log: &Path,
+    progress: &dyn Progress,
+) -> Result<RestoreOutcome, RestoreError> {
+    let path = &opts.archive;
+    let images = extracted.images_dir();
     progress.stage("checking CPU compatibility", None);
     if let Err(source) = criu.cpuinfo_check(&images) {
         progress.finish();
-        let model = match &manifest.cpu {
+        let model = match &extracted.manifest.cpu {
             Some(c) => format!(
                 " (it was taken on {} family {} model {})",
                 c.model_name, c.family, c.model
@@ -159,7 +180,7 @@ pub fn restore(
             })
         }
         Err(source) => {
-            let kept = keep_log(&images.join(criu::RESTORE_LOG), &failed_log_path(path));
+            let kept = keep_log(&images.join(criu::RESTORE_LOG), failed_log);
             Err(RestoreError::Criu {
                 path: path.clone(),
                 source: Box::new(source),
@@ -197,7 +218,7 @@ fn wait_for_free_pids(path: &Path, pids: &[i32]) -> Result<(), RestoreError> {
 
 /// `<archive>.restore-failed.log` next to the archive, or in the temp folder if that is
 /// read-only.
-fn failed_log_path(archive: &Path) -> PathBuf {
+pub fn failed_log_path(archive: &Path) -> PathBuf {
     let name = format!(
         "{}.restore-failed.log",
         archive

@@ -3,9 +3,14 @@
 //! already in place (CRIU's page image becomes the archive file itself, see
 //! [`ZipOut::adopt`]), and compression on several cores.
 //!
-//! Layout written: local headers with UTF-8 names and fixed 1980-01-01 times; streamed entries
-//! carry a ZIP64 data descriptor (general purpose bit 3); the central directory and end records
-//! use ZIP64 fields only where a value does not fit in 32 bits.
+//! Layout written: local headers with UTF-8 names and fixed 1980-01-01 times; compressed (and
+//! followed) entries carry a ZIP64 data descriptor (general purpose bit 3), stored entries of
+//! complete data carry their sizes and CRC-32 in the local header, so that a reader going front
+//! to back can find every entry's end (see `crate::zipin`); the central directory and end
+//! records use ZIP64 fields only where a value does not fit in 32 bits.
+//!
+//! The archive goes to a file, or to a [`Sink`] (the object store's uploader) that sees it
+//! front to back and never seeks.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -61,9 +66,103 @@ impl Central {
     }
 }
 
-/// A zip being written to a file, front to back.
+/// Where an archive's bytes go when not to a file: front to back, no seeking.
+pub trait Sink: Write + Send {
+    /// Appends `len` bytes read from `src` at its current position, feeding them to `crc` if
+    /// given; returns how many were copied (fewer only at the end of `src`).
+    fn copy_from(
+        &mut self,
+        src: &mut File,
+        len: u64,
+        crc: Option<&mut crc32fast::Hasher>,
+    ) -> io::Result<u64>;
+    /// Appends `b`, which the sink may keep instead of copying.
+    fn write_bytes(&mut self, b: bytes::Bytes) -> io::Result<()> {
+        self.write_all(&b)
+    }
+    /// Called once the whole archive was written: makes it durable under a name made from
+    /// `stem` (never replacing anything) and returns that name. `stored_sizes` are the offset
+    /// and size of every stored entry whose size only its data descriptor gives (see
+    /// [`ZipOut::stored_sizes`]); a sink keeps them with the archive for readers going front to
+    /// back. A sink dropped without a commit must leave nothing behind.
+    fn commit(self: Box<Self>, stem: &str, stored_sizes: &[(u64, u64)]) -> io::Result<String>;
+}
+
+/// A file (buffered) or a [`Sink`].
+pub enum Output {
+    File(io::BufWriter<File>),
+    Sink(Box<dyn Sink>),
+}
+
+impl Output {
+    fn copy_from(
+        &mut self,
+        src: &mut File,
+        len: u64,
+        crc: Option<&mut crc32fast::Hasher>,
+    ) -> io::Result<u64> {
+        match self {
+            Output::File(f) => {
+                f.flush()?;
+                match crc {
+                    // std's copy uses copy_file_range where it can.
+                    None => io::copy(&mut io::Read::take(&mut *src, len), f.get_mut()),
+                    Some(crc) => copy_hashing(src, len, f.get_mut(), crc),
+                }
+            }
+            Output::Sink(s) => s.copy_from(src, len, crc),
+        }
+    }
+}
+
+/// Copies `len` bytes from `src` to `out` through a buffer, feeding `crc`.
+fn copy_hashing(
+    src: &mut File,
+    len: u64,
+    out: &mut impl Write,
+    crc: &mut crc32fast::Hasher,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = match io::Read::read(src, &mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        crc.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        done += n as u64;
+    }
+    Ok(done)
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::File(f) => f.write(buf),
+            Output::Sink(s) => s.write(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Output::File(f) => f.write_all(buf),
+            Output::Sink(s) => s.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::File(f) => f.flush(),
+            Output::Sink(s) => s.flush(),
+        }
+    }
+}
+
+/// A zip being written front to back.
 pub struct ZipOut {
-    out: io::BufWriter<File>,
+    out: Output,
     pos: u64,
     central: Vec<Central>,
     open: Option<(String, u16, u64)>,
@@ -72,8 +171,13 @@ pub struct ZipOut {
 impl ZipOut {
     /// Starts an empty archive in `file` (which must be empty).
     pub fn new(file: File) -> Self {
+        Self::to(Output::File(io::BufWriter::with_capacity(1 << 20, file)))
+    }
+
+    /// Starts an empty archive written to `out`.
+    pub fn to(out: Output) -> Self {
         ZipOut {
-            out: io::BufWriter::with_capacity(1 << 20, file),
+            out,
             pos: 0,
             central: Vec::new(),
             open: None,
@@ -119,7 +223,7 @@ impl ZipOut {
         out.seek(SeekFrom::Start(ADOPT_HEADER + size))?;
         let central = vec![Central::stored(name, crc, size, 0)];
         Ok(ZipOut {
-            out,
+            out: Output::File(out),
             pos: ADOPT_HEADER + size,
             central,
             open: None,
@@ -147,30 +251,72 @@ impl ZipOut {
         self.pos
     }
 
-    /// Adds a stored entry of `size` bytes copied from `src` by the kernel
-    /// (`copy_file_range`), its CRC-32 known beforehand.
+    /// Adds a stored entry of `size` bytes copied from `src` (by the kernel, `copy_file_range`,
+    /// into a file), its CRC-32 known beforehand. With `check`, the bytes copied are checksummed
+    /// again and must have that CRC-32 (a file that changed since it was digested is an error).
     pub fn copy_stored(
         &mut self,
         name: &str,
         src: &mut File,
         size: u64,
         crc: u32,
+        check: bool,
     ) -> io::Result<()> {
         assert!(self.open.is_none(), "previous entry not ended");
         let extra = zip64_sizes(size);
         let header = local_header(name, STORED, FLAG_UTF8, crc, size, size, &extra);
         let offset = self.pos;
         self.out.write_all(&header)?;
-        self.out.flush()?;
-        let copied = io::copy(&mut io::Read::take(&mut *src, size), self.out.get_mut())?;
+        self.pos += header.len() as u64;
+        let mut again = check.then(crc32fast::Hasher::new);
+        let copied = self.out.copy_from(src, size, again.as_mut())?;
+        self.pos += copied;
         if copied != size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("copied {copied} of {size} bytes"),
+                format!("copied {copied} of {size} bytes: the file shrank while archived"),
             ));
         }
+        if again.is_some_and(|h| h.finalize() != crc) {
+            return Err(io::Error::other("the file changed while it was archived"));
+        }
+        self.central.push(Central::stored(name, crc, size, offset));
+        Ok(())
+    }
+
+    /// Adds a stored entry holding `data`, its sizes and CRC-32 in the local header.
+    pub fn add_bytes(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        assert!(self.open.is_none(), "previous entry not ended");
+        let size = data.len() as u64;
+        let crc = crc32fast::hash(data);
+        let header = local_header(name, STORED, FLAG_UTF8, crc, size, size, &zip64_sizes(size));
+        let offset = self.pos;
+        self.out.write_all(&header)?;
+        self.out.write_all(data)?;
         self.pos += header.len() as u64 + size;
         self.central.push(Central::stored(name, crc, size, offset));
+        Ok(())
+    }
+
+    /// Local header offset and size of each stored entry with a data descriptor (its size is
+    /// not in its local header): what a reader going front to back needs to be told.
+    pub fn stored_sizes(&self) -> Vec<(u64, u64)> {
+        self.central
+            .iter()
+            .filter(|c| c.method == STORED && c.flags & FLAG_DESCRIPTOR != 0)
+            .map(|c| (c.offset, c.csize))
+            .collect()
+    }
+
+    /// Appends data of the open entry that a sink may keep rather than copy.
+    pub fn data_bytes(&mut self, b: bytes::Bytes) -> io::Result<()> {
+        assert!(self.open.is_some(), "an entry is open");
+        let n = b.len() as u64;
+        match &mut self.out {
+            Output::File(f) => f.write_all(&b)?,
+            Output::Sink(s) => s.write_bytes(b)?,
+        }
+        self.pos += n;
         Ok(())
     }
 
@@ -202,8 +348,9 @@ impl ZipOut {
         Ok(())
     }
 
-    /// Writes the central directory and end records; returns the file, flushed.
-    pub fn finish(mut self) -> io::Result<File> {
+    /// Writes the central directory and end records; returns the output, flushed, and the
+    /// archive's size.
+    pub fn finish(mut self) -> io::Result<(Output, u64)> {
         let cd_start = self.pos;
         let mut cd = Vec::new();
         for c in &self.central {
@@ -276,7 +423,8 @@ impl ZipOut {
         end.extend_from_slice(&clamp32(cd_start, need64).to_le_bytes());
         end.extend_from_slice(&0u16.to_le_bytes());
         self.out.write_all(&end)?;
-        self.out.into_inner().map_err(|e| e.into_error())
+        self.out.flush()?;
+        Ok((self.out, eocd64_at + end.len() as u64))
     }
 }
 

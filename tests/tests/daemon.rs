@@ -399,3 +399,328 @@ fn checkpoint_moves_a_task_between_workers() {
     });
     assert_unbroken(&numbers(&log), "counter moved from w1 to w2");
 }
+
+/// The checkpoint store as another client sees it.
+async fn store(drv: &Driver) -> jetstream::object_store::ObjectStore {
+    drv.js
+        .get_object_store(protocol::CHECKPOINTS_BUCKET)
+        .await
+        .expect("checkpoint store")
+}
+
+/// Whole object, read with async-nats's own `get` (which checks the object's digest).
+async fn get_object(drv: &Driver, name: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut obj = store(drv).await.get(name).await.expect("object exists");
+    let mut bytes = Vec::new();
+    obj.read_to_end(&mut bytes)
+        .await
+        .expect("object reads whole");
+    bytes
+}
+
+/// Entries left in a worker's checkpoint folder (staging, downloads): none after a command.
+fn checkpoint_leftovers(work: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(work.join(cedana_agent::daemon::CHECKPOINTS_DIR))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Checkpoints stream into the object store and come back out of it verified as they arrive:
+/// what the daemon stored is a plain object another client reads (digest and all) and a valid
+/// archive; a tampered copy (its per-entry checksum wrong, its object digest right) and an
+/// object whose bytes do not match its digest are refused after streaming, with the task not
+/// restored, the carried files not put back and no staging left; the genuine one then moves
+/// the counter on.
+#[test]
+fn bad_objects_are_refused_and_change_nothing() {
+    if !criu_ready("bad_objects_are_refused_and_change_nothing") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("job");
+    let _w1 = AgentDaemon::start(&nats, &nats.token, "job5", "w1", &work);
+    let _w2 = AgentDaemon::start(&nats, &nats.token, "job5", "w2", &work);
+    let log = work.join("counter.log");
+    let marker = work.join("marker.txt");
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "job5").await;
+        drv.wait_registered("w1").await;
+        drv.wait_registered("w2").await;
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(&marker, "as checkpointed").unwrap();
+        let cmd = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "counter".into(),
+                    cmd: cmd.into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = drv
+            .call(
+                "w1",
+                "ckpt",
+                Command::Checkpoint {
+                    task: "counter".into(),
+                    leave_running: false,
+                    compression: cedana_agent::Compression::None,
+                },
+                60,
+            )
+            .await;
+        let Reply::Checkpointed { object, bytes, .. } = r else {
+            panic!("{r:?}")
+        };
+        std::fs::write(&marker, "changed since").unwrap();
+        assert!(
+            checkpoint_leftovers(&work).is_empty(),
+            "{:?}",
+            checkpoint_leftovers(&work)
+        );
+
+        // Another client reads it whole, and it is an archive like any other.
+        let good = get_object(&drv, &object).await;
+        assert_eq!(good.len() as u64, bytes);
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(good.clone())).unwrap();
+        let pages = (0..zip.len())
+            .filter_map(|i| {
+                let f = zip.by_index(i).unwrap();
+                f.name()
+                    .starts_with("images/pages-")
+                    .then(|| (f.data_start(), f.size()))
+            })
+            .max_by_key(|(_, size)| *size)
+            .expect("a page image");
+        assert!(zip.by_name("manifest.json").is_ok());
+
+        // A byte of the page image changed, stored as a new object with the same metadata
+        // (its digest matches its bytes).
+        let mut info = store(&drv).await.info(&object).await.unwrap();
+        let mut forged = good.clone();
+        forged[(pages.0 + pages.1 / 2) as usize] ^= 0x40;
+        let meta = jetstream::object_store::ObjectMetadata {
+            name: "job5/forged.zip".into(),
+            metadata: info.metadata.clone(),
+            ..Default::default()
+        };
+        store(&drv)
+            .await
+            .put(meta, &mut std::io::Cursor::new(forged))
+            .await
+            .unwrap();
+        // The genuine chunks under an info whose digest is not theirs.
+        info.name = "job5/wrong-digest.zip".into();
+        info.digest = Some(format!("SHA-256={}", "A".repeat(43) + "="));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let subject = {
+            use base64::Engine;
+            format!(
+                "$O.{}.M.{}",
+                protocol::CHECKPOINTS_BUCKET,
+                base64::engine::general_purpose::URL_SAFE.encode(&info.name)
+            )
+        };
+        drv.js
+            .publish_with_headers(subject, headers, serde_json::to_vec(&info).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+
+        let before = numbers(&log).len();
+        for (id, bad, why) in [
+            ("rst-forged", "job5/forged.zip", "CRC-32"),
+            ("rst-digest", "job5/wrong-digest.zip", "wrong digest"),
+        ] {
+            let r = drv
+                .call(
+                    "w2",
+                    id,
+                    Command::Restore {
+                        task: "counter".into(),
+                        object: bad.into(),
+                    },
+                    60,
+                )
+                .await;
+            match &r {
+                Reply::Error { message } => {
+                    assert!(message.contains(bad) && message.contains(why), "{message}")
+                }
+                other => panic!("{bad} was restored: {other:?}"),
+            }
+            assert!(
+                checkpoint_leftovers(&work).is_empty(),
+                "{bad}: {:?}",
+                checkpoint_leftovers(&work)
+            );
+            assert_eq!(
+                std::fs::read_to_string(&marker).unwrap(),
+                "changed since",
+                "{bad}: carried files were put back"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(numbers(&log).len(), before, "no counter runs");
+
+        let r = drv
+            .call(
+                "w2",
+                "rst",
+                Command::Restore {
+                    task: "counter".into(),
+                    object,
+                },
+                60,
+            )
+            .await;
+        assert!(matches!(r, Reply::Restored { .. }), "{r:?}");
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "as checkpointed");
+        wait_for_numbers(&log, before + 10);
+        assert!(
+            checkpoint_leftovers(&work).is_empty(),
+            "{:?}",
+            checkpoint_leftovers(&work)
+        );
+        let r = drv
+            .call(
+                "w2",
+                "stop",
+                Command::Stop {
+                    task: "counter".into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Stopped { .. }), "{r:?}");
+    });
+    assert_unbroken(&numbers(&log), "counter moved from w1 to w2");
+}
+
+/// An archive written by `cedana-agent dump` to a file (stored entries of unknown size, as
+/// every archive before streaming had) and put into the store by another client still
+/// restores through the daemon: it is downloaded, then read from the file.
+#[test]
+fn archives_that_cannot_stream_still_restore() {
+    if !criu_ready("archives_that_cannot_stream_still_restore") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let _w2 = AgentDaemon::start(&nats, &nats.token, "job6", "w2", &sb.path().join("w2"));
+    let task = sb.exec(
+        "counter.log",
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done",
+        ],
+    );
+    let log = sb.path().join("counter.log");
+    wait_for_numbers(&log, 5);
+    let archive = sb.dump(task.pid, &["--compress", "none"]);
+    wait_until(Duration::from_secs(10), "dumped task gone", || {
+        !task.alive()
+    });
+    let at = numbers(&log).len();
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "job6").await;
+        drv.wait_registered("w2").await;
+        let mut f = tokio::fs::File::open(&archive).await.unwrap();
+        store(&drv).await.put("job6/old.zip", &mut f).await.unwrap();
+        let r = drv
+            .call(
+                "w2",
+                "rst",
+                Command::Restore {
+                    task: "counter".into(),
+                    object: "job6/old.zip".into(),
+                },
+                60,
+            )
+            .await;
+        let Reply::Restored { pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        wait_for_numbers(&log, at + 10);
+        assert!(checkpoint_leftovers(&sb.path().join("w2")).is_empty());
+        let _restored = Task::new(pid);
+    });
+    assert_unbroken(
+        &numbers(&log),
+        "counter restored from an object put by another client",
+    );
+}
+
+/// The object store writer on its own: an upload abandoned part way leaves no chunks in the
+/// stream; committed ones never replace an object (a taken name gets `_1`, a deleted one is
+/// reused) and read back whole through async-nats's `get`.
+#[test]
+fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
+    let nats = NatsServer::start();
+    rt().block_on(async {
+        let drv = Driver::connect(&nats, "job7").await;
+        let (_, _, _, os) = cedana_agent::daemon::ensure_layout(&drv.js).await.unwrap();
+        let bucket =
+            cedana_agent::objstore::Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
+                .await
+                .unwrap();
+        let mut stream = drv
+            .js
+            .get_stream(format!("OBJ_{}", protocol::CHECKPOINTS_BUCKET))
+            .await
+            .unwrap();
+        let data = |seed: u8| -> Vec<u8> {
+            (0..(3 << 20) + 777)
+                .map(|i: u32| (i as u8).wrapping_mul(seed))
+                .collect()
+        };
+        let upload = |stem: &'static str, bytes: Vec<u8>, commit: bool| {
+            let (up, done) = bucket.upload("job7", Default::default());
+            let task = tokio::task::spawn_blocking(move || {
+                use cedana_agent::zipout::Sink;
+                use std::io::Write;
+                let mut up: Box<dyn Sink> = Box::new(up);
+                up.write_all(&bytes).unwrap();
+                commit.then(|| up.commit(stem, &[]).unwrap())
+            });
+            async move {
+                let name = task.await.unwrap();
+                done.await.unwrap();
+                name
+            }
+        };
+        assert_eq!(upload("abandoned", data(3), false).await, None);
+        let mut info = stream.info().await.unwrap().clone();
+        assert_eq!(
+            info.state.messages, 0,
+            "chunks of an abandoned upload remain"
+        );
+
+        let a = upload("x", data(5), true).await.unwrap();
+        let b = upload("x", data(7), true).await.unwrap();
+        assert_eq!((a.as_str(), b.as_str()), ("job7/x.zip", "job7/x_1.zip"));
+        assert_eq!(get_object(&drv, &a).await, data(5));
+        assert_eq!(get_object(&drv, &b).await, data(7));
+        store(&drv).await.delete(&a).await.unwrap();
+        let c = upload("x", data(9), true).await.unwrap();
+        assert_eq!(c, "job7/x.zip", "a deleted name is free again");
+        assert_eq!(get_object(&drv, &c).await, data(9));
+        assert_eq!(get_object(&drv, &b).await, data(7));
+        info = stream.info().await.unwrap().clone();
+        assert!(info.state.messages > 0);
+    });
+}

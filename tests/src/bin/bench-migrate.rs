@@ -5,7 +5,7 @@
 //! binaries, sets the environment below and turns the JSON lines printed on stdout into tables.
 //!
 //! Arguments: the sections to run (`ping`, `migrate`, `store`, `driver`; default all). Environment:
-//! `BENCH_DIR` (work folder on disk), `BENCH_MB`, `BENCH_RUNS`, `BENCH_KINDS`, `BENCH_PINGS`,
+//! `BENCH_DIR` (work folder on disk), `BENCH_MB`, `BENCH_RUNS`, `BENCH_KINDS`, `BENCH_VARIANTS`, `BENCH_PINGS`,
 //! `BENCH_DRIVER_RUNS`, `BENCH_PIDS` (every process started is noted there as `PID STARTTIME`,
 //! so the script can kill leftovers), `CEDANA_AGENT_BIN`, `CEDANA_DRIVER_BIN`, `CEDANA_CRIU`.
 //! Every wait is bounded; errors end the run (release builds abort on panic, so nothing here
@@ -58,6 +58,8 @@ struct Cfg {
     mb: u64,
     runs: u32,
     kinds: Vec<String>,
+    /// Migration variants run (raw-criu always).
+    variants: Vec<String>,
     pings: usize,
     driver_runs: u32,
     pids: Option<PathBuf>,
@@ -113,6 +115,32 @@ fn start_time(pid: i32) -> Option<String> {
             .nth(19)?
             .to_string(),
     )
+}
+
+/// CPU time, s, of `pid` and its reaped children (utime + stime + cutime + cstime).
+fn cpu_secs(pid: i32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<f64> = s
+        .rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // Clock ticks: 100 per second on Linux.
+    Some(f.iter().sum::<f64>() / 100.0)
+}
+
+/// Waits (up to 5 s) until `pid` is gone from /proc: reaped, its CPU time counted in its
+/// parent's.
+async fn wait_reaped(pid: i32) {
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A child we started and stop on the way out: SIGTERM (SIGINT for the driver), then SIGKILL.
@@ -497,6 +525,8 @@ struct Route<'a> {
     to: &'a str,
     /// The daemons' `--shared-storage` folder; else the object store.
     shared: Option<&'a Path>,
+    /// PIDs of the two daemons and of nats-server, for their CPU time.
+    pids: [i32; 3],
 }
 
 /// One migration: spawn, checkpoint (task stopped), restore; timed and split.
@@ -549,6 +579,14 @@ async fn migrate_run(
     let (from1, from2) = (file_len(&log1), file_len(&log2));
     nix::unistd::sync();
 
+    // CPU time of both daemons (CRIU included: they reap it) and of nats-server, less the
+    // task's own, which the first daemon reaps when it kills the task.
+    let task_cpu = cpu_secs(pid).unwrap_or(0.0);
+    let cpu0: Vec<f64> = route
+        .pids
+        .iter()
+        .map(|p| cpu_secs(*p).unwrap_or(0.0))
+        .collect();
     let sent_wall = wall() % 86400.0;
     let t0 = Instant::now();
     let command = Command::Checkpoint {
@@ -593,6 +631,14 @@ async fn migrate_run(
     let t3 = first_log.unwrap_or(t2);
     let gap = check_restored(cfg, rpid, &log).await?;
     orig.stop().await?;
+    wait_reaped(pid).await;
+    let cpu1: Vec<f64> = route
+        .pids
+        .iter()
+        .map(|p| cpu_secs(*p).unwrap_or(0.0))
+        .collect();
+    let cpu_nats = cpu1[2] - cpu0[2];
+    let cpu = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).sum::<f64>() - task_cpu;
     let r = c.call(to, Command::Stop { task }, limit, |_| {}).await?;
     if !matches!(r, Reply::Stopped { .. }) {
         bail!("stop answered {r:?}");
@@ -612,6 +658,7 @@ async fn migrate_run(
     let dumped = log_line(&log1, from1, "dump complete");
     let stored = log_line(&log1, from1, "checkpoint stored");
     let cmd2 = log_line(&log2, from2, &format!("running command id=c{restore_id} "));
+    let received = log_line(&log2, from2, "checkpoint received");
     let put_back = log_line(&log2, from2, "putting back carried files");
     let done = log_line(&log2, from2, "restored");
     let parts = (|| {
@@ -619,14 +666,26 @@ async fn migrate_run(
         let (cmd2, put_back, done) = (cmd2?, put_back?, done?);
         let criu_dump = dur_field(&dumped.1, "criu_time")?;
         let dump_total = dur_field(&dumped.1, "total_time")?;
-        let verify = dur_field(&done.1, "verify_time")?;
+        // Making the archive durable: fsync and rename, or the object store's last
+        // acknowledgements and the object's info.
+        let finish = dur_field(&dumped.1, "finish_time")?;
         let criu_restore = dur_field(&done.1, "criu_time")?;
+        // Streamed from the object store: the download ends with the last chunk (and the
+        // object's digest checked), the extraction with it; what follows are the final checks.
+        // From a file: download (if any), then verification and extraction.
+        let (download, verify) = match received {
+            Some(r) => (since(cmd2.0, r.0), since(r.0, put_back.0)),
+            None => {
+                let verify = dur_field(&done.1, "verify_time")?;
+                (since(cmd2.0, put_back.0) - verify, verify)
+            }
+        };
         Some(json!({
             "to_w1": since(sent_wall, cmd1.0),
             "criu_dump": criu_dump,
-            "archive": dump_total - criu_dump,
-            "upload": since(dumped.0, stored.0),
-            "download": since(cmd2.0, put_back.0) - verify,
+            "archive": dump_total - criu_dump - finish,
+            "upload": finish + since(dumped.0, stored.0),
+            "download": download,
             "verify": verify,
             "criu_restore": criu_restore,
             "put_back": since(put_back.0, done.0) - criu_restore,
@@ -636,6 +695,7 @@ async fn migrate_run(
         "section": "migrate", "kind": kind, "variant": variant, "run": run,
         "downtime": secs(t2 - t0), "checkpoint": secs(t1 - t0), "restore": secs(t2 - t1),
         "total": secs(t3 - t0), "gap": gap, "bytes": bytes, "parts": parts,
+        "cpu": cpu, "cpu_nats": cpu_nats,
     }))
 }
 
@@ -674,6 +734,8 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
     wait_ready(&log, pid).await?;
     nix::unistd::sync();
 
+    let me = std::process::id() as i32;
+    let cpu0 = cpu_secs(me).unwrap_or(0.0);
     let t0 = Instant::now();
     let criu = |args: &[&str], dir: &Path| {
         let mut c = tokio::process::Command::new(&cfg.criu);
@@ -693,6 +755,8 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
     restore.arg("--pidfile").arg(&pidfile);
     run_step(&mut restore, cfg.step, "criu restore").await?;
     let t3 = Instant::now();
+    // criu and cp, reaped by this process (the tasks are not its children).
+    let cpu = cpu_secs(me).unwrap_or(0.0) - cpu0;
 
     let rpid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
     note_pid(cfg, rpid);
@@ -709,16 +773,17 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
     Ok(json!({
         "section": "migrate", "kind": kind, "variant": "raw-criu", "run": run,
         "downtime": secs(t3 - t0), "checkpoint": secs(t1 - t0), "restore": secs(t3 - t1),
-        "total": secs(t3 - t0), "gap": gap, "bytes": bytes,
+        "total": secs(t3 - t0), "gap": gap, "bytes": bytes, "cpu": cpu, "cpu_nats": 0.0,
         "parts": {"criu_dump": secs(t1 - t0), "copy": secs(t2 - t1), "criu_restore": secs(t3 - t2)},
     }))
 }
 
-/// The object store alone, `runs` times: a file of `mb` random MiB up (128 KiB chunks as the
-/// daemon's, the same with the file out of the page cache as `--compress none` archives are,
-/// 1 MiB chunks) and down (as the daemon: `tokio::io::copy` into a tokio `File`; through a
-/// 4 MiB `BufWriter`; 4 MiB blocks to a writer thread), and a plain `cp` for scale.
-async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
+/// The object store alone, `runs` times: a file of `mb` random MiB up and down, as the daemon
+/// moves checkpoints (`cedana_agent::objstore`: chunks as large as the server takes, many in
+/// flight; read back as the chunks arrive, size and SHA-256 checked, bytes dropped) and as
+/// async-nats's own `put` and `get` do (128 KiB chunks, each acknowledged before the next;
+/// read into a buffer); a plain `cp` for scale. CPU time of this process and nats-server.
+async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let blob = cfg.dir.join("blob");
     {
@@ -731,102 +796,101 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context) -> Result<()> {
         }
         dst.sync_all().await?;
     }
-    let store = js
+    let os = js
         .create_object_store(object_store::Config {
             bucket: "cedana_bench".into(),
             ..Default::default()
         })
         .await?;
-    let step = |step: String, run: u32, s: f64| {
-        emit(json!({"section": "store", "step": step, "run": run, "s": s}));
+    let bucket = cedana_agent::objstore::Bucket::open(js, os.clone(), "cedana_bench")
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let me = std::process::id() as i32;
+    let cpu = || {
+        (
+            cpu_secs(me).unwrap_or(0.0),
+            cpu_secs(nats_pid).unwrap_or(0.0),
+        )
+    };
+    let step = |step: &str, run: u32, t: Instant, c0: (f64, f64)| {
+        let c1 = cpu();
+        emit(
+            json!({"section": "store", "step": step, "run": run, "s": secs(t.elapsed()),
+            "cpu": c1.0 - c0.0, "cpu_nats": c1.1 - c0.1}),
+        );
     };
     for run in 1..=cfg.runs {
-        for (name, chunk, cached) in [
-            ("chunk128k", None, true),
-            ("chunk128k-uncached", None, false),
-            ("chunk1m", Some(1 << 20), true),
-        ] {
-            nix::unistd::sync();
-            let f = std::fs::File::open(&blob)?;
-            if !cached {
-                use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-                posix_fadvise(&f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
-            }
-            let t = Instant::now();
-            let meta = object_store::ObjectMetadata {
-                name: name.into(),
-                chunk_size: chunk,
-                ..Default::default()
-            };
-            let mut f = tokio::fs::File::from_std(f);
-            if let Err(e) = store.put(meta, &mut f).await {
-                bail!("object store put with {name}: {e}");
-            }
-            step(format!("put {name}"), run, secs(t.elapsed()));
-            if !cached {
-                store.delete(name).await?;
-                continue;
-            }
-            // Rotate which download goes first.
-            let mut order = ["daemon", "buffered", "thread"];
-            order.rotate_left(run as usize % 3);
-            for how in order {
-                nix::unistd::sync();
-                let out = cfg.dir.join("blob.down");
-                let t = Instant::now();
-                let mut obj = store.get(name).await?;
-                match how {
-                    // As agent/src/daemon.rs's restore: tokio::io::copy into a tokio File.
-                    "daemon" => {
-                        let mut f = tokio::fs::File::create(&out).await?;
-                        tokio::io::copy(&mut obj, &mut f).await?;
-                    }
-                    "buffered" => {
-                        let f = tokio::fs::File::create(&out).await?;
-                        let mut f = tokio::io::BufWriter::with_capacity(4 << 20, f);
-                        tokio::io::copy(&mut obj, &mut f).await?;
-                        f.flush().await?;
-                    }
-                    // 4 MiB blocks written by a thread of their own while the next arrive.
-                    _ => {
-                        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-                        let mut f = std::fs::File::create(&out)?;
-                        let writer = std::thread::spawn(move || -> std::io::Result<()> {
-                            use std::io::Write;
-                            while let Some(b) = rx.blocking_recv() {
-                                f.write_all(&b)?;
-                            }
-                            Ok(())
-                        });
-                        let mut buf = Vec::with_capacity(4 << 20);
-                        while obj.read_buf(&mut buf).await? > 0 {
-                            if buf.len() == buf.capacity() {
-                                let full = std::mem::replace(&mut buf, Vec::with_capacity(4 << 20));
-                                tx.send(full).await?;
-                            }
-                        }
-                        tx.send(buf).await?;
-                        drop(tx);
-                        writer
-                            .join()
-                            .map_err(|_| anyhow!("the writer thread failed"))??;
-                    }
-                }
-                let s = secs(t.elapsed());
-                if file_len(&out) != cfg.mb << 20 {
-                    bail!("downloaded {} bytes of {}", file_len(&out), cfg.mb << 20);
-                }
-                std::fs::remove_file(&out)?;
-                step(format!("get {name} {how}"), run, s);
-            }
-            store.delete(name).await?;
-        }
+        // Up and down as the daemon.
         nix::unistd::sync();
-        let t = Instant::now();
+        let (c0, t) = (cpu(), Instant::now());
+        let (upload, done) = bucket.upload("bench", Default::default());
+        let path = blob.clone();
+        let name = tokio::task::spawn_blocking(move || -> Result<String> {
+            use cedana_agent::zipout::Sink;
+            let mut up: Box<dyn Sink> = Box::new(upload);
+            let len = std::fs::metadata(&path)?.len();
+            up.copy_from(&mut std::fs::File::open(&path)?, len, None)?;
+            Ok(up.commit(&format!("blob{run}"), &[])?)
+        })
+        .await??;
+        let _ = done.await;
+        step("put as the daemon (1 MiB chunks, 16 in flight)", run, t, c0);
+        let (c0, t) = (cpu(), Instant::now());
+        let fetch = bucket.fetch(&name).await.map_err(|e| anyhow!(e))?;
+        let (tx, mut rx) = fetch.channel();
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+            use cedana_agent::zipin::ChunkSource;
+            let mut n = 0;
+            while let Some(b) = rx.next_chunk()? {
+                n += b.len() as u64;
+            }
+            Ok(n)
+        });
+        fetch.pump(tx).await?;
+        let n = reader.await??;
+        if n != cfg.mb << 20 {
+            bail!("read back {n} bytes of {}", cfg.mb << 20);
+        }
+        step(
+            "get as the daemon (chunks handed on as they arrive)",
+            run,
+            t,
+            c0,
+        );
+        os.delete(&name).await?;
+
+        // Up and down through async-nats's put and get.
+        nix::unistd::sync();
+        let (c0, t) = (cpu(), Instant::now());
+        let mut f = tokio::fs::File::open(&blob).await?;
+        if let Err(e) = os.put("blob", &mut f).await {
+            bail!("object store put: {e}");
+        }
+        step("async-nats put (128 KiB chunks, one at a time)", run, t, c0);
+        let (c0, t) = (cpu(), Instant::now());
+        let mut obj = os.get("blob").await?;
+        let mut buf = Vec::with_capacity(4 << 20);
+        let mut n = 0u64;
+        loop {
+            buf.clear();
+            let k = obj.read_buf(&mut buf).await?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        if n != cfg.mb << 20 {
+            bail!("read back {n} bytes of {}", cfg.mb << 20);
+        }
+        step("async-nats get (into a buffer)", run, t, c0);
+        os.delete("blob").await?;
+
+        nix::unistd::sync();
+        let (c0, t) = (cpu(), Instant::now());
         let mut cp = tokio::process::Command::new("cp");
         cp.arg(&blob).arg(cfg.dir.join("blob.cp"));
         run_step(&mut cp, cfg.step, "cp").await?;
-        step("cp (same disk)".into(), run, secs(t.elapsed()));
+        step("cp (same disk)", run, t, c0);
         std::fs::remove_file(cfg.dir.join("blob.cp"))?;
     }
     js.delete_object_store("cedana_bench").await?;
@@ -852,6 +916,8 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
         let storage = w.starts_with('s').then_some(shared.as_path());
         daemons.push(start_daemon(cfg, url, token, w, &work, storage)?);
     }
+    let pid_of = |g: &Guard| g.0.id() as i32;
+    let nats_pid = pid_of(&_nats);
     let mut c = Client::connect(url, token).await?;
     for w in ["w1", "w2", "s1", "s2"] {
         c.wait_registered(w).await?;
@@ -860,11 +926,13 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
         from: "w1",
         to: "w2",
         shared: None,
+        pids: [pid_of(&daemons[0]), pid_of(&daemons[1]), nats_pid],
     };
     let by_folder = Route {
         from: "s1",
         to: "s2",
         shared: Some(&shared),
+        pids: [pid_of(&daemons[2]), pid_of(&daemons[3]), nats_pid],
     };
     if sections.contains(&"ping") {
         eprintln!("ping: {} round trips to w1", cfg.pings);
@@ -879,6 +947,9 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     for run in 1..=runs {
         for kind in &cfg.kinds {
             for variant in ["raw-criu", "none", "zstd", "shared-none", "shared-zstd"] {
+                if !cfg.variants.iter().any(|v| v == variant) {
+                    continue;
+                }
                 let route = if variant.starts_with("shared") {
                     &by_folder
                 } else {
@@ -908,7 +979,7 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     }
     if sections.contains(&"store") {
         eprintln!("object store alone: {} MiB up and down", cfg.mb);
-        store_section(cfg, &c.js).await?;
+        store_section(cfg, &c.js, nats_pid).await?;
     }
     Ok(())
 }
@@ -992,6 +1063,12 @@ fn main() -> Result<()> {
             .split_whitespace()
             .map(String::from)
             .collect(),
+        variants: std::env::var("BENCH_VARIANTS")
+            .unwrap_or_else(|_| "none zstd shared-none shared-zstd".into())
+            .split_whitespace()
+            .map(String::from)
+            .chain(["raw-criu".to_string()])
+            .collect(),
         pings: env_num("BENCH_PINGS", 200)? as usize,
         driver_runs: env_num("BENCH_DRIVER_RUNS", 5)? as u32,
         pids: std::env::var_os("BENCH_PIDS").map(PathBuf::from),
@@ -1003,6 +1080,14 @@ fn main() -> Result<()> {
         .find(|k| !matches!(k.as_str(), "random" | "compressible"))
     {
         bail!("unknown BENCH_KINDS entry {k:?}: use random and/or compressible");
+    }
+    if let Some(v) = cfg.variants.iter().find(|v| {
+        !matches!(
+            v.as_str(),
+            "raw-criu" | "none" | "zstd" | "shared-none" | "shared-zstd"
+        )
+    }) {
+        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, shared-none, shared-zstd");
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut sections: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,0 +1,700 @@
+//! Checkpoints in JetStream's object store.
+//!
+//! The layout is the object store's own (NATS ADR-20, what async-nats, nats.go and the `nats`
+//! CLI read): an object's data is published in chunks to `$O.<bucket>.C.<nuid>`, then its
+//! [`ObjectInfo`] (name, size, chunk count, `SHA-256=<base64url>` digest of the data) to
+//! `$O.<bucket>.M.<base64url(name)>` with a `Nats-Rollup: sub` header. An object exists once
+//! its info is stored: a half-uploaded one is never seen.
+//!
+//! [`Upload`] is written an archive as it is made (a [`crate::zipout::Sink`]): chunks as large
+//! as the server takes (1 MiB by default), many published before the first is acknowledged
+//! rather than each waited on, the object's SHA-256 computed on a thread of its own. Its info is
+//! published once every chunk was acknowledged, under a name no object has, conditionally on
+//! the name's subject being as it was seen (so an object is never replaced, even by another
+//! worker choosing the same name). Dropped uncommitted, it purges its chunks. [`Fetch`] reads
+//! an object as async-nats's `get` does (an ordered consumer of its chunk subject) but hands
+//! the chunks on as they arrive, without copying them, to a blocking reader ([`Received`]),
+//! which checks the size and SHA-256 (on another thread) before it sees the end.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use async_nats::jetstream::{
+    self,
+    context::PublishErrorKind,
+    object_store::{self, ObjectInfo, ObjectOptions},
+    stream,
+};
+use base64::engine::general_purpose::URL_SAFE;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::hashing::BytesHasher;
+
+/// Largest chunk published (the server's `max_payload` may make it smaller).
+pub const MAX_CHUNK: usize = 1 << 20;
+/// The object metadata key under which an archive's stored entries of unknown size are
+/// listed: `offset:size,...` (local header offset and size; see [`crate::zipout::Sink::commit`]).
+pub const STORED_SIZES: &str = "cedana-stored-sizes";
+/// Chunks published and not yet acknowledged.
+const IN_FLIGHT: usize = 16;
+/// Chunks made and not yet published.
+const QUEUED: usize = 4;
+
+/// The checkpoint bucket: its object store and the stream under it.
+#[derive(Clone)]
+pub struct Bucket {
+    js: jetstream::Context,
+    store: object_store::ObjectStore,
+    stream: stream::Stream,
+    name: String,
+}
+
+/// A name chosen for a new object, and the last sequence of its info subject when chosen (0:
+/// no message), which the info's publish must still find.
+struct FreeName {
+    name: String,
+    last_seq: u64,
+}
+
+impl Bucket {
+    /// The bucket `name` (whose store is `store`).
+    pub async fn open(
+        js: &jetstream::Context,
+        store: object_store::ObjectStore,
+        name: &str,
+    ) -> Result<Self, String> {
+        let stream = js
+            .get_stream(format!("OBJ_{name}"))
+            .await
+            .map_err(|e| format!("cannot open the stream of object store {name}: {e}"))?;
+        Ok(Bucket {
+            js: js.clone(),
+            store,
+            stream,
+            name: name.to_string(),
+        })
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &object_store::ObjectStore {
+        &self.store
+    }
+
+    fn info_subject(&self, object: &str) -> String {
+        format!("$O.{}.M.{}", self.name, URL_SAFE.encode(object))
+    }
+
+    /// `<prefix>/<file_name>`, or `<prefix>/<stem>_N.zip` when that object exists (and is not
+    /// deleted).
+    async fn free_name(&self, prefix: &str, file_name: &str, skip: usize) -> FreeName {
+        let stem = file_name.strip_suffix(".zip").unwrap_or(file_name);
+        let mut skipped = 0;
+        for n in 0..1000 {
+            let name = match n {
+                0 => format!("{prefix}/{file_name}"),
+                n => format!("{prefix}/{stem}_{n}.zip"),
+            };
+            let last_seq = match self
+                .stream
+                .get_last_raw_message_by_subject(&self.info_subject(&name))
+                .await
+            {
+                Ok(m) => match serde_json::from_slice::<ObjectInfo>(&m.payload) {
+                    Ok(info) if info.deleted => m.sequence,
+                    _ => continue,
+                },
+                Err(_) => 0,
+            };
+            if skipped < skip {
+                skipped += 1;
+                continue;
+            }
+            return FreeName { name, last_seq };
+        }
+        FreeName {
+            name: format!("{prefix}/{file_name}"),
+            last_seq: 0,
+        }
+    }
+
+    /// An upload of a new object named `<prefix>/<stem>.zip` (or `_N`) on commit; `naming` is
+    /// held while the name is chosen and claimed. Must be called inside a tokio runtime; the
+    /// upload is then written from a blocking thread. The receiver resolves once the upload
+    /// was committed or, dropped uncommitted, its chunks purged.
+    pub fn upload(
+        &self,
+        prefix: &str,
+        naming: Arc<tokio::sync::Mutex<()>>,
+    ) -> (Upload, oneshot::Receiver<()>) {
+        let handle = tokio::runtime::Handle::current();
+        let max_payload = self.js.client().server_info().max_payload;
+        let chunk_size = match max_payload {
+            0 => 128 << 10,
+            m => m.min(MAX_CHUNK),
+        };
+        let nuid = random_id();
+        let subject = format!("$O.{}.C.{nuid}", self.name);
+        let (tx, rx) = mpsc::channel(QUEUED);
+        let publisher = handle.spawn(publish_chunks(self.js.clone(), subject, rx));
+        let (done_tx, done_rx) = oneshot::channel();
+        (
+            Upload {
+                handle,
+                bucket: self.clone(),
+                prefix: prefix.to_string(),
+                naming,
+                nuid,
+                chunk_size,
+                chunk: Vec::with_capacity(chunk_size),
+                tx: Some(tx),
+                publisher: Some(publisher),
+                hasher: Some(BytesHasher::new()),
+                size: 0,
+                chunks: 0,
+                committed: false,
+                done: Some(done_tx),
+            },
+            done_rx,
+        )
+    }
+}
+
+/// 22 random letters and digits, as a NUID looks.
+fn random_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut raw = [0u8; 22];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .is_err()
+    {
+        // Unique enough without randomness: time and PID.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let seed = t ^ ((std::process::id() as u128) << 64);
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (seed >> ((i * 5) % 120)) as u8;
+        }
+    }
+    raw.iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Publishes the chunks it receives in order, keeping up to [`IN_FLIGHT`] unacknowledged.
+async fn publish_chunks(
+    js: jetstream::Context,
+    subject: String,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> Result<(), String> {
+    let mut acks = VecDeque::with_capacity(IN_FLIGHT);
+    while let Some(chunk) = rx.recv().await {
+        let ack = js
+            .publish(subject.clone(), chunk)
+            .await
+            .map_err(|e| format!("cannot publish a chunk: {e}"))?;
+        acks.push_back(std::future::IntoFuture::into_future(ack));
+        if acks.len() >= IN_FLIGHT {
+            if let Some(ack) = acks.pop_front() {
+                ack.await
+                    .map_err(|e| format!("a chunk was not stored: {e}"))?;
+            }
+        }
+    }
+    while let Some(ack) = acks.pop_front() {
+        ack.await
+            .map_err(|e| format!("a chunk was not stored: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A new object being written; see the module's documentation.
+pub struct Upload {
+    handle: tokio::runtime::Handle,
+    bucket: Bucket,
+    prefix: String,
+    naming: Arc<tokio::sync::Mutex<()>>,
+    nuid: String,
+    chunk_size: usize,
+    chunk: Vec<u8>,
+    tx: Option<mpsc::Sender<Bytes>>,
+    publisher: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    hasher: Option<BytesHasher>,
+    size: u64,
+    chunks: usize,
+    committed: bool,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Upload {
+    /// Hands the current chunk to the publisher.
+    fn send(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.chunk_size));
+        self.send_bytes(Bytes::from(full))
+    }
+
+    /// Hands `b` to the publisher as a chunk.
+    fn send_bytes(&mut self, b: Bytes) -> io::Result<()> {
+        self.size += b.len() as u64;
+        self.chunks += 1;
+        if let Some(h) = &mut self.hasher {
+            h.hash(b.clone());
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.blocking_send(b).is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
+    }
+
+    /// Why the publisher stopped.
+    fn failure(&mut self) -> io::Error {
+        drop(self.tx.take());
+        let reason = match self.publisher.take() {
+            Some(p) => match self.handle.block_on(p) {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => "the upload ended early".into(),
+                Err(e) => e.to_string(),
+            },
+            None => "the upload failed earlier".into(),
+        };
+        io::Error::other(reason)
+    }
+
+    /// Publishes the object's info under a free name; returns the name.
+    async fn publish_info(
+        &self,
+        stem: &str,
+        digest: [u8; 32],
+        stored_sizes: String,
+    ) -> io::Result<String> {
+        let _turn = self.naming.lock().await;
+        let file_name = format!("{stem}.zip");
+        // A name another writer claims between our look and our publish is skipped.
+        for skip in 0..10 {
+            let free = self.bucket.free_name(&self.prefix, &file_name, skip).await;
+            let info = ObjectInfo {
+                name: free.name.clone(),
+                description: None,
+                metadata: match stored_sizes.is_empty() {
+                    true => Default::default(),
+                    false => [(STORED_SIZES.to_string(), stored_sizes.clone())].into(),
+                },
+                headers: None,
+                options: Some(ObjectOptions {
+                    link: None,
+                    max_chunk_size: Some(self.chunk_size),
+                }),
+                bucket: self.bucket.name.clone(),
+                nuid: self.nuid.clone(),
+                size: self.size as usize,
+                chunks: self.chunks,
+                modified: Some(time::OffsetDateTime::now_utc()),
+                digest: Some(format!("SHA-256={}", URL_SAFE.encode(digest))),
+                deleted: false,
+            };
+            let payload = serde_json::to_vec(&info).map_err(io::Error::other)?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Rollup", "sub");
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                free.last_seq.to_string(),
+            );
+            let stored = async {
+                self.bucket
+                    .js
+                    .publish_with_headers(
+                        self.bucket.info_subject(&free.name),
+                        headers,
+                        payload.into(),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match stored {
+                Ok(_) => return Ok(free.name),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    debug!(name = %free.name, "object name taken meanwhile; choosing another");
+                }
+                Err(e) => {
+                    // Stored all the same (the acknowledgement was lost)?
+                    return match self.bucket.store.info(&free.name).await {
+                        Ok(i) if i.nuid == self.nuid && !i.deleted => Ok(free.name),
+                        _ => Err(io::Error::other(format!(
+                            "cannot store the info of object {}: {e}",
+                            free.name
+                        ))),
+                    };
+                }
+            }
+        }
+        Err(io::Error::other(format!(
+            "no free object name for {}/{file_name}",
+            self.prefix
+        )))
+    }
+}
+
+impl Write for Upload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.chunk_size - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() == self.chunk_size {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::zipout::Sink for Upload {
+    fn write_bytes(&mut self, b: Bytes) -> io::Result<()> {
+        // Large pieces go out as chunks of their own, small ones are gathered.
+        if b.len() < self.chunk_size / 2 || b.len() > self.chunk_size {
+            return self.write_all(&b);
+        }
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        self.send_bytes(b)
+    }
+
+    fn copy_from(
+        &mut self,
+        src: &mut File,
+        len: u64,
+        mut crc: Option<&mut crc32fast::Hasher>,
+    ) -> io::Result<u64> {
+        let _ = nix::fcntl::posix_fadvise(
+            &*src,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
+        let mut done = 0u64;
+        while done < len {
+            // Read straight into the chunk being filled.
+            let old = self.chunk.len();
+            let want = (self.chunk_size - old).min((len - done) as usize);
+            self.chunk.resize(old + want, 0);
+            let n = loop {
+                match src.read(&mut self.chunk[old..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.chunk.truncate(old);
+                        return Err(e);
+                    }
+                }
+            };
+            self.chunk.truncate(old + n);
+            if n == 0 {
+                break;
+            }
+            if let Some(c) = crc.as_deref_mut() {
+                c.update(&self.chunk[old..]);
+            }
+            done += n as u64;
+            if self.chunk.len() == self.chunk_size {
+                self.send()?;
+            }
+        }
+        Ok(done)
+    }
+
+    fn commit(mut self: Box<Self>, stem: &str, stored_sizes: &[(u64, u64)]) -> io::Result<String> {
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        drop(self.tx.take());
+        if let Some(p) = self.publisher.take() {
+            match self.handle.block_on(p) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(io::Error::other(e)),
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        let digest = self
+            .hasher
+            .take()
+            .map(BytesHasher::finish)
+            .unwrap_or_default();
+        let handle = self.handle.clone();
+        let sizes = stored_sizes
+            .iter()
+            .map(|(offset, size)| format!("{offset}:{size}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let name = handle.block_on(self.publish_info(stem, digest, sizes))?;
+        self.committed = true;
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+        Ok(name)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        drop(self.tx.take());
+        let publisher = self.publisher.take();
+        let stream = self.bucket.stream.clone();
+        let subject = format!("$O.{}.C.{}", self.bucket.name, self.nuid);
+        let done = self.done.take();
+        self.handle.spawn(async move {
+            if let Some(p) = publisher {
+                let _ = p.await;
+            }
+            if let Err(e) = stream.purge().filter(&subject).await {
+                warn!(error = %e, subject = %subject, "cannot purge the chunks of an abandoned upload");
+            }
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        });
+    }
+}
+
+/// Receives an object's bytes from [`Fetch::pump`] on a blocking thread. Its SHA-256 is
+/// computed on another thread as the bytes pass; at the end, size and SHA-256 must be those of
+/// the object's info, or the end is an error: a reader sees the end only of a whole, intact
+/// object.
+pub struct Received {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    check: Option<Check>,
+}
+
+/// What the bytes received must add up to.
+struct Check {
+    name: String,
+    size: u64,
+    digest: Option<String>,
+    seen: u64,
+    hasher: BytesHasher,
+}
+
+impl Check {
+    fn verify(self) -> io::Result<()> {
+        let name = &self.name;
+        if self.seen != self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{name} has {} bytes, its info says {}",
+                    self.seen, self.size
+                ),
+            ));
+        }
+        let digest = self.hasher.finish();
+        if let Some(want) = &self.digest {
+            let ok = want
+                .strip_prefix("SHA-256=")
+                .map(|b| b.trim_end_matches('='))
+                .and_then(|b| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(b)
+                        .ok()
+                })
+                .is_some_and(|w| w == digest);
+            if !ok {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{name} does not have the SHA-256 stored with it (wrong digest)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl crate::zipin::ChunkSource for Received {
+    fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self.rx.blocking_recv() {
+            Some(Ok(b)) => {
+                if let Some(c) = &mut self.check {
+                    c.seen += b.len() as u64;
+                    c.hasher.hash(b.clone());
+                }
+                Ok(Some(b))
+            }
+            Some(Err(e)) => Err(e),
+            None => match self.check.take() {
+                Some(c) => c.verify().map(|()| None),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
+/// How long a read waits for the next chunk before it gives up.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An object about to be read: its info, and where its chunks are.
+pub struct Fetch {
+    pub info: ObjectInfo,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    bucket: String,
+}
+
+impl Bucket {
+    /// Looks `name` up for reading.
+    pub async fn fetch(&self, name: &str) -> Result<Fetch, String> {
+        let info = self
+            .store
+            .info(name)
+            .await
+            .map_err(|e| format!("cannot fetch {name}: {e}"))?;
+        if info.deleted {
+            return Err(format!("cannot fetch {name}: it was deleted"));
+        }
+        if info.options.as_ref().is_some_and(|o| o.link.is_some()) {
+            return Err(format!(
+                "cannot fetch {name}: it is a link, not a checkpoint"
+            ));
+        }
+        Ok(Fetch {
+            info,
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            bucket: self.name.clone(),
+        })
+    }
+}
+
+impl Fetch {
+    /// The sizes of stored entries its writer listed (see [`STORED_SIZES`]); none if the list
+    /// is missing or unreadable.
+    pub fn stored_sizes(&self) -> std::collections::BTreeMap<u64, u64> {
+        let parse = |list: &str| {
+            list.split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (o, n) = p.split_once(':')?;
+                    Some((o.parse().ok()?, n.parse().ok()?))
+                })
+                .collect::<Option<std::collections::BTreeMap<u64, u64>>>()
+        };
+        self.info
+            .metadata
+            .get(STORED_SIZES)
+            .and_then(|l| parse(l))
+            .unwrap_or_default()
+    }
+
+    /// A channel for [`Fetch::pump`], its receiving end checking the object's size and SHA-256.
+    pub fn channel(&self) -> (mpsc::Sender<io::Result<Bytes>>, Received) {
+        let (tx, rx) = mpsc::channel(16);
+        let check = Check {
+            name: self.info.name.clone(),
+            size: self.info.size as u64,
+            digest: self.info.digest.clone(),
+            seen: 0,
+            hasher: BytesHasher::new(),
+        };
+        (
+            tx,
+            Received {
+                rx,
+                check: Some(check),
+            },
+        )
+    }
+
+    /// Reads the object's chunks in order (an ordered consumer of its chunk subject, as
+    /// async-nats's `get` does) and sends them to `tx` (from [`Fetch::channel`]) as they
+    /// come, without copying them; then closes it, which the receiving end takes as the end
+    /// once size and SHA-256 are right. A failure is sent to it (and returned). Stops early,
+    /// without error, when the receiver is gone. Returns the bytes sent.
+    pub async fn pump(self, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<u64> {
+        let result = self.read_into(&tx).await;
+        if let Err(e) = &result {
+            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
+        }
+        result
+    }
+
+    async fn read_into(&self, tx: &mpsc::Sender<io::Result<Bytes>>) -> io::Result<u64> {
+        let name = &self.info.name;
+        let mut total = 0u64;
+        if self.info.chunks == 0 {
+            return Ok(0);
+        }
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: format!("$O.{}.C.{}", self.bucket, self.info.nuid),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| io::Error::other(format!("cannot read {name}: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| io::Error::other(format!("cannot read {name}: {e}")))?;
+        for _ in 0..self.info.chunks {
+            let m = match tokio::time::timeout(IDLE, messages.next()).await {
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no chunk of {name} arrived for {} s", IDLE.as_secs()),
+                    ))
+                }
+                Ok(None) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the chunks of {name} ended early"),
+                    ))
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(io::Error::other(format!("cannot read {name}: {e}")))
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let payload = m.message.payload.clone();
+            total += payload.len() as u64;
+            if tx.send(Ok(payload)).await.is_err() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Downloads an object into `file` (4 MiB writes on a blocking thread), its size and SHA-256
+/// checked.
+pub async fn download(fetch: Fetch, file: File) -> io::Result<u64> {
+    let (tx, mut rx) = fetch.channel();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        use crate::zipin::ChunkSource;
+        let mut out = io::BufWriter::with_capacity(4 * MAX_CHUNK, file);
+        while let Some(b) = rx.next_chunk()? {
+            out.write_all(&b)?;
+        }
+        out.flush()
+    });
+    let pumped = fetch.pump(tx).await;
+    let written = writer.await.map_err(io::Error::other)?;
+    let n = pumped?;
+    written?;
+    Ok(n)
+}
