@@ -524,13 +524,25 @@ impl Simulator {
 
     /// Waits until `id` runs (booted by the simulator); fails at once if it failed to boot.
     pub fn wait_running(&self, id: &str, timeout: Duration) -> Result<SimInstance, SimError> {
-        self.wait_for(id, timeout, "to run", |i| match &i.state {
-            SimState::Running => Some(Ok(i.clone())),
-            SimState::Failed(m) => Some(Err(SimError::Boot {
-                id: id.into(),
-                message: m.clone(),
-            })),
-            _ => None,
+        let start = Instant::now();
+        // Running, and booted: its init has mounted its disks (it prints "up:" after the last
+        // mount), so what a test runs there sees the instance's /etc, not this machine's.
+        self.wait_for(id, timeout, "to run and finish booting", |i| {
+            match &i.state {
+                SimState::Running if self.console(id).contains(" up: ") => Some(Ok(i.clone())),
+                SimState::Running if start.elapsed() > timeout => Some(Err(SimError::Boot {
+                    id: id.into(),
+                    message: format!(
+                        "running, but its init did not finish booting; console:\n{}",
+                        self.console(id)
+                    ),
+                })),
+                SimState::Failed(m) => Some(Err(SimError::Boot {
+                    id: id.into(),
+                    message: m.clone(),
+                })),
+                _ => None,
+            }
         })
     }
 

@@ -228,8 +228,12 @@ if pid == 0:
     os.execvp(argv[0], argv)
 seen = b""
 deadline = time.time() + 30
+def waiting(prompt):
+    # The whole prompt, up to the ": " it ends with, before answering.
+    last = seen.split(b"\n")[-1]
+    return not (prompt.encode() in last and last.rstrip(b" ").endswith(b":"))
 for prompt, answer in answers:
-    while prompt.encode() not in seen.split(b"\n")[-1] and time.time() < deadline:
+    while waiting(prompt) and time.time() < deadline:
         r, _, _ = select.select([fd], [], [], 0.5)
         if r:
             try:
@@ -241,7 +245,6 @@ for prompt, answer in answers:
             seen += chunk
     time.sleep(0.2)
     os.write(fd, (answer + "\n").encode())
-    seen += b"\n"
 while time.time() < deadline:
     try:
         chunk = os.read(fd, 4096)
