@@ -6,9 +6,9 @@
 //! `$O.<bucket>.M.<base64url(name)>` with a `Nats-Rollup: sub` header. An object exists once
 //! its info is stored: a half-uploaded one is never seen.
 //!
-//! [`Upload`] is written an archive as it is made (a [`crate::zipout::Sink`]): chunks as large
-//! as the server takes (1 MiB by default), many published before the first is acknowledged
-//! rather than each waited on, the object's SHA-256 computed on a thread of its own. Its info is
+//! [`Upload`] is written an archive as it is made (a [`crate::zipout::Sink`]): chunks of
+//! 128 KiB, many published before the first is acknowledged rather than each waited on, the
+//! object's SHA-256 computed on a thread of its own. Its info is
 //! published once every chunk was acknowledged, under a name no object has, conditionally on
 //! the name's subject being as it was seen (so an object is never replaced, even by another
 //! worker choosing the same name). Dropped uncommitted, it purges its chunks. [`Fetch`] reads
@@ -36,15 +36,17 @@ use tracing::{debug, warn};
 
 use crate::hashing::BytesHasher;
 
-/// Largest chunk published (the server's `max_payload` may make it smaller).
-pub const MAX_CHUNK: usize = 1 << 20;
+/// Largest chunk published (the server's `max_payload` may make it smaller). Larger chunks
+/// cost nats-server more: measured here, 512 MiB in 1 MiB chunks took it 0.7 to 1.9 s of CPU
+/// depending on how many were in flight, in 128 KiB chunks 0.65 to 0.8 s (tools/bench-migrate.sh).
+pub const MAX_CHUNK: usize = 128 << 10;
 /// The object metadata key under which an archive's stored entries of unknown size are
 /// listed: `offset:size,...` (local header offset and size; see [`crate::zipout::Sink::commit`]).
 pub const STORED_SIZES: &str = "cedana-stored-sizes";
 /// Chunks published and not yet acknowledged.
-const IN_FLIGHT: usize = 16;
+const IN_FLIGHT: usize = 64;
 /// Chunks made and not yet published.
-const QUEUED: usize = 4;
+const QUEUED: usize = 16;
 
 /// The checkpoint bucket: its object store and the stream under it.
 #[derive(Clone)]
@@ -363,15 +365,18 @@ impl Write for Upload {
 }
 
 impl crate::zipout::Sink for Upload {
-    fn write_bytes(&mut self, b: Bytes) -> io::Result<()> {
-        // Large pieces go out as chunks of their own, small ones are gathered.
-        if b.len() < self.chunk_size / 2 || b.len() > self.chunk_size {
-            return self.write_all(&b);
+    fn write_bytes(&mut self, mut b: Bytes) -> io::Result<()> {
+        // Whole chunks of a large piece go out as slices of it (no copy); the rest is gathered.
+        if b.len() >= self.chunk_size {
+            if !self.chunk.is_empty() {
+                self.send()?;
+            }
+            while b.len() >= self.chunk_size {
+                let chunk = b.split_to(self.chunk_size);
+                self.send_bytes(chunk)?;
+            }
         }
-        if !self.chunk.is_empty() {
-            self.send()?;
-        }
-        self.send_bytes(b)
+        self.write_all(&b)
     }
 
     fn copy_from(
@@ -602,7 +607,7 @@ impl Fetch {
 
     /// A channel for [`Fetch::pump`], its receiving end checking the object's size and SHA-256.
     pub fn channel(&self) -> (mpsc::Sender<io::Result<Bytes>>, Received) {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
         let check = Check {
             name: self.info.name.clone(),
             size: self.info.size as u64,
@@ -686,7 +691,7 @@ pub async fn download(fetch: Fetch, file: File) -> io::Result<u64> {
     let (tx, mut rx) = fetch.channel();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
         use crate::zipin::ChunkSource;
-        let mut out = io::BufWriter::with_capacity(4 * MAX_CHUNK, file);
+        let mut out = io::BufWriter::with_capacity(4 << 20, file);
         while let Some(b) = rx.next_chunk()? {
             out.write_all(&b)?;
         }

@@ -779,7 +779,7 @@ async fn raw_run(cfg: &Cfg, kind: &str, run: u32) -> Result<Value> {
 }
 
 /// The object store alone, `runs` times: a file of `mb` random MiB up and down, as the daemon
-/// moves checkpoints (`cedana_agent::objstore`: chunks as large as the server takes, many in
+/// moves checkpoints (`cedana_agent::objstore`: 128 KiB chunks, many in
 /// flight; read back as the chunks arrive, size and SHA-256 checked, bytes dropped) and as
 /// async-nats's own `put` and `get` do (128 KiB chunks, each acknowledged before the next;
 /// read into a buffer); a plain `cp` for scale. CPU time of this process and nats-server.
@@ -834,7 +834,12 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Res
         })
         .await??;
         let _ = done.await;
-        step("put as the daemon (1 MiB chunks, 16 in flight)", run, t, c0);
+        step(
+            "put as the daemon (128 KiB chunks, 64 in flight)",
+            run,
+            t,
+            c0,
+        );
         let (c0, t) = (cpu(), Instant::now());
         let fetch = bucket.fetch(&name).await.map_err(|e| anyhow!(e))?;
         let (tx, mut rx) = fetch.channel();
