@@ -577,24 +577,11 @@ pub fn same_machine(uname: &str, elf: &str) -> bool {
 
 /// `YYYYMMDD-HHMMSS` (UTC) of a Unix time, for default image names.
 pub fn utc_stamp(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    // 2026-09-20T12:00:00Z → 20260920-120000
+    crate::catalog::Timestamp::from_epoch(unix)
+        .as_str()
+        .replace(['-', ':', 'Z'], "")
+        .replace('T', "-")
 }
 
 #[cfg(feature = "aws")]

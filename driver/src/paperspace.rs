@@ -1192,16 +1192,9 @@ impl Instance for PaperspaceWorker {
     fn instance_id(&self) -> String {
         self.id.clone()
     }
-    fn local_dir(&self) -> Option<std::path::PathBuf> {
-        None
-    }
-    fn netns(&self) -> Option<String> {
-        None
-    }
     fn gone_flag(&self) -> Arc<AtomicBool> {
         self.gone.clone()
     }
-    fn note_task(&mut self, _pid: i32) {}
     fn terminate(&mut self) {
         self.end();
     }

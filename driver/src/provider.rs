@@ -100,13 +100,17 @@ pub trait Instance {
     /// The provider's id for it (a PID, an instance id).
     fn instance_id(&self) -> String;
     /// Its folder on this machine, for providers that have one (uploads go there).
-    fn local_dir(&self) -> Option<PathBuf>;
+    fn local_dir(&self) -> Option<PathBuf> {
+        None
+    }
     /// Its network namespace, if it has one of its own on this machine.
-    fn netns(&self) -> Option<String>;
+    fn netns(&self) -> Option<String> {
+        None
+    }
     /// A flag that turns true when the provider knows the worker is gone.
     fn gone_flag(&self) -> Arc<AtomicBool>;
     /// Notes a task it runs (some providers end tasks themselves on terminate).
-    fn note_task(&mut self, pid: i32);
+    fn note_task(&mut self, _pid: i32) {}
     /// Ends it, as losing the machine would.
     fn terminate(&mut self);
 }

@@ -1314,9 +1314,7 @@ pub fn total_len(files: &[Upload]) -> Result<u64, SshError> {
 }
 
 /// Quotes `s` for a POSIX shell (single quotes).
-pub fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+pub use crate::provider::sh_quote;
 
 #[cfg(test)]
 mod tests {

@@ -1498,9 +1498,7 @@ impl CloudConfig {
     }
 }
 
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+use cedana_driver::provider::sh_quote;
 
 /// A new disk: the image's folders (a snapshot's copied in).
 fn prepare_disk(disk: &Path, ami: &str, image: &ImageKind, sim_dir: &Path) -> Result<(), SimError> {
@@ -2072,24 +2070,10 @@ pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+        .unwrap_or(0);
+    cedana_driver::catalog::Timestamp::from_epoch(secs)
+        .as_str()
+        .to_string()
 }
 
 /// Standard base64 with padding (EC2's encoding of user-data).
