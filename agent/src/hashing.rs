@@ -160,23 +160,13 @@ impl Default for BytesHasher {
     }
 }
 
-/// Reads into `buf` (up to its capacity) until full or end of input; returns the bytes read.
+/// Reads into `buf` (emptied first) until it holds [`CHUNK`] bytes or the input ends; returns
+/// the bytes read. Files are read straight into the spare capacity, without zeroing it first.
 pub fn fill(r: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    buf.resize(CHUNK, 0);
-    let mut n = 0;
-    while n < CHUNK {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                buf.truncate(n);
-                return Err(e);
-            }
-        }
-    }
-    buf.truncate(n);
-    Ok(n)
+    use std::io::Read;
+    buf.clear();
+    buf.reserve(CHUNK);
+    r.by_ref().take(CHUNK as u64).read_to_end(buf)
 }
 
 #[cfg(test)]
