@@ -91,7 +91,10 @@ impl Default for HashPipe {
 /// SHA-256 of shared byte buffers ([`Bytes`]) on a thread of its own: the caller keeps using
 /// (or passes on) the same bytes while they are hashed.
 pub struct BytesHasher {
-    tx: Option<SyncSender<Bytes>>,
+    tx: Option<SyncSender<Vec<Bytes>>>,
+    /// Bytes not yet handed over (they go a few together: fewer wake-ups).
+    pending: Vec<Bytes>,
+    pending_len: usize,
     handle: Option<JoinHandle<[u8; 32]>>,
 }
 
@@ -103,28 +106,46 @@ impl BytesHasher {
 
     /// Starts the hashing thread from a hash already fed with earlier bytes.
     pub fn continuing(mut h: Sha256) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<Bytes>(IN_FLIGHT);
+        let (tx, rx) = mpsc::sync_channel::<Vec<Bytes>>(IN_FLIGHT);
         let handle = std::thread::spawn(move || {
-            for chunk in rx {
-                h.update(&chunk);
+            for batch in rx {
+                for chunk in batch {
+                    h.update(&chunk);
+                }
             }
             h.finalize().into()
         });
         BytesHasher {
             tx: Some(tx),
+            pending: Vec::new(),
+            pending_len: 0,
             handle: Some(handle),
         }
     }
 
-    /// Hands bytes over to be hashed (waits while a few are queued).
+    /// Hands bytes over to be hashed, [`CHUNK`] or more at a time (waits while a few are
+    /// queued).
     pub fn hash(&mut self, b: Bytes) {
+        self.pending_len += b.len();
+        self.pending.push(b);
+        if self.pending_len >= CHUNK {
+            self.hand_over();
+        }
+    }
+
+    fn hand_over(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_len = 0;
         if let Some(tx) = &self.tx {
-            let _ = tx.send(b);
+            let _ = tx.send(batch);
         }
     }
 
     /// Waits for everything handed over to be hashed; returns the SHA-256.
     pub fn finish(mut self) -> [u8; 32] {
+        if !self.pending.is_empty() {
+            self.hand_over();
+        }
         drop(self.tx.take());
         self.handle
             .take()
@@ -139,23 +160,13 @@ impl Default for BytesHasher {
     }
 }
 
-/// Reads into `buf` (up to its capacity) until full or end of input; returns the bytes read.
+/// Reads into `buf` (emptied first) until it holds [`CHUNK`] bytes or the input ends; returns
+/// the bytes read. Files are read straight into the spare capacity, without zeroing it first.
 pub fn fill(r: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    buf.resize(CHUNK, 0);
-    let mut n = 0;
-    while n < CHUNK {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                buf.truncate(n);
-                return Err(e);
-            }
-        }
-    }
-    buf.truncate(n);
-    Ok(n)
+    use std::io::Read;
+    buf.clear();
+    buf.reserve(CHUNK);
+    r.by_ref().take(CHUNK as u64).read_to_end(buf)
 }
 
 #[cfg(test)]

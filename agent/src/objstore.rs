@@ -30,7 +30,7 @@ use async_nats::jetstream::{
 use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -45,8 +45,10 @@ pub const MAX_CHUNK: usize = 128 << 10;
 pub const STORED_SIZES: &str = "cedana-stored-sizes";
 /// Chunks published and not yet acknowledged.
 const IN_FLIGHT: usize = 64;
-/// Chunks made and not yet published.
-const QUEUED: usize = 16;
+/// Chunks handed between threads at a time (fewer wake-ups than one by one).
+const BATCH: usize = 8;
+/// Batches made and not yet published.
+const QUEUED: usize = 4;
 
 /// The checkpoint bucket: its object store and the stream under it.
 #[derive(Clone)]
@@ -154,6 +156,7 @@ impl Bucket {
                 nuid,
                 chunk_size,
                 chunk: Vec::with_capacity(chunk_size),
+                batch: Vec::with_capacity(BATCH),
                 tx: Some(tx),
                 publisher: Some(publisher),
                 hasher: Some(BytesHasher::new()),
@@ -194,19 +197,21 @@ fn random_id() -> String {
 async fn publish_chunks(
     js: jetstream::Context,
     subject: String,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
 ) -> Result<(), String> {
     let mut acks = VecDeque::with_capacity(IN_FLIGHT);
-    while let Some(chunk) = rx.recv().await {
-        let ack = js
-            .publish(subject.clone(), chunk)
-            .await
-            .map_err(|e| format!("cannot publish a chunk: {e}"))?;
-        acks.push_back(std::future::IntoFuture::into_future(ack));
-        if acks.len() >= IN_FLIGHT {
-            if let Some(ack) = acks.pop_front() {
-                ack.await
-                    .map_err(|e| format!("a chunk was not stored: {e}"))?;
+    while let Some(batch) = rx.recv().await {
+        for chunk in batch {
+            let ack = js
+                .publish(subject.clone(), chunk)
+                .await
+                .map_err(|e| format!("cannot publish a chunk: {e}"))?;
+            acks.push_back(std::future::IntoFuture::into_future(ack));
+            if acks.len() >= IN_FLIGHT {
+                if let Some(ack) = acks.pop_front() {
+                    ack.await
+                        .map_err(|e| format!("a chunk was not stored: {e}"))?;
+                }
             }
         }
     }
@@ -226,7 +231,9 @@ pub struct Upload {
     nuid: String,
     chunk_size: usize,
     chunk: Vec<u8>,
-    tx: Option<mpsc::Sender<Bytes>>,
+    /// Chunks not yet handed to the publisher.
+    batch: Vec<Bytes>,
+    tx: Option<mpsc::Sender<Vec<Bytes>>>,
     publisher: Option<tokio::task::JoinHandle<Result<(), String>>>,
     hasher: Option<BytesHasher>,
     size: u64,
@@ -242,15 +249,27 @@ impl Upload {
         self.send_bytes(Bytes::from(full))
     }
 
-    /// Hands `b` to the publisher as a chunk.
+    /// Hands `b` to the publisher as a chunk (in batches).
     fn send_bytes(&mut self, b: Bytes) -> io::Result<()> {
         self.size += b.len() as u64;
         self.chunks += 1;
         if let Some(h) = &mut self.hasher {
             h.hash(b.clone());
         }
+        self.batch.push(b);
+        if self.batch.len() >= BATCH {
+            self.send_batch()?;
+        }
+        Ok(())
+    }
+
+    fn send_batch(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         let sent = match &self.tx {
-            Some(tx) => tx.blocking_send(b).is_ok(),
+            Some(tx) => tx.blocking_send(batch).is_ok(),
             None => false,
         };
         if sent {
@@ -426,6 +445,7 @@ impl crate::zipout::Sink for Upload {
         if !self.chunk.is_empty() {
             self.send()?;
         }
+        self.send_batch()?;
         drop(self.tx.take());
         if let Some(p) = self.publisher.take() {
             match self.handle.block_on(p) {
@@ -483,7 +503,9 @@ impl Drop for Upload {
 /// the object's info, or the end is an error: a reader sees the end only of a whole, intact
 /// object.
 pub struct Received {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
+    rx: mpsc::Receiver<io::Result<Vec<Bytes>>>,
+    /// Chunks received and not yet read.
+    ready: VecDeque<Bytes>,
     check: Option<Check>,
 }
 
@@ -532,20 +554,27 @@ impl Check {
 
 impl crate::zipin::ChunkSource for Received {
     fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        match self.rx.blocking_recv() {
-            Some(Ok(b)) => {
-                if let Some(c) = &mut self.check {
-                    c.seen += b.len() as u64;
-                    c.hasher.hash(b.clone());
+        while self.ready.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(batch)) => {
+                    for b in batch {
+                        if let Some(c) = &mut self.check {
+                            c.seen += b.len() as u64;
+                            c.hasher.hash(b.clone());
+                        }
+                        self.ready.push_back(b);
+                    }
                 }
-                Ok(Some(b))
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return match self.check.take() {
+                        Some(c) => c.verify().map(|()| None),
+                        None => Ok(None),
+                    }
+                }
             }
-            Some(Err(e)) => Err(e),
-            None => match self.check.take() {
-                Some(c) => c.verify().map(|()| None),
-                None => Ok(None),
-            },
         }
+        Ok(self.ready.pop_front())
     }
 }
 
@@ -606,8 +635,8 @@ impl Fetch {
     }
 
     /// A channel for [`Fetch::pump`], its receiving end checking the object's size and SHA-256.
-    pub fn channel(&self) -> (mpsc::Sender<io::Result<Bytes>>, Received) {
-        let (tx, rx) = mpsc::channel(64);
+    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Bytes>>>, Received) {
+        let (tx, rx) = mpsc::channel(8);
         let check = Check {
             name: self.info.name.clone(),
             size: self.info.size as u64,
@@ -619,6 +648,7 @@ impl Fetch {
             tx,
             Received {
                 rx,
+                ready: VecDeque::new(),
                 check: Some(check),
             },
         )
@@ -629,7 +659,7 @@ impl Fetch {
     /// come, without copying them; then closes it, which the receiving end takes as the end
     /// once size and SHA-256 are right. A failure is sent to it (and returned). Stops early,
     /// without error, when the receiver is gone. Returns the bytes sent.
-    pub async fn pump(self, tx: mpsc::Sender<io::Result<Bytes>>) -> io::Result<u64> {
+    pub async fn pump(self, tx: mpsc::Sender<io::Result<Vec<Bytes>>>) -> io::Result<u64> {
         let result = self.read_into(&tx).await;
         if let Err(e) = &result {
             let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
@@ -637,7 +667,7 @@ impl Fetch {
         result
     }
 
-    async fn read_into(&self, tx: &mpsc::Sender<io::Result<Bytes>>) -> io::Result<u64> {
+    async fn read_into(&self, tx: &mpsc::Sender<io::Result<Vec<Bytes>>>) -> io::Result<u64> {
         let name = &self.info.name;
         let mut total = 0u64;
         if self.info.chunks == 0 {
@@ -656,7 +686,8 @@ impl Fetch {
             .messages()
             .await
             .map_err(|e| io::Error::other(format!("cannot read {name}: {e}")))?;
-        for _ in 0..self.info.chunks {
+        let mut left = self.info.chunks;
+        while left > 0 {
             let m = match tokio::time::timeout(IDLE, messages.next()).await {
                 Err(_) => {
                     return Err(io::Error::new(
@@ -664,20 +695,33 @@ impl Fetch {
                         format!("no chunk of {name} arrived for {} s", IDLE.as_secs()),
                     ))
                 }
-                Ok(None) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the chunks of {name} ended early"),
-                    ))
-                }
-                Ok(Some(Err(e))) => {
-                    return Err(io::Error::other(format!("cannot read {name}: {e}")))
-                }
-                Ok(Some(Ok(m))) => m,
+                Ok(m) => m,
             };
-            let payload = m.message.payload.clone();
-            total += payload.len() as u64;
-            if tx.send(Ok(payload)).await.is_err() {
+            // Handed on a few at a time: this one and those that arrived with it.
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut next = Some(m);
+            while let Some(m) = next.take() {
+                let m = match m {
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the chunks of {name} ended early"),
+                        ))
+                    }
+                    Some(Err(e)) => {
+                        return Err(io::Error::other(format!("cannot read {name}: {e}")))
+                    }
+                    Some(Ok(m)) => m,
+                };
+                let payload = m.message.payload.clone();
+                total += payload.len() as u64;
+                batch.push(payload);
+                left -= 1;
+                if left > 0 && batch.len() < BATCH {
+                    next = messages.next().now_or_never();
+                }
+            }
+            if tx.send(Ok(batch)).await.is_err() {
                 break;
             }
         }
