@@ -197,6 +197,9 @@ struct Worker {
     criu_lock: tokio::sync::Mutex<()>,
     /// Held while an archive's object name is chosen and claimed.
     naming: Arc<tokio::sync::Mutex<()>>,
+    /// Checkpoints being read while another worker stores them ([`Command::Prefetch`]), by
+    /// chunks id.
+    prefetches: Mutex<HashMap<String, Prefetch>>,
     /// Numbers events for their message ids.
     next_event: std::sync::atomic::AtomicU64,
     /// Distinguishes this run of the daemon from earlier ones (message ids stay unique).
@@ -311,6 +314,7 @@ pub async fn run(
         tasks: Arc::new(Mutex::new(HashMap::new())),
         criu_lock: Default::default(),
         naming: Default::default(),
+        prefetches: Default::default(),
         next_event: Default::default(),
         incarnation: format!("{}-{}", std::process::id(), protocol::now()),
     });
@@ -505,7 +509,12 @@ impl Worker {
                 task,
                 leave_running,
                 compression,
-            } => self.checkpoint(task, leave_running, compression).await,
+                chunks,
+            } => {
+                self.checkpoint(task, leave_running, compression, chunks)
+                    .await
+            }
+            Command::Prefetch { chunks } => self.prefetch(chunks),
             Command::Restore { task, object } => self.restore(task, object).await,
             Command::Stop { task } => {
                 let pid = self.task_pid(&task)?;
@@ -639,7 +648,15 @@ impl Worker {
         task: String,
         leave_running: bool,
         compression: crate::Compression,
+        chunks: Option<String>,
     ) -> Result<Reply, String> {
+        if let Some(c) = &chunks {
+            if !protocol::valid_chunks_id(c) {
+                return Err(format!(
+                    "chunks id {c:?} is not usable: use 16 to 64 letters and digits"
+                ));
+            }
+        }
         // A command's checkpoint and a spot notice's may meet: one dump at a time.
         let criu_turn = self.criu_lock.lock().await;
         let pid = match self.tasks.lock().expect("tasks").get(&task) {
@@ -681,7 +698,8 @@ impl Worker {
             Some(_) => (None, None),
             None => {
                 let (upload, cleaned) =
-                    self.checkpoints.upload(&self.opts.job, self.naming.clone());
+                    self.checkpoints
+                        .upload(&self.opts.job, self.naming.clone(), chunks);
                 (
                     Some(Box::new(upload) as Box<dyn crate::zipout::Sink>),
                     Some(cleaned),
@@ -743,7 +761,7 @@ impl Worker {
             "spot interruption notice: checkpointing every task now");
         let results = futures::future::join_all(tasks.into_iter().map(|task| async move {
             let r = self
-                .checkpoint(task.clone(), true, crate::Compression::Zstd)
+                .checkpoint(task.clone(), true, crate::Compression::Zstd, None)
                 .await;
             (task, r)
         }))
@@ -821,10 +839,13 @@ impl Worker {
                 })
                 .await
                 .map_err(|e| e.to_string())?
+                .map(|x| (x, false))
                 .map_err(|e| e.to_string())?
             }
             None => self.receive(&object, &staging).await?,
         };
+        let read_while_stored = extracted.1;
+        let extracted = extracted.0;
         let verify_time = t0.elapsed();
         let failed_log = match &self.opts.shared_storage {
             Some(_) => crate::restore::failed_log_path(&opts.archive),
@@ -853,15 +874,89 @@ impl Worker {
         let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.track(task.clone(), out.pid, log, offset);
         drop(criu_turn);
-        Ok(Reply::Restored { task, pid: out.pid })
+        Ok(Reply::Restored {
+            task,
+            pid: out.pid,
+            read_while_stored,
+        })
+    }
+
+    /// Starts reading the checkpoint whose chunks are `chunks` while another worker stores it
+    /// (see [`Command::Prefetch`]): verified and extracted as it arrives into the staging
+    /// folder, finished once a restore hands over the stored object's info.
+    fn prefetch(self: &Arc<Self>, chunks: String) -> Result<Reply, String> {
+        if !protocol::valid_chunks_id(&chunks) {
+            return Err(format!(
+                "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
+            ));
+        }
+        if self.opts.shared_storage.is_some() {
+            return Err("this worker reads checkpoints from shared storage, not the object store; nothing to prefetch".into());
+        }
+        let staging = self.opts.work_dir.join(CHECKPOINTS_DIR);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+        let mut prefetches = self.prefetches.lock().expect("prefetches");
+        // Those that ended without a restore (their writer failed or nobody asked) go.
+        prefetches.retain(|_, p| !p.done.is_finished());
+        if prefetches.contains_key(&chunks) {
+            return Ok(Reply::Prefetching { chunks });
+        }
+        let follow = self.checkpoints.follow(&chunks);
+        let (tx, mut rx) = follow.channel();
+        let (info_tx, info_rx) = oneshot::channel();
+        let label = PathBuf::from(format!("the checkpoint with chunks {chunks}"));
+        let extract = tokio::task::spawn_blocking(move || {
+            archive::extract_stream(&mut rx, &label, &Default::default(), &staging, &NoProgress)
+        });
+        let id = chunks.clone();
+        let done = tokio::spawn(async move {
+            let pumped = follow.pump(info_rx, tx).await;
+            let extracted = extract.await.map_err(|e| e.to_string())?;
+            pumped.map_err(|e| e.to_string())?;
+            let x = extracted.map_err(|e| e.to_string())?;
+            debug!(chunks = %id, "prefetched checkpoint read whole");
+            Ok(x)
+        });
+        prefetches.insert(
+            chunks.clone(),
+            Prefetch {
+                info: info_tx,
+                done,
+            },
+        );
+        debug!(chunks = %chunks, "prefetching a checkpoint as it is stored");
+        Ok(Reply::Prefetching { chunks })
     }
 
     /// Fetches `object` from the object store, verifying and extracting it under `staging` as
-    /// it arrives. An archive that cannot be read front to back (from an older agent) is
-    /// downloaded into a file and read from there.
-    async fn receive(&self, object: &str, staging: &Path) -> Result<archive::Extracted, String> {
+    /// it arrives, or takes it from a prefetch of its chunks if one was started. An archive
+    /// that cannot be read front to back (from an older agent) is downloaded into a file and
+    /// read from there. True with the archive if it came from a prefetch.
+    async fn receive(
+        &self,
+        object: &str,
+        staging: &Path,
+    ) -> Result<(archive::Extracted, bool), String> {
         let label = PathBuf::from(object);
         let fetch = self.checkpoints.fetch(object).await?;
+        let prefetch = self
+            .prefetches
+            .lock()
+            .expect("prefetches")
+            .remove(&fetch.info.nuid);
+        if let Some(p) = prefetch {
+            let _ = p.info.send(fetch.info.clone());
+            match p.done.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(x) => {
+                    info!(object = %object, bytes = fetch.info.size, "checkpoint received (read while it was stored)");
+                    return Ok((x, true));
+                }
+                Err(e) => {
+                    warn!(object = %object, error = %e, "reading the checkpoint while it was stored failed; reading it again");
+                }
+            }
+        }
         let sizes = fetch.stored_sizes();
         let (tx, mut rx) = fetch.channel();
         let (into, name) = (staging.to_path_buf(), label.clone());
@@ -875,7 +970,7 @@ impl Worker {
             }
         }
         match extract.await.map_err(|e| e.to_string())? {
-            Ok(x) => return Ok(x),
+            Ok(x) => return Ok((x, false)),
             Err(ArchiveError::Unstreamable { .. }) => {
                 info!(object = %object, "archive from an older agent: downloading it before reading it");
             }
@@ -899,8 +994,16 @@ impl Worker {
         })
         .await
         .map_err(|e| e.to_string())?
+        .map(|x| (x, false))
         .map_err(|e| e.relabel(&label).to_string())
     }
+}
+
+/// A checkpoint being read while it is stored: where to hand its info once stored, and the
+/// reading, which ends with the extracted archive.
+struct Prefetch {
+    info: oneshot::Sender<object_store::ObjectInfo>,
+    done: tokio::task::JoinHandle<Result<archive::Extracted, String>>,
 }
 
 /// Polls instance metadata every `poll` until an interruption notice was acted on. IMDS

@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_nats::jetstream::{
     self,
@@ -43,6 +43,10 @@ pub const MAX_CHUNK: usize = 128 << 10;
 /// The object metadata key under which an archive's stored entries of unknown size are
 /// listed: `offset:size,...` (local header offset and size; see [`crate::zipout::Sink::commit`]).
 pub const STORED_SIZES: &str = "cedana-stored-sizes";
+/// The chunk header that announces the sizes of stored entries whose data descriptor starts in
+/// that chunk (`offset:size,...`, as [`STORED_SIZES`]), so that an archive can be read front to
+/// back while it is still being stored, before its info exists ([`Follow`]).
+pub const SIZES_HEADER: &str = "Cedana-Stored-Sizes";
 /// Chunks published and not yet acknowledged.
 const IN_FLIGHT: usize = 64;
 /// Chunks handed between threads at a time (fewer wake-ups than one by one).
@@ -128,13 +132,16 @@ impl Bucket {
     }
 
     /// An upload of a new object named `<prefix>/<stem>.zip` (or `_N`) on commit; `naming` is
-    /// held while the name is chosen and claimed. Must be called inside a tokio runtime; the
+    /// held while the name is chosen and claimed. Its chunks go to `$O.<bucket>.C.<chunks>`
+    /// (a new random id if `None`; a given one is purged first, so that a repeated attempt
+    /// never adds to an earlier one's chunks). Must be called inside a tokio runtime; the
     /// upload is then written from a blocking thread. The receiver resolves once the upload
     /// was committed or, dropped uncommitted, its chunks purged.
     pub fn upload(
         &self,
         prefix: &str,
         naming: Arc<tokio::sync::Mutex<()>>,
+        chunks: Option<String>,
     ) -> (Upload, oneshot::Receiver<()>) {
         let handle = tokio::runtime::Handle::current();
         let max_payload = self.js.client().server_info().max_payload;
@@ -142,10 +149,11 @@ impl Bucket {
             0 => 128 << 10,
             m => m.min(MAX_CHUNK),
         };
-        let nuid = random_id();
+        let purge = chunks.as_ref().map(|_| self.stream.clone());
+        let nuid = chunks.unwrap_or_else(crate::protocol::new_chunks_id);
         let subject = format!("$O.{}.C.{nuid}", self.name);
         let (tx, rx) = mpsc::channel(QUEUED);
-        let publisher = handle.spawn(publish_chunks(self.js.clone(), subject, rx));
+        let publisher = handle.spawn(publish_chunks(self.js.clone(), purge, subject, rx));
         let (done_tx, done_rx) = oneshot::channel();
         (
             Upload {
@@ -157,6 +165,8 @@ impl Bucket {
                 chunk_size,
                 chunk: Vec::with_capacity(chunk_size),
                 batch: Vec::with_capacity(BATCH),
+                notes: Vec::new(),
+                notes_from: 0,
                 tx: Some(tx),
                 publisher: Some(publisher),
                 hasher: Some(BytesHasher::new()),
@@ -170,42 +180,40 @@ impl Bucket {
     }
 }
 
-/// 22 random letters and digits, as a NUID looks.
-fn random_id() -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut raw = [0u8; 22];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .is_err()
-    {
-        // Unique enough without randomness: time and PID.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let seed = t ^ ((std::process::id() as u128) << 64);
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = (seed >> ((i * 5) % 120)) as u8;
-        }
-    }
-    raw.iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
+/// A chunk of an object: its bytes, and the sizes it announces ([`SIZES_HEADER`]).
+pub struct Chunk {
+    pub data: Bytes,
+    pub sizes: Option<String>,
 }
 
-/// Publishes the chunks it receives in order, keeping up to [`IN_FLIGHT`] unacknowledged.
+/// Publishes the chunks it receives in order, keeping up to [`IN_FLIGHT`] unacknowledged;
+/// first purges `subject` from `purge` if given.
 async fn publish_chunks(
     js: jetstream::Context,
+    purge: Option<stream::Stream>,
     subject: String,
-    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    mut rx: mpsc::Receiver<Vec<Chunk>>,
 ) -> Result<(), String> {
+    if let Some(stream) = purge {
+        stream
+            .purge()
+            .filter(&subject)
+            .await
+            .map_err(|e| format!("cannot clear {subject} before the upload: {e}"))?;
+    }
     let mut acks = VecDeque::with_capacity(IN_FLIGHT);
     while let Some(batch) = rx.recv().await {
         for chunk in batch {
-            let ack = js
-                .publish(subject.clone(), chunk)
-                .await
-                .map_err(|e| format!("cannot publish a chunk: {e}"))?;
+            let published = match chunk.sizes {
+                None => js.publish(subject.clone(), chunk.data).await,
+                Some(sizes) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(SIZES_HEADER, sizes.as_str());
+                    js.publish_with_headers(subject.clone(), headers, chunk.data)
+                        .await
+                }
+            };
+            let ack = published.map_err(|e| format!("cannot publish a chunk: {e}"))?;
             acks.push_back(std::future::IntoFuture::into_future(ack));
             if acks.len() >= IN_FLIGHT {
                 if let Some(ack) = acks.pop_front() {
@@ -232,8 +240,12 @@ pub struct Upload {
     chunk_size: usize,
     chunk: Vec<u8>,
     /// Chunks not yet handed to the publisher.
-    batch: Vec<Bytes>,
-    tx: Option<mpsc::Sender<Vec<Bytes>>>,
+    batch: Vec<Chunk>,
+    /// Stored entries' sizes not yet announced: they go with the first chunk sent that holds
+    /// a byte written after the first of them (`chunk` held `notes_from` bytes then).
+    notes: Vec<(u64, u64)>,
+    notes_from: usize,
+    tx: Option<mpsc::Sender<Vec<Chunk>>>,
     publisher: Option<tokio::task::JoinHandle<Result<(), String>>>,
     hasher: Option<BytesHasher>,
     size: u64,
@@ -246,17 +258,27 @@ impl Upload {
     /// Hands the current chunk to the publisher.
     fn send(&mut self) -> io::Result<()> {
         let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.chunk_size));
-        self.send_bytes(Bytes::from(full))
+        let fresh = full.len() > self.notes_from;
+        self.send_chunk(Bytes::from(full), fresh)
     }
 
-    /// Hands `b` to the publisher as a chunk (in batches).
-    fn send_bytes(&mut self, b: Bytes) -> io::Result<()> {
+    /// Hands `b` to the publisher as a chunk (in batches); `fresh`: it holds bytes written
+    /// after the pending notes, which it then announces.
+    fn send_chunk(&mut self, b: Bytes, fresh: bool) -> io::Result<()> {
         self.size += b.len() as u64;
         self.chunks += 1;
         if let Some(h) = &mut self.hasher {
             h.hash(b.clone());
         }
-        self.batch.push(b);
+        let sizes = match (self.notes.is_empty(), fresh) {
+            (true, _) => None,
+            (false, true) => Some(sizes_list(&std::mem::take(&mut self.notes))),
+            (false, false) => {
+                self.notes_from = 0;
+                None
+            }
+        };
+        self.batch.push(Chunk { data: b, sizes });
         if self.batch.len() >= BATCH {
             self.send_batch()?;
         }
@@ -392,7 +414,7 @@ impl crate::zipout::Sink for Upload {
             }
             while b.len() >= self.chunk_size {
                 let chunk = b.split_to(self.chunk_size);
-                self.send_bytes(chunk)?;
+                self.send_chunk(chunk, true)?;
             }
         }
         self.write_all(&b)
@@ -441,6 +463,13 @@ impl crate::zipout::Sink for Upload {
         Ok(done)
     }
 
+    fn note_stored_size(&mut self, offset: u64, size: u64) {
+        if self.notes.is_empty() {
+            self.notes_from = self.chunk.len();
+        }
+        self.notes.push((offset, size));
+    }
+
     fn commit(mut self: Box<Self>, stem: &str, stored_sizes: &[(u64, u64)]) -> io::Result<String> {
         if !self.chunk.is_empty() {
             self.send()?;
@@ -460,11 +489,7 @@ impl crate::zipout::Sink for Upload {
             .map(BytesHasher::finish)
             .unwrap_or_default();
         let handle = self.handle.clone();
-        let sizes = stored_sizes
-            .iter()
-            .map(|(offset, size)| format!("{offset}:{size}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let sizes = sizes_list(stored_sizes);
         let name = handle.block_on(self.publish_info(stem, digest, sizes))?;
         self.committed = true;
         if let Some(done) = self.done.take() {
@@ -498,28 +523,62 @@ impl Drop for Upload {
     }
 }
 
-/// Receives an object's bytes from [`Fetch::pump`] on a blocking thread. Its SHA-256 is
-/// computed on another thread as the bytes pass; at the end, size and SHA-256 must be those of
-/// the object's info, or the end is an error: a reader sees the end only of a whole, intact
-/// object.
+/// `offset:size,...`.
+fn sizes_list(sizes: &[(u64, u64)]) -> String {
+    sizes
+        .iter()
+        .map(|(offset, size)| format!("{offset}:{size}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The pairs of an `offset:size,...` list; `None` if any is unreadable.
+fn parse_sizes(list: &str) -> Option<Vec<(u64, u64)>> {
+    list.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (o, n) = p.split_once(':')?;
+            Some((o.trim().parse().ok()?, n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Receives an object's bytes from [`Fetch::pump`] or [`Follow::pump`] on a blocking thread,
+/// with the stored entries' sizes its chunks announce. When made to (for a download), it
+/// computes the object's SHA-256 on another thread as the bytes pass, and at the end size and
+/// SHA-256 must be those of the object's info, or the end is an error.
 pub struct Received {
-    rx: mpsc::Receiver<io::Result<Vec<Bytes>>>,
+    rx: mpsc::Receiver<io::Result<Vec<Chunk>>>,
     /// Chunks received and not yet read.
     ready: VecDeque<Bytes>,
+    /// Sizes announced by the chunks received so far.
+    sizes: std::collections::BTreeMap<u64, u64>,
+    /// Whether the chunks are known to announce the sizes (the object is read while stored).
+    announced: bool,
     check: Option<Check>,
 }
 
-/// What the bytes received must add up to.
+/// What the bytes received must add up to: the info's size and SHA-256, known from the start
+/// or (following an object as it is stored) once its info was handed over.
 struct Check {
     name: String,
     size: u64,
     digest: Option<String>,
+    later: Option<Arc<OnceLock<ObjectInfo>>>,
     seen: u64,
     hasher: BytesHasher,
 }
 
 impl Check {
-    fn verify(self) -> io::Result<()> {
+    fn verify(mut self) -> io::Result<()> {
+        if let Some(later) = self.later.take() {
+            let info = later
+                .get()
+                .ok_or_else(|| io::Error::other(format!("{}: its info never came", self.name)))?;
+            self.name = info.name.clone();
+            self.size = info.size as u64;
+            self.digest = info.digest.clone();
+        }
         let name = &self.name;
         if self.seen != self.size {
             return Err(io::Error::new(
@@ -552,17 +611,42 @@ impl Check {
     }
 }
 
+impl Received {
+    fn new(
+        rx: mpsc::Receiver<io::Result<Vec<Chunk>>>,
+        announced: bool,
+        check: Option<Check>,
+    ) -> Self {
+        Received {
+            rx,
+            ready: VecDeque::new(),
+            sizes: Default::default(),
+            announced,
+            check,
+        }
+    }
+}
+
 impl crate::zipin::ChunkSource for Received {
     fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         while self.ready.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(batch)) => {
-                    for b in batch {
-                        if let Some(c) = &mut self.check {
-                            c.seen += b.len() as u64;
-                            c.hasher.hash(b.clone());
+                    for chunk in batch {
+                        if let Some(list) = &chunk.sizes {
+                            let pairs = parse_sizes(list).ok_or_else(|| {
+                                io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    format!("a chunk has an unreadable {SIZES_HEADER} header"),
+                                )
+                            })?;
+                            self.sizes.extend(pairs);
                         }
-                        self.ready.push_back(b);
+                        if let Some(c) = &mut self.check {
+                            c.seen += chunk.data.len() as u64;
+                            c.hasher.hash(chunk.data.clone());
+                        }
+                        self.ready.push_back(chunk.data);
                     }
                 }
                 Some(Err(e)) => return Err(e),
@@ -575,6 +659,14 @@ impl crate::zipin::ChunkSource for Received {
             }
         }
         Ok(self.ready.pop_front())
+    }
+
+    fn stored_size(&self, offset: u64) -> Option<u64> {
+        self.sizes.get(&offset).copied()
+    }
+
+    fn announces_sizes(&self) -> bool {
+        self.announced
     }
 }
 
@@ -612,121 +704,228 @@ impl Bucket {
             bucket: self.name.clone(),
         })
     }
+
+    /// Reads the object whose chunks are `$O.<bucket>.C.<chunks>` while it is being stored.
+    pub fn follow(&self, chunks: &str) -> Follow {
+        Follow {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            bucket: self.name.clone(),
+            nuid: chunks.to_string(),
+            info: Default::default(),
+        }
+    }
 }
 
 impl Fetch {
     /// The sizes of stored entries its writer listed (see [`STORED_SIZES`]); none if the list
     /// is missing or unreadable.
     pub fn stored_sizes(&self) -> std::collections::BTreeMap<u64, u64> {
-        let parse = |list: &str| {
-            list.split(',')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (o, n) = p.split_once(':')?;
-                    Some((o.parse().ok()?, n.parse().ok()?))
-                })
-                .collect::<Option<std::collections::BTreeMap<u64, u64>>>()
-        };
         self.info
             .metadata
             .get(STORED_SIZES)
-            .and_then(|l| parse(l))
+            .and_then(|l| parse_sizes(l))
+            .map(|pairs| pairs.into_iter().collect())
             .unwrap_or_default()
     }
 
-    /// A channel for [`Fetch::pump`], its receiving end checking the object's size and SHA-256.
-    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Bytes>>>, Received) {
+    /// A channel for [`Fetch::pump`]; its receiving end computes the object's SHA-256 and
+    /// sees the end only once size and SHA-256 are those of the info.
+    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
         let (tx, rx) = mpsc::channel(8);
         let check = Check {
             name: self.info.name.clone(),
             size: self.info.size as u64,
             digest: self.info.digest.clone(),
+            later: None,
             seen: 0,
             hasher: BytesHasher::new(),
         };
-        (
-            tx,
-            Received {
-                rx,
-                ready: VecDeque::new(),
-                check: Some(check),
-            },
-        )
+        (tx, Received::new(rx, false, Some(check)))
     }
 
     /// Reads the object's chunks in order (an ordered consumer of its chunk subject, as
     /// async-nats's `get` does) and sends them to `tx` (from [`Fetch::channel`]) as they
-    /// come, without copying them; then closes it, which the receiving end takes as the end
-    /// once size and SHA-256 are right. A failure is sent to it (and returned). Stops early,
-    /// without error, when the receiver is gone. Returns the bytes sent.
-    pub async fn pump(self, tx: mpsc::Sender<io::Result<Vec<Bytes>>>) -> io::Result<u64> {
-        let result = self.read_into(&tx).await;
+    /// come, without copying them; then closes it, which the receiving end takes as the end.
+    /// A failure is sent to it (and returned). Stops early, without error, when the receiver
+    /// is gone. Returns the bytes sent.
+    pub async fn pump(self, tx: mpsc::Sender<io::Result<Vec<Chunk>>>) -> io::Result<u64> {
+        let subject = format!("$O.{}.C.{}", self.bucket, self.info.nuid);
+        let label = self.info.name.clone();
+        let result = read_chunks(
+            &self.js,
+            &self.stream,
+            subject,
+            &label,
+            Some(self.info),
+            None,
+            &tx,
+        )
+        .await;
         if let Err(e) = &result {
             let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
         }
         result
     }
+}
 
-    async fn read_into(&self, tx: &mpsc::Sender<io::Result<Vec<Bytes>>>) -> io::Result<u64> {
-        let name = &self.info.name;
-        let mut total = 0u64;
-        if self.info.chunks == 0 {
-            return Ok(0);
+/// An object read while another worker stores it: its chunks are read as they are published,
+/// the stored entries' sizes coming with them ([`SIZES_HEADER`]); how many chunks there are is
+/// known once the object's info is handed over (the object committed).
+pub struct Follow {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    bucket: String,
+    nuid: String,
+    /// The info once handed over, for the receiving end's check.
+    info: Arc<OnceLock<ObjectInfo>>,
+}
+
+impl Follow {
+    /// A channel for [`Follow::pump`]; its receiving end computes the object's SHA-256 and
+    /// sees the end only once size and SHA-256 are those of the info handed over.
+    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
+        let (tx, rx) = mpsc::channel(8);
+        let check = Check {
+            name: format!("the checkpoint with chunks {}", self.nuid),
+            size: 0,
+            digest: None,
+            later: Some(self.info.clone()),
+            seen: 0,
+            hasher: BytesHasher::new(),
+        };
+        (tx, Received::new(rx, true, Some(check)))
+    }
+
+    /// Like [`Fetch::pump`], the info of the object coming from `info` once it was stored: it
+    /// must be the object of these chunks, and is what says where they end. Gives up when
+    /// `info` is dropped, or when neither a chunk nor the info came for [`IDLE`].
+    pub async fn pump(
+        self,
+        info: oneshot::Receiver<ObjectInfo>,
+        tx: mpsc::Sender<io::Result<Vec<Chunk>>>,
+    ) -> io::Result<u64> {
+        let subject = format!("$O.{}.C.{}", self.bucket, self.nuid);
+        let label = format!("the checkpoint with chunks {}", self.nuid);
+        let result = read_chunks(
+            &self.js,
+            &self.stream,
+            subject,
+            &label,
+            None,
+            Some((info, &*self.info)),
+            &tx,
+        )
+        .await;
+        if let Err(e) = &result {
+            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
         }
-        let consumer = self
-            .stream
-            .create_consumer(jetstream::consumer::push::OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                filter_subject: format!("$O.{}.C.{}", self.bucket, self.info.nuid),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| io::Error::other(format!("cannot read {name}: {e}")))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| io::Error::other(format!("cannot read {name}: {e}")))?;
-        let mut left = self.info.chunks;
-        while left > 0 {
-            let m = match tokio::time::timeout(IDLE, messages.next()).await {
+        result
+    }
+}
+
+/// Reads the chunks on `subject` in order and sends them to `tx` a few at a time, until as
+/// many as `info` counts (given, or received from `later`) were sent; their bytes must then
+/// add up to its size.
+async fn read_chunks(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    subject: String,
+    label: &str,
+    mut info: Option<ObjectInfo>,
+    mut later: Option<(oneshot::Receiver<ObjectInfo>, &OnceLock<ObjectInfo>)>,
+    tx: &mpsc::Sender<io::Result<Vec<Chunk>>>,
+) -> io::Result<u64> {
+    let nuid = subject.rsplit('.').next().unwrap_or_default().to_string();
+    if info.as_ref().is_some_and(|i| i.chunks == 0) {
+        return Ok(0);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            filter_subject: subject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("cannot read {label}: {e}")))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| io::Error::other(format!("cannot read {label}: {e}")))?;
+    let (mut total, mut got) = (0u64, 0usize);
+    loop {
+        let wanted = info.as_ref().map(|i| i.chunks);
+        if wanted.is_some_and(|n| got >= n) {
+            break;
+        }
+        let waiting_for_info = info.is_none();
+        let first = tokio::select! {
+            i = async { (&mut later.as_mut().expect("waiting for the info").0).await }, if waiting_for_info => {
+                let i = i.map_err(|_| io::Error::other(format!(
+                    "{label}: no restore asked for it; reading stopped"
+                )))?;
+                if i.nuid != nuid {
+                    return Err(io::Error::other(format!(
+                        "{} is not {label} (its chunks are {})", i.name, i.nuid
+                    )));
+                }
+                if let Some((_, cell)) = &later {
+                    let _ = cell.set(i.clone());
+                }
+                info = Some(i);
+                continue;
+            }
+            m = tokio::time::timeout(IDLE, messages.next()) => match m {
                 Err(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no chunk of {name} arrived for {} s", IDLE.as_secs()),
+                        format!("no chunk of {label} arrived for {} s", IDLE.as_secs()),
                     ))
                 }
                 Ok(m) => m,
-            };
-            // Handed on a few at a time: this one and those that arrived with it.
-            let mut batch = Vec::with_capacity(BATCH);
-            let mut next = Some(m);
-            while let Some(m) = next.take() {
-                let m = match m {
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the chunks of {name} ended early"),
-                        ))
-                    }
-                    Some(Err(e)) => {
-                        return Err(io::Error::other(format!("cannot read {name}: {e}")))
-                    }
-                    Some(Ok(m)) => m,
-                };
-                let payload = m.message.payload.clone();
-                total += payload.len() as u64;
-                batch.push(payload);
-                left -= 1;
-                if left > 0 && batch.len() < BATCH {
-                    next = messages.next().now_or_never();
+            },
+        };
+        // Handed on a few at a time: this one and those that arrived with it.
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            let m = match m {
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the chunks of {label} ended early"),
+                    ))
                 }
-            }
-            if tx.send(Ok(batch)).await.is_err() {
-                break;
+                Some(Err(e)) => return Err(io::Error::other(format!("cannot read {label}: {e}"))),
+                Some(Ok(m)) => m,
+            };
+            let sizes = m
+                .message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(SIZES_HEADER))
+                .map(|v| v.as_str().to_string());
+            let data = m.message.payload.clone();
+            total += data.len() as u64;
+            batch.push(Chunk { data, sizes });
+            got += 1;
+            let more = info.as_ref().is_none_or(|i| got < i.chunks);
+            if more && batch.len() < BATCH {
+                next = messages.next().now_or_never();
             }
         }
-        Ok(total)
+        if tx.send(Ok(batch)).await.is_err() {
+            return Ok(total);
+        }
     }
+    let info = info.expect("known at the end");
+    if total != info.size as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{label} has {total} bytes, its info says {}", info.size),
+        ));
+    }
+    Ok(total)
 }
 
 /// Downloads an object into `file` (4 MiB writes on a blocking thread), its size and SHA-256

@@ -90,6 +90,35 @@ pub fn server_list(urls: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether a chunks id ([`Command::Checkpoint`], [`Command::Prefetch`]) is usable as the last
+/// token of `$O.<bucket>.C.<id>`: 16 to 64 ASCII letters and digits (a NUID has 22).
+pub fn valid_chunks_id(id: &str) -> bool {
+    (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// 22 random letters and digits, as a NUID looks: a new chunks id (see [`valid_chunks_id`]).
+pub fn new_chunks_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut raw = [0u8; 22];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .is_err()
+    {
+        // Unique enough without randomness: time and PID.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let seed = t ^ ((std::process::id() as u128) << 64);
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (seed >> ((i * 5) % 120)) as u8;
+        }
+    }
+    raw.iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
 /// Whether one `/`-separated part of a checkpoint object name is usable (an id, or an archive
 /// file name: letters, digits, `-`, `_`, `.`, not starting with a dot).
 pub fn valid_object_part(part: &str) -> bool {
@@ -128,7 +157,18 @@ pub enum Command {
         task: String,
         leave_running: bool,
         compression: crate::Compression,
+        /// The id of the object's chunks (its NUID, see [`valid_chunks_id`]), chosen by the
+        /// sender so that another worker, told with [`Command::Prefetch`], can read the
+        /// checkpoint while it is stored. Absent: the worker picks one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chunks: Option<String>,
     },
+    /// Start reading the checkpoint whose chunks are `chunks` while another worker stores it
+    /// (verified and extracted as it arrives into this worker's staging folder). Answered at
+    /// once with [`Reply::Prefetching`]; a later [`Command::Restore`] of that checkpoint uses
+    /// what was read (once the object is stored, whole, under the name it gives) instead of
+    /// reading it again. Without that restore, it is dropped after a minute without chunks.
+    Prefetch { chunks: String },
     /// Restore a checkpoint from the object store as task `task`.
     Restore { task: String, object: String },
     /// Kill task `task`.
@@ -160,6 +200,12 @@ pub enum Reply {
     Restored {
         task: String,
         pid: i32,
+        /// The checkpoint had been read while it was stored ([`Command::Prefetch`]).
+        #[serde(default)]
+        read_while_stored: bool,
+    },
+    Prefetching {
+        chunks: String,
     },
     Stopped {
         task: String,

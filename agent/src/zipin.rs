@@ -47,6 +47,17 @@ const INLINE_HASH: u64 = 4 << 20;
 pub trait ChunkSource {
     /// The next piece of the archive; `None` at its end. An error ends the reading.
     fn next_chunk(&mut self) -> io::Result<Option<Bytes>>;
+    /// The size of the stored entry whose local header is at `offset`, if the pieces read so
+    /// far announced it.
+    fn stored_size(&self, _offset: u64) -> Option<u64> {
+        None
+    }
+    /// Whether the pieces announce the size of every stored entry with a data descriptor in
+    /// the piece where that descriptor starts, or earlier. A reader may then take a whole
+    /// piece as an entry's data as long as the entry's size is not yet known.
+    fn announces_sizes(&self) -> bool {
+        false
+    }
 }
 
 /// A [`ChunkSource`] over a reader (a file, in tests and fallbacks), in pieces of `size`.
@@ -403,11 +414,13 @@ fn read_entry(
             "entry {name:?} uses compression method {method}, which this agent does not read"
         )));
     }
-    // A stored entry with a data descriptor ends where its writer said it does (the data
-    // descriptor and the central directory then have to agree).
+    // A stored entry with a data descriptor ends where its writer said it does, in the
+    // archive's info or, for an archive read while it is written, in the piece where its data
+    // descriptor starts (the data descriptor and the central directory then have to agree).
     let stored_len = match (method, descriptor) {
         (STORED, true) => match stored_sizes.get(&offset) {
-            Some(n) => *n,
+            Some(n) => Some(*n),
+            None if input.src.announces_sizes() => None,
             None => {
                 return Err(ArchiveError::Unstreamable {
                     path: input.label.to_path_buf(),
@@ -421,9 +434,9 @@ fn read_entry(
                     "stored entry {name:?} has compressed size {csize} and size {usize}"
                 )));
             }
-            csize
+            Some(csize)
         }
-        _ => 0,
+        _ => None,
     };
     let header = LocalHeader {
         name: name.clone(),
@@ -441,17 +454,38 @@ fn read_entry(
     let label = input.label;
     let consumed = match method {
         STORED => {
-            let mut left = stored_len;
-            while left > 0 {
+            let mut done = 0u64;
+            loop {
+                // Known: up to that size. Not yet: all of the current piece (no size
+                // announced with it, so its data descriptor starts in a later piece).
+                let max = match stored_len.or_else(|| input.src.stored_size(offset)) {
+                    Some(n) if n < done => {
+                        return Err(input.corrupt(&format!(
+                        "stored entry {name:?} was announced {n} bytes long after {done} were read"
+                    )))
+                    }
+                    Some(n) if n == done => break,
+                    Some(n) => n - done,
+                    None => {
+                        if !input.fill()? {
+                            return Err(input.corrupt("it is truncated"));
+                        }
+                        // The piece just read may have announced it.
+                        if input.src.stored_size(offset).is_some() {
+                            continue;
+                        }
+                        u64::MAX
+                    }
+                };
                 let b = input
-                    .peek(left)?
+                    .peek(max)?
                     .ok_or_else(|| input.corrupt("it is truncated"))?;
                 input.advance(b.len());
-                left -= b.len() as u64;
+                done += b.len() as u64;
                 progress.advance(b.len() as u64);
                 out.put(b, label)?;
             }
-            stored_len
+            done
         }
         _ => inflate(
             input,

@@ -80,6 +80,10 @@ pub trait Sink: Write + Send {
     fn write_bytes(&mut self, b: bytes::Bytes) -> io::Result<()> {
         self.write_all(&b)
     }
+    /// Told, right before the data descriptor of a stored entry is written, that entry's local
+    /// header offset and size (for readers going front to back while the archive is still
+    /// being written, who cannot otherwise tell where its data ends).
+    fn note_stored_size(&mut self, _offset: u64, _size: u64) {}
     /// Called once the whole archive was written: makes it durable under a name made from
     /// `stem` (never replacing anything) and returns that name. `stored_sizes` are the offset
     /// and size of every stored entry whose size only its data descriptor gives (see
@@ -329,6 +333,9 @@ impl ZipOut {
     /// what went through [`ZipOut::data`].
     pub fn end_entry(&mut self, crc: u32, usize: u64, csize: u64) -> io::Result<()> {
         let (name, method, offset) = self.open.take().expect("an entry is open");
+        if let (STORED, Output::Sink(s)) = (method, &mut self.out) {
+            s.note_stored_size(offset, csize);
+        }
         let mut d = Vec::with_capacity(24);
         d.extend_from_slice(&DESCRIPTOR_SIG.to_le_bytes());
         d.extend_from_slice(&crc.to_le_bytes());

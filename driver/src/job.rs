@@ -458,10 +458,40 @@ impl Job {
 
     /// Checkpoints `t` (its files included) into the object store or shared storage.
     pub fn checkpoint(&mut self, t: &Task, leave_running: bool) -> Result<Checkpoint, JobError> {
+        self.checkpoint_for(t, leave_running, None)
+    }
+
+    /// Checkpoints `t`, as [`Job::checkpoint`]; with `reader`, the worker that will restore it
+    /// reads it while it is stored ([`Command::Prefetch`]), so that a move's downtime is not
+    /// the upload followed by the download. A reader that cannot prefetch (shared storage, an
+    /// error) only loses that: its restore reads the stored object.
+    pub fn checkpoint_for(
+        &mut self,
+        t: &Task,
+        leave_running: bool,
+        reader: Option<&Worker>,
+    ) -> Result<Checkpoint, JobError> {
+        let chunks = match (reader, self.shared_storage.is_some()) {
+            (Some(to), false) => {
+                let chunks = protocol::new_chunks_id();
+                let cmd = Command::Prefetch {
+                    chunks: chunks.clone(),
+                };
+                match self.call(&to.id, cmd, 60) {
+                    Ok(_) => Some(chunks),
+                    Err(e) => {
+                        warn!(worker = %to.id, error = %e, "the new worker cannot read the checkpoint while it is stored; it will read it afterwards");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let cmd = Command::Checkpoint {
             task: t.name.clone(),
             leave_running,
             compression: cedana_agent::Compression::Zstd,
+            chunks,
         };
         match self.call(&t.worker, cmd, 3600)? {
             Reply::Checkpointed { object, bytes, .. } => {

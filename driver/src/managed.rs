@@ -344,7 +344,7 @@ fn migrate(
             job.borrow_mut().terminate(&to);
             return Err(e);
         }
-        let c = job.borrow_mut().checkpoint(task, false)?;
+        let c = job.borrow_mut().checkpoint_for(task, false, Some(&to))?;
         let moved = match job.borrow_mut().restore(&c, &to) {
             Ok(t) => t,
             Err(e) => {

@@ -168,7 +168,7 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     let h = host.clone();
     e.register_fn("migrate", move |ctx: NativeCallContext, t: &mut Task, to: Worker| -> Res<Task> {
         let from = Worker { id: t.worker.clone() };
-        let c = h.borrow_mut().checkpoint(t, false).map_err(rhai_err)?;
+        let c = h.borrow_mut().checkpoint_for(t, false, Some(&to)).map_err(rhai_err)?;
         let moved = h.borrow_mut().restore(&c, &to).map_err(rhai_err)?;
         match ctx.call_fn::<Dynamic>("restored_task", (to.clone(), moved.clone())) {
             Ok(_) => {}

@@ -310,7 +310,7 @@ fn checkpoint_moves_a_task_between_workers() {
     // machines is the same job folder on every worker.
     let work = sb.path().join("job");
     let _w1 = AgentDaemon::start(&nats, &nats.token, "job4", "w1", &work);
-    let _w2 = AgentDaemon::start(&nats, &nats.token, "job4", "w2", &work);
+    let w2 = AgentDaemon::start(&nats, &nats.token, "job4", "w2", &work);
     let log = work.join("counter.log");
     rt().block_on(async {
         let mut drv = Driver::connect(&nats, "job4").await;
@@ -330,6 +330,19 @@ fn checkpoint_moves_a_task_between_workers() {
             .await;
         assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
         tokio::time::sleep(Duration::from_millis(700)).await;
+        // As the driver moves a task: w2 reads the checkpoint while w1 stores it.
+        let chunks = protocol::new_chunks_id();
+        let r = drv
+            .call(
+                "w2",
+                "pre",
+                Command::Prefetch {
+                    chunks: chunks.clone(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Prefetching { .. }), "{r:?}");
         let r = drv
             .call(
                 "w1",
@@ -338,6 +351,7 @@ fn checkpoint_moves_a_task_between_workers() {
                     task: "counter".into(),
                     leave_running: false,
                     compression: cedana_agent::Compression::Zstd,
+                    chunks: Some(chunks),
                 },
                 60,
             )
@@ -362,7 +376,17 @@ fn checkpoint_moves_a_task_between_workers() {
                 60,
             )
             .await;
-        assert!(matches!(r, Reply::Restored { .. }), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Reply::Restored {
+                    read_while_stored: true,
+                    ..
+                }
+            ),
+            "w2 restores what it read while w1 stored it: {r:?}\n{}",
+            w2.stderr()
+        );
         let on_w2 = drv
             .next(20, |e| {
                 e.worker == "w2" && matches!(&e.event, Event::Log { task, .. } if task == "counter")
@@ -476,6 +500,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                     task: "counter".into(),
                     leave_running: false,
                     compression: cedana_agent::Compression::None,
+                    chunks: None,
                 },
                 60,
             )
@@ -689,7 +714,7 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
                 .collect()
         };
         let upload = |stem: &'static str, bytes: Vec<u8>, commit: bool| {
-            let (up, done) = bucket.upload("job7", Default::default());
+            let (up, done) = bucket.upload("job7", Default::default(), None);
             let task = tokio::task::spawn_blocking(move || {
                 use cedana_agent::zipout::Sink;
                 use std::io::Write;
@@ -722,5 +747,132 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
         assert_eq!(get_object(&drv, &b).await, data(7));
         info = stream.info().await.unwrap().clone();
         assert!(info.state.messages > 0);
+    });
+}
+
+/// An archive read while it is stored (`Command::Prefetch`'s path): stored entries of unknown
+/// size whose data ends exactly at a chunk's end, just before it, in the middle, or is empty,
+/// and one handed over as one large piece, all come out whole. A follower handed the info of
+/// another object, or none, stops with an error.
+#[test]
+fn archives_are_read_while_they_are_stored() {
+    use cedana_agent::objstore::{self, Bucket};
+    use cedana_agent::zipin::{self, Place};
+    use cedana_agent::zipout::{Output, ZipOut};
+
+    let nats = NatsServer::start();
+    rt().block_on(async {
+        let drv = Driver::connect(&nats, "job8").await;
+        let (_, _, _, os) = cedana_agent::daemon::ensure_layout(&drv.js).await.unwrap();
+        let bucket = Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
+            .await
+            .unwrap();
+        let chunk = objstore::MAX_CHUNK as u64;
+        let chunks = protocol::new_chunks_id();
+        let follow = bucket.follow(&chunks);
+        let (tx, mut rx) = follow.channel();
+        let (info_tx, info_rx) = tokio::sync::oneshot::channel();
+        let pump = tokio::spawn(follow.pump(info_rx, tx));
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut place = |_: &zipin::LocalHeader| Ok(Place::Memory(16 << 20));
+            zipin::read(
+                &mut rx,
+                std::path::Path::new("followed"),
+                &Default::default(),
+                &mut place,
+                &cedana_agent::progress::NoProgress,
+            )
+        });
+
+        let (up, stored) = bucket.upload("job8", Default::default(), Some(chunks.clone()));
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut zip = ZipOut::to(Output::Sink(Box::new(up)));
+            let mut written = Vec::new();
+            // Data ends: at a chunk's end, 3 bytes before one (the descriptor straddles it),
+            // mid-chunk, nothing at all, and a 1 MiB piece handed over whole.
+            let names = [
+                "at-boundary",
+                "before-boundary",
+                "mid-chunk",
+                "empty",
+                "large-piece",
+            ];
+            for (i, name) in names.iter().enumerate() {
+                zip.begin_entry(name, 0).unwrap();
+                let pos = zip.position();
+                let n = match *name {
+                    "at-boundary" => 2 * chunk - pos % chunk,
+                    "before-boundary" => 2 * chunk - pos % chunk - 3,
+                    "mid-chunk" => 1000,
+                    "empty" => 0,
+                    _ => 1 << 20,
+                } as usize;
+                let data: Vec<u8> = (0..n).map(|j| (j * 31 + i * 7) as u8).collect();
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&data);
+                if *name == "large-piece" {
+                    zip.data_bytes(bytes::Bytes::from(data.clone())).unwrap();
+                } else {
+                    // In pieces, with pauses, so the reader waits for data more than once.
+                    for piece in data.chunks(50_000) {
+                        std::io::Write::write_all(&mut zip.data(), piece).unwrap();
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                zip.end_entry(crc.finalize(), n as u64, n as u64).unwrap();
+                if *name == "at-boundary" {
+                    assert_eq!(zip.position() % chunk, 24, "the data ends at a chunk's end");
+                }
+                written.push((name.to_string(), data));
+            }
+            let (out, _) = zip.finish().unwrap();
+            let Output::Sink(sink) = out else {
+                unreachable!()
+            };
+            // No sizes in the object's info: the reader may only use the chunks' headers.
+            let name = sink.commit("followed", &[]).unwrap();
+            (name, written)
+        });
+        let (name, written) = writer.await.unwrap();
+        stored.await.unwrap();
+        let info = bucket.fetch(&name).await.unwrap().info;
+        assert_eq!(info.nuid, chunks);
+        info_tx.send(info.clone()).unwrap();
+        let bytes = pump.await.unwrap().unwrap();
+        assert_eq!(bytes, info.size as u64);
+        let listing = reader.await.unwrap().unwrap();
+        let read: Vec<(String, Vec<u8>)> = listing
+            .entries
+            .into_iter()
+            .map(|e| (e.name, e.data.unwrap_or_default()))
+            .collect();
+        assert_eq!(read.len(), written.len());
+        for ((rn, rd), (wn, wd)) in read.iter().zip(&written) {
+            assert_eq!(rn, wn);
+            assert!(
+                rd == wd,
+                "entry {wn} differs ({} bytes read, {} written)",
+                rd.len(),
+                wd.len()
+            );
+        }
+
+        // The info of another object: refused. No info at all: the reading stops.
+        let other = protocol::new_chunks_id();
+        let follow = bucket.follow(&other);
+        let (tx, _rx) = follow.channel();
+        let (info_tx, info_rx) = tokio::sync::oneshot::channel();
+        let pump = tokio::spawn(follow.pump(info_rx, tx));
+        info_tx.send(info.clone()).unwrap();
+        let e = pump.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("is not the checkpoint with chunks"), "{e}");
+        let follow = bucket.follow(&other);
+        let (tx, _rx) = follow.channel();
+        let (info_tx, info_rx) =
+            tokio::sync::oneshot::channel::<async_nats::jetstream::object_store::ObjectInfo>();
+        let pump = tokio::spawn(follow.pump(info_rx, tx));
+        drop(info_tx);
+        let e = pump.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("no restore asked for it"), "{e}");
     });
 }

@@ -362,6 +362,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                 task: "counter".into(),
                 leave_running: true,
                 compression: cedana_agent::Compression::Zstd,
+                chunks: None,
             },
         )
         .await;

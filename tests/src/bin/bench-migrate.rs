@@ -529,7 +529,22 @@ struct Route<'a> {
     pids: [i32; 3],
 }
 
-/// One migration: spawn, checkpoint (task stopped), restore; timed and split.
+/// Migration variants, in the order they run: raw CRIU; through the object store, the
+/// restoring worker reading the checkpoint while it is stored (`none`, `zstd`) or after
+/// (`-after`); through a shared folder.
+const VARIANTS: [&str; 7] = [
+    "raw-criu",
+    "none",
+    "zstd",
+    "none-after",
+    "zstd-after",
+    "shared-none",
+    "shared-zstd",
+];
+
+/// One migration: spawn, checkpoint (task stopped), restore; timed and split. With
+/// `prefetch`, the restoring worker reads the checkpoint while it is stored (as the driver
+/// moves a task: `Command::Prefetch` to it before the checkpoint); without, only afterwards.
 #[allow(clippy::too_many_arguments)]
 async fn migrate_run(
     cfg: &Cfg,
@@ -539,17 +554,23 @@ async fn migrate_run(
     route: &Route<'_>,
     kind: &str,
     compression: Compression,
+    prefetch: bool,
     run: u32,
 ) -> Result<Value> {
     let (from, to) = (route.from, route.to);
     let variant = format!(
-        "{}-{}",
+        "{}-{}{}",
         if route.shared.is_some() {
             "shared"
         } else {
             "cedana"
         },
-        serde_json::to_value(compression)?.as_str().unwrap_or("?")
+        serde_json::to_value(compression)?.as_str().unwrap_or("?"),
+        if route.shared.is_none() && !prefetch {
+            "-after"
+        } else {
+            ""
+        }
     );
     let task = format!("mem{run}-{kind}-{variant}");
     let limit = cfg.step;
@@ -587,12 +608,27 @@ async fn migrate_run(
         .iter()
         .map(|p| cpu_secs(*p).unwrap_or(0.0))
         .collect();
+    let chunks = match prefetch && route.shared.is_none() {
+        true => {
+            let chunks = protocol::new_chunks_id();
+            let command = Command::Prefetch {
+                chunks: chunks.clone(),
+            };
+            let r = c.call(to, command, limit, |_| {}).await?;
+            if !matches!(r, Reply::Prefetching { .. }) {
+                bail!("prefetch answered {r:?}");
+            }
+            Some(chunks)
+        }
+        false => None,
+    };
     let sent_wall = wall() % 86400.0;
     let t0 = Instant::now();
     let command = Command::Checkpoint {
         task: task.clone(),
         leave_running: false,
         compression,
+        chunks,
     };
     let r = c.call(from, command, limit, |_| {}).await?;
     let t1 = Instant::now();
@@ -823,7 +859,7 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Res
         // Up and down as the daemon.
         nix::unistd::sync();
         let (c0, t) = (cpu(), Instant::now());
-        let (upload, done) = bucket.upload("bench", Default::default());
+        let (upload, done) = bucket.upload("bench", Default::default(), None);
         let path = blob.clone();
         let name = tokio::task::spawn_blocking(move || -> Result<String> {
             use cedana_agent::zipout::Sink;
@@ -951,7 +987,7 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     };
     for run in 1..=runs {
         for kind in &cfg.kinds {
-            for variant in ["raw-criu", "none", "zstd", "shared-none", "shared-zstd"] {
+            for variant in VARIANTS {
                 if !cfg.variants.iter().any(|v| v == variant) {
                     continue;
                 }
@@ -960,7 +996,7 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
                 } else {
                     &by_store
                 };
-                let compression = if variant.ends_with("zstd") {
+                let compression = if variant.contains("zstd") {
                     Compression::Zstd
                 } else {
                     Compression::None
@@ -968,8 +1004,19 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
                 let row = match variant {
                     "raw-criu" => raw_run(cfg, kind, run).await?,
                     _ => {
-                        migrate_run(cfg, &mut c, &store, &work, route, kind, compression, run)
-                            .await?
+                        let prefetch = !variant.ends_with("-after");
+                        migrate_run(
+                            cfg,
+                            &mut c,
+                            &store,
+                            &work,
+                            route,
+                            kind,
+                            compression,
+                            prefetch,
+                            run,
+                        )
+                        .await?
                     }
                 };
                 eprintln!(
@@ -1069,7 +1116,7 @@ fn main() -> Result<()> {
             .map(String::from)
             .collect(),
         variants: std::env::var("BENCH_VARIANTS")
-            .unwrap_or_else(|_| "none zstd shared-none shared-zstd".into())
+            .unwrap_or_else(|_| "none zstd none-after shared-none shared-zstd".into())
             .split_whitespace()
             .map(String::from)
             .chain(["raw-criu".to_string()])
@@ -1089,10 +1136,10 @@ fn main() -> Result<()> {
     if let Some(v) = cfg.variants.iter().find(|v| {
         !matches!(
             v.as_str(),
-            "raw-criu" | "none" | "zstd" | "shared-none" | "shared-zstd"
+            v if VARIANTS.contains(&v)
         )
     }) {
-        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, shared-none, shared-zstd");
+        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, none-after, zstd-after, shared-none, shared-zstd");
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut sections: Vec<&str> = args.iter().map(String::as_str).collect();
