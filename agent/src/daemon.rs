@@ -903,7 +903,7 @@ impl Worker {
             return Ok(Reply::Prefetching { chunks });
         }
         let follow = self.checkpoints.follow(&chunks);
-        let (tx, mut rx) = follow.channel();
+        let (tx, mut rx) = follow.channel(false);
         let (info_tx, info_rx) = oneshot::channel();
         let label = PathBuf::from(format!("the checkpoint with chunks {chunks}"));
         let extract = tokio::task::spawn_blocking(move || {
@@ -958,7 +958,7 @@ impl Worker {
             }
         }
         let sizes = fetch.stored_sizes();
-        let (tx, mut rx) = fetch.channel();
+        let (tx, mut rx) = fetch.channel(false);
         let (into, name) = (staging.to_path_buf(), label.clone());
         let extract = tokio::task::spawn_blocking(move || {
             archive::extract_stream(&mut rx, &name, &sizes, &into, &NoProgress)

@@ -729,19 +729,21 @@ impl Fetch {
             .unwrap_or_default()
     }
 
-    /// A channel for [`Fetch::pump`]; its receiving end computes the object's SHA-256 and
-    /// sees the end only once size and SHA-256 are those of the info.
-    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
+    /// A channel for [`Fetch::pump`]. With `digest`, its receiving end computes the object's
+    /// SHA-256 and sees the end only once size and SHA-256 are those of the info (a download);
+    /// without, only the size is checked (by the pump), for a reader that verifies what it
+    /// reads itself: an archive, each of whose entries has its CRC-32 and SHA-256 checked.
+    pub fn channel(&self, digest: bool) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
         let (tx, rx) = mpsc::channel(8);
-        let check = Check {
+        let check = digest.then(|| Check {
             name: self.info.name.clone(),
             size: self.info.size as u64,
             digest: self.info.digest.clone(),
             later: None,
             seen: 0,
             hasher: BytesHasher::new(),
-        };
-        (tx, Received::new(rx, false, Some(check)))
+        });
+        (tx, Received::new(rx, false, check))
     }
 
     /// Reads the object's chunks in order (an ordered consumer of its chunk subject, as
@@ -782,19 +784,19 @@ pub struct Follow {
 }
 
 impl Follow {
-    /// A channel for [`Follow::pump`]; its receiving end computes the object's SHA-256 and
-    /// sees the end only once size and SHA-256 are those of the info handed over.
-    pub fn channel(&self) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
+    /// A channel for [`Follow::pump`], `digest` as for [`Fetch::channel`] (the info handed
+    /// over is what the bytes must match).
+    pub fn channel(&self, digest: bool) -> (mpsc::Sender<io::Result<Vec<Chunk>>>, Received) {
         let (tx, rx) = mpsc::channel(8);
-        let check = Check {
+        let check = digest.then(|| Check {
             name: format!("the checkpoint with chunks {}", self.nuid),
             size: 0,
             digest: None,
             later: Some(self.info.clone()),
             seen: 0,
             hasher: BytesHasher::new(),
-        };
-        (tx, Received::new(rx, true, Some(check)))
+        });
+        (tx, Received::new(rx, true, check))
     }
 
     /// Like [`Fetch::pump`], the info of the object coming from `info` once it was stored: it
@@ -931,7 +933,7 @@ async fn read_chunks(
 /// Downloads an object into `file` (4 MiB writes on a blocking thread), its size and SHA-256
 /// checked.
 pub async fn download(fetch: Fetch, file: File) -> io::Result<u64> {
-    let (tx, mut rx) = fetch.channel();
+    let (tx, mut rx) = fetch.channel(true);
     let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
         use crate::zipin::ChunkSource;
         let mut out = io::BufWriter::with_capacity(4 << 20, file);

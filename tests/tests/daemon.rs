@@ -545,9 +545,10 @@ fn bad_objects_are_refused_and_change_nothing() {
             .put(meta, &mut std::io::Cursor::new(forged))
             .await
             .unwrap();
-        // The genuine chunks under an info whose digest is not theirs.
-        info.name = "job5/wrong-digest.zip".into();
-        info.digest = Some(format!("SHA-256={}", "A".repeat(43) + "="));
+        // The genuine chunks under an info whose size is not theirs. (A restore does not
+        // recompute the object's SHA-256: it checks each entry's, and the size.)
+        info.name = "job5/wrong-size.zip".into();
+        info.size -= 1;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Rollup", "sub");
         let subject = {
@@ -568,7 +569,7 @@ fn bad_objects_are_refused_and_change_nothing() {
         let before = numbers(&log).len();
         for (id, bad, why) in [
             ("rst-forged", "job5/forged.zip", "CRC-32"),
-            ("rst-digest", "job5/wrong-digest.zip", "wrong digest"),
+            ("rst-size", "job5/wrong-size.zip", "its info says"),
         ] {
             let r = drv
                 .call(
@@ -770,7 +771,7 @@ fn archives_are_read_while_they_are_stored() {
         let chunk = objstore::MAX_CHUNK as u64;
         let chunks = protocol::new_chunks_id();
         let follow = bucket.follow(&chunks);
-        let (tx, mut rx) = follow.channel();
+        let (tx, mut rx) = follow.channel(true);
         let (info_tx, info_rx) = tokio::sync::oneshot::channel();
         let pump = tokio::spawn(follow.pump(info_rx, tx));
         let reader = tokio::task::spawn_blocking(move || {
@@ -857,17 +858,34 @@ fn archives_are_read_while_they_are_stored() {
             );
         }
 
+        // The same chunks again, checked against a digest that is not theirs: refused at the end.
+        let follow = bucket.follow(&chunks);
+        let (tx, mut rx) = follow.channel(true);
+        let (info_tx, info_rx) = tokio::sync::oneshot::channel();
+        let pump = tokio::spawn(follow.pump(info_rx, tx));
+        let mut wrong = info.clone();
+        wrong.digest = Some(format!("SHA-256={}", "A".repeat(43) + "="));
+        info_tx.send(wrong).unwrap();
+        let drained = tokio::task::spawn_blocking(move || {
+            use cedana_agent::zipin::ChunkSource;
+            while rx.next_chunk()?.is_some() {}
+            Ok::<_, std::io::Error>(())
+        });
+        pump.await.unwrap().unwrap();
+        let e = drained.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("wrong digest"), "{e}");
+
         // The info of another object: refused. No info at all: the reading stops.
         let other = protocol::new_chunks_id();
         let follow = bucket.follow(&other);
-        let (tx, _rx) = follow.channel();
+        let (tx, _rx) = follow.channel(true);
         let (info_tx, info_rx) = tokio::sync::oneshot::channel();
         let pump = tokio::spawn(follow.pump(info_rx, tx));
         info_tx.send(info.clone()).unwrap();
         let e = pump.await.unwrap().unwrap_err().to_string();
         assert!(e.contains("is not the checkpoint with chunks"), "{e}");
         let follow = bucket.follow(&other);
-        let (tx, _rx) = follow.channel();
+        let (tx, _rx) = follow.channel(true);
         let (info_tx, info_rx) =
             tokio::sync::oneshot::channel::<async_nats::jetstream::object_store::ObjectInfo>();
         let pump = tokio::spawn(follow.pump(info_rx, tx));

@@ -878,7 +878,7 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Res
         );
         let (c0, t) = (cpu(), Instant::now());
         let fetch = bucket.fetch(&name).await.map_err(|e| anyhow!(e))?;
-        let (tx, mut rx) = fetch.channel();
+        let (tx, mut rx) = fetch.channel(true);
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
             use cedana_agent::zipin::ChunkSource;
             let mut n = 0;
