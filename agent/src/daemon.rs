@@ -353,51 +353,90 @@ pub type Layout = (
 );
 
 /// Creates the streams and buckets if they are missing (the driver and every daemon call it).
+/// On a cluster (the server says it is part of one) they are made with three replicas, so the
+/// job survives the loss of a node; where the cluster is too small for that, with one.
 pub async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, (&'static str, String)> {
-    let commands = js
-        .get_or_create_stream(stream::Config {
+    let clustered = js.client().server_info().cluster.is_some();
+    let commands = replicated(clustered, |replicas| {
+        js.get_or_create_stream(stream::Config {
             name: protocol::COMMANDS_STREAM.into(),
             subjects: vec!["CEDANA.*.*.commands".into()],
+            num_replicas: replicas,
             ..Default::default()
         })
-        .await
-        .map_err(|e| ("creating the commands stream", e.to_string()))?;
-    js.get_or_create_stream(stream::Config {
-        name: protocol::EVENTS_STREAM.into(),
-        subjects: vec!["CEDANA.*.*.state".into(), "CEDANA.*.*.logs".into()],
-        ..Default::default()
     })
     .await
-    .map_err(|e| ("creating the events stream", e.to_string()))?;
-    let workers = kv_bucket(js, protocol::WORKERS_BUCKET).await?;
-    let replies = kv_bucket(js, protocol::REPLIES_BUCKET).await?;
+    .map_err(|e| ("creating the commands stream", e))?;
+    replicated(clustered, |replicas| {
+        js.get_or_create_stream(stream::Config {
+            name: protocol::EVENTS_STREAM.into(),
+            subjects: vec!["CEDANA.*.*.state".into(), "CEDANA.*.*.logs".into()],
+            num_replicas: replicas,
+            ..Default::default()
+        })
+    })
+    .await
+    .map_err(|e| ("creating the events stream", e))?;
+    let workers = kv_bucket(js, protocol::WORKERS_BUCKET, clustered).await?;
+    let replies = kv_bucket(js, protocol::REPLIES_BUCKET, clustered).await?;
     let checkpoints = match js.get_object_store(protocol::CHECKPOINTS_BUCKET).await {
         Ok(s) => s,
-        Err(_) => js
-            .create_object_store(object_store::Config {
+        Err(_) => replicated(clustered, |replicas| {
+            js.create_object_store(object_store::Config {
                 bucket: protocol::CHECKPOINTS_BUCKET.into(),
+                num_replicas: replicas,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| ("creating the checkpoint store", e.to_string()))?,
+        })
+        .await
+        .map_err(|e| ("creating the checkpoint store", e))?,
     };
     Ok((commands, workers, replies, checkpoints))
+}
+
+/// `make(3)` on a cluster, then `make(1)` if that failed (a cluster of fewer than three
+/// nodes); `make(1)` on a single server.
+async fn replicated<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    clustered: bool,
+    make: impl Fn(usize) -> F,
+) -> Result<T, String> {
+    if clustered {
+        match make(3).await {
+            Ok(x) => return Ok(x),
+            Err(e) => {
+                warn!(error = %e, "cannot keep three replicas on this cluster; keeping one (the loss of a node can lose the job)")
+            }
+        }
+    }
+    make(1).await.map_err(|e| e.to_string())
+}
+
+/// The KV bucket `name` (one value per key), made as [`ensure_layout`] makes its buckets if
+/// it is missing.
+pub async fn ensure_kv(
+    js: &jetstream::Context,
+    name: &'static str,
+) -> Result<kv::Store, (&'static str, String)> {
+    kv_bucket(js, name, js.client().server_info().cluster.is_some()).await
 }
 
 async fn kv_bucket(
     js: &jetstream::Context,
     name: &'static str,
+    clustered: bool,
 ) -> Result<kv::Store, (&'static str, String)> {
     match js.get_key_value(name).await {
         Ok(s) => Ok(s),
-        Err(_) => js
-            .create_key_value(kv::Config {
+        Err(_) => replicated(clustered, |replicas| {
+            js.create_key_value(kv::Config {
                 bucket: name.into(),
                 history: 1,
+                num_replicas: replicas,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| ("creating a KV bucket", e.to_string())),
+        })
+        .await
+        .map_err(|e| ("creating a KV bucket", e)),
     }
 }
 

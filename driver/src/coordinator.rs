@@ -78,6 +78,36 @@ pub struct Coordinator {
     prefix: String,
 }
 
+/// Longer than workers go without an event (they heartbeat every few seconds): a consumer
+/// quiet for this long is replaced.
+const EVENTS_SILENCE: Duration = Duration::from_secs(8);
+
+/// An ordered consumer of the job's events from stream sequence `from`.
+async fn event_consumer(
+    js: &jetstream::Context,
+    job: &str,
+    from: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    js.get_stream(protocol::EVENTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subjects: vec![
+                format!("CEDANA.{job}.*.state"),
+                format!("CEDANA.{job}.*.logs"),
+            ],
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 impl Coordinator {
     /// Connects, creates the streams and buckets, and starts routing events.
     pub async fn connect(
@@ -99,46 +129,63 @@ impl Coordinator {
         let (_, workers, replies, _) = cedana_agent::daemon::ensure_layout(&js)
             .await
             .map_err(|(what, e)| CoordError::Nats(format!("{what}: {e}")))?;
-        let jobs = match js.get_key_value(crate::state::JOBS_BUCKET).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: crate::state::JOBS_BUCKET.into(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| CoordError::Nats(e.to_string()))?,
-        };
-        // Events come through an ordered JetStream consumer: after a reconnect (or a restart
-        // of the server) it resumes after the last event seen, so none is lost.
-        let events = js
+        let jobs = cedana_agent::daemon::ensure_kv(&js, crate::state::JOBS_BUCKET)
+            .await
+            .map_err(|(what, e)| CoordError::Nats(format!("{what}: {e}")))?;
+        // Events come through an ordered JetStream consumer from the stream's end as of now;
+        // when it breaks (a reconnect, a restarted server, a lost cluster node) or goes quiet
+        // for longer than workers stay silent, a new one resumes right after the last event
+        // seen, so none is lost.
+        let mut next_seq = js
             .get_stream(protocol::EVENTS_STREAM)
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subjects: vec![
-                    format!("CEDANA.{job}.*.state"),
-                    format!("CEDANA.{job}.*.logs"),
-                ],
-                deliver_policy: consumer::DeliverPolicy::New,
-                ..Default::default()
-            })
+            .info()
             .await
-            .map_err(|e| CoordError::Nats(e.to_string()))?;
-        let mut sub = events
-            .messages()
+            .map_err(|e| CoordError::Nats(e.to_string()))?
+            .state
+            .last_sequence
+            + 1;
+        let mut sub = event_consumer(&js, job, next_seq)
             .await
-            .map_err(|e| CoordError::Nats(e.to_string()))?;
+            .map_err(CoordError::Nats)?;
         let routes = Arc::new(Mutex::new(Routes::default()));
         let r = routes.clone();
         let output = Arc::new(Mutex::new(None::<std::fs::File>));
         let out = output.clone();
+        let (events_js, events_job) = (js.clone(), job.to_string());
         tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Ok(msg) = msg else {
-                    continue;
+            loop {
+                let msg = match tokio::time::timeout(EVENTS_SILENCE, sub.next()).await {
+                    Ok(Some(Ok(msg))) => msg,
+                    Ok(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "event consumer error");
+                        continue;
+                    }
+                    // Ended, or quiet for longer than any worker's heartbeat: start over
+                    // after the last event seen.
+                    end => {
+                        if end.is_ok() {
+                            tracing::warn!(
+                                "the event consumer ended; resuming after the last event"
+                            );
+                        }
+                        match event_consumer(&events_js, &events_job, next_seq).await {
+                            Ok(s) => sub = s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read events yet; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        continue;
+                    }
                 };
+                if let Ok(info) = msg.info() {
+                    if info.stream_sequence < next_seq {
+                        continue;
+                    }
+                    next_seq = info.stream_sequence + 1;
+                }
                 let env = match protocol::decode::<EventEnvelope>(&msg.payload) {
                     Ok(env) => env,
                     Err(e) => {

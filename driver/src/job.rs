@@ -461,17 +461,22 @@ impl Job {
         self.checkpoint_for(t, leave_running, None)
     }
 
-    /// Checkpoints `t`, as [`Job::checkpoint`]; with `reader`, the worker that will restore it
-    /// reads it while it is stored ([`Command::Prefetch`]), so that a move's downtime is not
-    /// the upload followed by the download. A reader that cannot prefetch (shared storage, an
-    /// error) only loses that: its restore reads the stored object.
+    /// Checkpoints `t`, as [`Job::checkpoint`]; with `reader` on another machine, the worker
+    /// that will restore it reads it while it is stored ([`Command::Prefetch`]), so that a
+    /// move's downtime is not the upload followed by the download. Not between two local
+    /// workers: they share this machine's CPUs, and reading while storing only slows the
+    /// upload there (tools/bench-migrate.sh, `none` against `none-after`). A reader that
+    /// cannot prefetch (shared storage, an error) only loses that: its restore reads the
+    /// stored object.
     pub fn checkpoint_for(
         &mut self,
         t: &Task,
         leave_running: bool,
         reader: Option<&Worker>,
     ) -> Result<Checkpoint, JobError> {
-        let chunks = match (reader, self.shared_storage.is_some()) {
+        let is_local = |w: &str| self.offer_of(w).is_some_and(|o| o.provider == "local");
+        let one_machine = reader.is_some_and(|to| is_local(&to.id) && is_local(&t.worker));
+        let chunks = match (reader, self.shared_storage.is_some() || one_machine) {
             (Some(to), false) => {
                 let chunks = protocol::new_chunks_id();
                 let cmd = Command::Prefetch {

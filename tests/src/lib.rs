@@ -383,6 +383,133 @@ impl Drop for NatsServer {
     }
 }
 
+/// A cluster of real `nats-server`s with JetStream on loopback, one token for all, routes
+/// between them (loopback only); each node killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Option<std::process::Child>>,
+    pub ports: Vec<u16>,
+    pub token: String,
+    _stores: Vec<tempfile::TempDir>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits (bounded) until JetStream answers on every one of them.
+    pub fn start(n: usize) -> Self {
+        let token = random_token();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = routes_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        let mut stores = Vec::new();
+        for i in 0..n {
+            let store = tempfile::tempdir().expect("store dir");
+            let child = Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &ports[i].to_string()])
+                .args(["--auth", &token, "--store_dir"])
+                .arg(store.path())
+                .args(["--server_name", &format!("cedana-test-{i}")])
+                .args(["--cluster_name", "cedana-test"])
+                .args([
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{}", routes_ports[i]),
+                ])
+                .args(["--routes", &routes])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server on PATH (the README's test command installs it)");
+            nodes.push(Some(child));
+            stores.push(store);
+        }
+        let cluster = NatsCluster {
+            nodes,
+            ports,
+            token,
+            _stores: stores,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for port in &cluster.ports {
+            let url = format!("nats://127.0.0.1:{port}");
+            let token = cluster.token.clone();
+            let ready = rt.block_on(async move {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(60) {
+                    if let Ok(c) = async_nats::ConnectOptions::with_token(token.clone())
+                        .connect(url.as_str())
+                        .await
+                    {
+                        let js = async_nats::jetstream::new(c);
+                        if js.query_account().await.is_ok() {
+                            return true;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                false
+            });
+            assert!(ready, "JetStream did not come up on cluster node {port}");
+        }
+        cluster
+    }
+
+    /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,...`: a cluster URL list.
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every stream's name and configured replicas (asked of the last node).
+    pub fn stream_replicas(&self) -> Vec<(String, usize)> {
+        let url = format!("nats://127.0.0.1:{}", self.ports[self.ports.len() - 1]);
+        let token = self.token.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            use futures::StreamExt;
+            let c = async_nats::ConnectOptions::with_token(token)
+                .connect(url.as_str())
+                .await
+                .expect("connect to the cluster");
+            let js = async_nats::jetstream::new(c);
+            let mut out = Vec::new();
+            let mut streams = js.streams();
+            while let Some(s) = streams.next().await {
+                let s = s.expect("stream info");
+                out.push((s.config.name.clone(), s.config.num_replicas));
+            }
+            out
+        })
+    }
+
+    /// Kills node `i` (SIGKILL), as a machine that is lost.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// A random token (`tok` and 32 hex digits from /dev/urandom).
 pub fn random_token() -> String {
     use std::io::Read;

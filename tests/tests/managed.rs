@@ -116,6 +116,65 @@ fn nats_server_restarted_mid_job_loses_nothing() {
     );
 }
 
+/// `connection.nats_url` as a cluster URL list: three real nodes (JetStream, token auth), the
+/// job's streams and buckets kept on three of them; one node is killed mid-job and the job goes
+/// on to the end, checkpoints included, without losing its worker.
+#[test]
+fn a_cluster_loses_a_node_mid_job_and_the_job_goes_on() {
+    if !criu_ready("a_cluster_loses_a_node_mid_job_and_the_job_goes_on") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut cluster = NatsCluster::start(3);
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "connection": {"nats_url": cluster.urls(), "auth_token": cluster.token},
+            "checkpoint": {"heartbeat_enabled": true, "heartbeat_interval_seconds": 2},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // The managed example counting to 120 (30 s), so that checkpoints have time to go on
+    // after the cluster elected new leaders.
+    let script = sb.path().join("managed120.rhai");
+    let text = std::fs::read_to_string(example("managed.rhai")).unwrap();
+    assert!(text.contains("$i -lt 60"));
+    std::fs::write(&script, text.replace("$i -lt 60", "$i -lt 120")).unwrap();
+    let mut d = BackgroundDriver::start(sb.path(), Some(&cfg), &[], &script);
+    let r = d.wait_record(Duration::from_secs(90), "a checkpoint", |r| {
+        checkpoints(r) >= 1
+    });
+    let before = checkpoints(&r);
+    // The job's streams are kept on all three nodes.
+    for (stream, replicas) in cluster.stream_replicas() {
+        assert_eq!(replicas, 3, "stream {stream}");
+    }
+    cluster.kill(0);
+    let code = d.wait(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "stderr: {}", d.stderr());
+    assert_counted_to(&d.stdout(), 120);
+    let r = d.record().expect("record");
+    let w1_log = std::fs::read_to_string(
+        sb.path()
+            .join(r["job"].as_str().unwrap_or_default())
+            .join("logs/w1.log"),
+    )
+    .unwrap_or_default();
+    assert_eq!(
+        r["recoveries"],
+        0,
+        "the worker was never lost: {r}\nw1: {w1_log}\ndriver: {}",
+        d.stderr()
+    );
+    assert!(
+        checkpoints(&r) > before,
+        "checkpoints went on after the node was lost: {r}\ndriver: {}",
+        d.stderr()
+    );
+}
+
 #[test]
 fn configured_server_with_a_wrong_token_is_refused() {
     let sb = Sandbox::new();
