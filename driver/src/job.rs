@@ -540,7 +540,14 @@ impl Job {
             },
             3600,
         )? {
-            Reply::Restored { pid, .. } => {
+            Reply::Restored {
+                pid,
+                read_while_stored,
+                ..
+            } => {
+                if read_while_stored {
+                    eprintln!("[cedana] {} read the checkpoint while it was stored", w.id);
+                }
                 self.track_task(&c.task, &w.id, pid);
                 Ok(Task {
                     name: c.task.clone(),

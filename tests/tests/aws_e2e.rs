@@ -378,6 +378,12 @@ fn a_job_on_aws_survives_a_spot_interruption_on_the_next_offer() {
         .clone();
     assert_eq!(last["instance"], second, "it ended on the second instance");
     assert_eq!(record["recoveries"], 0, "moved, not recovered: {record}");
+    // Two machines: the new worker read the checkpoint while the old one stored it.
+    let err = driver.stderr();
+    assert!(
+        err.contains("w2 read the checkpoint while it was stored"),
+        "{err}"
+    );
 }
 
 /// EC2 takes the instance back right after the agent's checkpoint for the notice, before the
