@@ -3,9 +3,12 @@
 # against raw CRIU (dump, cp -r, restore) in the same run; plus the time from
 # `cedana-driver run` to the task running and a command's round trip through NATS.
 #
-# Variants per kind of memory and run: raw-criu; cedana-none and cedana-zstd (Checkpoint
-# {leave_running: false} to w1, Restore to w2, through the object store); shared-none and
-# shared-zstd (the same between daemons started with --shared-storage: no object store).
+# Variants per kind of memory and run: raw-criu; cedana-none and cedana-zstd (Prefetch to w2,
+# Checkpoint {leave_running: false} to w1, Restore to w2, through the object store: w2 reads
+# the checkpoint while it is stored, as the driver moves a task between machines);
+# cedana-none-after and cedana-zstd-after (no Prefetch: w2 reads it once stored, as the driver
+# moves a task between two local workers); shared-none and shared-zstd (the same between
+# daemons started with --shared-storage: no object store).
 # The `store` section times the object store alone (put and get of one file, as the daemon
 # does and as async-nats's put and get do), with CPU time.
 #
@@ -13,8 +16,8 @@
 # Env:   BENCH_MB           memory the test process holds, MiB (default 1024)
 #        BENCH_RUNS         migrations per variant and kind; medians are reported (default 1)
 #        BENCH_KINDS        "random compressible" (default), or one of them
-#        BENCH_VARIANTS     migration variants besides raw-criu (default "none zstd shared-none
-#                           shared-zstd")
+#        BENCH_VARIANTS     migration variants besides raw-criu (default "none zstd none-after
+#                           zstd-after shared-none shared-zstd")
 #        BENCH_PINGS        pings timed (default 200, after 20 untimed)
 #        BENCH_DRIVER_RUNS  `cedana-driver run` repetitions (default 5)
 #        BENCH_DIR          work folder on disk, not tmpfs (default /var/tmp/cedana-bench-migrate);

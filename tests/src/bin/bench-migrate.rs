@@ -1116,7 +1116,7 @@ fn main() -> Result<()> {
             .map(String::from)
             .collect(),
         variants: std::env::var("BENCH_VARIANTS")
-            .unwrap_or_else(|_| "none zstd none-after shared-none shared-zstd".into())
+            .unwrap_or_else(|_| "none zstd none-after zstd-after shared-none shared-zstd".into())
             .split_whitespace()
             .map(String::from)
             .chain(["raw-criu".to_string()])
