@@ -155,19 +155,24 @@ impl Coordinator {
         let out = output.clone();
         let (events_js, events_job) = (js.clone(), job.to_string());
         tokio::spawn(async move {
+            let mut errors = 0u32;
             loop {
                 let msg = match tokio::time::timeout(EVENTS_SILENCE, sub.next()).await {
                     Ok(Some(Ok(msg))) => msg,
-                    Ok(Some(Err(e))) => {
+                    // A few errors in a row: start over too (never spinning on them).
+                    Ok(Some(Err(e))) if errors < 3 => {
+                        errors += 1;
                         tracing::debug!(error = %e, "event consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                     // Ended, or quiet for longer than any worker's heartbeat: start over
                     // after the last event seen.
                     end => {
+                        errors = 0;
                         if end.is_ok() {
                             tracing::warn!(
-                                "the event consumer ended; resuming after the last event"
+                                "the event consumer ended or kept failing; resuming after the last event"
                             );
                         }
                         match event_consumer(&events_js, &events_job, next_seq).await {
@@ -180,6 +185,7 @@ impl Coordinator {
                         continue;
                     }
                 };
+                errors = 0;
                 if let Ok(info) = msg.info() {
                     if info.stream_sequence < next_seq {
                         continue;
