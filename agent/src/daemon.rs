@@ -690,11 +690,7 @@ impl Worker {
         chunks: Option<String>,
     ) -> Result<Reply, String> {
         if let Some(c) = &chunks {
-            if !protocol::valid_chunks_id(c) {
-                return Err(format!(
-                    "chunks id {c:?} is not usable: use 16 to 64 letters and digits"
-                ));
-            }
+            check_chunks_id(c)?;
         }
         // A command's checkpoint and a spot notice's may meet: one dump at a time.
         let criu_turn = self.criu_lock.lock().await;
@@ -924,11 +920,7 @@ impl Worker {
     /// (see [`Command::Prefetch`]): verified and extracted as it arrives into the staging
     /// folder, finished once a restore hands over the stored object's info.
     fn prefetch(self: &Arc<Self>, chunks: String) -> Result<Reply, String> {
-        if !protocol::valid_chunks_id(&chunks) {
-            return Err(format!(
-                "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
-            ));
-        }
+        check_chunks_id(&chunks)?;
         if self.opts.shared_storage.is_some() {
             return Err("this worker reads checkpoints from shared storage, not the object store; nothing to prefetch".into());
         }
@@ -1035,6 +1027,16 @@ impl Worker {
         .map_err(|e| e.to_string())?
         .map(|x| (x, false))
         .map_err(|e| e.relabel(&label).to_string())
+    }
+}
+
+/// A command's chunks id, or the error that says what it must be.
+fn check_chunks_id(chunks: &str) -> Result<(), String> {
+    match protocol::valid_chunks_id(chunks) {
+        true => Ok(()),
+        false => Err(format!(
+            "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
+        )),
     }
 }
 

@@ -752,22 +752,9 @@ impl Fetch {
     /// A failure is sent to it (and returned). Stops early, without error, when the receiver
     /// is gone. Returns the bytes sent.
     pub async fn pump(self, tx: mpsc::Sender<io::Result<Vec<Chunk>>>) -> io::Result<u64> {
-        let subject = format!("$O.{}.C.{}", self.bucket, self.info.nuid);
-        let label = self.info.name.clone();
-        let result = read_chunks(
-            &self.js,
-            &self.stream,
-            subject,
-            &label,
-            Some(self.info),
-            None,
-            &tx,
-        )
-        .await;
-        if let Err(e) = &result {
-            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
-        }
-        result
+        let (nuid, label) = (self.info.nuid.clone(), self.info.name.clone());
+        let from = (&self.js, &self.stream, self.bucket.as_str(), nuid.as_str());
+        read_chunks(from, &label, Some(self.info), None, &tx).await
     }
 }
 
@@ -807,38 +794,47 @@ impl Follow {
         info: oneshot::Receiver<ObjectInfo>,
         tx: mpsc::Sender<io::Result<Vec<Chunk>>>,
     ) -> io::Result<u64> {
-        let subject = format!("$O.{}.C.{}", self.bucket, self.nuid);
         let label = format!("the checkpoint with chunks {}", self.nuid);
-        let result = read_chunks(
+        let from = (
             &self.js,
             &self.stream,
-            subject,
-            &label,
-            None,
-            Some((info, &*self.info)),
-            &tx,
-        )
-        .await;
-        if let Err(e) = &result {
-            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
-        }
-        result
+            self.bucket.as_str(),
+            self.nuid.as_str(),
+        );
+        read_chunks(from, &label, None, Some((info, &*self.info)), &tx).await
     }
 }
 
-/// Reads the chunks on `subject` in order and sends them to `tx` a few at a time, until as
-/// many as `info` counts (given, or received from `later`) were sent; their bytes must then
-/// add up to its size.
+/// Where chunks are read from: the context, the bucket's stream, its name, the chunks' id.
+type ChunksOf<'a> = (&'a jetstream::Context, &'a stream::Stream, &'a str, &'a str);
+/// An object's info handed over later, and the cell where it is kept for the receiving end.
+type InfoLater<'a> = (oneshot::Receiver<ObjectInfo>, &'a OnceLock<ObjectInfo>);
+
+/// Reads the chunks `from` in order and sends them to `tx` a few at a time, until as many as
+/// `info` counts (given, or received from `later`) were sent; their bytes must then add up to
+/// its size. A failure is sent to `tx` too.
 async fn read_chunks(
-    js: &jetstream::Context,
-    stream: &stream::Stream,
-    subject: String,
+    from: ChunksOf<'_>,
     label: &str,
-    mut info: Option<ObjectInfo>,
-    mut later: Option<(oneshot::Receiver<ObjectInfo>, &OnceLock<ObjectInfo>)>,
+    info: Option<ObjectInfo>,
+    later: Option<InfoLater<'_>>,
     tx: &mpsc::Sender<io::Result<Vec<Chunk>>>,
 ) -> io::Result<u64> {
-    let nuid = subject.rsplit('.').next().unwrap_or_default().to_string();
+    let result = read_chunks_into(from, label, info, later, tx).await;
+    if let Err(e) = &result {
+        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
+    }
+    result
+}
+
+async fn read_chunks_into(
+    (js, stream, bucket, nuid): ChunksOf<'_>,
+    label: &str,
+    mut info: Option<ObjectInfo>,
+    mut later: Option<InfoLater<'_>>,
+    tx: &mpsc::Sender<io::Result<Vec<Chunk>>>,
+) -> io::Result<u64> {
+    let subject = format!("$O.{bucket}.C.{nuid}");
     if info.as_ref().is_some_and(|i| i.chunks == 0) {
         return Ok(0);
     }
