@@ -95,18 +95,7 @@ impl ArchiveError {
     }
 }
 
-/// How entries are compressed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// Stored as is: fastest, largest.
-    #[default]
-    None,
-    /// Zstandard (zip method 93): fast and small.
-    Zstd,
-    /// Deflate: what every unzip reads; slow.
-    Deflate,
-}
+pub use cedana_protocol::Compression;
 
 /// Size and checksum of one archive entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! `cedana-agent daemon`: a worker that takes commands over NATS JetStream.
 //!
 //! It connects with a token (never without one), registers in the `cedana_workers` KV bucket,
-//! heartbeats, and serves the commands of [`crate::protocol`] one at a time from a durable
+//! heartbeats, and serves the commands of [`cedana_protocol`] one at a time from a durable
 //! JetStream consumer, so commands sent while it was away or reconnecting are not lost. Each
 //! reply is stored in `cedana_replies` before the command is acknowledged: a repeated command
 //! id is answered from there, not run again. Checkpoints stream into the `cedana_checkpoints`
@@ -23,21 +23,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use async_nats::jetstream::{self, consumer, kv, object_store};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::archive::{self, ArchiveError};
-use crate::config::Secret;
 use crate::imds::{self, Imds};
 use crate::progress::NoProgress;
-use crate::protocol::{
-    self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotFailure,
-    SpotKind, WorkerRecord,
-};
 use crate::{exec, objstore, Criu};
+use cedana_protocol::{
+    self as protocol, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint,
+    SpotFailure, SpotKind, WorkerRecord,
+};
+use cedana_protocol::{ensure_layout, Layout, Secret};
 
 /// How a daemon runs.
 #[derive(Clone, Debug)]
@@ -238,7 +238,7 @@ pub async fn run(
     let client = async_nats::ConnectOptions::with_token(opts.token.expose().to_string())
         .name(format!("cedana-agent {}/{}", opts.job, opts.worker))
         .connection_timeout(Duration::from_secs(10))
-        .connect(protocol::server_list(&url))
+        .connect(protocol::NatsUrl::parse(&url).servers().to_vec())
         .await
         .map_err(|e| match e.kind() {
             async_nats::ConnectErrorKind::AuthorizationViolation => {
@@ -258,9 +258,14 @@ pub async fn run(
             reason: e.to_string(),
         }
     };
-    let (commands, workers, replies, checkpoints) = ensure_layout(&js)
+    let Layout {
+        commands,
+        workers,
+        replies,
+        checkpoints,
+    } = ensure_layout(&js)
         .await
-        .map_err(|(what, e)| jerr(what)(&e))?;
+        .map_err(|e| jerr(e.what)(&e.reason))?;
     let checkpoints = objstore::Bucket::open(&js, checkpoints, protocol::CHECKPOINTS_BUCKET)
         .await
         .map_err(|e| jerr("opening the checkpoint store")(&e))?;
@@ -276,7 +281,7 @@ pub async fn run(
         last_heartbeat: protocol::now(),
         pid: std::process::id(),
     };
-    let key = format!("{}.{}", opts.job, opts.worker);
+    let key = protocol::worker_key(&opts.job, &opts.worker);
     workers
         .put(
             &key,
@@ -344,104 +349,8 @@ pub async fn run(
     Ok(())
 }
 
-/// The command stream, the workers and replies buckets, and the checkpoint store.
-pub type Layout = (
-    stream::Stream,
-    kv::Store,
-    kv::Store,
-    object_store::ObjectStore,
-);
-
-/// Creates the streams and buckets if they are missing (the driver and every daemon call it).
-/// On a cluster (the server says it is part of one) they are made with three replicas, so the
-/// job survives the loss of a node; where the cluster is too small for that, with one.
-pub async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, (&'static str, String)> {
-    let clustered = js.client().server_info().cluster.is_some();
-    let commands = replicated(clustered, |replicas| {
-        js.get_or_create_stream(stream::Config {
-            name: protocol::COMMANDS_STREAM.into(),
-            subjects: vec!["CEDANA.*.*.commands".into()],
-            num_replicas: replicas,
-            ..Default::default()
-        })
-    })
-    .await
-    .map_err(|e| ("creating the commands stream", e))?;
-    replicated(clustered, |replicas| {
-        js.get_or_create_stream(stream::Config {
-            name: protocol::EVENTS_STREAM.into(),
-            subjects: vec!["CEDANA.*.*.state".into(), "CEDANA.*.*.logs".into()],
-            num_replicas: replicas,
-            ..Default::default()
-        })
-    })
-    .await
-    .map_err(|e| ("creating the events stream", e))?;
-    let workers = kv_bucket(js, protocol::WORKERS_BUCKET, clustered).await?;
-    let replies = kv_bucket(js, protocol::REPLIES_BUCKET, clustered).await?;
-    let checkpoints = match js.get_object_store(protocol::CHECKPOINTS_BUCKET).await {
-        Ok(s) => s,
-        Err(_) => replicated(clustered, |replicas| {
-            js.create_object_store(object_store::Config {
-                bucket: protocol::CHECKPOINTS_BUCKET.into(),
-                num_replicas: replicas,
-                ..Default::default()
-            })
-        })
-        .await
-        .map_err(|e| ("creating the checkpoint store", e))?,
-    };
-    Ok((commands, workers, replies, checkpoints))
-}
-
-/// `make(3)` on a cluster, then `make(1)` if that failed (a cluster of fewer than three
-/// nodes); `make(1)` on a single server.
-async fn replicated<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    clustered: bool,
-    make: impl Fn(usize) -> F,
-) -> Result<T, String> {
-    if clustered {
-        match make(3).await {
-            Ok(x) => return Ok(x),
-            Err(e) => {
-                warn!(error = %e, "cannot keep three replicas on this cluster; keeping one (the loss of a node can lose the job)")
-            }
-        }
-    }
-    make(1).await.map_err(|e| e.to_string())
-}
-
-/// The KV bucket `name` (one value per key), made as [`ensure_layout`] makes its buckets if
-/// it is missing.
-pub async fn ensure_kv(
-    js: &jetstream::Context,
-    name: &'static str,
-) -> Result<kv::Store, (&'static str, String)> {
-    kv_bucket(js, name, js.client().server_info().cluster.is_some()).await
-}
-
-async fn kv_bucket(
-    js: &jetstream::Context,
-    name: &'static str,
-    clustered: bool,
-) -> Result<kv::Store, (&'static str, String)> {
-    match js.get_key_value(name).await {
-        Ok(s) => Ok(s),
-        Err(_) => replicated(clustered, |replicas| {
-            js.create_key_value(kv::Config {
-                bucket: name.into(),
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-        })
-        .await
-        .map_err(|e| ("creating a KV bucket", e)),
-    }
-}
-
 async fn heartbeat(w: Arc<Worker>, workers: kv::Store, mut record: WorkerRecord) {
-    let key = format!("{}.{}", w.opts.job, w.opts.worker);
+    let key = protocol::worker_key(&w.opts.job, &w.opts.worker);
     loop {
         tokio::time::sleep(w.opts.heartbeat).await;
         record.last_heartbeat = protocol::now();
@@ -511,7 +420,7 @@ impl Worker {
             warn!(id = %env.id, "dropping a command whose id is not usable as a key");
             return;
         }
-        let key = format!("{}.{}.{}", self.opts.job, self.opts.worker, env.id);
+        let key = protocol::reply_key(&self.opts.job, &self.opts.worker, &env.id);
         if let Ok(Some(stored)) = self.replies.get(&key).await {
             if let Ok(reply) = serde_json::from_slice::<Reply>(&stored) {
                 debug!(id = %env.id, "repeated command: answering from the stored reply");

@@ -96,7 +96,7 @@ pub enum DumpError {
     #[error(transparent)]
     Archive(#[from] ArchiveError),
     #[error(transparent)]
-    Files(#[from] crate::files::FilesError),
+    Files(#[from] files::FilesError),
 }
 
 /// Dumps `opts.pid` and its descendants into `opts.dir/<name>_<YYYYMMDD_HHMMSS>.zip`.
@@ -133,7 +133,7 @@ pub fn dump_into(
         });
     }
     let info = ProcessInfo::inspect(opts.pid)?;
-    let stamp = crate::timestamp();
+    let stamp = cedana_protocol::Stamp::now();
     let stem = format!("{}_{}", info.file_stem(), stamp.file);
     let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);
     let work = tempfile::Builder::new()

@@ -91,6 +91,10 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
     let mut stack = vec![0u8; 256 * 1024];
     let child = move || -> isize {
         // Only async-signal-safe calls from here to exec: this runs in a forked copy.
+        // SAFETY: the descriptors and `ptrs` (NUL-terminated strings kept alive by `argv`,
+        // ending in a null pointer) were made before the clone and are valid in the copy; only
+        // async-signal-safe libc calls follow, and the function never returns to Rust code
+        // that could touch state another thread held at the clone.
         unsafe {
             libc::setsid();
             libc::dup2(null_fd, 0);
@@ -148,10 +152,15 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
 }
 
 /// Writes a tag byte and `errno` to the error pipe (async-signal-safe).
+///
+/// # Safety
+/// Called in the forked child before exec; `fd` is the pipe's write end.
 unsafe fn report(fd: i32, tag: u8) {
-    let e = *libc::__errno_location();
+    // SAFETY: `__errno_location` returns this thread's errno slot, always valid to read.
+    let e = unsafe { *libc::__errno_location() };
     let mut b = [0u8; 5];
     b[0] = tag;
     b[1..].copy_from_slice(&e.to_ne_bytes());
-    libc::write(fd, b.as_ptr().cast(), b.len());
+    // SAFETY: `b` is a live buffer of `b.len()` bytes; a failed write is nothing to act on.
+    unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
 }

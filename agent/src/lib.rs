@@ -5,7 +5,6 @@
 
 pub mod archive;
 pub mod check;
-pub mod config;
 pub mod criu;
 pub mod daemon;
 pub mod dump;
@@ -16,7 +15,6 @@ pub mod imds;
 pub mod objstore;
 pub mod process;
 pub mod progress;
-pub mod protocol;
 pub mod restore;
 pub mod staging;
 pub mod zipin;
@@ -24,11 +22,8 @@ pub mod zipout;
 
 use std::path::{Path, PathBuf};
 
-use time::format_description::well_known::Rfc3339;
-use time::macros::format_description;
-
-pub use archive::{Compression, Manifest};
-pub use config::Config;
+pub use archive::Manifest;
+pub use cedana_protocol::{Compression, Config};
 pub use criu::Criu;
 pub use dump::{dump, DumpOptions, DumpOutcome, TcpMode};
 pub use restore::{restore, RestoreOptions, RestoreOutcome};
@@ -60,28 +55,5 @@ pub fn host_info() -> archive::ManifestHost {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
-    }
-}
-
-/// A moment in the two spellings archives use.
-pub(crate) struct Stamp {
-    /// `YYYYMMDD_HHMMSS`, UTC: the original's archive naming.
-    pub file: String,
-    pub rfc3339: String,
-}
-
-pub(crate) fn timestamp() -> Stamp {
-    let now = time::OffsetDateTime::now_utc();
-    Stamp {
-        file: now
-            .format(format_description!(
-                "[year][month][day]_[hour][minute][second]"
-            ))
-            .expect("timestamp formats"),
-        rfc3339: now
-            .replace_nanosecond(0)
-            .unwrap_or(now)
-            .format(&Rfc3339)
-            .expect("timestamp formats"),
     }
 }

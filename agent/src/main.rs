@@ -362,7 +362,7 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
     let criu = criu(cli, &config)?;
     let token = match (&a.token_file, std::env::var("CEDANA_NATS_TOKEN")) {
         (Some(f), _) => std::fs::read_to_string(f)
-            .map(|t| cedana_agent::config::Secret::new(t.trim()))
+            .map(|t| cedana_protocol::Secret::new(t.trim()))
             .map_err(|e| {
                 Failure::new(
                     3,
@@ -370,18 +370,16 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
                     anyhow::anyhow!("cannot read token file {}: {e}", f.display()),
                 )
             })?,
-        (None, Ok(t)) if !t.is_empty() => cedana_agent::config::Secret::new(t),
+        (None, Ok(t)) if !t.is_empty() => cedana_protocol::Secret::new(t),
         _ => config.connection.auth_token.clone(),
     };
     let nats_url = match &a.nats_url {
         Some(u) => u.clone(),
-        None if !config.connection.nats_url.is_empty() => {
-            let u = &config.connection.nats_url;
-            match (u.contains("://") || u.contains(':'), config.connection.nats_port) {
-                (false, Some(port)) => format!("nats://{u}:{port}"),
-                _ => u.clone(),
-            }
-        }
+        None if !config.connection.nats_url.is_empty() => cedana_protocol::NatsUrl::from_config(
+            &config.connection.nats_url,
+            config.connection.nats_port,
+        )
+        .to_string(),
         None => {
             return Err(Failure::new(
                 3,

@@ -95,7 +95,7 @@ impl Bucket {
     }
 
     fn info_subject(&self, object: &str) -> String {
-        format!("$O.{}.M.{}", self.name, URL_SAFE.encode(object))
+        cedana_protocol::object_info_subject(&self.name, &URL_SAFE.encode(object))
     }
 
     /// `<prefix>/<file_name>`, or `<prefix>/<stem>_N.zip` when that object exists (and is not
@@ -150,8 +150,8 @@ impl Bucket {
             m => m.min(MAX_CHUNK),
         };
         let purge = chunks.as_ref().map(|_| self.stream.clone());
-        let nuid = chunks.unwrap_or_else(crate::protocol::new_chunks_id);
-        let subject = format!("$O.{}.C.{nuid}", self.name);
+        let nuid = chunks.unwrap_or_else(cedana_protocol::new_chunks_id);
+        let subject = cedana_protocol::object_chunks_subject(&self.name, &nuid);
         let (tx, rx) = mpsc::channel(QUEUED);
         let publisher = handle.spawn(publish_chunks(self.js.clone(), purge, subject, rx));
         let (done_tx, done_rx) = oneshot::channel();
@@ -507,7 +507,7 @@ impl Drop for Upload {
         drop(self.tx.take());
         let publisher = self.publisher.take();
         let stream = self.bucket.stream.clone();
-        let subject = format!("$O.{}.C.{}", self.bucket.name, self.nuid);
+        let subject = cedana_protocol::object_chunks_subject(&self.bucket.name, &self.nuid);
         let done = self.done.take();
         self.handle.spawn(async move {
             if let Some(p) = publisher {
@@ -834,7 +834,7 @@ async fn read_chunks_into(
     mut later: Option<InfoLater<'_>>,
     tx: &mpsc::Sender<io::Result<Vec<Chunk>>>,
 ) -> io::Result<u64> {
-    let subject = format!("$O.{bucket}.C.{nuid}");
+    let subject = cedana_protocol::object_chunks_subject(bucket, nuid);
     if info.as_ref().is_some_and(|i| i.chunks == 0) {
         return Ok(0);
     }

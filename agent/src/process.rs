@@ -84,25 +84,7 @@ impl ProcessInfo {
     }
 }
 
-/// Keeps `[A-Za-z0-9._-]`, replaces the rest with `_`.
-pub fn sanitize(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let s = s.trim_start_matches('.').to_string();
-    if s.is_empty() {
-        "process".into()
-    } else {
-        s
-    }
-}
+pub use cedana_protocol::ids::sanitize;
 
 /// The PIDs of `root` and all its descendants, root first.
 pub fn descendants(root: i32) -> Vec<i32> {

@@ -727,8 +727,7 @@ fn cross_check(
             entries.len()
         )));
     }
-    let mut by_offset: std::collections::BTreeMap<u64, &ReadEntry> =
-        entries.iter().map(|e| (e.offset, e)).collect();
+    let mut by_offset: BTreeMap<u64, &ReadEntry> = entries.iter().map(|e| (e.offset, e)).collect();
     let mut not_files = Vec::new();
     for r in records {
         let e = by_offset.remove(&r.offset).ok_or_else(|| {

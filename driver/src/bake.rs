@@ -678,7 +678,7 @@ mod flow {
             None => format!(
                 "cedana-worker-{}-{}",
                 agent.version,
-                utc_stamp(cedana_agent::protocol::now())
+                utc_stamp(cedana_protocol::now())
             ),
         };
         check_image_name(&image_name)?;
@@ -1282,7 +1282,7 @@ mod tests {
     fn the_cloud_config_is_yaml_with_the_host_key_and_the_users_keys() {
         let private = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQyNTUxOQAAACBfakefake\n-----END OPENSSH PRIVATE KEY-----\n";
         let host = KeyPair {
-            private_openssh: cedana_agent::config::Secret::new(private),
+            private_openssh: cedana_protocol::config::Secret::new(private),
             public: PublicKey::parse(
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl cedana-bake x",
                 "t",

@@ -12,7 +12,7 @@
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use cedana_agent::config::Secret;
+use cedana_protocol::config::Secret;
 use serde_json::{json, Map, Value};
 
 /// Errors of `bootstrap`.
@@ -73,7 +73,7 @@ pub fn read_existing(path: &Path) -> Result<Value, BootstrapError> {
             })
         }
     };
-    cedana_agent::Config::parse(&text, path).map_err(|e| BootstrapError::Invalid {
+    cedana_protocol::Config::parse(&text, path).map_err(|e| BootstrapError::Invalid {
         path: path.into(),
         message: e.to_string(),
     })?;
@@ -202,12 +202,13 @@ pub fn apply(mut v: Value, a: &Answers) -> Value {
 
 /// Checks what a user would regret only later: known providers, a token for a configured
 /// NATS server, an API key for Paperspace.
-pub fn check(v: &Value, path: &Path) -> Result<cedana_agent::Config, BootstrapError> {
+pub fn check(v: &Value, path: &Path) -> Result<cedana_protocol::Config, BootstrapError> {
     let text = serde_json::to_string_pretty(v).expect("serializes");
-    let config = cedana_agent::Config::parse(&text, path).map_err(|e| BootstrapError::Invalid {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let config =
+        cedana_protocol::Config::parse(&text, path).map_err(|e| BootstrapError::Invalid {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     for p in &config.enabled_providers {
         if !PROVIDERS.contains(&p.to_lowercase().as_str()) {
             return Err(BootstrapError::Answer {
@@ -279,16 +280,12 @@ pub fn write(path: &Path, v: &Value) -> Result<(), BootstrapError> {
 
 /// A fresh NATS token: 32 random bytes, hex.
 pub fn generate_token() -> Result<Secret, BootstrapError> {
-    let mut b = [0u8; 32];
-    let mut f = std::fs::File::open("/dev/urandom").map_err(|source| BootstrapError::Read {
-        path: "/dev/urandom".into(),
-        source,
-    })?;
-    std::io::Read::read_exact(&mut f, &mut b).map_err(|source| BootstrapError::Read {
-        path: "/dev/urandom".into(),
-        source,
-    })?;
-    Ok(Secret::new(hex::encode(b)))
+    cedana_protocol::random_hex(32)
+        .map(Secret::new)
+        .map_err(|source| BootstrapError::Read {
+            path: cedana_protocol::ids::RANDOM_SOURCE.into(),
+            source,
+        })
 }
 
 /// Reads a secret from the first line of `path`.

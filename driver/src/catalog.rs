@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::provider::Offer;
 
@@ -59,62 +59,7 @@ pub enum CatalogError {
     },
 }
 
-/// A time stamp in RFC 3339 form, kept as written and as seconds since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct Timestamp {
-    text: String,
-    #[serde(skip)]
-    epoch: u64,
-}
-
-impl Timestamp {
-    /// Seconds since the epoch.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-    /// As written.
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
-    /// The time `epoch` seconds after 1970-01-01T00:00:00Z, written `2026-09-20T12:00:00Z`.
-    pub fn from_epoch(epoch: u64) -> Self {
-        let days = (epoch / 86_400) as i64;
-        let secs = epoch % 86_400;
-        // Civil date of a day count since 1970-01-01 (proleptic Gregorian).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        Timestamp {
-            text: format!(
-                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-                secs / 3600,
-                secs % 3600 / 60,
-                secs % 60
-            ),
-            epoch,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match parse_rfc3339(&text) {
-            Some(epoch) => Ok(Timestamp { text, epoch }),
-            None => Err(serde::de::Error::custom(format!(
-                "{text:?} is not an RFC 3339 time such as 2026-09-20T00:00:00Z"
-            ))),
-        }
-    }
-}
+pub use cedana_protocol::{parse_rfc3339, Timestamp};
 
 /// One machine type at one place and price.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -352,141 +297,9 @@ fn entry_position(text: &str, i: usize) -> (usize, usize) {
     (1, 1)
 }
 
-/// Seconds since the epoch of an RFC 3339 time (`2026-09-20T12:00:00Z`,
-/// `2026-09-20T12:00:00.5+02:00`); None when it is not one.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20 {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        if part.bytes().all(|c| c.is_ascii_digit()) {
-            part.parse().ok()
-        } else {
-            None
-        }
-    };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let (sign, hm) = match rest.as_bytes().first()? {
-                b'+' => (1, &rest[1..]),
-                b'-' => (-1, &rest[1..]),
-                _ => return None,
-            };
-            if hm.len() != 5 || hm.as_bytes()[2] != b':' {
-                return None;
-            }
-            let h: i64 = hm[..2].parse().ok()?;
-            let m: i64 = hm[3..].parse().ok()?;
-            if h > 23 || m > 59 {
-                return None;
-            }
-            sign * (h * 3600 + m * 60)
-        }
-    };
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let days_in_month = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month[(month - 1) as usize]
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    // Days since 1970-01-01 of a civil date (proleptic Gregorian).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let t = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    u64::try_from(t).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_from_epoch_read_back() {
-        for t in [0, 951_827_415, 1_789_862_400, 4_102_444_799, 1_136_214_245] {
-            let ts = Timestamp::from_epoch(t);
-            assert_eq!(parse_rfc3339(ts.as_str()), Some(t), "{}", ts.as_str());
-            assert_eq!(ts.epoch(), t);
-        }
-        assert_eq!(
-            Timestamp::from_epoch(1_789_862_400).as_str(),
-            "2026-09-20T00:00:00Z"
-        );
-        assert_eq!(
-            Timestamp::from_epoch(951_827_415).as_str(),
-            "2000-02-29T12:30:15Z"
-        );
-    }
-
-    #[test]
-    fn rfc3339_times() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2026-09-20T00:00:00Z"), Some(1_789_862_400));
-        assert_eq!(parse_rfc3339("2000-02-29T12:30:15.250Z"), Some(951_827_415));
-        assert_eq!(
-            parse_rfc3339("2026-09-20T02:00:00+02:00"),
-            parse_rfc3339("2026-09-20T00:00:00Z")
-        );
-        assert_eq!(
-            parse_rfc3339("2026-09-19T22:30:00-01:30"),
-            parse_rfc3339("2026-09-20T00:00:00Z")
-        );
-        for bad in [
-            "2026-09-20",
-            "2026-09-20T00:00:00",
-            "2026-13-01T00:00:00Z",
-            "2025-02-29T00:00:00Z",
-            "2026-09-20T24:00:00Z",
-            "2026-09-20T00:00:00.Z",
-            "yesterday at noon, UTC!",
-        ] {
-            assert_eq!(parse_rfc3339(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn builtin_catalog_is_valid_and_says_where_prices_come_from() {

@@ -5,40 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cedana_protocol::control::{Action, Answer, Request};
+use cedana_protocol::control_subject as subject;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
-
-/// The subject a job's driver answers on.
-pub fn subject(job: &str) -> String {
-    format!("CEDANA.{job}.driver.control")
-}
-
-/// What is asked of the job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// Checkpoint the task now.
-    Checkpoint,
-    /// Move the task to a new worker.
-    Migrate,
-    /// Stop the task and end every worker.
-    Down,
-}
-
-/// A request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
-    pub v: u32,
-    pub action: Action,
-}
-
-/// The answer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Answer {
-    pub v: u32,
-    pub ok: bool,
-    pub message: String,
-}
 
 /// A request waiting for the job's loop, with where its answer goes.
 pub type Pending = (Action, tokio::sync::oneshot::Sender<Answer>);
@@ -74,7 +43,7 @@ pub async fn serve(
             };
             let answer = match serde_json::from_slice::<Request>(&msg.payload) {
                 Err(e) => Answer {
-                    v: 1,
+                    v: cedana_protocol::VERSION,
                     ok: false,
                     message: format!("bad request: {e}"),
                 },
@@ -85,7 +54,7 @@ pub async fn serve(
                     match (&tx, req.action) {
                         // Answered at once: the job's loop ends without another turn.
                         (_, Action::Down) => Answer {
-                            v: 1,
+                            v: cedana_protocol::VERSION,
                             ok: true,
                             message: "taking the job down".into(),
                         },
@@ -93,7 +62,7 @@ pub async fn serve(
                             let (atx, arx) = tokio::sync::oneshot::channel();
                             if tx.send((action, atx)).is_err() {
                                 Answer {
-                                    v: 1,
+                                    v: cedana_protocol::VERSION,
                                     ok: false,
                                     message: "the job is ending".into(),
                                 }
@@ -101,7 +70,7 @@ pub async fn serve(
                                 match tokio::time::timeout(Duration::from_secs(3600), arx).await {
                                     Ok(Ok(a)) => a,
                                     _ => Answer {
-                                        v: 1,
+                                        v: cedana_protocol::VERSION,
                                         ok: false,
                                         message: "the job ended before answering".into(),
                                     },
@@ -109,7 +78,7 @@ pub async fn serve(
                             }
                         }
                         (None, _) => Answer {
-                            v: 1,
+                            v: cedana_protocol::VERSION,
                             ok: false,
                             message: "this job's script drives its own checkpoints and migrations; only jobs on the managed flow take them from the command line".into(),
                         },
@@ -140,14 +109,18 @@ pub async fn request(
         .name("cedana-driver control")
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(secs)))
-        .connect(cedana_agent::protocol::server_list(url))
+        .connect(cedana_protocol::NatsUrl::parse(url).servers().to_vec())
         .await
         .map_err(|e| ControlError::Connect {
             job: job.into(),
             url: url.into(),
             reason: e.to_string(),
         })?;
-    let body = serde_json::to_vec(&Request { v: 1, action }).expect("serializes");
+    let body = serde_json::to_vec(&Request {
+        v: cedana_protocol::VERSION,
+        action,
+    })
+    .expect("serializes");
     let msg = client
         .request(subject(job), body.into())
         .await

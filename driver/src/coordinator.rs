@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use cedana_agent::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply};
+use cedana_protocol::{self as protocol, Command, CommandEnvelope, Event, EventEnvelope, Reply};
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 
@@ -68,9 +68,9 @@ pub struct Coordinator {
     pub job: String,
     pub client: async_nats::Client,
     js: jetstream::Context,
-    workers: async_nats::jetstream::kv::Store,
-    replies: async_nats::jetstream::kv::Store,
-    jobs: async_nats::jetstream::kv::Store,
+    workers: jetstream::kv::Store,
+    replies: jetstream::kv::Store,
+    jobs: jetstream::kv::Store,
     routes: Arc<Mutex<Routes>>,
     /// Where task output is appended (the job's output log), besides stdout.
     output: Arc<Mutex<Option<std::fs::File>>>,
@@ -92,10 +92,7 @@ async fn event_consumer(
         .await
         .map_err(|e| e.to_string())?
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subjects: vec![
-                format!("CEDANA.{job}.*.state"),
-                format!("CEDANA.{job}.*.logs"),
-            ],
+            filter_subjects: protocol::job_events_subjects(job),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from,
             },
@@ -119,19 +116,21 @@ impl Coordinator {
         let client = async_nats::ConnectOptions::with_token(token.to_string())
             .name(format!("cedana-driver {job}"))
             .connection_timeout(Duration::from_secs(10))
-            .connect(cedana_agent::protocol::server_list(url))
+            .connect(cedana_protocol::NatsUrl::parse(url).servers().to_vec())
             .await
             .map_err(|e| CoordError::Connect {
                 url: url.into(),
                 reason: e.to_string(),
             })?;
         let js = jetstream::new(client.clone());
-        let (_, workers, replies, _) = cedana_agent::daemon::ensure_layout(&js)
+        let cedana_protocol::Layout {
+            workers, replies, ..
+        } = cedana_protocol::ensure_layout(&js)
             .await
-            .map_err(|(what, e)| CoordError::Nats(format!("{what}: {e}")))?;
-        let jobs = cedana_agent::daemon::ensure_kv(&js, crate::state::JOBS_BUCKET)
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
+        let jobs = cedana_protocol::ensure_kv(&js, cedana_protocol::JOBS_BUCKET)
             .await
-            .map_err(|(what, e)| CoordError::Nats(format!("{what}: {e}")))?;
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
         // Events come through an ordered JetStream consumer from the stream's end as of now;
         // when it breaks (a reconnect, a restarted server, a lost cluster node) or goes quiet
         // for longer than workers stay silent, a new one resumes right after the last event
@@ -259,7 +258,7 @@ impl Coordinator {
                 }
             }
         });
-        let prefix = crate::nats::random_hex(4).unwrap_or_default();
+        let prefix = cedana_protocol::random_hex(4).unwrap_or_default();
         Ok(Coordinator {
             job: job.into(),
             client,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cedana_agent::protocol::{self, Command, Reply};
+use cedana_protocol::{self as protocol, Command, Reply};
 use tracing::{info, warn};
 
 use crate::coordinator::{CoordError, Coordinator, Exit};
@@ -91,7 +91,7 @@ pub struct Job {
     pub rt: tokio::runtime::Handle,
     pub coord: Coordinator,
     pub nats_url: String,
-    token: cedana_agent::config::Secret,
+    token: cedana_protocol::config::Secret,
     /// The job's folder.
     pub dir: PathBuf,
     /// The path every worker sees its own folder at.
@@ -118,7 +118,7 @@ impl Job {
         rt: tokio::runtime::Handle,
         coord: Coordinator,
         nats_url: String,
-        token: cedana_agent::config::Secret,
+        token: cedana_protocol::config::Secret,
         dir: PathBuf,
         shared_storage: Option<PathBuf>,
         record: JobRecord,
@@ -495,7 +495,7 @@ impl Job {
         let cmd = Command::Checkpoint {
             task: t.name.clone(),
             leave_running,
-            compression: cedana_agent::Compression::Zstd,
+            compression: cedana_protocol::Compression::Zstd,
             chunks,
         };
         match self.call(&t.worker, cmd, 3600)? {

@@ -23,7 +23,7 @@ pub mod ssh;
 pub mod state;
 pub mod yaml;
 
-pub use cedana_agent::Config;
+pub use cedana_protocol::Config;
 
 /// Whether the driver's log shows an event: everything the log level allows, except the AWS
 /// SDK's and its HTTP stack's own debug and trace output, which holds whole requests (their

@@ -60,7 +60,7 @@ fn ip(args: &[&str]) -> std::io::Result<()> {
 impl NetNs {
     /// Creates namespace `name` and a veth pair on a random /30 of 10.64.0.0/10.
     pub fn create(name: &str) -> std::io::Result<Self> {
-        let r = crate::nats::random_hex(4)?;
+        let r = cedana_protocol::random_hex(4)?;
         let n = u32::from_str_radix(&r, 16).unwrap_or(0) & 0x000f_ffff;
         let base = (10u32 << 24) | (64 << 16) | (n << 2);
         let host_ip = std::net::Ipv4Addr::from(base + 1);
@@ -117,23 +117,6 @@ async fn forward(listener: tokio::net::TcpListener, to: Vec<String>) {
             }
         });
     }
-}
-
-/// `host:port` of each server in a NATS URL list.
-fn nats_addrs(url: &str) -> Vec<String> {
-    url.split(',')
-        .filter_map(|one| {
-            let rest = one.trim().split("://").last()?;
-            let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
-            (!hostport.is_empty()).then(|| {
-                if hostport.contains(':') {
-                    hostport.to_string()
-                } else {
-                    format!("{hostport}:4222")
-                }
-            })
-        })
-        .collect()
 }
 
 /// Errors launching a local worker.
@@ -241,7 +224,7 @@ impl LocalWorker {
             let name = format!("cedana-{}-{}", s.job, s.id);
             let setup = (|| -> std::io::Result<_> {
                 let ns = NetNs::create(&name)?;
-                let to = nats_addrs(s.nats_url);
+                let to = cedana_protocol::NatsUrl::parse(s.nats_url).addrs();
                 if to.is_empty() {
                     return Err(std::io::Error::other("cannot read the NATS URL"));
                 }
@@ -568,17 +551,5 @@ impl crate::provider::Instance for LocalWorker {
     }
     fn terminate(&mut self) {
         LocalWorker::terminate(self);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_nats_addresses() {
-        use super::nats_addrs;
-        assert_eq!(nats_addrs("nats://127.0.0.1:4222"), ["127.0.0.1:4222"]);
-        assert_eq!(nats_addrs("nats://a:1, nats://b:2"), ["a:1", "b:2"]);
-        assert_eq!(nats_addrs("10.0.0.1"), ["10.0.0.1:4222"]);
-        assert_eq!(nats_addrs("nats://tok@h:5/"), ["h:5"]);
     }
 }

@@ -454,7 +454,7 @@ fn status(state_dir: &Path, job: Option<&str>, json: bool) -> ExitCode {
         "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9} {:>8}  LAST CHECKPOINT",
         "JOB", "STATE", "WORKER", "TASK", "CKPTS", "RECOVERED", "MOVED", "COST $", "NOW $/H"
     );
-    let now = cedana_agent::protocol::now();
+    let now = cedana_protocol::now();
     for (_, r) in &jobs {
         let running = r.workers.iter().rev().find(|w| w.state == "running");
         let worker = running.map(|w| w.id.as_str()).unwrap_or("-");
@@ -636,7 +636,7 @@ fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> ExitCode {
         .ok()
         .filter(|k| !k.trim().is_empty())
     {
-        answers.paperspace_api_key = Some(cedana_agent::config::Secret::new(k.trim()));
+        answers.paperspace_api_key = Some(cedana_protocol::config::Secret::new(k.trim()));
     }
     if let Some(f) = &args.auth_token_file {
         match b::secret_from_file(f) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cedana_agent::config::Secret;
+use cedana_protocol::config::Secret;
 
 /// Errors starting the embedded server.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ impl EmbeddedNats {
     pub fn start() -> Result<Self, NatsError> {
         let binary = std::env::var("CEDANA_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let dir = tempfile::Builder::new().prefix("cedana-nats-").tempdir()?;
-        let token = Secret::new(random_hex(24)?);
+        let token = Secret::new(cedana_protocol::random_hex(24)?);
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -109,11 +109,4 @@ impl Drop for EmbeddedNats {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `n` random bytes from the kernel, hex-encoded.
-pub fn random_hex(n: usize) -> std::io::Result<String> {
-    let mut b = vec![0u8; n];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
-    Ok(hex::encode(b))
 }

@@ -84,7 +84,7 @@ pub fn prices(providers: &[Box<dyn Provider>], spec: &Spec) -> Prices {
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error("--refresh: {0}")]
-    Provider(#[from] crate::provider::ProviderError),
+    Provider(#[from] provider::ProviderError),
     #[error("--refresh: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("--refresh: cannot write the catalog {path}: {source}")]
@@ -103,7 +103,9 @@ pub enum RefreshError {
 /// entries for the same provider, type, region, zone and market are replaced, the others are
 /// kept. The file is written whole, then renamed into place. The path and how many entries
 /// were written.
-pub fn refresh(config: &cedana_agent::Config) -> Result<(std::path::PathBuf, usize), RefreshError> {
+pub fn refresh(
+    config: &cedana_protocol::Config,
+) -> Result<(std::path::PathBuf, usize), RefreshError> {
     let uses = |n: &str| {
         config
             .enabled_providers

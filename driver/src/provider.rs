@@ -185,25 +185,7 @@ pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> Stri
 /// Whether every server of a NATS URL list is on loopback (or the list names none): a cloud
 /// machine cannot reach it.
 pub fn loopback_only(url: &str) -> bool {
-    let hosts: Vec<String> = url
-        .split(',')
-        .filter_map(|one| {
-            let rest = one.trim().split("://").last()?;
-            let hostport = rest.rsplit('@').next()?.trim_end_matches('/');
-            let host = if let Some(h) = hostport.strip_prefix('[') {
-                h.split(']').next()?.to_string()
-            } else {
-                hostport.split(':').next()?.to_string()
-            };
-            (!host.is_empty()).then_some(host)
-        })
-        .collect();
-    hosts.iter().all(|h| {
-        h.eq_ignore_ascii_case("localhost")
-            || h.parse::<std::net::IpAddr>()
-                .map(|ip| ip.is_loopback() || ip.is_unspecified())
-                .unwrap_or(false)
-    })
+    cedana_protocol::NatsUrl::parse(url).loopback_only()
 }
 
 /// Every fitting offer of `providers`, cheapest first (on-demand before spot at the same

@@ -59,7 +59,7 @@ impl From<FlowError> for RunError {
 /// Options of a run.
 pub struct RunOptions {
     pub script: PathBuf,
-    pub config: cedana_agent::Config,
+    pub config: cedana_protocol::Config,
     /// Where jobs keep their folders [default: $CEDANA_STATE_DIR, ~/.cedana/jobs].
     pub state_dir: PathBuf,
     /// Checkpoint interval of the managed flow, overriding the config (0: none).
@@ -75,7 +75,7 @@ pub struct RunOptions {
 
 /// The arbitrage settings of the command line over the config's `arbitrage` block.
 pub fn arbitrage(
-    config: &cedana_agent::config::ArbitrageConfig,
+    config: &cedana_protocol::config::ArbitrageConfig,
     every: Option<u64>,
     margin: Option<f64>,
 ) -> Option<managed::Arbitrage> {
@@ -147,7 +147,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
 
     let stem: String = path
         .file_stem()
-        .map(|s| cedana_agent::process::sanitize(&s.to_string_lossy()))
+        .map(|s| cedana_protocol::sanitize(&s.to_string_lossy()))
         .unwrap_or_else(|| "job".into())
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
@@ -155,7 +155,8 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         .collect();
     let job_id = format!(
         "{stem}-{}",
-        crate::nats::random_hex(3).map_err(io("random", Path::new("/dev/urandom")))?
+        cedana_protocol::random_hex(3)
+            .map_err(io("random", Path::new(cedana_protocol::ids::RANDOM_SOURCE)))?
     );
     let job_dir = opts.state_dir.join(&job_id);
     for d in [job_dir.join("work"), job_dir.join("logs")] {
@@ -176,7 +177,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     } else {
         let c = &opts.config.connection;
         (
-            config_url(&c.nats_url, c.nats_port),
+            cedana_protocol::NatsUrl::from_config(&c.nats_url, c.nats_port).to_string(),
             c.auth_token.clone(),
             None,
         )
@@ -216,8 +217,8 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         job: job_id.clone(),
         script: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
         state: JobState::Starting,
-        started_at: cedana_agent::protocol::now(),
-        updated_at: cedana_agent::protocol::now(),
+        started_at: cedana_protocol::now(),
+        updated_at: cedana_protocol::now(),
         driver_pid: std::process::id(),
         nats_url: url.clone(),
         embedded_nats: embedded.is_some(),
@@ -363,9 +364,9 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
 
 /// Cloud machines cannot reach a NATS server on this machine's loopback (the embedded one):
 /// with a cloud provider, `connection.nats_url` must name a server they can reach.
-fn cloud_needs_nats(config: &cedana_agent::Config, provider: &str) -> Result<(), RunError> {
+fn cloud_needs_nats(config: &cedana_protocol::Config, provider: &str) -> Result<(), RunError> {
     let c = &config.connection;
-    let url = config_url(&c.nats_url, c.nats_port);
+    let url = cedana_protocol::NatsUrl::from_config(&c.nats_url, c.nats_port).to_string();
     if url.is_empty() || crate::provider::loopback_only(&url) {
         return Err(RunError::NatsUnreachable {
             provider: provider.into(),
@@ -382,7 +383,7 @@ fn cloud_needs_nats(config: &cedana_agent::Config, provider: &str) -> Result<(),
 /// The providers `enabled_providers` names (`local` when it names none). Local workers boot
 /// from `image` when one is given.
 pub fn providers(
-    config: &cedana_agent::Config,
+    config: &cedana_protocol::Config,
     image: Option<&Path>,
 ) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
     let enabled = if config.enabled_providers.is_empty() {
@@ -434,42 +435,5 @@ pub fn providers(
 impl From<JobError> for RunError {
     fn from(e: JobError) -> Self {
         RunError::Flow(FlowError::Job(e))
-    }
-}
-
-/// The config's `nats_url` (one host or URL, or a comma-separated list) with `nats_port` added
-/// to each entry that has no port.
-pub fn config_url(nats_url: &str, port: Option<u16>) -> String {
-    nats_url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            let (scheme, rest) = match u.split_once("://") {
-                Some((s, r)) => (s, r),
-                None => ("nats", u),
-            };
-            let host = rest.rsplit('@').next().unwrap_or(rest);
-            match port {
-                Some(p) if !host.contains(':') => format!("{scheme}://{rest}:{p}"),
-                _ => format!("{scheme}://{rest}"),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn config_urls_get_the_port() {
-        use super::config_url;
-        assert_eq!(config_url("10.0.0.5", Some(4222)), "nats://10.0.0.5:4222");
-        assert_eq!(config_url("nats://h:1", Some(4222)), "nats://h:1");
-        assert_eq!(
-            config_url("a, nats://b, c:9", Some(5)),
-            "nats://a:5,nats://b:5,nats://c:9"
-        );
-        assert_eq!(config_url("nats://a", None), "nats://a");
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use cedana_agent::config::Secret;
+use cedana_protocol::config::Secret;
 use sha2::Digest;
 use ssh2::{CheckResult, ErrorCode, KnownHostFileKind, MethodType, Session};
 use tracing::debug;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// KV bucket of job records.
-pub const JOBS_BUCKET: &str = "cedana_jobs";
+pub use cedana_protocol::JOBS_BUCKET;
 /// The record's file in the job's folder.
 pub const RECORD_FILE: &str = "job.json";
 /// The embedded NATS server's token, for the commands that talk to a running job (0600).

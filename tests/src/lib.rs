@@ -809,7 +809,7 @@ pub fn numbers_after(text: &str, marker: &str) -> Vec<u64> {
 /// Publishes a spot interruption notice for `worker` of `job` as its agent would (no
 /// checkpoints in it), through JetStream on `nats`.
 pub fn publish_spot_notice(nats: &NatsServer, job: &str, worker: &str) {
-    use cedana_agent::protocol::{self, Event, EventEnvelope, SpotKind};
+    use cedana_protocol::{self as protocol, Event, EventEnvelope, SpotKind};
     let env = EventEnvelope {
         v: protocol::VERSION,
         job: job.into(),

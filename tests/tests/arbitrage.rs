@@ -65,7 +65,7 @@ fn price_lists_fitting_offers_cheapest_first_with_source_and_age() {
     assert_eq!(offers[0]["price_source"], "catalog: test prices");
     // Age: from the entry's date to now, in seconds.
     let age = offers[1]["age_seconds"].as_u64().expect("age");
-    let now = cedana_agent::protocol::now();
+    let now = cedana_protocol::now();
     let expected = now - cedana_driver::catalog::parse_rfc3339("2026-11-20T00:00:00Z").unwrap();
     assert!(
         age.abs_diff(expected) < 60,

@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cedana_agent::config::Secret;
 use cedana_driver::aws::{
     self, api, prices, AwsError, AwsProvider, ConnectOptions, Ec2, KeyPairOutcome, RunRequest,
     Settings, TemplateRequest,
@@ -19,6 +18,7 @@ use cedana_driver::aws::{
 use cedana_driver::catalog::Catalog;
 use cedana_driver::job::Spec;
 use cedana_driver::provider::{ranked, Bootstrap, Offer, Provider, ProviderError};
+use cedana_protocol::config::Secret;
 use cedana_tests::moto::{MotoServer, Refusal, RefusingProxy, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use cedana_tests::{repo_root, wait_until};
 

@@ -221,7 +221,7 @@ fn bootstrap_makes_what_aws_workers_need_and_points_the_config_at_it() {
             endpoint_url: Some(moto.url()),
             credentials: Some((
                 cedana_tests::moto::ACCESS_KEY_ID.into(),
-                cedana_agent::config::Secret::new(cedana_tests::moto::SECRET_ACCESS_KEY),
+                cedana_protocol::config::Secret::new(cedana_tests::moto::SECRET_ACCESS_KEY),
             )),
             ..Default::default()
         }))

@@ -537,10 +537,7 @@ impl GatewayNats {
             let js = async_nats::jetstream::new(client);
             let start = Instant::now();
             loop {
-                if let Ok(kv) = js
-                    .get_key_value(cedana_agent::protocol::WORKERS_BUCKET)
-                    .await
-                {
+                if let Ok(kv) = js.get_key_value(cedana_protocol::WORKERS_BUCKET).await {
                     if let Ok(Some(v)) = kv.get(key).await {
                         return serde_json::from_slice(&v).expect("a worker record");
                     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use cedana_agent::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply};
+use cedana_protocol::{self as protocol, Command, CommandEnvelope, Event, EventEnvelope, Reply};
 use cedana_tests::*;
 use futures::StreamExt;
 
@@ -699,7 +699,10 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
     let nats = NatsServer::start();
     rt().block_on(async {
         let drv = Driver::connect(&nats, "job7").await;
-        let (_, _, _, os) = cedana_agent::daemon::ensure_layout(&drv.js).await.unwrap();
+        let os = cedana_protocol::ensure_layout(&drv.js)
+            .await
+            .unwrap()
+            .checkpoints;
         let bucket =
             cedana_agent::objstore::Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
                 .await
@@ -764,7 +767,10 @@ fn archives_are_read_while_they_are_stored() {
     let nats = NatsServer::start();
     rt().block_on(async {
         let drv = Driver::connect(&nats, "job8").await;
-        let (_, _, _, os) = cedana_agent::daemon::ensure_layout(&drv.js).await.unwrap();
+        let os = cedana_protocol::ensure_layout(&drv.js)
+            .await
+            .unwrap()
+            .checkpoints;
         let bucket = Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
             .await
             .unwrap();

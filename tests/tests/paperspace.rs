@@ -11,11 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cedana_agent::config::Secret;
 use cedana_driver::catalog::Catalog;
 use cedana_driver::job::Spec;
 use cedana_driver::paperspace::{api_region, Client, PaperspaceProvider, Retry, Settings};
 use cedana_driver::provider::{ranked, Bootstrap, Offer, Provider, ProviderError};
+use cedana_protocol::config::Secret;
 use cedana_tests::{python, repo_root, wait_until};
 use serde_json::{json, Value};
 

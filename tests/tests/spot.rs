@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use cedana_agent::protocol::{
-    self, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint, SpotKind,
+use cedana_protocol::{
+    self as protocol, Command, CommandEnvelope, Event, EventEnvelope, Reply, SpotCheckpoint,
+    SpotKind,
 };
 use cedana_tests::imds::{raw_request, FakeImds, INSTANCE_ACTION, REBALANCE};
 use cedana_tests::*;

@@ -30,7 +30,7 @@ use aws_sdk_ec2::types::{
     TagSpecification,
 };
 use aws_sdk_ec2::Client;
-use cedana_agent::config::Secret;
+use cedana_protocol::config::Secret;
 
 /// Region used when neither the options, `AWS_REGION` nor the profile name one.
 pub const FALLBACK_REGION: &str = "us-east-1";
@@ -332,8 +332,8 @@ impl From<&ConnectOptions> for ConnectOptions {
 
 /// The config's `aws` block: the standard AWS settings, the first enabled region as the
 /// default one.
-impl From<&cedana_agent::config::AwsConfig> for ConnectOptions {
-    fn from(c: &cedana_agent::config::AwsConfig) -> Self {
+impl From<&cedana_protocol::config::AwsConfig> for ConnectOptions {
+    fn from(c: &cedana_protocol::config::AwsConfig) -> Self {
         ConnectOptions {
             region: c
                 .enabled_regions
@@ -572,7 +572,7 @@ fn ec2_tags(tags: &[(String, String)]) -> Vec<Tag> {
 
 /// A random token for idempotent requests.
 fn random_token() -> String {
-    crate::nats::random_hex(16).unwrap_or_else(|_| {
+    cedana_protocol::random_hex(16).unwrap_or_else(|_| {
         format!(
             "{:x}{:x}",
             std::process::id(),

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
-use cedana_agent::config::AwsConfig;
+use cedana_protocol::config::AwsConfig;
 
 pub use api::{
     base64_decode, base64_encode, create_image, describe_image, describe_instance, ensure_key_pair,
@@ -343,7 +343,7 @@ impl AwsProvider {
         let client = self.ec2.client(region);
         let mut image = self.settings.image_id.clone();
         if let Some(lt) = &self.settings.launch_template {
-            let found = api::find_launch_template(&client, lt)
+            let found = find_launch_template(&client, lt)
                 .await
                 .map_err(|e| e.to_string())?;
             let Some((id, _)) = found else {
@@ -352,14 +352,14 @@ impl AwsProvider {
                 ));
             };
             if image.is_none() {
-                image = api::launch_template_image(&client, &id)
+                image = launch_template_image(&client, &id)
                     .await
                     .map_err(|e| e.to_string())?;
             }
         }
         let mut architecture = self.settings.architecture.clone();
         if let Some(img) = &image {
-            match api::describe_image(&client, img)
+            match describe_image(&client, img)
                 .await
                 .map_err(|e| e.to_string())?
             {
@@ -599,7 +599,7 @@ impl Provider for AwsProvider {
         let client = self.ec2.client(&region);
         let user_data =
             crate::provider::worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
-        let token = crate::nats::random_hex(16)
+        let token = cedana_protocol::random_hex(16)
             .map_err(|e| failed(format!("cannot read /dev/urandom: {e}")))?;
         let req = RunRequest {
             image_id: self.settings.image_id.clone(),

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, object_store};
-use cedana_agent::protocol::{self, Command, CommandEnvelope, Event, EventEnvelope, Reply};
 use cedana_agent::Compression;
+use cedana_protocol::{self as protocol, Command, CommandEnvelope, Event, EventEnvelope, Reply};
 use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

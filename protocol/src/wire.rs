@@ -25,111 +25,22 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a checkpoint's entries are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as is: fastest, largest.
+    #[default]
+    None,
+    /// Zstandard (zip method 93): fast and small.
+    Zstd,
+    /// Deflate: what every unzip reads; slow.
+    Deflate,
+}
+
 /// Version of every message type in this module.
 pub const VERSION: u32 = 1;
-/// Stream of commands.
-pub const COMMANDS_STREAM: &str = "CEDANA_COMMANDS";
-/// Stream of events (replies, exits, heartbeats, logs).
-pub const EVENTS_STREAM: &str = "CEDANA_EVENTS";
-/// KV bucket of worker registrations.
-pub const WORKERS_BUCKET: &str = "cedana_workers";
-/// KV bucket of command replies, for idempotency.
-pub const REPLIES_BUCKET: &str = "cedana_replies";
-/// Object store bucket of checkpoint archives.
-pub const CHECKPOINTS_BUCKET: &str = "cedana_checkpoints";
-
-/// `CEDANA.<job>.<worker>.commands`.
-pub fn commands_subject(job: &str, worker: &str) -> String {
-    format!("CEDANA.{job}.{worker}.commands")
-}
-/// `CEDANA.<job>.<worker>.state`.
-pub fn state_subject(job: &str, worker: &str) -> String {
-    format!("CEDANA.{job}.{worker}.state")
-}
-/// `CEDANA.<job>.<worker>.logs`.
-pub fn logs_subject(job: &str, worker: &str) -> String {
-    format!("CEDANA.{job}.{worker}.logs")
-}
-
-/// Whether a job or worker id is usable in a subject and a KV key.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-/// Publishes `payload` to JetStream with message id `msg_id` and waits until it is stored. A
-/// retry with the same id is dropped by JetStream as a duplicate, so callers may retry freely.
-pub async fn publish_stored(
-    js: &async_nats::jetstream::Context,
-    subject: String,
-    payload: bytes::Bytes,
-    msg_id: &str,
-) -> Result<(), String> {
-    js.send_publish(
-        subject,
-        async_nats::jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .message_id(msg_id),
-    )
-    .await
-    .map_err(|e| e.to_string())?
-    .await
-    .map(|_| ())
-    .map_err(|e| e.to_string())
-}
-
-/// The servers of a NATS URL list (`nats://a:4222,nats://b:4222`), for `connect`.
-pub fn server_list(urls: &str) -> Vec<String> {
-    urls.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// Whether a chunks id ([`Command::Checkpoint`], [`Command::Prefetch`]) is usable as the last
-/// token of `$O.<bucket>.C.<id>`: 16 to 64 ASCII letters and digits (a NUID has 22).
-pub fn valid_chunks_id(id: &str) -> bool {
-    (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric())
-}
-
-/// 22 random letters and digits, as a NUID looks: a new chunks id (see [`valid_chunks_id`]).
-pub fn new_chunks_id() -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut raw = [0u8; 22];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
-        .is_err()
-    {
-        // Unique enough without randomness: time and PID.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let seed = t ^ ((std::process::id() as u128) << 64);
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = (seed >> ((i * 5) % 120)) as u8;
-        }
-    }
-    raw.iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
-}
-
-/// Whether one `/`-separated part of a checkpoint object name is usable (an id, or an archive
-/// file name: letters, digits, `-`, `_`, `.`, not starting with a dot).
-pub fn valid_object_part(part: &str) -> bool {
-    !part.is_empty()
-        && !part.starts_with('.')
-        && part.len() <= 200
-        && part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 /// A command to one worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommandEnvelope {
@@ -156,7 +67,7 @@ pub enum Command {
     Checkpoint {
         task: String,
         leave_running: bool,
-        compression: crate::Compression,
+        compression: Compression,
         /// The id of the object's chunks (its NUID, see [`valid_chunks_id`]), chosen by the
         /// sender so that another worker, told with [`Command::Prefetch`], can read the
         /// checkpoint while it is stored. Absent: the worker picks one.
@@ -303,14 +214,6 @@ pub struct WorkerRecord {
     pub pid: u32,
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Errors decoding a message.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -390,20 +293,5 @@ mod tests {
         let err = decode::<CommandEnvelope>(br#"{"v":2,"id":"x","command":{"type":"ping"}}"#)
             .unwrap_err();
         assert!(err.to_string().contains("version 2"), "{err}");
-    }
-
-    #[test]
-    fn url_lists_split() {
-        assert_eq!(
-            server_list("nats://a:1, nats://b:2,"),
-            ["nats://a:1", "nats://b:2"]
-        );
-        assert_eq!(server_list("nats://a:1"), ["nats://a:1"]);
-    }
-
-    #[test]
-    fn ids_fit_subjects() {
-        assert!(valid_id("job-1_a"));
-        assert!(!valid_id("a.b") && !valid_id("a*") && !valid_id("") && !valid_id("a b"));
     }
 }

@@ -1,0 +1,64 @@
+//! Every name on the wire: streams, buckets and subjects. No other code spells one.
+
+/// Stream of commands.
+pub const COMMANDS_STREAM: &str = "CEDANA_COMMANDS";
+/// Stream of events (replies, exits, heartbeats, logs).
+pub const EVENTS_STREAM: &str = "CEDANA_EVENTS";
+/// KV bucket of worker registrations.
+pub const WORKERS_BUCKET: &str = "cedana_workers";
+/// KV bucket of command replies, for idempotency.
+pub const REPLIES_BUCKET: &str = "cedana_replies";
+/// Object store bucket of checkpoint archives.
+pub const CHECKPOINTS_BUCKET: &str = "cedana_checkpoints";
+/// KV bucket of job records (the driver's).
+pub const JOBS_BUCKET: &str = "cedana_jobs";
+
+/// The subjects [`COMMANDS_STREAM`] keeps: every worker's commands.
+pub const COMMANDS_SUBJECTS: &str = "CEDANA.*.*.commands";
+
+/// The subjects [`EVENTS_STREAM`] keeps: every worker's state and logs.
+pub fn events_subjects() -> Vec<String> {
+    vec!["CEDANA.*.*.state".into(), "CEDANA.*.*.logs".into()]
+}
+
+/// `CEDANA.<job>.<worker>.commands`.
+pub fn commands_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.commands")
+}
+/// `CEDANA.<job>.<worker>.state`.
+pub fn state_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.state")
+}
+/// `CEDANA.<job>.<worker>.logs`.
+pub fn logs_subject(job: &str, worker: &str) -> String {
+    format!("CEDANA.{job}.{worker}.logs")
+}
+/// `CEDANA.<job>.*.state` and `CEDANA.<job>.*.logs`: every event of a job.
+pub fn job_events_subjects(job: &str) -> Vec<String> {
+    vec![
+        format!("CEDANA.{job}.*.state"),
+        format!("CEDANA.{job}.*.logs"),
+    ]
+}
+/// `CEDANA.<job>.driver.control`: requests to a running job's driver.
+pub fn control_subject(job: &str) -> String {
+    format!("CEDANA.{job}.driver.control")
+}
+
+/// `$O.<bucket>.C.<chunks>`: the chunks of one object in the object store's own layout.
+pub fn object_chunks_subject(bucket: &str, chunks: &str) -> String {
+    format!("$O.{bucket}.C.{chunks}")
+}
+/// `$O.<bucket>.M.<encoded name>`: an object's info (the name URL-safe base64 encoded by the
+/// caller, as the object store does).
+pub fn object_info_subject(bucket: &str, encoded_name: &str) -> String {
+    format!("$O.{bucket}.M.{encoded_name}")
+}
+/// The KV key of a worker: `<job>.<worker>`.
+pub fn worker_key(job: &str, worker: &str) -> String {
+    format!("{job}.{worker}")
+}
+/// The KV key of a command's stored reply: `<job>.<worker>.<command id>`.
+pub fn reply_key(job: &str, worker: &str, id: &str) -> String {
+    format!("{job}.{worker}.{id}")
+}
