@@ -566,7 +566,7 @@ pub struct AwsCreated {
 /// default version).
 #[cfg(feature = "aws")]
 pub fn create_aws_resources(c: &AwsCreate) -> Result<AwsCreated, BootstrapError> {
-    use crate::aws::{self, ConnectOptions, Ec2, KeyPairOutcome, TemplateRequest};
+    use crate::providers::aws::{self, ConnectOptions, Ec2, KeyPairOutcome, TemplateRequest};
     let fail = |e: aws::AwsError| BootstrapError::Answer {
         what: format!("AWS in {}", c.region),
         message: e.to_string(),

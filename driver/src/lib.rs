@@ -2,26 +2,22 @@
 //! keeping them alive by checkpointing, recovering and migrating their tasks, on the cheapest
 //! machine that fits: `local` workers, Paperspace machines, or (feature `aws`) EC2 instances.
 
-#[cfg(feature = "aws")]
-pub mod aws;
+// The layers, each using only those below it (tests/tests/layers.rs checks):
+//   runner, bootstrap, bake, price   what the commands do
+//   jobfile                          Rhai scripts and YAML job specs
+//   job                              a job: workers, task, checkpoints, record, managed flow
+//   coord                            the driver's side of the wire; the embedded nats-server
+//   providers                        Spec and Offer, the catalog, local, aws, paperspace
+//   util                             quoting, whole-file writes, SSH
 pub mod bake;
 pub mod bootstrap;
-pub mod catalog;
-pub mod container;
-pub mod control;
-pub mod coordinator;
+pub mod coord;
 pub mod job;
-pub mod local;
-pub mod managed;
-pub mod nats;
-pub mod paperspace;
+pub mod jobfile;
 pub mod price;
-pub mod provider;
-pub mod run;
-pub mod script;
-pub mod ssh;
-pub mod state;
-pub mod yaml;
+pub mod providers;
+pub mod runner;
+pub mod util;
 
 pub use cedana_protocol::Config;
 

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cedana_driver::control::{self, Action};
+use cedana_driver::coord::control::{self, Action};
+use cedana_driver::job::managed::FlowError;
+use cedana_driver::job::record::{self, JobRecord, OUTPUT_FILE, TOKEN_FILE};
 use cedana_driver::job::JobError;
-use cedana_driver::managed::FlowError;
-use cedana_driver::run::{RunError, RunOptions};
-use cedana_driver::script::ScriptError;
-use cedana_driver::state::{self, JobRecord, OUTPUT_FILE, TOKEN_FILE};
+use cedana_driver::jobfile::script::ScriptError;
+use cedana_driver::runner::{RunError, RunOptions};
 use clap::{Parser, Subcommand};
 
 const AFTER: &str = "Exit codes: `run` ends with the task's exit status (0 when it succeeded, 128+N when signal N ended it); \
@@ -245,7 +245,7 @@ fn main() -> ExitCode {
     let state_dir = cli
         .state_dir
         .clone()
-        .unwrap_or_else(cedana_driver::run::default_state_dir);
+        .unwrap_or_else(cedana_driver::runner::default_state_dir);
     match cli.command {
         Cmd::Run {
             script,
@@ -263,7 +263,7 @@ fn main() -> ExitCode {
                 arbitrage_every,
                 arbitrage_margin,
             };
-            match cedana_driver::run::run(opts) {
+            match cedana_driver::runner::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("cedana-driver: error: {e}");
@@ -342,7 +342,7 @@ fn price(
     limit: Option<usize>,
     json: bool,
 ) -> ExitCode {
-    let providers = match cedana_driver::run::providers(config, None) {
+    let providers = match cedana_driver::runner::providers(config, None) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("cedana-driver: error: {e}");
@@ -413,7 +413,7 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 fn find(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), ExitCode> {
-    state::find(state_dir, job).map_err(|e| {
+    record::find(state_dir, job).map_err(|e| {
         eprintln!("cedana-driver: error: {e}");
         ExitCode::from(4)
     })
@@ -425,7 +425,7 @@ fn status(state_dir: &Path, job: Option<&str>, json: bool) -> ExitCode {
             Ok(found) => vec![found],
             Err(code) => return code,
         },
-        None => state::list(state_dir),
+        None => record::list(state_dir),
     };
     if json {
         let records: Vec<serde_json::Value> = jobs

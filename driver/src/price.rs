@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::job::Spec;
-use crate::provider::{self, Offer, Provider};
+use crate::providers::{self, Offer, Provider};
 
 /// Errors of a `--gpu` value.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,7 @@ pub struct Prices {
 
 /// Fitting offers of `providers` for `spec`, cheapest first.
 pub fn prices(providers: &[Box<dyn Provider>], spec: &Spec) -> Prices {
-    let (fit, why) = provider::ranked(providers, spec);
+    let (fit, why) = providers::ranked(providers, spec);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -84,9 +84,9 @@ pub fn prices(providers: &[Box<dyn Provider>], spec: &Spec) -> Prices {
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error("--refresh: {0}")]
-    Provider(#[from] provider::ProviderError),
+    Provider(#[from] providers::ProviderError),
     #[error("--refresh: {0}")]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] providers::catalog::CatalogError),
     #[error("--refresh: cannot write the catalog {path}: {source}")]
     Write {
         path: std::path::PathBuf,
@@ -113,14 +113,15 @@ pub fn refresh(
             .any(|p| p.eq_ignore_ascii_case(n))
     };
     #[allow(unused_mut)]
-    let mut fresh: Vec<crate::catalog::CatalogEntry> = Vec::new();
+    let mut fresh: Vec<providers::catalog::CatalogEntry> = Vec::new();
     #[allow(unused_mut)]
     let mut any = false;
     #[cfg(feature = "aws")]
     if uses("aws") {
         // The catalog file may not exist yet: it is what this writes.
-        let settings = crate::aws::Settings::from_config(&config.aws.clone().unwrap_or_default())?;
-        let p = crate::aws::AwsProvider::new(settings, crate::catalog::Catalog::builtin())?;
+        let settings =
+            providers::aws::Settings::from_config(&config.aws.clone().unwrap_or_default())?;
+        let p = providers::aws::AwsProvider::new(settings, providers::catalog::Catalog::builtin())?;
         fresh.extend(p.refresh_catalog()?);
         any = true;
     }
@@ -128,14 +129,14 @@ pub fn refresh(
     if !any {
         return Err(RefreshError::Nothing);
     }
-    let path = crate::catalog::Catalog::default_path().ok_or(RefreshError::NoPath)?;
+    let path = providers::catalog::Catalog::default_path().ok_or(RefreshError::NoPath)?;
     let mut catalog = if path.exists() {
-        crate::catalog::Catalog::from_file(&path)?
+        providers::catalog::Catalog::from_file(&path)?
     } else {
-        crate::catalog::Catalog::default()
+        providers::catalog::Catalog::default()
     };
     let n = fresh.len();
-    catalog.overlay(crate::catalog::Catalog { entries: fresh });
+    catalog.overlay(providers::catalog::Catalog { entries: fresh });
     let write_err = |source| RefreshError::Write {
         path: path.clone(),
         source,

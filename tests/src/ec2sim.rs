@@ -1498,7 +1498,7 @@ impl CloudConfig {
     }
 }
 
-use cedana_driver::provider::sh_quote;
+use cedana_driver::providers::sh_quote;
 
 /// A new disk: the image's folders (a snapshot's copied in).
 fn prepare_disk(disk: &Path, ami: &str, image: &ImageKind, sim_dir: &Path) -> Result<(), SimError> {
@@ -2071,7 +2071,7 @@ pub fn rfc3339(t: SystemTime) -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    cedana_driver::catalog::Timestamp::from_epoch(secs)
+    cedana_driver::providers::catalog::Timestamp::from_epoch(secs)
         .as_str()
         .to_string()
 }

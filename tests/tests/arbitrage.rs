@@ -66,7 +66,8 @@ fn price_lists_fitting_offers_cheapest_first_with_source_and_age() {
     // Age: from the entry's date to now, in seconds.
     let age = offers[1]["age_seconds"].as_u64().expect("age");
     let now = cedana_protocol::now();
-    let expected = now - cedana_driver::catalog::parse_rfc3339("2026-11-20T00:00:00Z").unwrap();
+    let expected =
+        now - cedana_driver::providers::catalog::parse_rfc3339("2026-11-20T00:00:00Z").unwrap();
     assert!(
         age.abs_diff(expected) < 60,
         "age {age}, expected {expected}"

@@ -11,13 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cedana_driver::aws::{
+use cedana_driver::job::Spec;
+use cedana_driver::providers::aws::{
     self, api, prices, AwsError, AwsProvider, ConnectOptions, Ec2, KeyPairOutcome, RunRequest,
     Settings, TemplateRequest,
 };
-use cedana_driver::catalog::Catalog;
-use cedana_driver::job::Spec;
-use cedana_driver::provider::{ranked, Bootstrap, Offer, Provider, ProviderError};
+use cedana_driver::providers::catalog::Catalog;
+use cedana_driver::providers::{ranked, Bootstrap, Offer, Provider, ProviderError};
 use cedana_protocol::config::Secret;
 use cedana_tests::moto::{MotoServer, Refusal, RefusingProxy, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use cedana_tests::{repo_root, wait_until};
@@ -752,9 +752,9 @@ fn capacity_errors_move_on_to_the_next_offer() {
 /// simulator), the launch ends at the provider's boot timeout and the instance is terminated.
 #[test]
 fn job_launch_moves_past_capacity_errors() {
-    use cedana_driver::coordinator::Coordinator;
+    use cedana_driver::coord::Coordinator;
+    use cedana_driver::job::record::{JobRecord, JobState};
     use cedana_driver::job::Job;
-    use cedana_driver::state::{JobRecord, JobState};
     let moto = MotoServer::start();
     let proxy = RefusingProxy::start(&moto, &[("t2.micro", "InsufficientInstanceCapacity")]);
     let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro", "t2.small"]);

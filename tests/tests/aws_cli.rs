@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use cedana_driver::aws::{self, ConnectOptions, Ec2};
+use cedana_driver::providers::aws::{self, ConnectOptions, Ec2};
 use cedana_tests::moto::MotoServer;
 use cedana_tests::*;
 
@@ -63,7 +63,8 @@ fn price_shows_aws_offers_and_refresh_keeps_spot_prices_in_the_catalog() {
         "{err}"
     );
     // The file holds the spot prices per type and zone, in the catalog format.
-    let written = cedana_driver::catalog::Catalog::from_file(&cat).expect("a valid catalog");
+    let written =
+        cedana_driver::providers::catalog::Catalog::from_file(&cat).expect("a valid catalog");
     assert!(!written.entries.is_empty());
     for e in &written.entries {
         assert!(
@@ -108,21 +109,22 @@ fn price_shows_aws_offers_and_refresh_keeps_spot_prices_in_the_catalog() {
 
     // A user's own entries survive a refresh.
     let mut c = written.clone();
-    c.entries.push(cedana_driver::catalog::CatalogEntry {
-        provider: "paperspace".into(),
-        instance_type: "C5".into(),
-        region: "ny2".into(),
-        zone: None,
-        vcpus: 4.0,
-        memory_gb: 8.0,
-        gpu: None,
-        gpu_count: 0,
-        vram_gb: 0.0,
-        price_usd_hour: 0.08,
-        spot: false,
-        source: "mine".into(),
-        updated_at: cedana_driver::catalog::Timestamp::from_epoch(1_790_000_000),
-    });
+    c.entries
+        .push(cedana_driver::providers::catalog::CatalogEntry {
+            provider: "paperspace".into(),
+            instance_type: "C5".into(),
+            region: "ny2".into(),
+            zone: None,
+            vcpus: 4.0,
+            memory_gb: 8.0,
+            gpu: None,
+            gpu_count: 0,
+            vram_gb: 0.0,
+            price_usd_hour: 0.08,
+            spot: false,
+            source: "mine".into(),
+            updated_at: cedana_driver::providers::catalog::Timestamp::from_epoch(1_790_000_000),
+        });
     std::fs::write(&cat, c.to_json()).unwrap();
     let out = driver(&sb, &moto, &cat, &["--config", cfg_s, "price", "--refresh"]);
     assert!(
@@ -130,7 +132,7 @@ fn price_shows_aws_offers_and_refresh_keeps_spot_prices_in_the_catalog() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let again = cedana_driver::catalog::Catalog::from_file(&cat).unwrap();
+    let again = cedana_driver::providers::catalog::Catalog::from_file(&cat).unwrap();
     assert_eq!(
         again.entries.len(),
         c.entries.len(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{InstanceLifecycleType, RequestLaunchTemplateData};
 use cedana_driver::job::same_offer;
-use cedana_driver::provider::Offer;
+use cedana_driver::providers::Offer;
 use cedana_tests::ec2sim::{SimConfig, SimState, Simulator};
 use cedana_tests::moto::MotoServer;
 use cedana_tests::*;

@@ -585,7 +585,7 @@ fn bake_refuses_a_host_key_other_than_the_one_it_gave_and_makes_nothing() {
     let (bake_id, state) = &instances[0];
     // The key the simulator served (not the one in the user-data) is named.
     let served = env.sim.host_key(bake_id).expect("the served host key");
-    let served = cedana_driver::ssh::PublicKey::parse(&served, "served").unwrap();
+    let served = cedana_driver::util::ssh::PublicKey::parse(&served, "served").unwrap();
     assert!(stderr.contains(&served.fingerprint()), "{stderr}");
     assert_terminated(&env, bake_id, state);
 

@@ -381,7 +381,7 @@ fn skopeo_inspects_it_and_umoci_unpacks_it() {
 fn make_worker_bundle(bundle: &Path, args: &[&str]) {
     let path = bundle.join("config.json");
     let mut c: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let caps = json!(cedana_driver::container::bounding_caps());
+    let caps = json!(cedana_driver::providers::local::container::bounding_caps());
     c["process"]["args"] = json!(args);
     c["process"]["terminal"] = json!(false);
     c["process"]["capabilities"] = json!({

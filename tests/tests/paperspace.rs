@@ -11,10 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cedana_driver::catalog::Catalog;
 use cedana_driver::job::Spec;
-use cedana_driver::paperspace::{api_region, Client, PaperspaceProvider, Retry, Settings};
-use cedana_driver::provider::{ranked, Bootstrap, Offer, Provider, ProviderError};
+use cedana_driver::providers::catalog::Catalog;
+use cedana_driver::providers::paperspace::{
+    api_region, Client, PaperspaceProvider, Retry, Settings,
+};
+use cedana_driver::providers::{ranked, Bootstrap, Offer, Provider, ProviderError};
 use cedana_protocol::config::Secret;
 use cedana_tests::{python, repo_root, wait_until};
 use serde_json::{json, Value};
@@ -515,8 +517,8 @@ fn lists_follow_the_cursor_across_pages() {
     for i in 0..4 {
         let (m, _) = boot
             .rt
-            .block_on(
-                outside.create_machine(&cedana_driver::paperspace::CreateMachine {
+            .block_on(outside.create_machine(
+                &cedana_driver::providers::paperspace::CreateMachine {
                     name: format!("other-{i}"),
                     machine_type: "C4".into(),
                     template_id: "tubuntu2204".into(),
@@ -526,8 +528,8 @@ fn lists_follow_the_cursor_across_pages() {
                     public_ip_type: "none".into(),
                     start_on_create: false,
                     email_password: false,
-                }),
-            )
+                },
+            ))
             .expect("create");
         others.push(m.id);
     }

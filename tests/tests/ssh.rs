@@ -1,4 +1,4 @@
-//! The driver's SSH client (`cedana_driver::ssh`, used by `bake`) against a real OpenSSH server
+//! The driver's SSH client (`cedana_driver::util::ssh`, used by `bake`) against a real OpenSSH server
 //! on loopback: commands, uploads, and every way a host key or a login can be wrong. Needs
 //! root and openssh-server (tools/deps.sh); CI has both.
 
@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cedana_driver::ssh::{
+use cedana_driver::util::ssh::{
     self, Auth, ConnectOptions, HostKeyPolicy, PublicKey, Remote, Ssh, SshError, Upload,
     UploadSource,
 };

@@ -11,7 +11,7 @@
 //! cannot start an agent that is not there; this program then plays the original's
 //! provisioning step: it sees the instance run (as the original polled DescribeInstances),
 //! connects, verifying the host key the instance printed at boot (as cloud-init prints its fingerprints to the console; never trust on first
-//! use) with the driver's own SSH client (`cedana_driver::ssh`, as `bake` uses), uploads the
+//! use) with the driver's own SSH client (`cedana_driver::util::ssh`, as `bake` uses), uploads the
 //! agent and a tar of CRIU over SFTP, runs the setup (unpacking CRIU, `cedana-agent check`),
 //! and starts the agent with the job's settings (the boot script the driver gave the
 //! instance, uploaded and run). The driver meanwhile waits for the worker to
@@ -289,7 +289,7 @@ fn provision(
     id: &str,
     ip: Ipv4Addr,
 ) -> Result<[Instant; 4]> {
-    use cedana_driver::ssh::{
+    use cedana_driver::util::ssh::{
         Auth, ConnectOptions, HostKeyPolicy, PublicKey, Ssh, Upload, UploadSource,
     };
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,6 +1,9 @@
 //! One running job: its workers, its task, its checkpoints and its record. Both ways a job
 //! runs (the script's own code, and the managed flow) act through this.
 
+pub mod managed;
+pub mod record;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +13,10 @@ use std::time::{Duration, Instant};
 use cedana_protocol::{self as protocol, Command, Reply};
 use tracing::{info, warn};
 
-use crate::coordinator::{CoordError, Coordinator, Exit};
-use crate::provider::{self, Bootstrap, Instance, Offer, Provider};
-
-use crate::state::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
+use crate::coord::{CoordError, Coordinator, Exit};
+use crate::job::record::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
+use crate::providers::{self, Bootstrap, Instance, Offer, Provider};
+pub use crate::providers::{same_offer, Spec};
 
 /// A worker silent this long is lost (heartbeats come every 2 s; the margin covers a NATS
 /// server restart).
@@ -25,7 +28,7 @@ pub enum JobError {
     #[error(transparent)]
     Coord(#[from] CoordError),
     #[error(transparent)]
-    Provider(#[from] provider::ProviderError),
+    Provider(#[from] providers::ProviderError),
     #[error("no offer fits the job's spec {spec}{why}")]
     NoOffer { spec: String, why: String },
     #[error("worker {worker}: {message}")]
@@ -44,18 +47,6 @@ pub enum JobError {
     },
 }
 
-/// What a job asks of a worker's machine (the original's `instance_specs`).
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct Spec {
-    pub cpu_cores: Option<f64>,
-    pub memory_gb: Option<f64>,
-    pub gpu: Option<String>,
-    pub gpu_count: Option<u32>,
-    pub vram_gb: Option<f64>,
-    pub max_price_usd_hour: Option<f64>,
-}
-
 /// A worker as scripts see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Worker {
@@ -67,15 +58,6 @@ pub struct Worker {
 pub struct Task {
     pub name: String,
     pub worker: String,
-}
-
-/// Whether two offers are the same machine type at the same place and market (prices aside).
-pub fn same_offer(a: &Offer, b: &Offer) -> bool {
-    a.provider == b.provider
-        && a.instance_type == b.instance_type
-        && a.region == b.region
-        && a.zone == b.zone
-        && a.spot == b.spot
 }
 
 /// A checkpoint of a task.
@@ -162,9 +144,10 @@ impl Job {
             warn!(error = %e, "cannot save the job record");
         }
         let coord = self.coord.clone();
-        let record = self.record.clone();
+        let id = self.record.job.clone();
+        let record = bytes::Bytes::from(serde_json::to_vec(&self.record).expect("serializes"));
         let _ = self.rt.block_on(async move {
-            tokio::time::timeout(Duration::from_secs(2), coord.put_job(&record)).await
+            tokio::time::timeout(Duration::from_secs(2), coord.put_job(&id, record)).await
         });
     }
 
@@ -182,7 +165,7 @@ impl Job {
     /// The offers fitting `spec`, cheapest first, without the avoided ones (unless only
     /// avoided ones fit), and why others were left out.
     pub fn offers(&mut self, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
-        let (offers, why) = provider::ranked(&self.providers, spec);
+        let (offers, why) = providers::ranked(&self.providers, spec);
         let now = Instant::now();
         self.avoided.retain(|(_, until)| *until > now);
         let kept: Vec<Offer> = offers
@@ -270,7 +253,7 @@ impl Job {
         }
         let log = self.dir.join("logs").join(format!("{id}.log"));
         let mut launched = None;
-        let mut boot_timeout = provider::DEFAULT_BOOT_TIMEOUT;
+        let mut boot_timeout = providers::DEFAULT_BOOT_TIMEOUT;
         for offer in offers {
             let Some(p) = self
                 .providers
@@ -294,7 +277,7 @@ impl Job {
                     launched = Some((w, offer));
                     break;
                 }
-                Err(e @ provider::ProviderError::Capacity { .. }) => {
+                Err(e @ providers::ProviderError::Capacity { .. }) => {
                     warn!(error = %e, "no capacity; trying the next offer");
                     eprintln!("[cedana] {e}; trying the next offer");
                 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position, AST};
 
+use crate::job::managed::{FlowError, Hooks, Shared};
 use crate::job::{Checkpoint, JobError, Spec, Task, Worker};
-use crate::managed::{FlowError, Hooks, Shared};
 
 /// Operations a script may run before it is stopped (a runaway loop ends in about a second).
 pub const MAX_OPERATIONS: u64 = 20_000_000;
@@ -40,6 +40,12 @@ pub enum ScriptError {
     },
     #[error("{path}: {message}")]
     Other { path: PathBuf, message: String },
+}
+
+impl From<ScriptError> for FlowError {
+    fn from(e: ScriptError) -> Self {
+        FlowError::JobFile(Box::new(e))
+    }
 }
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
@@ -183,7 +189,7 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     let h = host.clone();
     e.register_fn("wait", move |t: &mut Task| -> Res<i64> {
         let exit = h.borrow().wait(t).map_err(rhai_err)?;
-        Ok(crate::managed::status(exit))
+        Ok(crate::job::managed::status(exit))
     });
     let h = host.clone();
     e.register_fn("stop", move |t: &mut Task| -> Res<()> {

@@ -28,7 +28,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::ssh::{sh_quote, KeyPair, PublicKey};
+use crate::util::ssh::{sh_quote, KeyPair, PublicKey};
 
 /// The agent on a baked image.
 pub const AGENT_PATH: &str = "/usr/local/bin/cedana-agent";
@@ -56,10 +56,10 @@ pub enum BakeError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Ssh(#[from] crate::ssh::SshError),
+    Ssh(#[from] crate::util::ssh::SshError),
     #[cfg(feature = "aws")]
     #[error(transparent)]
-    Aws(#[from] crate::aws::AwsError),
+    Aws(#[from] crate::providers::aws::AwsError),
     #[error("bake instance {instance}: {message}")]
     Remote { instance: String, message: String },
     #[error(
@@ -578,7 +578,7 @@ pub fn same_machine(uname: &str, elf: &str) -> bool {
 /// `YYYYMMDD-HHMMSS` (UTC) of a Unix time, for default image names.
 pub fn utc_stamp(unix: u64) -> String {
     // 2026-09-20T12:00:00Z → 20260920-120000
-    crate::catalog::Timestamp::from_epoch(unix)
+    crate::providers::catalog::Timestamp::from_epoch(unix)
         .as_str()
         .replace(['-', ':', 'Z'], "")
         .replace('T', "-")
@@ -593,8 +593,10 @@ mod flow {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::aws::{self, Ec2, InstanceView, RunRequest, TemplateRequest};
-    use crate::ssh::{Auth, ConnectOptions, HostKeyPolicy, Remote, SshError, Upload, UploadSource};
+    use crate::providers::aws::{self, Ec2, InstanceView, RunRequest, TemplateRequest};
+    use crate::util::ssh::{
+        Auth, ConnectOptions, HostKeyPolicy, Remote, SshError, Upload, UploadSource,
+    };
 
     /// Which of the instance's addresses to connect to.
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -716,7 +718,7 @@ mod flow {
             }
         }
 
-        let host_key = crate::ssh::generate_ed25519(&format!("cedana-bake {image_name}"))?;
+        let host_key = crate::util::ssh::generate_ed25519(&format!("cedana-bake {image_name}"))?;
         let user_data = bake_cloud_config(&host_key, &opts.authorized_keys);
         let request = RunRequest {
             image_id: Some(opts.base_image.clone()),
@@ -929,7 +931,7 @@ mod flow {
         instance: &str,
         command: &str,
         timeout: Duration,
-    ) -> Result<crate::ssh::ExecOutput, BakeError> {
+    ) -> Result<crate::util::ssh::ExecOutput, BakeError> {
         let out = remote.exec(command, timeout).await?;
         if out.success() {
             Ok(out)
@@ -1057,12 +1059,12 @@ mod flow {
                 mode,
             });
         }
-        let total = crate::ssh::total_len(&files)?;
+        let total = crate::util::ssh::total_len(&files)?;
         say(&format!(
             "uploading the agent and CRIU ({:.1} MiB)",
             total as f64 / 1_048_576.0
         ));
-        let bar = crate::ssh::progress_bar(total, "upload");
+        let bar = crate::util::ssh::progress_bar(total, "upload");
         remote.upload(files, bar.clone()).await?;
         bar.finish_and_clear();
 
@@ -1176,11 +1178,11 @@ mod flow {
             let key = self.ssh_key.clone().or(aws_cfg.ssh_key_path.clone());
             let (auth, authorized_keys) = match key {
                 Some(path) => {
-                    let public = crate::ssh::public_key_of(&path)?;
+                    let public = crate::util::ssh::public_key_of(&path)?;
                     (Auth::KeyFile(path), vec![public])
                 }
                 None if std::env::var_os("SSH_AUTH_SOCK").is_some() => {
-                    (Auth::Agent, crate::ssh::agent_public_keys()?)
+                    (Auth::Agent, crate::util::ssh::agent_public_keys()?)
                 }
                 None => {
                     return Err(SshError::NoKey {
@@ -1276,7 +1278,7 @@ mod flow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ssh::{KeyPair, PublicKey};
+    use crate::util::ssh::{KeyPair, PublicKey};
 
     #[test]
     fn the_cloud_config_is_yaml_with_the_host_key_and_the_users_keys() {

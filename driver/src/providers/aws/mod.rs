@@ -1,11 +1,11 @@
 //! The `aws` provider (cargo feature `aws`): workers are EC2 instances, launched from the
 //! configured launch template or AMI with user-data that starts `cedana-agent daemon` for the
-//! job ([`crate::provider::worker_boot_script`], with `--watch-spot`).
+//! job ([`crate::providers::worker_boot_script`], with `--watch-spot`).
 //!
 //! Offers: the instance types of each enabled region (`DescribeInstanceTypes`, cached) in the
 //! enabled families that run the image's architecture and fit the job's spec; spot prices per
 //! zone from `DescribeSpotPriceHistory` (the newest Linux entry of each zone); on-demand prices
-//! from the price catalog ([`crate::catalog`]; `driver/catalog/aws.json` under the user's
+//! from the price catalog ([`crate::providers::catalog`]; `driver/catalog/aws.json` under the user's
 //! `~/.cedana/catalog.json`). A type without a catalog price still gets its spot offers. When
 //! the spot price query fails, spot prices of the catalog (as `price --refresh` writes them)
 //! stand in.
@@ -38,9 +38,9 @@ pub use api::{
 };
 pub use prices::{family_matches, newest_per_zone, SpotQuote, TypeInfo, SPOT_SOURCE};
 
-use crate::catalog::{Catalog, CatalogEntry, Timestamp};
-use crate::job::Spec;
-use crate::provider::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
+use crate::providers::catalog::{Catalog, CatalogEntry, Timestamp};
+use crate::providers::Spec;
+use crate::providers::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
 
 const NAME: &str = "aws";
 
@@ -598,7 +598,7 @@ impl Provider for AwsProvider {
         let region = offer.region.clone();
         let client = self.ec2.client(&region);
         let user_data =
-            crate::provider::worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
+            crate::providers::worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
         let token = cedana_protocol::random_hex(16)
             .map_err(|e| failed(format!("cannot read /dev/urandom: {e}")))?;
         let req = RunRequest {

@@ -8,12 +8,12 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::coordinator::Coordinator;
+use crate::coord::nats::EmbeddedNats;
+use crate::coord::Coordinator;
+use crate::job::managed::{self, FlowError};
+use crate::job::record::{JobRecord, JobState, OUTPUT_FILE, TOKEN_FILE};
 use crate::job::{Job, JobError};
-use crate::managed::{self, FlowError};
-use crate::nats::EmbeddedNats;
-use crate::script::{self, ScriptError};
-use crate::state::{JobRecord, JobState, OUTPUT_FILE, TOKEN_FILE};
+use crate::jobfile::script::{self, ScriptError};
 
 /// Errors of a run.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +21,9 @@ pub enum RunError {
     #[error(transparent)]
     Script(#[from] ScriptError),
     #[error(transparent)]
-    Nats(#[from] crate::nats::NatsError),
+    Nats(#[from] crate::coord::nats::NatsError),
     #[error(transparent)]
-    Coord(#[from] crate::coordinator::CoordError),
+    Coord(#[from] crate::coord::CoordError),
     #[error(transparent)]
     Flow(FlowError),
     #[error("{what} {path}: {source}")]
@@ -50,7 +50,10 @@ pub enum RunError {
 impl From<FlowError> for RunError {
     fn from(e: FlowError) -> Self {
         match e {
-            FlowError::Script(s) => RunError::Script(s),
+            FlowError::JobFile(e) => match e.downcast::<ScriptError>() {
+                Ok(s) => RunError::Script(*s),
+                Err(e) => RunError::Flow(FlowError::JobFile(e)),
+            },
             other => RunError::Flow(other),
         }
     }
@@ -134,7 +137,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             script::compile(&script::sandbox(&script_dir), path)?;
             None
         }
-        Kind::Yaml => Some(crate::yaml::load(path)?),
+        Kind::Yaml => Some(crate::jobfile::yaml::load(path)?),
     };
     // So do mistakes in the providers' settings (a missing key, a cloud provider without a
     // NATS server the machines can reach).
@@ -282,14 +285,14 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     let result: Result<i64, RunError> = match yaml {
         Some(spec) => {
             job.borrow_mut().record.managed = true;
-            rt.block_on(crate::control::serve(
+            rt.block_on(crate::coord::control::serve(
                 coord.client.clone(),
                 job_id.clone(),
                 Some(tx),
                 down.clone(),
             ))
-            .map_err(|e| crate::coordinator::CoordError::Nats(e.to_string()))?;
-            let mut hooks = crate::yaml::YamlHooks {
+            .map_err(|e| crate::coord::CoordError::Nats(e.to_string()))?;
+            let mut hooks = crate::jobfile::yaml::YamlHooks {
                 spec,
                 base: script_dir.clone(),
             };
@@ -300,13 +303,13 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             let ast = script::compile(&engine, path)?;
             let is_managed = script::is_managed(&ast);
             job.borrow_mut().record.managed = is_managed;
-            rt.block_on(crate::control::serve(
+            rt.block_on(crate::coord::control::serve(
                 coord.client.clone(),
                 job_id.clone(),
                 is_managed.then_some(tx),
                 down.clone(),
             ))
-            .map_err(|e| crate::coordinator::CoordError::Nats(e.to_string()))?;
+            .map_err(|e| crate::coord::CoordError::Nats(e.to_string()))?;
             if is_managed {
                 let mut hooks = script::RhaiHooks {
                     engine: &engine,
@@ -367,7 +370,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
 fn cloud_needs_nats(config: &cedana_protocol::Config, provider: &str) -> Result<(), RunError> {
     let c = &config.connection;
     let url = cedana_protocol::NatsUrl::from_config(&c.nats_url, c.nats_port).to_string();
-    if url.is_empty() || crate::provider::loopback_only(&url) {
+    if url.is_empty() || crate::providers::loopback_only(&url) {
         return Err(RunError::NatsUnreachable {
             provider: provider.into(),
             url: if url.is_empty() {
@@ -385,28 +388,28 @@ fn cloud_needs_nats(config: &cedana_protocol::Config, provider: &str) -> Result<
 pub fn providers(
     config: &cedana_protocol::Config,
     image: Option<&Path>,
-) -> Result<Vec<Box<dyn crate::provider::Provider>>, RunError> {
+) -> Result<Vec<Box<dyn crate::providers::Provider>>, RunError> {
     let enabled = if config.enabled_providers.is_empty() {
         vec!["local".to_string()]
     } else {
         config.enabled_providers.clone()
     };
-    let mut out: Vec<Box<dyn crate::provider::Provider>> = Vec::new();
+    let mut out: Vec<Box<dyn crate::providers::Provider>> = Vec::new();
     for name in &enabled {
         match name.to_lowercase().as_str() {
-            "local" => out.push(Box::new(crate::local::LocalProvider {
+            "local" => out.push(Box::new(crate::providers::local::LocalProvider {
                 image: image.map(Path::to_path_buf),
             })),
             "paperspace" => {
                 let config = config.paperspace.clone().unwrap_or_default();
-                let p = crate::paperspace::PaperspaceProvider::from_config(&config)
+                let p = crate::providers::paperspace::PaperspaceProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
                 out.push(Box::new(p));
             }
             #[cfg(feature = "aws")]
             "aws" => {
                 let config = config.aws.clone().unwrap_or_default();
-                let p = crate::aws::AwsProvider::from_config(&config)
+                let p = crate::providers::aws::AwsProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
                 out.push(Box::new(p));
             }

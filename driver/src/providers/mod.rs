@@ -14,7 +14,34 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::Spec;
+pub use crate::util::sh_quote;
+
+#[cfg(feature = "aws")]
+pub mod aws;
+pub mod catalog;
+pub mod local;
+pub mod paperspace;
+
+/// What a job asks of a worker's machine (the original's `instance_specs`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Spec {
+    pub cpu_cores: Option<f64>,
+    pub memory_gb: Option<f64>,
+    pub gpu: Option<String>,
+    pub gpu_count: Option<u32>,
+    pub vram_gb: Option<f64>,
+    pub max_price_usd_hour: Option<f64>,
+}
+
+/// Whether two offers are the same machine type at the same place and market (prices aside).
+pub fn same_offer(a: &Offer, b: &Offer) -> bool {
+    a.provider == b.provider
+        && a.instance_type == b.instance_type
+        && a.region == b.region
+        && a.zone == b.zone
+        && a.spot == b.spot
+}
 
 /// A machine a provider can launch, at a price.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,11 +165,6 @@ pub trait Provider {
 
 /// Where a worker's boot script puts the job's NATS token (root only).
 pub const BOOT_TOKEN_PATH: &str = "/var/lib/cedana/nats-token";
-
-/// Single-quotes `s` for sh.
-pub fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
 
 /// The `#!/bin/sh` script that makes a fresh cloud machine a worker of the job: it writes the
 /// job's NATS token to a root-only file with a shell builtin (never on a command line) and

@@ -9,6 +9,12 @@
 //! server, so the worker reaches NATS as a remote machine would. Without root, workers share
 //! `<job>/work` and this machine's network, and say so.
 
+pub mod container;
+pub mod netns;
+
+pub use netns::NetNs;
+use netns::{forward, ip};
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -37,88 +43,6 @@ pub struct LocalWorker {
     container: Option<(PathBuf, String)>,
 }
 
-/// A network namespace standing for a separate host, with a veth pair to this machine.
-pub struct NetNs {
-    pub name: String,
-    /// This machine's address on the pair (the worker's is the next one).
-    pub host_ip: std::net::Ipv4Addr,
-}
-
-fn ip(args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-impl NetNs {
-    /// Creates namespace `name` and a veth pair on a random /30 of 10.64.0.0/10.
-    pub fn create(name: &str) -> std::io::Result<Self> {
-        let r = cedana_protocol::random_hex(4)?;
-        let n = u32::from_str_radix(&r, 16).unwrap_or(0) & 0x000f_ffff;
-        let base = (10u32 << 24) | (64 << 16) | (n << 2);
-        let host_ip = std::net::Ipv4Addr::from(base + 1);
-        let worker_ip = std::net::Ipv4Addr::from(base + 2);
-        let host_if = format!("cdn{}", &r[..8]);
-        ip(&["netns", "add", name])?;
-        let ns = NetNs {
-            name: name.into(),
-            host_ip,
-        };
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
-        ])?;
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        ip(&[
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{worker_ip}/30"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", name, "link", "set", "eth0", "up"])?;
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // The veth pair goes with the namespace.
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            tracing::warn!(error = %e, "cannot remove a worker's network namespace");
-        }
-    }
-}
-
-/// Forwards connections to `listen` (this machine's side of a worker's veth pair) to the first
-/// of `to` (the NATS servers, in order) that accepts.
-async fn forward(listener: tokio::net::TcpListener, to: Vec<String>) {
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            continue;
-        };
-        let to = to.clone();
-        tokio::spawn(async move {
-            for addr in &to {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(addr).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    return;
-                }
-            }
-        });
-    }
-}
-
 /// Errors launching a local worker.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -133,7 +57,7 @@ pub enum LocalError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Container(#[from] crate::container::ContainerError),
+    Container(#[from] container::ContainerError),
     #[error("container workers need root and network namespaces: {0}")]
     NoIsolation(String),
 }
@@ -257,11 +181,7 @@ impl LocalWorker {
             let id = format!("cedana-{}-{}", s.job, s.id);
             let bundle = s.dir.with_extension("bundle");
             let mut args = vec!["/usr/local/bin/cedana-agent".to_string()];
-            args.extend(daemon_args(
-                s,
-                &nats_url,
-                Path::new(crate::container::WORK_PATH),
-            ));
+            args.extend(daemon_args(s, &nats_url, Path::new(container::WORK_PATH)));
             let mut env = vec![
                 ("CEDANA_NATS_TOKEN".to_string(), s.token.to_string()),
                 ("CEDANA_CRIU".to_string(), "/usr/sbin/criu".to_string()),
@@ -269,7 +189,7 @@ impl LocalWorker {
             if let Ok(l) = std::env::var("RUST_LOG") {
                 env.push(("RUST_LOG".into(), l));
             }
-            let mut child = crate::container::start(crate::container::ContainerSpec {
+            let mut child = container::start(container::ContainerSpec {
                 image,
                 bundle: &bundle,
                 runc_root: &runc_root,
@@ -395,7 +315,7 @@ impl LocalWorker {
         if let Some((root, id)) = self.container.take() {
             // The container's processes all die with it (PIDs there are not this machine's).
             self.task_pids.clear();
-            crate::container::remove(&root, &id);
+            container::remove(&root, &id);
             for _ in 0..100 {
                 if self.exited() {
                     break;
@@ -456,17 +376,17 @@ fn memory_gb() -> f64 {
         .unwrap_or(0.0)
 }
 
-impl crate::provider::Provider for LocalProvider {
+impl crate::providers::Provider for LocalProvider {
     fn name(&self) -> &str {
         "local"
     }
 
     fn offers(
         &self,
-        _spec: &crate::job::Spec,
-    ) -> Result<Vec<crate::provider::Offer>, crate::provider::ProviderError> {
-        let priced = crate::catalog::Catalog::load()
-            .map_err(|e| crate::provider::ProviderError::Failed {
+        _spec: &crate::providers::Spec,
+    ) -> Result<Vec<crate::providers::Offer>, crate::providers::ProviderError> {
+        let priced = crate::providers::catalog::Catalog::load()
+            .map_err(|e| crate::providers::ProviderError::Failed {
                 provider: "local".into(),
                 message: e.to_string(),
             })?
@@ -477,7 +397,7 @@ impl crate::provider::Provider for LocalProvider {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        Ok(vec![crate::provider::Offer {
+        Ok(vec![crate::providers::Offer {
             provider: "local".into(),
             instance_type: if self.image.is_some() {
                 "local-container".into()
@@ -500,9 +420,9 @@ impl crate::provider::Provider for LocalProvider {
 
     fn launch(
         &mut self,
-        _offer: &crate::provider::Offer,
-        b: &crate::provider::Bootstrap,
-    ) -> Result<Box<dyn crate::provider::Instance>, crate::provider::ProviderError> {
+        _offer: &crate::providers::Offer,
+        b: &crate::providers::Bootstrap,
+    ) -> Result<Box<dyn crate::providers::Instance>, crate::providers::ProviderError> {
         let dir = b.job_dir.join("workers").join(b.worker);
         let log = b.job_dir.join("logs").join(format!("{}.log", b.worker));
         let w = LocalWorker::launch(&LaunchSpec {
@@ -517,7 +437,7 @@ impl crate::provider::Provider for LocalProvider {
             rt: b.rt,
             image: self.image.as_deref(),
         })
-        .map_err(|e| crate::provider::ProviderError::Failed {
+        .map_err(|e| crate::providers::ProviderError::Failed {
             provider: "local".into(),
             message: e.to_string(),
         })?;
@@ -533,7 +453,7 @@ impl crate::provider::Provider for LocalProvider {
     }
 }
 
-impl crate::provider::Instance for LocalWorker {
+impl crate::providers::Instance for LocalWorker {
     fn instance_id(&self) -> String {
         format!("pid {}", self.pid)
     }

@@ -60,7 +60,7 @@ pub struct WorkerInfo {
     pub instance: String,
     /// What was launched, at what price.
     #[serde(default)]
-    pub offer: Option<crate::provider::Offer>,
+    pub offer: Option<crate::providers::Offer>,
     #[serde(default)]
     pub ended_at: Option<u64>,
 }

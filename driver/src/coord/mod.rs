@@ -1,6 +1,9 @@
 //! The driver's side of the wire protocol: sends commands to workers and routes their events
 //! (replies to the waiting caller, task output to stdout, exits to whoever waits on a task).
 
+pub mod control;
+pub mod nats;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -386,10 +389,9 @@ impl Coordinator {
         }
     }
 
-    /// Stores the job's record in the jobs bucket.
-    pub async fn put_job(&self, record: &crate::state::JobRecord) {
-        let bytes = bytes::Bytes::from(serde_json::to_vec(record).expect("serializes"));
-        if let Err(e) = self.jobs.put(&record.job, bytes).await {
+    /// Stores a job's record (as JSON) in the jobs bucket under the job's id.
+    pub async fn put_job(&self, job: &str, record: bytes::Bytes) {
+        if let Err(e) = self.jobs.put(job, record).await {
             tracing::debug!(error = %e, "cannot store the job record in KV");
         }
     }

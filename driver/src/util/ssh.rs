@@ -1314,7 +1314,7 @@ pub fn total_len(files: &[Upload]) -> Result<u64, SshError> {
 }
 
 /// Quotes `s` for a POSIX shell (single quotes).
-pub use crate::provider::sh_quote;
+pub use super::sh_quote;
 
 #[cfg(test)]
 mod tests {

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::control::{Action, Answer, Pending};
-use crate::coordinator::Exit;
+use crate::coord::control::{Action, Answer, Pending};
+use crate::coord::Exit;
+use crate::job::record::JobState;
 use crate::job::{Checkpoint, Job, JobError, Spec, Task, Worker};
-use crate::script::ScriptError;
-use crate::state::JobState;
 
 /// A job's hooks.
 pub trait Hooks {
@@ -38,8 +37,10 @@ pub type Shared = Rc<RefCell<Job>>;
 /// Errors that end a managed job.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
+    /// The job file's own error (a Rhai script's, with file, line and column), from the layer
+    /// above through the hooks.
     #[error(transparent)]
-    Script(#[from] ScriptError),
+    JobFile(Box<dyn std::error::Error + Send + Sync + 'static>),
     #[error(transparent)]
     Job(#[from] JobError),
     #[error("{what} failed: {message}")]
@@ -203,7 +204,7 @@ pub fn run(
 }
 
 /// `provider type place market`, for messages.
-pub fn offer_name(o: &crate::provider::Offer) -> String {
+pub fn offer_name(o: &crate::providers::Offer) -> String {
     format!(
         "{} {} in {}{}",
         o.provider,
@@ -220,7 +221,7 @@ fn cheaper_offer(
     spec: &Spec,
     w: &Worker,
     margin: f64,
-) -> Option<(crate::provider::Offer, crate::provider::Offer)> {
+) -> Option<(crate::providers::Offer, crate::providers::Offer)> {
     let current = job.borrow().offer_of(&w.id)?;
     let (offers, _) = job.borrow_mut().offers(spec);
     // The current offer's price now, if it is still offered; else the price it launched at.
@@ -335,7 +336,7 @@ fn migrate(
     spec: &Spec,
     w: &mut Worker,
     task: &mut Task,
-    prefer: Option<&crate::provider::Offer>,
+    prefer: Option<&crate::providers::Offer>,
 ) -> Result<(), FlowError> {
     job.borrow_mut().set_state(JobState::Migrating);
     let result = (|| -> Result<(), FlowError> {

@@ -13,7 +13,7 @@
 //! the `Retry-After` the server asks for, a bounded number of times.
 //!
 //! Paperspace publishes no price API, so offers come from the price catalog
-//! ([`crate::catalog`]) for the enabled regions, less the types the API says are not available
+//! ([`crate::providers::catalog`]) for the enabled regions, less the types the API says are not available
 //! right now. The API key never reaches logs or error messages; the job's NATS token is sent
 //! only inside the startup script's body.
 
@@ -27,9 +27,9 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::Catalog;
-use crate::job::Spec;
-use crate::provider::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
+use crate::providers::catalog::Catalog;
+use crate::providers::Spec;
+use crate::providers::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
 
 /// The public API.
 pub const DEFAULT_URL: &str = "https://api.paperspace.com/v1";
@@ -347,7 +347,7 @@ fn retry_after(v: &str) -> Option<Duration> {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let month = MONTHS.iter().position(|m| *m == parts[2])? + 1;
-    let at = crate::catalog::parse_rfc3339(&format!(
+    let at = crate::providers::catalog::parse_rfc3339(&format!(
         "{}-{month:02}-{:0>2}T{}Z",
         parts[3], parts[1], parts[4]
     ))?;
@@ -821,10 +821,10 @@ fn api_failed(e: ApiError) -> ProviderError {
 }
 
 /// The startup script that makes the machine a worker of the job
-/// ([`crate::provider::worker_boot_script`]). It holds the job's token: it is sent to the API
+/// ([`crate::providers::worker_boot_script`]). It holds the job's token: it is sent to the API
 /// once and never logged.
 pub fn startup_script(agent: &str, boot: &Bootstrap) -> String {
-    crate::provider::worker_boot_script(agent, boot, &[])
+    crate::providers::worker_boot_script(agent, boot, &[])
 }
 
 impl PaperspaceProvider {

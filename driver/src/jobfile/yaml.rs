@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::job::managed::{FlowError, Hooks, Shared};
 use crate::job::{Spec, Task, Worker};
-use crate::managed::{FlowError, Hooks, Shared};
-use crate::script::ScriptError;
+use crate::jobfile::script::ScriptError;
 
 /// A list of shell commands.
 #[derive(Clone, Debug, Default, Deserialize)]

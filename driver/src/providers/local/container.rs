@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::json;
 
-use crate::local::NetNs;
+use crate::providers::local::netns::NetNs;
 
 /// The path of a worker's folder inside its container.
 pub const WORK_PATH: &str = "/work";

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::provider::Offer;
+use crate::providers::Offer;
 
 /// Environment variable naming the catalog file.
 pub const CATALOG_ENV: &str = "CEDANA_CATALOG";
@@ -33,11 +33,11 @@ pub const CATALOG_ENV: &str = "CEDANA_CATALOG";
 const BUILTIN: [(&str, &str); 2] = [
     (
         "driver/catalog/paperspace.json",
-        include_str!("../catalog/paperspace.json"),
+        include_str!("../../catalog/paperspace.json"),
     ),
     (
         "driver/catalog/aws.json",
-        include_str!("../catalog/aws.json"),
+        include_str!("../../catalog/aws.json"),
     ),
 ];
 
