@@ -645,7 +645,7 @@ impl Worker {
                     self.checkpoints
                         .upload(&self.opts.job, self.naming.clone(), chunks);
                 (
-                    Some(Box::new(upload) as Box<dyn crate::zipout::Sink>),
+                    Some(Box::new(upload) as Box<dyn crate::zipfmt::Sink>),
                     Some(cleaned),
                 )
             }

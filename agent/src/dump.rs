@@ -13,12 +13,12 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::archive::{
-    self, ArchiveError, Compression, Digest, Manifest, ManifestCriu, ManifestProcess,
+    self, host_info, ArchiveError, Compression, Digest, Manifest, ManifestCriu, ManifestProcess,
 };
 use crate::criu::{self, images, Criu, CriuError, DumpRequest};
 use crate::process::{ProcessError, ProcessInfo};
 use crate::progress::Progress;
-use crate::{files, host_info, staging};
+use crate::{files, staging};
 
 /// What happens to established TCP connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,7 +124,7 @@ pub fn dump(
 pub fn dump_into(
     criu: &Criu,
     opts: &DumpOptions,
-    sink: Option<Box<dyn crate::zipout::Sink>>,
+    sink: Option<Box<dyn crate::zipfmt::Sink>>,
     progress: &dyn Progress,
 ) -> Result<DumpOutcome, DumpError> {
     if !opts.dir.is_dir() {
@@ -170,12 +170,12 @@ pub fn dump_into(
     let mut digests: Vec<(String, Digest)> = Vec::new();
     let mut sink = sink;
     let new_writer =
-        |sink: &mut Option<Box<dyn crate::zipout::Sink>>, compression| match sink.take() {
+        |sink: &mut Option<Box<dyn crate::zipfmt::Sink>>, compression| match sink.take() {
             Some(s) => Ok(archive::Writer::to_sink(s, &stem, compression)),
             None => archive::Writer::new(&opts.dir, &stem, compression),
         };
     // Into a sink, stored page images stream out as CRIU writes them too (their sizes go to
-    // the sink at the end, see `zipout::Sink::commit`).
+    // the sink at the end, see `zipfmt::Sink::commit`).
     let (criu_result, criu_time, streamed) =
         if opts.compression == Compression::None && sink.is_none() {
             follow_page_images(criu, &req, |name, path, complete| {

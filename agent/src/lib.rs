@@ -17,12 +17,11 @@ pub mod process;
 pub mod progress;
 pub mod restore;
 pub mod staging;
-pub mod zipin;
-pub mod zipout;
+pub mod zipfmt;
 
 use std::path::{Path, PathBuf};
 
-pub use archive::Manifest;
+pub use archive::{host_info, Manifest};
 pub use cedana_protocol::{Compression, Config};
 pub use criu::Criu;
 pub use dump::{dump, DumpOptions, DumpOutcome, TcpMode};
@@ -40,20 +39,4 @@ pub fn locate_criu(flag: Option<&Path>, config: &Config) -> Result<Criu, criu::C
         .or(env)
         .or_else(|| config.criu.path.clone());
     Criu::locate(explicit.as_deref())
-}
-
-/// This machine, for manifests.
-pub fn host_info() -> archive::ManifestHost {
-    let uts = nix::sys::utsname::uname().ok();
-    archive::ManifestHost {
-        hostname: uts
-            .as_ref()
-            .map(|u| u.nodename().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        kernel: uts
-            .as_ref()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        arch: std::env::consts::ARCH.to_string(),
-    }
 }

@@ -6,7 +6,7 @@
 //! `$O.<bucket>.M.<base64url(name)>` with a `Nats-Rollup: sub` header. An object exists once
 //! its info is stored: a half-uploaded one is never seen.
 //!
-//! [`Upload`] is written an archive as it is made (a [`crate::zipout::Sink`]): chunks of
+//! [`Upload`] is written an archive as it is made (a [`crate::zipfmt::Sink`]): chunks of
 //! 128 KiB, many published before the first is acknowledged rather than each waited on, the
 //! object's SHA-256 computed on a thread of its own. Its info is
 //! published once every chunk was acknowledged, under a name no object has, conditionally on
@@ -41,7 +41,7 @@ use crate::hashing::BytesHasher;
 /// depending on how many were in flight, in 128 KiB chunks 0.65 to 0.8 s (tools/bench-migrate.sh).
 pub const MAX_CHUNK: usize = 128 << 10;
 /// The object metadata key under which an archive's stored entries of unknown size are
-/// listed: `offset:size,...` (local header offset and size; see [`crate::zipout::Sink::commit`]).
+/// listed: `offset:size,...` (local header offset and size; see [`crate::zipfmt::Sink::commit`]).
 pub const STORED_SIZES: &str = "cedana-stored-sizes";
 /// The chunk header that announces the sizes of stored entries whose data descriptor starts in
 /// that chunk (`offset:size,...`, as [`STORED_SIZES`]), so that an archive can be read front to
@@ -405,7 +405,7 @@ impl Write for Upload {
     }
 }
 
-impl crate::zipout::Sink for Upload {
+impl crate::zipfmt::Sink for Upload {
     fn write_bytes(&mut self, mut b: Bytes) -> io::Result<()> {
         // Whole chunks of a large piece go out as slices of it (no copy); the rest is gathered.
         if b.len() >= self.chunk_size {
@@ -627,7 +627,7 @@ impl Received {
     }
 }
 
-impl crate::zipin::ChunkSource for Received {
+impl crate::zipfmt::ChunkSource for Received {
     fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         while self.ready.is_empty() {
             match self.rx.blocking_recv() {
@@ -931,7 +931,7 @@ async fn read_chunks_into(
 pub async fn download(fetch: Fetch, file: File) -> io::Result<u64> {
     let (tx, mut rx) = fetch.channel(true);
     let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        use crate::zipin::ChunkSource;
+        use crate::zipfmt::ChunkSource;
         let mut out = io::BufWriter::with_capacity(4 << 20, file);
         while let Some(b) = rx.next_chunk()? {
             out.write_all(&b)?;

@@ -2,7 +2,7 @@
 //! restore.
 //!
 //! By default on the same filesystem as the archive: there a page image can become the archive
-//! without a copy (see `zipout::ZipOut::adopt`), and no memory is spent on a second copy of a
+//! without a copy (see `zipfmt::write::ZipOut::adopt`), and no memory is spent on a second copy of a
 //! large process. (On the machines this was measured on, tmpfs was also slower to fill than
 //! the disk's page cache.)
 

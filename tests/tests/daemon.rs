@@ -720,7 +720,7 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
         let upload = |stem: &'static str, bytes: Vec<u8>, commit: bool| {
             let (up, done) = bucket.upload("job7", Default::default(), None);
             let task = tokio::task::spawn_blocking(move || {
-                use cedana_agent::zipout::Sink;
+                use cedana_agent::zipfmt::Sink;
                 use std::io::Write;
                 let mut up: Box<dyn Sink> = Box::new(up);
                 up.write_all(&bytes).unwrap();
@@ -761,8 +761,8 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
 #[test]
 fn archives_are_read_while_they_are_stored() {
     use cedana_agent::objstore::{self, Bucket};
-    use cedana_agent::zipin::{self, Place};
-    use cedana_agent::zipout::{Output, ZipOut};
+    use cedana_agent::zipfmt::read::{self as zipin, Place};
+    use cedana_agent::zipfmt::write::{Output, ZipOut};
 
     let nats = NatsServer::start();
     rt().block_on(async {
@@ -873,7 +873,7 @@ fn archives_are_read_while_they_are_stored() {
         wrong.digest = Some(format!("SHA-256={}", "A".repeat(43) + "="));
         info_tx.send(wrong).unwrap();
         let drained = tokio::task::spawn_blocking(move || {
-            use cedana_agent::zipin::ChunkSource;
+            use cedana_agent::zipfmt::ChunkSource;
             while rx.next_chunk()?.is_some() {}
             Ok::<_, std::io::Error>(())
         });

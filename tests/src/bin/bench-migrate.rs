@@ -862,7 +862,7 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Res
         let (upload, done) = bucket.upload("bench", Default::default(), None);
         let path = blob.clone();
         let name = tokio::task::spawn_blocking(move || -> Result<String> {
-            use cedana_agent::zipout::Sink;
+            use cedana_agent::zipfmt::Sink;
             let mut up: Box<dyn Sink> = Box::new(upload);
             let len = std::fs::metadata(&path)?.len();
             up.copy_from(&mut std::fs::File::open(&path)?, len, None)?;
@@ -880,7 +880,7 @@ async fn store_section(cfg: &Cfg, js: &jetstream::Context, nats_pid: i32) -> Res
         let fetch = bucket.fetch(&name).await.map_err(|e| anyhow!(e))?;
         let (tx, mut rx) = fetch.channel(true);
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            use cedana_agent::zipin::ChunkSource;
+            use cedana_agent::zipfmt::ChunkSource;
             let mut n = 0;
             while let Some(b) = rx.next_chunk()? {
                 n += b.len() as u64;

@@ -1,20 +1,21 @@
-//! Reading a checkpoint archive front to back as it arrives (from the object store), writing
-//! each entry's data where the caller says while its size, CRC-32 and SHA-256 are computed:
-//! one pass over the data, no copy of the archive first.
+//! Reading a zip front to back as it arrives (from the object store), writing each entry's
+//! data where the caller says while its size, CRC-32 and SHA-256 are computed: one pass over
+//! the data, no copy of the archive first.
 //!
 //! Readable this way: stored entries whose local header carries their sizes, deflate or
 //! Zstandard entries (their compressed data ends itself; a data descriptor may follow), and
 //! stored entries with a data descriptor whose size the caller was told (by the archive's
-//! writer, see [`crate::zipout::Sink::commit`]). A stored entry with a data descriptor and no
-//! size given has no findable end: the reader stops with [`ArchiveError::Unstreamable`] and the
-//! caller reads the archive from a file instead (archives from agents before streaming have
-//! such entries). After the last entry the central
-//! directory and end records are read into memory (bounded) and checked against the entries
-//! read: same entries, offsets, methods, sizes and CRC-32s, nothing after the end record. So
-//! what was extracted is exactly what a zip reader going by the central directory would see.
+//! writer, see [`super::Sink::commit`]). A stored entry with a data descriptor and no size
+//! given has no findable end: the reader stops with [`ZipError::Unstreamable`] and the caller
+//! reads the archive from a file instead (archives from agents before streaming have such
+//! entries). After the last entry the central directory and end records are read into memory
+//! (bounded) and checked against the entries read: same entries, offsets, methods, sizes and
+//! CRC-32s, nothing after the end record. So what was extracted is exactly what a zip reader
+//! going by the central directory would see.
 //!
-//! Nothing here decides what an entry may be called or where it goes: [`read`] asks its caller
-//! for each entry, which refuses or names a destination.
+//! Nothing here decides what an entry may be called or where it goes: [`read`] (or
+//! [`read_with`], whose caller's refusals keep their own error type) asks its caller for each
+//! entry, which refuses or names a destination.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,41 +25,19 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::archive::ArchiveError;
+use super::{
+    ChunkSource, ZipError, CENTRAL_SIG, DEFLATED, DESCRIPTOR_SIG, EOCD64_SIG, EOCD_SIG,
+    EXTRA_ZIP64, FLAG_DESCRIPTOR, LOCAL_SIG, LOCATOR64_SIG, STORED, U32_MAX, ZSTD,
+};
 use crate::hashing::{BytesHasher, CHUNK};
 use crate::progress::Progress;
-use crate::zipout::{DEFLATED, STORED, ZSTD};
 
-const LOCAL_SIG: u32 = 0x0403_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
-const EOCD_SIG: u32 = 0x0605_4b50;
-const EOCD64_SIG: u32 = 0x0606_4b50;
-const LOCATOR64_SIG: u32 = 0x0706_4b50;
 const FLAG_ENCRYPTED: u16 = 1;
-const FLAG_DESCRIPTOR: u16 = 1 << 3;
 /// The central directory and end records are kept in memory; more than this is not an archive
 /// of ours.
 const MAX_TAIL: usize = 64 << 20;
 /// Entries hashed on the reading thread up to this size, on a thread of their own beyond.
 const INLINE_HASH: u64 = 4 << 20;
-
-/// Where an archive's bytes come from, in order.
-pub trait ChunkSource {
-    /// The next piece of the archive; `None` at its end. An error ends the reading.
-    fn next_chunk(&mut self) -> io::Result<Option<Bytes>>;
-    /// The size of the stored entry whose local header is at `offset`, if the pieces read so
-    /// far announced it.
-    fn stored_size(&self, _offset: u64) -> Option<u64> {
-        None
-    }
-    /// Whether the pieces announce the size of every stored entry with a data descriptor in
-    /// the piece where that descriptor starts, or earlier. A reader may then take a whole
-    /// piece as an entry's data as long as the entry's size is not yet known.
-    fn announces_sizes(&self) -> bool {
-        false
-    }
-}
 
 /// A [`ChunkSource`] over a reader (a file, in tests and fallbacks), in pieces of `size`.
 pub struct ReadChunks<R> {
@@ -153,9 +132,21 @@ pub fn read(
     src: &mut dyn ChunkSource,
     label: &Path,
     stored_sizes: &BTreeMap<u64, u64>,
-    place: &mut dyn FnMut(&LocalHeader) -> Result<Place, ArchiveError>,
+    place: &mut dyn FnMut(&LocalHeader) -> Result<Place, ZipError>,
     progress: &dyn Progress,
-) -> Result<Listing, ArchiveError> {
+) -> Result<Listing, ZipError> {
+    read_with(src, label, stored_sizes, place, progress)
+}
+
+/// [`read`] for a caller whose `place` refuses entries with errors of its own, `E`: those come
+/// back as they were, the reader's own errors converted into `E`.
+pub fn read_with<E: From<ZipError>>(
+    src: &mut dyn ChunkSource,
+    label: &Path,
+    stored_sizes: &BTreeMap<u64, u64>,
+    place: &mut dyn FnMut(&LocalHeader) -> Result<Place, E>,
+    progress: &dyn Progress,
+) -> Result<Listing, E> {
     let mut input = Input {
         src,
         cur: Bytes::new(),
@@ -167,7 +158,7 @@ pub fn read(
         let offset = input.pos;
         let sig = match input.u32_or_end()? {
             Some(sig) => sig,
-            None => return Err(input.corrupt("it ends before its central directory")),
+            None => return Err(input.corrupt("it ends before its central directory").into()),
         };
         match sig {
             LOCAL_SIG => entries.push(read_entry(
@@ -187,9 +178,11 @@ pub fn read(
                 });
             }
             other => {
-                return Err(input.corrupt(&format!(
-                    "unexpected signature {other:#010x} at offset {offset}"
-                )))
+                return Err(input
+                    .corrupt(&format!(
+                        "unexpected signature {other:#010x} at offset {offset}"
+                    ))
+                    .into())
             }
         }
     }
@@ -204,22 +197,22 @@ struct Input<'a> {
 }
 
 impl Input<'_> {
-    fn corrupt(&self, reason: &str) -> ArchiveError {
-        ArchiveError::Corrupt {
+    fn corrupt(&self, reason: &str) -> ZipError {
+        ZipError::Corrupt {
             path: self.label.to_path_buf(),
             reason: reason.to_string(),
         }
     }
 
-    fn read_err(&self, e: io::Error) -> ArchiveError {
-        ArchiveError::Corrupt {
+    fn read_err(&self, e: io::Error) -> ZipError {
+        ZipError::Corrupt {
             path: self.label.to_path_buf(),
             reason: format!("reading it failed at offset {}: {e}", self.pos),
         }
     }
 
     /// Makes `cur` non-empty; false at the end of the archive.
-    fn fill(&mut self) -> Result<bool, ArchiveError> {
+    fn fill(&mut self) -> Result<bool, ZipError> {
         while self.cur.is_empty() {
             match self.src.next_chunk() {
                 Ok(Some(b)) => self.cur = b,
@@ -231,7 +224,7 @@ impl Input<'_> {
     }
 
     /// Up to `max` bytes of the current piece (not consumed), `None` at the end.
-    fn peek(&mut self, max: u64) -> Result<Option<Bytes>, ArchiveError> {
+    fn peek(&mut self, max: u64) -> Result<Option<Bytes>, ZipError> {
         if !self.fill()? {
             return Ok(None);
         }
@@ -245,7 +238,7 @@ impl Input<'_> {
     }
 
     /// Exactly `n` bytes, or an error saying the archive is truncated.
-    fn bytes(&mut self, n: usize) -> Result<Vec<u8>, ArchiveError> {
+    fn bytes(&mut self, n: usize) -> Result<Vec<u8>, ZipError> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             match self.peek((n - out.len()) as u64)? {
@@ -260,7 +253,7 @@ impl Input<'_> {
     }
 
     /// A little-endian u32, or `None` right at the end.
-    fn u32_or_end(&mut self) -> Result<Option<u32>, ArchiveError> {
+    fn u32_or_end(&mut self) -> Result<Option<u32>, ZipError> {
         if !self.fill()? {
             return Ok(None);
         }
@@ -268,7 +261,7 @@ impl Input<'_> {
     }
 
     /// Everything up to the end, at most `limit` bytes.
-    fn rest(&mut self, limit: usize) -> Result<Vec<u8>, ArchiveError> {
+    fn rest(&mut self, limit: usize) -> Result<Vec<u8>, ZipError> {
         let mut out = Vec::new();
         while let Some(b) = self.peek(u64::MAX)? {
             if out.len() + b.len() > limit {
@@ -302,10 +295,10 @@ fn zip64_extra(extra: &[u8], saturated: &mut [&mut u64]) -> Result<bool, String>
         let body = extra
             .get(at + 4..at + 4 + len)
             .ok_or("an extra field runs past its header")?;
-        if id == 0x0001 {
+        if id == EXTRA_ZIP64 {
             let mut k = 0;
             for v in saturated.iter_mut() {
-                if **v == u32::MAX as u64 {
+                if **v == U32_MAX {
                     **v = le64(body.get(k..k + 8).ok_or("short ZIP64 extra field")?, 0);
                     k += 8;
                 }
@@ -361,15 +354,15 @@ struct Out {
 }
 
 impl Out {
-    fn put(&mut self, b: Bytes, label: &Path) -> Result<(), ArchiveError> {
+    fn put(&mut self, b: Bytes, label: &Path) -> Result<(), ZipError> {
         match &mut self.place {
-            Place::File(f, path) => f.write_all(&b).map_err(|source| ArchiveError::Write {
+            Place::File(f, path) => f.write_all(&b).map_err(|source| ZipError::Write {
                 path: path.clone(),
                 source,
             })?,
             Place::Memory(limit) => {
                 if self.memory.len() + b.len() > *limit {
-                    return Err(ArchiveError::Corrupt {
+                    return Err(ZipError::Corrupt {
                         path: label.to_path_buf(),
                         reason: format!("entry {:?} is larger than {limit} bytes", self.name),
                     });
@@ -384,13 +377,13 @@ impl Out {
     }
 }
 
-fn read_entry(
+fn read_entry<E: From<ZipError>>(
     input: &mut Input,
     offset: u64,
     stored_sizes: &BTreeMap<u64, u64>,
-    place: &mut dyn FnMut(&LocalHeader) -> Result<Place, ArchiveError>,
+    place: &mut dyn FnMut(&LocalHeader) -> Result<Place, E>,
     progress: &dyn Progress,
-) -> Result<ReadEntry, ArchiveError> {
+) -> Result<ReadEntry, E> {
     let h = input.bytes(26)?;
     let (flags, method) = (le16(&h, 2), le16(&h, 4));
     let mut crc = le32(&h, 10);
@@ -406,13 +399,17 @@ fn read_entry(
     let zip64 = zip64_extra(&extra, &mut [&mut usize, &mut csize])
         .map_err(|e| input.corrupt(&format!("entry {name:?}: {e}")))?;
     if flags & FLAG_ENCRYPTED != 0 {
-        return Err(input.corrupt(&format!("entry {name:?} is encrypted")));
+        return Err(input
+            .corrupt(&format!("entry {name:?} is encrypted"))
+            .into());
     }
     let descriptor = flags & FLAG_DESCRIPTOR != 0;
     if !matches!(method, STORED | DEFLATED | ZSTD) {
-        return Err(input.corrupt(&format!(
-            "entry {name:?} uses compression method {method}, which this agent does not read"
-        )));
+        return Err(input
+            .corrupt(&format!(
+                "entry {name:?} uses compression method {method}, which this agent does not read"
+            ))
+            .into());
     }
     // A stored entry with a data descriptor ends where its writer said it does, in the
     // archive's info or, for an archive read while it is written, in the piece where its data
@@ -422,17 +419,20 @@ fn read_entry(
             Some(n) => Some(*n),
             None if input.src.announces_sizes() => None,
             None => {
-                return Err(ArchiveError::Unstreamable {
+                return Err(ZipError::Unstreamable {
                     path: input.label.to_path_buf(),
                     name,
-                })
+                }
+                .into())
             }
         },
         (STORED, false) => {
             if csize != usize {
-                return Err(input.corrupt(&format!(
-                    "stored entry {name:?} has compressed size {csize} and size {usize}"
-                )));
+                return Err(input
+                    .corrupt(&format!(
+                        "stored entry {name:?} has compressed size {csize} and size {usize}"
+                    ))
+                    .into());
             }
             Some(csize)
         }
@@ -460,15 +460,17 @@ fn read_entry(
                 // announced with it, so its data descriptor starts in a later piece).
                 let max = match stored_len.or_else(|| input.src.stored_size(offset)) {
                     Some(n) if n < done => {
-                        return Err(input.corrupt(&format!(
+                        return Err(input
+                            .corrupt(&format!(
                         "stored entry {name:?} was announced {n} bytes long after {done} were read"
-                    )))
+                    ))
+                            .into())
                     }
                     Some(n) if n == done => break,
                     Some(n) => n - done,
                     None => {
                         if !input.fill()? {
-                            return Err(input.corrupt("it is truncated"));
+                            return Err(input.corrupt("it is truncated").into());
                         }
                         // The piece just read may have announced it.
                         if input.src.stored_size(offset).is_some() {
@@ -511,11 +513,13 @@ fn read_entry(
     }
     let actual_crc = out.crc.clone().finalize();
     if consumed != csize || out.size != usize || actual_crc != crc {
-        return Err(input.corrupt(&format!(
+        return Err(input
+            .corrupt(&format!(
             "entry {name:?} has {} bytes ({consumed} compressed) with CRC-32 {actual_crc:08x}, \
              its headers say {usize} bytes ({csize} compressed) with CRC-32 {crc:08x}",
             out.size
-        )));
+        ))
+            .into());
     }
     let data = match out.place {
         Place::Memory(_) => Some(std::mem::take(&mut out.memory)),
@@ -541,10 +545,10 @@ fn inflate(
     csize: Option<u64>,
     out: &mut Out,
     progress: &dyn Progress,
-) -> Result<u64, ArchiveError> {
+) -> Result<u64, ZipError> {
     let label = input.label;
     let entry = out.name.clone();
-    let bad = |reason: String| ArchiveError::Corrupt {
+    let bad = |reason: String| ZipError::Corrupt {
         path: label.to_path_buf(),
         reason: format!("entry {entry:?}: {reason}"),
     };
@@ -629,7 +633,7 @@ fn inflate(
 
 /// Reads the central directory and end records (everything left) into memory; returns the
 /// directory's records.
-fn read_tail(input: &mut Input, sig: u32, start: u64) -> Result<Vec<CentralRecord>, ArchiveError> {
+fn read_tail(input: &mut Input, sig: u32, start: u64) -> Result<Vec<CentralRecord>, ZipError> {
     let mut tail = sig.to_le_bytes().to_vec();
     tail.extend(input.rest(MAX_TAIL)?);
     let bad = |reason: String| input.corrupt(&reason);
@@ -703,8 +707,8 @@ fn read_tail(input: &mut Input, sig: u32, start: u64) -> Result<Vec<CentralRecor
     }
     let pick = |v32: u64, v64: Option<u64>, sat: u64| if v32 == sat { v64 } else { Some(v32) };
     let total = pick(le16(e, 10) as u64, total, 0xFFFF);
-    let cd_len = pick(le32(e, 12) as u64, cd_len, u32::MAX as u64);
-    let cd_at = pick(le32(e, 16) as u64, cd_at, u32::MAX as u64);
+    let cd_len = pick(le32(e, 12) as u64, cd_len, U32_MAX);
+    let cd_at = pick(le32(e, 16) as u64, cd_at, U32_MAX);
     if total != Some(records.len() as u64) || cd_len != Some(cd_size) || cd_at != Some(start) {
         return Err(bad(
             "its end record does not describe the central directory found".into(),
@@ -719,7 +723,7 @@ fn cross_check(
     input: &Input,
     entries: &[ReadEntry],
     records: &[CentralRecord],
-) -> Result<Vec<String>, ArchiveError> {
+) -> Result<Vec<String>, ZipError> {
     if records.len() != entries.len() {
         return Err(input.corrupt(&format!(
             "its central directory lists {} entries, {} were found",

@@ -1,12 +1,11 @@
-//! A small ZIP64 writer for checkpoint archives. Reading stays with the `zip` crate; writing is
-//! our own because checkpoints need what general writers do not offer: entries whose data is
-//! already in place (CRIU's page image becomes the archive file itself, see
-//! [`ZipOut::adopt`]), and compression on several cores.
+//! Our ZIP64 writer for checkpoint archives. General writers do not offer what checkpoints
+//! need: entries whose data is already in place (CRIU's page image becomes the archive file
+//! itself, see [`ZipOut::adopt`]), and compression on several cores.
 //!
 //! Layout written: local headers with UTF-8 names and fixed 1980-01-01 times; compressed (and
 //! followed) entries carry a ZIP64 data descriptor (general purpose bit 3), stored entries of
 //! complete data carry their sizes and CRC-32 in the local header, so that a reader going front
-//! to back can find every entry's end (see `crate::zipin`); the central directory and end
+//! to back can find every entry's end (see [`super::read`]); the central directory and end
 //! records use ZIP64 fields only where a value does not fit in 32 bits.
 //!
 //! The archive goes to a file, or to a [`Sink`] (the object store's uploader) that sees it
@@ -15,29 +14,18 @@
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 
-/// Stored (no compression).
-pub const STORED: u16 = 0;
-/// Deflate.
-pub const DEFLATED: u16 = 8;
-/// Zstandard (APPNOTE method 93).
-pub const ZSTD: u16 = 93;
+use super::{
+    Sink, CENTRAL_SIG, DESCRIPTOR_SIG, EOCD64_SIG, EOCD_SIG, EXTRA_ZIP64, FLAG_DESCRIPTOR,
+    LOCAL_SIG, LOCATOR64_SIG, STORED, U32_MAX, ZSTD,
+};
 
-const LOCAL_SIG: u32 = 0x0403_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
-const EOCD_SIG: u32 = 0x0605_4b50;
-const EOCD64_SIG: u32 = 0x0606_4b50;
-const LOCATOR64_SIG: u32 = 0x0706_4b50;
-const FLAG_DESCRIPTOR: u16 = 1 << 3;
 const FLAG_UTF8: u16 = 1 << 11;
 const DOS_DATE_1980: u16 = (1 << 5) | 1;
 /// ZIP64 (4.5); Zstandard entries need 6.3.
 const VERSION_NEEDED: u16 = 45;
 const VERSION_MADE_BY: u16 = (3 << 8) | 63; // Unix
-const EXTRA_ZIP64: u16 = 0x0001;
 /// Header id of the padding extra field that makes an adopted entry's header fill a block.
 const EXTRA_PADDING: u16 = 0xCEDA;
-const U32_MAX: u64 = u32::MAX as u64;
 /// An adopted file gets this much room in front of its data for the local header.
 pub const ADOPT_HEADER: u64 = 4096;
 
@@ -64,32 +52,6 @@ impl Central {
             offset,
         }
     }
-}
-
-/// Where an archive's bytes go when not to a file: front to back, no seeking.
-pub trait Sink: Write + Send {
-    /// Appends `len` bytes read from `src` at its current position, feeding them to `crc` if
-    /// given; returns how many were copied (fewer only at the end of `src`).
-    fn copy_from(
-        &mut self,
-        src: &mut File,
-        len: u64,
-        crc: Option<&mut crc32fast::Hasher>,
-    ) -> io::Result<u64>;
-    /// Appends `b`, which the sink may keep instead of copying.
-    fn write_bytes(&mut self, b: bytes::Bytes) -> io::Result<()> {
-        self.write_all(&b)
-    }
-    /// Told, right before the data descriptor of a stored entry is written, that entry's local
-    /// header offset and size (for readers going front to back while the archive is still
-    /// being written, who cannot otherwise tell where its data ends).
-    fn note_stored_size(&mut self, _offset: u64, _size: u64) {}
-    /// Called once the whole archive was written: makes it durable under a name made from
-    /// `stem` (never replacing anything) and returns that name. `stored_sizes` are the offset
-    /// and size of every stored entry whose size only its data descriptor gives (see
-    /// [`ZipOut::stored_sizes`]); a sink keeps them with the archive for readers going front to
-    /// back. A sink dropped without a commit must leave nothing behind.
-    fn commit(self: Box<Self>, stem: &str, stored_sizes: &[(u64, u64)]) -> io::Result<String>;
 }
 
 /// A file (buffered) or a [`Sink`].
@@ -508,6 +470,7 @@ fn local_header(
 
 #[cfg(test)]
 mod tests {
+    use super::super::DEFLATED;
     use super::*;
     use std::io::Read;
 

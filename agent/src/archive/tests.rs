@@ -1,0 +1,345 @@
+//! Round trips of whole archives: written by [`Writer`] to a file or a sink, read back by
+//! [`extract`] and [`extract_stream`], and every way a stream can go wrong.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::progress::NoProgress;
+use crate::zipfmt::read::ReadChunks;
+use crate::zipfmt::{ChunkSource, Sink};
+
+/// Where the first entry's data starts in a sink archive: after its local header (with a
+/// ZIP64 extra field, as followed entries have).
+const FIRST_DATA: usize = 30 + "images/pages-1.img".len() + 20;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn empty_manifest() -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        created_at: String::new(),
+        agent_version: String::new(),
+        process: ManifestProcess::default(),
+        host: ManifestHost::default(),
+        criu: ManifestCriu::default(),
+        cpu: None,
+        compression: Compression::None,
+        entries: vec![],
+        files: None,
+    }
+}
+
+/// A sink writing into a file, committed under the file's name.
+struct FileSink(File, PathBuf);
+
+impl Write for FileSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Sink for FileSink {
+    fn copy_from(
+        &mut self,
+        src: &mut File,
+        len: u64,
+        crc: Option<&mut crc32fast::Hasher>,
+    ) -> std::io::Result<u64> {
+        let mut b = Vec::new();
+        src.take(len).read_to_end(&mut b)?;
+        if let Some(c) = crc {
+            c.update(&b);
+        }
+        self.0.write_all(&b)?;
+        Ok(b.len() as u64)
+    }
+    fn commit(self: Box<Self>, _stem: &str, sizes: &[(u64, u64)]) -> std::io::Result<String> {
+        let list: Vec<String> = sizes.iter().map(|(o, s)| format!("{o}:{s}")).collect();
+        std::fs::write(self.1.with_extension("sizes"), list.join(","))?;
+        Ok(self.1.display().to_string())
+    }
+}
+
+/// Pseudo-random bytes (incompressible enough).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Images as a dump has them: large page images, small ones, an empty one.
+fn images(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let imgs = vec![
+        ("pages-1.img".to_string(), noise(5 << 20, 1)),
+        ("core-1.img".to_string(), b"core".repeat(1000)),
+        ("empty.img".to_string(), Vec::new()),
+        ("pagemap-1.img".to_string(), noise(70_000, 2)),
+        ("pages-2.img".to_string(), noise(300_000, 3)),
+    ];
+    for (n, b) in &imgs {
+        std::fs::write(dir.join(n), b).unwrap();
+    }
+    imgs
+}
+
+/// An archive of `images` written to a sink as the object store path writes them (the
+/// first page image followed as if CRIU were writing it, the second digested first), or to
+/// a file as `cedana-agent dump` writes them. Returns it and the stored sizes the sink was
+/// given.
+fn archive_of(dir: &Path, c: Compression, to_sink: bool) -> (PathBuf, BTreeMap<u64, u64>) {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let imgs = images(&src);
+    let out = dir.join(format!("a-{c:?}-{to_sink}.zip"));
+    let mut w = if to_sink {
+        let f = File::create(&out).unwrap();
+        Writer::to_sink(Box::new(FileSink(f, out.clone())), "a", c)
+    } else {
+        Writer::new(dir, "a", c).unwrap()
+    };
+    for (n, _) in &imgs {
+        let name = format!("{IMAGES_DIR}/{n}");
+        let path = src.join(n);
+        match n.as_str() {
+            "pages-1.img" => {
+                let done = || true;
+                w.add(&name, &path, Some(&done), &NoProgress).unwrap();
+            }
+            "pages-2.img" if c == Compression::None => {
+                let d = digest_following(&path, &|| true, false, &NoProgress).unwrap();
+                w.add_digested(&name, &path, &d, &NoProgress).unwrap();
+            }
+            _ => {
+                w.add(&name, &path, None, &NoProgress).unwrap();
+            }
+        }
+    }
+    match w.finish(&mut empty_manifest(), "a").unwrap() {
+        Finished::File(p) => {
+            std::fs::rename(&p, &out).unwrap();
+            (out, BTreeMap::new())
+        }
+        Finished::Committed { name, bytes } => {
+            assert_eq!(std::fs::metadata(&name).unwrap().len(), bytes);
+            let text = std::fs::read_to_string(out.with_extension("sizes")).unwrap();
+            let sizes = text
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (o, n) = p.split_once(':').unwrap();
+                    (o.parse().unwrap(), n.parse().unwrap())
+                })
+                .collect();
+            (out, sizes)
+        }
+    }
+}
+
+fn staging_is_empty(staging: &Path) -> bool {
+    std::fs::read_dir(staging).unwrap().next().is_none()
+}
+
+/// Archives written to a sink read back front to back, in pieces of any size, with the same
+/// result as reading them from a file; and stay readable by the zip crate and `extract`.
+#[test]
+fn sink_archives_stream_back_in_any_piece_size() {
+    for c in [Compression::None, Compression::Zstd, Compression::Deflate] {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, sizes) = archive_of(dir.path(), c, true);
+        assert_eq!(sizes.len(), usize::from(c == Compression::None), "{c:?}");
+        let want = images(&dir.path().join("src"));
+        let staging = tempfile::tempdir().unwrap();
+        let from_file = extract(&path, staging.path(), &NoProgress).unwrap();
+        for piece in [1usize, 7, 4096, 1 << 20] {
+            let mut src = ReadChunks {
+                reader: File::open(&path).unwrap(),
+                size: piece,
+            };
+            let x = extract_stream(&mut src, &path, &sizes, staging.path(), &NoProgress)
+                .unwrap_or_else(|e| panic!("{c:?} in pieces of {piece}: {e}"));
+            assert_eq!(x.manifest, from_file.manifest);
+            for (n, b) in &want {
+                let got = std::fs::read(x.images_dir().join(n)).unwrap();
+                assert!(got == *b, "{c:?}, pieces of {piece}: {n} differs");
+            }
+        }
+    }
+}
+
+/// A stored entry of unknown size cannot be read front to back: not in a file archive
+/// (stored entries with data descriptors), nor in a sink archive whose sizes were lost. The
+/// reader says so (the caller then reads it from a file) and leaves nothing behind.
+#[test]
+fn stored_entries_of_unknown_size_are_unstreamable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, first) in [
+        (
+            archive_of(dir.path(), Compression::None, false).0,
+            "images/pages-1.img",
+        ),
+        (
+            archive_of(dir.path(), Compression::None, true).0,
+            "images/pages-1.img",
+        ),
+    ] {
+        let staging = tempfile::tempdir().unwrap();
+        let mut src = ReadChunks::new(File::open(&path).unwrap());
+        match extract_stream(
+            &mut src,
+            &path,
+            &BTreeMap::new(),
+            staging.path(),
+            &NoProgress,
+        ) {
+            Err(ArchiveError::Unstreamable { name, .. }) => assert_eq!(name, first),
+            other => panic!("{:?}", other.map(|x| x.manifest)),
+        }
+        assert!(staging_is_empty(staging.path()));
+        // The same archive reads from its file.
+        extract(&path, staging.path(), &NoProgress).unwrap();
+    }
+}
+
+/// Gives `pieces` of the archive, then fails (as a broken connection or a failed digest
+/// check does).
+struct FailingAfter(ReadChunks<File>, usize);
+
+impl ChunkSource for FailingAfter {
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        if self.1 == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "wrong digest",
+            ));
+        }
+        self.1 -= 1;
+        self.0.next_chunk()
+    }
+}
+
+/// Every way a stream can go wrong is refused, and the private staging folder is gone
+/// afterwards (nothing else was written).
+#[test]
+fn bad_streams_are_refused_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, sizes) = archive_of(dir.path(), Compression::None, true);
+    let good = std::fs::read(&path).unwrap();
+    let at = |needle: &[u8]| {
+        good.windows(needle.len())
+            .position(|w| w == needle)
+            .expect("present")
+    };
+    let run_with = |bytes: &[u8], sizes: &BTreeMap<u64, u64>| {
+        let staging = tempfile::tempdir().unwrap();
+        let mut src = ReadChunks {
+            reader: std::io::Cursor::new(bytes.to_vec()),
+            size: 64 << 10,
+        };
+        let r = extract_stream(
+            &mut src,
+            Path::new("obj.zip"),
+            sizes,
+            staging.path(),
+            &NoProgress,
+        );
+        assert!(staging_is_empty(staging.path()), "staging left behind");
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let run = |bytes: &[u8]| run_with(bytes, &sizes);
+    // A wrong size for the followed page image: its data descriptor disagrees.
+    let wrong: BTreeMap<u64, u64> = sizes.iter().map(|(o, n)| (*o, n - 4096)).collect();
+    let msg = run_with(&good, &wrong);
+    assert!(msg.contains("corrupt") || msg.contains("CRC-32"), "{msg}");
+    // A byte of the page image flipped (the local CRC-32 catches it first).
+    let mut b = good.clone();
+    b[FIRST_DATA + 1000] ^= 1;
+    assert!(run(&b).contains("CRC-32"), "{}", run(&b));
+    // Truncated, at several places.
+    for cut in [10, 3 << 20, good.len() - 30] {
+        assert!(
+            run(&good[..cut]).contains("corrupt or truncated"),
+            "cut {cut}"
+        );
+    }
+    // Bytes after the end record.
+    let mut b = good.clone();
+    b.extend_from_slice(b"junk");
+    assert!(run(&b).contains("follow its end"), "{}", run(&b));
+    // An entry name escaping its folder: refused before anything is written for it.
+    let mut b = good.clone();
+    let i = at(b"images/core-1.img");
+    b[i..i + 17].copy_from_slice(b"images/../../x.im");
+    let msg = run(&b);
+    assert!(msg.contains("unsafe entry name"), "{msg}");
+    // The central directory disagreeing with a local header.
+    let mut b = good.clone();
+    let name = b"images/pagemap-1.img";
+    let last = good
+        .windows(name.len())
+        .rposition(|w| w == name)
+        .expect("central record");
+    b[last + 7] = b'P';
+    let msg = run(&b);
+    assert!(msg.contains("central directory"), "{msg}");
+    // The source failing part way (the object store's digest check, a lost connection).
+    let staging = tempfile::tempdir().unwrap();
+    let mut src = FailingAfter(
+        ReadChunks {
+            reader: File::open(&path).unwrap(),
+            size: 1 << 20,
+        },
+        3,
+    );
+    let e = extract_stream(&mut src, &path, &sizes, staging.path(), &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("wrong digest"), "{e}");
+    assert!(staging_is_empty(staging.path()));
+}
+
+/// A file that grows in bursts while the writer follows it, as CRIU's page images do:
+/// the writer waits at each end of file and still gets every byte.
+#[test]
+fn follows_a_growing_file_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("pages-1.img");
+    std::fs::write(&src, b"").unwrap();
+    let chunk: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let done = AtomicBool::new(false);
+    let mut w = Writer::new(dir.path(), "t", Compression::Zstd).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+            for _ in 0..20 {
+                f.write_all(&chunk).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(15));
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let complete = || done.load(Ordering::SeqCst);
+        let n = w
+            .add("images/pages-1.img", &src, Some(&complete), &NoProgress)
+            .unwrap();
+        assert_eq!(n, 20 * chunk.len() as u64);
+    });
+    let Finished::File(path) = w.finish(&mut empty_manifest(), "t").unwrap() else {
+        panic!("a file archive")
+    };
+    let staging = tempfile::tempdir().unwrap();
+    let x = extract(&path, staging.path(), &NoProgress).unwrap();
+    let back = std::fs::read(x.images_dir().join("pages-1.img")).unwrap();
+    assert_eq!(back, chunk.repeat(20));
+    assert_eq!(x.manifest.compression, Compression::Zstd);
+}

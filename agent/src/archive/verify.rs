@@ -1,0 +1,509 @@
+//! Reading an archive back: [`inspect`] (manifest and listing), [`extract`] (from a file,
+//! reading with the `zip` crate) and [`extract_stream`] (front to back as it arrives, through
+//! [`crate::zipfmt::read`]), and the checks they share. Nothing leaves the private staging
+//! folder they extract into before every entry name, size and checksum was verified.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use super::format::{
+    safe_entry_name, ArchiveError, Entry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST,
+};
+use crate::files;
+use crate::hashing::{self, HashPipe, CHUNK};
+use crate::progress::Progress;
+use crate::zipfmt::read::{self as zipread, LocalHeader, Place};
+use crate::zipfmt::ChunkSource;
+
+/// Reads and checks an archive's manifest and entry list without extracting anything.
+pub fn inspect(path: &Path) -> Result<Manifest, ArchiveError> {
+    let mut zip = open_zip(path)?;
+    let manifest = read_manifest(path, &mut zip)?;
+    check_listing(path, &mut zip, &manifest)?;
+    Ok(manifest)
+}
+
+/// An archive whose images were verified and extracted into a private temporary folder,
+/// removed when this is dropped.
+#[derive(Debug)]
+pub struct Extracted {
+    pub manifest: Manifest,
+    dir: tempfile::TempDir,
+}
+
+impl Extracted {
+    /// The folder holding CRIU's images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join(IMAGES_DIR)
+    }
+    /// The folder holding the carried files (see [`crate::files`]).
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.path().join(files::FILES_DIR)
+    }
+    /// Keeps the folder on disk (for debugging) and returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+}
+
+/// Verifies an archive and extracts its images under `staging` (a fresh private folder).
+/// Names, sizes and checksums are checked against the manifest while extracting; on any
+/// mismatch the folder is removed and nothing else has been touched.
+pub fn extract(
+    path: &Path,
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<Extracted, ArchiveError> {
+    let mut zip = open_zip(path)?;
+    let manifest = read_manifest(path, &mut zip)?;
+    let index = check_listing(path, &mut zip, &manifest)?;
+    let dir = private_folder(staging)?;
+    progress.stage("verifying and extracting", Some(manifest.total_size()));
+    for entry in &manifest.entries {
+        let corrupt = |reason: String| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let idx = index[&entry.name];
+        let dest = dir.path().join(&entry.name);
+        create_parent(&dest)?;
+        let raw = zip
+            .by_index_raw(idx)
+            .map(|f| (f.compression(), f.data_start(), f.compressed_size()));
+        if let Ok((zip::CompressionMethod::Stored, start, csize)) = raw {
+            if csize == entry.size {
+                let sum = copy_and_hash(path, start, entry.size, &dest, progress)?;
+                if sum != entry.sha256 {
+                    return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+                }
+                continue;
+            }
+        }
+        let mut zf = zip
+            .by_index(idx)
+            .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+        let file = create_new(&dest).map_err(|source| ArchiveError::Write {
+            path: dest.clone(),
+            source,
+        })?;
+        let mut out = BufWriter::with_capacity(CHUNK, file);
+        let mut pipe = HashPipe::new();
+        let mut size = 0u64;
+        loop {
+            let mut buf = pipe.buffer();
+            let n = hashing::fill(&mut zf, &mut buf)
+                .map_err(|e| corrupt(format!("{}: {e}", entry.name)))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > entry.size {
+                return Err(mismatch(
+                    path,
+                    entry,
+                    "more than",
+                    entry.size.to_string(),
+                    "bytes".into(),
+                ));
+            }
+            out.write_all(&buf).map_err(|source| ArchiveError::Write {
+                path: dest.clone(),
+                source,
+            })?;
+            progress.advance(n as u64);
+            pipe.hash(buf);
+        }
+        out.flush().map_err(|source| ArchiveError::Write {
+            path: dest.clone(),
+            source,
+        })?;
+        if size != entry.size {
+            return Err(mismatch(
+                path,
+                entry,
+                "size",
+                entry.size.to_string(),
+                size.to_string(),
+            ));
+        }
+        let sum = pipe.finish();
+        if sum != entry.sha256 {
+            return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+        }
+    }
+    Ok(Extracted { manifest, dir })
+}
+
+/// Verifies an archive read front to back from `src` (as it arrives from the object store) and
+/// extracts it under `staging` (a fresh private folder) in the same pass: each entry is written
+/// to its place while its size, CRC-32 and SHA-256 are computed; at the end the central
+/// directory must match the entries read, and the manifest's version, listing, sizes and
+/// checksums must match too. Entry names are checked before anything is written for them. On
+/// any failure the folder is removed and nothing else has been touched. `label` names the
+/// archive in errors; `stored_sizes` are the sizes its writer gave for stored entries with
+/// data descriptors (local header offset → size; see [`crate::zipfmt::Sink::commit`]): without one,
+/// such an entry is [`ArchiveError::Unstreamable`] (read the archive from a file instead).
+pub fn extract_stream(
+    src: &mut dyn ChunkSource,
+    label: &Path,
+    stored_sizes: &BTreeMap<u64, u64>,
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<Extracted, ArchiveError> {
+    let dir = private_folder(staging)?;
+    let root = dir.path().to_path_buf();
+    progress.stage("receiving, verifying and extracting", None);
+    let mut place = |h: &LocalHeader| -> Result<Place, ArchiveError> {
+        if !safe_entry_name(&h.name) {
+            return Err(ArchiveError::UnsafeEntry {
+                path: label.to_path_buf(),
+                name: h.name.clone(),
+            });
+        }
+        if h.name == MANIFEST {
+            // A manifest is a few KiB; refuse an absurd one.
+            return Ok(Place::Memory(16 << 20));
+        }
+        let dest = root.join(&h.name);
+        create_parent(&dest)?;
+        match create_new(&dest) {
+            Ok(f) => Ok(Place::File(f, dest)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(ArchiveError::Corrupt {
+                path: label.to_path_buf(),
+                reason: format!("entry {:?} appears twice", h.name),
+            }),
+            Err(source) => Err(ArchiveError::Write { path: dest, source }),
+        }
+    };
+    let listing = zipread::read_with(src, label, stored_sizes, &mut place, progress)?;
+    let mut manifests = listing.entries.iter().filter(|e| e.name == MANIFEST);
+    let text = match (manifests.next(), manifests.next()) {
+        (Some(m), None) => m.data.as_deref().unwrap_or_default(),
+        (None, _) => {
+            return Err(ArchiveError::NoManifest {
+                path: label.to_path_buf(),
+            })
+        }
+        (Some(_), Some(_)) => {
+            return Err(ArchiveError::Corrupt {
+                path: label.to_path_buf(),
+                reason: format!("entry {MANIFEST:?} appears twice"),
+            })
+        }
+    };
+    let manifest = parse_manifest(label, text)?;
+    let names: Vec<(String, bool)> = listing
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), listing.not_files.contains(&e.name)))
+        .collect();
+    let index = check_names(label, &names, &manifest)?;
+    for entry in &manifest.entries {
+        let got = &listing.entries[index[&entry.name]];
+        if got.usize != entry.size {
+            return Err(mismatch(
+                label,
+                entry,
+                "size",
+                entry.size.to_string(),
+                got.usize.to_string(),
+            ));
+        }
+        if got.sha256 != entry.sha256 {
+            return Err(mismatch(
+                label,
+                entry,
+                "SHA-256",
+                entry.sha256.clone(),
+                got.sha256.clone(),
+            ));
+        }
+    }
+    Ok(Extracted { manifest, dir })
+}
+
+/// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
+/// while this thread hashes the same bytes; returns their SHA-256.
+fn copy_and_hash(
+    archive: &Path,
+    start: u64,
+    len: u64,
+    dest: &Path,
+    progress: &dyn Progress,
+) -> Result<String, ArchiveError> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::FileExt;
+    let corrupt = |e: std::io::Error| ArchiveError::Corrupt {
+        path: archive.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let src = File::open(archive).map_err(|source| ArchiveError::Open {
+        path: archive.to_path_buf(),
+        source,
+    })?;
+    let out = create_new(dest).map_err(|source| ArchiveError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    std::thread::scope(|s| {
+        let copier = s.spawn(|| -> std::io::Result<()> {
+            // std's copy uses copy_file_range where it can and falls back by itself (across
+            // filesystems, for instance).
+            let mut from = File::open(archive)?;
+            from.seek(std::io::SeekFrom::Start(start))?;
+            let mut to = &out;
+            let copied = std::io::copy(&mut from.take(len), &mut to)?;
+            if copied != len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(())
+        });
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = 0u64;
+        while pos < len {
+            let want = (len - pos).min(CHUNK as u64) as usize;
+            let n = src
+                .read_at(&mut buf[..want], start + pos)
+                .map_err(corrupt)?;
+            if n == 0 {
+                return Err(corrupt(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+            progress.advance(n as u64);
+        }
+        match copier.join().expect("copy thread does not panic") {
+            Ok(()) => Ok(hex::encode(h.finalize())),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt(e)),
+            Err(source) => Err(ArchiveError::Write {
+                path: dest.to_path_buf(),
+                source,
+            }),
+        }
+    })
+}
+
+/// A fresh private folder under `staging` to extract into (removed when dropped), with its
+/// `images/` folder.
+fn private_folder(staging: &Path) -> Result<tempfile::TempDir, ArchiveError> {
+    let dir = tempfile::Builder::new()
+        .prefix(".cedana-restore-")
+        .tempdir_in(staging)
+        .map_err(|source| ArchiveError::Write {
+            path: staging.to_path_buf(),
+            source,
+        })?;
+    let images = dir.path().join(IMAGES_DIR);
+    std::fs::create_dir(&images).map_err(|source| ArchiveError::Write {
+        path: images,
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// Creates the folder an entry's file `dest` goes into.
+fn create_parent(dest: &Path) -> Result<(), ArchiveError> {
+    match dest.parent() {
+        Some(parent) => std::fs::create_dir_all(parent).map_err(|source| ArchiveError::Write {
+            path: parent.to_path_buf(),
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Creates `path` for writing; an existing file is an error (`AlreadyExists`).
+fn create_new(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+fn mismatch(
+    path: &Path,
+    e: &Entry,
+    what: &'static str,
+    expected: String,
+    actual: String,
+) -> ArchiveError {
+    ArchiveError::Mismatch {
+        path: path.to_path_buf(),
+        name: e.name.clone(),
+        what,
+        expected,
+        actual,
+    }
+}
+
+type Zip = zip::ZipArchive<BufReader<File>>;
+
+fn open_zip(path: &Path) -> Result<Zip, ArchiveError> {
+    let f = File::open(path).map_err(|source| ArchiveError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut r = BufReader::with_capacity(CHUNK, f);
+    r.rewind().map_err(|source| ArchiveError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    zip::ZipArchive::new(r).map_err(|e| ArchiveError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
+    let mut text = Vec::new();
+    {
+        let f = match zip.by_name(MANIFEST) {
+            Ok(f) => f,
+            Err(zip::result::ZipError::FileNotFound) => {
+                return Err(ArchiveError::NoManifest {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                return Err(ArchiveError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        // A manifest is a few KiB; refuse to read an absurd one into memory.
+        f.take(16 << 20)
+            .read_to_end(&mut text)
+            .map_err(|e| ArchiveError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("{MANIFEST}: {e}"),
+            })?;
+    }
+    parse_manifest(path, &text)
+}
+
+/// The manifest from its bytes: its format version is checked before anything else is read.
+fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest, ArchiveError> {
+    let bad = |reason: String| ArchiveError::BadManifest {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
+    let version = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("no format_version".into()))?;
+    if version != FORMAT_VERSION as u64 {
+        return Err(ArchiveError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
+/// Checks every zip entry against the manifest; returns entry name → zip index.
+fn check_listing(
+    path: &Path,
+    zip: &mut Zip,
+    manifest: &Manifest,
+) -> Result<BTreeMap<String, usize>, ArchiveError> {
+    let mut names = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        names.push((f.name().to_string(), f.is_dir() || f.is_symlink()));
+    }
+    check_names(path, &names, manifest)
+}
+
+/// Checks an archive's entries (name, and whether it is a folder or link rather than a file)
+/// against the manifest: safe names, each listed entry present once, nothing unlisted, the
+/// carried files exactly the `files/` entries. Returns entry name → position in `names`.
+fn check_names(
+    path: &Path,
+    names: &[(String, bool)],
+    manifest: &Manifest,
+) -> Result<BTreeMap<String, usize>, ArchiveError> {
+    let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
+    for e in &manifest.entries {
+        if !safe_entry_name(&e.name) || e.name == MANIFEST {
+            return Err(ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name: e.name.clone(),
+            });
+        }
+    }
+    let mut index = BTreeMap::new();
+    for (i, (name, not_file)) in names.iter().enumerate() {
+        if !safe_entry_name(name) {
+            return Err(ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        }
+        if name == MANIFEST {
+            continue;
+        }
+        if !listed.contains(name.as_str()) || *not_file {
+            return Err(ArchiveError::UnlistedEntry {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        }
+        if index.insert(name.clone(), i).is_some() {
+            return Err(ArchiveError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("entry {name:?} appears twice"),
+            });
+        }
+    }
+    for name in &listed {
+        if !index.contains_key(*name) {
+            return Err(ArchiveError::MissingEntry {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
+        }
+    }
+    // Carried files: safe paths, and exactly one `files/` entry per listed file.
+    let carried: BTreeSet<String> = match &manifest.files {
+        Some(files) => {
+            files::check(files).map_err(|e| ArchiveError::UnsafeEntry {
+                path: path.to_path_buf(),
+                name: e.to_string(),
+            })?;
+            files
+                .items
+                .iter()
+                .filter(|i| i.kind == files::ItemKind::File)
+                .map(|i| format!("{}/{}", files::FILES_DIR, i.path))
+                .collect()
+        }
+        None => BTreeSet::new(),
+    };
+    let prefix = format!("{}/", files::FILES_DIR);
+    for name in carried.iter().map(String::as_str) {
+        if !listed.contains(name) {
+            return Err(ArchiveError::MissingEntry {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
+        }
+    }
+    if let Some(name) = listed
+        .iter()
+        .find(|n| n.starts_with(&prefix) && !carried.contains(**n))
+    {
+        return Err(ArchiveError::UnlistedEntry {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    Ok(index)
+}
