@@ -13,6 +13,8 @@ use cedana_driver::jobfile::script::ScriptError;
 use cedana_driver::runner::{RunError, RunOptions};
 use clap::{Parser, Subcommand};
 
+mod cli;
+
 const AFTER: &str = "Exit codes: `run` ends with the task's exit status (0 when it succeeded, 128+N when signal N ended it); \
 otherwise 0 ok; 1 job or command failed; 2 bad command line or job file (file:line:column given); 3 bad config; \
 4 no such job, or its driver did not answer; 5 no offer fits (`price`, `run` of a managed job); 130 job taken down (`down`, Ctrl-C).\n\
@@ -262,6 +264,7 @@ fn main() -> ExitCode {
                 image,
                 arbitrage_every,
                 arbitrage_margin,
+                reporter: std::sync::Arc::new(cli::report::Terminal),
             };
             match cedana_driver::runner::run(opts) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -342,7 +345,7 @@ fn price(
     limit: Option<usize>,
     json: bool,
 ) -> ExitCode {
-    let providers = match cedana_driver::runner::providers(config, None) {
+    let providers = match cedana_driver::runner::providers(config, None, &cli::report::Terminal) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("cedana-driver: error: {e}");

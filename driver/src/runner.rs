@@ -74,6 +74,8 @@ pub struct RunOptions {
     pub arbitrage_every: Option<u64>,
     /// The margin (percent) an offer must be cheaper by, overriding the config.
     pub arbitrage_margin: Option<f64>,
+    /// Where the job's lines for the user go.
+    pub reporter: crate::job::report::SharedReporter,
 }
 
 /// The arbitrage settings of the command line over the config's `arbitrage` block.
@@ -137,11 +139,11 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             script::compile(&script::sandbox(&script_dir), path)?;
             None
         }
-        Kind::Yaml => Some(crate::jobfile::yaml::load(path)?),
+        Kind::Yaml => Some(crate::jobfile::yaml::load(path, &*opts.reporter)?),
     };
     // So do mistakes in the providers' settings (a missing key, a cloud provider without a
     // NATS server the machines can reach).
-    let providers = providers(&opts.config, opts.image.as_deref())?;
+    let providers = providers(&opts.config, opts.image.as_deref(), &*opts.reporter)?;
     for p in &providers {
         if p.name() != "local" {
             cloud_needs_nats(&opts.config, p.name())?;
@@ -195,7 +197,8 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             .open(&output)
             .map_err(io("cannot create", &output))?,
     );
-    eprintln!("[cedana] job {job_id}: folder {}", job_dir.display());
+    opts.reporter
+        .note(&format!("job {job_id}: folder {}", job_dir.display()));
 
     let interval = match opts.checkpoint_every {
         Some(0) => None,
@@ -248,10 +251,12 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         record,
     )));
     job.borrow_mut().providers = providers;
+    job.borrow_mut().reporter = opts.reporter.clone();
     let down = job.borrow().down.clone();
     // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
     {
         let down = down.clone();
+        let reporter = opts.reporter.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let (Ok(mut i), Ok(mut t), Ok(mut h)) = (
@@ -266,7 +271,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
                 _ = t.recv() => {}
                 _ = h.recv() => {}
             }
-            eprintln!("[cedana] signal received: taking the job down");
+            reporter.note("signal received: taking the job down");
             down.store(true, Ordering::SeqCst);
         });
     }
@@ -388,6 +393,7 @@ fn cloud_needs_nats(config: &cedana_protocol::Config, provider: &str) -> Result<
 pub fn providers(
     config: &cedana_protocol::Config,
     image: Option<&Path>,
+    reporter: &dyn crate::job::report::Reporter,
 ) -> Result<Vec<Box<dyn crate::providers::Provider>>, RunError> {
     let enabled = if config.enabled_providers.is_empty() {
         vec!["local".to_string()]
@@ -425,7 +431,7 @@ pub fn providers(
                     provider = other,
                     "provider not available in this release; skipped"
                 );
-                eprintln!("[cedana] provider {other:?} is not available in this release of the driver; skipped (enabled_providers)");
+                reporter.note(&format!("provider {other:?} is not available in this release of the driver; skipped (enabled_providers)"));
             }
         }
     }

@@ -101,14 +101,14 @@ pub fn run(
         let lost = job.borrow().lost(&w.id);
         if let Some(reason) = lost {
             warn!(worker = %w.id, %reason, "worker lost; recovering from the newest checkpoint");
-            eprintln!(
-                "[cedana] worker {} lost ({reason}); recovering from {}",
+            job.borrow().reporter.note(&format!(
+                "worker {} lost ({reason}); recovering from {}",
                 w.id,
                 newest
                     .as_ref()
                     .map(|c| c.object.as_str())
                     .unwrap_or("the start (no checkpoint yet)")
-            );
+            ));
             {
                 let mut j = job.borrow_mut();
                 j.end_worker(&w.id, "lost");
@@ -134,11 +134,11 @@ pub fn run(
                 job.borrow_mut().record_checkpoint(&c, &w.id);
                 newest = Some(c);
             }
-            eprintln!(
-                "[cedana] spot interruption notice for worker {} (instance goes at {}); moving the task",
+            job.borrow().reporter.note(&format!(
+                "spot interruption notice for worker {} (instance goes at {}); moving the task",
                 w.id,
                 n.at.as_deref().unwrap_or("an unknown time")
-            );
+            ));
             job.borrow_mut().record.spot_notices += 1;
             // The next worker goes elsewhere: this market just took one back.
             let interrupted = job.borrow().offer_of(&w.id);
@@ -147,7 +147,7 @@ pub fn run(
             }
             if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task, None) {
                 warn!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
-                eprintln!("[cedana] moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes");
+                job.borrow().reporter.note(&format!("moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes"));
             }
             next = opts.interval.map(|i| Instant::now() + i);
             continue;
@@ -171,19 +171,19 @@ pub fn run(
                 if let Some(better) = cheaper_offer(job, &spec, &w, a.margin) {
                     let (from, to) = better;
                     info!(from = %offer_name(&from), to = %offer_name(&to), "moving to a cheaper offer");
-                    eprintln!(
-                        "[cedana] {} at ${:.4}/h is more than {:.0}% cheaper than {} at ${:.4}/h; moving the task",
+                    job.borrow().reporter.note(&format!(
+                        "{} at ${:.4}/h is more than {:.0}% cheaper than {} at ${:.4}/h; moving the task",
                         offer_name(&to),
                         to.price_usd_hour,
                         a.margin * 100.0,
                         offer_name(&from),
                         from.price_usd_hour
-                    );
+                    ));
                     match migrate(job, hooks, &spec, &mut w, &mut task, Some(&to)) {
                         Ok(()) => job.borrow_mut().record.arbitrage_moves += 1,
                         Err(e) => {
                             warn!(error = %e, "moving to a cheaper offer failed; staying");
-                            eprintln!("[cedana] moving to the cheaper offer failed ({e}); the task stays where it was");
+                            job.borrow().reporter.note(&format!("moving to the cheaper offer failed ({e}); the task stays where it was"));
                         }
                     }
                     next = opts.interval.map(|i| Instant::now() + i);
@@ -195,7 +195,9 @@ pub fn run(
             // A failure keeps the previous checkpoint; a lost worker is seen on the next turn.
             if let Err(e) = take_checkpoint(job, &task, &mut newest, opts) {
                 warn!(error = %e, "periodic checkpoint failed; the previous one is kept");
-                eprintln!("[cedana] checkpoint failed ({e}); keeping the previous one");
+                job.borrow().reporter.note(&format!(
+                    "checkpoint failed ({e}); keeping the previous one"
+                ));
             }
             next = opts.interval.map(|i| Instant::now() + i);
         }
@@ -245,7 +247,7 @@ pub fn status(e: Exit) -> i64 {
 
 fn ok(message: String) -> Answer {
     Answer {
-        v: 1,
+        v: cedana_protocol::VERSION,
         ok: true,
         message,
     }
@@ -253,7 +255,7 @@ fn ok(message: String) -> Answer {
 
 fn fail(message: String) -> Answer {
     Answer {
-        v: 1,
+        v: cedana_protocol::VERSION,
         ok: false,
         message,
     }
@@ -286,7 +288,9 @@ fn bring_up(
             Ok(t) => {
                 if from.is_some() {
                     info!(worker = %w.id, task = %t.name, "task restored");
-                    eprintln!("[cedana] task {} restored on worker {}", t.name, w.id);
+                    job.borrow()
+                        .reporter
+                        .note(&format!("task {} restored on worker {}", t.name, w.id));
                 }
                 return Ok((w, t));
             }

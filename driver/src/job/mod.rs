@@ -3,6 +3,7 @@
 
 pub mod managed;
 pub mod record;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,8 @@ pub struct Job {
     pub record: JobRecord,
     /// Set by `down` or a signal: every wait ends.
     pub down: Arc<AtomicBool>,
+    /// Where the job tells the user what it does ([`report::Silent`] until set).
+    pub reporter: report::SharedReporter,
     next_worker: u32,
     next_task: u32,
     pruned: std::collections::BTreeSet<String>,
@@ -118,6 +121,7 @@ impl Job {
             workers: BTreeMap::new(),
             record,
             down: Arc::new(AtomicBool::new(false)),
+            reporter: Arc::new(report::Silent),
             next_worker: 0,
             next_task: 0,
             pruned: Default::default(),
@@ -210,7 +214,7 @@ impl Job {
                 Ok(w) => return Ok(w),
                 Err((e, Some(offer))) if !matches!(e, JobError::Down) => {
                     warn!(error = %e, "the worker did not come up; trying the next offer");
-                    eprintln!("[cedana] {e}; trying the next offer");
+                    self.reporter.note(&format!("{e}; trying the next offer"));
                     self.avoid(&offer, Duration::from_secs(600));
                     last = Some(e);
                 }
@@ -279,7 +283,7 @@ impl Job {
                 }
                 Err(e @ providers::ProviderError::Capacity { .. }) => {
                     warn!(error = %e, "no capacity; trying the next offer");
-                    eprintln!("[cedana] {e}; trying the next offer");
+                    self.reporter.note(&format!("{e}; trying the next offer"));
                 }
                 Err(e) => return Err((e.into(), None)),
             }
@@ -529,7 +533,8 @@ impl Job {
                 ..
             } => {
                 if read_while_stored {
-                    eprintln!("[cedana] {} read the checkpoint while it was stored", w.id);
+                    self.reporter
+                        .note(&format!("{} read the checkpoint while it was stored", w.id));
                 }
                 self.track_task(&c.task, &w.id, pid);
                 Ok(Task {

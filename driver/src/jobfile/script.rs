@@ -119,14 +119,17 @@ pub fn sandbox(script_dir: &Path) -> Engine {
     e.set_module_resolver(FolderResolver(
         rhai::module_resolvers::FileModuleResolver::new_with_path(script_dir),
     ));
-    e.on_print(|s| println!("{s}"));
-    e.on_debug(|s, _, pos| eprintln!("debug {pos}: {s}"));
     e
 }
 
 /// The sandboxed engine with the host API.
 pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     let mut e = sandbox(script_dir);
+    let reporter = host.borrow().reporter.clone();
+    let r = reporter.clone();
+    e.on_print(move |s| r.print(s));
+    let r = reporter.clone();
+    e.on_debug(move |s, _, pos| r.log(&format!("debug {pos}: {s}")));
 
     e.register_type_with_name::<Worker>("Worker")
         .register_get("id", |w: &mut Worker| w.id.clone())
@@ -205,7 +208,7 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
         down.load(std::sync::atomic::Ordering::SeqCst)
             .then(|| Dynamic::from("the job was taken down"))
     });
-    e.register_fn("log", |msg: &str| eprintln!("[job] {msg}"));
+    e.register_fn("log", move |msg: &str| reporter.log(msg));
     e
 }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::job::managed::{FlowError, Hooks, Shared};
+use crate::job::report::Reporter;
 use crate::job::{Spec, Task, Worker};
 use crate::jobfile::script::ScriptError;
 
@@ -52,7 +53,7 @@ const KNOWN: &[&str] = &[
 ];
 
 /// Reads a job spec; errors name the file, line and column.
-pub fn load(path: &Path) -> Result<JobSpec, ScriptError> {
+pub fn load(path: &Path, reporter: &dyn Reporter) -> Result<JobSpec, ScriptError> {
     let text = std::fs::read_to_string(path).map_err(|source| ScriptError::Read {
         path: path.into(),
         source,
@@ -71,10 +72,10 @@ pub fn load(path: &Path) -> Result<JobSpec, ScriptError> {
         for key in map.keys().filter_map(|k| k.as_str()) {
             if !KNOWN.contains(&key) {
                 tracing::warn!(file = %path.display(), key, "unknown key in the job spec; ignored");
-                eprintln!(
-                    "[cedana] {}: key {key:?} is not used by this driver; ignored",
+                reporter.note(&format!(
+                    "{}: key {key:?} is not used by this driver; ignored",
                     path.display()
-                );
+                ));
             }
         }
     }
@@ -108,10 +109,11 @@ impl YamlHooks {
         list: &[String],
     ) -> Result<(), FlowError> {
         for cmd in commands(list) {
-            eprintln!("[cedana] {what} on {}: {cmd}", w.id);
+            let reporter = job.borrow().reporter.clone();
+            reporter.note(&format!("{what} on {}: {cmd}", w.id));
             let (code, stdout, stderr) = job.borrow().sh(w, cmd)?;
-            print!("{stdout}");
-            eprint!("{stderr}");
+            stdout.lines().for_each(|l| reporter.print(l));
+            stderr.lines().for_each(|l| reporter.log(l));
             if code != 0 {
                 return Err(FlowError::Hook {
                     what: format!("{what} command {cmd:?} on worker {}", w.id),

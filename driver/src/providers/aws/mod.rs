@@ -739,7 +739,7 @@ impl AwsWorker {
                 Err(_) => "no answer within 120 s".to_string(),
             };
             tracing::error!(instance = %id, %region, error = %err, "cannot terminate the EC2 instance; terminate it in the console to stop paying for it");
-            eprintln!("[cedana] cannot terminate EC2 instance {id} in {region}: {err}; terminate it in the EC2 console to stop paying for it");
+            tracing::error!("cannot terminate EC2 instance {id} in {region}: {err}; terminate it in the EC2 console to stop paying for it");
         };
         let on_own_runtime = std::thread::current().name() == Some("cedana-aws");
         if on_own_runtime {

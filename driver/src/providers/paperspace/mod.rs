@@ -1165,7 +1165,7 @@ impl PaperspaceWorker {
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
                     tracing::error!(machine = %id, error = %e, "cannot delete the paperspace machine; delete it in the console to stop paying for it");
-                    eprintln!("[cedana] cannot delete paperspace machine {id}: {e}; delete it in the console to stop paying for it");
+                    tracing::error!("cannot delete paperspace machine {id}: {e}; delete it in the console to stop paying for it");
                 }
             }
             if let Some(s) = script {

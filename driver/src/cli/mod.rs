@@ -1,0 +1,3 @@
+//! The command line: what only the binary does (arguments, printing, exit codes).
+
+pub mod report;
