@@ -8,7 +8,8 @@
 #   3. the names of our crates and binaries that the Nix files use exist in the cargo workspace:
 #      `-p`/`--package`/`--bin` in `cargo*Flags` lists and in `cargo …` command lines, and
 #      `pname`, `mainProgram` and `bin/…` paths whose name starts with `cedana`;
-#   4. `cargoLock.lockFile` is the workspace's Cargo.lock and lists every workspace crate;
+#   4. `cargoLock.lockFile` is the workspace's Cargo.lock and lists every workspace crate, and
+#      the source fileset (`lib.fileset.unions [...]`) holds every crate's folder;
 #   5. local paths (./images/…, ./Cargo.lock, …) exist and stay inside the repository;
 #   6. no placeholder hashes (lib.fakeHash and friends) are left.
 #
@@ -156,6 +157,15 @@ for path in files:
             locked = set(re.findall(r'^name = "([^"]+)"$', open(lock).read(), re.M))
             for p in sorted(packages - locked):
                 problem(path, f"cargoLock.lockFile {os.path.relpath(lock, root)} does not list the workspace crate {p}: run cargo to update it")
+
+    # The flake's source fileset must hold every crate of the workspace, or cargo cannot
+    # build in the Nix sandbox.
+    for m in re.finditer(r"fileset\.unions \[([^\]]*)\]", code):
+        listed = {os.path.realpath(p) for p in re.findall(r"(?<![\w/])/[\w.+\-/]*", m.group(1))}
+        for pkg in meta["packages"]:
+            d = os.path.realpath(os.path.dirname(pkg["manifest_path"]))
+            if d != workspace_root and d not in listed:
+                problem(path, f"the source fileset leaves out the workspace crate {pkg['name']} ({os.path.relpath(d, workspace_root)}/): add it")
 
     # Path literals are absolute in the printed tree; `//` is the update operator.
     for m in re.finditer(r"(?<![\w/])/[\w.+\-/]*", code):
