@@ -1,0 +1,217 @@
+//! `cedana-agent daemon`: a worker that takes commands over NATS JetStream.
+//!
+//! It connects with a token (never without one), registers in the `cedana_workers` KV bucket,
+//! heartbeats, and serves the commands of [`cedana_protocol`] one at a time from a durable
+//! JetStream consumer, so commands sent while it was away or reconnecting are not lost. Each
+//! reply is stored in `cedana_replies` before the command is acknowledged: a repeated command
+//! id is answered from there, not run again. Checkpoints stream into the `cedana_checkpoints`
+//! object store while they are made and are verified and extracted as they come back out
+//! ([`crate::objstore`], [`crate::archive::extract_stream`]). The daemon is a child
+//! subreaper and reaps every child itself, so the exit codes of tasks it starts or restores
+//! are known and reported.
+//!
+//! With [`DaemonOptions::spot`] it also polls EC2 instance metadata (IMDSv2, [`crate::imds`])
+//! in a task of its own: on a spot interruption notice it checkpoints every running task right
+//! away (left running, through the same path as the `checkpoint` command) and publishes
+//! [`cedana_protocol::Event::SpotNotice`] with the checkpoints; a rebalance recommendation is
+//! only reported. Each is acted on once. CRIU runs one dump or restore at a time, so a
+//! notice's checkpoints and a command's take turns; each archive streams into the object store
+//! while its dump runs.
+//!
+//! This file holds [`run`] (connect, register, serve commands) and [`DaemonError`]; the rest
+//! is in its own files: `options` ([`DaemonOptions`]), `worker` (the command handling),
+//! `reaper` (the only `waitpid`), `events` (publishing events until stored), `logs` (task
+//! log tailing), `heartbeat`, `spot` (the spot watcher), `prefetch` and `receive`
+//! (checkpoints read back from the object store).
+
+mod events;
+mod heartbeat;
+mod logs;
+mod options;
+mod prefetch;
+mod reaper;
+mod receive;
+mod spot;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use tracing::{info, warn};
+
+use cedana_protocol::{self as protocol, ensure_layout, Layout, WorkerRecord};
+
+use self::events::{json, Events};
+use self::heartbeat::heartbeat;
+use self::reaper::Reaper;
+use self::spot::watch_spot;
+use self::worker::Worker;
+use crate::archive;
+use crate::criu::Criu;
+use crate::imds::{self, Imds};
+use crate::objstore;
+
+pub use self::options::{DaemonOptions, SpotOptions, CHECKPOINTS_DIR};
+pub use self::reaper::ExitStatus;
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no NATS token: set CEDANA_NATS_TOKEN (or connection.auth_token in the config); the agent never connects without one")]
+    NoToken,
+    #[error("job id {0:?} or worker id is not usable: use letters, digits, - and _ (at most 64)")]
+    BadId(String),
+    #[error("NATS at {url} refused the token (authorization violation); check CEDANA_NATS_TOKEN against the server's")]
+    Auth { url: String },
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(
+        "NATS JetStream at {url}: {what}: {reason}; is JetStream enabled on the server (-js)?"
+    )]
+    JetStream {
+        url: String,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("cannot use work folder {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Imds(#[from] imds::ImdsError),
+}
+
+/// Runs the daemon until `shutdown` resolves or the connection is lost for good.
+pub async fn run(
+    opts: DaemonOptions,
+    criu: Criu,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if opts.token.is_empty() {
+        return Err(DaemonError::NoToken);
+    }
+    for id in [&opts.job, &opts.worker] {
+        if !protocol::valid_id(id) {
+            return Err(DaemonError::BadId(id.clone()));
+        }
+    }
+    std::fs::create_dir_all(&opts.work_dir).map_err(|source| DaemonError::WorkDir {
+        path: opts.work_dir.clone(),
+        source,
+    })?;
+    // A bad endpoint is a bad command line; an absent IMDS is not an error (no notices).
+    let imds = match &opts.spot {
+        Some(spot) => Some((Imds::new(&spot.endpoint)?, spot.poll)),
+        None => None,
+    };
+    let reaper = Reaper::start();
+    let url = opts.nats_url.clone();
+    let client = async_nats::ConnectOptions::with_token(opts.token.expose().to_string())
+        .name(format!("cedana-agent {}/{}", opts.job, opts.worker))
+        .connection_timeout(Duration::from_secs(10))
+        .connect(protocol::NatsUrl::parse(&url).servers().to_vec())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::ConnectErrorKind::AuthorizationViolation => {
+                DaemonError::Auth { url: url.clone() }
+            }
+            _ => DaemonError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+    let js = jetstream::new(client.clone());
+    let jerr = |what: &'static str| {
+        let url = url.clone();
+        move |e: &dyn std::fmt::Display| DaemonError::JetStream {
+            url: url.clone(),
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let Layout {
+        commands,
+        workers,
+        replies,
+        checkpoints,
+    } = ensure_layout(&js)
+        .await
+        .map_err(|e| jerr(e.what)(&e.reason))?;
+    let checkpoints = objstore::Bucket::open(&js, checkpoints, protocol::CHECKPOINTS_BUCKET)
+        .await
+        .map_err(|e| jerr("opening the checkpoint store")(&e))?;
+
+    let record = WorkerRecord {
+        v: protocol::VERSION,
+        job: opts.job.clone(),
+        worker: opts.worker.clone(),
+        hostname: archive::host_info().hostname,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        criu_version: criu.version().map(|v| v.to_string()).unwrap_or_default(),
+        started_at: protocol::now(),
+        last_heartbeat: protocol::now(),
+        pid: std::process::id(),
+    };
+    let key = protocol::worker_key(&opts.job, &opts.worker);
+    workers
+        .put(&key, json(&record))
+        .await
+        .map_err(|e| jerr("registering the worker")(&e))?;
+    info!(job = %opts.job, worker = %opts.worker, url = %url, "registered");
+
+    let consumer: consumer::PullConsumer = commands
+        .get_or_create_consumer(
+            &format!("w_{}_{}", opts.job, opts.worker),
+            consumer::pull::Config {
+                durable_name: Some(format!("w_{}_{}", opts.job, opts.worker)),
+                filter_subject: protocol::commands_subject(&opts.job, &opts.worker),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(600),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| jerr("creating the command consumer")(&e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| jerr("reading commands")(&e))?;
+
+    let events = Arc::new(Events::new(js.clone(), &opts.job, &opts.worker));
+    let worker = Arc::new(Worker::new(
+        opts.clone(),
+        criu,
+        events,
+        replies,
+        checkpoints,
+        reaper,
+    ));
+    let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
+    let spot = imds.map(|(imds, poll)| tokio::spawn(watch_spot(worker.clone(), imds, poll)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = messages.next() => match msg {
+                None => break,
+                Some(Err(e)) => warn!(error = %e, "command stream error"),
+                Some(Ok(msg)) => {
+                    worker.handle(&msg.payload).await;
+                    if let Err(e) = msg.ack().await {
+                        warn!(error = %e, "ack failed; the command may be delivered again and answered from the stored reply");
+                    }
+                }
+            }
+        }
+    }
+    hb.abort();
+    if let Some(spot) = spot {
+        spot.abort();
+    }
+    info!("daemon stopping");
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! How a daemon runs: [`DaemonOptions`], [`SpotOptions`], and the work folder's layout.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cedana_protocol::Secret;
+
+/// How a daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// One URL or a comma-separated list (a cluster).
+    pub nats_url: String,
+    pub token: Secret,
+    pub job: String,
+    pub worker: String,
+    /// The worker's folder: task logs, checkpoints on their way, commands' working directory.
+    pub work_dir: PathBuf,
+    pub heartbeat: Duration,
+    /// A folder every worker of the job mounts (the original's `shared_storage`): checkpoints
+    /// are written there as `<job>/<name>.zip` instead of going through the object store.
+    pub shared_storage: Option<PathBuf>,
+    /// Watch EC2 instance metadata for spot notices (off: no IMDS is contacted).
+    pub spot: Option<SpotOptions>,
+}
+
+/// How spot notices are watched.
+#[derive(Clone, Debug)]
+pub struct SpotOptions {
+    /// IMDS, `http://HOST[:PORT]` ([`crate::imds::DEFAULT_ENDPOINT`] on EC2).
+    pub endpoint: String,
+    /// Time between polls.
+    pub poll: Duration,
+}
+
+/// Folder inside the work folder where checkpoints are written and downloaded (never carried).
+pub const CHECKPOINTS_DIR: &str = ".checkpoints";

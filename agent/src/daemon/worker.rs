@@ -1,0 +1,472 @@
+//! Command handling: the [`Worker`] (the daemon's state: tasks, CRIU, the checkpoint bucket,
+//! stored replies) and its [`Worker::handle`], which serves one command message: from the
+//! stored reply if its id was seen, else by running it (`ping`, `sh`, `spawn`, `checkpoint`,
+//! `prefetch`, `restore`, `stop`) and storing the reply before it is published.
+//!
+//! CRIU runs one dump or restore at a time (see `Worker::criu_lock`), so a spot notice's
+//! checkpoints and a command's take turns; each archive streams into the object store while
+//! its dump runs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use tracing::{debug, info, warn};
+
+use cedana_protocol::{self as protocol, Command, CommandEnvelope, Compression, Event, Reply};
+
+use super::events::{json, Events};
+use super::logs::tail_log;
+use super::options::{DaemonOptions, CHECKPOINTS_DIR};
+use super::prefetch::Prefetches;
+use super::reaper::Reaper;
+use super::receive::{extract_file, receive};
+use crate::criu::Criu;
+use crate::dump::{self, DumpOptions, TcpMode};
+use crate::progress::NoProgress;
+use crate::restore::{self, RestoreOptions};
+use crate::zipfmt::Sink;
+use crate::{exec, objstore};
+
+/// A task this worker started or restored.
+pub(super) struct Task {
+    pid: i32,
+    /// Set when a checkpoint stopped it on purpose: its exit is not the task ending.
+    pub(super) checkpointed: bool,
+}
+
+/// The daemon's state, shared by the command loop, heartbeats, the spot watcher and the
+/// tasks' watchers.
+pub(super) struct Worker {
+    pub(super) opts: DaemonOptions,
+    criu: Criu,
+    pub(super) events: Arc<Events>,
+    replies: kv::Store,
+    checkpoints: objstore::Bucket,
+    reaper: Arc<Reaper>,
+    tasks: Arc<Mutex<HashMap<String, Task>>>,
+    /// Held while CRIU dumps or restores. Two dumps never overlap: not of one task, and not of
+    /// two tasks either, since all tasks share the work folder as their working directory and
+    /// CRIU's parasite mounts a proc of the task's PID namespace at `proc.crtools` there (a
+    /// second dump meanwhile fails with EEXIST). A restore does not run during a dump either:
+    /// it puts carried files back into the folder the dump is reading.
+    criu_lock: tokio::sync::Mutex<()>,
+    /// Held while an archive's object name is chosen and claimed.
+    naming: Arc<tokio::sync::Mutex<()>>,
+    /// Checkpoints being read while another worker stores them ([`Command::Prefetch`]).
+    prefetches: Prefetches,
+}
+
+impl Worker {
+    pub(super) fn new(
+        opts: DaemonOptions,
+        criu: Criu,
+        events: Arc<Events>,
+        replies: kv::Store,
+        checkpoints: objstore::Bucket,
+        reaper: Arc<Reaper>,
+    ) -> Self {
+        Worker {
+            opts,
+            criu,
+            events,
+            replies,
+            checkpoints,
+            reaper,
+            tasks: Arc::new(Mutex::new(HashMap::new())),
+            criu_lock: Default::default(),
+            naming: Default::default(),
+            prefetches: Default::default(),
+        }
+    }
+
+    /// The tasks running here, by name.
+    pub(super) fn tasks(&self) -> MutexGuard<'_, HashMap<String, Task>> {
+        self.tasks.lock().expect("tasks")
+    }
+
+    /// No task `task` runs here, or the error that says one does.
+    fn not_running(&self, task: &str) -> Result<(), String> {
+        match self.tasks().contains_key(task) {
+            true => Err(format!("task {task:?} already runs on this worker")),
+            false => Ok(()),
+        }
+    }
+
+    /// Where checkpoints are written and downloaded in the work folder.
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.opts.work_dir.join(CHECKPOINTS_DIR)
+    }
+
+    /// Serves one command message: from the stored reply if its id was seen, else by running it.
+    pub(super) async fn handle(self: &Arc<Self>, payload: &[u8]) {
+        let env: CommandEnvelope = match protocol::decode(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "dropping a command that cannot be decoded");
+                return;
+            }
+        };
+        if !protocol::valid_id(&env.id) {
+            warn!(id = %env.id, "dropping a command whose id is not usable as a key");
+            return;
+        }
+        let key = protocol::reply_key(&self.opts.job, &self.opts.worker, &env.id);
+        if let Ok(Some(stored)) = self.replies.get(&key).await {
+            if let Ok(reply) = serde_json::from_slice::<Reply>(&stored) {
+                debug!(id = %env.id, "repeated command: answering from the stored reply");
+                self.events
+                    .publish(Event::Reply { id: env.id, reply })
+                    .await;
+                return;
+            }
+        }
+        debug!(id = %env.id, command = ?env.command, "running command");
+        let reply = match self.execute(env.command).await {
+            Ok(r) => r,
+            Err(message) => Reply::Error { message },
+        };
+        if let Err(e) = self.replies.put(&key, json(&reply)).await {
+            warn!(error = %e, "cannot store the reply; a repeat of this command would run again");
+        }
+        self.events
+            .publish(Event::Reply { id: env.id, reply })
+            .await;
+    }
+
+    async fn execute(self: &Arc<Self>, command: Command) -> Result<Reply, String> {
+        match command {
+            Command::Ping => Ok(Reply::Pong {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Command::Sh { cmd, timeout_secs } => self.sh(cmd, timeout_secs.unwrap_or(600)).await,
+            Command::Spawn { task, cmd } => self.spawn(task, cmd).await,
+            Command::Checkpoint {
+                task,
+                leave_running,
+                compression,
+                chunks,
+            } => {
+                self.checkpoint(task, leave_running, compression, chunks)
+                    .await
+            }
+            Command::Prefetch { chunks } => self.prefetch(chunks),
+            Command::Restore { task, object } => self.restore(task, object).await,
+            Command::Stop { task } => {
+                let pid = self.task_pid(&task)?;
+                kill(pid);
+                Ok(Reply::Stopped { task })
+            }
+        }
+    }
+
+    fn task_pid(&self, task: &str) -> Result<i32, String> {
+        self.tasks()
+            .get(task)
+            .map(|t| t.pid)
+            .ok_or_else(|| format!("no task {task:?} on this worker"))
+    }
+
+    async fn sh(&self, cmd: String, timeout_secs: u64) -> Result<Reply, String> {
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .current_dir(&self.opts.work_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        let pid = child.id() as i32;
+        let exited = self.reaper.watch(pid);
+        let (mut out, mut err) = (child.stdout.expect("piped"), child.stderr.expect("piped"));
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut o, mut e) = (String::new(), String::new());
+            let t = std::thread::spawn(move || {
+                let _ = err.read_to_string(&mut e);
+                e
+            });
+            let _ = out.read_to_string(&mut o);
+            (o, t.join().unwrap_or_default())
+        });
+        let status = match tokio::time::timeout(Duration::from_secs(timeout_secs), exited).await {
+            Ok(Ok(st)) => st,
+            Ok(Err(_)) => return Err("lost track of the command".into()),
+            Err(_) => {
+                kill(pid);
+                return Err(format!(
+                    "command timed out after {timeout_secs} s and was killed"
+                ));
+            }
+        };
+        let (stdout, stderr) = read.await.unwrap_or_default();
+        Ok(Reply::Sh {
+            exit_code: status.code.unwrap_or(128 + status.signal.unwrap_or(0)),
+            stdout,
+            stderr,
+        })
+    }
+
+    fn log_path(&self, task: &str) -> PathBuf {
+        self.opts.work_dir.join(format!("{task}.log"))
+    }
+
+    async fn spawn(self: &Arc<Self>, task: String, cmd: String) -> Result<Reply, String> {
+        if !protocol::valid_id(&task) {
+            return Err(format!(
+                "task name {task:?} is not usable: use letters, digits, - and _"
+            ));
+        }
+        self.not_running(&task)?;
+        let log = self.log_path(&task);
+        let opts = exec::ExecOptions {
+            program: "sh".into(),
+            args: vec!["-c".into(), cmd.into()],
+            log: log.clone(),
+            cwd: Some(self.opts.work_dir.clone()),
+        };
+        let pid = tokio::task::spawn_blocking(move || exec::spawn(&opts))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .as_raw();
+        self.track(task.clone(), pid, log, 0);
+        Ok(Reply::Spawned { task, pid })
+    }
+
+    /// Records a running task, streams its log from `offset`, and reports its exit.
+    fn track(self: &Arc<Self>, task: String, pid: i32, log: PathBuf, offset: u64) {
+        self.tasks().insert(
+            task.clone(),
+            Task {
+                pid,
+                checkpointed: false,
+            },
+        );
+        let exited = self.reaper.watch(pid);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+            let tail = tokio::spawn(tail_log(
+                me.events.clone(),
+                task.clone(),
+                log,
+                offset,
+                done_rx,
+            ));
+            let status = exited.await.ok();
+            let _ = done_tx.send(true);
+            let _ = tail.await;
+            let checkpointed = me.tasks().remove(&task).is_some_and(|t| t.checkpointed);
+            if let (Some(st), false) = (status, checkpointed) {
+                me.events
+                    .publish(Event::TaskExited {
+                        task,
+                        code: st.code,
+                        signal: st.signal,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    pub(super) async fn checkpoint(
+        self: &Arc<Self>,
+        task: String,
+        leave_running: bool,
+        compression: Compression,
+        chunks: Option<String>,
+    ) -> Result<Reply, String> {
+        if let Some(c) = &chunks {
+            check_chunks_id(c)?;
+        }
+        // A command's checkpoint and a spot notice's may meet: one dump at a time.
+        let criu_turn = self.criu_lock.lock().await;
+        let pid = match self.tasks().get(&task) {
+            None => return Err(format!("no task {task:?} on this worker")),
+            Some(t) if t.checkpointed => {
+                return Err(format!(
+                    "task {task:?} was stopped by a checkpoint and no longer runs here"
+                ))
+            }
+            Some(t) => t.pid,
+        };
+        let dir = match &self.opts.shared_storage {
+            Some(shared) => shared.join(&self.opts.job),
+            None => self.checkpoints_dir(),
+        };
+        create_dir(&dir)?;
+        if !leave_running {
+            if let Some(t) = self.tasks().get_mut(&task) {
+                t.checkpointed = true;
+            }
+        }
+        let criu = self.criu.clone();
+        let opts = DumpOptions {
+            pid,
+            dir: dir.clone(),
+            leave_running,
+            compression,
+            tcp: TcpMode::Refuse,
+            ext_unix_sk: false,
+            staging: None,
+            // The task's files travel with it.
+            files: Some(self.opts.work_dir.clone()),
+            files_exclude: vec![CHECKPOINTS_DIR.into()],
+        };
+        // Into the shared folder as a file, or streamed into the object store as it is made
+        // (the tree stays frozen until the object is stored).
+        let (sink, cleaned) = match &self.opts.shared_storage {
+            Some(_) => (None, None),
+            None => {
+                let (upload, cleaned) =
+                    self.checkpoints
+                        .upload(&self.opts.job, self.naming.clone(), chunks);
+                (Some(Box::new(upload) as Box<dyn Sink>), Some(cleaned))
+            }
+        };
+        let dumped =
+            tokio::task::spawn_blocking(move || dump::dump_into(&criu, &opts, sink, &NoProgress))
+                .await;
+        // An abandoned upload's chunks are purged before the reply.
+        if let Some(cleaned) = cleaned {
+            let _ = cleaned.await;
+        }
+        let out = match dumped {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                if let Some(t) = self.tasks().get_mut(&task) {
+                    t.checkpointed = false;
+                }
+                return Err(e.to_string());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        drop(criu_turn);
+        let object = match out.object {
+            Some(object) => object,
+            None => {
+                let file_name = out
+                    .archive
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{}/{file_name}", self.opts.job)
+            }
+        };
+        info!(task = %task, object = %object, bytes = out.archive_bytes, "checkpoint stored");
+        Ok(Reply::Checkpointed {
+            task,
+            object,
+            bytes: out.archive_bytes,
+            criu_ms: out.criu_time.as_millis() as u64,
+        })
+    }
+
+    async fn restore(self: &Arc<Self>, task: String, object: String) -> Result<Reply, String> {
+        self.not_running(&task)?;
+        if !object.split('/').all(protocol::valid_object_part) {
+            return Err(format!("checkpoint name {object:?} is not usable"));
+        }
+        let staging = self.checkpoints_dir();
+        create_dir(&staging)?;
+        let t0 = std::time::Instant::now();
+        // Verified and extracted (into a private folder inside the work folder, so carried
+        // files are renamed into place) from the shared folder's file, or from the object store
+        // as it arrives; nothing else is touched until then.
+        let mut opts = RestoreOptions {
+            archive: PathBuf::from(&object),
+            staging: Some(staging.clone()),
+            as_child: true,
+            files_to: Some(self.opts.work_dir.clone()),
+        };
+        let extracted = match &self.opts.shared_storage {
+            Some(shared) => {
+                opts.archive = shared.join(&object);
+                let (path, staging) = (opts.archive.clone(), staging.clone());
+                tokio::task::spawn_blocking(move || extract_file(&path, &staging))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|x| (x, false))
+                    .map_err(|e| e.to_string())?
+            }
+            None => receive(&self.checkpoints, &self.prefetches, &object, &staging).await?,
+        };
+        let read_while_stored = extracted.1;
+        let extracted = extracted.0;
+        let verify_time = t0.elapsed();
+        let failed_log = match &self.opts.shared_storage {
+            Some(_) => restore::failed_log_path(&opts.archive),
+            None => staging.join(format!(
+                "{}.restore-failed.log",
+                object.rsplit('/').next().unwrap_or("checkpoint")
+            )),
+        };
+        let criu_turn = self.criu_lock.lock().await;
+        let criu = self.criu.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            restore::restore_extracted(
+                &criu,
+                extracted,
+                &opts,
+                verify_time,
+                &failed_log,
+                &NoProgress,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        // Logs go on where the original left them: stream from the current end.
+        let log = self.log_path(&task);
+        let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        self.track(task.clone(), out.pid, log, offset);
+        drop(criu_turn);
+        Ok(Reply::Restored {
+            task,
+            pid: out.pid,
+            read_while_stored,
+        })
+    }
+
+    /// Starts reading the checkpoint whose chunks are `chunks` while another worker stores it
+    /// (see [`Command::Prefetch`] and [`super::prefetch`]): verified and extracted as it
+    /// arrives into the staging folder, finished once a restore hands over the stored object's
+    /// info.
+    fn prefetch(self: &Arc<Self>, chunks: String) -> Result<Reply, String> {
+        check_chunks_id(&chunks)?;
+        if self.opts.shared_storage.is_some() {
+            return Err("this worker reads checkpoints from shared storage, not the object store; nothing to prefetch".into());
+        }
+        let staging = self.checkpoints_dir();
+        create_dir(&staging)?;
+        self.prefetches.start(&self.checkpoints, &chunks, staging);
+        Ok(Reply::Prefetching { chunks })
+    }
+}
+
+/// A command's chunks id, or the error that says what it must be.
+fn check_chunks_id(chunks: &str) -> Result<(), String> {
+    match protocol::valid_chunks_id(chunks) {
+        true => Ok(()),
+        false => Err(format!(
+            "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
+        )),
+    }
+}
+
+/// Kills `pid` (SIGKILL); one already gone is no error.
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Creates the folder `dir` (and its parents), or says it cannot.
+fn create_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
