@@ -8,13 +8,14 @@ to the deepest module it names, and prints the strongly connected components of 
 top-level modules (`archive`, `daemon`, ...) and every module (`archive::write`, ...).
 Exits 1 if there is a cycle.
 
-Usage: python3 agent/tools/module_cycles.py [agent/src]
+Usage: python3 agent/tools/module_cycles.py [-v] [agent/src]   (-v: print every module's edges)
 """
 import os
 import re
 import sys
 
-SRC = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "src")
+ARGS = [a for a in sys.argv[1:] if not a.startswith("-")]
+SRC = ARGS[0] if ARGS else os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 def module_files(src):

@@ -250,19 +250,16 @@ impl Writer {
         let mut pipe = HashPipe::new();
         let mut written = 0u64;
         let label = self.label();
-        let mut sink =
-            Encoder::new(self.compression, self.zip.data()).map_err(|e| ArchiveError::Write {
-                path: label.clone(),
-                source: e,
-            })?;
+        let werr = |source| ArchiveError::Write {
+            path: label.clone(),
+            source,
+        };
+        let mut sink = Encoder::new(self.compression, self.zip.data()).map_err(werr)?;
         let mut buf = pipe.buffer();
         let result = (|| -> Result<(), ArchiveError> {
             while let Some(n) = read_following(&mut src, &mut buf, complete).map_err(rerr)? {
                 crc.update(&buf);
-                sink.write_all(&buf).map_err(|source| ArchiveError::Write {
-                    path: label.clone(),
-                    source,
-                })?;
+                sink.write_all(&buf).map_err(werr)?;
                 if punch {
                     punch = punch_hole(&src, written, n);
                 }
@@ -271,10 +268,7 @@ impl Writer {
                 pipe.hash(std::mem::take(&mut buf));
                 buf = pipe.buffer();
             }
-            sink.finish().map_err(|source| ArchiveError::Write {
-                path: label.clone(),
-                source,
-            })
+            sink.finish().map_err(werr)
         })();
         result?;
         let csize = self.zip.position() - start;
