@@ -143,8 +143,9 @@ pub fn extract(
 /// checksums must match too. Entry names are checked before anything is written for them. On
 /// any failure the folder is removed and nothing else has been touched. `label` names the
 /// archive in errors; `stored_sizes` are the sizes its writer gave for stored entries with
-/// data descriptors (local header offset → size; see [`crate::zipfmt::Sink::commit`]): without one,
-/// such an entry is [`ArchiveError::Unstreamable`] (read the archive from a file instead).
+/// data descriptors (local header offset → size; see [`crate::zipfmt::Sink::commit`]):
+/// without one, such an entry is [`ArchiveError::Unstreamable`] (read the archive from a file
+/// instead).
 pub fn extract_stream(
     src: &mut dyn ChunkSource,
     label: &Path,

@@ -1,7 +1,7 @@
-//! The zip layer: our own ZIP64 writer ([`write`]) and a reader going front to back as an
-//! archive arrives ([`read`]). It knows zip files only, nothing of checkpoints, manifests or
-//! where entries may go (the archive layer, [`crate::archive`], decides that and maps
-//! [`ZipError`] into its own errors).
+//! The zip layer: our own ZIP64 writer ([`write`](mod@write)) and a reader going front to
+//! back as an archive arrives ([`read`](mod@read)). It knows zip files only, nothing of
+//! checkpoints, manifests or where entries may go (the archive layer, [`crate::archive`],
+//! decides that and maps [`ZipError`] into its own errors).
 //!
 //! This file holds what both directions share: the compression methods, the record
 //! signatures, the [`Sink`] an archive is written to when not to a file, the [`ChunkSource`] one
