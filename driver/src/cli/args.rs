@@ -1,0 +1,202 @@
+//! The command line's arguments (clap): the commands and their flags, the help texts.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// What `--help` says after the commands: the exit codes ([`Exit`](super::exit::Exit)), where
+/// jobs are kept, how to see logs.
+pub const AFTER: &str = "Exit codes: `run` ends with the task's exit status (0 when it succeeded, 128+N when signal N ended it); \
+otherwise 0 ok; 1 job or command failed; 2 bad command line or job file (file:line:column given); 3 bad config; \
+4 no such job, or its driver did not answer; 5 no offer fits (`price`, `run` of a managed job); 130 job taken down (`down`, Ctrl-C).\n\
+Jobs keep their folders in $CEDANA_STATE_DIR or ~/.cedana/jobs. Logs: RUST_LOG=debug.";
+
+/// Run long jobs on the cheapest machine that fits and keep them alive across preemption.
+///
+/// A job is a Rhai script (scripts/examples/) or the original Cedana's YAML job spec. With no
+/// config the driver runs it on `local` workers (agent daemons on this machine) with a NATS
+/// server of its own; checkpoints are taken every `checkpoint.heartbeat_interval_seconds`
+/// (60 s by default) and a lost worker is replaced from the newest one.
+#[derive(Parser)]
+#[command(name = "cedana-driver", version, after_help = AFTER)]
+pub struct Cli {
+    /// Config file [default: $CEDANA_CONFIG, ~/.cedana/cedana_config.json]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Where jobs keep their folders [default: $CEDANA_STATE_DIR, ~/.cedana/jobs]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run a job (.rhai script or .yml job spec) until its task ends; streams the task's
+    /// output and exits with its status.
+    Run {
+        /// The job file
+        script: PathBuf,
+        /// Checkpoint the task every SECS seconds (managed flow; 0: never) [default:
+        /// checkpoint.heartbeat_interval_seconds from the config, else 60]
+        #[arg(long, value_name = "SECS")]
+        checkpoint_every: Option<u64>,
+        /// Boot each local worker as a runc container from this worker image (an OCI layout, as
+        /// `images/build.sh` writes; `DIR` or `DIR:TAG`) instead of as a process
+        #[arg(long, value_name = "DIR", env = "CEDANA_WORKER_IMAGE")]
+        image: Option<PathBuf>,
+        /// Arbitrage (managed flow): price the job's spec again every SECS seconds and move
+        /// the task when an offer is cheaper than its current one by more than the margin
+        /// (0: off) [default: the config's `arbitrage` block; off without one]
+        #[arg(long, value_name = "SECS")]
+        arbitrage_every: Option<u64>,
+        /// How much cheaper an offer must be to move to it, in percent of the current price
+        /// [default: arbitrage.margin_percent, else 20]
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        arbitrage_margin: Option<f64>,
+    },
+    /// Show jobs: state, workers, task, checkpoints, cost.
+    Status {
+        /// One job (its id or a unique prefix); all jobs if omitted
+        job: Option<String>,
+        /// Print JSON (the job records) on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a job's task output.
+    Logs {
+        job: String,
+        /// Keep printing as the task writes, until the job ends
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Checkpoint a running managed job's task now.
+    Checkpoint { job: String },
+    /// Move a running managed job's task to a new worker.
+    Migrate { job: String },
+    /// Stop a job: its task is killed and its workers end.
+    Down { job: String },
+    /// Bake a worker image (AMI) and a launch template from a stock image: the agent, CRIU and
+    /// a systemd unit installed over SSH (host key verified), `cedana-agent check` passed there.
+    #[cfg(feature = "aws")]
+    Bake(Box<cedana_driver::bake::BakeArgs>),
+    /// Write the config file (~/.cedana/cedana_config.json, or --config) in the original
+    /// Cedana's format: asks on a terminal, takes flags otherwise.
+    ///
+    /// An existing file's values are the defaults, and keys not asked about are kept. Secrets
+    /// are never flag values: the Paperspace key comes from $PAPERSPACE_API_KEY, a file or a
+    /// prompt; the NATS token from a file, a prompt, or --generate-token. With --aws-create it
+    /// also makes the AWS key pair, security group and launch template workers need.
+    Bootstrap(Box<BootstrapArgs>),
+    /// Show the offers that fit a machine across the enabled providers, cheapest first, with
+    /// where each price came from and how old it is.
+    ///
+    /// Prices come from the providers' APIs where they have one (AWS spot prices) and from the
+    /// price catalog otherwise (~/.cedana/catalog.json over the built-in one; see
+    /// docs/providers.md). Exits with 5 when nothing fits.
+    Price {
+        /// vCPUs wanted (at least)
+        #[arg(long, value_name = "N")]
+        cpu: Option<f64>,
+        /// Memory wanted in GB (at least)
+        #[arg(long, value_name = "GB")]
+        memory: Option<f64>,
+        /// GPU wanted: a name (matched in the offer's GPU model) and optionally a count
+        #[arg(long, value_name = "NAME[:COUNT]")]
+        gpu: Option<String>,
+        /// GPU memory wanted in GB (at least)
+        #[arg(long, value_name = "GB")]
+        vram: Option<f64>,
+        /// Highest price per hour in USD
+        #[arg(long, value_name = "USD")]
+        max_price: Option<f64>,
+        /// Show only the N cheapest offers
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print JSON ({spec, offers, left_out}) on stdout
+        #[arg(long)]
+        json: bool,
+        /// First fetch the prices providers publish (AWS spot prices per type and zone) into
+        /// the catalog file (~/.cedana/catalog.json or $CEDANA_CATALOG)
+        #[arg(long)]
+        refresh: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct BootstrapArgs {
+    /// Never ask; take flags and the existing file only (also when stdin is not a terminal)
+    #[arg(long)]
+    pub non_interactive: bool,
+    /// A provider to enable (local, aws, paperspace); repeat for several
+    #[arg(long = "provider", value_name = "NAME")]
+    pub providers: Vec<String>,
+    /// AWS region to use; repeat for several
+    #[arg(long = "aws-region", value_name = "REGION")]
+    pub aws_regions: Vec<String>,
+    /// AWS instance family to use (t3, m5, g5...); repeat for several
+    #[arg(long = "aws-family", value_name = "FAMILY")]
+    pub aws_families: Vec<String>,
+    /// SSH private key for AWS instances (bake connects with it)
+    #[arg(long, value_name = "PATH")]
+    pub aws_ssh_key: Option<PathBuf>,
+    /// Launch template workers start from (name or id)
+    #[arg(long, value_name = "NAME")]
+    pub aws_launch_template: Option<String>,
+    /// File holding the Paperspace API key [default: $PAPERSPACE_API_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub paperspace_api_key_file: Option<PathBuf>,
+    /// SSH private key for Paperspace machines
+    #[arg(long, value_name = "PATH")]
+    pub paperspace_ssh_key: Option<PathBuf>,
+    /// Paperspace region ("East Coast (NY2)", ny2...); repeat for several
+    #[arg(long = "paperspace-region", value_name = "REGION")]
+    pub paperspace_regions: Vec<String>,
+    /// NATS server workers reach (host, host:port or nats:// URL; a comma-separated list for
+    /// a cluster); empty: the driver starts its own (local workers only)
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// NATS port for entries of --nats-url without one
+    #[arg(long, value_name = "PORT")]
+    pub nats_port: Option<u16>,
+    /// File holding the NATS token
+    #[arg(long, value_name = "FILE", conflicts_with = "generate_token")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Make a new random NATS token (to start your nats-server with)
+    #[arg(long)]
+    pub generate_token: bool,
+    /// Seconds between checkpoints (0: none)
+    #[arg(long, value_name = "SECS")]
+    pub checkpoint_every: Option<u64>,
+    /// A folder every worker mounts: checkpoints go there instead of the NATS object store
+    #[arg(long, value_name = "DIR")]
+    pub shared_storage: Option<PathBuf>,
+    /// Make what AWS workers need in the first AWS region: a key pair (private key saved
+    /// under ~/.cedana/), a security group allowing SSH (for bake) and, with --aws-image, a
+    /// launch template; the config then points at them. Safe to run again.
+    #[arg(long)]
+    pub aws_create: bool,
+    /// Key pair name for --aws-create
+    #[arg(long, value_name = "NAME", default_value = "cedana")]
+    pub aws_key_name: String,
+    /// Security group name for --aws-create
+    #[arg(long, value_name = "NAME", default_value = "cedana-workers")]
+    pub aws_security_group: String,
+    /// Image (AMI) the --aws-create launch template starts workers from (`bake` makes one)
+    #[arg(long, value_name = "AMI")]
+    pub aws_image: Option<String>,
+    /// Instance type the launch template names (the driver picks one per launch anyway)
+    #[arg(long, value_name = "TYPE")]
+    pub aws_instance_type: Option<String>,
+    /// Print what was written as JSON (secrets left out)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--arbitrage-margin`: a percentage from 0 to 100 (a trailing `%` allowed).
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 20)")),
+    }
+}

@@ -1,0 +1,129 @@
+//! `cedana-driver status` and `logs`: what the job folders say, printed.
+
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cedana_driver::job::record::{self, JobRecord, OUTPUT_FILE};
+
+use super::exit::Exit;
+
+/// The job `job` names (its id or a unique prefix), or why there is none.
+pub fn find(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), Exit> {
+    record::find(state_dir, job).map_err(|e| {
+        super::error(e);
+        Exit::NoJob
+    })
+}
+
+/// `status`: one job, or all of them; a table, or the records as JSON.
+pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
+    let jobs = match job {
+        Some(j) => match find(state_dir, j) {
+            Ok(found) => vec![found],
+            Err(code) => return code,
+        },
+        None => record::list(state_dir),
+    };
+    if json {
+        let records: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|(_, r)| {
+                let mut v = serde_json::to_value(r).expect("serializes");
+                v["shown_state"] = r.shown_state().into();
+                v
+            })
+            .collect();
+        let out = match job {
+            Some(_) => records.into_iter().next().unwrap_or_default(),
+            None => serde_json::Value::Array(records),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serializes")
+        );
+        return Exit::Ok;
+    }
+    if jobs.is_empty() {
+        println!("no jobs in {}", state_dir.display());
+        return Exit::Ok;
+    }
+    println!(
+        "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9} {:>8}  LAST CHECKPOINT",
+        "JOB", "STATE", "WORKER", "TASK", "CKPTS", "RECOVERED", "MOVED", "COST $", "NOW $/H"
+    );
+    let now = cedana_protocol::now();
+    for (_, r) in &jobs {
+        let running = r.workers.iter().rev().find(|w| w.state == "running");
+        let worker = running.map(|w| w.id.as_str()).unwrap_or("-");
+        let rate = running
+            .and_then(|w| w.offer.as_ref())
+            .map(|o| format!("{:.4}", o.price_usd_hour))
+            .unwrap_or_else(|| "-".into());
+        let task = r.task.as_ref().map(|t| t.name.as_str()).unwrap_or("-");
+        let last = r
+            .checkpoints
+            .last()
+            .map(|c| {
+                format!(
+                    "{} s ago, {:.1} MiB",
+                    now.saturating_sub(c.at),
+                    c.bytes as f64 / 1048576.0
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9.4} {:>8}  {last}",
+            r.job,
+            r.shown_state(),
+            worker,
+            task,
+            r.checkpoints.len(),
+            r.recoveries,
+            r.migrations,
+            r.cost_usd,
+            rate
+        );
+    }
+    Exit::Ok
+}
+
+/// `logs`: the task's output so far, and with `follow` until the job ends.
+pub fn logs(state_dir: &Path, job: &str, follow: bool) -> Exit {
+    let (dir, _) = match find(state_dir, job) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    let path = dir.join("logs").join(OUTPUT_FILE);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            super::error(format!("cannot read {}: {e}", path.display()));
+            return Exit::Failed;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+            let _ = out.write_all(&buf);
+            let _ = out.flush();
+        }
+        if !follow {
+            return Exit::Ok;
+        }
+        let ended = JobRecord::load(&dir)
+            .map(|r| !r.driver_alive())
+            .unwrap_or(true);
+        if ended {
+            // What was written last.
+            buf.clear();
+            let _ = f.read_to_end(&mut buf);
+            let _ = out.write_all(&buf);
+            return Exit::Ok;
+        }
+        let _ = f.stream_position();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
