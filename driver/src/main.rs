@@ -83,18 +83,7 @@ fn main() -> ExitCode {
         Cmd::Migrate { job } => cli::control::send(&state_dir, &config, &job, Action::Migrate),
         Cmd::Down { job } => cli::control::send(&state_dir, &config, &job, Action::Down),
         #[cfg(feature = "aws")]
-        Cmd::Bake(args) => match cedana_driver::bake::run_bake(*args, &config) {
-            Ok(_) => Exit::Ok,
-            Err(e) => {
-                cli::error(format!("{e:#}"));
-                use cedana_driver::bake::BakeError;
-                match e.downcast_ref::<BakeError>() {
-                    Some(BakeError::Invalid(_)) => Exit::Usage,
-                    Some(BakeError::Interrupted { .. }) => Exit::Down,
-                    _ => Exit::Failed,
-                }
-            }
-        },
+        Cmd::Bake(args) => cli::bake::run(*args, &config),
         Cmd::Bootstrap(args) => cli::setup::bootstrap(cli.config.as_deref(), *args),
         Cmd::Price {
             cpu,

@@ -79,7 +79,7 @@ pub enum Cmd {
     /// Bake a worker image (AMI) and a launch template from a stock image: the agent, CRIU and
     /// a systemd unit installed over SSH (host key verified), `cedana-agent check` passed there.
     #[cfg(feature = "aws")]
-    Bake(Box<cedana_driver::bake::BakeArgs>),
+    Bake(Box<super::bake::BakeArgs>),
     /// Write the config file (~/.cedana/cedana_config.json, or --config) in the original
     /// Cedana's format: asks on a terminal, takes flags otherwise.
     ///

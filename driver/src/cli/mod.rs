@@ -1,6 +1,8 @@
 //! The command line: what only the binary does (arguments, printing, exit codes).
 
 pub mod args;
+#[cfg(feature = "aws")]
+pub mod bake;
 pub mod control;
 pub mod exit;
 pub mod price;
@@ -14,8 +16,21 @@ pub fn error(e: impl std::fmt::Display) {
     eprintln!("cedana-driver: error: {e}");
 }
 
-/// The runtime for a command that talks to servers (`checkpoint`, `migrate`, `down`): the
-/// binary makes one and lends it to the library.
+/// An error and its causes, `: `-separated.
+#[cfg(feature = "aws")]
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// The runtime for a command that talks to servers (`checkpoint`, `migrate`, `down`, `bake`):
+/// the binary makes one and lends it to the library.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
