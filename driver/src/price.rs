@@ -60,9 +60,20 @@ pub struct Prices {
     pub left_out: Vec<String>,
 }
 
-/// Fitting offers of `providers` for `spec`, cheapest first.
-pub fn prices(providers: &[Box<dyn Provider>], spec: &Spec) -> Prices {
-    let (fit, why) = providers::ranked(providers, spec);
+/// The runtime of a `price` command: the providers' calls run there.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Fitting offers of `providers` for `spec`, cheapest first. The providers are asked on the
+/// command's one runtime, made here.
+pub fn prices(providers: &[Provider], spec: &Spec) -> Prices {
+    let (fit, why) = match runtime() {
+        Ok(rt) => rt.block_on(providers::ranked(providers, spec)),
+        Err(e) => (Vec::new(), vec![format!("cannot start a runtime: {e}")]),
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -96,6 +107,8 @@ pub enum RefreshError {
     Nothing,
     #[error("--refresh: no catalog path (set HOME or CEDANA_CATALOG)")]
     NoPath,
+    #[error("--refresh: cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Fetches the prices of the enabled providers that publish them (AWS spot prices, per type
@@ -122,7 +135,8 @@ pub fn refresh(
         let settings =
             providers::aws::Settings::from_config(&config.aws.clone().unwrap_or_default())?;
         let p = providers::aws::AwsProvider::new(settings, providers::catalog::Catalog::builtin())?;
-        fresh.extend(p.refresh_catalog()?);
+        let rt = runtime().map_err(RefreshError::Runtime)?;
+        fresh.extend(rt.block_on(p.refresh_catalog())?);
         any = true;
     }
     let _ = uses;

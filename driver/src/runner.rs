@@ -5,7 +5,6 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::coord::nats::EmbeddedNats;
@@ -272,7 +271,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
                 _ = h.recv() => {}
             }
             reporter.note("signal received: taking the job down");
-            down.store(true, Ordering::SeqCst);
+            down.set();
         });
     }
 
@@ -332,7 +331,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             }
         }
     };
-    let taken_down = down.load(Ordering::SeqCst);
+    let taken_down = down.is_set();
     let result = match result {
         Err(_) | Ok(_) if taken_down => Err(RunError::Down { job: job_id }),
         r => r,
@@ -394,30 +393,33 @@ pub fn providers(
     config: &cedana_protocol::Config,
     image: Option<&Path>,
     reporter: &dyn crate::job::report::Reporter,
-) -> Result<Vec<Box<dyn crate::providers::Provider>>, RunError> {
+) -> Result<Vec<crate::providers::Provider>, RunError> {
     let enabled = if config.enabled_providers.is_empty() {
         vec!["local".to_string()]
     } else {
         config.enabled_providers.clone()
     };
-    let mut out: Vec<Box<dyn crate::providers::Provider>> = Vec::new();
+    let mut out: Vec<crate::providers::Provider> = Vec::new();
     for name in &enabled {
         match name.to_lowercase().as_str() {
-            "local" => out.push(Box::new(crate::providers::local::LocalProvider {
-                image: image.map(Path::to_path_buf),
-            })),
+            "local" => out.push(
+                crate::providers::local::LocalProvider {
+                    image: image.map(Path::to_path_buf),
+                }
+                .into(),
+            ),
             "paperspace" => {
                 let config = config.paperspace.clone().unwrap_or_default();
                 let p = crate::providers::paperspace::PaperspaceProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
-                out.push(Box::new(p));
+                out.push(p.into());
             }
             #[cfg(feature = "aws")]
             "aws" => {
                 let config = config.aws.clone().unwrap_or_default();
                 let p = crate::providers::aws::AwsProvider::from_config(&config)
                     .map_err(|e| RunError::from(JobError::Provider(e)))?;
-                out.push(Box::new(p));
+                out.push(p.into());
             }
             #[cfg(not(feature = "aws"))]
             "aws" => {

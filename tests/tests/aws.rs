@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,6 +20,14 @@ use cedana_driver::providers::{ranked, Bootstrap, Offer, Provider, ProviderError
 use cedana_protocol::config::Secret;
 use cedana_tests::moto::{MotoServer, Refusal, RefusingProxy, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use cedana_tests::{repo_root, wait_until};
+
+/// Runs a provider's call to its end on this test binary's runtime (the tests are
+/// synchronous, as the job's facade is).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Runtime::new().unwrap())
+        .block_on(f)
+}
 
 /// An x86_64 Ubuntu AMI moto has in every region.
 const AMI: &str = "ami-1e749f67";
@@ -146,7 +153,7 @@ fn offers_follow_families_spec_and_prices() {
     )
     .unwrap();
     let want = spec(2.0, 4.0);
-    let offers = p.offers(&want).unwrap();
+    let offers = block_on(p.offers(&want)).unwrap();
     assert!(!offers.is_empty());
     for o in &offers {
         assert_eq!(o.provider, "aws");
@@ -216,12 +223,12 @@ fn offers_follow_families_spec_and_prices() {
         .any(|o| o.instance_type == "m5.metal" && !o.spot));
 
     // Ranked: cheapest first; a price cap leaves out what costs more.
-    let providers: Vec<Box<dyn Provider>> = vec![Box::new(p)];
+    let providers: Vec<Provider> = vec![p.into()];
     let capped = Spec {
         max_price_usd_hour: Some(0.05),
         ..want.clone()
     };
-    let (fit, why) = ranked(&providers, &capped);
+    let (fit, why) = block_on(ranked(&providers, &capped));
     assert!(fit
         .windows(2)
         .all(|w| w[0].price_usd_hour <= w[1].price_usd_hour));
@@ -250,7 +257,7 @@ fn gpu_specs_pick_gpu_types() {
         gpu_count: Some(4),
         ..Default::default()
     };
-    let offers = p.offers(&want).unwrap();
+    let offers = block_on(p.offers(&want)).unwrap();
     assert!(!offers.is_empty());
     for o in &offers {
         assert!(o.instance_type.starts_with("g4dn."), "{o:?}");
@@ -265,11 +272,11 @@ fn gpu_specs_pick_gpu_types() {
         gpu: Some("a10g".into()),
         ..Default::default()
     };
-    let offers = p.offers(&a10).unwrap();
+    let offers = block_on(p.offers(&a10)).unwrap();
     assert!(!offers.is_empty() && offers.iter().all(|o| o.instance_type.starts_with("g5.")));
     // Nothing fits: an error that says what was asked for.
     let huge = spec(100_000.0, 1.0);
-    let err = p.offers(&huge).unwrap_err().to_string();
+    let err = block_on(p.offers(&huge)).unwrap_err().to_string();
     assert!(err.contains("us-east-1") && err.contains("100000"), "{err}");
 }
 
@@ -281,7 +288,7 @@ fn offers_follow_the_image_architecture() {
     let mut s = settings(&moto.url(), &["us-east-1"], &["t4g", "t3"]);
     s.image_id = Some(ARM_AMI.into());
     let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let offers = p.offers(&spec(2.0, 1.0)).unwrap();
+    let offers = block_on(p.offers(&spec(2.0, 1.0))).unwrap();
     assert!(!offers.is_empty());
     assert!(
         offers.iter().all(|o| o.instance_type.starts_with("t4g.")),
@@ -292,7 +299,7 @@ fn offers_follow_the_image_architecture() {
         Catalog::builtin(),
     )
     .unwrap();
-    let offers = p.offers(&spec(2.0, 1.0)).unwrap();
+    let offers = block_on(p.offers(&spec(2.0, 1.0))).unwrap();
     assert!(
         offers.iter().all(|o| o.instance_type.starts_with("t3.")),
         "{offers:?}"
@@ -301,7 +308,7 @@ fn offers_follow_the_image_architecture() {
     let mut s = settings(&moto.url(), &["us-east-1"], &["t3"]);
     s.image_id = Some("ami-00000000000000000".into());
     let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let err = p.offers(&spec(1.0, 1.0)).unwrap_err().to_string();
+    let err = block_on(p.offers(&spec(1.0, 1.0))).unwrap_err().to_string();
     assert!(
         err.contains("ami-00000000000000000") && err.contains("us-east-1"),
         "{err}"
@@ -346,7 +353,7 @@ fn refreshed_spot_prices_make_a_catalog() {
         Catalog::builtin(),
     )
     .unwrap();
-    let entries = p.refresh_catalog().unwrap();
+    let entries = block_on(p.refresh_catalog()).unwrap();
     assert!(!entries.is_empty());
     for e in &entries {
         assert!(e.spot && e.provider == "aws" && e.region == "us-east-1");
@@ -387,12 +394,12 @@ fn refreshed_spot_prices_make_a_catalog() {
     )
     .unwrap();
     // Types are cached by the first call; then moto goes away.
-    let live = p.offers(&spec(1.0, 1.0)).unwrap();
+    let live = block_on(p.offers(&spec(1.0, 1.0))).unwrap();
     assert!(live
         .iter()
         .any(|o| o.spot && o.price_source == aws::SPOT_SOURCE));
     drop(moto);
-    let fallback = p.offers(&spec(1.0, 1.0)).unwrap();
+    let fallback = block_on(p.offers(&spec(1.0, 1.0))).unwrap();
     let spot: Vec<&Offer> = fallback.iter().filter(|o| o.spot).collect();
     assert!(!spot.is_empty());
     assert!(spot
@@ -415,7 +422,7 @@ fn launches_spot_and_on_demand_with_tags_and_user_data() {
         Catalog::builtin(),
     )
     .unwrap();
-    let offers = p.offers(&spec(1.0, 1.0)).unwrap();
+    let offers = block_on(p.offers(&spec(1.0, 1.0))).unwrap();
     let spot = offers
         .iter()
         .find(|o| o.spot && o.instance_type == "t2.micro")
@@ -428,12 +435,8 @@ fn launches_spot_and_on_demand_with_tags_and_user_data() {
         .clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let nats = "nats://10.77.0.1:4222";
-    let w1 = p
-        .launch(&spot, &boot(rt.handle(), "train-abc123", "w1", nats))
-        .unwrap();
-    let w2 = p
-        .launch(&od, &boot(rt.handle(), "train-abc123", "w2", nats))
-        .unwrap();
+    let w1 = block_on(p.launch(&spot, &boot(rt.handle(), "train-abc123", "w1", nats))).unwrap();
+    let w2 = block_on(p.launch(&od, &boot(rt.handle(), "train-abc123", "w2", nats))).unwrap();
     assert!(w1.instance_id().starts_with("i-"));
     let (art, ec2) = ec2_at(&moto.url());
     let c = ec2.client("us-east-1");
@@ -495,19 +498,17 @@ fn launch_template_boots_workers() {
         s.image_id = None;
         s.launch_template = Some(reference.clone());
         let mut p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-        let offer = p
-            .offers(&spec(2.0, 1.0))
+        let offer = block_on(p.offers(&spec(2.0, 1.0)))
             .unwrap()
             .into_iter()
             .find(|o| o.instance_type == "t3.micro" && !o.spot)
             .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let w = p
-            .launch(
-                &offer,
-                &boot(rt.handle(), "lt-job", "w1", "nats://10.77.0.1:4222"),
-            )
-            .unwrap();
+        let w = block_on(p.launch(
+            &offer,
+            &boot(rt.handle(), "lt-job", "w1", "nats://10.77.0.1:4222"),
+        ))
+        .unwrap();
         let v = art
             .block_on(api::describe_instance(&c, &w.instance_id()))
             .unwrap()
@@ -528,7 +529,7 @@ fn launch_template_boots_workers() {
     s.image_id = None;
     s.launch_template = Some("cedana-workers".into());
     let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let err = p.offers(&spec(1.0, 1.0)).unwrap_err().to_string();
+    let err = block_on(p.offers(&spec(1.0, 1.0))).unwrap_err().to_string();
     assert!(
         err.contains("cedana-workers") && err.contains("us-west-1"),
         "{err}"
@@ -542,16 +543,15 @@ fn launch_without_an_image_says_what_to_set() {
     let mut s = settings(&moto.url(), &["us-east-1"], &["t2"]);
     s.image_id = None;
     let mut p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let offer = p.offers(&spec(1.0, 1.0)).unwrap().remove(0);
+    let offer = block_on(p.offers(&spec(1.0, 1.0))).unwrap().remove(0);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let err = p
-        .launch(
-            &offer,
-            &boot(rt.handle(), "j", "w1", "nats://10.77.0.1:4222"),
-        )
-        .err()
-        .unwrap()
-        .to_string();
+    let err = block_on(p.launch(
+        &offer,
+        &boot(rt.handle(), "j", "w1", "nats://10.77.0.1:4222"),
+    ))
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         err.contains("aws.launch_template") && err.contains("bake"),
         "{err}"
@@ -568,8 +568,7 @@ fn gone_flag_terminate_and_drop() {
         Catalog::builtin(),
     )
     .unwrap();
-    let offer = p
-        .offers(&Spec::default())
+    let offer = block_on(p.offers(&Spec::default()))
         .unwrap()
         .into_iter()
         .find(|o| !o.spot)
@@ -586,25 +585,16 @@ fn gone_flag_terminate_and_drop() {
     };
 
     // Lost: terminated by someone else (a spot interruption, the console).
-    let lost = p
-        .launch(&offer, &boot(rt.handle(), "g", "w1", nats))
-        .unwrap();
-    let flag = lost.gone_flag();
+    let lost = block_on(p.launch(&offer, &boot(rt.handle(), "g", "w1", nats))).unwrap();
+    let flag = lost.gone();
     std::thread::sleep(Duration::from_millis(700));
-    assert!(
-        !flag.load(Ordering::SeqCst),
-        "a running instance is not gone"
-    );
+    assert!(!flag.is_set(), "a running instance is not gone");
     art.block_on(api::terminate(&c, &lost.instance_id()))
         .unwrap();
-    wait_until(Duration::from_secs(20), "the gone flag", || {
-        flag.load(Ordering::SeqCst)
-    });
+    wait_until(Duration::from_secs(20), "the gone flag", || flag.is_set());
 
     // Ended by the job.
-    let mut ended = p
-        .launch(&offer, &boot(rt.handle(), "g", "w2", nats))
-        .unwrap();
+    let mut ended = block_on(p.launch(&offer, &boot(rt.handle(), "g", "w2", nats))).unwrap();
     let id = ended.instance_id();
     assert_eq!(
         art.block_on(api::wait_running(&c, &id, Duration::from_secs(30)))
@@ -612,8 +602,8 @@ fn gone_flag_terminate_and_drop() {
             .id,
         id
     );
-    ended.terminate();
-    assert!(ended.gone_flag().load(Ordering::SeqCst));
+    block_on(ended.terminate());
+    assert!(ended.gone().is_set());
     assert!(
         ["shutting-down", "terminated"].contains(&state(&id).as_str()),
         "{}",
@@ -622,25 +612,19 @@ fn gone_flag_terminate_and_drop() {
 
     // Dropped (a job that ends without terminating): no instance is left behind, also when
     // dropped inside a runtime.
-    let dropped = p
-        .launch(&offer, &boot(rt.handle(), "g", "w3", nats))
-        .unwrap();
+    let dropped = block_on(p.launch(&offer, &boot(rt.handle(), "g", "w3", nats))).unwrap();
     let id3 = dropped.instance_id();
     assert_eq!(state(&id3), "running");
     drop(dropped);
     assert!(["shutting-down", "terminated"].contains(&state(&id3).as_str()));
-    let inside = p
-        .launch(&offer, &boot(rt.handle(), "g", "w4", nats))
-        .unwrap();
+    let inside = block_on(p.launch(&offer, &boot(rt.handle(), "g", "w4", nats))).unwrap();
     let id4 = inside.instance_id();
     rt.block_on(async move { drop(inside) });
     assert!(["shutting-down", "terminated"].contains(&state(&id4).as_str()));
 
-    // The provider and a worker dropped together inside async code (the provider's own
-    // runtime goes with them): the instance is terminated and nothing panics.
-    let last = p
-        .launch(&offer, &boot(rt.handle(), "g", "w5", nats))
-        .unwrap();
+    // The provider and a worker dropped together inside async code: the instance is
+    // terminated and nothing panics.
+    let last = block_on(p.launch(&offer, &boot(rt.handle(), "g", "w5", nats))).unwrap();
     let id5 = last.instance_id();
     rt.block_on(async move {
         drop(last);
@@ -678,7 +662,7 @@ fn capacity_errors_move_on_to_the_next_offer() {
     )
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let offers = p.offers(&Spec::default()).unwrap();
+    let offers = block_on(p.offers(&Spec::default())).unwrap();
     let pick = |t: &str, spot: bool| {
         offers
             .iter()
@@ -695,7 +679,7 @@ fn capacity_errors_move_on_to_the_next_offer() {
     let mut refusals = Vec::new();
     let mut launched = None;
     for o in &walk {
-        match p.launch(o, &boot(rt.handle(), "cap", "w1", "nats://10.77.0.1:4222")) {
+        match block_on(p.launch(o, &boot(rt.handle(), "cap", "w1", "nats://10.77.0.1:4222"))) {
             Ok(w) => {
                 launched = Some((w, o.clone()));
                 break;
@@ -734,10 +718,10 @@ fn capacity_errors_move_on_to_the_next_offer() {
         .unwrap();
     assert_eq!(v.instance_type, "t2.micro");
     // AuthFailure is no capacity problem: the job stops with it, saying what to check.
-    match p.launch(
+    match block_on(p.launch(
         &pick("t2.large", false),
         &boot(rt.handle(), "cap", "w2", "nats://10.77.0.1:4222"),
-    ) {
+    )) {
         Err(ProviderError::Failed { message, .. }) => assert!(
             message.contains("AuthFailure") && message.contains("credentials"),
             "{message}"
@@ -805,7 +789,7 @@ fn job_launch_moves_past_capacity_errors() {
         None,
         record,
     );
-    job.providers = vec![Box::new(p)];
+    job.providers = vec![p.into()];
     let err = job.launch(&Spec::default()).unwrap_err().to_string();
     assert!(err.contains("did not register within 2 s"), "{err}");
     // The cheapest offer is refused; t2.small is launched and never registers, so it is
@@ -862,7 +846,7 @@ fn throttling_is_retried_then_reported() {
     s.connect.max_attempts = 4;
     s.connect.max_backoff = Duration::from_secs(1);
     let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let offers = p.offers(&Spec::default()).unwrap();
+    let offers = block_on(p.offers(&Spec::default())).unwrap();
     // Instance types came through on the third attempt; spot prices never did, so only the
     // catalog's on-demand price is offered.
     assert_eq!(offers.len(), 1, "{offers:?}");
@@ -902,11 +886,10 @@ fn loopback_nats_is_refused() {
         Catalog::builtin(),
     )
     .unwrap();
-    let offer = p.offers(&Spec::default()).unwrap().remove(0);
+    let offer = block_on(p.offers(&Spec::default())).unwrap().remove(0);
     let rt = tokio::runtime::Runtime::new().unwrap();
     for url in ["nats://127.0.0.1:4222", "nats://localhost:1", ""] {
-        let err = p
-            .launch(&offer, &boot(rt.handle(), "j", "w1", url))
+        let err = block_on(p.launch(&offer, &boot(rt.handle(), "j", "w1", url)))
             .err()
             .unwrap()
             .to_string();
@@ -1145,14 +1128,13 @@ fn create_image_and_wait_until_available() {
     let mut s = settings(&moto.url(), &["us-east-1"], &["t3.micro"]);
     s.image_id = Some(ami.clone());
     let mut p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let offer = p.offers(&Spec::default()).unwrap().remove(0);
+    let offer = block_on(p.offers(&Spec::default())).unwrap().remove(0);
     let hrt = tokio::runtime::Runtime::new().unwrap();
-    let w = p
-        .launch(
-            &offer,
-            &boot(hrt.handle(), "img", "w1", "nats://10.77.0.1:4222"),
-        )
-        .unwrap();
+    let w = block_on(p.launch(
+        &offer,
+        &boot(hrt.handle(), "img", "w1", "nats://10.77.0.1:4222"),
+    ))
+    .unwrap();
     let v = rt
         .block_on(aws::describe_instance(&c, &w.instance_id()))
         .unwrap()

@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,14 @@ use cedana_driver::providers::{ranked, Bootstrap, Offer, Provider, ProviderError
 use cedana_protocol::config::Secret;
 use cedana_tests::{python, repo_root, wait_until};
 use serde_json::{json, Value};
+
+/// Runs a provider's call to its end on this test binary's runtime (the tests are
+/// synchronous, as the job's facade is).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Runtime::new().unwrap())
+        .block_on(f)
+}
 
 const KEY: &str = "ps-key-8f3a1c0d9e7b";
 
@@ -183,9 +190,9 @@ fn small_spec() -> Spec {
 }
 
 /// The cheapest offer the provider makes for `spec`.
-fn cheapest(p: PaperspaceProvider, spec: &Spec) -> (Box<dyn Provider>, Offer) {
-    let providers: Vec<Box<dyn Provider>> = vec![Box::new(p)];
-    let (fit, why) = ranked(&providers, spec);
+fn cheapest(p: PaperspaceProvider, spec: &Spec) -> (Provider, Offer) {
+    let providers: Vec<Provider> = vec![p.into()];
+    let (fit, why) = block_on(ranked(&providers, spec));
     let offer = fit
         .into_iter()
         .next()
@@ -261,7 +268,7 @@ fn offers_come_from_the_catalog_for_the_enabled_regions() {
         memory_gb: Some(16.0),
         ..Default::default()
     };
-    let offers = p.offers(&spec).expect("offers");
+    let offers = block_on(p.offers(&spec)).expect("offers");
     assert!(!offers.is_empty());
     assert!(offers.iter().all(|o| o.region == "ny2"), "{offers:?}");
     assert!(offers.iter().all(|o| o.provider == "paperspace"));
@@ -310,7 +317,7 @@ fn launch_sends_the_startup_script_and_terminate_deletes_the_machine() {
     let fake = FakePaperspace::start();
     let (mut p, offer) = cheapest(provider(&fake), &small_spec());
     let boot = Boot::new("w3");
-    let mut w = p.launch(&offer, &boot.get()).expect("launch");
+    let mut w = block_on(p.launch(&offer, &boot.get())).expect("launch");
     let id = w.instance_id();
     assert!(id.starts_with("ps"), "{id}");
     assert!(w.local_dir().is_none() && w.netns().is_none());
@@ -360,11 +367,11 @@ fn launch_sends_the_startup_script_and_terminate_deletes_the_machine() {
         fake.machine_state(&id).as_deref() == Some("ready")
     });
     std::thread::sleep(Duration::from_millis(500));
-    let gone = w.gone_flag();
-    assert!(!gone.load(Ordering::SeqCst), "a ready machine is not gone");
+    let gone = w.gone();
+    assert!(!gone.is_set(), "a ready machine is not gone");
 
-    w.terminate();
-    assert!(gone.load(Ordering::SeqCst));
+    block_on(w.terminate());
+    assert!(gone.is_set());
     let reqs = fake.requests();
     assert_eq!(
         sent(&reqs, "DELETE", &format!("/v1/machines/{id}")).len(),
@@ -375,7 +382,7 @@ fn launch_sends_the_startup_script_and_terminate_deletes_the_machine() {
         1
     );
     // Terminating twice (or dropping) asks for nothing more.
-    w.terminate();
+    block_on(w.terminate());
     drop(w);
     assert_eq!(fake.requests().len(), reqs.len());
     let left = boot
@@ -398,8 +405,8 @@ fn machines_stopped_or_deleted_elsewhere_are_gone() {
     let fake = FakePaperspace::start();
     let (mut p, offer) = cheapest(provider(&fake), &small_spec());
     let (b1, b2) = (Boot::new("w1"), Boot::new("w2"));
-    let stopped = p.launch(&offer, &b1.get()).expect("launch w1");
-    let deleted = p.launch(&offer, &b2.get()).expect("launch w2");
+    let stopped = block_on(p.launch(&offer, &b1.get())).expect("launch w1");
+    let deleted = block_on(p.launch(&offer, &b2.get())).expect("launch w2");
     let (s_id, d_id) = (stopped.instance_id(), deleted.instance_id());
     wait_until(Duration::from_secs(10), "both machines ready", || {
         fake.machine_state(&s_id).as_deref() == Some("ready")
@@ -410,16 +417,16 @@ fn machines_stopped_or_deleted_elsewhere_are_gone() {
     b1.rt
         .block_on(outside.delete_machine(&d_id))
         .expect("delete");
-    let (sg, dg) = (stopped.gone_flag(), deleted.gone_flag());
+    let (sg, dg) = (stopped.gone(), deleted.gone());
     wait_until(
         Duration::from_secs(10),
         "the stopped machine to be gone",
-        || sg.load(Ordering::SeqCst),
+        || sg.is_set(),
     );
     wait_until(
         Duration::from_secs(10),
         "the deleted machine to be gone",
-        || dg.load(Ordering::SeqCst),
+        || dg.is_set(),
     );
     // At most one look every poll interval (200 ms) per machine, plus its event.
     let gets = sent(&fake.requests(), "GET", &format!("/v1/machines/{s_id}")).len();
@@ -445,7 +452,7 @@ fn no_capacity_is_a_capacity_error() {
     let c5 = catalog_offer("C5");
 
     fake.config(json!({"no_capacity": ["C5"]}));
-    match p.launch(&c5, &boot.get()) {
+    match block_on(p.launch(&c5, &boot.get())) {
         Err(ProviderError::Capacity { instance_type, .. }) => assert_eq!(instance_type, "C5"),
         Err(e) => panic!("not a capacity error: {e}"),
         Ok(_) => panic!("launched without capacity"),
@@ -456,7 +463,7 @@ fn no_capacity_is_a_capacity_error() {
     // The API said yes, then the create was refused: still a capacity error, and the
     // startup script made for it is deleted.
     fake.config(json!({"no_capacity": [], "capacity_race": ["C5"]}));
-    let err = match p.launch(&c5, &boot.get()) {
+    let err = match block_on(p.launch(&c5, &boot.get())) {
         Err(e @ ProviderError::Capacity { .. }) => e.to_string(),
         Err(e) => panic!("not a capacity error: {e}"),
         Ok(_) => panic!("launched without capacity"),
@@ -471,8 +478,8 @@ fn no_capacity_is_a_capacity_error() {
     assert_eq!(fake.state()["machines"], json!([]));
 
     // Another type still launches.
-    let mut w = p.launch(&catalog_offer("C7"), &boot.get()).expect("C7");
-    w.terminate();
+    let mut w = block_on(p.launch(&catalog_offer("C7"), &boot.get())).expect("C7");
+    block_on(w.terminate());
 }
 
 /// Lists are followed page after page with the `nextPage` cursor: the template is found on
@@ -491,7 +498,7 @@ fn lists_follow_the_cursor_across_pages() {
     let mut s = settings(&fake, KEY);
     s.template = Some("cedana-worker-0".into());
     let mut p = PaperspaceProvider::new(s, Catalog::builtin()).unwrap();
-    let offers = p.offers(&small_spec()).expect("offers");
+    let offers = block_on(p.offers(&small_spec())).expect("offers");
     let reqs = fake.requests();
     let pages = sent(&reqs, "GET", "/v1/custom-templates");
     assert_eq!(pages.len(), 3, "{pages:?}");
@@ -505,7 +512,7 @@ fn lists_follow_the_cursor_across_pages() {
 
     let boot = Boot::new("w1");
     let c5 = offers.iter().find(|o| o.instance_type == "C5").unwrap();
-    let mut w = p.launch(c5, &boot.get()).expect("launch");
+    let mut w = block_on(p.launch(c5, &boot.get())).expect("launch");
     let creates = sent(&fake.requests(), "POST", "/v1/machines")
         .into_iter()
         .cloned()
@@ -546,7 +553,7 @@ fn lists_follow_the_cursor_across_pages() {
         .filter(|r| r["path"] == "/v1/machines" && r["method"] == "GET")
         .count();
     assert_eq!(list_pages, 3);
-    w.terminate();
+    block_on(w.terminate());
     for id in &others {
         boot.rt.block_on(outside.delete_machine(id)).unwrap();
     }
@@ -601,15 +608,18 @@ fn a_wrong_key_is_a_clear_error_without_the_key() {
     logs();
     let wrong = "ps-wrong-key-5e6f7a8b9c0d";
     let mut p = PaperspaceProvider::new(settings(&fake, wrong), Catalog::builtin()).unwrap();
-    let err = p.offers(&small_spec()).unwrap_err().to_string();
+    let err = block_on(p.offers(&small_spec())).unwrap_err().to_string();
     assert!(err.contains("paperspace.api_key"), "{err}");
     assert!(err.contains("401") && err.contains("UNAUTHORIZED"), "{err}");
     assert!(!err.contains(wrong), "{err}");
 
-    let providers: Vec<Box<dyn Provider>> = vec![Box::new(
-        PaperspaceProvider::new(settings(&fake, wrong), Catalog::builtin()).unwrap(),
-    )];
-    let (fit, why) = ranked(&providers, &small_spec());
+    let providers: Vec<Provider> =
+        vec![
+            PaperspaceProvider::new(settings(&fake, wrong), Catalog::builtin())
+                .unwrap()
+                .into(),
+        ];
+    let (fit, why) = block_on(ranked(&providers, &small_spec()));
     assert!(fit.is_empty());
     assert!(
         why.iter().any(|w| w.contains("paperspace.api_key")),
@@ -617,7 +627,7 @@ fn a_wrong_key_is_a_clear_error_without_the_key() {
     );
 
     let boot = Boot::new("w1");
-    let err = match p.launch(&catalog_offer("C5"), &boot.get()) {
+    let err = match block_on(p.launch(&catalog_offer("C5"), &boot.get())) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("launched with a wrong key"),
     };

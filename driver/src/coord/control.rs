@@ -1,8 +1,6 @@
 //! Requests to a running job from other processes (`cedana-driver checkpoint|migrate|down
 //! JOB`): core NATS request/reply on `CEDANA.<job>.driver.control`, served by the job's driver.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use cedana_protocol::control::{Action, Answer, Request};
@@ -33,7 +31,7 @@ pub async fn serve(
     client: async_nats::Client,
     job: String,
     tx: Option<std::sync::mpsc::Sender<Pending>>,
-    down: Arc<AtomicBool>,
+    down: crate::util::Flag,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut sub = client.subscribe(subject(&job)).await?;
     tokio::spawn(async move {
@@ -49,7 +47,7 @@ pub async fn serve(
                 },
                 Ok(req) => {
                     if req.action == Action::Down {
-                        down.store(true, Ordering::SeqCst);
+                        down.set();
                     }
                     match (&tx, req.action) {
                         // Answered at once: the job's loop ends without another turn.

@@ -434,6 +434,18 @@ impl Coordinator {
             .insert(format!("{worker}/{task}"), watch::channel(None).0);
     }
 
+    /// Follows how `task` on `worker` ends: `Some` once it has (the receiver ends when the
+    /// exit is reset by [`Coordinator::reset_exit`]).
+    pub fn exit_watch(&self, worker: &str, task: &str) -> watch::Receiver<Option<Exit>> {
+        self.routes
+            .lock()
+            .expect("routes")
+            .exits
+            .entry(format!("{worker}/{task}"))
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
     /// How `task` on `worker` ended, if it has.
     pub fn exit_of(&self, worker: &str, task: &str) -> Option<Exit> {
         self.routes

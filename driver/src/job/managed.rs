@@ -9,14 +9,13 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use crate::coord::control::{Action, Answer, Pending};
 use crate::coord::Exit;
-use crate::job::record::JobState;
+use crate::job::record::{JobState, WorkerState};
 use crate::job::{Checkpoint, Job, JobError, Spec, Task, Worker};
 
 /// A job's hooks.
@@ -95,7 +94,7 @@ pub fn run(
         if let Some(e) = exit {
             return Ok(status(e));
         }
-        if job.borrow().down.load(Ordering::SeqCst) {
+        if job.borrow().down.is_set() {
             return Err(JobError::Down.into());
         }
         let lost = job.borrow().lost(&w.id);
@@ -111,7 +110,7 @@ pub fn run(
             ));
             {
                 let mut j = job.borrow_mut();
-                j.end_worker(&w.id, "lost");
+                j.end_worker(&w.id, WorkerState::Lost);
                 j.record.recoveries += 1;
                 j.set_state(JobState::Recovering);
             }
@@ -300,10 +299,10 @@ fn bring_up(
                     Some(reason) => {
                         warn!(worker = %w.id, %reason, attempt, "worker lost while starting");
                         last = format!("worker {}: {reason}", w.id);
-                        job.borrow_mut().end_worker(&w.id, "lost");
+                        job.borrow_mut().end_worker(&w.id, WorkerState::Lost);
                     }
                     None => {
-                        job.borrow_mut().end_worker(&w.id, "terminated");
+                        job.borrow_mut().end_worker(&w.id, WorkerState::Terminated);
                         return Err(e);
                     }
                 }

@@ -1,5 +1,10 @@
 //! One running job: its workers, its task, its checkpoints and its record. Both ways a job
 //! runs (the script's own code, and the managed flow) act through this.
+//!
+//! [`Job`]'s methods are synchronous (the Rhai engine and the managed flow call them); each
+//! runs what it awaits (providers, the wire) on the job's one runtime with `block_on`, and
+//! only here. Waits end on what they wait for (a registration, a task's exit, a worker gone,
+//! the job taken down) as soon as it happens.
 
 pub mod managed;
 pub mod record;
@@ -7,7 +12,6 @@ pub mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +19,10 @@ use cedana_protocol::{self as protocol, Command, Reply};
 use tracing::{info, warn};
 
 use crate::coord::{CoordError, Coordinator, Exit};
-use crate::job::record::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo};
+use crate::job::record::{CheckpointInfo, JobRecord, JobState, TaskInfo, WorkerInfo, WorkerState};
 use crate::providers::{self, Bootstrap, Instance, Offer, Provider};
 pub use crate::providers::{same_offer, Spec};
+use crate::util::Flag;
 
 /// A worker silent this long is lost (heartbeats come every 2 s; the margin covers a NATS
 /// server restart).
@@ -81,11 +86,11 @@ pub struct Job {
     pub work_path: PathBuf,
     pub shared_storage: Option<PathBuf>,
     /// Where workers come from.
-    pub providers: Vec<Box<dyn Provider>>,
-    pub workers: BTreeMap<String, Box<dyn Instance>>,
+    pub providers: Vec<Provider>,
+    pub workers: BTreeMap<String, Instance>,
     pub record: JobRecord,
     /// Set by `down` or a signal: every wait ends.
-    pub down: Arc<AtomicBool>,
+    pub down: Flag,
     /// Where the job tells the user what it does ([`report::Silent`] until set).
     pub reporter: report::SharedReporter,
     next_worker: u32,
@@ -120,7 +125,7 @@ impl Job {
             providers: Vec::new(),
             workers: BTreeMap::new(),
             record,
-            down: Arc::new(AtomicBool::new(false)),
+            down: Flag::new(),
             reporter: Arc::new(report::Silent),
             next_worker: 0,
             next_task: 0,
@@ -169,7 +174,7 @@ impl Job {
     /// The offers fitting `spec`, cheapest first, without the avoided ones (unless only
     /// avoided ones fit), and why others were left out.
     pub fn offers(&mut self, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
-        let (offers, why) = providers::ranked(&self.providers, spec);
+        let (offers, why) = self.rt.block_on(providers::ranked(&self.providers, spec));
         let now = Instant::now();
         self.avoided.retain(|(_, until)| *until > now);
         let kept: Vec<Offer> = offers
@@ -275,7 +280,7 @@ impl Job {
                 shared_storage: self.shared_storage.as_deref(),
                 rt: &self.rt,
             };
-            match p.launch(&offer, &boot) {
+            match self.rt.block_on(p.launch(&offer, &boot)) {
                 Ok(w) => {
                     boot_timeout = p.boot_timeout();
                     launched = Some((w, offer));
@@ -309,7 +314,7 @@ impl Job {
             dir: w.local_dir().unwrap_or_default(),
             netns: w.netns(),
             launched_at: protocol::now(),
-            state: "running".into(),
+            state: WorkerState::Running,
             instance: w.instance_id(),
             offer: Some(offer.clone()),
             ended_at: None,
@@ -317,22 +322,14 @@ impl Job {
         self.workers.insert(id.clone(), w);
         self.save();
         let coord = self.coord.clone();
-        let exited = self.workers[&id].gone_flag();
+        let gone = self.workers[&id].gone();
         let down = self.down.clone();
         let registered = self.rt.block_on(async {
             tokio::select! {
                 // A cloud machine may take minutes to boot: taking the job down does not wait.
-                _ = async {
-                    while !down.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                } => Err(JobError::Down),
+                _ = down.wait() => Err(JobError::Down),
                 r = coord.wait_registered(&id, boot_timeout.as_secs().max(1)) => r.map_err(JobError::from),
-                _ = async {
-                    while !exited.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                } => Err(JobError::Lost {
+                _ = gone.wait() => Err(JobError::Lost {
                     worker: id.clone(),
                     reason: format!(
                         "it exited before registering; its log says: {}",
@@ -342,7 +339,7 @@ impl Job {
             }
         });
         if let Err(e) = registered {
-            self.end_worker(&id, "lost");
+            self.end_worker(&id, WorkerState::Lost);
             return Err((e, Some(Box::new(offer))));
         }
         info!(worker = %id, "worker launched");
@@ -352,26 +349,23 @@ impl Job {
     /// Why `worker` is lost, if it is: its daemon exited, or it has been silent too long.
     pub fn lost(&self, worker: &str) -> Option<String> {
         let w = self.workers.get(worker)?;
-        lost_reason(
-            w.gone_flag().load(Ordering::SeqCst),
-            self.coord.last_seen(worker),
-        )
+        lost_reason(w.gone().is_set(), self.coord.last_seen(worker))
     }
 
     /// Sends a command to `worker` and waits for its reply (an error reply is an error).
     pub fn call(&self, worker: &str, command: Command, secs: u64) -> Result<Reply, JobError> {
-        let exited = self
+        let gone = self
             .workers
             .get(worker)
-            .map(|w| w.gone_flag())
+            .map(|w| w.gone())
             .ok_or_else(|| JobError::NoWorker(worker.into()))?;
         let coord = self.coord.clone();
         let down = self.down.clone();
         let lost = move || {
-            if down.load(Ordering::SeqCst) {
+            if down.is_set() {
                 return Some("the job is being taken down".to_string());
             }
-            lost_reason(exited.load(Ordering::SeqCst), coord.last_seen(worker))
+            lost_reason(gone.is_set(), coord.last_seen(worker))
         };
         let coord = self.coord.clone();
         match self.rt.block_on(coord.call(worker, command, secs, &lost)) {
@@ -560,17 +554,17 @@ impl Job {
 
     /// Ends a worker as an instance ends.
     pub fn terminate(&mut self, w: &Worker) {
-        self.end_worker(&w.id, "terminated");
+        self.end_worker(&w.id, WorkerState::Terminated);
     }
 
-    /// Ends a worker and records how it ended (`terminated` or `lost`).
-    pub fn end_worker(&mut self, id: &str, how: &str) {
+    /// Ends a worker and records how it ended (`Terminated` or `Lost`).
+    pub fn end_worker(&mut self, id: &str, how: WorkerState) {
         if let Some(mut lw) = self.workers.remove(id) {
-            lw.terminate();
+            self.rt.block_on(lw.terminate());
         }
         if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
-            if info.state == "running" {
-                info.state = how.into();
+            if info.state == WorkerState::Running {
+                info.state = how;
                 info.ended_at = Some(protocol::now());
             }
         }
@@ -579,21 +573,49 @@ impl Job {
 
     /// Waits until `t` exits. Ends early if its worker is lost or the job is taken down.
     pub fn wait(&self, t: &Task) -> Result<Exit, JobError> {
-        loop {
-            if let Some(e) = self.coord.exit_of(&t.worker, &t.name) {
-                return Ok(e);
+        let gone = self.workers.get(&t.worker).map(Instance::gone);
+        self.rt.block_on(async {
+            let mut exit = self.coord.exit_watch(&t.worker, &t.name);
+            loop {
+                if let Some(e) = *exit.borrow_and_update() {
+                    return Ok(e);
+                }
+                if self.down.is_set() {
+                    return Err(JobError::Down);
+                }
+                if let Some(reason) = self.lost(&t.worker) {
+                    return Err(JobError::Lost {
+                        worker: t.worker.clone(),
+                        reason,
+                    });
+                }
+                // Silence is looked at again when the worker could first have been silent
+                // too long; anything else wakes the wait when it happens.
+                let silence = match self.coord.last_seen(&t.worker) {
+                    Some(seen) => {
+                        (seen + HEARTBEAT_TIMEOUT).saturating_duration_since(Instant::now())
+                            + Duration::from_millis(100)
+                    }
+                    None => HEARTBEAT_TIMEOUT,
+                };
+                tokio::select! {
+                    changed = exit.changed() => {
+                        if changed.is_err() {
+                            // Its exit was reset: follow the new one.
+                            exit = self.coord.exit_watch(&t.worker, &t.name);
+                        }
+                    }
+                    _ = self.down.wait() => {}
+                    _ = async {
+                        match &gone {
+                            Some(g) => g.wait().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                    _ = tokio::time::sleep(silence) => {}
+                }
             }
-            if self.down.load(Ordering::SeqCst) {
-                return Err(JobError::Down);
-            }
-            if let Some(reason) = self.lost(&t.worker) {
-                return Err(JobError::Lost {
-                    worker: t.worker.clone(),
-                    reason,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// Copies a file or folder from this machine into worker `w`'s folder.
@@ -654,7 +676,7 @@ impl Job {
     pub fn end(&mut self) {
         let ids: Vec<String> = self.workers.keys().cloned().collect();
         for id in ids {
-            self.end_worker(&id, "terminated");
+            self.end_worker(&id, WorkerState::Terminated);
         }
     }
 }

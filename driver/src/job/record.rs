@@ -40,6 +40,41 @@ impl JobState {
     }
 }
 
+/// Where a worker is in its life; in the record as `running`, `lost` or `terminated`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Running,
+    /// It went away (its machine was taken back, its daemon exited, it did not come up).
+    Lost,
+    /// The job ended it.
+    Terminated,
+}
+
+impl WorkerState {
+    /// As the record has it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Running => "running",
+            WorkerState::Lost => "lost",
+            WorkerState::Terminated => "terminated",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares with the record's string form (`state == "running"`).
+impl PartialEq<&str> for WorkerState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A worker of the job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -54,7 +89,7 @@ pub struct WorkerInfo {
     pub netns: Option<String>,
     pub launched_at: u64,
     /// `running`, `lost` or `terminated`.
-    pub state: String,
+    pub state: WorkerState,
     /// The provider's id for it.
     #[serde(default)]
     pub instance: String,
@@ -217,4 +252,27 @@ pub fn find(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), StateEr
         job: job.into(),
         dir: state_dir.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_states_read_and_write_the_old_strings() {
+        for (state, text) in [
+            (WorkerState::Running, "running"),
+            (WorkerState::Lost, "lost"),
+            (WorkerState::Terminated, "terminated"),
+        ] {
+            let old = format!(
+                r#"{{"id":"w1","provider":"local","pid":42,"dir":"/j/workers/w1","netns":null,"launched_at":1700000000,"state":"{text}","instance":"pid 42","offer":null,"ended_at":null}}"#
+            );
+            let w: WorkerInfo = serde_json::from_str(&old).unwrap();
+            assert_eq!(w.state, state);
+            assert_eq!(w.state, text);
+            assert_eq!(serde_json::to_string(&w).unwrap(), old);
+        }
+        assert!(serde_json::from_str::<WorkerState>(r#""Running""#).is_err());
+    }
 }

@@ -205,7 +205,7 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     e.register_fn("sleep", move |secs: i64| sleep(&d, secs as f64));
     // `down` (or Ctrl-C) stops a script between any two operations.
     e.on_progress(move |_| {
-        down.load(std::sync::atomic::Ordering::SeqCst)
+        down.is_set()
             .then(|| Dynamic::from("the job was taken down"))
     });
     e.register_fn("log", move |msg: &str| reporter.log(msg));
@@ -213,13 +213,10 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
 }
 
 /// Sleeps, ending early if the job is taken down.
-fn sleep(down: &std::sync::atomic::AtomicBool, secs: f64) -> Res<()> {
-    let until = std::time::Instant::now() + Duration::from_secs_f64(secs.max(0.0));
-    while std::time::Instant::now() < until {
-        if down.load(std::sync::atomic::Ordering::SeqCst) {
-            return err("the job was taken down");
-        }
-        std::thread::sleep(Duration::from_millis(50).min(until - std::time::Instant::now()));
+fn sleep(down: &crate::util::Flag, secs: f64) -> Res<()> {
+    let d = Duration::from_secs_f64(secs.max(0.0));
+    if !d.is_zero() && down.wait_timeout(d) {
+        return err("the job was taken down");
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::providers::Offer;
+use crate::providers::common::Offer;
 
 /// Environment variable naming the catalog file.
 pub const CATALOG_ENV: &str = "CEDANA_CATALOG";

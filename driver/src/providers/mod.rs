@@ -6,217 +6,186 @@
 //!
 //! Providers: `local` (this machine), `paperspace` and, with the `aws` feature, `aws`. Cloud
 //! workers boot from an image that has `cedana-agent` and run [`worker_boot_script`] once.
+//!
+//! [`Provider`] and [`Instance`] are enums over the providers and their workers with async
+//! methods, run on the caller's runtime (the one the runner makes; providers make none). A
+//! worker's end is awaitable ([`Gone`]).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-pub use crate::util::sh_quote;
 
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod catalog;
+pub mod common;
 pub mod local;
 pub mod paperspace;
 
-/// What a job asks of a worker's machine (the original's `instance_specs`).
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(default)]
-pub struct Spec {
-    pub cpu_cores: Option<f64>,
-    pub memory_gb: Option<f64>,
-    pub gpu: Option<String>,
-    pub gpu_count: Option<u32>,
-    pub vram_gb: Option<f64>,
-    pub max_price_usd_hour: Option<f64>,
+pub use common::{
+    loopback_only, same_offer, sh_quote, worker_boot_script, Bootstrap, Gone, Offer, ProviderError,
+    Spec, BOOT_TOKEN_PATH, DEFAULT_BOOT_TIMEOUT,
+};
+
+/// A launched worker, as its provider sees it: an enum over the providers' workers, as
+/// [`Provider`] is over the providers.
+pub enum Instance {
+    Local(local::LocalWorker),
+    Paperspace(paperspace::PaperspaceWorker),
+    #[cfg(feature = "aws")]
+    Aws(aws::AwsWorker),
 }
 
-/// Whether two offers are the same machine type at the same place and market (prices aside).
-pub fn same_offer(a: &Offer, b: &Offer) -> bool {
-    a.provider == b.provider
-        && a.instance_type == b.instance_type
-        && a.region == b.region
-        && a.zone == b.zone
-        && a.spot == b.spot
-}
-
-/// A machine a provider can launch, at a price.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Offer {
-    pub provider: String,
-    pub instance_type: String,
-    pub vcpus: f64,
-    pub memory_gb: f64,
-    #[serde(default)]
-    pub gpu: Option<String>,
-    #[serde(default)]
-    pub gpu_count: u32,
-    #[serde(default)]
-    pub vram_gb: f64,
-    pub region: String,
-    #[serde(default)]
-    pub zone: Option<String>,
-    pub price_usd_hour: f64,
-    pub spot: bool,
-    /// Where the price came from (an API, a catalog file, or "free").
-    pub price_source: String,
-    /// When the price was observed (seconds since the epoch), if known.
-    #[serde(default)]
-    pub priced_at: Option<u64>,
-}
-
-impl Offer {
-    /// Why the offer does not fit `spec`, if it does not.
-    pub fn misfit(&self, spec: &Spec) -> Option<String> {
-        if let Some(c) = spec.cpu_cores.filter(|c| *c > self.vcpus) {
-            return Some(format!("{} vCPUs, {c} wanted", self.vcpus));
-        }
-        if let Some(m) = spec.memory_gb.filter(|m| *m > self.memory_gb) {
-            return Some(format!("{} GB memory, {m} wanted", self.memory_gb));
-        }
-        let gpus_wanted = spec.gpu_count.unwrap_or(u32::from(spec.gpu.is_some()));
-        if gpus_wanted > self.gpu_count {
-            return Some(format!("{} GPUs, {gpus_wanted} wanted", self.gpu_count));
-        }
-        if let (Some(want), Some(have)) = (&spec.gpu, &self.gpu) {
-            if !have.to_lowercase().contains(&want.to_lowercase()) {
-                return Some(format!("GPU {have}, {want} wanted"));
-            }
-        }
-        if let Some(v) = spec.vram_gb.filter(|v| *v > self.vram_gb) {
-            return Some(format!("{} GB of GPU memory, {v} wanted", self.vram_gb));
-        }
-        if let Some(p) = spec.max_price_usd_hour.filter(|p| *p < self.price_usd_hour) {
-            return Some(format!("${}/h, at most ${p}/h wanted", self.price_usd_hour));
-        }
-        None
-    }
-}
-
-/// What a new worker needs to join its job.
-pub struct Bootstrap<'a> {
-    pub job: &'a str,
-    pub worker: &'a str,
-    pub nats_url: &'a str,
-    pub token: &'a str,
-    /// The job's folder on this machine (local providers keep workers' folders there).
-    pub job_dir: &'a Path,
-    pub shared_storage: Option<&'a Path>,
-    pub rt: &'a tokio::runtime::Handle,
-}
-
-/// Errors of a provider.
-#[derive(Debug, thiserror::Error)]
-pub enum ProviderError {
-    /// No capacity for this offer now: the driver tries the next one.
-    #[error("{provider} has no capacity for {instance_type}: {message}")]
-    Capacity {
-        provider: String,
-        instance_type: String,
-        message: String,
-    },
-    #[error("{provider}: {message}")]
-    Failed { provider: String, message: String },
-}
-
-/// A launched worker, as its provider sees it.
-pub trait Instance {
+impl Instance {
     /// The provider's id for it (a PID, an instance id).
-    fn instance_id(&self) -> String;
-    /// Its folder on this machine, for providers that have one (uploads go there).
-    fn local_dir(&self) -> Option<PathBuf> {
-        None
+    pub fn instance_id(&self) -> String {
+        match self {
+            Instance::Local(w) => format!("pid {}", w.pid),
+            Instance::Paperspace(w) => w.instance_id(),
+            #[cfg(feature = "aws")]
+            Instance::Aws(w) => w.instance_id(),
+        }
     }
-    /// Its network namespace, if it has one of its own on this machine.
-    fn netns(&self) -> Option<String> {
-        None
-    }
-    /// A flag that turns true when the provider knows the worker is gone.
-    fn gone_flag(&self) -> Arc<AtomicBool>;
-    /// Notes a task it runs (some providers end tasks themselves on terminate).
-    fn note_task(&mut self, _pid: i32) {}
-    /// Ends it, as losing the machine would.
-    fn terminate(&mut self);
-}
 
-/// How long a worker of `local` gets to register with the job.
-pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Its folder on this machine, for providers that have one (uploads go there).
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        match self {
+            Instance::Local(w) => Some(w.dir.clone()),
+            _ => None,
+        }
+    }
+
+    /// Its network namespace, if it has one of its own on this machine.
+    pub fn netns(&self) -> Option<String> {
+        match self {
+            Instance::Local(w) => w.netns.as_ref().map(|n| n.name.clone()),
+            _ => None,
+        }
+    }
+
+    /// What turns true when the provider knows the worker is gone.
+    pub fn gone(&self) -> Gone {
+        match self {
+            Instance::Local(w) => w.gone(),
+            Instance::Paperspace(w) => w.gone(),
+            #[cfg(feature = "aws")]
+            Instance::Aws(w) => w.gone(),
+        }
+    }
+
+    /// Notes a task it runs (some providers end tasks themselves on terminate).
+    pub fn note_task(&mut self, pid: i32) {
+        if let Instance::Local(w) = self {
+            w.task_pids.push(pid);
+        }
+    }
+
+    /// Ends it, as losing the machine would (for a cloud worker: its machine is deleted).
+    pub async fn terminate(&mut self) {
+        match self {
+            Instance::Local(w) => w.terminate(),
+            Instance::Paperspace(w) => w.terminate().await,
+            #[cfg(feature = "aws")]
+            Instance::Aws(w) => w.terminate().await,
+        }
+    }
+}
 
 /// A source of workers.
-pub trait Provider {
-    fn name(&self) -> &str;
+///
+/// An enum over the providers, with async methods, rather than a trait object: the providers
+/// are a closed set the driver knows (the runner names each one), an enum's async methods need
+/// no boxed futures, and no provider needs to be named outside this crate. The methods run on
+/// the caller's runtime (the one the runner makes); a provider keeps no runtime of its own,
+/// and its workers keep the handle of [`Bootstrap::rt`] for what they do in the background.
+pub enum Provider {
+    Local(local::LocalProvider),
+    Paperspace(paperspace::PaperspaceProvider),
+    #[cfg(feature = "aws")]
+    Aws(aws::AwsProvider),
+}
+
+impl From<local::LocalProvider> for Provider {
+    fn from(p: local::LocalProvider) -> Self {
+        Provider::Local(p)
+    }
+}
+
+impl From<paperspace::PaperspaceProvider> for Provider {
+    fn from(p: paperspace::PaperspaceProvider) -> Self {
+        Provider::Paperspace(p)
+    }
+}
+
+#[cfg(feature = "aws")]
+impl From<aws::AwsProvider> for Provider {
+    fn from(p: aws::AwsProvider) -> Self {
+        Provider::Aws(p)
+    }
+}
+
+impl Provider {
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::Local(_) => local::NAME,
+            Provider::Paperspace(_) => paperspace::NAME,
+            #[cfg(feature = "aws")]
+            Provider::Aws(_) => aws::NAME,
+        }
+    }
+
     /// How long a launched worker may take to register with the job before it counts as lost
     /// (a cloud machine boots for minutes; a local worker for seconds).
-    fn boot_timeout(&self) -> Duration {
-        DEFAULT_BOOT_TIMEOUT
+    pub fn boot_timeout(&self) -> Duration {
+        match self {
+            Provider::Local(_) => DEFAULT_BOOT_TIMEOUT,
+            Provider::Paperspace(p) => p.boot_timeout(),
+            #[cfg(feature = "aws")]
+            Provider::Aws(p) => p.boot_timeout(),
+        }
     }
+
     /// Offers that fit `spec`, any order.
-    fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError>;
+    pub async fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
+        match self {
+            Provider::Local(p) => p.offers(spec),
+            Provider::Paperspace(p) => p.offers(spec).await,
+            #[cfg(feature = "aws")]
+            Provider::Aws(p) => p.offers(spec).await,
+        }
+    }
+
     /// Launches a worker from `offer`.
-    fn launch(
+    pub async fn launch(
         &mut self,
         offer: &Offer,
-        boot: &Bootstrap,
-    ) -> Result<Box<dyn Instance>, ProviderError>;
-}
-
-/// Where a worker's boot script puts the job's NATS token (root only).
-pub const BOOT_TOKEN_PATH: &str = "/var/lib/cedana/nats-token";
-
-/// The `#!/bin/sh` script that makes a fresh cloud machine a worker of the job: it writes the
-/// job's NATS token to a root-only file with a shell builtin (never on a command line) and
-/// starts `AGENT daemon` for the job and worker in the background, its output in
-/// `/var/log/cedana-agent.log`. `extra` arguments go to the daemon (`--watch-spot`). The script
-/// holds the token: it goes to the provider's API once and is never logged.
-pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> String {
-    let mut daemon = format!(
-        "{} daemon --job {} --worker {} --nats-url {} --token-file {BOOT_TOKEN_PATH}",
-        sh_quote(agent),
-        sh_quote(boot.job),
-        sh_quote(boot.worker),
-        sh_quote(boot.nats_url),
-    );
-    if let Some(dir) = boot.shared_storage {
-        daemon.push_str(&format!(
-            " --shared-storage {}",
-            sh_quote(&dir.display().to_string())
-        ));
+        boot: &Bootstrap<'_>,
+    ) -> Result<Instance, ProviderError> {
+        Ok(match self {
+            Provider::Local(p) => Instance::Local(p.launch(offer, boot)?),
+            Provider::Paperspace(p) => Instance::Paperspace(p.launch(offer, boot).await?),
+            #[cfg(feature = "aws")]
+            Provider::Aws(p) => Instance::Aws(p.launch(offer, boot).await?),
+        })
     }
-    for a in extra {
-        daemon.push(' ');
-        daemon.push_str(&sh_quote(a));
-    }
-    format!(
-        "#!/bin/sh\n\
-         # Written by cedana-driver: makes this machine worker {worker} of job {job}.\n\
-         set -eu\n\
-         umask 077\n\
-         mkdir -p /var/lib/cedana\n\
-         # printf is a shell builtin: the token is not on any command line.\n\
-         printf '%s\\n' {token} > {BOOT_TOKEN_PATH}\n\
-         nohup {daemon} >>/var/log/cedana-agent.log 2>&1 &\n",
-        worker = boot.worker,
-        job = boot.job,
-        token = sh_quote(boot.token),
-    )
-}
-
-/// Whether every server of a NATS URL list is on loopback (or the list names none): a cloud
-/// machine cannot reach it.
-pub fn loopback_only(url: &str) -> bool {
-    cedana_protocol::NatsUrl::parse(url).loopback_only()
 }
 
 /// Every fitting offer of `providers`, cheapest first (on-demand before spot at the same
 /// price, then by name, so the order is stable). Also the reasons offers were turned down.
-pub fn ranked(providers: &[Box<dyn Provider>], spec: &Spec) -> (Vec<Offer>, Vec<String>) {
+/// The providers are asked one after the other.
+pub async fn ranked(providers: &[Provider], spec: &Spec) -> (Vec<Offer>, Vec<String>) {
+    let mut answers = Vec::new();
+    for p in providers {
+        answers.push(p.offers(spec).await);
+    }
+    rank(answers, spec)
+}
+
+/// [`ranked`] of the providers' answers.
+fn rank(answers: Vec<Result<Vec<Offer>, ProviderError>>, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
     let mut fit = Vec::new();
     let mut why = Vec::new();
-    for p in providers {
-        match p.offers(spec) {
+    for answer in answers {
+        match answer {
             Ok(offers) => {
                 for o in offers {
                     match o.misfit(spec) {
@@ -243,6 +212,7 @@ pub fn ranked(providers: &[Box<dyn Provider>], spec: &Spec) -> (Vec<Offer>, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn offer(t: &str, cpu: f64, mem: f64, price: f64) -> Offer {
         Offer {
@@ -262,34 +232,21 @@ mod tests {
         }
     }
 
-    struct Fixed(Vec<Offer>);
-    impl Provider for Fixed {
-        fn name(&self) -> &str {
-            "p"
-        }
-        fn offers(&self, _: &Spec) -> Result<Vec<Offer>, ProviderError> {
-            Ok(self.0.clone())
-        }
-        fn launch(&mut self, _: &Offer, _: &Bootstrap) -> Result<Box<dyn Instance>, ProviderError> {
-            unreachable!()
-        }
-    }
-
     #[test]
     fn cheapest_fitting_offer_comes_first() {
-        let providers: Vec<Box<dyn Provider>> = vec![Box::new(Fixed(vec![
+        let answers = vec![Ok(vec![
             offer("big", 8.0, 32.0, 0.40),
             offer("small", 1.0, 2.0, 0.01),
             offer("mid", 2.0, 8.0, 0.05),
             offer("mid-pricey", 4.0, 16.0, 0.30),
-        ]))];
+        ])];
         let spec = Spec {
             cpu_cores: Some(2.0),
             memory_gb: Some(4.0),
             max_price_usd_hour: Some(0.35),
             ..Default::default()
         };
-        let (fit, why) = ranked(&providers, &spec);
+        let (fit, why) = rank(answers, &spec);
         let names: Vec<&str> = fit.iter().map(|o| o.instance_type.as_str()).collect();
         assert_eq!(names, ["mid", "mid-pricey"]);
         assert_eq!(why.len(), 2, "{why:?}");

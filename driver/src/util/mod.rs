@@ -1,11 +1,14 @@
-//! Small things every layer uses: shell quoting, whole-file writes, the SSH client. Nothing
-//! here knows jobs, workers or providers.
+//! Small things every layer uses: shell quoting, whole-file writes, the SSH client, a flag
+//! that can be waited for ([`Flag`]). Nothing here knows jobs, workers or providers.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+pub mod flag;
 pub mod ssh;
+
+pub use flag::Flag;
 
 /// Single-quotes `s` for sh.
 pub fn sh_quote(s: &str) -> String {

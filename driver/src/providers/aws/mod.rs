@@ -1,6 +1,6 @@
 //! The `aws` provider (cargo feature `aws`): workers are EC2 instances, launched from the
 //! configured launch template or AMI with user-data that starts `cedana-agent daemon` for the
-//! job ([`crate::providers::worker_boot_script`], with `--watch-spot`).
+//! job ([`crate::providers::common::worker_boot_script`], with `--watch-spot`).
 //!
 //! Offers: the instance types of each enabled region (`DescribeInstanceTypes`, cached) in the
 //! enabled families that run the image's architecture and fit the job's spec; spot prices per
@@ -16,13 +16,16 @@
 //! instance is shutting down, stopped, terminated or no longer known; terminating (or dropping)
 //! the worker terminates the instance.
 //!
+//! The provider reaches EC2 at its first call, on the runtime that call runs on (the job's);
+//! a worker's poll runs on the job's runtime too, and dropping a worker terminates its
+//! instance there.
+//!
 //! The EC2 calls themselves, usable on their own (`bootstrap`, `bake`), are in [`api`].
 
 pub mod api;
 pub mod prices;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,10 +42,12 @@ pub use api::{
 pub use prices::{family_matches, newest_per_zone, SpotQuote, TypeInfo, SPOT_SOURCE};
 
 use crate::providers::catalog::{Catalog, CatalogEntry, Timestamp};
-use crate::providers::Spec;
-use crate::providers::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
+use crate::providers::common::{
+    finish_in_drop, loopback_only, worker_boot_script, Bootstrap, Gone, Offer, ProviderError, Spec,
+};
 
-const NAME: &str = "aws";
+/// The provider's name.
+pub const NAME: &str = "aws";
 
 /// Environment variable naming the launch template (name or `lt-` id), over the config's.
 pub const LAUNCH_TEMPLATE_ENV: &str = "CEDANA_AWS_LAUNCH_TEMPLATE";
@@ -216,65 +221,54 @@ impl Settings {
     }
 }
 
-/// The provider's runtime. Whoever drops it last may be inside another runtime (a worker
-/// dropped in async code), where a runtime cannot be dropped: then it is shut down in the
-/// background.
-pub struct OwnRuntime(Option<tokio::runtime::Runtime>);
-
-impl OwnRuntime {
-    fn get(&self) -> &tokio::runtime::Runtime {
-        self.0.as_ref().expect("the runtime lives until dropped")
-    }
+/// Why a region has no offers.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("launch template {template:?} (aws.launch_template) does not exist in {region}; make it there (cedana-driver bake --region {region}) or remove the region from aws.enabled_regions")]
+    NoTemplate { template: String, region: String },
+    #[error("image {image} (aws.image_id) does not exist in {region}; AMIs are regional: copy it there (aws ec2 copy-image) or remove the region from aws.enabled_regions")]
+    NoImage { image: String, region: String },
+    #[error("the launch template's image {image} does not exist in {region}")]
+    NoTemplateImage { image: String, region: String },
+    #[error("no {arch} instance type of {families} in {region} fits {spec}")]
+    NoFit {
+        arch: String,
+        families: String,
+        region: String,
+        spec: String,
+    },
+    #[error("{fit} instance types in {region} fit, but none has a price: no spot price from EC2 and no on-demand price in the catalog (add entries to ~/.cedana/catalog.json)")]
+    NoPrice { fit: usize, region: String },
 }
 
-impl Drop for OwnRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                rt.shutdown_background();
-            }
-        }
-    }
+/// EC2 and the regions offers are made in.
+struct Connection {
+    ec2: Arc<Ec2>,
+    regions: Vec<String>,
 }
 
 /// The `aws` provider.
 pub struct AwsProvider {
     settings: Settings,
     catalog: Catalog,
-    /// The provider's own runtime: the `Provider` trait is synchronous, and the SDK's clients
-    /// live on one runtime.
-    rt: Arc<OwnRuntime>,
-    ec2: Arc<Ec2>,
-    regions: Vec<String>,
+    /// EC2, reached at the first call that needs it, on the runtime that call runs on.
+    conn: tokio::sync::OnceCell<Connection>,
     types: Mutex<HashMap<String, Arc<Vec<TypeInfo>>>>,
     /// Per region: the architecture of the image workers boot from there (checked once).
     arches: Mutex<HashMap<String, String>>,
 }
 
 impl AwsProvider {
-    /// A provider with `settings`, on-demand prices from `catalog`. Must not be called from
-    /// inside a tokio runtime.
+    /// A provider with `settings`, on-demand prices from `catalog`. It reaches EC2 (the SDK's
+    /// configuration: region, credentials) at the first call that needs it, on the runtime
+    /// that call runs on; its EC2 clients live there, and it is used there from then on.
     pub fn new(settings: Settings, catalog: Catalog) -> Result<Self, ProviderError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cedana-aws")
-            .enable_all()
-            .build()
-            .map_err(|e| failed(format!("cannot start a runtime for the EC2 client: {e}")))?;
-        let ec2 = rt
-            .block_on(Ec2::connect(&settings.connect))
-            .map_err(|e| failed(e.to_string()))?;
-        let regions = if settings.regions.is_empty() {
-            vec![ec2.default_region().to_string()]
-        } else {
-            settings.regions.clone()
-        };
         Ok(AwsProvider {
             settings,
             catalog,
-            rt: Arc::new(OwnRuntime(Some(rt))),
-            ec2: Arc::new(ec2),
-            regions,
+            conn: tokio::sync::OnceCell::new(),
             types: Mutex::new(HashMap::new()),
             arches: Mutex::new(HashMap::new()),
         })
@@ -287,24 +281,49 @@ impl AwsProvider {
         Self::new(settings, catalog)
     }
 
+    /// EC2 and the regions, reached once.
+    async fn connection(&self) -> Result<&Connection, ProviderError> {
+        self.conn
+            .get_or_try_init(|| async {
+                let ec2 = Ec2::connect(&self.settings.connect)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                let regions = if self.settings.regions.is_empty() {
+                    vec![ec2.default_region().to_string()]
+                } else {
+                    self.settings.regions.clone()
+                };
+                Ok(Connection {
+                    ec2: Arc::new(ec2),
+                    regions,
+                })
+            })
+            .await
+    }
+
+    /// The client of `region`; only after [`AwsProvider::connection`].
+    fn client(&self, region: &str) -> Client {
+        self.conn
+            .get()
+            .expect("connected before any region is asked")
+            .ec2
+            .client(region)
+    }
+
     /// The settings in use.
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
-    /// The regions offers are made in.
-    pub fn regions(&self) -> &[String] {
-        &self.regions
+    /// The regions offers are made in (the settings', else the SDK's default region).
+    pub async fn regions(&self) -> Result<&[String], ProviderError> {
+        Ok(&self.connection().await?.regions)
     }
 
-    /// The EC2 access the provider uses (its calls must run on [`AwsProvider::runtime`]).
-    pub fn ec2(&self) -> &Arc<Ec2> {
-        &self.ec2
-    }
-
-    /// The provider's runtime.
-    pub fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.rt.get()
+    /// The EC2 access the provider uses (its calls run on the runtime of the provider's first
+    /// call).
+    pub async fn ec2(&self) -> Result<&Arc<Ec2>, ProviderError> {
+        Ok(&self.connection().await?.ec2)
     }
 
     /// The region's instance types (asked once).
@@ -317,7 +336,7 @@ impl AwsProvider {
         {
             return Ok(t.clone());
         }
-        let t = Arc::new(prices::instance_types(&self.ec2.client(region)).await?);
+        let t = Arc::new(prices::instance_types(&self.client(region)).await?);
         self.types
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -328,7 +347,7 @@ impl AwsProvider {
     /// The architecture of what workers in `region` boot from, checked against EC2 (the
     /// template and the image exist there; positive answers are kept). `Ok(None)` when nothing
     /// is configured; `Err` says why the region cannot be used.
-    async fn source(&self, region: &str) -> Result<Option<String>, String> {
+    async fn source(&self, region: &str) -> Result<Option<String>, RegionError> {
         if self.settings.launch_template.is_none() && self.settings.image_id.is_none() {
             return Ok(None);
         }
@@ -340,43 +359,39 @@ impl AwsProvider {
         {
             return Ok(Some(a.clone()));
         }
-        let client = self.ec2.client(region);
+        let client = self.client(region);
         let mut image = self.settings.image_id.clone();
         if let Some(lt) = &self.settings.launch_template {
-            let found = find_launch_template(&client, lt)
-                .await
-                .map_err(|e| e.to_string())?;
+            let found = find_launch_template(&client, lt).await?;
             let Some((id, _)) = found else {
-                return Err(format!(
-                    "launch template {lt:?} (aws.launch_template) does not exist in {region}; make it there (cedana-driver bake --region {region}) or remove the region from aws.enabled_regions"
-                ));
+                return Err(RegionError::NoTemplate {
+                    template: lt.clone(),
+                    region: region.to_string(),
+                });
             };
             if image.is_none() {
-                image = launch_template_image(&client, &id)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                image = launch_template_image(&client, &id).await?;
             }
         }
         let mut architecture = self.settings.architecture.clone();
         if let Some(img) = &image {
-            match describe_image(&client, img)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            match describe_image(&client, img).await? {
                 Some(v) => {
                     if let Some(a) = v.architecture {
                         architecture = a;
                     }
                 }
                 None if self.settings.image_id.is_some() => {
-                    return Err(format!(
-                        "image {img} (aws.image_id) does not exist in {region}; AMIs are regional: copy it there (aws ec2 copy-image) or remove the region from aws.enabled_regions"
-                    ))
+                    return Err(RegionError::NoImage {
+                        image: img.clone(),
+                        region: region.to_string(),
+                    })
                 }
                 None => {
-                    return Err(format!(
-                        "the launch template's image {img} does not exist in {region}"
-                    ))
+                    return Err(RegionError::NoTemplateImage {
+                        image: img.clone(),
+                        region: region.to_string(),
+                    })
                 }
             }
         }
@@ -388,12 +403,12 @@ impl AwsProvider {
     }
 
     /// The offers of one region; `Err` says why the region has none.
-    async fn region_offers(&self, region: &str, spec: &Spec) -> Result<Vec<Offer>, String> {
+    async fn region_offers(&self, region: &str, spec: &Spec) -> Result<Vec<Offer>, RegionError> {
         let arch = self
             .source(region)
             .await?
             .unwrap_or_else(|| self.settings.architecture.clone());
-        let types = self.types(region).await.map_err(|e| e.to_string())?;
+        let types = self.types(region).await?;
         let hardware_only = Spec {
             max_price_usd_hour: None,
             ..spec.clone()
@@ -414,10 +429,12 @@ impl AwsProvider {
             } else {
                 format!("families {:?}", self.settings.families)
             };
-            return Err(format!(
-                "no {arch} instance type of {families} in {region} fits {}",
-                serde_json::to_string(&hardware_only).unwrap_or_default()
-            ));
+            return Err(RegionError::NoFit {
+                arch,
+                families,
+                region: region.to_string(),
+                spec: serde_json::to_string(&hardware_only).unwrap_or_default(),
+            });
         }
         let mut offers = Vec::new();
         // Spot: the newest price per zone, or the catalog's when EC2 cannot say.
@@ -427,8 +444,7 @@ impl AwsProvider {
                 .filter(|t| t.spot)
                 .map(|t| t.name.clone())
                 .collect();
-            match prices::spot_quotes(&self.ec2.client(region), &names, self.settings.spot_window)
-                .await
+            match prices::spot_quotes(&self.client(region), &names, self.settings.spot_window).await
             {
                 Ok(quotes) => {
                     for q in quotes {
@@ -478,10 +494,10 @@ impl AwsProvider {
             }
         }
         if offers.is_empty() {
-            return Err(format!(
-                "{} instance types in {region} fit, but none has a price: no spot price from EC2 and no on-demand price in the catalog (add entries to ~/.cedana/catalog.json)",
-                fit.len()
-            ));
+            return Err(RegionError::NoPrice {
+                fit: fit.len(),
+                region: region.to_string(),
+            });
         }
         Ok(offers)
     }
@@ -499,10 +515,10 @@ impl AwsProvider {
     /// entries (provider `aws`, per type and zone, `spot: true`, source
     /// `aws:DescribeSpotPriceHistory`, the time EC2 gives the price), for
     /// `cedana-driver price --refresh` to keep.
-    pub fn refresh_catalog(&self) -> Result<Vec<CatalogEntry>, ProviderError> {
-        self.rt
-            .get()
-            .block_on(refresh_catalog(&self.ec2, &self.settings, &self.regions))
+    pub async fn refresh_catalog(&self) -> Result<Vec<CatalogEntry>, ProviderError> {
+        let c = self.connection().await?;
+        refresh_catalog(&c.ec2, &self.settings, &c.regions)
+            .await
             .map_err(|e| failed(e.to_string()))
     }
 }
@@ -547,20 +563,17 @@ pub async fn refresh_catalog(
     Ok(out)
 }
 
-impl Provider for AwsProvider {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    fn boot_timeout(&self) -> Duration {
+impl AwsProvider {
+    /// How long a new instance gets to boot and register with the job.
+    pub fn boot_timeout(&self) -> Duration {
         self.settings.boot_timeout
     }
 
-    fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
-        let results: Vec<Result<Vec<Offer>, String>> = self.rt.get().block_on(async {
-            futures::future::join_all(self.regions.iter().map(|r| self.region_offers(r, spec)))
-                .await
-        });
+    /// The offers of the enabled regions (asked at the same time) that fit `spec`'s hardware.
+    pub async fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
+        let regions = &self.connection().await?.regions;
+        let results =
+            futures::future::join_all(regions.iter().map(|r| self.region_offers(r, spec))).await;
         let mut offers = Vec::new();
         let mut why = Vec::new();
         for r in results {
@@ -570,6 +583,7 @@ impl Provider for AwsProvider {
             }
         }
         if offers.is_empty() && !why.is_empty() {
+            let why: Vec<String> = why.iter().map(ToString::to_string).collect();
             return Err(failed(why.join("; ")));
         }
         for w in &why {
@@ -578,11 +592,13 @@ impl Provider for AwsProvider {
         Ok(offers)
     }
 
-    fn launch(
+    /// Launches an instance for `offer` that becomes worker `boot.worker` of the job; its
+    /// state is then followed on `boot.rt`.
+    pub async fn launch(
         &mut self,
         offer: &Offer,
-        boot: &Bootstrap,
-    ) -> Result<Box<dyn Instance>, ProviderError> {
+        boot: &Bootstrap<'_>,
+    ) -> Result<AwsWorker, ProviderError> {
         if loopback_only(boot.nats_url) {
             return Err(failed(format!(
                 "the job's NATS server ({}) is not reachable from EC2 instances (loopback or no address); set connection.nats_url (and connection.auth_token) in the config to a NATS server the instances can reach (docs/providers.md)",
@@ -596,9 +612,9 @@ impl Provider for AwsProvider {
             )));
         }
         let region = offer.region.clone();
-        let client = self.ec2.client(&region);
-        let user_data =
-            crate::providers::worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
+        self.connection().await?;
+        let client = self.client(&region);
+        let user_data = worker_boot_script(&self.settings.agent, boot, &["--watch-spot"]);
         let token = cedana_protocol::random_hex(16)
             .map_err(|e| failed(format!("cannot read /dev/urandom: {e}")))?;
         let req = RunRequest {
@@ -625,34 +641,31 @@ impl Provider for AwsProvider {
             ],
             client_token: Some(format!("cedana-{token}")),
         };
-        let id = self.rt.get().block_on(async {
-            if let Err(why) = self.source(&region).await {
-                return Err(failed(why));
-            }
-            run_instance(&client, &req).await.map_err(|e| {
-                if e.is_capacity() {
-                    ProviderError::Capacity {
-                        provider: NAME.into(),
-                        instance_type: offer.instance_type.clone(),
-                        message: format!(
-                            "{}{}",
-                            offer
-                                .zone
-                                .as_deref()
-                                .map(|z| format!("{z}, "))
-                                .unwrap_or_default(),
-                            e
-                        ),
-                    }
-                } else {
-                    failed(e.to_string())
+        if let Err(why) = self.source(&region).await {
+            return Err(failed(why.to_string()));
+        }
+        let id = run_instance(&client, &req).await.map_err(|e| {
+            if e.is_capacity() {
+                ProviderError::Capacity {
+                    provider: NAME.into(),
+                    instance_type: offer.instance_type.clone(),
+                    message: format!(
+                        "{}{}",
+                        offer
+                            .zone
+                            .as_deref()
+                            .map(|z| format!("{z}, "))
+                            .unwrap_or_default(),
+                        e
+                    ),
                 }
-            })
+            } else {
+                failed(e.to_string())
+            }
         })?;
-        let gone = Arc::new(AtomicBool::new(false));
-        let poller = self
+        let gone = Gone::new();
+        let poller = boot
             .rt
-            .get()
             .spawn(watch(
                 client.clone(),
                 id.clone(),
@@ -660,15 +673,15 @@ impl Provider for AwsProvider {
                 gone.clone(),
             ))
             .abort_handle();
-        Ok(Box::new(AwsWorker {
+        Ok(AwsWorker {
             id,
             region,
             client,
-            rt: self.rt.clone(),
+            rt: boot.rt.clone(),
             gone,
             poller: Some(poller),
             ended: false,
-        }))
+        })
     }
 }
 
@@ -678,7 +691,7 @@ const UNSEEN_GRACE: Duration = Duration::from_secs(120);
 
 /// Follows a worker's instance until it is gone: shutting down, stopping, stopped, terminated,
 /// or unknown to EC2 (after it was seen, or for longer than [`UNSEEN_GRACE`]).
-async fn watch(client: Client, id: String, every: Duration, gone: Arc<AtomicBool>) {
+async fn watch(client: Client, id: String, every: Duration, gone: Gone) {
     let started = tokio::time::Instant::now();
     let mut seen = false;
     loop {
@@ -686,13 +699,13 @@ async fn watch(client: Client, id: String, every: Duration, gone: Arc<AtomicBool
         match describe_instance(&client, &id).await {
             Ok(Some(v)) if v.is_gone() => {
                 tracing::info!(instance = %id, state = %v.state, reason = v.state_reason.as_deref().unwrap_or(""), "EC2 instance is gone");
-                gone.store(true, Ordering::SeqCst);
+                gone.set();
                 return;
             }
             Ok(Some(_)) => seen = true,
             Ok(None) if seen || started.elapsed() > UNSEEN_GRACE => {
                 tracing::info!(instance = %id, "EC2 no longer knows the instance");
-                gone.store(true, Ordering::SeqCst);
+                gone.set();
                 return;
             }
             Ok(None) => {}
@@ -708,21 +721,42 @@ pub struct AwsWorker {
     id: String,
     region: String,
     client: Client,
-    rt: Arc<OwnRuntime>,
-    gone: Arc<AtomicBool>,
+    /// The runtime it was launched on: its poller runs there, and so does the termination
+    /// when it is dropped.
+    rt: tokio::runtime::Handle,
+    gone: Gone,
     poller: Option<tokio::task::AbortHandle>,
     ended: bool,
 }
 
 impl AwsWorker {
+    /// The instance's id.
+    pub fn instance_id(&self) -> String {
+        self.id.clone()
+    }
+
     /// The instance's region.
     pub fn region(&self) -> &str {
         &self.region
     }
 
-    fn end(&mut self) {
+    /// What turns true when the instance is gone (or the worker was terminated).
+    pub fn gone(&self) -> Gone {
+        self.gone.clone()
+    }
+
+    /// Terminates the instance (once), waiting for EC2's answer (at most 120 s).
+    pub async fn terminate(&mut self) {
+        if let Some(work) = self.end() {
+            work.await;
+            self.gone.set();
+        }
+    }
+
+    /// The termination still to do, once: the poller is stopped.
+    fn end(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         if self.ended {
-            return;
+            return None;
         }
         self.ended = true;
         if let Some(p) = self.poller.take() {
@@ -731,7 +765,7 @@ impl AwsWorker {
         let client = self.client.clone();
         let id = self.id.clone();
         let region = self.region.clone();
-        let work = async move {
+        Some(async move {
             let r = tokio::time::timeout(Duration::from_secs(120), terminate(&client, &id)).await;
             let err = match r {
                 Ok(Ok(())) => return,
@@ -740,37 +774,16 @@ impl AwsWorker {
             };
             tracing::error!(instance = %id, %region, error = %err, "cannot terminate the EC2 instance; terminate it in the console to stop paying for it");
             tracing::error!("cannot terminate EC2 instance {id} in {region}: {err}; terminate it in the EC2 console to stop paying for it");
-        };
-        let on_own_runtime = std::thread::current().name() == Some("cedana-aws");
-        if on_own_runtime {
-            // Cannot wait here for the runtime this thread drives: in the background.
-            self.rt.get().spawn(work);
-        } else if tokio::runtime::Handle::try_current().is_ok() {
-            // Inside another runtime nothing may block_on: a helper thread waits.
-            let rt = self.rt.clone();
-            let _ = std::thread::spawn(move || rt.get().block_on(work)).join();
-        } else {
-            self.rt.get().block_on(work);
-        }
-        self.gone.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Instance for AwsWorker {
-    fn instance_id(&self) -> String {
-        self.id.clone()
-    }
-    fn gone_flag(&self) -> Arc<AtomicBool> {
-        self.gone.clone()
-    }
-    fn terminate(&mut self) {
-        self.end();
+        })
     }
 }
 
 impl Drop for AwsWorker {
     fn drop(&mut self) {
-        self.end();
+        if let Some(work) = self.end() {
+            finish_in_drop(&self.rt, work);
+            self.gone.set();
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{InstanceType, InstanceTypeInfo, RiProductDescription, S
 use aws_sdk_ec2::Client;
 
 use super::api::{region_of, sdk_error, AwsError};
-use crate::providers::Offer;
+use crate::providers::common::Offer;
 
 /// Types per `DescribeSpotPriceHistory` request.
 const TYPES_PER_REQUEST: usize = 100;

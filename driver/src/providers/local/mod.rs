@@ -19,12 +19,15 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+use crate::providers::common::{Bootstrap, Gone, Offer, ProviderError, Spec};
+
+/// The provider's name.
+pub const NAME: &str = "local";
 
 /// A local worker: the daemon process and the tasks it reported.
 pub struct LocalWorker {
@@ -34,7 +37,8 @@ pub struct LocalWorker {
     pub dir: PathBuf,
     /// Whether the worker runs in its own mount namespace.
     pub isolated: bool,
-    exited: Arc<AtomicBool>,
+    /// Set when the daemon has exited.
+    exited: Gone,
     pub task_pids: Vec<i32>,
     /// The worker's network namespace, if it has one (removed when the worker ends).
     pub netns: Option<NetNs>,
@@ -152,8 +156,12 @@ impl LocalWorker {
                 if to.is_empty() {
                     return Err(std::io::Error::other("cannot read the NATS URL"));
                 }
-                let listener =
-                    s.rt.block_on(tokio::net::TcpListener::bind((ns.host_ip, 0)))?;
+                let listener = std::net::TcpListener::bind((ns.host_ip, 0))?;
+                listener.set_nonblocking(true)?;
+                let listener = {
+                    let _rt = s.rt.enter();
+                    tokio::net::TcpListener::from_std(listener)?
+                };
                 let port = listener.local_addr()?.port();
                 let fd = std::fs::File::open(format!("/run/netns/{name}"))?;
                 Ok((ns, listener, port, to, fd))
@@ -202,11 +210,11 @@ impl LocalWorker {
                 log,
             })?;
             let pid = child.id() as i32;
-            let exited = Arc::new(AtomicBool::new(false));
+            let exited = Gone::new();
             let flag = exited.clone();
             std::thread::spawn(move || {
                 let _ = child.wait();
-                flag.store(true, Ordering::SeqCst);
+                flag.set();
             });
             return Ok(LocalWorker {
                 id: s.id.into(),
@@ -268,11 +276,11 @@ impl LocalWorker {
             .spawn()
             .map_err(|source| LocalError::Spawn { agent, source })?;
         let pid = child.id() as i32;
-        let exited = Arc::new(AtomicBool::new(false));
+        let exited = Gone::new();
         let flag = exited.clone();
         std::thread::spawn(move || {
             let _ = child.wait();
-            flag.store(true, Ordering::SeqCst);
+            flag.set();
         });
         Ok(LocalWorker {
             id: s.id.into(),
@@ -291,14 +299,14 @@ impl LocalWorker {
         })
     }
 
-    /// A flag that turns true when the daemon exits.
-    pub fn exited_arc(&self) -> Arc<AtomicBool> {
+    /// What turns true when the daemon exits (or the worker is terminated).
+    pub fn gone(&self) -> Gone {
         self.exited.clone()
     }
 
     /// Whether the daemon has exited.
     pub fn exited(&self) -> bool {
-        self.exited.load(Ordering::SeqCst)
+        self.exited.is_set()
     }
 
     /// Ends the worker as an instance ends: its tasks and the daemon are killed, its network
@@ -316,12 +324,7 @@ impl LocalWorker {
             // The container's processes all die with it (PIDs there are not this machine's).
             self.task_pids.clear();
             container::remove(&root, &id);
-            for _ in 0..100 {
-                if self.exited() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            self.exited.wait_timeout(Duration::from_secs(5));
             return;
         }
         for pid in self.task_pids.drain(..) {
@@ -331,19 +334,11 @@ impl LocalWorker {
             return;
         }
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
-        for _ in 0..40 {
-            if self.exited() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self.exited.wait_timeout(Duration::from_secs(2)) {
+            return;
         }
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-        for _ in 0..40 {
-            if self.exited() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.exited.wait_timeout(Duration::from_secs(2));
     }
 }
 
@@ -376,17 +371,11 @@ fn memory_gb() -> f64 {
         .unwrap_or(0.0)
 }
 
-impl crate::providers::Provider for LocalProvider {
-    fn name(&self) -> &str {
-        "local"
-    }
-
-    fn offers(
-        &self,
-        _spec: &crate::providers::Spec,
-    ) -> Result<Vec<crate::providers::Offer>, crate::providers::ProviderError> {
+impl LocalProvider {
+    /// Its offers (every one of them: the ranking says which fit).
+    pub fn offers(&self, _spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
         let priced = crate::providers::catalog::Catalog::load()
-            .map_err(|e| crate::providers::ProviderError::Failed {
+            .map_err(|e| ProviderError::Failed {
                 provider: "local".into(),
                 message: e.to_string(),
             })?
@@ -397,7 +386,7 @@ impl crate::providers::Provider for LocalProvider {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        Ok(vec![crate::providers::Offer {
+        Ok(vec![Offer {
             provider: "local".into(),
             instance_type: if self.image.is_some() {
                 "local-container".into()
@@ -418,11 +407,8 @@ impl crate::providers::Provider for LocalProvider {
         }])
     }
 
-    fn launch(
-        &mut self,
-        _offer: &crate::providers::Offer,
-        b: &crate::providers::Bootstrap,
-    ) -> Result<Box<dyn crate::providers::Instance>, crate::providers::ProviderError> {
+    /// Starts a worker's daemon on this machine (it blocks until the daemon is started).
+    pub fn launch(&mut self, _offer: &Offer, b: &Bootstrap) -> Result<LocalWorker, ProviderError> {
         let dir = b.job_dir.join("workers").join(b.worker);
         let log = b.job_dir.join("logs").join(format!("{}.log", b.worker));
         let w = LocalWorker::launch(&LaunchSpec {
@@ -437,7 +423,7 @@ impl crate::providers::Provider for LocalProvider {
             rt: b.rt,
             image: self.image.as_deref(),
         })
-        .map_err(|e| crate::providers::ProviderError::Failed {
+        .map_err(|e| ProviderError::Failed {
             provider: "local".into(),
             message: e.to_string(),
         })?;
@@ -449,27 +435,6 @@ impl crate::providers::Provider for LocalProvider {
                 )
             });
         }
-        Ok(Box::new(w))
-    }
-}
-
-impl crate::providers::Instance for LocalWorker {
-    fn instance_id(&self) -> String {
-        format!("pid {}", self.pid)
-    }
-    fn local_dir(&self) -> Option<PathBuf> {
-        Some(self.dir.clone())
-    }
-    fn netns(&self) -> Option<String> {
-        self.netns.as_ref().map(|n| n.name.clone())
-    }
-    fn gone_flag(&self) -> Arc<AtomicBool> {
-        self.exited_arc()
-    }
-    fn note_task(&mut self, pid: i32) {
-        self.task_pids.push(pid);
-    }
-    fn terminate(&mut self) {
-        LocalWorker::terminate(self);
+        Ok(w)
     }
 }

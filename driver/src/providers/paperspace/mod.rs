@@ -12,24 +12,30 @@
 //! `?after=`); errors are read as the reference's `{code, message}`; HTTP 429 is retried after
 //! the `Retry-After` the server asks for, a bounded number of times.
 //!
+//! The API client is [`api`]; this module is the provider: offers, launches, and workers
+//! whose machines are followed (`GET /machines/{id}`, its event) until they are gone.
+//!
 //! Paperspace publishes no price API, so offers come from the price catalog
 //! ([`crate::providers::catalog`]) for the enabled regions, less the types the API says are not available
 //! right now. The API key never reaches logs or error messages; the job's NATS token is sent
 //! only inside the startup script's body.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+pub mod api;
+
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use cedana_protocol::config::{PaperspaceConfig, Secret};
-use reqwest::{Method, StatusCode};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+
+pub use api::{
+    ApiError, Client, CreateMachine, Machine, MachineEvent, Retry, StartupScript, Template,
+    TemplateMachineType,
+};
 
 use crate::providers::catalog::Catalog;
-use crate::providers::Spec;
-use crate::providers::{loopback_only, Bootstrap, Instance, Offer, Provider, ProviderError};
+use crate::providers::common::{
+    loopback_only, worker_boot_script, Bootstrap, Gone, Offer, ProviderError, Spec,
+};
 
 /// The public API.
 pub const DEFAULT_URL: &str = "https://api.paperspace.com/v1";
@@ -42,11 +48,10 @@ pub const DISK_ENV: &str = "CEDANA_PAPERSPACE_DISK_GB";
 /// Environment variable with the agent's command on the machines.
 pub const AGENT_ENV: &str = "CEDANA_PAPERSPACE_AGENT";
 
-const NAME: &str = "paperspace";
+/// The provider's name.
+pub const NAME: &str = "paperspace";
 /// Disk sizes Paperspace offers, in GB.
 const DISK_SIZES: [u32; 8] = [50, 100, 250, 500, 1000, 2000, 5000, 10000];
-/// Lists longer than this many pages are refused rather than followed forever.
-const MAX_PAGES: usize = 1000;
 
 /// Paperspace's regions: the console's name (what the original's config holds in
 /// `paperspace.enabled_regions`) and the API's name.
@@ -64,643 +69,6 @@ pub fn api_region(name: &str) -> Option<&'static str> {
         .find(|(long, short)| n.eq_ignore_ascii_case(long) || n.eq_ignore_ascii_case(short))
         .map(|(_, short)| *short)
 }
-
-// ---------------------------------------------------------------------------------------------
-// The API client
-// ---------------------------------------------------------------------------------------------
-
-/// Errors of the Paperspace API. None of them holds the API key.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The API answered with an error (`{code, message}`).
-    #[error("paperspace API {method} {path}: HTTP {status} {code}: {message}")]
-    Status {
-        method: String,
-        path: String,
-        status: u16,
-        code: String,
-        message: String,
-    },
-    #[error("paperspace API {method} {path}: {message}")]
-    Transport {
-        method: String,
-        path: String,
-        message: String,
-    },
-    #[error("paperspace API {method} {path}: answer not understood: {message}")]
-    Decode {
-        method: String,
-        path: String,
-        message: String,
-    },
-    #[error("paperspace API {method} {path}: still rate limited (HTTP 429) after {attempts} attempts; try again later")]
-    RateLimited {
-        method: String,
-        path: String,
-        attempts: u32,
-    },
-    #[error("paperspace API GET {path}: the list did not end ({why})")]
-    Paging { path: String, why: String },
-}
-
-impl ApiError {
-    /// HTTP status of an API error.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ApiError::Status { status, .. } => Some(*status),
-            ApiError::RateLimited { .. } => Some(429),
-            _ => None,
-        }
-    }
-
-    /// The key was refused.
-    pub fn is_auth(&self) -> bool {
-        matches!(self.status(), Some(401 | 403))
-    }
-
-    /// No such resource.
-    pub fn is_not_found(&self) -> bool {
-        self.status() == Some(404)
-    }
-
-    /// The machine type cannot be had now. The reference lists no error code for this, so it
-    /// is read from the message (the old Core API said creation fails on "machine
-    /// availability"); `GET /machine-availability` is asked first anyway.
-    pub fn is_capacity(&self) -> bool {
-        let ApiError::Status { code, message, .. } = self else {
-            return false;
-        };
-        let text = format!("{code} {message}").to_lowercase();
-        [
-            "capacity",
-            "no availability",
-            "not available",
-            "unavailable",
-            "out of stock",
-            "insufficient",
-            "sold out",
-        ]
-        .iter()
-        .any(|p| text.contains(p))
-    }
-}
-
-/// How often and how long to wait on HTTP 429 (and, for reads and deletes, on 502/503/504 and
-/// broken connections).
-#[derive(Clone, Copy, Debug)]
-pub struct Retry {
-    /// Requests in all, the first included.
-    pub attempts: u32,
-    /// Wait when the server names none; doubled each time.
-    pub first_wait: Duration,
-    /// No wait is longer than this, whatever `Retry-After` says.
-    pub max_wait: Duration,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            attempts: 5,
-            first_wait: Duration::from_secs(1),
-            max_wait: Duration::from_secs(30),
-        }
-    }
-}
-
-/// A machine as the API describes it (the fields the driver reads).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Machine {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    /// `off`, `starting`, `stopping`, `restarting`, `serviceready`, `ready`, `upgrading`,
-    /// `provisioning`.
-    #[serde(default)]
-    pub state: String,
-    #[serde(default)]
-    pub machine_type: String,
-    #[serde(default)]
-    pub region: String,
-    #[serde(default)]
-    pub public_ip: Option<String>,
-    #[serde(default)]
-    pub private_ip: Option<String>,
-    #[serde(default)]
-    pub dt_deleted: Option<serde_json::Value>,
-}
-
-impl Machine {
-    /// Whether the API says it was deleted.
-    pub fn deleted(&self) -> bool {
-        match &self.dt_deleted {
-            None | Some(serde_json::Value::Null) => false,
-            Some(serde_json::Value::Object(o)) => !o.is_empty(),
-            Some(serde_json::Value::String(s)) => !s.is_empty(),
-            Some(_) => true,
-        }
-    }
-}
-
-/// An asynchronous operation on a machine.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MachineEvent {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    /// `new`, `in progress`, `done`, `error`, `cancelled`.
-    #[serde(default)]
-    pub state: String,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-/// A machine type a template can run on.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TemplateMachineType {
-    pub machine_type_label: String,
-    #[serde(default)]
-    pub is_available: bool,
-}
-
-/// An OS or custom template.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Template {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub operating_system_label: Option<String>,
-    #[serde(default)]
-    pub region: Option<String>,
-    #[serde(default)]
-    pub default_size_gb: Option<f64>,
-    #[serde(default)]
-    pub available_machine_types: Vec<TemplateMachineType>,
-}
-
-impl Template {
-    /// Whether machines of `machine_type` can be made from it (when it says).
-    pub fn allows(&self, machine_type: &str) -> bool {
-        self.available_machine_types.is_empty()
-            || self
-                .available_machine_types
-                .iter()
-                .any(|t| t.is_available && t.machine_type_label.eq_ignore_ascii_case(machine_type))
-    }
-}
-
-/// A startup script (the API does not send the script text back).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StartupScript {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-}
-
-/// `POST /machines`.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateMachine {
-    pub name: String,
-    pub machine_type: String,
-    pub template_id: String,
-    pub disk_size: u32,
-    pub region: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub startup_script_id: Option<String>,
-    pub public_ip_type: String,
-    pub start_on_create: bool,
-    pub email_password: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Page<T> {
-    #[serde(default)]
-    has_more: bool,
-    #[serde(default)]
-    next_page: Option<String>,
-    items: Vec<T>,
-}
-
-/// The answer to machine operations: the machine and the event to follow.
-#[derive(Deserialize)]
-struct WithEvent<T> {
-    data: T,
-    #[serde(default)]
-    event: Option<MachineEvent>,
-}
-
-#[derive(Deserialize)]
-struct Availability {
-    available: bool,
-}
-
-/// A client of Paperspace's public API. Cheap to clone.
-#[derive(Clone)]
-pub struct Client {
-    http: reqwest::Client,
-    base: String,
-    key: Secret,
-    retry: Retry,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("base", &self.base)
-            .field("key", &self.key)
-            .finish()
-    }
-}
-
-/// Percent-encodes one path segment (ids come from the API, but are not trusted).
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// A `Retry-After` value: seconds, or an HTTP date.
-fn retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT".
-    let parts: Vec<&str> = v.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| *m == parts[2])? + 1;
-    let at = crate::providers::catalog::parse_rfc3339(&format!(
-        "{}-{month:02}-{:0>2}T{}Z",
-        parts[3], parts[1], parts[4]
-    ))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs();
-    Some(Duration::from_secs(at.saturating_sub(now)))
-}
-
-/// The whole chain of an error's causes, without the URL.
-fn transport_message(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
-impl Client {
-    /// A client of the API at `base_url` (`https://api.paperspace.com/v1`) with `key`.
-    pub fn new(base_url: &str, key: Secret, retry: Retry) -> Result<Self, ApiError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .user_agent(concat!("cedana-driver/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ApiError::Transport {
-                method: "-".into(),
-                path: "-".into(),
-                message: transport_message(e),
-            })?;
-        Ok(Client {
-            http,
-            base: base_url.trim_end_matches('/').to_string(),
-            key,
-            retry,
-        })
-    }
-
-    /// The base URL.
-    pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
-    /// The error of a non-2xx answer: the reference's `{code, message}` when the body has it.
-    fn status_error(
-        &self,
-        method: &Method,
-        path: &str,
-        status: StatusCode,
-        body: &str,
-    ) -> ApiError {
-        let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
-        let field = |k: &str| {
-            parsed
-                .as_ref()
-                .and_then(|v| v.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        let code = field("code").unwrap_or_else(|| {
-            status
-                .canonical_reason()
-                .unwrap_or("ERROR")
-                .to_uppercase()
-                .replace(' ', "_")
-        });
-        let mut message = field("message").unwrap_or_else(|| {
-            let t: String = body.trim().chars().take(300).collect();
-            if t.is_empty() {
-                "(no message)".into()
-            } else {
-                t
-            }
-        });
-        // Whatever the server says, the key is not repeated.
-        let key = self.key.expose();
-        if key.len() >= 4 && message.contains(key) {
-            message = message.replace(key, "<redacted>");
-        }
-        ApiError::Status {
-            method: method.to_string(),
-            path: path.to_string(),
-            status: status.as_u16(),
-            code,
-            message,
-        }
-    }
-
-    /// One API call, retried on HTTP 429 (and, when safe, on transient failures).
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<&serde_json::Value>,
-    ) -> Result<T, ApiError> {
-        let url = format!("{}{path}", self.base);
-        let idempotent = method == Method::GET || method == Method::DELETE;
-        let attempts = self.retry.attempts.max(1);
-        let mut wait = self.retry.first_wait;
-        for attempt in 1..=attempts {
-            let last = attempt == attempts;
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .bearer_auth(self.key.expose())
-                .header(reqwest::header::ACCEPT, "application/json");
-            if !query.is_empty() {
-                req = req.query(query);
-            }
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            tracing::debug!(%method, path, attempt, "paperspace request");
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if idempotent && !last => {
-                    tracing::debug!(%method, path, error = %transport_message(e), "paperspace request failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(self.retry.max_wait);
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ApiError::Transport {
-                        method: method.to_string(),
-                        path: path.to_string(),
-                        message: transport_message(e),
-                    })
-                }
-            };
-            let status = resp.status();
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                if last {
-                    break;
-                }
-                let asked = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(retry_after);
-                let pause = asked.unwrap_or(wait).min(self.retry.max_wait);
-                tracing::info!(%method, path, wait_secs = pause.as_secs_f64(), "paperspace rate limit (HTTP 429); waiting as asked");
-                tokio::time::sleep(pause).await;
-                wait = (wait * 2).min(self.retry.max_wait);
-                continue;
-            }
-            if idempotent && !last && matches!(status.as_u16(), 502..=504) {
-                tracing::debug!(%method, path, status = status.as_u16(), "paperspace unavailable; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(self.retry.max_wait);
-                continue;
-            }
-            let text = resp.text().await.map_err(|e| ApiError::Transport {
-                method: method.to_string(),
-                path: path.to_string(),
-                message: transport_message(e),
-            })?;
-            if !status.is_success() {
-                return Err(self.status_error(&method, path, status, &text));
-            }
-            return serde_json::from_str(&text).map_err(|e| ApiError::Decode {
-                method: method.to_string(),
-                path: path.to_string(),
-                message: e.to_string(),
-            });
-        }
-        Err(ApiError::RateLimited {
-            method: method.to_string(),
-            path: path.to_string(),
-            attempts,
-        })
-    }
-
-    /// Every item of a paginated list, page after page.
-    async fn list<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        filters: &[(&str, String)],
-    ) -> Result<Vec<T>, ApiError> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        let mut cursors = HashSet::new();
-        for _ in 0..MAX_PAGES {
-            let mut q: Vec<(&str, String)> = filters.to_vec();
-            q.push(("limit", "120".into()));
-            if let Some(a) = &after {
-                q.push(("after", a.clone()));
-            }
-            let page: Page<T> = self.call(Method::GET, path, &q, None).await?;
-            out.extend(page.items);
-            match page.next_page.filter(|n| page.has_more && !n.is_empty()) {
-                None => return Ok(out),
-                Some(next) if cursors.insert(next.clone()) => after = Some(next),
-                Some(next) => {
-                    return Err(ApiError::Paging {
-                        path: path.into(),
-                        why: format!("cursor {next:?} came back twice"),
-                    })
-                }
-            }
-        }
-        Err(ApiError::Paging {
-            path: path.into(),
-            why: format!("more than {MAX_PAGES} pages"),
-        })
-    }
-
-    /// `GET /machines` with filters (`name`, `region`, `machineType`, `agentType`), all pages.
-    pub async fn list_machines(
-        &self,
-        filters: &[(&str, String)],
-    ) -> Result<Vec<Machine>, ApiError> {
-        self.list("/machines", filters).await
-    }
-
-    /// `GET /machines/{id}`.
-    pub async fn get_machine(&self, id: &str) -> Result<Machine, ApiError> {
-        self.call(Method::GET, &format!("/machines/{}", seg(id)), &[], None)
-            .await
-    }
-
-    /// `POST /machines`: the machine and the event that follows its creation.
-    pub async fn create_machine(
-        &self,
-        req: &CreateMachine,
-    ) -> Result<(Machine, Option<MachineEvent>), ApiError> {
-        let body = serde_json::to_value(req).map_err(|e| ApiError::Decode {
-            method: "POST".into(),
-            path: "/machines".into(),
-            message: e.to_string(),
-        })?;
-        let r: WithEvent<Machine> = self
-            .call(Method::POST, "/machines", &[], Some(&body))
-            .await?;
-        Ok((r.data, r.event))
-    }
-
-    async fn machine_action(&self, id: &str, action: &str) -> Result<Machine, ApiError> {
-        let r: WithEvent<Machine> = self
-            .call(
-                Method::PATCH,
-                &format!("/machines/{}/{action}", seg(id)),
-                &[],
-                Some(&serde_json::json!({})),
-            )
-            .await?;
-        Ok(r.data)
-    }
-
-    /// `PATCH /machines/{id}/start`.
-    pub async fn start_machine(&self, id: &str) -> Result<Machine, ApiError> {
-        self.machine_action(id, "start").await
-    }
-
-    /// `PATCH /machines/{id}/stop`.
-    pub async fn stop_machine(&self, id: &str) -> Result<Machine, ApiError> {
-        self.machine_action(id, "stop").await
-    }
-
-    /// `DELETE /machines/{id}`.
-    pub async fn delete_machine(&self, id: &str) -> Result<(), ApiError> {
-        let _: serde_json::Value = self
-            .call(Method::DELETE, &format!("/machines/{}", seg(id)), &[], None)
-            .await?;
-        Ok(())
-    }
-
-    /// `GET /machine-events/{id}`.
-    pub async fn get_event(&self, id: &str) -> Result<MachineEvent, ApiError> {
-        self.call(
-            Method::GET,
-            &format!("/machine-events/{}", seg(id)),
-            &[],
-            None,
-        )
-        .await
-    }
-
-    /// `GET /machine-availability`: whether `machine_type` can be had in `region` now.
-    pub async fn availability(&self, machine_type: &str, region: &str) -> Result<bool, ApiError> {
-        let a: Availability = self
-            .call(
-                Method::GET,
-                "/machine-availability",
-                &[
-                    ("machineType", machine_type.to_string()),
-                    ("region", region.to_string()),
-                ],
-                None,
-            )
-            .await?;
-        Ok(a.available)
-    }
-
-    /// `GET /os-templates`, all pages.
-    pub async fn list_os_templates(&self) -> Result<Vec<Template>, ApiError> {
-        self.list("/os-templates", &[]).await
-    }
-
-    /// `GET /custom-templates`, all pages.
-    pub async fn list_custom_templates(&self) -> Result<Vec<Template>, ApiError> {
-        self.list("/custom-templates", &[]).await
-    }
-
-    /// `POST /startup-scripts`. The script is sent and never logged.
-    pub async fn create_startup_script(
-        &self,
-        name: &str,
-        script: &str,
-        run_once: bool,
-    ) -> Result<StartupScript, ApiError> {
-        let body = serde_json::json!({ "name": name, "script": script, "isRunOnce": run_once });
-        self.call(Method::POST, "/startup-scripts", &[], Some(&body))
-            .await
-    }
-
-    /// `DELETE /startup-scripts/{id}`.
-    pub async fn delete_startup_script(&self, id: &str) -> Result<(), ApiError> {
-        let _: serde_json::Value = self
-            .call(
-                Method::DELETE,
-                &format!("/startup-scripts/{}", seg(id)),
-                &[],
-                None,
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// The custom or OS template whose ID or name is `wanted` (custom templates first).
-    pub async fn find_template(&self, wanted: &str) -> Result<Option<Template>, ApiError> {
-        let matches = |t: &Template| t.id == wanted || t.name == wanted;
-        if let Some(t) = self
-            .list_custom_templates()
-            .await?
-            .into_iter()
-            .find(matches)
-        {
-            return Ok(Some(t));
-        }
-        Ok(self.list_os_templates().await?.into_iter().find(matches))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The provider
-// ---------------------------------------------------------------------------------------------
 
 /// What the provider needs: the original's `paperspace` block, the environment, defaults.
 #[derive(Clone, Debug)]
@@ -796,9 +164,6 @@ pub struct PaperspaceProvider {
     settings: Settings,
     client: Client,
     catalog: Catalog,
-    /// The provider's own runtime: the `Provider` trait is synchronous and `offers` has no
-    /// runtime at hand.
-    rt: Arc<tokio::runtime::Runtime>,
     template: OnceLock<Template>,
 }
 
@@ -821,10 +186,10 @@ fn api_failed(e: ApiError) -> ProviderError {
 }
 
 /// The startup script that makes the machine a worker of the job
-/// ([`crate::providers::worker_boot_script`]). It holds the job's token: it is sent to the API
+/// ([`crate::providers::common::worker_boot_script`]). It holds the job's token: it is sent to the API
 /// once and never logged.
 pub fn startup_script(agent: &str, boot: &Bootstrap) -> String {
-    crate::providers::worker_boot_script(agent, boot, &[])
+    worker_boot_script(agent, boot, &[])
 }
 
 impl PaperspaceProvider {
@@ -832,17 +197,10 @@ impl PaperspaceProvider {
     pub fn new(settings: Settings, catalog: Catalog) -> Result<Self, ProviderError> {
         let client = Client::new(&settings.base_url, settings.api_key.clone(), settings.retry)
             .map_err(api_failed)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("paperspace")
-            .enable_all()
-            .build()
-            .map_err(|e| failed(format!("cannot start a runtime for the API client: {e}")))?;
         Ok(PaperspaceProvider {
             settings,
             client,
             catalog,
-            rt: Arc::new(rt),
             template: OnceLock::new(),
         })
     }
@@ -866,7 +224,7 @@ impl PaperspaceProvider {
     }
 
     /// The template workers boot from, looked up once.
-    fn template(&self) -> Result<Template, ProviderError> {
+    async fn template(&self) -> Result<Template, ProviderError> {
         if let Some(t) = self.template.get() {
             return Ok(t.clone());
         }
@@ -875,10 +233,10 @@ impl PaperspaceProvider {
                 "no template to boot workers from: set ${TEMPLATE_ENV} to the ID or name of a Paperspace template with cedana-agent installed (see docs/providers.md)"
             )));
         };
-        let client = self.client.clone();
         let found = self
-            .rt
-            .block_on(async move { client.find_template(&wanted).await })
+            .client
+            .find_template(&wanted)
+            .await
             .map_err(api_failed)?;
         let t = found.ok_or_else(|| {
             failed(format!(
@@ -906,18 +264,17 @@ impl PaperspaceProvider {
     }
 }
 
-impl Provider for PaperspaceProvider {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    /// A Paperspace machine is provisioned and booted before its startup script runs.
-    fn boot_timeout(&self) -> Duration {
+impl PaperspaceProvider {
+    /// How long a new machine gets to register with the job: a Paperspace machine is
+    /// provisioned and booted before its startup script runs.
+    pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(600)
     }
 
-    fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
-        let template = self.template()?;
+    /// The catalog's offers in the enabled regions that the template runs on, less those the
+    /// API says are not available now.
+    pub async fn offers(&self, spec: &Spec) -> Result<Vec<Offer>, ProviderError> {
+        let template = self.template().await?;
         let offers: Vec<Offer> = self
             .catalog
             .offers(NAME, &self.settings.regions)
@@ -936,11 +293,10 @@ impl Provider for PaperspaceProvider {
         // Only offers that fit are worth asking about; the others go back as they are, for
         // the ranking to say why they do not fit. A few questions at a time, not to be rate
         // limited.
-        let client = self.client.clone();
-        let checked: Vec<(Offer, Result<bool, ApiError>)> = self.rt.block_on(async move {
+        let checked: Vec<(Offer, Result<bool, ApiError>)> = {
             use futures::StreamExt;
             let asks = offers.into_iter().map(|o| {
-                let client = client.clone();
+                let client = self.client.clone();
                 async move {
                     if o.misfit(spec).is_some() {
                         return (o, Ok(true));
@@ -953,7 +309,7 @@ impl Provider for PaperspaceProvider {
                 .buffer_unordered(4)
                 .collect()
                 .await
-        });
+        };
         let mut out = Vec::new();
         for (o, r) in checked {
             match r {
@@ -971,11 +327,13 @@ impl Provider for PaperspaceProvider {
         Ok(out)
     }
 
-    fn launch(
+    /// Makes a machine for `offer` that becomes worker `boot.worker` of the job; its state is
+    /// then followed on `boot.rt`.
+    pub async fn launch(
         &mut self,
         offer: &Offer,
-        boot: &Bootstrap,
-    ) -> Result<Box<dyn Instance>, ProviderError> {
+        boot: &Bootstrap<'_>,
+    ) -> Result<PaperspaceWorker, ProviderError> {
         let capacity = |message: String| ProviderError::Capacity {
             provider: NAME.into(),
             instance_type: offer.instance_type.clone(),
@@ -987,7 +345,7 @@ impl Provider for PaperspaceProvider {
                 boot.nats_url
             )));
         }
-        let template = self.template()?;
+        let template = self.template().await?;
         if !template.allows(&offer.instance_type) {
             return Err(capacity(format!(
                 "template {} does not run on this type",
@@ -1009,7 +367,7 @@ impl Provider for PaperspaceProvider {
         };
         let client = self.client.clone();
         let check = self.settings.check_availability;
-        let (machine, event, script_id) = self.rt.block_on(async {
+        let (machine, event, script_id) = async {
             if check {
                 match client
                     .availability(&create.machine_type, &create.region)
@@ -1047,10 +405,11 @@ impl Provider for PaperspaceProvider {
                     }
                 }
             }
-        })?;
+        }
+        .await?;
         tracing::info!(machine = %machine.id, name = %name, machine_type = %offer.instance_type, region = %offer.region, "paperspace machine created");
-        let gone = Arc::new(AtomicBool::new(false));
-        let poller = self
+        let gone = Gone::new();
+        let poller = boot
             .rt
             .spawn(watch(
                 self.client.clone(),
@@ -1060,27 +419,21 @@ impl Provider for PaperspaceProvider {
                 gone.clone(),
             ))
             .abort_handle();
-        Ok(Box::new(PaperspaceWorker {
+        Ok(PaperspaceWorker {
             id: machine.id,
             script_id: Some(script_id),
             client: self.client.clone(),
-            rt: self.rt.clone(),
+            rt: boot.rt.clone(),
             gone,
             poller: Some(poller),
             ended: false,
-        }))
+        })
     }
 }
 
 /// Follows a worker's machine until it is gone: deleted, off or stopping after it ran, failed,
 /// or its creation ended in error. At most one look every `every`.
-async fn watch(
-    client: Client,
-    id: String,
-    mut event: Option<String>,
-    every: Duration,
-    gone: Arc<AtomicBool>,
-) {
+async fn watch(client: Client, id: String, mut event: Option<String>, every: Duration, gone: Gone) {
     let mut ran = false;
     let mut created = event.is_none();
     loop {
@@ -1089,7 +442,7 @@ async fn watch(
             match client.get_event(&ev).await {
                 Ok(e) if e.state == "error" || e.state == "cancelled" => {
                     tracing::warn!(machine = %id, state = %e.state, error = e.error.as_deref().unwrap_or(""), "creating the paperspace machine failed");
-                    gone.store(true, Ordering::SeqCst);
+                    gone.set();
                     return;
                 }
                 Ok(e) if e.state == "done" => {
@@ -1105,7 +458,7 @@ async fn watch(
         match client.get_machine(&id).await {
             Ok(m) if m.deleted() => {
                 tracing::info!(machine = %id, "paperspace machine deleted");
-                gone.store(true, Ordering::SeqCst);
+                gone.set();
                 return;
             }
             Ok(m) => match m.state.as_str() {
@@ -1113,19 +466,19 @@ async fn watch(
                 | "upgrading" => ran = true,
                 "off" | "stopping" if ran || created => {
                     tracing::info!(machine = %id, state = %m.state, "paperspace machine stopped");
-                    gone.store(true, Ordering::SeqCst);
+                    gone.set();
                     return;
                 }
                 "failed" | "error" => {
                     tracing::warn!(machine = %id, state = %m.state, "paperspace machine failed");
-                    gone.store(true, Ordering::SeqCst);
+                    gone.set();
                     return;
                 }
                 _ => {}
             },
             Err(e) if e.is_not_found() => {
                 tracing::info!(machine = %id, "paperspace machine no longer exists");
-                gone.store(true, Ordering::SeqCst);
+                gone.set();
                 return;
             }
             Err(e) => {
@@ -1141,16 +494,37 @@ pub struct PaperspaceWorker {
     id: String,
     script_id: Option<String>,
     client: Client,
-    rt: Arc<tokio::runtime::Runtime>,
-    gone: Arc<AtomicBool>,
+    /// The runtime it was launched on: its poller runs there, and so does the deletion when
+    /// it is dropped.
+    rt: tokio::runtime::Handle,
+    gone: Gone,
     poller: Option<tokio::task::AbortHandle>,
     ended: bool,
 }
 
 impl PaperspaceWorker {
-    fn end(&mut self) {
+    /// The machine's id.
+    pub fn instance_id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// What turns true when the machine is gone (or the worker was terminated).
+    pub fn gone(&self) -> Gone {
+        self.gone.clone()
+    }
+
+    /// Deletes the machine and its startup script (once), waiting for the API's answers.
+    pub async fn terminate(&mut self) {
+        if let Some(work) = self.end() {
+            work.await;
+            self.gone.set();
+        }
+    }
+
+    /// The deletion still to do, once: the poller is stopped.
+    fn end(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         if self.ended {
-            return;
+            return None;
         }
         self.ended = true;
         if let Some(p) = self.poller.take() {
@@ -1159,7 +533,7 @@ impl PaperspaceWorker {
         let client = self.client.clone();
         let id = self.id.clone();
         let script = self.script_id.take();
-        let work = async move {
+        Some(async move {
             match client.delete_machine(&id).await {
                 Ok(()) => tracing::info!(machine = %id, "paperspace machine deleted"),
                 Err(e) if e.is_not_found() => {}
@@ -1177,32 +551,22 @@ impl PaperspaceWorker {
                     }
                 }
             }
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Inside some runtime nothing may block: the deletion goes on in the background.
-            self.rt.spawn(work);
-        } else {
-            self.rt.block_on(work);
-        }
-        self.gone.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Instance for PaperspaceWorker {
-    fn instance_id(&self) -> String {
-        self.id.clone()
-    }
-    fn gone_flag(&self) -> Arc<AtomicBool> {
-        self.gone.clone()
-    }
-    fn terminate(&mut self) {
-        self.end();
+        })
     }
 }
 
 impl Drop for PaperspaceWorker {
     fn drop(&mut self) {
-        self.end();
+        if let Some(work) = self.end() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Inside some runtime nothing may block: the deletion goes on in the
+                // background, on the worker's runtime.
+                self.rt.spawn(work);
+            } else {
+                self.rt.block_on(work);
+            }
+            self.gone.set();
+        }
     }
 }
 
@@ -1269,45 +633,5 @@ mod tests {
         );
         // The token is written by a builtin, never passed as an argument to a program.
         assert_eq!(s.matches("to'\\''ken").count(), 1);
-    }
-
-    #[test]
-    fn retry_after_in_seconds_or_as_a_date() {
-        assert_eq!(retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(retry_after("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(retry_after("-1"), None);
-        assert_eq!(
-            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(Duration::ZERO)
-        );
-        let later = retry_after("Fri, 31 Dec 9999 23:59:59 GMT").unwrap();
-        assert!(later > Duration::from_secs(86_400));
-        assert_eq!(retry_after("soon"), None);
-    }
-
-    #[test]
-    fn capacity_errors_are_told_apart() {
-        let e = |code: &str, message: &str| ApiError::Status {
-            method: "POST".into(),
-            path: "/machines".into(),
-            status: 400,
-            code: code.into(),
-            message: message.into(),
-        };
-        assert!(e("BAD_REQUEST", "Out of capacity for A100 in ny2").is_capacity());
-        assert!(e(
-            "BAD_REQUEST",
-            "Machine type is not available in this region"
-        )
-        .is_capacity());
-        assert!(!e("BAD_REQUEST", "diskSize must be one of 50, 100").is_capacity());
-        assert!(!e("UNAUTHORIZED", "Invalid API key").is_capacity());
-        assert!(!e("UNAUTHORIZED", "x").is_auth());
-    }
-
-    #[test]
-    fn path_segments_are_encoded() {
-        assert_eq!(seg("psabc123"), "psabc123");
-        assert_eq!(seg("../x y"), "..%2Fx%20y");
     }
 }
