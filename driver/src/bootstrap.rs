@@ -563,21 +563,18 @@ pub struct AwsCreated {
 
 /// Makes (or finds) the key pair, the security group and, with an image, the launch template
 /// workers start from. Run again, it changes nothing that is there (a template gets a new
-/// default version).
+/// default version). The AWS calls run on the caller's runtime (`rt`: a multi-thread one, since
+/// a handle's `block_on` drives no I/O of a current-thread runtime).
 #[cfg(feature = "aws")]
-pub fn create_aws_resources(c: &AwsCreate) -> Result<AwsCreated, BootstrapError> {
+pub fn create_aws_resources(
+    c: &AwsCreate,
+    rt: &tokio::runtime::Handle,
+) -> Result<AwsCreated, BootstrapError> {
     use crate::providers::aws::{self, ConnectOptions, Ec2, KeyPairOutcome, TemplateRequest};
     let fail = |e: aws::AwsError| BootstrapError::Answer {
         what: format!("AWS in {}", c.region),
         message: e.to_string(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| BootstrapError::Prompt {
-            question: "a runtime for AWS calls".into(),
-            source,
-        })?;
     rt.block_on(async {
         let ec2 = Ec2::connect(ConnectOptions {
             region: Some(c.region.clone()),

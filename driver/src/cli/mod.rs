@@ -29,8 +29,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The runtime for a command that talks to servers (`checkpoint`, `migrate`, `down`, `bake`):
-/// the binary makes one and lends it to the library.
+/// The runtime for a command that talks to servers (`checkpoint`, `migrate`, `down`, `bake`,
+/// `bootstrap --aws-create`): the binary makes one and lends it to the library.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

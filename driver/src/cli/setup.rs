@@ -107,7 +107,13 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
             instance_type: args.aws_instance_type.clone(),
         };
         #[cfg(feature = "aws")]
-        let made = b::create_aws_resources(&want);
+        let made = match super::runtime() {
+            Ok(rt) => b::create_aws_resources(&want, rt.handle()),
+            Err(e) => {
+                super::error(e);
+                return Exit::Failed;
+            }
+        };
         #[cfg(not(feature = "aws"))]
         let made: Result<b::AwsCreated, b::BootstrapError> = Err(b::BootstrapError::Answer {
             what: "--aws-create".into(),
