@@ -85,15 +85,26 @@ pub struct Coordinator {
 /// quiet for this long is replaced.
 const EVENTS_SILENCE: Duration = Duration::from_secs(8);
 
+/// Why the job's events cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum ConsumerError {
+    #[error(transparent)]
+    Stream(#[from] jetstream::context::GetStreamError),
+    #[error(transparent)]
+    Create(#[from] jetstream::stream::ConsumerError),
+    #[error(transparent)]
+    Messages(#[from] consumer::StreamError),
+}
+
 /// An ordered consumer of the job's events from stream sequence `from`.
 async fn event_consumer(
     js: &jetstream::Context,
     job: &str,
     from: u64,
-) -> Result<consumer::pull::Ordered, String> {
-    js.get_stream(protocol::EVENTS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?
+) -> Result<consumer::pull::Ordered, ConsumerError> {
+    Ok(js
+        .get_stream(protocol::EVENTS_STREAM)
+        .await?
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subjects: protocol::job_events_subjects(job),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -101,11 +112,9 @@ async fn event_consumer(
             },
             ..Default::default()
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .messages()
-        .await
-        .map_err(|e| e.to_string())
+        .await?)
 }
 
 impl Coordinator {
@@ -150,7 +159,7 @@ impl Coordinator {
             + 1;
         let mut sub = event_consumer(&js, job, next_seq)
             .await
-            .map_err(CoordError::Nats)?;
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
         let routes = Arc::new(Mutex::new(Routes::default()));
         let r = routes.clone();
         let output = Arc::new(Mutex::new(None::<std::fs::File>));
@@ -276,20 +285,33 @@ impl Coordinator {
         })
     }
 
-    /// Waits until `worker` has registered.
+    /// Waits until `worker` has registered: its key in the workers bucket is watched, and
+    /// looked at once the watch is set up (so a registration in between is not missed).
     pub async fn wait_registered(&self, worker: &str, secs: u64) -> Result<(), CoordError> {
         let key = format!("{}.{worker}", self.job);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.workers.get(&key).await {
-                return Ok(());
+        let registered = async {
+            loop {
+                let watch = self.workers.watch(&key).await;
+                if let Ok(Some(_)) = self.workers.get(&key).await {
+                    return;
+                }
+                if let Ok(mut watch) = watch {
+                    while let Some(Ok(entry)) = watch.next().await {
+                        if entry.operation == jetstream::kv::Operation::Put {
+                            return;
+                        }
+                    }
+                }
+                // The server cannot be asked now (a reconnect): again after a pause.
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(CoordError::NotRegistered {
-            worker: worker.into(),
-            secs,
-        })
+        };
+        tokio::time::timeout(Duration::from_secs(secs), registered)
+            .await
+            .map_err(|_| CoordError::NotRegistered {
+                worker: worker.into(),
+                secs,
+            })
     }
 
     /// Sends a command and waits for its reply, giving up early if `lost` says the worker is
