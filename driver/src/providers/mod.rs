@@ -97,6 +97,8 @@ impl Instance {
 /// no boxed futures, and no provider needs to be named outside this crate. The methods run on
 /// the caller's runtime (the one the runner makes); a provider keeps no runtime of its own,
 /// and its workers keep the handle of [`Bootstrap::rt`] for what they do in the background.
+// A job has a provider or two, made once: their sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Provider {
     Local(local::LocalProvider),
     Paperspace(paperspace::PaperspaceProvider),
