@@ -9,7 +9,9 @@
 //!
 //! [`Provider`] and [`Instance`] are enums over the providers and their workers with async
 //! methods, run on the caller's runtime (the one the runner makes; providers make none). A
-//! worker's end is awaitable ([`Gone`]).
+//! worker's end is awaitable ([`Gone`]). What every provider speaks (specs, offers, what a new
+//! worker needs, errors) is in [`common`], re-exported here; the providers use it from there,
+//! so this module can name them without an import cycle.
 
 use std::path::PathBuf;
 use std::time::Duration;
