@@ -251,7 +251,7 @@ pub fn check(v: &Value, path: &Path) -> Result<cedana_protocol::Config, Bootstra
 
 /// Writes `v` to `path`: whole, then renamed into place, mode 0600 in a 0700 folder.
 pub fn write(path: &Path, v: &Value) -> Result<(), BootstrapError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let err = |source| BootstrapError::Write {
         path: path.into(),
         source,
@@ -263,19 +263,8 @@ pub fn write(path: &Path, v: &Value) -> Result<(), BootstrapError> {
             .create(dir)
             .map_err(err)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
     let text = serde_json::to_string_pretty(v).expect("serializes") + "\n";
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::util::write_atomic(path, text.as_bytes(), 0o600).map_err(err)
 }
 
 /// A fresh NATS token: 32 random bytes, hex.

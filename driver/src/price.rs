@@ -60,20 +60,9 @@ pub struct Prices {
     pub left_out: Vec<String>,
 }
 
-/// The runtime of a `price` command: the providers' calls run there.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-}
-
-/// Fitting offers of `providers` for `spec`, cheapest first. The providers are asked on the
-/// command's one runtime, made here.
-pub fn prices(providers: &[Provider], spec: &Spec) -> Prices {
-    let (fit, why) = match runtime() {
-        Ok(rt) => rt.block_on(providers::ranked(providers, spec)),
-        Err(e) => (Vec::new(), vec![format!("cannot start a runtime: {e}")]),
-    };
+/// Fitting offers of `providers` for `spec`, cheapest first (on the caller's runtime).
+pub async fn prices(providers: &[Provider], spec: &Spec) -> Prices {
+    let (fit, why) = providers::ranked(providers, spec).await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -107,16 +96,14 @@ pub enum RefreshError {
     Nothing,
     #[error("--refresh: no catalog path (set HOME or CEDANA_CATALOG)")]
     NoPath,
-    #[error("--refresh: cannot start a runtime: {0}")]
-    Runtime(std::io::Error),
 }
 
 /// Fetches the prices of the enabled providers that publish them (AWS spot prices, per type
 /// and zone) into the user's catalog file (`$CEDANA_CATALOG`, `~/.cedana/catalog.json`):
 /// entries for the same provider, type, region, zone and market are replaced, the others are
-/// kept. The file is written whole, then renamed into place. The path and how many entries
-/// were written.
-pub fn refresh(
+/// kept. The file is written whole, then renamed into place ([`crate::util::write_atomic`],
+/// mode 0644 as before: prices are no secret). The path and how many entries were written.
+pub async fn refresh(
     config: &cedana_protocol::Config,
 ) -> Result<(std::path::PathBuf, usize), RefreshError> {
     let uses = |n: &str| {
@@ -135,8 +122,7 @@ pub fn refresh(
         let settings =
             providers::aws::Settings::from_config(&config.aws.clone().unwrap_or_default())?;
         let p = providers::aws::AwsProvider::new(settings, providers::catalog::Catalog::builtin())?;
-        let rt = runtime().map_err(RefreshError::Runtime)?;
-        fresh.extend(rt.block_on(p.refresh_catalog())?);
+        fresh.extend(p.refresh_catalog().await?);
         any = true;
     }
     let _ = uses;
@@ -158,9 +144,7 @@ pub fn refresh(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(write_err)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, catalog.to_json()).map_err(write_err)?;
-    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    crate::util::write_atomic(&path, catalog.to_json().as_bytes(), 0o644).map_err(write_err)?;
     Ok((path, n))
 }
 

@@ -16,8 +16,15 @@ pub struct Price {
 
 /// Refreshes the catalog if asked, then prints the offers that fit.
 pub fn run(args: Price, config: &cedana_driver::Config) -> Exit {
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            super::error(e);
+            return Exit::Failed;
+        }
+    };
     if args.refresh {
-        match cedana_driver::price::refresh(config) {
+        match rt.block_on(cedana_driver::price::refresh(config)) {
             Ok((path, n)) => eprintln!("{n} prices written to {}", path.display()),
             Err(e) => {
                 super::error(e);
@@ -41,10 +48,11 @@ pub fn run(args: Price, config: &cedana_driver::Config) -> Exit {
         vram_gb: args.vram,
         max_price_usd_hour: args.max_price,
     };
-    price(config, &spec, args.limit, args.json)
+    price(&rt, config, &spec, args.limit, args.json)
 }
 
 fn price(
+    rt: &tokio::runtime::Runtime,
     config: &cedana_driver::Config,
     spec: &cedana_driver::job::Spec,
     limit: Option<usize>,
@@ -57,7 +65,7 @@ fn price(
             return Exit::Config;
         }
     };
-    let mut prices = cedana_driver::price::prices(&providers, spec);
+    let mut prices = rt.block_on(cedana_driver::price::prices(&providers, spec));
     if let Some(n) = limit {
         prices.offers.truncate(n);
     }

@@ -54,7 +54,11 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
     );
     let now = cedana_protocol::now();
     for (_, r) in &jobs {
-        let running = r.workers.iter().rev().find(|w| w.state == "running");
+        let running = r
+            .workers
+            .iter()
+            .rev()
+            .find(|w| w.state == record::WorkerState::Running);
         let worker = running.map(|w| w.id.as_str()).unwrap_or("-");
         let rate = running
             .and_then(|w| w.offer.as_ref())

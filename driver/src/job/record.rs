@@ -2,7 +2,6 @@
 //! keeps it in `<state dir>/<job>/job.json` (written atomically on every change) and in the KV
 //! bucket `cedana_jobs` under the job's id.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -181,11 +180,14 @@ impl JobRecord {
             path: path.clone(),
             source,
         };
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
-        tmp.write_all(&serde_json::to_vec_pretty(self).expect("serializes"))
-            .map_err(werr)?;
-        tmp.persist(&path).map_err(|e| werr(e.error))?;
-        Ok(())
+        // 0600 as the temporary file it was written through before: the record names the
+        // job's workers and checkpoints.
+        crate::util::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(self).expect("serializes"),
+            0o600,
+        )
+        .map_err(werr)
     }
 
     /// Reads `dir/job.json`.
