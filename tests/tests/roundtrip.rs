@@ -485,3 +485,27 @@ fn carried_files_come_back_with_the_task() {
     assert!(!out.status.success(), "restore without its files succeeded");
     assert!(!job.exists(), "files were put back without --files-to");
 }
+
+/// An archive holds the process's memory: only its owner may read it, whatever the
+/// compression (stored page images used to keep CRIU's 0644).
+#[test]
+fn archives_are_private_whatever_the_compression() {
+    use std::os::unix::fs::PermissionsExt;
+    if !criu_ready("archives_are_private_whatever_the_compression") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let task = sb.exec("counter.log", &["sh", "-c", COUNTER]);
+    wait_for_numbers(&sb.path().join("counter.log"), 5);
+    for compression in ["none", "zstd", "deflate"] {
+        let archive = sb.dump(task.pid, &["--leave-running", "--compress", compression]);
+        let mode = std::fs::metadata(&archive).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            mode,
+            0o600,
+            "--compress {compression}: {} has mode {mode:o}",
+            archive.display()
+        );
+    }
+    task.kill();
+}

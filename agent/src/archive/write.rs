@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{ArchiveError, Compression, Digest, Entry, Manifest, MANIFEST};
@@ -399,6 +400,10 @@ impl Writer {
             }
             (Output::File(file), Dest::Folder { dir, tmp }) => {
                 let file = file.into_inner().map_err(|e| werr(e.into_error()))?;
+                // The process's memory: its owner's alone, whichever way the file was made (an
+                // adopted page image has CRIU's mode).
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(werr)?;
                 file.sync_all().map_err(werr)?;
                 (dir, tmp)
             }
