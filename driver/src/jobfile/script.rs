@@ -116,10 +116,41 @@ pub fn sandbox(script_dir: &Path) -> Engine {
         rhai::Token::Reserved(ref s) if s.as_str() == "spawn" => rhai::Token::Identifier(s.clone()),
         t => t,
     });
-    e.set_module_resolver(FolderResolver(
-        rhai::module_resolvers::FileModuleResolver::new_with_path(script_dir),
-    ));
+    e.set_max_modules(MAX_MODULES);
+    e.set_module_resolver(FolderResolver::new(script_dir));
+    limit_operations(&mut e, None);
     e
+}
+
+/// Modules a script may import, and how deep imports may nest (a module that imports itself
+/// would recurse until the stack overflows).
+pub const MAX_MODULES: usize = 64;
+/// See [`MAX_MODULES`].
+pub const MAX_MODULE_DEPTH: usize = 8;
+
+/// Counts every operation of a script run, its callbacks' too, and stops it past
+/// [`MAX_OPERATIONS`] (or when `down` is set). Rhai's own limit does not hold inside a
+/// callback such as `sort`'s comparator: its operations are counted apart and its errors
+/// ignored, so an endless comparator ran on. Rhai numbers a run's operations from 1 (each
+/// `eval` and hook call), so the count starts again there.
+fn limit_operations(e: &mut Engine, down: Option<crate::util::Flag>) {
+    let spent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    e.on_progress(move |ops| {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ops == 1 {
+            spent.store(0, Relaxed);
+        }
+        if spent.fetch_add(1, Relaxed) + 1 > MAX_OPERATIONS {
+            return Some(Dynamic::from(too_many_operations()));
+        }
+        down.as_ref()
+            .filter(|d| d.is_set())
+            .map(|_| Dynamic::from("the job was taken down"))
+    });
+}
+
+fn too_many_operations() -> String {
+    format!("the script exceeded its limit of {MAX_OPERATIONS} operations (an endless loop?) and was stopped")
 }
 
 /// The sandboxed engine with the host API.
@@ -204,10 +235,7 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     let d = down.clone();
     e.register_fn("sleep", move |secs: i64| sleep(&d, secs as f64));
     // `down` (or Ctrl-C) stops a script between any two operations.
-    e.on_progress(move |_| {
-        down.is_set()
-            .then(|| Dynamic::from("the job was taken down"))
-    });
+    limit_operations(&mut e, Some(down));
     e.register_fn("log", move |msg: &str| reporter.log(msg));
     e
 }
@@ -222,7 +250,23 @@ fn sleep(down: &crate::util::Flag, secs: f64) -> Res<()> {
 }
 
 /// Loads modules only from the script's folder: no absolute paths, no `..`.
-struct FolderResolver(rhai::module_resolvers::FileModuleResolver);
+struct FolderResolver {
+    files: rhai::module_resolvers::FileModuleResolver,
+    /// The script's folder, links resolved.
+    root: Option<PathBuf>,
+    /// Imports being resolved now, nested in one another.
+    depth: std::sync::atomic::AtomicUsize,
+}
+
+impl FolderResolver {
+    fn new(script_dir: &Path) -> Self {
+        FolderResolver {
+            files: rhai::module_resolvers::FileModuleResolver::new_with_path(script_dir),
+            root: std::fs::canonicalize(script_dir).ok(),
+            depth: Default::default(),
+        }
+    }
+}
 
 impl rhai::ModuleResolver for FolderResolver {
     fn resolve(
@@ -232,13 +276,34 @@ impl rhai::ModuleResolver for FolderResolver {
         path: &str,
         pos: Position,
     ) -> Result<rhai::Shared<rhai::Module>, Box<EvalAltResult>> {
+        // Not ErrorModuleNotFound: Rhai would replace that with a message of its own.
+        let refuse = |msg: String| Err(Box::new(EvalAltResult::ErrorRuntime(msg.into(), pos)));
         if path.starts_with('/') || path.split('/').any(|p| p == "..") {
-            // Not ErrorModuleNotFound: Rhai would replace that with a message of its own.
-            let msg =
-                format!("module {path:?} refused: modules load only from the script's folder");
-            return Err(Box::new(EvalAltResult::ErrorRuntime(msg.into(), pos)));
+            return refuse(format!(
+                "module {path:?} refused: modules load only from the script's folder"
+            ));
         }
-        self.0.resolve(engine, source, path, pos)
+        // Where the file really is, links followed: it must stay inside the folder.
+        let file = self.files.get_file_path(path, None);
+        if let (Some(root), Ok(real)) = (&self.root, std::fs::canonicalize(&file)) {
+            if !real.starts_with(root) {
+                return refuse(format!(
+                    "module {path:?} refused: it is a link to {}, outside the script's folder",
+                    real.display()
+                ));
+            }
+        }
+        use std::sync::atomic::Ordering::SeqCst;
+        let depth = self.depth.fetch_add(1, SeqCst) + 1;
+        let result = if depth > MAX_MODULE_DEPTH {
+            refuse(format!(
+                "module {path:?} refused: imports nest more than {MAX_MODULE_DEPTH} deep (does a module import itself?)"
+            ))
+        } else {
+            self.files.resolve(engine, source, path, pos)
+        };
+        self.depth.fetch_sub(1, SeqCst);
+        result
     }
 }
 
@@ -265,9 +330,9 @@ pub fn is_managed(ast: &AST) -> bool {
 pub fn runtime_error(path: &Path, e: impl std::ops::Deref<Target = EvalAltResult>) -> ScriptError {
     let pos = e.position();
     let message = match &*e {
-        EvalAltResult::ErrorTooManyOperations(_) => {
-            format!("the script exceeded its limit of {MAX_OPERATIONS} operations (an endless loop?) and was stopped")
-        }
+        EvalAltResult::ErrorTooManyOperations(_) => too_many_operations(),
+        // What `limit_operations` stopped it for.
+        EvalAltResult::ErrorTerminated(why, _) => why.to_string(),
         other => other.to_string().replace(&format!(" ({pos})"), ""),
     };
     ScriptError::Runtime {
@@ -324,5 +389,69 @@ impl Hooks for RhaiHooks<'_> {
             let _ = self.call::<Dynamic>("restored_task", (w.clone(), t.clone()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_in(dir: &Path, script: &str) -> Result<i64, String> {
+        let dir = dir.to_path_buf();
+        let script = script.to_string();
+        // Bounded: a script that escapes the limits fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let e = sandbox(&dir);
+                let result = e.eval::<i64>(&script);
+                let _ = tx
+                    .send(result.map_err(|e| runtime_error(Path::new("job.rhai"), e).to_string()));
+            })
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("the script was not stopped within 120 s")
+    }
+
+    #[test]
+    fn a_module_that_imports_itself_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.rhai"),
+            "import \"a\" as a;\nexport const X = 1;\n",
+        )
+        .unwrap();
+        let err = run_in(dir.path(), "import \"a\" as a; a::X").unwrap_err();
+        assert!(err.contains("nest"), "{err}");
+    }
+
+    #[test]
+    fn modules_do_not_follow_links_out_of_the_folder() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("secret.rhai"), "export const X = 42;\n").unwrap();
+        let dir = outer.path().join("job");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("../secret.rhai", dir.join("s.rhai")).unwrap();
+        std::fs::write(dir.join("ok.rhai"), "export const Y = 7;\n").unwrap();
+        let err = run_in(&dir, "import \"s\" as s; s::X").unwrap_err();
+        assert!(err.contains("outside the script's folder"), "{err}");
+        // A module in the folder still loads.
+        let y = run_in(&dir, "import \"ok\" as ok; ok::Y").unwrap();
+        assert_eq!(y, 7);
+    }
+
+    #[test]
+    fn an_endless_sort_comparator_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run_in(
+            dir.path(),
+            "let a = [3, 2, 1]; a.sort(|x, y| { loop { } }); a.len()",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("job.rhai:1:") && err.contains("limit of 20000000 operations"),
+            "{err}"
+        );
     }
 }
