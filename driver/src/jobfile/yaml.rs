@@ -52,12 +52,49 @@ const KNOWN: &[&str] = &[
     "restored_task",
 ];
 
+/// The largest job spec read (a real one is a few KiB; 100 MB of small nodes took 10 GB).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+/// How deep a job spec may nest, counted before parsing (the parser's own limit came only
+/// after a scan quadratic in the depth).
+pub const MAX_SPEC_DEPTH: usize = 32;
+/// The longest command (and the task's commands together): it travels to the worker in one
+/// message, and NATS takes at most 1 MiB.
+pub const MAX_COMMAND_BYTES: usize = 256 << 10;
+
 /// Reads a job spec; errors name the file, line and column.
 pub fn load(path: &Path, reporter: &dyn Reporter) -> Result<JobSpec, ScriptError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ScriptError::Read {
+    let read = |source| ScriptError::Read {
         path: path.into(),
         source,
-    })?;
+    };
+    let other = |message: String| ScriptError::Other {
+        path: path.into(),
+        message,
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(read)?, MAX_SPEC_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(read)?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(other(format!(
+            "the job spec is larger than {} KiB; a job spec lists commands, put data and scripts in work_dir",
+            MAX_SPEC_BYTES >> 10
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    if let Some((line, depth)) = too_deep(&text, MAX_SPEC_DEPTH) {
+        return Err(ScriptError::Syntax {
+            path: path.into(),
+            line,
+            column: 1,
+            message: format!(
+                "nests {depth} levels deep here, more than the {MAX_SPEC_DEPTH} a job spec may"
+            ),
+        });
+    }
     let syntax = |e: serde_yaml::Error| {
         let loc = e.location();
         ScriptError::Syntax {
@@ -86,7 +123,102 @@ pub fn load(path: &Path, reporter: &dyn Reporter) -> Result<JobSpec, ScriptError
             message: "task.run lists no command: nothing to run".into(),
         });
     }
+    for (list, what) in [
+        (&spec.setup.run, "setup.run"),
+        (&spec.task.run, "task.run"),
+        (&spec.restored_task.run, "restored_task.run"),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            if c.len() > MAX_COMMAND_BYTES {
+                let start: String = c.trim().chars().take(40).collect();
+                return Err(other(format!(
+                    "{what}[{i}] ({start:?}…) is {} KiB, more than the {} KiB a command may be; put it in a script in work_dir and run that",
+                    c.len() >> 10,
+                    MAX_COMMAND_BYTES >> 10
+                )));
+            }
+        }
+    }
+    let task: usize = commands(&spec.task.run).map(|c| c.len() + 1).sum();
+    if task > MAX_COMMAND_BYTES {
+        return Err(other(format!(
+            "task.run's commands are {} KiB together, more than the {} KiB the task's command may be; put them in a script in work_dir and run that",
+            task >> 10,
+            MAX_COMMAND_BYTES >> 10
+        )));
+    }
     Ok(spec)
+}
+
+/// The first line where `text` nests deeper than `max` (block indentation, `- ` items and
+/// flow brackets together), and the depth there; one pass, before any parsing. Over-counts
+/// rather than under-counts: comments and quoted text are skipped, block scalars' lines too.
+fn too_deep(text: &str, max: usize) -> Option<(usize, usize)> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut scalar_above: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let body = line.trim();
+        if let Some(at) = scalar_above {
+            if body.is_empty() || indent > at {
+                continue; // a block scalar's text
+            }
+            scalar_above = None;
+        }
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if flow == 0 {
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let mut items = 0;
+        let mut rest = body;
+        while let Some(r) = rest
+            .strip_prefix("- ")
+            .or_else(|| (rest == "-").then_some(""))
+        {
+            items += 1;
+            rest = r.trim_start();
+        }
+        let mut deepest = flow;
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev == ' ' => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    deepest = deepest.max(flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        let depth = indents.len() + items + deepest;
+        if depth > max {
+            return Some((n + 1, depth));
+        }
+        let tail = rest.trim_end();
+        if flow == 0
+            && (tail.ends_with('|')
+                || tail.ends_with('>')
+                || tail.ends_with("|-")
+                || tail.ends_with("|+")
+                || tail.ends_with(">-")
+                || tail.ends_with(">+"))
+        {
+            scalar_above = Some(indent);
+        }
+    }
+    None
 }
 
 /// The spec's commands as the managed flow's hooks.
@@ -177,5 +309,79 @@ impl Hooks for YamlHooks {
     fn restored_task(&mut self, job: &Shared, w: &Worker, _t: &Task) -> Result<(), FlowError> {
         let list = self.spec.restored_task.run.clone();
         self.run_each(job, w, "restored_task", &list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::report::Silent;
+
+    fn load_text(text: &str) -> Result<JobSpec, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.yml");
+        std::fs::write(&p, text).unwrap();
+        load(&p, &Silent).map_err(|e| e.to_string())
+    }
+
+    const SEED: &str = "instance_specs: { cpu_cores: 2, memory_gb: 4 }\nsetup:\n  run:\n    - \"echo setting up\"\ntask:\n  run: [\"python3 -c 'print(1)'\"]\nrestored_task:\n  run:\n    - |\n      echo restored\n          if true; then\n              echo deep text is no nesting\n          fi\n";
+
+    #[test]
+    fn a_usual_spec_loads() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/examples/seed-job.yml");
+        load(&example, &Silent).unwrap();
+        let s = load_text(SEED).unwrap();
+        assert_eq!(s.task.run.len(), 1);
+        assert_eq!(s.restored_task.run.len(), 1);
+    }
+
+    #[test]
+    fn an_oversized_spec_is_refused_before_parsing() {
+        let big = format!("{SEED}# {}\n", "x".repeat(MAX_SPEC_BYTES as usize));
+        let err = load_text(&big).unwrap_err();
+        assert!(
+            err.contains("job.yml") && err.contains("larger than 1024 KiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_once_with_its_line() {
+        let flow = format!(
+            "task:\n  run: {}\"x\"{}\n",
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        let err = load_text(&flow).unwrap_err();
+        assert!(
+            err.contains("job.yml:2:") && err.contains("more than the 32"),
+            "{err}"
+        );
+        let mut block = String::from("task:\n  run: [x]\nextra:\n");
+        for i in 0..40 {
+            block.push_str(&format!("{}k{i}:\n", " ".repeat(2 * (i + 1))));
+        }
+        let err = load_text(&block).unwrap_err();
+        assert!(err.contains("more than the 32"), "{err}");
+        let items = format!("task:\n  run: [x]\nextra:\n{}x\n", "- ".repeat(40));
+        let err = load_text(&items).unwrap_err();
+        assert!(err.contains("job.yml:4:"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_command_is_refused_naming_it() {
+        let long = format!("echo {}", "a".repeat(MAX_COMMAND_BYTES));
+        let err = load_text(&format!(
+            "setup:\n  run: [\"true\", \"{long}\"]\ntask:\n  run: [x]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("setup.run[1]") && err.contains("\"echo aaaa"),
+            "{err}"
+        );
+        let half = format!("echo {}", "a".repeat(MAX_COMMAND_BYTES / 2));
+        let err = load_text(&format!("task:\n  run: [\"{half}\", \"{half}\"]\n")).unwrap_err();
+        assert!(err.contains("task.run's commands are"), "{err}");
     }
 }
