@@ -316,7 +316,7 @@ fn checkpoint_moves_a_task_between_workers() {
         let mut drv = Driver::connect(&nats, "job4").await;
         drv.wait_registered("w1").await;
         drv.wait_registered("w2").await;
-        let cmd = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done";
+        let cmd = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.001; done";
         let r = drv
             .call(
                 "w1",
@@ -393,6 +393,21 @@ fn checkpoint_moves_a_task_between_workers() {
             })
             .await;
         assert_eq!(on_w2.worker, "w2", "w2 streams the restored task's output");
+        // From the first line the restored task wrote: it used to be lost when the task wrote
+        // it before the daemon had measured the log.
+        let Event::Log { data, .. } = &on_w2.event else {
+            unreachable!()
+        };
+        let first: usize = data
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("a number first: {data:?}"));
+        assert_eq!(
+            first,
+            at + 1,
+            "w2's first output after the restore follows the checkpoint's last line {at}: {data:?}"
+        );
         wait_for_numbers(&log, at + 10);
         let r = drv
             .call(

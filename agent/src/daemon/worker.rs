@@ -397,6 +397,23 @@ impl Worker {
         };
         let read_while_stored = extracted.1;
         let extracted = extracted.0;
+        // Where the task's log stands at the checkpoint, measured before CRIU resumes the task:
+        // all it writes from then on is streamed, its first line too (measured after the
+        // restore, a line the task wrote at once was lost). The log as carried in the
+        // checkpoint when it is (it is put back before CRIU runs), else as it is here.
+        let log = self.log_path(&task);
+        let log_name = format!("{task}.log");
+        let carried = extracted
+            .manifest
+            .files
+            .as_ref()
+            .is_some_and(|f| f.items.iter().any(|i| i.path == log_name));
+        let offset = if carried {
+            extracted.files_dir().join(&log_name)
+        } else {
+            log.clone()
+        };
+        let offset = std::fs::metadata(&offset).map(|m| m.len()).unwrap_or(0);
         let verify_time = t0.elapsed();
         let failed_log = match &self.opts.shared_storage {
             Some(_) => restore::failed_log_path(&opts.archive),
@@ -420,9 +437,6 @@ impl Worker {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-        // Logs go on where the original left them: stream from the current end.
-        let log = self.log_path(&task);
-        let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         self.track(task.clone(), out.pid, log, offset);
         drop(criu_turn);
         Ok(Reply::Restored {
