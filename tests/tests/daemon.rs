@@ -299,6 +299,65 @@ fn commands_sent_while_the_daemon_is_away_are_served_when_it_returns() {
 
 /// A counter checkpointed on one worker and restored on another through the object store
 /// counts on with no gap and no repeat.
+/// Output the way tasks really write it: a burst of 300,003 lines (2 MB at once, over NATS's
+/// 1 MiB message limit) and a 3 MB line with no newline, then a progress bar's `\r`. Every
+/// byte reaches the driver, in events of at most 128 KiB, and the exit comes right after.
+#[test]
+fn bursts_and_endless_lines_reach_the_driver_whole() {
+    if !criu_ready("bursts_and_endless_lines_reach_the_driver_whole") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let _d = AgentDaemon::start(&nats, &nats.token, "job2b", "w1", &sb.path().join("w1"));
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "job2b").await;
+        drv.wait_registered("w1").await;
+        let cmd =
+            "seq 1 300003; head -c 3000000 /dev/zero | tr '\\0' a; printf 'tail\\n10%%\\r20%%\\r'";
+        let r = drv
+            .call(
+                "w1",
+                "s1",
+                Command::Spawn {
+                    task: "big".into(),
+                    cmd: cmd.into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        let mut logs = String::new();
+        let mut largest = 0;
+        let exit = drv
+            .next(60, |e| match &e.event {
+                Event::Log { task, data } if task == "big" => {
+                    largest = largest.max(data.len());
+                    logs.push_str(data);
+                    false
+                }
+                Event::TaskExited { task, .. } => task == "big",
+                _ => false,
+            })
+            .await;
+        assert!(
+            matches!(exit.event, Event::TaskExited { code: Some(0), .. }),
+            "{:?}",
+            exit.event
+        );
+        assert!(largest <= 128 << 10, "an event carried {largest} bytes");
+        let lines: Vec<&str> = logs.split('\n').collect();
+        assert_eq!(lines.len(), 300_003 + 2, "lines: {}", lines.len());
+        for (i, l) in lines[..300_003].iter().enumerate() {
+            assert_eq!(*l, (i + 1).to_string(), "line {}", i + 1);
+        }
+        let long = lines[300_003];
+        assert_eq!(long.len(), 3_000_000 + "tail".len());
+        assert!(long.ends_with("aaatail") && long.bytes().take(3_000_000).all(|b| b == b'a'));
+        assert_eq!(lines[300_004], "10%\r20%\r");
+    });
+}
+
 #[test]
 fn checkpoint_moves_a_task_between_workers() {
     if !criu_ready("checkpoint_moves_a_task_between_workers") {

@@ -47,6 +47,17 @@ impl Events {
             event,
         };
         let payload = json(&env);
+        // Retrying cannot make a message fit: say so at once (log events are cut to fit; a
+        // server set to a tiny limit could still refuse one).
+        let limit = self.js.client().server_info().max_payload;
+        if limit > 0 && payload.len() > limit {
+            warn!(
+                bytes = payload.len(),
+                limit,
+                "event larger than the NATS server's max_payload; dropped (raise max_payload)"
+            );
+            return;
+        }
         // Retried until JetStream stores it (the server may be restarting); the message id makes
         // a retry of an event that was stored after all a duplicate JetStream drops.
         let n = self.next_event.fetch_add(1, Ordering::Relaxed);
