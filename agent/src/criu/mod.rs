@@ -413,18 +413,86 @@ fn failure(what: &'static str, resp: &Resp, log: Option<&Path>) -> CriuError {
         Some(e) if e != 0 => format!(" ({})", nix::errno::Errno::from_raw(e).desc()),
         _ => String::new(),
     };
+    let full = log
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    // CRIU's message is the first error it logged, which here is often a harmless one (it
+    // cannot raise its own descriptor limit): then the first error that is not leads.
+    let first_real = error_lines(&full)
+        .into_iter()
+        .find(|l| !is_harmless(l))
+        .map(strip_log_prefix);
     let errmsg = match resp.cr_errmsg.as_deref() {
-        Some(m) if !m.is_empty() => format!(": {m}"),
-        _ => String::new(),
+        Some(m) if !m.is_empty() && !is_harmless(m) => format!(": {m}"),
+        _ => first_real.map(|m| format!(": {m}")).unwrap_or_default(),
     };
+    let hint = remedy(&full)
+        .map(|r| format!("\n  What to do: {r}"))
+        .unwrap_or_default();
     let log_text = log.map(log_tail).unwrap_or_default();
     CriuError::Failed {
         request: what,
         errno,
         errmsg,
-        log: log_text,
+        log: format!("{hint}{log_text}"),
         log_path: log.map(Path::to_path_buf),
     }
+}
+
+/// CRIU errors seen on every failure on some machines that are not the cause (CRIU goes on
+/// after them).
+const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
+
+fn is_harmless(line: &str) -> bool {
+    HARMLESS.iter().any(|h| line.contains(h))
+}
+
+fn error_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        .collect()
+}
+
+/// `(00.012345) Error (criu/sk-inet.c:204): inet: Connected TCP socket, ...` → the message.
+fn strip_log_prefix(line: &str) -> String {
+    match line.find("): ") {
+        Some(i) if line[..i].contains("Error (") => line[i + 3..].trim().to_string(),
+        _ => line.trim().to_string(),
+    }
+}
+
+/// What the user can do about the failures CRIU's log names, for the causes met in practice.
+fn remedy(log: &str) -> Option<&'static str> {
+    const KNOWN: &[(&str, &str)] = &[
+        (
+            "consider using --tcp-established",
+            "the process has an established TCP connection: dump with --tcp-established (and, on another host, restore with --tcp-close)",
+        ),
+        (
+            "Don't have tty to inherit session from",
+            "the process was started from a terminal (a shell job): start it with `cedana-agent exec` (or under setsid, with its output in a file) so that it can be restored without that terminal",
+        ),
+        (
+            "doesn't live in IPC ns",
+            "the process uses SysV shared memory outside an IPC namespace of its own, which CRIU cannot dump: start it in its own IPC namespace",
+        ),
+        (
+            "whose /proc doesn't belong to it",
+            "the process dropped root (setpriv, su, a server switching users): CRIU needs it in a PID namespace with a /proc of its own",
+        ),
+        (
+            "External socket is used",
+            "the process holds a UNIX socket connected outside its tree: dump with --ext-unix-sk",
+        ),
+        (
+            "ghost-limit",
+            "the process keeps a large deleted file open: close it, or let CRIU carry it (a higher ghost limit)",
+        ),
+    ];
+    KNOWN
+        .iter()
+        .find(|(needle, _)| log.contains(needle))
+        .map(|(_, what)| *what)
 }
 
 /// The error lines of a CRIU log, or its last lines when none is marked as an error.
@@ -432,9 +500,9 @@ pub fn log_tail(path: &Path) -> String {
     let Ok(text) = std::fs::read_to_string(path) else {
         return String::new();
     };
-    let errors: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Error (") || l.contains("Error:"))
+    let errors: Vec<&str> = error_lines(&text)
+        .into_iter()
+        .filter(|l| !is_harmless(l))
         .collect();
     let lines: Vec<&str> = if errors.is_empty() {
         let all: Vec<&str> = text.lines().collect();
@@ -559,5 +627,57 @@ impl Session {
                 debug!(line, "criu stderr");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_leads_not_the_harmless_rlimit_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(
+            &log,
+            "(00.000812) Error (criu/util.c:1594): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+             (00.041000) Warn  (criu/x.c:1): something\n\
+             (00.052110) Error (criu/sk-inet.c:204): inet: Connected TCP socket, consider using --tcp-established option.\n\
+             (00.052200) Error (criu/cr-dump.c:1600): Dumping FAILED.\n",
+        )
+        .unwrap();
+        let resp = Resp {
+            cr_errmsg: Some("rlimit: Can't setup RLIMIT_NOFILE for self".into()),
+            ..Default::default()
+        };
+        let text = failure("dump", &resp, Some(&log)).to_string();
+        let headline = text.lines().next().unwrap();
+        assert_eq!(
+            headline,
+            "CRIU dump failed: inet: Connected TCP socket, consider using --tcp-established option."
+        );
+        assert!(text.contains("What to do: the process has an established TCP connection: dump with --tcp-established"), "{text}");
+        assert!(!text.contains("RLIMIT"), "{text}");
+    }
+
+    #[test]
+    fn a_real_first_error_is_kept_and_unknown_causes_get_no_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("restore.log");
+        std::fs::write(
+            &log,
+            "(00.1) Error (criu/files.c:9): files: Can't open thing\n",
+        )
+        .unwrap();
+        let resp = Resp {
+            cr_errmsg: Some("files: Can't open thing".into()),
+            ..Default::default()
+        };
+        let text = failure("restore", &resp, Some(&log)).to_string();
+        assert!(
+            text.starts_with("CRIU restore failed: files: Can't open thing"),
+            "{text}"
+        );
+        assert!(!text.contains("What to do"), "{text}");
     }
 }
