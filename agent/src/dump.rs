@@ -514,11 +514,79 @@ fn criu_err(info: &ProcessInfo, source: CriuError, kept: String) -> DumpError {
     }
 }
 
-/// Copies CRIU's log to `dest`; returns a sentence for the error message.
+/// Copies CRIU's log to `dest` (or `dest` with `_1`, `_2`… before its extension when that is
+/// taken: two failures in one second never overwrite each other's log); returns a sentence
+/// for the error message, or nothing when there is no log to keep (none, or empty).
 pub(crate) fn keep_log(log: &Path, dest: &Path) -> String {
-    match std::fs::copy(log, dest) {
-        Ok(_) => format!("\n  full CRIU log kept at {}", dest.display()),
-        Err(_) => String::new(),
+    let Ok(text) = std::fs::read(log) else {
+        return String::new();
+    };
+    if text.is_empty() {
+        return String::new();
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = [".dump-failed.log", ".restore-failed.log"]
+        .into_iter()
+        .find(|e| name.ends_with(e))
+        .or_else(|| name.rfind('.').map(|i| &name[i..]))
+        .unwrap_or("");
+    let stem = &name[..name.len() - ext.len()];
+    for n in 0..1000 {
+        let candidate = if n == 0 {
+            dest.to_path_buf()
+        } else {
+            dest.with_file_name(format!("{stem}_{n}{ext}"))
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&candidate);
+        match file {
+            Ok(mut f) => {
+                return match std::io::Write::write_all(&mut f, &text) {
+                    Ok(()) => format!("\n  full CRIU log kept at {}", candidate.display()),
+                    Err(_) => {
+                        let _ = std::fs::remove_file(&candidate);
+                        String::new()
+                    }
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(_) => return String::new(),
+        }
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod keep_log_tests {
+    use super::*;
+
+    #[test]
+    fn failed_logs_are_kept_apart_and_only_when_there_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("criu.log");
+        let dest = dir
+            .path()
+            .join("python3.11_20260101_000000.dump-failed.log");
+        assert_eq!(keep_log(&log, &dest), "", "no log, nothing kept");
+        std::fs::write(&log, "").unwrap();
+        assert_eq!(keep_log(&log, &dest), "", "an empty log is not kept");
+        assert!(!dest.exists());
+        std::fs::write(&log, "first").unwrap();
+        let a = keep_log(&log, &dest);
+        std::fs::write(&log, "second").unwrap();
+        let b = keep_log(&log, &dest);
+        let second = dir
+            .path()
+            .join("python3.11_20260101_000000_1.dump-failed.log");
+        assert!(a.ends_with(&dest.display().to_string()), "{a}");
+        assert!(b.ends_with(&second.display().to_string()), "{b}");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(&second).unwrap(), "second");
     }
 }
 

@@ -485,6 +485,7 @@ fn restore_failure(e: RestoreError) -> Failure {
         } => Failure::new(1, "io", e),
         RestoreError::Archive(_)
         | RestoreError::Cpu { .. }
+        | RestoreError::NoCpuInfo { .. }
         | RestoreError::PidTaken { .. }
         | RestoreError::Files { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),

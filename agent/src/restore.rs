@@ -49,6 +49,8 @@ pub enum RestoreError {
         source: Box<CriuError>,
         model: String,
     },
+    #[error("archive {path} holds no cpuinfo.img (CRIU's description of the CPU it was taken on): it is incomplete or was not made by `cedana-agent dump`; restore an earlier checkpoint or take a new one")]
+    NoCpuInfo { path: PathBuf },
     #[error("restore of {path} failed: {source}{kept}")]
     Criu {
         path: PathBuf,
@@ -125,6 +127,10 @@ pub fn restore_extracted(
     let path = &opts.archive;
     let images = extracted.images_dir();
     progress.stage("checking CPU compatibility", None);
+    if !images.join(criu::images::CPUINFO_IMG).is_file() {
+        progress.finish();
+        return Err(RestoreError::NoCpuInfo { path: path.clone() });
+    }
     if let Err(source) = criu.cpuinfo_check(&images) {
         progress.finish();
         let model = match &extracted.manifest.cpu {

@@ -296,6 +296,26 @@ fn missing_manifest() {
 }
 
 #[test]
+fn checkpoint_without_its_cpu_description() {
+    let Some(fx) = fixture() else { return };
+    // Listed consistently, but without cpuinfo.img: an incomplete checkpoint, not a CPU this
+    // machine lacks.
+    let bad = forge(
+        &fx,
+        "case-9b.zip",
+        |es| es.retain(|(n, _)| n != "images/cpuinfo.img"),
+        false,
+        |_| {},
+    );
+    assert_refused(&fx, &bad, "no cpuinfo.img");
+    let out = fx
+        .sb
+        .agent([std::ffi::OsStr::new("restore"), bad.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("CPU features"), "{stderr}");
+}
+
+#[test]
 fn cpu_this_machine_cannot_run() {
     let Some(fx) = fixture() else { return };
     // Claim every CPUID feature bit: no real CPU has them all, so CRIU's check must refuse.
