@@ -352,7 +352,8 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             }
             Err(RunError::Down { .. }) => j.set_state(JobState::Down),
             Err(e) => {
-                j.record.error = Some(e.to_string());
+                // Plain text: a message quoting a program's output may hold its colours.
+                j.record.error = Some(crate::util::strip_ansi(&e.to_string()));
                 j.set_state(JobState::Failed);
             }
         }

@@ -15,6 +15,39 @@ pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// `text` without terminal escape sequences (colours, cursor moves: `ESC [ … letter`, and
+/// other `ESC x` pairs), for what is stored or shown where no terminal reads it.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // CSI: parameters and intermediates up to a final byte in @..~.
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // OSC: up to BEL or ESC \.
+            Some(']') => {
+                while let Some(c) = chars.next() {
+                    if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Writes `bytes` to `path` whole or not at all: into a temporary file in the same folder
 /// (mode `mode`), flushed to disk, then renamed over `path`. A crash leaves the old file or
 /// the new one, never a mix; the temporary file never outlives a failure.
@@ -36,6 +69,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_sequences_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[1;31merror\u{1b}[0m: worker \u{1b}[2mw1\u{1b}[0m lost"),
+            "error: worker w1 lost"
+        );
+        assert_eq!(strip_ansi("\u{1b}]0;title\u{7}plain"), "plain");
+        assert_eq!(strip_ansi("no escapes, ünïcode"), "no escapes, ünïcode");
+    }
 
     #[test]
     fn quotes_for_sh() {
