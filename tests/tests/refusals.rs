@@ -390,3 +390,157 @@ fn carried_file_missing_from_the_listing() {
     );
     assert_refused(&fx, &bad, "does not list");
 }
+
+/// One stored entry as a hand-made zip holds it, where its parts may disagree.
+struct Raw {
+    /// The name in the central directory.
+    name: String,
+    /// The name in the local header (the same unless a test says otherwise).
+    local_name: String,
+    data: Vec<u8>,
+    /// The CRC-32 both headers claim (the data's unless a test says otherwise).
+    crc: u32,
+}
+
+impl Raw {
+    fn of((name, data): (String, Vec<u8>)) -> Raw {
+        Raw {
+            local_name: name.clone(),
+            crc: crc32fast::hash(&data),
+            name,
+            data,
+        }
+    }
+}
+
+/// Writes stored entries by hand (the zip crate's writer refuses the shapes tested here:
+/// duplicate names, headers that disagree).
+fn write_raw_zip(path: &Path, entries: &[Raw]) {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u32;
+        let size = e.data.len() as u32;
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, method, time, date
+        out.extend_from_slice(&e.crc.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&(e.local_name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(e.local_name.as_bytes());
+        out.extend_from_slice(&e.data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&[20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // made by, needed, flags, method, time, date
+        central.extend_from_slice(&e.crc.to_le_bytes());
+        central.extend_from_slice(&size.to_le_bytes());
+        central.extend_from_slice(&size.to_le_bytes());
+        central.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attributes
+        central.extend_from_slice(&(0o100600u32 << 16).to_le_bytes());
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(e.name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    std::fs::write(path, out).unwrap();
+}
+
+/// The fixture's entries, stored, with the manifest rewritten to match them.
+fn raw_entries(fx: &Fixture) -> Vec<Raw> {
+    let good = forge(fx, "raw-base.zip", |_| {}, false, |_| {});
+    entries(&good).into_iter().map(Raw::of).collect()
+}
+
+#[test]
+fn hand_made_zip_of_the_fixture_restores() {
+    // The writer below is sound: its archive of the genuine entries restores (so the
+    // refusals that follow come from their one defect).
+    let Some(fx) = fixture() else { return };
+    let good = fx.sb.path().join("raw-good.zip");
+    write_raw_zip(&good, &raw_entries(&fx));
+    let restored = fx.sb.restore(&good);
+    assert!(restored.alive());
+    restored.kill();
+}
+
+#[test]
+fn stored_entry_with_a_wrong_crc() {
+    let Some(fx) = fixture() else { return };
+    let mut es = raw_entries(&fx);
+    let i = es
+        .iter()
+        .position(|e| e.name == "images/pstree.img")
+        .unwrap();
+    es[i].crc ^= 0xdead_beef;
+    let bad = fx.sb.path().join("case-crc.zip");
+    write_raw_zip(&bad, &es);
+    assert_refused(&fx, &bad, "CRC-32");
+}
+
+#[test]
+fn an_entry_twice_in_the_zip() {
+    let Some(fx) = fixture() else { return };
+    let mut es = raw_entries(&fx);
+    let i = es
+        .iter()
+        .position(|e| e.name == "images/pstree.img")
+        .unwrap();
+    // A decoy first, the genuine entry last: read by name, the last one would win.
+    let decoy = Raw::of(("images/pstree.img".into(), b"decoy".to_vec()));
+    es.insert(i, decoy);
+    let bad = fx.sb.path().join("case-dup.zip");
+    write_raw_zip(&bad, &es);
+    assert_refused(&fx, &bad, "twice");
+}
+
+#[test]
+fn local_header_disagrees_with_the_central_directory() {
+    let Some(fx) = fixture() else { return };
+    let mut es = raw_entries(&fx);
+    let i = es
+        .iter()
+        .position(|e| e.name == "images/pstree.img")
+        .unwrap();
+    es[i].local_name = "images/pstree.imX".into();
+    let bad = fx.sb.path().join("case-local.zip");
+    write_raw_zip(&bad, &es);
+    assert_refused(&fx, &bad, "local header");
+}
+
+#[test]
+fn an_entry_listed_twice_in_the_manifest() {
+    let Some(fx) = fixture() else { return };
+    let bad = forge(
+        &fx,
+        "case-listed-twice.zip",
+        |_| {},
+        false,
+        |m| {
+            let first = m["entries"][0].clone();
+            m["entries"].as_array_mut().unwrap().push(first);
+        },
+    );
+    assert_refused(&fx, &bad, "listed twice");
+}
+
+#[test]
+fn an_entry_name_too_long_for_a_file_name() {
+    let Some(fx) = fixture() else { return };
+    let long = format!("images/{}.img", "a".repeat(300));
+    let bad = forge(
+        &fx,
+        "case-long-name.zip",
+        |es| es.push((long.clone(), b"x".to_vec())),
+        false,
+        |_| {},
+    );
+    assert_refused(&fx, &bad, "unsafe");
+}

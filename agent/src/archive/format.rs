@@ -36,7 +36,7 @@ pub enum ArchiveError {
     BadManifest { path: PathBuf, reason: String },
     #[error("archive {path} has manifest format version {found}, this agent reads version {FORMAT_VERSION}; restore it with a cedana-agent of the matching version")]
     UnsupportedVersion { path: PathBuf, found: u64 },
-    #[error("archive {path} has an unsafe entry name {name:?} (absolute, `..`, or outside images/ and files/); refusing to restore it")]
+    #[error("archive {path} has an unsafe entry name {name:?} (absolute, `..`, outside images/ and files/, or longer than a file name may be); refusing to restore it")]
     UnsafeEntry { path: PathBuf, name: String },
     #[error("archive {path} holds entry {name:?}, which its manifest does not list; refusing to restore it")]
     UnlistedEntry { path: PathBuf, name: String },
@@ -207,10 +207,12 @@ pub fn safe_entry_name(name: &str) -> bool {
         return false;
     }
     let rest: Vec<&str> = parts.collect();
-    !rest.is_empty()
+    // Each part must be a file name this machine can make (255 bytes), the whole a path.
+    name.len() <= 1024
+        && !rest.is_empty()
         && rest
             .iter()
-            .all(|p| !p.is_empty() && *p != "." && *p != "..")
+            .all(|p| !p.is_empty() && *p != "." && *p != ".." && p.len() <= 255)
 }
 
 #[cfg(test)]

@@ -69,14 +69,25 @@ pub fn extract(
         let idx = index[&entry.name];
         let dest = dir.path().join(&entry.name);
         create_parent(&dest)?;
-        let raw = zip
-            .by_index_raw(idx)
-            .map(|f| (f.compression(), f.data_start(), f.compressed_size()));
-        if let Ok((zip::CompressionMethod::Stored, start, csize)) = raw {
+        let raw = zip.by_index_raw(idx).map(|f| {
+            (
+                f.compression(),
+                f.data_start(),
+                f.compressed_size(),
+                f.crc32(),
+            )
+        });
+        if let Ok((zip::CompressionMethod::Stored, start, csize, crc)) = raw {
             if csize == entry.size {
-                let sum = copy_and_hash(path, start, entry.size, &dest, progress)?;
+                let (sum, actual_crc) = copy_and_hash(path, start, entry.size, &dest, progress)?;
                 if sum != entry.sha256 {
                     return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+                }
+                if actual_crc != crc {
+                    return Err(corrupt(format!(
+                        "entry {:?} has CRC-32 {actual_crc:08x}, its zip headers say {crc:08x}",
+                        entry.name
+                    )));
                 }
                 continue;
             }
@@ -226,14 +237,14 @@ pub fn extract_stream(
 }
 
 /// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
-/// while this thread hashes the same bytes; returns their SHA-256.
+/// while this thread hashes the same bytes; returns their SHA-256 and CRC-32.
 fn copy_and_hash(
     archive: &Path,
     start: u64,
     len: u64,
     dest: &Path,
     progress: &dyn Progress,
-) -> Result<String, ArchiveError> {
+) -> Result<(String, u32), ArchiveError> {
     use sha2::Digest as _;
     use std::os::unix::fs::FileExt;
     let corrupt = |e: std::io::Error| ArchiveError::Corrupt {
@@ -262,6 +273,7 @@ fn copy_and_hash(
             Ok(())
         });
         let mut h = sha2::Sha256::new();
+        let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut pos = 0u64;
         while pos < len {
@@ -273,11 +285,12 @@ fn copy_and_hash(
                 return Err(corrupt(std::io::ErrorKind::UnexpectedEof.into()));
             }
             h.update(&buf[..n]);
+            crc.update(&buf[..n]);
             pos += n as u64;
             progress.advance(n as u64);
         }
         match copier.join().expect("copy thread does not panic") {
-            Ok(()) => Ok(hex::encode(h.finalize())),
+            Ok(()) => Ok((hex::encode(h.finalize()), crc.finalize())),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt(e)),
             Err(source) => Err(ArchiveError::Write {
                 path: dest.to_path_buf(),
@@ -412,15 +425,126 @@ fn check_listing(
     zip: &mut Zip,
     manifest: &Manifest,
 ) -> Result<BTreeMap<String, usize>, ArchiveError> {
+    let corrupt = |reason: String| ArchiveError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // The zip crate keeps one entry per name (the last): count the central directory's
+    // records ourselves, so a name that appears twice is refused, not merged.
+    let records = central_directory_records(path).map_err(|e| corrupt(e.to_string()))?;
+    if records != zip.len() as u64 {
+        return Err(corrupt(format!(
+            "its central directory has {records} records for {} names: an entry appears twice",
+            zip.len()
+        )));
+    }
     let mut names = Vec::with_capacity(zip.len());
+    let mut file = File::open(path).map_err(|source| ArchiveError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for i in 0..zip.len() {
-        let f = zip.by_index_raw(i).map_err(|e| ArchiveError::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+        let f = zip.by_index_raw(i).map_err(|e| corrupt(e.to_string()))?;
+        check_local_header(&mut file, &f).map_err(|reason| {
+            corrupt(format!("entry {:?}: its local header {reason}", f.name()))
         })?;
         names.push((f.name().to_string(), f.is_dir() || f.is_symlink()));
     }
     check_names(path, &names, manifest)
+}
+
+/// How many records the central directory has, as its end record (or the ZIP64 one) says.
+fn central_directory_records(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let tail_len = len.min(65_535 + 22);
+    let mut tail = vec![0u8; tail_len as usize];
+    f.read_exact_at(&mut tail, len - tail_len)?;
+    let at = (0..=tail.len().saturating_sub(22))
+        .rev()
+        .find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
+        .ok_or_else(|| bad("no end of central directory record"))?;
+    let total = u16::from_le_bytes([tail[at + 10], tail[at + 11]]);
+    if total != 0xFFFF {
+        return Ok(u64::from(total));
+    }
+    // ZIP64: the locator sits right before the end record and points at the ZIP64 record.
+    let locator = at
+        .checked_sub(20)
+        .filter(|&l| tail[l..l + 4] == [0x50, 0x4b, 0x06, 0x07])
+        .ok_or_else(|| bad("no ZIP64 end of central directory locator"))?;
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&tail[locator + 8..locator + 16]);
+    let mut rec = [0u8; 40];
+    f.read_exact_at(&mut rec, u64::from_le_bytes(off))?;
+    if rec[..4] != [0x50, 0x4b, 0x06, 0x06] {
+        return Err(bad("no ZIP64 end of central directory record"));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&rec[32..40]);
+    Ok(u64::from_le_bytes(n))
+}
+
+/// Whether an entry's local header says what the central directory says of it: the same name
+/// and method, and (without a data descriptor) the same CRC-32 and sizes.
+fn check_local_header(
+    file: &mut File,
+    f: &zip::read::ZipFile<'_, BufReader<File>>,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; 30];
+    file.read_exact_at(&mut h, f.header_start())
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if h[..4] != [0x50, 0x4b, 0x03, 0x04] {
+        return Err("is missing".into());
+    }
+    let le16 = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+    let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let mut name = vec![0u8; le16(26) as usize];
+    file.read_exact_at(&mut name, f.header_start() + 30)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if name != f.name_raw() {
+        return Err(format!(
+            "names it {:?}, the central directory {:?}",
+            String::from_utf8_lossy(&name),
+            f.name()
+        ));
+    }
+    let method = match f.compression() {
+        zip::CompressionMethod::Stored => 0,
+        zip::CompressionMethod::Deflated => 8,
+        zip::CompressionMethod::Zstd => 93,
+        _ => le16(8),
+    };
+    if le16(8) != method {
+        return Err(format!(
+            "says method {}, the central directory {method}",
+            le16(8)
+        ));
+    }
+    let descriptor = le16(6) & 0x8 != 0;
+    if !descriptor {
+        let (crc, csize, size) = (le32(14), le32(18), le32(22));
+        if crc != f.crc32() {
+            return Err(format!(
+                "says CRC-32 {crc:08x}, the central directory {:08x}",
+                f.crc32()
+            ));
+        }
+        // 0xFFFFFFFF: the sizes are in its ZIP64 extra field.
+        if csize != u32::MAX
+            && (u64::from(csize) != f.compressed_size() || u64::from(size) != f.size())
+        {
+            return Err(format!(
+                "says {csize} bytes stored ({size} whole), the central directory {} ({})",
+                f.compressed_size(),
+                f.size()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks an archive's entries (name, and whether it is a folder or link rather than a file)
@@ -432,6 +556,19 @@ fn check_names(
     manifest: &Manifest,
 ) -> Result<BTreeMap<String, usize>, ArchiveError> {
     let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
+    if listed.len() != manifest.entries.len() {
+        let mut seen = BTreeSet::new();
+        let twice = manifest
+            .entries
+            .iter()
+            .find(|e| !seen.insert(e.name.as_str()))
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
+        return Err(ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("its manifest has entry {twice:?} listed twice"),
+        });
+    }
     for e in &manifest.entries {
         if !safe_entry_name(&e.name) || e.name == MANIFEST {
             return Err(ArchiveError::UnsafeEntry {
