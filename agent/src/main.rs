@@ -478,6 +478,7 @@ fn dump_failure(e: DumpError) -> Failure {
 fn restore_failure(e: RestoreError) -> Failure {
     match e {
         RestoreError::Archive(ArchiveError::Write { .. })
+        | RestoreError::Archive(ArchiveError::NoRoom { .. })
         | RestoreError::Staging { .. }
         | RestoreError::Files {
             source: cedana_agent::files::FilesError::Write { .. },

@@ -544,3 +544,28 @@ fn an_entry_name_too_long_for_a_file_name() {
     );
     assert_refused(&fx, &bad, "unsafe");
 }
+
+#[test]
+fn a_manifest_declaring_more_than_the_disk_holds() {
+    let Some(fx) = fixture() else { return };
+    // A small archive whose manifest says it expands to an exbibyte: refused before anything
+    // is written (it used to be extracted until the sizes disagreed).
+    let bad = forge(
+        &fx,
+        "case-huge.zip",
+        |_| {},
+        false,
+        |m| m["entries"][0]["size"] = (1u64 << 60).into(),
+    );
+    let out = fx
+        .sb
+        .agent([std::ffi::OsStr::new("restore"), bad.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("expands to 11529215046") && stderr.contains("free"),
+        "{stderr}"
+    );
+    assert!(fx.sb.staging_leftovers().is_empty());
+    assert!(processes_with(&fx.marker).is_empty());
+}

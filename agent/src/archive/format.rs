@@ -57,6 +57,13 @@ pub enum ArchiveError {
     },
     #[error("archive {path} cannot be read front to back: its stored entry {name:?} has no size in its header (written by an older agent); read it from a file")]
     Unstreamable { path: PathBuf, name: String },
+    #[error("archive {path} expands to {need} bytes, but {staging} has {free} free; free space there or set CEDANA_STAGING_DIR to a folder with room (nothing was written)")]
+    NoRoom {
+        path: PathBuf,
+        need: u64,
+        free: u64,
+        staging: PathBuf,
+    },
     #[error("cannot read {path}: {source}")]
     ReadInput {
         path: PathBuf,
@@ -78,7 +85,8 @@ impl ArchiveError {
             | UnlistedEntry { path, .. }
             | MissingEntry { path, .. }
             | Mismatch { path, .. }
-            | Unstreamable { path, .. } => *path = label.to_path_buf(),
+            | Unstreamable { path, .. }
+            | NoRoom { path, .. } => *path = label.to_path_buf(),
             // The file written or read is what these are about.
             Write { .. } | ReadInput { .. } => {}
         }

@@ -59,6 +59,7 @@ pub fn extract(
     let mut zip = open_zip(path)?;
     let manifest = read_manifest(path, &mut zip)?;
     let index = check_listing(path, &mut zip, &manifest)?;
+    check_room(path, &manifest, staging)?;
     let dir = private_folder(staging)?;
     progress.stage("verifying and extracting", Some(manifest.total_size()));
     for entry in &manifest.entries {
@@ -439,6 +440,9 @@ fn check_listing(
         )));
     }
     let mut names = Vec::with_capacity(zip.len());
+    // Where each entry lies in the file (local header to the end of its data): entries
+    // sharing bytes would let a small archive expand many times over.
+    let mut spans: Vec<(u64, u64, String)> = Vec::with_capacity(zip.len());
     let mut file = File::open(path).map_err(|source| ArchiveError::Open {
         path: path.to_path_buf(),
         source,
@@ -448,9 +452,43 @@ fn check_listing(
         check_local_header(&mut file, &f).map_err(|reason| {
             corrupt(format!("entry {:?}: its local header {reason}", f.name()))
         })?;
+        spans.push((
+            f.header_start(),
+            f.data_start().saturating_add(f.compressed_size()),
+            f.name().to_string(),
+        ));
         names.push((f.name().to_string(), f.is_dir() || f.is_symlink()));
     }
+    spans.sort();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(corrupt(format!(
+            "entries {:?} and {:?} overlap in the file",
+            w[0].2, w[1].2
+        )));
+    }
     check_names(path, &names, manifest)
+}
+
+/// Whether what the manifest says the archive expands to fits in the staging folder's
+/// filesystem, before anything is written (every entry is then held to its listed size).
+fn check_room(path: &Path, manifest: &Manifest, staging: &Path) -> Result<(), ArchiveError> {
+    let need = manifest
+        .entries
+        .iter()
+        .fold(0u64, |a, e| a.saturating_add(e.size));
+    let Ok(fs) = nix::sys::statvfs::statvfs(staging) else {
+        return Ok(()); // the write fails later, naming the folder
+    };
+    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    if need > free {
+        return Err(ArchiveError::NoRoom {
+            path: path.to_path_buf(),
+            need,
+            free,
+            staging: staging.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// How many records the central directory has, as its end record (or the ZIP64 one) says.
