@@ -86,6 +86,12 @@ pub enum DumpError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("PID {pid} ({name}) runs on the terminal {terminal} of a shell outside it: its checkpoint could only be restored onto that terminal, so it was not taken and the process was left running; start the process with `cedana-agent exec` (or setsid, with its output in a file), or dump with --leave-running to keep it running whatever happens")]
+    Terminal {
+        pid: i32,
+        name: String,
+        terminal: String,
+    },
     #[error("checkpoint of PID {pid} ({name}) failed: {source}{kept}")]
     Criu {
         pid: i32,
@@ -133,6 +139,14 @@ pub fn dump_into(
         });
     }
     let info = ProcessInfo::inspect(opts.pid)?;
+    // Never kill a tree whose archive cannot come back.
+    if let (false, Some(terminal)) = (opts.leave_running, info.shell_job_terminal()) {
+        return Err(DumpError::Terminal {
+            pid: info.pid,
+            name: info.name.clone(),
+            terminal,
+        });
+    }
     let stamp = cedana_protocol::Stamp::now();
     let stem = format!("{}_{}", info.file_stem(), stamp.file);
     let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);

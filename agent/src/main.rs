@@ -467,7 +467,9 @@ fn print_json(v: &impl serde::Serialize) {
 
 fn dump_failure(e: DumpError) -> Failure {
     match e {
-        DumpError::NoDir { .. } | DumpError::Process(_) => Failure::new(3, "input", e),
+        DumpError::NoDir { .. } | DumpError::Process(_) | DumpError::Terminal { .. } => {
+            Failure::new(3, "input", e)
+        }
         DumpError::Criu { .. } => Failure::new(4, "criu", e),
         DumpError::Staging { .. } | DumpError::Archive(_) | DumpError::Files(_) => {
             Failure::new(1, "io", e)

@@ -30,6 +30,9 @@ pub struct ProcessInfo {
     pub session: i32,
     /// True when the root is PID 1 of its own PID namespace (started by `cedana-agent exec`).
     pub pid_namespace_init: bool,
+    /// The controlling terminal's device number (`tty_nr`), 0 when it has none.
+    #[serde(default)]
+    pub tty_nr: i32,
     /// PIDs of the whole tree, root first.
     pub tree: Vec<i32>,
     /// Resident memory of the whole tree in bytes.
@@ -68,6 +71,7 @@ impl ProcessInfo {
             exe,
             session: stat.session,
             pid_namespace_init,
+            tty_nr: stat.tty_nr,
             tree,
             tree_rss_bytes,
         })
@@ -76,6 +80,23 @@ impl ProcessInfo {
     /// Whether CRIU must treat the tree as a shell job: its session leader is outside the tree.
     pub fn needs_shell_job(&self) -> bool {
         !self.tree.contains(&self.session)
+    }
+
+    /// The controlling terminal of a shell job (a process started with `&` from an interactive
+    /// shell), as a path where the kernel's numbering says one: CRIU restores such a tree only
+    /// onto a terminal it inherits, so its archive does not come back elsewhere. None for a
+    /// tree with no terminal, or one that owns its session.
+    pub fn shell_job_terminal(&self) -> Option<String> {
+        if !self.needs_shell_job() || self.tty_nr == 0 {
+            return None;
+        }
+        let dev = self.tty_nr as u32;
+        let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
+        Some(match major {
+            136..=143 => format!("/dev/pts/{}", (major - 136) * 256 + minor),
+            4 if minor < 64 => format!("/dev/tty{minor}"),
+            _ => format!("the terminal {major}:{minor}"),
+        })
     }
 
     /// The process name made safe for a file name.

@@ -405,3 +405,54 @@ fn interrupted_dump_thaws_the_process() {
     assert!(task.alive());
     assert_unbroken(&numbers(&log), "counter across the interrupted dump");
 }
+
+/// A job started from a shell on a terminal (the original's "wrap it in setsid" gotcha): its
+/// checkpoint could only come back on that terminal, so the dump is refused and the process
+/// keeps running (it used to be killed into an archive that never restored).
+#[test]
+fn a_shell_job_on_a_terminal_is_left_running() {
+    if !criu_ready("a_shell_job_on_a_terminal_is_left_running") {
+        return;
+    }
+    let sb = Sandbox::new();
+    // `script` gives the shell a terminal of its own (a pseudo-terminal); the shell runs
+    // `sleep` as a job of its session. stdin stays open so `script` does not end.
+    let mut script = std::process::Command::new("script")
+        .args(["-qfc", "sleep 4321.5; true", "/dev/null"])
+        .env("SHELL", "/bin/sh")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start script (util-linux)");
+    let mut sleeper = None;
+    wait_until(Duration::from_secs(10), "the job to start", || {
+        sleeper = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (cmd == b"sleep\x004321.5\x00").then_some(pid)
+        });
+        sleeper.is_some()
+    });
+    let pid = sleeper.unwrap();
+    let out = sb.agent(["dump", "-p", &pid.to_string(), "-d", "."]);
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = script.kill();
+    let _ = script.wait();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(alive, "the process was killed: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/dev/pts/") && stderr(&out).contains("cedana-agent exec"),
+        "{}",
+        stderr(&out)
+    );
+    let zips = std::fs::read_dir(sb.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "zip"))
+        .count();
+    assert_eq!(zips, 0, "no archive is left");
+}
