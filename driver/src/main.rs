@@ -22,6 +22,8 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|_| "warn".into()),
             )
             .with_writer(std::io::stderr)
+            // Colours only on a terminal: a job's controller writes to a file.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .finish()
             // The AWS SDK's own debug output holds whole requests: it is never shown.
             .with(tracing_subscriber::filter::filter_fn(
@@ -64,6 +66,8 @@ fn main() -> ExitCode {
             image,
             arbitrage_every,
             arbitrage_margin,
+            detach,
+            controller_for,
         } => cli::run::run(
             cli::run::Run {
                 script,
@@ -71,10 +75,19 @@ fn main() -> ExitCode {
                 image,
                 arbitrage_every,
                 arbitrage_margin,
+                detach,
+                controller_for,
             },
             config,
+            cli.config.clone(),
             state_dir,
         ),
+        Cmd::Attach { job, all } => cli::attach::attach(&state_dir, &job, all),
+        Cmd::Resume {
+            job,
+            detach,
+            controller,
+        } => cli::run::resume(&job, detach, controller, config, state_dir),
         Cmd::Status { job, json } => cli::status::status(&state_dir, job.as_deref(), json),
         Cmd::Logs { job, follow } => cli::status::logs(&state_dir, &job, follow),
         Cmd::Checkpoint { job } => {

@@ -1,8 +1,6 @@
 //! `cedana-driver run FILE`: one job from start to end.
 
 use std::cell::RefCell;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
@@ -10,7 +8,7 @@ use std::time::Duration;
 use crate::coord::nats::EmbeddedNats;
 use crate::coord::Coordinator;
 use crate::job::managed::{self, FlowError};
-use crate::job::record::{JobRecord, JobState, OUTPUT_FILE, TOKEN_FILE};
+use crate::job::record::{JobRecord, JobState, Settings, OUTPUT_FILE, OUTPUT_SEQ_FILE, TOKEN_FILE};
 use crate::job::{Job, JobError};
 use crate::jobfile::script::{self, ScriptError};
 
@@ -35,6 +33,14 @@ pub enum RunError {
     Unsupported { path: PathBuf },
     #[error("job {job} was taken down")]
     Down { job: String },
+    #[error(transparent)]
+    State(#[from] crate::job::record::StateError),
+    #[error("job {job} has ended ({state}); there is nothing to resume")]
+    Ended { job: String, state: String },
+    #[error("job {job} is running under its controller (PID {pid}); `cedana-driver attach {job}` follows it")]
+    Controlled { job: String, pid: u32 },
+    #[error("job {job} runs a script's own code, which cannot be picked up halfway; only jobs on the managed flow (hooks, YAML specs) can be resumed; `cedana-driver down {job}` ends it")]
+    NotResumable { job: String },
     #[error("none of the enabled providers {enabled:?} is available in this release; add \"local\" to enabled_providers in the config")]
     NoProvider { enabled: Vec<String> },
     #[error("provider {provider} launches cloud machines, which cannot reach the job's NATS server ({url}); set connection.nats_url (and connection.auth_token) in the config to a NATS server with JetStream the machines can reach (docs/providers.md)")]
@@ -75,6 +81,10 @@ pub struct RunOptions {
     pub arbitrage_margin: Option<f64>,
     /// Where the job's lines for the user go.
     pub reporter: crate::job::report::SharedReporter,
+    /// The config file named on the command line (kept in the record for `resume`).
+    pub config_path: Option<PathBuf>,
+    /// The job's id, chosen by the front end that follows the job (a new one if `None`).
+    pub job_id: Option<String>,
 }
 
 /// The arbitrage settings of the command line over the config's `arbitrage` block.
@@ -118,37 +128,55 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunErro
     move |source| RunError::Io { what, path, source }
 }
 
-/// Runs the job; returns the exit status it ends with (the task's, or the script's integer
-/// result).
-pub fn run(opts: RunOptions) -> Result<i64, RunError> {
-    let path = &opts.script;
+/// A job file and the providers' settings, checked before anything starts.
+pub struct Checked {
+    yaml: Option<crate::jobfile::yaml::JobSpec>,
+    script_dir: PathBuf,
+    pub providers: Vec<crate::providers::Provider>,
+}
+
+/// Checks the job file (syntax errors with file, line and column) and the providers'
+/// settings (a missing key, a cloud provider without a NATS server the machines can reach):
+/// what `run` does before anything starts; the front end that starts the job's controller
+/// does it first too, so that these errors reach the terminal.
+pub fn check(
+    path: &Path,
+    config: &cedana_protocol::Config,
+    image: Option<&Path>,
+    reporter: &dyn crate::job::report::Reporter,
+) -> Result<Checked, RunError> {
     let kind = match path.extension().and_then(|e| e.to_str()) {
         Some("rhai") => Kind::Rhai,
         Some("yml" | "yaml") => Kind::Yaml,
-        _ => return Err(RunError::Unsupported { path: path.clone() }),
+        _ => return Err(RunError::Unsupported { path: path.into() }),
     };
     let script_dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    // Mistakes in the job surface before anything starts.
     let yaml = match kind {
         Kind::Rhai => {
             script::compile(&script::sandbox(&script_dir), path)?;
             None
         }
-        Kind::Yaml => Some(crate::jobfile::yaml::load(path, &*opts.reporter)?),
+        Kind::Yaml => Some(crate::jobfile::yaml::load(path, reporter)?),
     };
-    // So do mistakes in the providers' settings (a missing key, a cloud provider without a
-    // NATS server the machines can reach).
-    let providers = providers(&opts.config, opts.image.as_deref(), &*opts.reporter)?;
+    let providers = providers(config, image, reporter)?;
     for p in &providers {
         if p.name() != "local" {
-            cloud_needs_nats(&opts.config, p.name())?;
+            cloud_needs_nats(config, p.name())?;
         }
     }
+    Ok(Checked {
+        yaml,
+        script_dir,
+        providers,
+    })
+}
 
+/// A new job id for the job file `path`: its name and six random hex digits.
+pub fn new_job_id(path: &Path) -> Result<String, RunError> {
     let stem: String = path
         .file_stem()
         .map(|s| cedana_protocol::sanitize(&s.to_string_lossy()))
@@ -157,26 +185,101 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .take(40)
         .collect();
-    let job_id = format!(
+    Ok(format!(
         "{stem}-{}",
         cedana_protocol::random_hex(3)
             .map_err(io("random", Path::new(cedana_protocol::ids::RANDOM_SOURCE)))?
-    );
-    let job_dir = opts.state_dir.join(&job_id);
+    ))
+}
+
+/// The folder of job `id` under `state_dir` (absolute: the job's servers and workers are
+/// started with paths in it).
+pub fn job_dir(state_dir: &Path, id: &str) -> PathBuf {
+    let dir = state_dir.join(id);
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+/// The managed flow's options as the record keeps them.
+fn flow_options(s: &Settings) -> managed::Options {
+    managed::Options {
+        interval: s.interval_secs.map(Duration::from_secs),
+        keep: s.keep.max(1),
+        attempts: 3,
+        arbitrage: s.arbitrage.map(|(every, margin)| managed::Arbitrage {
+            every: Duration::from_secs(every.max(1)),
+            margin,
+        }),
+    }
+}
+
+/// Opens the job's output file (appending) and its sequence file.
+fn open_output(job_dir: &Path) -> Result<crate::coord::Output, RunError> {
+    let output = job_dir.join("logs").join(OUTPUT_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&output)
+        .map_err(io("cannot create", &output))?;
+    let seq_path = job_dir.join("logs").join(OUTPUT_SEQ_FILE);
+    let seq = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&seq_path)
+        .map_err(io("cannot create", &seq_path))?;
+    Ok(crate::coord::Output {
+        file,
+        seq: Some(seq),
+    })
+}
+
+/// Runs the job; returns the exit status it ends with (the task's, or the script's integer
+/// result).
+pub fn run(opts: RunOptions) -> Result<i64, RunError> {
+    let path = &opts.script;
+    let checked = check(path, &opts.config, opts.image.as_deref(), &*opts.reporter)?;
+    let job_id = match &opts.job_id {
+        Some(id) => id.clone(),
+        None => new_job_id(path)?,
+    };
+    let job_dir = job_dir(&opts.state_dir, &job_id);
     for d in [job_dir.join("work"), job_dir.join("logs")] {
         std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
     }
 
+    let interval = match opts.checkpoint_every {
+        Some(0) => None,
+        Some(s) => Some(s),
+        None if opts.config.checkpoint.heartbeat_enabled == Some(false) => None,
+        None => Some(
+            opts.config
+                .checkpoint
+                .heartbeat_interval_seconds
+                .unwrap_or(60)
+                .max(1),
+        ),
+    };
+    let settings = Settings {
+        interval_secs: interval,
+        keep: 2,
+        arbitrage: arbitrage(
+            &opts.config.arbitrage,
+            opts.arbitrage_every,
+            opts.arbitrage_margin,
+        )
+        .map(|a| (a.every.as_secs(), a.margin)),
+        image: opts
+            .image
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        config: opts
+            .config_path
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+    };
+
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
-        let n = EmbeddedNats::start()?;
-        let token_file = job_dir.join(TOKEN_FILE);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&token_file)
-            .and_then(|mut f| f.write_all(n.token.expose().as_bytes()))
-            .map_err(io("cannot write", &token_file))?;
+        let n = EmbeddedNats::create(&job_dir, &job_dir.join(TOKEN_FILE))?;
         (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
@@ -188,35 +291,9 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     };
     let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", path))?;
     let coord = rt.block_on(Coordinator::connect(&url, token.expose(), &job_id, true))?;
-    let output = job_dir.join("logs").join(OUTPUT_FILE);
-    coord.set_output(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&output)
-            .map_err(io("cannot create", &output))?,
-    );
+    coord.set_output(open_output(&job_dir)?);
     opts.reporter
         .note(&format!("job {job_id}: folder {}", job_dir.display()));
-
-    let interval = match opts.checkpoint_every {
-        Some(0) => None,
-        Some(s) => Some(Duration::from_secs(s)),
-        None if opts.config.checkpoint.heartbeat_enabled == Some(false) => None,
-        None => Some(Duration::from_secs(
-            opts.config
-                .checkpoint
-                .heartbeat_interval_seconds
-                .unwrap_or(60)
-                .max(1),
-        )),
-    };
-    let shared_storage = opts
-        .config
-        .shared_storage
-        .dump_storage_dir
-        .clone()
-        .filter(|p| !p.as_os_str().is_empty());
     let record = JobRecord {
         v: 1,
         job: job_id.clone(),
@@ -238,7 +315,169 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         cost_usd: 0.0,
         exit_code: None,
         error: None,
+        nats_pid: embedded.as_ref().and_then(EmbeddedNats::pid).unwrap_or(0),
+        events_seq: 0,
+        output_seq: 0,
+        settings,
+        exit_status: None,
     };
+    drive(Drive {
+        rt,
+        coord,
+        url,
+        token,
+        job_dir,
+        record,
+        embedded,
+        checked,
+        script: path.clone(),
+        shared_storage: shared_storage(&opts.config),
+        reporter: opts.reporter,
+        resumed: false,
+    })
+}
+
+/// The config's `shared_storage.dump_storage_dir`, if set.
+fn shared_storage(config: &cedana_protocol::Config) -> Option<PathBuf> {
+    config
+        .shared_storage
+        .dump_storage_dir
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Options of `resume`.
+pub struct ResumeOptions {
+    pub state_dir: PathBuf,
+    /// The job's id or a unique prefix of it.
+    pub job: String,
+    pub config: cedana_protocol::Config,
+    pub reporter: crate::job::report::SharedReporter,
+}
+
+/// Whether job `job` can be resumed: its folder and record, or why not.
+pub fn resumable(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), RunError> {
+    let (dir, record) = crate::job::record::find(state_dir, job)?;
+    if record.state.is_final() {
+        return Err(RunError::Ended {
+            job: record.job.clone(),
+            state: record.shown_state(),
+        });
+    }
+    if record.driver_alive() {
+        return Err(RunError::Controlled {
+            job: record.job.clone(),
+            pid: record.driver_pid,
+        });
+    }
+    if !record.managed {
+        return Err(RunError::NotResumable {
+            job: record.job.clone(),
+        });
+    }
+    Ok((dir, record))
+}
+
+/// Takes back a job whose controller died: its NATS server started again (the embedded one,
+/// on the same port, token and store) if it is gone, its workers adopted, what happened
+/// meanwhile read from the stored events, and the managed flow goes on.
+pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
+    let (job_dir, mut record) = resumable(&opts.state_dir, &opts.job)?;
+    let job_dir = std::path::absolute(&job_dir).unwrap_or(job_dir);
+    let path = record.script.clone();
+    let checked = check(
+        &path,
+        &opts.config,
+        record.settings.image.as_deref(),
+        &*opts.reporter,
+    )?;
+    let (url, token, embedded) = if record.embedded_nats {
+        // A server the dead driver left running is stopped and started again as this
+        // driver's own, on the same port, token and store.
+        crate::coord::nats::end_orphan(&job_dir, record.nats_pid);
+        let mut n = EmbeddedNats::open(&job_dir, &job_dir.join(TOKEN_FILE))?;
+        n.spawn()?;
+        (n.url.clone(), n.token.clone(), Some(n))
+    } else {
+        let c = &opts.config.connection;
+        (
+            record.nats_url.clone(),
+            c.auth_token.clone(),
+            None,
+        )
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", &path))?;
+    let output_seq =
+        crate::coord::read_output_seq(&job_dir.join("logs").join(OUTPUT_SEQ_FILE));
+    let coord = rt.block_on(Coordinator::connect_from(
+        &url,
+        token.expose(),
+        &record.job,
+        true,
+        Some(record.events_seq),
+        output_seq,
+    ))?;
+    coord.set_output(open_output(&job_dir)?);
+    rt.block_on(coord.caught_up(Duration::from_secs(30)));
+    opts.reporter.note(&format!(
+        "job {}: resumed (its controller, PID {}, was gone); folder {}",
+        record.job,
+        record.driver_pid,
+        job_dir.display()
+    ));
+    record.driver_pid = std::process::id();
+    record.nats_pid = embedded.as_ref().and_then(EmbeddedNats::pid).unwrap_or(0);
+    drive(Drive {
+        rt,
+        coord,
+        url,
+        token,
+        job_dir,
+        record,
+        embedded,
+        checked,
+        script: path,
+        shared_storage: shared_storage(&opts.config),
+        reporter: opts.reporter,
+        resumed: true,
+    })
+}
+
+/// What a run or a resume hands to [`drive`].
+struct Drive {
+    rt: tokio::runtime::Runtime,
+    coord: Coordinator,
+    url: String,
+    token: cedana_protocol::Secret,
+    job_dir: PathBuf,
+    record: JobRecord,
+    embedded: Option<EmbeddedNats>,
+    checked: Checked,
+    script: PathBuf,
+    shared_storage: Option<PathBuf>,
+    reporter: crate::job::report::SharedReporter,
+    resumed: bool,
+}
+
+/// Runs (or goes on with) the job to its end, then ends its workers and its NATS server.
+fn drive(d: Drive) -> Result<i64, RunError> {
+    let Drive {
+        rt,
+        coord,
+        url,
+        token,
+        job_dir,
+        record,
+        embedded,
+        checked,
+        script: path,
+        shared_storage,
+        reporter,
+        resumed,
+    } = d;
+    let path = &path;
+    let job_id = record.job.clone();
+    let flow_opts = flow_options(&record.settings);
     let job = Rc::new(RefCell::new(Job::new(
         job_id.clone(),
         rt.handle().clone(),
@@ -249,13 +488,36 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         shared_storage,
         record,
     )));
+    let Checked {
+        yaml,
+        script_dir,
+        providers,
+    } = checked;
     job.borrow_mut().providers = providers;
-    job.borrow_mut().reporter = opts.reporter.clone();
+    job.borrow_mut().reporter = reporter.clone();
     let down = job.borrow().down.clone();
-    // Ctrl-C, SIGTERM and SIGHUP take the job down cleanly: workers do not outlive the driver.
+    // The embedded server is kept running: started again on the same port, token and store
+    // when it dies.
+    let nats_stop = crate::util::Flag::new();
+    let supervisor = embedded.map(|n| {
+        let r = reporter.clone();
+        crate::coord::nats::supervise(
+            n,
+            job.borrow().nats_pid.clone(),
+            nats_stop.clone(),
+            move |line| r.note(line),
+        )
+    });
+    if resumed {
+        job.borrow_mut().adopt_workers()?;
+    }
+    job.borrow_mut().save();
+    // Ctrl-C and SIGTERM take the job down cleanly: workers do not outlive it. SIGHUP is
+    // ignored: the controller has no terminal (`run` follows it from another process), so
+    // a closed terminal does not end the job.
     {
         let down = down.clone();
-        let reporter = opts.reporter.clone();
+        let reporter = reporter.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let (Ok(mut i), Ok(mut t), Ok(mut h)) = (
@@ -265,10 +527,12 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             ) else {
                 return;
             };
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-                _ = h.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = i.recv() => break,
+                    _ = t.recv() => break,
+                    _ = h.recv() => continue,
+                }
             }
             reporter.note("signal received: taking the job down");
             down.set();
@@ -276,16 +540,6 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     }
 
     let (tx, rx) = std::sync::mpsc::channel();
-    let flow_opts = managed::Options {
-        interval,
-        keep: 2,
-        attempts: 3,
-        arbitrage: arbitrage(
-            &opts.config.arbitrage,
-            opts.arbitrage_every,
-            opts.arbitrage_margin,
-        ),
-    };
     let result: Result<i64, RunError> = match yaml {
         Some(spec) => {
             job.borrow_mut().record.managed = true;
@@ -300,7 +554,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
                 spec,
                 base: script_dir.clone(),
             };
-            managed::run(&job, &mut hooks, &flow_opts, &rx).map_err(RunError::from)
+            managed::run(&job, &mut hooks, &flow_opts, &rx, resumed).map_err(RunError::from)
         }
         None => {
             let engine = script::engine(job.clone(), &script_dir);
@@ -321,7 +575,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
                     path,
                     scope: rhai::Scope::new(),
                 };
-                managed::run(&job, &mut hooks, &flow_opts, &rx).map_err(RunError::from)
+                managed::run(&job, &mut hooks, &flow_opts, &rx, resumed).map_err(RunError::from)
             } else {
                 job.borrow_mut().set_state(JobState::Running);
                 engine
@@ -358,15 +612,24 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             }
         }
     }
-    drop(job);
     // Answers to control requests go out before the connection closes.
     let client = coord.client.clone();
     let _ =
         rt.block_on(
             async move { tokio::time::timeout(Duration::from_secs(2), client.flush()).await },
         );
+    // The server stops (its store stays in the job's folder).
+    nats_stop.set();
+    if let Some(s) = supervisor {
+        let _ = s.join();
+    }
+    job.borrow_mut().nats_pid.store(0, std::sync::atomic::Ordering::SeqCst);
+    job.borrow_mut().record.nats_pid = 0;
+    if let Err(e) = job.borrow().record.save(&job.borrow().dir) {
+        tracing::warn!(error = %e, "cannot save the job record");
+    }
+    drop(job);
     drop(rt);
-    drop(embedded);
     result
 }
 

@@ -86,12 +86,23 @@ pub enum Command {
     Stop { task: String },
 }
 
+/// A task running on a worker, as its `pong` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTask {
+    pub task: String,
+    pub pid: i32,
+}
+
 /// What a command produced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     Pong {
         agent_version: String,
+        /// The tasks running on the worker (not those a checkpoint stopped); added
+        /// compatibly: older agents leave it out.
+        #[serde(default)]
+        tasks: Vec<RunningTask>,
     },
     Sh {
         exit_code: i32,

@@ -8,7 +8,7 @@ pub mod moto;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod ec2sim;
@@ -778,20 +778,48 @@ impl BackgroundDriver {
 }
 
 impl Drop for BackgroundDriver {
+    /// Takes the job down as Ctrl-C does (the controller is a process of its own, which a
+    /// killed `run` leaves running); what is still left is ended by `cedana-driver down`.
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            for _ in 0..300 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        down_all(&self.state);
+    }
+}
+
+/// Ends every job under `state` that is not over (`cedana-driver down`, which also ends what
+/// a job whose controller died left running).
+pub fn down_all(state: &Path) {
+    let Ok(dirs) = std::fs::read_dir(state) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Ok(bytes) = std::fs::read(d.path().join("job.json")) else {
+            continue;
+        };
+        let Ok(r) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        if matches!(r["state"].as_str(), Some("succeeded" | "failed" | "down")) {
+            continue;
+        }
+        if let Some(job) = r["job"].as_str() {
+            let _ = driver_cmd(state)
+                .args(["down", job])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -778,6 +778,11 @@ fn job_launch_moves_past_capacity_errors() {
         cost_usd: 0.0,
         exit_code: None,
         error: None,
+        nats_pid: 0,
+        events_seq: 0,
+        output_seq: 0,
+        settings: Default::default(),
+        exit_status: None,
     };
     let mut job = Job::new(
         "capjob".into(),

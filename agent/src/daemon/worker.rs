@@ -138,9 +138,22 @@ impl Worker {
 
     async fn execute(self: &Arc<Self>, command: Command) -> Result<Reply, String> {
         match command {
-            Command::Ping => Ok(Reply::Pong {
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-            }),
+            Command::Ping => {
+                let mut tasks: Vec<protocol::RunningTask> = self
+                    .tasks()
+                    .iter()
+                    .filter(|(_, t)| !t.checkpointed)
+                    .map(|(name, t)| protocol::RunningTask {
+                        task: name.clone(),
+                        pid: t.pid,
+                    })
+                    .collect();
+                tasks.sort_by(|a, b| a.task.cmp(&b.task));
+                Ok(Reply::Pong {
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    tasks,
+                })
+            }
             Command::Sh { cmd, timeout_secs } => self.sh(cmd, timeout_secs.unwrap_or(600)).await,
             Command::Spawn { task, cmd } => self.spawn(task, cmd).await,
             Command::Checkpoint {

@@ -34,6 +34,11 @@ pub struct Cli {
 pub enum Cmd {
     /// Run a job (.rhai script or .yml job spec) until its task ends; streams the task's
     /// output and exits with its status.
+    ///
+    /// The job has a controller of its own (a background process, output in the job's
+    /// folder); `run` starts it and follows it. Ctrl-C takes the job down; a closed terminal
+    /// or a killed `run` only stops following: the job goes on (`attach` follows it again).
+    /// A controller that died (`kill -9`, a reboot) is brought back with `resume`.
     Run {
         /// The job file
         script: PathBuf,
@@ -54,6 +59,37 @@ pub enum Cmd {
         /// [default: arbitrage.margin_percent, else 20]
         #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
         arbitrage_margin: Option<f64>,
+        /// Start the job and return once its task runs, printing the job's id (follow it
+        /// with `attach`, `logs -f`, `status`)
+        #[arg(short, long)]
+        detach: bool,
+        /// Be the controller of job ID (what `run` starts in the background)
+        #[arg(long, value_name = "ID", hide = true)]
+        controller_for: Option<String>,
+    },
+    /// Follow a job: its task's output and the job's steps from now on (the last lines
+    /// first); exits with the job's exit code once it ends, also for a job that has ended.
+    /// Ctrl-C takes the job down, as in `run`.
+    Attach {
+        /// The job's id or a unique prefix
+        job: String,
+        /// Print the job's whole output so far first, not only its last lines
+        #[arg(long)]
+        all: bool,
+    },
+    /// Bring back a job whose controller died (`status` shows it `orphaned`): its NATS server
+    /// is started again if it is gone, its workers are taken back, what happened meanwhile is
+    /// read from the stored events, and the job goes on (managed jobs: hooks or YAML specs).
+    /// Follows the job as `run` does.
+    Resume {
+        /// The job's id or a unique prefix
+        job: String,
+        /// Return once the job is taken back, printing its id
+        #[arg(short, long)]
+        detach: bool,
+        /// Be the job's controller (what `resume` starts in the background)
+        #[arg(long, hide = true)]
+        controller: bool,
     },
     /// Show jobs: state, workers, task, checkpoints, cost.
     Status {
@@ -74,7 +110,8 @@ pub enum Cmd {
     Checkpoint { job: String },
     /// Move a running managed job's task to a new worker.
     Migrate { job: String },
-    /// Stop a job: its task is killed and its workers end.
+    /// Stop a job: its task is killed and its workers end. A job whose controller died is
+    /// ended here: its tasks, workers, network namespaces and NATS server; says what it ended.
     Down { job: String },
     /// Bake a worker image (AMI) and a launch template from a stock image: the agent, CRIU and
     /// a systemd unit installed over SSH (host key verified), `cedana-agent check` passed there.

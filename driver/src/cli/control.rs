@@ -15,12 +15,27 @@ pub fn send(state_dir: &Path, config: &cedana_driver::Config, job: &str, action:
         Ok(f) => f,
         Err(code) => return code,
     };
+    if action == Action::Down && !record.state.is_final() && !record.driver_alive() {
+        // Its controller died: what it left is ended here.
+        let mut record = record;
+        for line in cedana_driver::job::orphan::end(&dir, &mut record) {
+            println!("{line}");
+        }
+        println!("job {} is down", record.job);
+        return Exit::Ok;
+    }
     if !record.driver_alive() {
-        super::error(format!(
-            "job {} is not running (state {})",
-            record.job,
-            record.shown_state()
-        ));
+        super::error(if record.state.is_final() {
+            format!("job {} is not running (state {})", record.job, record.shown_state())
+        } else {
+            format!(
+                "job {} has no controller (state {}); `cedana-driver resume {}` brings it back, `cedana-driver down {}` ends it",
+                record.job,
+                record.shown_state(),
+                record.job,
+                record.job
+            )
+        });
         return Exit::NoJob;
     }
     let token = if record.embedded_nats {

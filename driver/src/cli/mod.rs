@@ -1,6 +1,7 @@
 //! The command line: what only the binary does (arguments, printing, exit codes).
 
 pub mod args;
+pub mod attach;
 #[cfg(feature = "aws")]
 pub mod bake;
 pub mod control;

@@ -76,9 +76,52 @@ pub struct Coordinator {
     jobs: jetstream::kv::Store,
     routes: Arc<Mutex<Routes>>,
     /// Where task output is appended (the job's output log), besides stdout.
-    output: Arc<Mutex<Option<std::fs::File>>>,
+    output: Arc<Mutex<Option<Output>>>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
     prefix: String,
+    /// Whether the job's NATS server stores what it is sent (see [`Coordinator::silence`]).
+    health: Arc<Mutex<Health>>,
+    /// The stream sequence of the next event to read (kept in the job's record, so that a
+    /// resumed driver reads on from there).
+    next_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The sequence of the newest log event written to the output file.
+    output_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The stream's last sequence when the driver connected.
+    backlog: u64,
+}
+
+/// The job's output file, and the file that holds the stream sequence of the newest log event
+/// written to it (8 bytes, little-endian; a resumed driver writes on from there).
+pub struct Output {
+    pub file: std::fs::File,
+    pub seq: Option<std::fs::File>,
+}
+
+/// The sequence kept in an output's sequence file (0 if there is none).
+pub fn read_output_seq(path: &std::path::Path) -> u64 {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()))
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// What the driver knows of the NATS server's storage.
+#[derive(Debug)]
+struct Health {
+    /// Since when it has stored the driver's probes without a failure (`None`: it fails now).
+    since: Option<std::time::Instant>,
+    /// Why it failed last.
+    problem: Option<String>,
+}
+
+/// How often the driver checks that the NATS server stores (a KV write, also the controller's
+/// mark in the jobs bucket).
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The key in the jobs bucket where the job's controller marks that it lives.
+pub fn controller_key(job: &str) -> String {
+    format!("{job}.controller")
 }
 
 /// Longer than workers go without an event (they heartbeat every few seconds): a consumer
@@ -125,6 +168,20 @@ impl Coordinator {
         job: &str,
         echo_logs: bool,
     ) -> Result<Self, CoordError> {
+        Self::connect_from(url, token, job, echo_logs, None, 0).await
+    }
+
+    /// Like [`Coordinator::connect`], reading events from stream sequence `from` (a resumed
+    /// job's, from its record) rather than from now; log events up to `output_seq` are
+    /// already in the output file and are not written again.
+    pub async fn connect_from(
+        url: &str,
+        token: &str,
+        job: &str,
+        echo_logs: bool,
+        from: Option<u64>,
+        output_seq: u64,
+    ) -> Result<Self, CoordError> {
         let client = async_nats::ConnectOptions::with_token(token.to_string())
             .name(format!("cedana-driver {job}"))
             .connection_timeout(Duration::from_secs(10))
@@ -147,7 +204,7 @@ impl Coordinator {
         // when it breaks (a reconnect, a restarted server, a lost cluster node) or goes quiet
         // for longer than workers stay silent, a new one resumes right after the last event
         // seen, so none is lost.
-        let mut next_seq = js
+        let last = js
             .get_stream(protocol::EVENTS_STREAM)
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?
@@ -155,14 +212,18 @@ impl Coordinator {
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?
             .state
-            .last_sequence
-            + 1;
+            .last_sequence;
+        let mut next_seq = from.filter(|f| *f > 0).unwrap_or(last + 1);
+        let shared_seq = Arc::new(std::sync::atomic::AtomicU64::new(next_seq));
+        let seq_out = shared_seq.clone();
+        let output_seq = Arc::new(std::sync::atomic::AtomicU64::new(output_seq));
+        let written = output_seq.clone();
         let mut sub = event_consumer(&js, job, next_seq)
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?;
         let routes = Arc::new(Mutex::new(Routes::default()));
         let r = routes.clone();
-        let output = Arc::new(Mutex::new(None::<std::fs::File>));
+        let output = Arc::new(Mutex::new(None::<Output>));
         let out = output.clone();
         let (events_js, events_job) = (js.clone(), job.to_string());
         tokio::spawn(async move {
@@ -197,12 +258,15 @@ impl Coordinator {
                     }
                 };
                 errors = 0;
+                let mut seq = 0;
                 if let Ok(info) = msg.info() {
                     if info.stream_sequence < next_seq {
                         continue;
                     }
-                    next_seq = info.stream_sequence + 1;
+                    seq = info.stream_sequence;
+                    next_seq = seq + 1;
                 }
+                use std::sync::atomic::Ordering;
                 let env = match protocol::decode::<EventEnvelope>(&msg.payload) {
                     Ok(env) => env,
                     Err(e) => {
@@ -211,21 +275,40 @@ impl Coordinator {
                     }
                 };
                 tracing::trace!(worker = %env.worker, event = ?env.event, "event");
+                // An event of the backlog a resumed driver reads was heard when it was sent.
+                let heard = if seq != 0 && seq <= last {
+                    let age = protocol::now().saturating_sub(env.at);
+                    std::time::Instant::now()
+                        .checked_sub(Duration::from_secs(age))
+                        .unwrap_or_else(std::time::Instant::now)
+                } else {
+                    std::time::Instant::now()
+                };
                 r.lock()
                     .expect("routes")
                     .seen
-                    .insert(env.worker.clone(), std::time::Instant::now());
+                    .entry(env.worker.clone())
+                    .and_modify(|t| *t = (*t).max(heard))
+                    .or_insert(heard);
                 match env.event {
                     Event::Reply { id, reply } => {
                         if let Some(tx) = r.lock().expect("routes").replies.remove(&id) {
                             let _ = tx.send(reply);
                         }
                     }
+                    // Written once: a resumed driver reads again what its predecessor read
+                    // after it last saved the record.
+                    Event::Log { .. } if seq != 0 && seq <= written.load(Ordering::SeqCst) => {}
                     Event::Log { data, .. } => {
                         use std::io::Write;
-                        if let Some(f) = out.lock().expect("output").as_mut() {
-                            let _ = f.write_all(data.as_bytes());
+                        if let Some(o) = out.lock().expect("output").as_mut() {
+                            let _ = o.file.write_all(data.as_bytes());
+                            if let (Some(f), true) = (&o.seq, seq != 0) {
+                                use std::os::unix::fs::FileExt;
+                                let _ = f.write_at(&seq.to_le_bytes(), 0);
+                            }
                         }
+                        written.store(seq, Ordering::SeqCst);
                         if echo_logs {
                             let mut o = std::io::stdout().lock();
                             let _ = o.write_all(data.as_bytes());
@@ -268,9 +351,54 @@ impl Coordinator {
                             });
                     }
                 }
+                seq_out.store(next_seq, Ordering::SeqCst);
             }
         });
         let prefix = cedana_protocol::random_hex(4).unwrap_or_default();
+        let health = Arc::new(Mutex::new(Health {
+            since: Some(std::time::Instant::now()),
+            problem: None,
+        }));
+        // The probe: a write to the jobs bucket every PROBE_EVERY. While it fails, the
+        // server cannot store (it is down, or its disk is full): workers' silence then says
+        // nothing about them.
+        {
+            let (jobs, health, key) = (jobs.clone(), health.clone(), controller_key(job));
+            let mark = serde_json::json!({ "pid": std::process::id() }).to_string();
+            tokio::spawn(async move {
+                loop {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        jobs.put(&key, mark.clone().into()),
+                    )
+                    .await;
+                    let problem = match r {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("no answer within 3 s".to_string()),
+                    };
+                    {
+                        let mut h = health.lock().expect("health");
+                        match problem {
+                            None if h.since.is_none() => {
+                                tracing::info!("the NATS server stores again");
+                                h.since = Some(std::time::Instant::now());
+                                h.problem = None;
+                            }
+                            None => {}
+                            Some(p) => {
+                                if h.since.is_some() {
+                                    tracing::warn!(problem = %p, "the NATS server does not store what the driver sends; workers' silence is not taken for a loss meanwhile");
+                                }
+                                h.since = None;
+                                h.problem = Some(p);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+            });
+        }
         Ok(Coordinator {
             job: job.into(),
             client,
@@ -282,7 +410,48 @@ impl Coordinator {
             output,
             next_id: Default::default(),
             prefix,
+            health,
+            next_seq: shared_seq,
+            output_seq,
+            backlog: last,
         })
+    }
+
+    /// Waits (at most `timeout`) until every event stored before the driver connected has
+    /// been read: what a resumed driver knows before it acts.
+    pub async fn caught_up(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.next_seq.load(std::sync::atomic::Ordering::SeqCst) <= self.backlog {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// How long `worker` has been silent while the NATS server stored what it was sent:
+    /// `None` if it was never heard from, or if the server does not store now (then no one
+    /// can be heard, and silence says nothing about the worker).
+    pub fn silence(&self, worker: &str) -> Option<Duration> {
+        let seen = self.last_seen(worker)?;
+        let since = self.health.lock().expect("health").since?;
+        Some(seen.max(since).elapsed())
+    }
+
+    /// Why the NATS server does not store now, if it does not.
+    pub fn store_problem(&self) -> Option<String> {
+        self.health.lock().expect("health").problem.clone()
+    }
+
+    /// (the stream sequence of the next event to read, that of the newest log event written
+    /// to the output file): what a resumed driver starts from.
+    pub fn positions(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.next_seq.load(Ordering::SeqCst),
+            self.output_seq.load(Ordering::SeqCst),
+        )
     }
 
     /// Waits until `worker` has registered: its key in the workers bucket is watched, and
@@ -443,8 +612,8 @@ impl Coordinator {
     }
 
     /// Appends task output to `file` from now on.
-    pub fn set_output(&self, file: std::fs::File) {
-        *self.output.lock().expect("output") = Some(file);
+    pub fn set_output(&self, output: Output) {
+        *self.output.lock().expect("output") = Some(output);
     }
 
     /// Forgets an earlier exit of `task` on `worker` (before it starts there again).

@@ -75,16 +75,46 @@ pub struct Arbitrage {
 /// How long a spot offer that took a worker back is passed over.
 pub const AVOID_AFTER_NOTICE: Duration = Duration::from_secs(30 * 60);
 
-/// Runs the flow to the task's end; returns its exit status.
+/// Runs the flow to the task's end; returns its exit status. With `resumed`, the job's
+/// record is that of a driver that died and its workers were adopted
+/// ([`Job::adopt_workers`]): the flow goes on from where the task is now ([`pick_up`]).
 pub fn run(
     job: &Shared,
     hooks: &mut dyn Hooks,
     opts: &Options,
     control: &std::sync::mpsc::Receiver<Pending>,
+    resumed: bool,
 ) -> Result<i64, FlowError> {
     let spec = hooks.spec()?;
     let mut newest: Option<Checkpoint> = None;
-    let (mut w, mut task) = bring_up(job, hooks, &spec, None)?;
+    let (mut w, mut task) = if resumed {
+        newest = job.borrow().record.checkpoints.last().map(|c| Checkpoint {
+            object: c.object.clone(),
+            task: c.task.clone(),
+        });
+        match pick_up(job)? {
+            Some(found) => found,
+            None => {
+                // The task is nowhere: a move its controller did not finish (the task was
+                // stopped for the checkpoint) or a worker lost meanwhile.
+                job.borrow().reporter.note(&format!(
+                    "the task runs on no worker; recovering from {}",
+                    newest
+                        .as_ref()
+                        .map(|c| c.object.as_str())
+                        .unwrap_or("the start (no checkpoint yet)")
+                ));
+                {
+                    let mut j = job.borrow_mut();
+                    j.record.recoveries += 1;
+                    j.set_state(JobState::Recovering);
+                }
+                bring_up(job, hooks, &spec, newest.as_ref())?
+            }
+        }
+    } else {
+        bring_up(job, hooks, &spec, None)?
+    };
     job.borrow_mut().set_state(JobState::Running);
     let mut next = opts.interval.map(|i| Instant::now() + i);
     let mut next_pricing = opts.arbitrage.as_ref().map(|a| Instant::now() + a.every);
@@ -202,6 +232,80 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Where a resumed job's task is: the worker that runs it (asked, not guessed from the
+/// record: the driver may have died halfway through a move), or whose agent reported its
+/// exit meanwhile. Workers that do not have it (a move's new worker that got nothing yet)
+/// are ended; a second copy (a move's restore not yet recorded) is stopped, the newest worker
+/// keeping its own. `None`: the task runs nowhere.
+fn pick_up(job: &Shared) -> Result<Option<(Worker, Task)>, FlowError> {
+    let Some(t) = job.borrow().record.task.clone() else {
+        return Ok(None);
+    };
+    let ids: Vec<String> = job.borrow().workers.keys().cloned().collect();
+    let mut holders = Vec::new();
+    for id in &ids {
+        let exited = job.borrow().coord.exit_of(id, &t.name).is_some();
+        if exited && *id == t.worker {
+            holders.push(id.clone());
+            continue;
+        }
+        if job.borrow().lost(id).is_some() {
+            continue;
+        }
+        let tasks = job.borrow().tasks_on(id);
+        match tasks {
+            Some(tasks) if tasks.iter().any(|r| r.task == t.name) => holders.push(id.clone()),
+            // A worker whose agent does not answer: the flow sees it lost if it stays so.
+            None if *id == t.worker => holders.push(id.clone()),
+            _ => {}
+        }
+    }
+    // Newest worker first (ids count up: w10 after w9).
+    holders.sort_by_key(|id| std::cmp::Reverse(id[1..].parse::<u32>().unwrap_or(0)));
+    let keep = holders.first().cloned();
+    for id in ids {
+        if Some(&id) == keep.as_ref() {
+            continue;
+        }
+        if holders.contains(&id) {
+            warn!(worker = %id, task = %t.name, "a second copy of the task; stopping it");
+            let _ = job.borrow().stop(&Task {
+                name: t.name.clone(),
+                worker: id.clone(),
+            });
+        }
+        let how = if job.borrow().lost(&id).is_some() {
+            WorkerState::Lost
+        } else {
+            WorkerState::Terminated
+        };
+        info!(worker = %id, "ending a worker the task does not run on");
+        job.borrow_mut().end_worker(&id, how);
+    }
+    Ok(keep.map(|id| {
+        if id != t.worker {
+            job.borrow().reporter.note(&format!(
+                "task {} runs on worker {id} (a move finished while no controller ran)",
+                t.name
+            ));
+            let mut j = job.borrow_mut();
+            j.record.task = Some(crate::job::record::TaskInfo {
+                worker: id.clone(),
+                ..t.clone()
+            });
+            j.record.migrations += 1;
+            j.save();
+        }
+        (
+            Worker { id: id.clone() },
+            Task {
+                name: t.name.clone(),
+                worker: id,
+            },
+        )
+    }))
 }
 
 /// `provider type place market`, for messages.

@@ -7,6 +7,7 @@
 //! the job taken down) as soon as it happens.
 
 pub mod managed;
+pub mod orphan;
 pub mod record;
 pub mod report;
 
@@ -99,6 +100,8 @@ pub struct Job {
     /// Offers not to launch on until the time given (a spot market that just took a worker
     /// back), unless nothing else fits.
     avoided: Vec<(Offer, Instant)>,
+    /// The embedded NATS server's process id, kept current by its supervisor.
+    pub nats_pid: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Job {
@@ -131,6 +134,85 @@ impl Job {
             next_task: 0,
             pruned: Default::default(),
             avoided: Vec::new(),
+            nats_pid: Default::default(),
+        }
+    }
+
+    /// Takes back the workers of a record left by a driver that died (`resume`): each worker
+    /// the record has running is adopted (one that is gone turns lost at the next look), and
+    /// the worker and task counters go on from the record's.
+    pub fn adopt_workers(&mut self) -> Result<(), JobError> {
+        let number = |s: &str, prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        self.next_worker = self
+            .record
+            .workers
+            .iter()
+            .map(|w| number(&w.id, "w"))
+            .max()
+            .unwrap_or(0);
+        self.next_task = self
+            .record
+            .task
+            .iter()
+            .map(|t| number(&t.name, "task"))
+            .max()
+            .unwrap_or(0);
+        let running: Vec<WorkerInfo> = self
+            .record
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Running)
+            .cloned()
+            .collect();
+        for info in running {
+            let offer_type = info.offer.as_ref().map(|o| o.instance_type.as_str());
+            if info.provider != providers::local::NAME || offer_type == Some("local-container") {
+                return Err(JobError::Worker {
+                    worker: info.id.clone(),
+                    message: format!(
+                        "a {} worker{} cannot be taken back by a resumed driver in this release; `cedana-driver down {}` ends the job",
+                        info.provider,
+                        if offer_type == Some("local-container") { " in a container" } else { "" },
+                        self.id
+                    ),
+                });
+            }
+            let task_pids = self
+                .record
+                .task
+                .iter()
+                .filter(|t| t.worker == info.id)
+                .map(|t| t.pid)
+                .collect();
+            let w = providers::local::LocalWorker::adopt(providers::local::Adopt {
+                job: &self.id,
+                id: &info.id,
+                pid: info.pid,
+                dir: &info.dir,
+                netns: info.netns.as_deref(),
+                forward: info.forward,
+                nats_url: &self.nats_url,
+                task_pids,
+                rt: &self.rt,
+            })
+            .map_err(|e| JobError::Worker {
+                worker: info.id.clone(),
+                message: e.to_string(),
+            })?;
+            self.workers.insert(info.id.clone(), Instance::Local(w));
+        }
+        Ok(())
+    }
+
+    /// The tasks running on `worker`, as it says (`None`: it did not answer).
+    pub fn tasks_on(&self, worker: &str) -> Option<Vec<protocol::RunningTask>> {
+        match self.call(worker, Command::Ping, 30) {
+            Ok(Reply::Pong { tasks, .. }) => Some(tasks),
+            _ => None,
         }
     }
 
@@ -138,6 +220,8 @@ impl Job {
     pub fn save(&mut self) {
         let now = protocol::now();
         self.record.updated_at = now;
+        self.record.nats_pid = self.nats_pid.load(std::sync::atomic::Ordering::SeqCst);
+        (self.record.events_seq, self.record.output_seq) = self.coord.positions();
         // What the workers have cost so far, at their offers' prices.
         self.record.cost_usd = self
             .record
@@ -318,6 +402,7 @@ impl Job {
             instance: w.instance_id(),
             offer: Some(offer.clone()),
             ended_at: None,
+            forward: w.forward(),
         });
         self.workers.insert(id.clone(), w);
         self.save();
@@ -349,7 +434,7 @@ impl Job {
     /// Why `worker` is lost, if it is: its daemon exited, or it has been silent too long.
     pub fn lost(&self, worker: &str) -> Option<String> {
         let w = self.workers.get(worker)?;
-        lost_reason(w.gone().is_set(), self.coord.last_seen(worker))
+        lost_reason(w.gone().is_set(), self.coord.silence(worker))
     }
 
     /// Sends a command to `worker` and waits for its reply (an error reply is an error).
@@ -365,7 +450,7 @@ impl Job {
             if down.is_set() {
                 return Some("the job is being taken down".to_string());
             }
-            lost_reason(gone.is_set(), coord.last_seen(worker))
+            lost_reason(gone.is_set(), coord.silence(worker))
         };
         let coord = self.coord.clone();
         match self.rt.block_on(coord.call(worker, command, secs, &lost)) {
@@ -591,12 +676,11 @@ impl Job {
                 }
                 // Silence is looked at again when the worker could first have been silent
                 // too long; anything else wakes the wait when it happens.
-                let silence = match self.coord.last_seen(&t.worker) {
-                    Some(seen) => {
-                        (seen + HEARTBEAT_TIMEOUT).saturating_duration_since(Instant::now())
-                            + Duration::from_millis(100)
+                let silence = match self.coord.silence(&t.worker) {
+                    Some(silent) => {
+                        HEARTBEAT_TIMEOUT.saturating_sub(silent) + Duration::from_millis(100)
                     }
-                    None => HEARTBEAT_TIMEOUT,
+                    None => crate::coord::PROBE_EVERY,
                 };
                 tokio::select! {
                     changed = exit.changed() => {
@@ -681,14 +765,14 @@ impl Job {
     }
 }
 
-fn lost_reason(exited: bool, last_seen: Option<Instant>) -> Option<String> {
+/// Why a worker is lost: its agent exited, or it has been silent too long while the NATS
+/// server stored what it was sent (a server that cannot store silences every worker).
+fn lost_reason(exited: bool, silence: Option<Duration>) -> Option<String> {
     if exited {
         return Some("its agent exited".into());
     }
-    match last_seen {
-        Some(t) if t.elapsed() > HEARTBEAT_TIMEOUT => {
-            Some(format!("no heartbeat for {} s", t.elapsed().as_secs()))
-        }
+    match silence {
+        Some(d) if d > HEARTBEAT_TIMEOUT => Some(format!("no heartbeat for {} s", d.as_secs())),
         _ => None,
     }
 }

@@ -14,6 +14,8 @@ pub const RECORD_FILE: &str = "job.json";
 pub const TOKEN_FILE: &str = "nats.token";
 /// Task output of the whole job, in order.
 pub const OUTPUT_FILE: &str = "output.log";
+/// Beside it: the stream sequence of the newest log event written to it.
+pub const OUTPUT_SEQ_FILE: &str = "output.seq";
 
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +99,10 @@ pub struct WorkerInfo {
     pub offer: Option<crate::providers::Offer>,
     #[serde(default)]
     pub ended_at: Option<u64>,
+    /// This machine's address on the worker's veth pair and the port forwarded there to the
+    /// NATS server (local workers in a namespace; a resumed driver forwards it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<(std::net::Ipv4Addr, u16)>,
 }
 
 /// The job's task now.
@@ -148,6 +154,37 @@ pub struct JobRecord {
     pub cost_usd: f64,
     pub exit_code: Option<i64>,
     pub error: Option<String>,
+    /// The embedded NATS server's process id (0: none, or not known).
+    #[serde(default)]
+    pub nats_pid: u32,
+    /// The stream sequence of the next event the driver reads, and that of the newest log
+    /// event in the output file: where a resumed driver reads on from.
+    #[serde(default)]
+    pub events_seq: u64,
+    #[serde(default)]
+    pub output_seq: u64,
+    /// How the job was started, for `resume`.
+    #[serde(default)]
+    pub settings: Settings,
+    /// The exit code `cedana-driver run` (and `attach`) ends with for this job, once it ended.
+    #[serde(default)]
+    pub exit_status: Option<u8>,
+}
+
+/// What the job was started with that a resumed driver needs again (no secrets: the config
+/// file is named, not copied).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Seconds between checkpoints (`None`: none on a timer).
+    pub interval_secs: Option<u64>,
+    /// Checkpoints kept in the store.
+    pub keep: usize,
+    /// Arbitrage: (every seconds, margin as a fraction).
+    pub arbitrage: Option<(u64, f64)>,
+    /// Local workers boot from this worker image.
+    pub image: Option<PathBuf>,
+    /// The config file the job was started with, if one was named.
+    pub config: Option<PathBuf>,
 }
 
 /// Errors reading job state.
@@ -200,12 +237,11 @@ impl JobRecord {
         serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source })
     }
 
-    /// Whether the driver that runs the job is still alive (a record left by a driver that
-    /// died says `running` but is not).
+    /// Whether the driver that runs the job (its controller) is still alive: a record left by
+    /// a driver that died says `running` but is not. The process must be a `cedana-driver`
+    /// (a PID is reused).
     pub fn driver_alive(&self) -> bool {
-        !self.state.is_final()
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.driver_pid as i32), None)
-                .is_ok()
+        !self.state.is_final() && controller_alive(self.driver_pid)
     }
 
     /// The state to show: a job whose driver is gone is `orphaned`.
@@ -219,6 +255,29 @@ impl JobRecord {
                 .unwrap_or_default()
         }
     }
+}
+
+/// Whether process `pid` lives and is a `cedana-driver`.
+pub fn controller_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // A zombie (`Z`) or dead (`X`) process no longer runs anything.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, Some('Z' | 'X') | None) {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .map(|a| a.ends_with(b"cedana-driver"))
+        })
+        .unwrap_or(false)
 }
 
 /// Every job record under `state_dir`, newest first.

@@ -64,6 +64,15 @@ impl Instance {
         }
     }
 
+    /// This machine's address and port forwarded to NATS for it (local workers in a
+    /// namespace).
+    pub fn forward(&self) -> Option<(std::net::Ipv4Addr, u16)> {
+        match self {
+            Instance::Local(w) => w.forward,
+            _ => None,
+        }
+    }
+
     /// What turns true when the provider knows the worker is gone.
     pub fn gone(&self) -> Gone {
         match self {

@@ -43,6 +43,8 @@ pub struct LocalWorker {
     /// The worker's network namespace, if it has one (removed when the worker ends).
     pub netns: Option<NetNs>,
     forwarder: Option<tokio::task::AbortHandle>,
+    /// This machine's address on the veth pair and the port forwarded there to NATS.
+    pub forward: Option<(std::net::Ipv4Addr, u16)>,
     /// runc's state folder and the container id, for a container worker.
     container: Option<(PathBuf, String)>,
 }
@@ -147,6 +149,7 @@ impl LocalWorker {
         let mut nats_url = s.nats_url.to_string();
         let mut netns = None;
         let mut forwarder = None;
+        let mut forward_at = None;
         let mut netns_fd = None;
         if isolated {
             let name = format!("cedana-{}-{}", s.job, s.id);
@@ -169,6 +172,7 @@ impl LocalWorker {
             match setup {
                 Ok((ns, listener, port, to, fd)) => {
                     nats_url = format!("nats://{}:{port}", ns.host_ip);
+                    forward_at = Some((ns.host_ip, port));
                     forwarder = Some(s.rt.spawn(forward(listener, to)).abort_handle());
                     netns = Some(ns);
                     netns_fd = Some(fd);
@@ -225,6 +229,7 @@ impl LocalWorker {
                 task_pids: Vec::new(),
                 netns,
                 forwarder,
+                forward: forward_at,
                 container: Some((runc_root, id)),
             });
         }
@@ -295,6 +300,64 @@ impl LocalWorker {
             task_pids: Vec::new(),
             netns,
             forwarder,
+            forward: forward_at,
+            container: None,
+        })
+    }
+
+    /// Takes back a worker a driver that died launched (for `resume`): daemon `pid` must
+    /// still be that worker's agent (`--job JOB --worker ID` on its command line), else the
+    /// worker is gone. Its NATS port is forwarded again at `forward`, to `nats_url`.
+    pub fn adopt(a: Adopt) -> Result<Self, LocalError> {
+        let exited = Gone::new();
+        let alive = is_worker_daemon(a.pid, a.job, a.id);
+        if !alive {
+            exited.set();
+        }
+        let mut forwarder = None;
+        if let (Some((host_ip, port)), true) = (a.forward, alive) {
+            let to = cedana_protocol::NatsUrl::parse(a.nats_url).addrs();
+            let listener = std::net::TcpListener::bind((host_ip, port))
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(|l| {
+                    let _rt = a.rt.enter();
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|source| LocalError::Dir {
+                    path: PathBuf::from(format!("{host_ip}:{port}")),
+                    source,
+                })?;
+            forwarder = Some(a.rt.spawn(forward(listener, to)).abort_handle());
+        }
+        // The daemon is not this process's child: its end is seen by looking.
+        if alive {
+            let (flag, pid, job, id) = (exited.clone(), a.pid, a.job.to_string(), a.id.to_string());
+            std::thread::spawn(move || {
+                while !flag.is_set() {
+                    if !is_worker_daemon(pid, &job, &id) {
+                        flag.set();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+        Ok(LocalWorker {
+            id: a.id.into(),
+            pid: a.pid,
+            dir: a.dir.to_path_buf(),
+            isolated: a.netns.is_some(),
+            exited,
+            task_pids: a.task_pids,
+            netns: a.netns.map(|name| NetNs {
+                name: name.to_string(),
+                host_ip: a
+                    .forward
+                    .map(|f| f.0)
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            }),
+            forwarder,
+            forward: a.forward,
             container: None,
         })
     }
@@ -346,6 +409,43 @@ impl Drop for LocalWorker {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// What a resumed driver knows of a local worker (from the job's record).
+pub struct Adopt<'a> {
+    pub job: &'a str,
+    pub id: &'a str,
+    pub pid: i32,
+    pub dir: &'a Path,
+    pub netns: Option<&'a str>,
+    pub forward: Option<(std::net::Ipv4Addr, u16)>,
+    pub nats_url: &'a str,
+    pub task_pids: Vec<i32>,
+    pub rt: &'a tokio::runtime::Handle,
+}
+
+/// Whether `pid` is the agent daemon of worker `id` of `job` (and not a zombie).
+pub fn is_worker_daemon(pid: i32, job: &str, id: &str) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if matches!(
+        stat.rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next()),
+        Some('Z' | 'X') | None
+    ) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let has = |flag: &[u8], value: &str| {
+        args.windows(2)
+            .any(|w| w[0] == flag && w[1] == value.as_bytes())
+    };
+    has(b"--job", job) && has(b"--worker", id)
 }
 
 /// The `local` provider: one offer, this machine, free. The price catalog may also name

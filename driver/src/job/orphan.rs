@@ -1,0 +1,141 @@
+//! `down` of a job whose controller died: what it left is found from its record and ended
+//! here, by process ids checked against what they must be (a PID is reused): its tasks, the
+//! workers' agent daemons, their network namespaces and containers, the embedded NATS
+//! server. Its store stays in the job's folder.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::job::record::{JobRecord, JobState, WorkerState};
+use crate::providers::local;
+
+/// The processes under `pid` (children, theirs, ...), from `/proc`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parents.iter().filter(|(_, pp)| *pp == p) {
+            if !out.contains(child) && out.len() < 100_000 {
+                out.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    out
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Ends everything the job in `dir` left running; the record is marked `down`. Returns a
+/// line per thing ended (or that could not be).
+pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
+    let mut said = Vec::new();
+    let job = record.job.clone();
+    for w in record.workers.iter_mut().filter(|w| w.state == WorkerState::Running) {
+        if w.provider != local::NAME {
+            said.push(format!(
+                "worker {} ({} {}) is a cloud machine: end it with its provider (its tags name job {job}); this release ends only local workers of a job without a controller",
+                w.id, w.provider, w.instance
+            ));
+            continue;
+        }
+        if w.offer.as_ref().is_some_and(|o| o.instance_type == "local-container") {
+            let id = format!("cedana-{job}-{}", w.id);
+            let root = dir.join("runc");
+            let ok = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "--force", &id])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            said.push(if ok {
+                format!("worker {}: container {id} deleted", w.id)
+            } else {
+                format!("worker {}: no container {id}", w.id)
+            });
+        } else if local::is_worker_daemon(w.pid, &job, &w.id) {
+            // The tasks first (each is the first process of a PID namespace: its whole tree
+            // goes with it), then the daemon.
+            let tasks = descendants(w.pid);
+            for p in &tasks {
+                let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+            }
+            let _ = kill(Pid::from_raw(w.pid), Signal::SIGTERM);
+            let start = Instant::now();
+            while local::is_worker_daemon(w.pid, &job, &w.id)
+                && start.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if local::is_worker_daemon(w.pid, &job, &w.id) {
+                let _ = kill(Pid::from_raw(w.pid), Signal::SIGKILL);
+            }
+            said.push(format!(
+                "worker {}: agent (PID {}) and {} process{} of its tasks ended",
+                w.id,
+                w.pid,
+                tasks.len(),
+                if tasks.len() == 1 { "" } else { "es" }
+            ));
+        } else {
+            said.push(format!("worker {}: its agent was already gone", w.id));
+        }
+        // A task left by an agent that died before it (reparented, no longer under it).
+        if let Some(t) = record.task.as_ref().filter(|t| t.worker == w.id) {
+            if t.pid > 0 && alive(t.pid) && works_in(t.pid, dir) {
+                let _ = kill(Pid::from_raw(t.pid), Signal::SIGKILL);
+                said.push(format!("task {} (PID {}) ended", t.name, t.pid));
+            }
+        }
+        if let Some(ns) = &w.netns {
+            if Path::new("/run/netns").join(ns).exists() {
+                match local::netns::ip(&["netns", "del", ns]) {
+                    Ok(()) => said.push(format!("network namespace {ns} removed")),
+                    Err(e) => said.push(format!("cannot remove network namespace {ns}: {e}")),
+                }
+            }
+        }
+        w.state = WorkerState::Terminated;
+        w.ended_at = Some(cedana_protocol::now());
+    }
+    if record.embedded_nats && crate::coord::nats::end_orphan(dir, record.nats_pid) {
+        said.push(format!(
+            "the job's NATS server (PID {}) stopped; its store stays in {}",
+            record.nats_pid,
+            dir.join(crate::coord::nats::NATS_DIR).display()
+        ));
+    }
+    record.nats_pid = 0;
+    record.state = JobState::Down;
+    record.exit_status = Some(130);
+    record.updated_at = cedana_protocol::now();
+    if let Err(e) = record.save(dir) {
+        said.push(format!("cannot save the job's record: {e}"));
+    }
+    said
+}
+
+/// Whether `pid` works in the job's folder (its current directory there): a check that the
+/// PID is still the task's before it is killed.
+fn works_in(pid: i32, job_dir: &Path) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(job_dir))
+}
