@@ -400,15 +400,10 @@ pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
         (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
-        (
-            record.nats_url.clone(),
-            c.auth_token.clone(),
-            None,
-        )
+        (record.nats_url.clone(), c.auth_token.clone(), None)
     };
     let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", &path))?;
-    let output_seq =
-        crate::coord::read_output_seq(&job_dir.join("logs").join(OUTPUT_SEQ_FILE));
+    let output_seq = crate::coord::read_output_seq(&job_dir.join("logs").join(OUTPUT_SEQ_FILE));
     let coord = rt.block_on(Coordinator::connect_from(
         &url,
         token.expose(),
@@ -623,7 +618,9 @@ fn drive(d: Drive) -> Result<i64, RunError> {
     if let Some(s) = supervisor {
         let _ = s.join();
     }
-    job.borrow_mut().nats_pid.store(0, std::sync::atomic::Ordering::SeqCst);
+    job.borrow_mut()
+        .nats_pid
+        .store(0, std::sync::atomic::Ordering::SeqCst);
     job.borrow_mut().record.nats_pid = 0;
     if let Err(e) = job.borrow().record.save(&job.borrow().dir) {
         tracing::warn!(error = %e, "cannot save the job record");

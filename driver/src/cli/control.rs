@@ -26,7 +26,11 @@ pub fn send(state_dir: &Path, config: &cedana_driver::Config, job: &str, action:
     }
     if !record.driver_alive() {
         super::error(if record.state.is_final() {
-            format!("job {} is not running (state {})", record.job, record.shown_state())
+            format!(
+                "job {} is not running (state {})",
+                record.job,
+                record.shown_state()
+            )
         } else {
             format!(
                 "job {} has no controller (state {}); `cedana-driver resume {}` brings it back, `cedana-driver down {}` ends it",

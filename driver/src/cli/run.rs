@@ -58,12 +58,9 @@ pub fn run(
         return finish(&dir, cedana_driver::runner::run(opts));
     }
     // Mistakes in the job file and the config reach the terminal before anything starts.
-    if let Err(e) = cedana_driver::runner::check(
-        &args.script,
-        &config,
-        args.image.as_deref(),
-        &*reporter,
-    ) {
+    if let Err(e) =
+        cedana_driver::runner::check(&args.script, &config, args.image.as_deref(), &*reporter)
+    {
         super::error(&e);
         return exit_of(&e);
     }
@@ -134,7 +131,10 @@ fn start_and_follow(dir: &Path, id: &str, args: Vec<std::ffi::OsString>, detach:
     let (out, err) = match (open(CONTROLLER_OUT), open(CONTROLLER_ERR)) {
         (Ok(o), Ok(e)) => (o, e),
         (Err(e), _) | (_, Err(e)) => {
-            super::error(format!("cannot create the job's output files in {}: {e}", logs.display()));
+            super::error(format!(
+                "cannot create the job's output files in {}: {e}",
+                logs.display()
+            ));
             return Exit::Failed;
         }
     };

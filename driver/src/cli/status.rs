@@ -31,6 +31,7 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
             .map(|(_, r)| {
                 let mut v = serde_json::to_value(r).expect("serializes");
                 v["shown_state"] = r.shown_state().into();
+                v["driver_alive"] = r.driver_alive().into();
                 v
             })
             .collect();
@@ -88,6 +89,17 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
             r.cost_usd,
             rate
         );
+    }
+    // What a user does next about a job that needs it.
+    for (_, r) in &jobs {
+        if !r.state.is_final() && !r.driver_alive() {
+            println!(
+                "  {}: its controller (PID {}) is gone; `cedana-driver resume {}` brings it back, `cedana-driver down {}` ends it",
+                r.job, r.driver_pid, r.job, r.job
+            );
+        } else if let (record::JobState::Failed, Some(e)) = (r.state, &r.error) {
+            println!("  {}: failed: {e}", r.job);
+        }
     }
     Exit::Ok
 }

@@ -193,7 +193,9 @@ impl EmbeddedNats {
 
     /// Whether the server this driver started has exited (and how); reaps it.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Its log file.

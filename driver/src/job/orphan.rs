@@ -20,7 +20,13 @@ pub fn descendants(pid: i32) -> Vec<i32> {
                 .filter_map(|e| {
                     let p: i32 = e.file_name().to_str()?.parse().ok()?;
                     let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    let ppid = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
                     Some((p, ppid))
                 })
                 .collect()
@@ -48,7 +54,11 @@ fn alive(pid: i32) -> bool {
 pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
     let mut said = Vec::new();
     let job = record.job.clone();
-    for w in record.workers.iter_mut().filter(|w| w.state == WorkerState::Running) {
+    for w in record
+        .workers
+        .iter_mut()
+        .filter(|w| w.state == WorkerState::Running)
+    {
         if w.provider != local::NAME {
             said.push(format!(
                 "worker {} ({} {}) is a cloud machine: end it with its provider (its tags name job {job}); this release ends only local workers of a job without a controller",
@@ -56,7 +66,10 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
             ));
             continue;
         }
-        if w.offer.as_ref().is_some_and(|o| o.instance_type == "local-container") {
+        if w.offer
+            .as_ref()
+            .is_some_and(|o| o.instance_type == "local-container")
+        {
             let id = format!("cedana-{job}-{}", w.id);
             let root = dir.join("runc");
             let ok = std::process::Command::new("runc")

@@ -266,7 +266,9 @@ pub fn controller_alive(pid: u32) -> bool {
         return false;
     };
     // A zombie (`Z`) or dead (`X`) process no longer runs anything.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     if matches!(state, Some('Z' | 'X') | None) {
         return false;
     }
