@@ -607,6 +607,10 @@ fn drive(d: Drive) -> Result<i64, RunError> {
             }
         }
     }
+    {
+        let j = job.borrow();
+        j.reporter.note(&format!("job {}: {}", j.id, j.summary()));
+    }
     // Answers to control requests go out before the connection closes.
     let client = coord.client.clone();
     let _ =

@@ -310,13 +310,7 @@ fn pick_up(job: &Shared) -> Result<Option<(Worker, Task)>, FlowError> {
 
 /// `provider type place market`, for messages.
 pub fn offer_name(o: &crate::providers::Offer) -> String {
-    format!(
-        "{} {} in {}{}",
-        o.provider,
-        o.instance_type,
-        o.zone.as_deref().unwrap_or(&o.region),
-        if o.spot { " (spot)" } else { "" }
-    )
+    o.name()
 }
 
 /// The cheapest fitting offer when it is cheaper than the one `w` runs on (at its price now)
@@ -452,6 +446,7 @@ fn migrate(
             job.borrow_mut().terminate(&to);
             return Err(e);
         }
+        let stopped = Instant::now();
         let c = job.borrow_mut().checkpoint_for(task, false, Some(&to))?;
         let moved = match job.borrow_mut().restore(&c, &to) {
             Ok(t) => t,
@@ -464,6 +459,13 @@ fn migrate(
             }
         };
         hooks.restored_task(job, &to, &moved)?;
+        job.borrow().reporter.note(&format!(
+            "task {} moved from worker {} to {} ({:.1} s stopped)",
+            moved.name,
+            w.id,
+            to.id,
+            stopped.elapsed().as_secs_f64()
+        ));
         let old = std::mem::replace(w, to);
         job.borrow_mut().terminate(&old);
         job.borrow_mut().record.migrations += 1;

@@ -387,6 +387,13 @@ impl Job {
             ));
         };
         info!(worker = %id, provider = %offer.provider, instance_type = %offer.instance_type, price = offer.price_usd_hour, "launching");
+        self.reporter.note(&format!(
+            "worker {id}: launching {} at ${:.4}/h ({})",
+            offer.name(),
+            offer.price_usd_hour,
+            offer.price_source
+        ));
+        let launched_at = Instant::now();
         self.record.workers.push(WorkerInfo {
             id: id.clone(),
             provider: offer.provider.clone(),
@@ -428,6 +435,10 @@ impl Job {
             return Err((e, Some(Box::new(offer))));
         }
         info!(worker = %id, "worker launched");
+        self.reporter.note(&format!(
+            "worker {id}: up in {:.1} s",
+            launched_at.elapsed().as_secs_f64()
+        ));
         Ok(Worker { id })
     }
 
@@ -564,8 +575,14 @@ impl Job {
             compression: cedana_protocol::Compression::Zstd,
             chunks,
         };
+        let started = Instant::now();
         match self.call(&t.worker, cmd, 3600)? {
             Reply::Checkpointed { object, bytes, .. } => {
+                self.reporter.note(&format!(
+                    "checkpoint {object}: {:.1} MiB in {:.2} s",
+                    bytes as f64 / 1048576.0,
+                    started.elapsed().as_secs_f64()
+                ));
                 self.record.checkpoints.push(CheckpointInfo {
                     object: object.clone(),
                     task: t.name.clone(),
@@ -754,6 +771,51 @@ impl Job {
                 .iter()
                 .map(|c| c.object.clone()),
         );
+    }
+
+    /// What the job's workers would have cost at on-demand prices (the catalog's price of
+    /// each spot machine type; a spot type the catalog does not price counts at its own).
+    pub fn on_demand_cost(&self) -> f64 {
+        let catalog = providers::catalog::Catalog::load()
+            .unwrap_or_else(|_| providers::catalog::Catalog::builtin());
+        let now = protocol::now();
+        self.record
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let o = w.offer.as_ref()?;
+                let price = catalog.on_demand_price(o).unwrap_or(o.price_usd_hour);
+                let secs = w.ended_at.unwrap_or(now).saturating_sub(w.launched_at);
+                Some(price * secs as f64 / 3600.0)
+            })
+            .sum()
+    }
+
+    /// One line on how the job went: how long, checkpoints, recoveries, moves, cost.
+    pub fn summary(&self) -> String {
+        let r = &self.record;
+        let secs = protocol::now().saturating_sub(r.started_at);
+        let moves = r.migrations;
+        format!(
+            "{} in {}h{:02}m{:02}s: {} checkpoint{}, {} recover{}, {} move{} ({} to a cheaper offer, {} on a spot notice); cost ${:.4} (${:.4} at on-demand prices)",
+            serde_json::to_value(r.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            r.checkpoints.len(),
+            if r.checkpoints.len() == 1 { "" } else { "s" },
+            r.recoveries,
+            if r.recoveries == 1 { "y" } else { "ies" },
+            moves,
+            if moves == 1 { "" } else { "s" },
+            r.arbitrage_moves,
+            r.spot_notices,
+            r.cost_usd,
+            self.on_demand_cost()
+        )
     }
 
     /// Ends every worker (the job is over).

@@ -245,6 +245,23 @@ impl Catalog {
         }
     }
 
+    /// The on-demand price per hour of `offer`'s machine type in its region, if the catalog
+    /// has one (for a spot offer: what it would have cost without spot).
+    pub fn on_demand_price(&self, offer: &Offer) -> Option<f64> {
+        if !offer.spot {
+            return Some(offer.price_usd_hour);
+        }
+        self.entries
+            .iter()
+            .find(|e| {
+                !e.spot
+                    && e.provider == offer.provider
+                    && e.instance_type == offer.instance_type
+                    && e.region == offer.region
+            })
+            .map(|e| e.price_usd_hour)
+    }
+
     /// Offers of `provider` in `regions` (every region when empty).
     pub fn offers(&self, provider: &str, regions: &[String]) -> Vec<Offer> {
         self.entries

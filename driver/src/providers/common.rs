@@ -56,6 +56,17 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// `provider type in place (spot)`, for messages.
+    pub fn name(&self) -> String {
+        format!(
+            "{} {} in {}{}",
+            self.provider,
+            self.instance_type,
+            self.zone.as_deref().unwrap_or(&self.region),
+            if self.spot { " (spot)" } else { "" }
+        )
+    }
+
     /// Why the offer does not fit `spec`, if it does not.
     pub fn misfit(&self, spec: &Spec) -> Option<String> {
         if let Some(c) = spec.cpu_cores.filter(|c| *c > self.vcpus) {
