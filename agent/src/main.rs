@@ -407,19 +407,28 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         }),
     };
     let rt = tokio::runtime::Runtime::new().map_err(|e| Failure::new(1, "io", e))?;
-    rt.block_on(async {
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
+    let result = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        let stop = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
         };
-        cedana_agent::daemon::run(opts, criu, shutdown).await
-    })
-    .map_err(|e| match e {
+        // Whatever the daemon is doing (connecting, a command), a stop ends it at once; its
+        // tasks run on, for the next run of the daemon to take back.
+        tokio::select! {
+            r = cedana_agent::daemon::run(opts, criu, std::future::pending::<()>()) => r,
+            _ = stop => {
+                tracing::info!("stopping; tasks are left running for the next run to take back");
+                Ok(())
+            }
+        }
+    });
+    // Work still on the runtime's threads (a dump, a log being read) is not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(300));
+    result.map_err(|e| match e {
         cedana_agent::daemon::DaemonError::NoToken
         | cedana_agent::daemon::DaemonError::BadId(_)
         | cedana_agent::daemon::DaemonError::Imds(_) => Failure::new(3, "input", e),

@@ -974,3 +974,107 @@ fn archives_are_read_while_they_are_stored() {
         assert!(e.contains("no restore asked for it"), "{e}");
     });
 }
+
+/// A daemon killed with SIGKILL and started again takes back the task its previous run
+/// started: the new daemon lists it, checkpoints it, and reports its exit with its code. A
+/// daemon asked to stop (SIGTERM) ends at once and leaves its task running for the next.
+#[test]
+fn a_restarted_daemon_takes_back_its_tasks() {
+    if !criu_ready("a_restarted_daemon_takes_back_its_tasks") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("w1");
+    let mut d = AgentDaemon::start(&nats, &nats.token, "job9", "w1", &work);
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "job9").await;
+        drv.wait_registered("w1").await;
+        let r = drv
+            .call(
+                "w1",
+                "s1",
+                Command::Spawn {
+                    task: "t1".into(),
+                    cmd: "i=0; while [ $i -lt 60 ]; do i=$((i+1)); echo $i >> n.txt; echo line $i; sleep 0.1; done; exit 5".into(),
+                },
+                20,
+            )
+            .await;
+        let Reply::Spawned { pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        let task = Task::new(pid);
+        wait_for_numbers(&work.join("n.txt"), 5);
+        let _ = d.child.kill();
+        let _ = d.child.wait();
+        assert!(task.alive(), "the task died with its agent");
+
+        let mut d2 = AgentDaemon::start(&nats, &nats.token, "job9", "w1", &work);
+        let r = drv.call("w1", "p1", Command::Ping, 30).await;
+        let Reply::Pong { tasks, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            tasks,
+            vec![protocol::RunningTask {
+                task: "t1".into(),
+                pid
+            }],
+            "{}",
+            d2.stderr()
+        );
+        let r = drv
+            .call(
+                "w1",
+                "c1",
+                Command::Checkpoint {
+                    task: "t1".into(),
+                    leave_running: true,
+                    compression: protocol::Compression::Zstd,
+                    chunks: None,
+                },
+                60,
+            )
+            .await;
+        assert!(matches!(r, Reply::Checkpointed { .. }), "{r:?}");
+        assert!(task.alive());
+        // Asked to stop, the daemon ends at once; the task runs on.
+        let t0 = std::time::Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d2.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        d2.wait_exit(Duration::from_secs(10));
+        let stopped_in = t0.elapsed();
+        assert!(
+            stopped_in < Duration::from_secs(3),
+            "SIGTERM took {stopped_in:?}"
+        );
+        assert!(task.alive(), "the task died with the stopped agent");
+
+        let _d3 = AgentDaemon::start(&nats, &nats.token, "job9", "w1", &work);
+        let mut lines = String::new();
+        let exit = drv
+            .next(60, |e| match &e.event {
+                Event::Log { task, data } if task == "t1" => {
+                    lines.push_str(data);
+                    false
+                }
+                Event::TaskExited { task, .. } => task == "t1",
+                _ => false,
+            })
+            .await;
+        assert_eq!(
+            exit.event,
+            Event::TaskExited {
+                task: "t1".into(),
+                code: Some(5),
+                signal: None
+            }
+        );
+        assert!(lines.contains("line 60\n"), "{lines}");
+        assert_unbroken(&numbers(&work.join("n.txt")), "the task's count");
+    });
+}

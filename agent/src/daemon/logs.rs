@@ -29,8 +29,24 @@ pub(super) async fn tail_log(
     log: PathBuf,
     mut offset: u64,
     done: tokio::sync::watch::Receiver<bool>,
+    mark: Option<PathBuf>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    // How much was published, kept for a daemon that takes the task back.
+    let mark = mark.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(p)
+            .ok()
+    });
+    let note = |sent: u64| {
+        if let Some(f) = &mark {
+            use std::os::unix::fs::FileExt;
+            let _ = f.write_at(&sent.to_le_bytes(), 0);
+        }
+    };
     let mut pending = Vec::with_capacity(MAX_LOG_EVENT + READ);
     let mut buf = vec![0u8; READ];
     loop {
@@ -50,6 +66,7 @@ pub(super) async fn tail_log(
         }
         // Whole lines (or pieces) only, unless the task is over.
         send_ready(&events, &task, &mut pending, finished).await;
+        note(offset - pending.len() as u64);
         if finished {
             return;
         }

@@ -54,7 +54,7 @@ use crate::criu::Criu;
 use crate::imds::{self, Imds};
 use crate::objstore;
 
-pub use self::options::{DaemonOptions, SpotOptions, CHECKPOINTS_DIR};
+pub use self::options::{DaemonOptions, SpotOptions, CHECKPOINTS_DIR, TASKS_DIR};
 pub use self::reaper::ExitStatus;
 
 /// Errors that stop the daemon.
@@ -190,6 +190,10 @@ pub async fn run(
         checkpoints,
         reaper,
     ));
+    let adopted = worker.adopt_tasks();
+    if !adopted.is_empty() {
+        info!(tasks = ?adopted, "took back the tasks of the previous run");
+    }
     let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
     let spot = imds.map(|(imds, poll)| tokio::spawn(watch_spot(worker.clone(), imds, poll)));
     tokio::pin!(shutdown);

@@ -34,3 +34,10 @@ pub struct SpotOptions {
 
 /// Folder inside the work folder where checkpoints are written and downloaded (never carried).
 pub const CHECKPOINTS_DIR: &str = ".checkpoints";
+
+/// Folder inside the work folder where the daemon keeps what it knows of its tasks (never
+/// carried): per task `<task>.json` (its PID and start time, for a restarted daemon to take
+/// it back), `<task>.sent` (how much of its log was published) and `<task>.exit` (the exit
+/// status its shell writes as it ends, which a daemon that did not start it cannot learn
+/// from the kernel).
+pub const TASKS_DIR: &str = ".cedana-tasks";

@@ -19,7 +19,7 @@ use cedana_protocol::{self as protocol, Command, CommandEnvelope, Compression, E
 
 use super::events::{json, Events};
 use super::logs::tail_log;
-use super::options::{DaemonOptions, CHECKPOINTS_DIR};
+use super::options::{DaemonOptions, CHECKPOINTS_DIR, TASKS_DIR};
 use super::prefetch::Prefetches;
 use super::reaper::Reaper;
 use super::receive::{extract_file, receive};
@@ -235,9 +235,21 @@ impl Worker {
         }
         self.not_running(&task)?;
         let log = self.log_path(&task);
+        create_dir(&self.tasks_dir())?;
+        // The shell writes its exit status as it ends (also after a restore elsewhere: the
+        // work folder is at the same path on every worker), for a daemon that takes the task
+        // back and so cannot learn it from the kernel.
+        let exit_file = self.task_file(&task, "exit");
+        let _ = std::fs::remove_file(&exit_file);
+        let script = match exit_file.to_str() {
+            Some(p) if !p.contains(['"', '$', '`', '\\', '\'', '\n']) => {
+                format!("trap 'printf %s \"$?\" > \"{p}\"' EXIT\n{cmd}")
+            }
+            _ => cmd,
+        };
         let opts = exec::ExecOptions {
             program: "sh".into(),
-            args: vec!["-c".into(), cmd.into()],
+            args: vec!["-c".into(), script.into()],
             log: log.clone(),
             cwd: Some(self.opts.work_dir.clone()),
         };
@@ -250,16 +262,54 @@ impl Worker {
         Ok(Reply::Spawned { task, pid })
     }
 
-    /// Records a running task, streams its log from `offset`, and reports its exit.
+    /// The folder of the daemon's task files.
+    fn tasks_dir(&self) -> PathBuf {
+        self.opts.work_dir.join(TASKS_DIR)
+    }
+
+    /// One of task `task`'s files (`json`, `sent`, `exit`).
+    fn task_file(&self, task: &str, ext: &str) -> PathBuf {
+        self.tasks_dir().join(format!("{task}.{ext}"))
+    }
+
+    /// Records a running task (also in its task file), streams its log from `offset`, and
+    /// reports its exit.
     fn track(self: &Arc<Self>, task: String, pid: i32, log: PathBuf, offset: u64) {
+        let record = TaskFile {
+            task: task.clone(),
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        };
+        let _ = create_dir(&self.tasks_dir()).and_then(|_| {
+            write_file(
+                &self.task_file(&task, "json"),
+                &serde_json::to_vec(&record).unwrap_or_default(),
+            )
+        });
+        let _ = std::fs::remove_file(self.task_file(&task, "sent"));
+        let exited = self.reaper.watch(pid);
+        self.follow(record, log, offset, async move {
+            exited.await.ok().map(|st| (st.code, st.signal))
+        });
+    }
+
+    /// Tracks task `t` until `exited` says how it ended: its log streamed from `offset`, its
+    /// exit reported (unless a checkpoint stopped it), its task files removed.
+    fn follow(
+        self: &Arc<Self>,
+        t: TaskFile,
+        log: PathBuf,
+        offset: u64,
+        exited: impl std::future::Future<Output = Option<(Option<i32>, Option<i32>)>> + Send + 'static,
+    ) {
+        let task = t.task.clone();
         self.tasks().insert(
             task.clone(),
             Task {
-                pid,
+                pid: t.pid,
                 checkpointed: false,
             },
         );
-        let exited = self.reaper.watch(pid);
         let me = self.clone();
         tokio::spawn(async move {
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
@@ -269,21 +319,77 @@ impl Worker {
                 log,
                 offset,
                 done_rx,
+                Some(me.task_file(&task, "sent")),
             ));
-            let status = exited.await.ok();
+            let status = exited.await;
             let _ = done_tx.send(true);
             let _ = tail.await;
             let checkpointed = me.tasks().remove(&task).is_some_and(|t| t.checkpointed);
-            if let (Some(st), false) = (status, checkpointed) {
+            if let (Some((code, signal)), false) = (status, checkpointed) {
                 me.events
                     .publish(Event::TaskExited {
-                        task,
-                        code: st.code,
-                        signal: st.signal,
+                        task: task.clone(),
+                        code,
+                        signal,
                     })
                     .await;
             }
+            for ext in ["json", "sent", "exit"] {
+                let _ = std::fs::remove_file(me.task_file(&task, ext));
+            }
         });
+    }
+
+    /// Takes back the tasks a previous run of this daemon (same job, worker and work
+    /// folder) started and left running: each is tracked again (its log from where the last
+    /// run stopped publishing, its exit from the status its shell writes). A task that ended
+    /// while no daemon ran has its exit reported now. Returns the names taken back.
+    pub(super) fn adopt_tasks(self: &Arc<Self>) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.tasks_dir()) else {
+            return Vec::new();
+        };
+        let mut adopted = Vec::new();
+        for entry in dir.flatten().take(1024) {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Some(t) = std::fs::read(&path)
+                .ok()
+                .filter(|b| b.len() <= 4096)
+                .and_then(|b| serde_json::from_slice::<TaskFile>(&b).ok())
+                .filter(|t| protocol::valid_id(&t.task) && t.pid > 0)
+            else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            if self.tasks().contains_key(&t.task) {
+                continue;
+            }
+            let sent = std::fs::read(self.task_file(&t.task, "sent"))
+                .ok()
+                .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()))
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            let log = self.log_path(&t.task);
+            let exit_file = self.task_file(&t.task, "exit");
+            let alive = t.start_time != 0 && start_time(t.pid) == Some(t.start_time);
+            info!(task = %t.task, pid = t.pid, alive, "taking back a task of the previous run");
+            adopted.push(t.task.clone());
+            let (pid, born) = (t.pid, t.start_time);
+            self.follow(t, log, sent, async move {
+                // Not this process's child: its end is seen by looking, its status read from
+                // what its shell wrote.
+                while alive && start_time(pid) == Some(born) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let code = std::fs::read_to_string(&exit_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok());
+                Some((code, None))
+            });
+        }
+        adopted
     }
 
     pub(super) async fn checkpoint(
@@ -328,7 +434,7 @@ impl Worker {
             staging: None,
             // The task's files travel with it.
             files: Some(self.opts.work_dir.clone()),
-            files_exclude: vec![CHECKPOINTS_DIR.into()],
+            files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
         };
         // Into the shared folder as a file, or streamed into the object store as it is made
         // (the tree stays frozen until the object is stored).
@@ -483,6 +589,35 @@ fn check_chunks_id(chunks: &str) -> Result<(), String> {
             "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
         )),
     }
+}
+
+/// A task as its file in [`TASKS_DIR`] has it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct TaskFile {
+    task: String,
+    pid: i32,
+    /// When the process started (clock ticks after boot, `/proc/PID/stat`): a PID is reused.
+    start_time: u64,
+}
+
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it lives (a zombie does not).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    // After the state: ppid is field 4; starttime is field 22, the 19th after the state.
+    fields.nth(18)?.parse().ok()
+}
+
+/// Writes `bytes` to `path` whole (a temporary file renamed over it).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Kills `pid` (SIGKILL); one already gone is no error.
