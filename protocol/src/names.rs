@@ -58,6 +58,21 @@ pub fn object_info_subject(bucket: &str, encoded_name: &str) -> String {
 pub fn worker_key(job: &str, worker: &str) -> String {
     format!("{job}.{worker}")
 }
+/// The KV key (in the workers bucket) that revokes a worker's lease: the job moved its tasks
+/// elsewhere, and the worker's agent kills them when it sees this: `<job>.<worker>.revoked`.
+pub fn revoked_key(job: &str, worker: &str) -> String {
+    format!("{job}.{worker}.revoked")
+}
+
+/// How long a worker's tasks may run without its agent renewing its lease (a write to the
+/// workers bucket the server acknowledged, counted from when it was sent). Past it the agent
+/// freezes them; the driver recovers a lost worker's task only after it.
+pub const LEASE_SECS: u64 = 10;
+
+/// What the driver waits beyond a lease before it takes it for run out: clock rates differ
+/// (by far less), the agent looks every 100 ms.
+pub const LEASE_MARGIN_SECS: u64 = 2;
+
 /// The KV key of a command's stored reply: `<job>.<worker>.<command id>`.
 pub fn reply_key(job: &str, worker: &str, id: &str) -> String {
     format!("{job}.{worker}.{id}")

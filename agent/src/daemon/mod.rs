@@ -26,6 +26,7 @@
 
 mod events;
 mod heartbeat;
+mod lease;
 mod logs;
 mod options;
 mod prefetch;
@@ -194,6 +195,7 @@ pub async fn run(
     if !adopted.is_empty() {
         info!(tasks = ?adopted, "took back the tasks of the previous run");
     }
+    let lease = tokio::spawn(lease::keep_lease(worker.clone(), workers.clone()));
     let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
     let spot = imds.map(|(imds, poll)| tokio::spawn(watch_spot(worker.clone(), imds, poll)));
     tokio::pin!(shutdown);
@@ -213,6 +215,7 @@ pub async fn run(
         }
     }
     hb.abort();
+    lease.abort();
     if let Some(spot) = spot {
         spot.abort();
     }

@@ -57,6 +57,8 @@ pub(super) struct Worker {
     naming: Arc<tokio::sync::Mutex<()>>,
     /// Checkpoints being read while another worker stores them ([`Command::Prefetch`]).
     prefetches: Prefetches,
+    /// Whether the tasks are frozen (the lease ran out; see [`super::lease`]).
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -79,7 +81,63 @@ impl Worker {
             criu_lock: Default::default(),
             naming: Default::default(),
             prefetches: Default::default(),
+            frozen: Default::default(),
         }
+    }
+
+    /// Stops every process of every task (the lease ran out); whether it did so now.
+    pub(super) fn freeze(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.frozen.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        for pid in self.task_pids() {
+            signal_tree(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+        true
+    }
+
+    /// Lets frozen tasks run again (the lease was renewed); whether they were frozen.
+    pub(super) fn thaw(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.frozen.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        for pid in self.task_pids() {
+            signal_tree(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+        true
+    }
+
+    /// Kills every task (the job revoked the lease: they run elsewhere now); their ends are
+    /// not reported. Returns their names.
+    pub(super) fn fence(&self) -> Vec<String> {
+        let mut killed = Vec::new();
+        for (name, t) in self.tasks().iter_mut() {
+            if t.checkpointed {
+                continue;
+            }
+            t.checkpointed = true;
+            // The first process of the task's PID namespace: the namespace goes with it.
+            kill(t.pid);
+            killed.push(name.clone());
+        }
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        killed
+    }
+
+    /// Whether the tasks are frozen now.
+    pub(super) fn is_frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn task_pids(&self) -> Vec<i32> {
+        self.tasks()
+            .values()
+            .filter(|t| !t.checkpointed)
+            .map(|t| t.pid)
+            .collect()
     }
 
     /// The tasks running here, by name.
@@ -402,6 +460,13 @@ impl Worker {
         if let Some(c) = &chunks {
             check_chunks_id(c)?;
         }
+        // A frozen task would be checkpointed stopped, and restored stopped.
+        if self.is_frozen() {
+            return Err(
+                "the worker's tasks are frozen (its lease ran out); try again once it renewed it"
+                    .into(),
+            );
+        }
         // A command's checkpoint and a spot notice's may meet: one dump at a time.
         let criu_turn = self.criu_lock.lock().await;
         let pid = match self.tasks().get(&task) {
@@ -588,6 +653,44 @@ fn check_chunks_id(chunks: &str) -> Result<(), String> {
         false => Err(format!(
             "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
         )),
+    }
+}
+
+/// Sends `sig` to `pid` and every process under it (twice over: a process that forked
+/// meanwhile is caught the second time).
+fn signal_tree(pid: i32, sig: nix::sys::signal::Signal) {
+    for _ in 0..2 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let p: i32 = e.file_name().to_str()?.parse().ok()?;
+                        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                        let ppid = stat
+                            .rsplit_once(')')?
+                            .1
+                            .split_whitespace()
+                            .nth(1)?
+                            .parse()
+                            .ok()?;
+                        Some((p, ppid))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut frontier = vec![pid];
+        let mut seen = 0usize;
+        while let Some(p) = frontier.pop() {
+            for (child, _) in parents.iter().filter(|(_, pp)| *pp == p) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*child), sig);
+                frontier.push(*child);
+                seen += 1;
+                if seen > 100_000 {
+                    return;
+                }
+            }
+        }
     }
 }
 

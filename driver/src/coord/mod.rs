@@ -580,6 +580,30 @@ impl Coordinator {
         }
     }
 
+    /// Revokes `worker`'s lease: its agent kills its tasks as soon as it sees this (see
+    /// `cedana_protocol::revoked_key`).
+    pub async fn revoke(&self, worker: &str) -> Result<(), CoordError> {
+        self.workers
+            .put(
+                protocol::revoked_key(&self.job, worker),
+                protocol::now().to_string().into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| CoordError::Nats(e.to_string()))
+    }
+
+    /// Counts `worker` as heard from now if it never was (a resumed driver's adopted
+    /// workers: their silence counts from the resume).
+    pub fn expect(&self, worker: &str) {
+        self.routes
+            .lock()
+            .expect("routes")
+            .seen
+            .entry(worker.to_string())
+            .or_insert_with(std::time::Instant::now);
+    }
+
     /// Stores a job's record (as JSON) in the jobs bucket under the job's id.
     pub async fn put_job(&self, job: &str, record: bytes::Bytes) {
         if let Err(e) = self.jobs.put(job, record).await {

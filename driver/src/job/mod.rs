@@ -204,6 +204,7 @@ impl Job {
                 message: e.to_string(),
             })?;
             self.workers.insert(info.id.clone(), Instance::Local(w));
+            self.coord.expect(&info.id);
         }
         Ok(())
     }
@@ -659,10 +660,17 @@ impl Job {
         self.end_worker(&w.id, WorkerState::Terminated);
     }
 
-    /// Ends a worker and records how it ended (`Terminated` or `Lost`).
+    /// Ends a worker and records how it ended (`Terminated` or `Lost`). A lost worker is
+    /// fenced first ([`Job::fence`]).
     pub fn end_worker(&mut self, id: &str, how: WorkerState) {
+        if how == WorkerState::Lost && self.workers.contains_key(id) {
+            self.fence(id);
+        }
         if let Some(mut lw) = self.workers.remove(id) {
-            self.rt.block_on(lw.terminate());
+            match how {
+                WorkerState::Lost => self.rt.block_on(lw.lose()),
+                _ => self.rt.block_on(lw.terminate()),
+            }
         }
         if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
             if info.state == WorkerState::Running {
@@ -671,6 +679,46 @@ impl Job {
             }
         }
         self.save();
+    }
+
+    /// Fences a lost worker before its task runs anywhere else: its lease is revoked (its
+    /// agent kills its tasks once it reaches NATS again), and the driver waits until the lease
+    /// has run out by its own clock (the last time it heard from the worker, plus the lease
+    /// and a margin): by then an agent cut off from NATS has frozen its tasks. Ending the
+    /// worker through its provider comes after, and is not relied on.
+    pub fn fence(&self, worker: &str) {
+        let coord = self.coord.clone();
+        let revoked = self.rt.block_on(async {
+            for _ in 0..10 {
+                match tokio::time::timeout(Duration::from_secs(2), coord.revoke(worker)).await {
+                    Ok(Ok(())) => return true,
+                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            false
+        });
+        if !revoked {
+            warn!(worker, "cannot revoke the lost worker's lease; its agent, if it lives, freezes its tasks when its lease runs out");
+        }
+        let Some(seen) = self.coord.last_seen(worker) else {
+            return;
+        };
+        let until = seen + Duration::from_secs(protocol::LEASE_SECS + protocol::LEASE_MARGIN_SECS);
+        let wait = until.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            info!(
+                worker,
+                secs = wait.as_secs_f64(),
+                "waiting for the lost worker's lease to run out"
+            );
+            let down = self.down.clone();
+            self.rt.block_on(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = down.wait() => {}
+                }
+            });
+        }
     }
 
     /// Waits until `t` exits. Ends early if its worker is lost or the job is taken down.

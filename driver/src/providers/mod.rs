@@ -90,6 +90,15 @@ impl Instance {
         }
     }
 
+    /// Ends a worker that was lost (a local one may be left running: see
+    /// [`local::LocalWorker::lose`]).
+    pub async fn lose(&mut self) {
+        match self {
+            Instance::Local(w) => w.lose(),
+            other => other.terminate().await,
+        }
+    }
+
     /// Ends it, as losing the machine would (for a cloud worker: its machine is deleted).
     pub async fn terminate(&mut self) {
         match self {

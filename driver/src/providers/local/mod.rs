@@ -47,6 +47,8 @@ pub struct LocalWorker {
     pub forward: Option<(std::net::Ipv4Addr, u16)>,
     /// runc's state folder and the container id, for a container worker.
     container: Option<(PathBuf, String)>,
+    /// Left as it was when lost ([`LocalWorker::abandon`]).
+    abandoned: bool,
 }
 
 /// Errors launching a local worker.
@@ -231,6 +233,7 @@ impl LocalWorker {
                 forwarder,
                 forward: forward_at,
                 container: Some((runc_root, id)),
+                abandoned: false,
             });
         }
         let mut cmd = Command::new(&agent);
@@ -302,6 +305,7 @@ impl LocalWorker {
             forwarder,
             forward: forward_at,
             container: None,
+            abandoned: false,
         })
     }
 
@@ -359,6 +363,7 @@ impl LocalWorker {
             forwarder,
             forward: a.forward,
             container: None,
+            abandoned: false,
         })
     }
 
@@ -372,9 +377,37 @@ impl LocalWorker {
         self.exited.is_set()
     }
 
+    /// Ends a lost worker, as its provider would: with `CEDANA_LOCAL_LEAVE_LOST=1` it is
+    /// left running instead ([`LocalWorker::abandon`]), standing for a provider that cannot
+    /// end a machine (its API fails, the machine is cut off): what the lease (fencing) must
+    /// cover, and what its tests use.
+    pub fn lose(&mut self) {
+        if std::env::var_os("CEDANA_LOCAL_LEAVE_LOST").is_some_and(|v| v == "1") {
+            tracing::warn!(worker = %self.id, "CEDANA_LOCAL_LEAVE_LOST: the lost worker is left running");
+            self.abandon();
+        } else {
+            self.terminate();
+        }
+    }
+
+    /// Leaves the worker running as it is: its daemon, tasks, namespace and NATS forwarder.
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+        if let Some(ns) = self.netns.take() {
+            std::mem::forget(ns);
+        }
+        // Not aborted: the worker reaches NATS again when its link comes back.
+        self.forwarder = None;
+        self.task_pids.clear();
+        self.container = None;
+    }
+
     /// Ends the worker as an instance ends: its tasks and the daemon are killed, its network
     /// namespace removed.
     pub fn terminate(&mut self) {
+        if self.abandoned {
+            return;
+        }
         self.stop_processes();
         if let Some(f) = self.forwarder.take() {
             f.abort();
