@@ -70,11 +70,7 @@ pub(super) async fn keep_lease(w: Arc<Worker>, workers: kv::Store) {
                         warn!(tasks = ?killed, "lease revoked (the job moved the tasks elsewhere): tasks killed");
                     }
                 }
-                Ok(Ok(None)) => {
-                    if w.thaw() {
-                        info!("lease renewed: tasks thawed");
-                    }
-                }
+                Ok(Ok(None)) if w.thaw() => info!("lease renewed: tasks thawed"),
                 // Not known: stay as we are until the next renewal says.
                 _ => {}
             }
