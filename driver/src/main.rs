@@ -86,8 +86,18 @@ fn main() -> ExitCode {
         Cmd::Resume {
             job,
             detach,
+            standby,
             controller,
-        } => cli::run::resume(&job, detach, controller, config, state_dir),
+        } => cli::run::resume(
+            &job,
+            cli::run::ResumeHow {
+                detach,
+                standby,
+                controller,
+            },
+            config,
+            state_dir,
+        ),
         Cmd::Status { job, json } => cli::status::status(&state_dir, job.as_deref(), json),
         Cmd::Logs { job, follow } => cli::status::logs(&state_dir, &job, follow),
         Cmd::Checkpoint { job } => {

@@ -39,6 +39,11 @@ pub enum RunError {
     Ended { job: String, state: String },
     #[error("job {job} is running under its controller (PID {pid}); `cedana-driver attach {job}` follows it")]
     Controlled { job: String, pid: u32 },
+    #[error("job {job} ended under another controller")]
+    EndedElsewhere {
+        job: String,
+        exit_status: Option<u8>,
+    },
     #[error("job {job} runs a script's own code, which cannot be picked up halfway; only jobs on the managed flow (hooks, YAML specs) can be resumed; `cedana-driver down {job}` ends it")]
     NotResumable { job: String },
     #[error("none of the enabled providers {enabled:?} is available in this release; add \"local\" to enabled_providers in the config")]
@@ -353,6 +358,9 @@ pub struct ResumeOptions {
     pub job: String,
     pub config: cedana_protocol::Config,
     pub reporter: crate::job::report::SharedReporter,
+    /// The revision of the controller lease a standby took over (`None`: a plain resume,
+    /// after the controller's process was found dead on this machine).
+    pub takeover: Option<u64>,
 }
 
 /// Whether job `job` can be resumed: its folder and record, or why not.
@@ -382,7 +390,11 @@ pub fn resumable(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), Ru
 /// on the same port, token and store) if it is gone, its workers adopted, what happened
 /// meanwhile read from the stored events, and the managed flow goes on.
 pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
-    let (job_dir, mut record) = resumable(&opts.state_dir, &opts.job)?;
+    let (job_dir, mut record) = match opts.takeover {
+        None => resumable(&opts.state_dir, &opts.job)?,
+        // A standby took the lease: the controller it replaces may live on another machine.
+        Some(_) => crate::job::record::find(&opts.state_dir, &opts.job)?,
+    };
     let job_dir = std::path::absolute(&job_dir).unwrap_or(job_dir);
     let path = record.script.clone();
     let checked = check(
@@ -411,12 +423,18 @@ pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
         true,
         Some(record.events_seq),
         output_seq,
+        opts.takeover,
     ))?;
     coord.set_output(open_output(&job_dir)?);
     rt.block_on(coord.caught_up(Duration::from_secs(30)));
     opts.reporter.note(&format!(
-        "job {}: resumed (its controller, PID {}, was gone); folder {}",
+        "job {}: {} (its controller, PID {}, was gone); folder {}",
         record.job,
+        if opts.takeover.is_some() {
+            "taken over by the standby"
+        } else {
+            "resumed"
+        },
         record.driver_pid,
         job_dir.display()
     ));
@@ -436,6 +454,118 @@ pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
         reporter: opts.reporter,
         resumed: true,
     })
+}
+
+/// `resume --standby`: waits while the job's controller holds its lease (renewed every
+/// second in the jobs bucket); when the lease has not changed for
+/// [`crate::coord::TAKEOVER_AFTER`], takes it (a write conditional on the revision seen, so
+/// only one standby wins) and goes on as [`resume`]. Returns when the job ends, under this
+/// controller or another.
+pub fn standby(opts: ResumeOptions) -> Result<i64, RunError> {
+    let (dir, record) = crate::job::record::find(&opts.state_dir, &opts.job)?;
+    if !record.managed {
+        return Err(RunError::NotResumable { job: record.job });
+    }
+    let job = record.job.clone();
+    let token = if record.embedded_nats {
+        let t = dir.join(TOKEN_FILE);
+        std::fs::read_to_string(&t)
+            .map_err(io("cannot read", &t))?
+            .trim()
+            .to_string()
+    } else {
+        opts.config.connection.auth_token.expose().to_string()
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", &dir))?;
+    opts.reporter.note(&format!(
+        "job {job}: standing by while its controller (PID {}) holds the job",
+        record.driver_pid
+    ));
+    let key = crate::coord::controller_key(&job);
+    let url = record.nats_url.clone();
+    let taken: Option<u64> = rt.block_on(async {
+        let mut store = None;
+        let mut last: Option<(u64, std::time::Instant)> = None;
+        let mut unreachable_since = std::time::Instant::now();
+        loop {
+            if let Ok(r) = JobRecord::load(&dir) {
+                if r.state.is_final() {
+                    return None;
+                }
+                // The server died with the controller (the embedded one, on this machine):
+                // no lease can be seen, and none can be renewed; the controller is gone.
+                if store.is_none()
+                    && r.embedded_nats
+                    && !crate::job::record::controller_alive(r.driver_pid)
+                    && unreachable_since.elapsed() > crate::coord::TAKEOVER_AFTER
+                {
+                    return Some(0);
+                }
+            }
+            if store.is_none() {
+                let connected = async_nats::ConnectOptions::with_token(token.clone())
+                    .name(format!("cedana-driver standby {job}"))
+                    .connection_timeout(Duration::from_secs(2))
+                    .retry_on_initial_connect()
+                    .connect(cedana_protocol::NatsUrl::parse(&url).servers().to_vec())
+                    .await;
+                if let Ok(client) = connected {
+                    let js = async_nats::jetstream::new(client);
+                    store = js.get_key_value(cedana_protocol::JOBS_BUCKET).await.ok();
+                }
+            }
+            let entry = match &store {
+                Some(s) => tokio::time::timeout(Duration::from_secs(2), s.entry(&key))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten(),
+                None => None,
+            };
+            match entry {
+                Some(e) => {
+                    unreachable_since = std::time::Instant::now();
+                    match last {
+                        Some((rev, since)) if rev == e.revision => {
+                            if since.elapsed() > crate::coord::TAKEOVER_AFTER {
+                                let s = store.as_ref().expect("read from it");
+                                if let Ok(n) = s
+                                    .update(&key, crate::coord::ControllerMark::mine(), rev)
+                                    .await
+                                {
+                                    return Some(n);
+                                }
+                            }
+                        }
+                        _ => last = Some((e.revision, std::time::Instant::now())),
+                    }
+                }
+                None => {
+                    if store.is_some() {
+                        unreachable_since = std::time::Instant::now();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    drop(rt);
+    match taken {
+        None => {
+            let r = JobRecord::load(&dir)?;
+            opts.reporter.note(&format!(
+                "job {job} ended under its controller; standby done"
+            ));
+            Err(RunError::EndedElsewhere {
+                job,
+                exit_status: r.exit_status,
+            })
+        }
+        Some(rev) => resume(ResumeOptions {
+            takeover: if rev == 0 { None } else { Some(rev) },
+            ..opts
+        }),
+    }
 }
 
 /// What a run or a resume hands to [`drive`].
@@ -503,6 +633,17 @@ fn drive(d: Drive) -> Result<i64, RunError> {
             move |line| r.note(line),
         )
     });
+    // Another controller took the job over (this one lost its lease): stop at once,
+    // touching nothing of the job, which is the other one's now.
+    {
+        let superseded = coord.superseded();
+        let reporter = reporter.clone();
+        std::thread::spawn(move || {
+            while !superseded.wait_timeout(Duration::from_secs(3600)) {}
+            reporter.note("another controller took the job over; this one stops");
+            std::process::exit(75);
+        });
+    }
     if resumed {
         job.borrow_mut().adopt_workers()?;
     }

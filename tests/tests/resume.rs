@@ -387,3 +387,168 @@ fn resume_refuses_a_running_or_ended_job() {
     let out = driver(&sb, &["resume", "no-such-job"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
 }
+
+/// Where the active controller is killed while a standby waits.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    BetweenCheckpoints,
+    DuringCheckpoint,
+    DuringMigration,
+    /// After a random delay (the seed is printed).
+    Random(u64),
+}
+
+/// `resume --standby` takes the job over when the active controller is killed at `at`; the
+/// job ends unbroken under the standby, and only one controller acted at a time (one copy of
+/// the task: the count in the final folder is 1..=n once).
+fn standby_takes_over(at: KillAt) {
+    let sb = Sandbox::new();
+    let n = 300;
+    let script = counter_job(&sb, n);
+    let out = driver_cmd(sb.path())
+        .args(["run", "-d", "--checkpoint-every", "2"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let job = text(&out.stdout).trim().to_string();
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(sb.path().join(&job).join("job.json")).unwrap())
+            .unwrap()
+    };
+    let standby_out = sb.path().join("standby.out");
+    let standby_err = sb.path().join("standby.err");
+    let mut standby = driver_cmd(sb.path())
+        .args(["resume", "--standby", &job])
+        .stdout(std::fs::File::create(&standby_out).unwrap())
+        .stderr(std::fs::File::create(&standby_err).unwrap())
+        .spawn()
+        .unwrap();
+    let active = record()["driver_pid"].as_i64().unwrap();
+    wait_until(Duration::from_secs(60), "a checkpoint", || {
+        checkpoints(&record()) >= 1
+    });
+    let mut migrate = None;
+    match at {
+        KillAt::BetweenCheckpoints => {
+            let c = checkpoints(&record());
+            wait_until(Duration::from_secs(30), "the next checkpoint", || {
+                checkpoints(&record()) > c
+            });
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        KillAt::DuringCheckpoint => {
+            let start = std::time::Instant::now();
+            while record()["state"] != "checkpointing" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "no checkpoint seen"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        KillAt::DuringMigration => {
+            migrate = Some(
+                driver_cmd(sb.path())
+                    .args(["migrate", &job])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            let start = std::time::Instant::now();
+            while record()["state"] != "migrating" {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "no migration seen"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        KillAt::Random(seed) => {
+            // A small generator of its own: the delay from the seed, 0 to 8 s.
+            let ms = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                >> 33;
+            std::thread::sleep(Duration::from_millis(ms % 8000));
+        }
+    }
+    let killed_at = std::time::Instant::now();
+    let state_at_kill = record()["state"].clone();
+    kill(active, nix::sys::signal::Signal::SIGKILL);
+    wait_until(Duration::from_secs(30), "the standby to take over", || {
+        let r = record();
+        r["driver_pid"] != active || r["state"] == "succeeded"
+    });
+    let took = killed_at.elapsed();
+    eprintln!("{at:?}: killed in state {state_at_kill}; standby in charge after {took:?}");
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Ok(Some(st)) = standby.try_wait() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the job did not end under the standby: {}",
+            std::fs::read_to_string(&standby_err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some(mut m) = migrate {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
+    let err = std::fs::read_to_string(&standby_err).unwrap_or_default();
+    assert_eq!(code, Some(0), "{at:?}: {err}");
+    let r = record();
+    assert_eq!(r["state"], "succeeded", "{at:?}: {r}");
+    let out = driver(&sb, &["logs", &job]);
+    assert_counted_to(&text(&out.stdout), n as usize);
+    // One copy: every worker's count but the final one stopped where the task moved on.
+    let left = processes_of(&job, &job_dir(&sb, &r));
+    assert!(left.is_empty(), "{at:?}: left running: {left:?}");
+}
+
+#[test]
+fn a_standby_takes_over_when_the_controller_dies_between_checkpoints() {
+    if !criu_ready("a_standby_takes_over_between_checkpoints") {
+        return;
+    }
+    standby_takes_over(KillAt::BetweenCheckpoints);
+}
+
+#[test]
+fn a_standby_takes_over_when_the_controller_dies_during_a_checkpoint() {
+    if !criu_ready("a_standby_takes_over_during_a_checkpoint") {
+        return;
+    }
+    standby_takes_over(KillAt::DuringCheckpoint);
+}
+
+#[test]
+fn a_standby_takes_over_when_the_controller_dies_during_a_migration() {
+    if !criu_ready("a_standby_takes_over_during_a_migration") {
+        return;
+    }
+    standby_takes_over(KillAt::DuringMigration);
+}
+
+#[test]
+fn a_standby_takes_over_when_the_controller_dies_at_a_random_point() {
+    if !criu_ready("a_standby_takes_over_at_a_random_point") {
+        return;
+    }
+    let seed = std::env::var("CEDANA_STANDBY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("CEDANA_STANDBY_SEED={seed}");
+    standby_takes_over(KillAt::Random(seed));
+}

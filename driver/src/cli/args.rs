@@ -87,6 +87,11 @@ pub enum Cmd {
         /// Return once the job is taken back, printing its id
         #[arg(short, long)]
         detach: bool,
+        /// Stand by while the job's controller runs (on this machine or another that reaches
+        /// the job's NATS server) and take the job over within 10 s of its controller dying;
+        /// only one controller acts at a time
+        #[arg(long)]
+        standby: bool,
         /// Be the job's controller (what `resume` starts in the background)
         #[arg(long, hide = true)]
         controller: bool,

@@ -174,13 +174,21 @@ pub fn follow(mut f: Follow) -> Exit {
             if let Some(child) = f.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     pump(&mut out, &mut err);
-                    return match rec.filter(|r| r.state.is_final()) {
-                        Some(r) => recorded_exit(&r),
-                        None => match status.code() {
-                            Some(c) => Exit::Task(c.clamp(0, 255) as u8),
-                            None => gone(&f.job, &f.dir),
+                    match rec.as_ref().filter(|r| r.state.is_final()) {
+                        Some(r) => return recorded_exit(r),
+                        None => match (status.code(), &rec) {
+                            // Killed, or superseded: a standby may go on with the job.
+                            (None | Some(75), Some(r)) => {
+                                f.child = None;
+                                if !wait_for_takeover(&f, r.driver_pid, &mut out, &mut err) {
+                                    return gone(&f.job, &f.dir);
+                                }
+                                continue;
+                            }
+                            (Some(c), _) => return Exit::Task(c.clamp(0, 255) as u8),
+                            (None, None) => return gone(&f.job, &f.dir),
                         },
-                    };
+                    }
                 }
             }
             let Some(rec) = rec else {
@@ -203,14 +211,40 @@ pub fn follow(mut f: Follow) -> Exit {
             }
             if f.child.is_none() && !record::controller_alive(rec.driver_pid) {
                 pump(&mut out, &mut err);
-                return if rec.state.is_final() {
-                    recorded_exit(&rec)
-                } else {
-                    gone(&f.job, &f.dir)
-                };
+                if rec.state.is_final() {
+                    return recorded_exit(&rec);
+                }
+                if !wait_for_takeover(&f, rec.driver_pid, &mut out, &mut err) {
+                    return gone(&f.job, &f.dir);
+                }
             }
         }
     })
+}
+
+/// The controller `dead` is gone with the job unfinished: waits a while for a standby to take
+/// the job over (the record names a living controller then); whether one did.
+fn wait_for_takeover(f: &Follow, dead: u32, out: &mut Tail, err: &mut Tail) -> bool {
+    let grace = cedana_driver::coord::TAKEOVER_AFTER + Duration::from_secs(6);
+    eprintln!(
+        "[cedana] job {}'s controller (PID {dead}) is gone; waiting {} s for a standby to take over",
+        f.job,
+        grace.as_secs()
+    );
+    let start = std::time::Instant::now();
+    while start.elapsed() < grace {
+        out.pump(&mut std::io::stdout().lock());
+        err.pump(&mut std::io::stderr().lock());
+        if let Ok(r) = JobRecord::load(&f.dir) {
+            if r.state.is_final()
+                || (r.driver_pid != dead && record::controller_alive(r.driver_pid))
+            {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
 }
 
 /// The controller's process id, as this process knows it.

@@ -78,17 +78,43 @@ pub fn run(
     start_and_follow(&dir, &id, controller_args, args.detach)
 }
 
+/// How `resume` was asked to run.
+pub struct ResumeHow {
+    pub detach: bool,
+    pub standby: bool,
+    pub controller: bool,
+}
+
 /// `resume JOB`: as the controller (`--controller`), or by starting one and following it.
 pub fn resume(
     job: &str,
-    detach: bool,
-    controller: bool,
+    how: ResumeHow,
     config: cedana_driver::Config,
     state_dir: PathBuf,
 ) -> Exit {
     let reporter: cedana_driver::job::report::SharedReporter =
         std::sync::Arc::new(super::report::Terminal);
-    let (dir, rec) = match cedana_driver::runner::resumable(&state_dir, job) {
+    let found = if how.standby {
+        // A standby waits for the controller it would replace: only the job must be there,
+        // unfinished, on the managed flow.
+        record::find(&state_dir, job)
+            .map_err(RunError::from)
+            .and_then(|(dir, r)| {
+                if r.state.is_final() {
+                    Err(RunError::Ended {
+                        job: r.job.clone(),
+                        state: r.shown_state(),
+                    })
+                } else if !r.managed {
+                    Err(RunError::NotResumable { job: r.job.clone() })
+                } else {
+                    Ok((dir, r))
+                }
+            })
+    } else {
+        cedana_driver::runner::resumable(&state_dir, job)
+    };
+    let (dir, rec) = match found {
         Ok(found) => found,
         Err(e) => {
             super::error(&e);
@@ -98,15 +124,26 @@ pub fn resume(
             };
         }
     };
-    if controller {
+    if how.controller {
         let opts = cedana_driver::runner::ResumeOptions {
             state_dir,
             job: rec.job.clone(),
             config,
             reporter,
+            takeover: None,
         };
-        return finish(&dir, cedana_driver::runner::resume(opts));
+        return match how.standby {
+            true => match cedana_driver::runner::standby(opts) {
+                // Not this one's to finish: the job's code is what its controller wrote.
+                Err(RunError::EndedElsewhere { exit_status, .. }) => {
+                    Exit::Task(exit_status.unwrap_or(1))
+                }
+                r => finish(&dir, r),
+            },
+            false => finish(&dir, cedana_driver::runner::resume(opts)),
+        };
     }
+    let detach = how.detach;
     let mut controller_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     controller_args.push("--controller".into());
     start_and_follow(&dir, &rec.job, controller_args, detach)

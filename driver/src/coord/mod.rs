@@ -88,6 +88,8 @@ pub struct Coordinator {
     output_seq: Arc<std::sync::atomic::AtomicU64>,
     /// The stream's last sequence when the driver connected.
     backlog: u64,
+    /// Set when another controller took the job over.
+    superseded: crate::util::Flag,
 }
 
 /// The job's output file, and the file that holds the stream sequence of the newest log event
@@ -113,11 +115,114 @@ struct Health {
     since: Option<std::time::Instant>,
     /// Why it failed last.
     problem: Option<String>,
+    /// When the controller lease was last renewed (when the renewal was sent).
+    renewed: Option<std::time::Instant>,
 }
 
-/// How often the driver checks that the NATS server stores (a KV write, also the controller's
-/// mark in the jobs bucket).
-pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How often the controller renews its lease (a conditional write of its mark to the jobs
+/// bucket; also the check that the NATS server stores).
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A controller that could not renew its lease for this long does nothing to the job until
+/// it has again.
+pub const CONTROLLER_STOP: Duration = Duration::from_secs(4);
+/// A standby takes the job over when the controller lease has not changed for this long (by
+/// its own clock): the active controller stopped acting before.
+pub const TAKEOVER_AFTER: Duration = Duration::from_secs(6);
+
+/// The controller's mark in the jobs bucket.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ControllerMark {
+    pub pid: u32,
+    pub host: String,
+    pub at: u64,
+}
+
+impl ControllerMark {
+    /// This process's mark.
+    pub fn mine() -> bytes::Bytes {
+        serde_json::to_vec(&ControllerMark {
+            pid: std::process::id(),
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            at: protocol::now(),
+        })
+        .expect("serializes")
+        .into()
+    }
+}
+
+/// Keeps the controller lease: its mark written every [`PROBE_EVERY`], each write
+/// conditional on the revision this controller wrote last (`rev`; `None`: taken
+/// unconditionally first). A write refused for its revision means another controller took
+/// over: `superseded` is set. Failed writes otherwise mean the server does not store.
+async fn keep_controller_lease(
+    jobs: jetstream::kv::Store,
+    key: String,
+    health: Arc<Mutex<Health>>,
+    mut rev: Option<u64>,
+    superseded: crate::util::Flag,
+) {
+    use jetstream::kv::UpdateErrorKind;
+    loop {
+        let sent = std::time::Instant::now();
+        let r = match rev {
+            None => tokio::time::timeout(
+                Duration::from_secs(3),
+                jobs.put(&key, ControllerMark::mine()),
+            )
+            .await
+            .map(|r| r.map_err(|e| (false, e.to_string()))),
+            Some(n) => tokio::time::timeout(
+                Duration::from_secs(3),
+                jobs.update(&key, ControllerMark::mine(), n),
+            )
+            .await
+            .map(|r| {
+                r.map_err(|e| {
+                    (
+                        e.kind() == UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                })
+            }),
+        };
+        let problem = match r {
+            Ok(Ok(n)) => {
+                rev = Some(n);
+                None
+            }
+            Ok(Err((true, _))) => {
+                tracing::warn!("another controller took the job over");
+                superseded.set();
+                return;
+            }
+            Ok(Err((false, e))) => Some(e),
+            Err(_) => Some("no answer within 3 s".to_string()),
+        };
+        {
+            let mut h = health.lock().expect("health");
+            match problem {
+                None => {
+                    h.renewed = Some(sent);
+                    if h.since.is_none() {
+                        tracing::info!("the NATS server stores again");
+                        h.since = Some(std::time::Instant::now());
+                        h.problem = None;
+                    }
+                }
+                Some(p) => {
+                    if h.since.is_some() {
+                        tracing::warn!(problem = %p, "the NATS server does not store what the driver sends; workers' silence is not taken for a loss meanwhile");
+                    }
+                    h.since = None;
+                    h.problem = Some(p);
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
 
 /// The key in the jobs bucket where the job's controller marks that it lives.
 pub fn controller_key(job: &str) -> String {
@@ -168,12 +273,13 @@ impl Coordinator {
         job: &str,
         echo_logs: bool,
     ) -> Result<Self, CoordError> {
-        Self::connect_from(url, token, job, echo_logs, None, 0).await
+        Self::connect_from(url, token, job, echo_logs, None, 0, None).await
     }
 
     /// Like [`Coordinator::connect`], reading events from stream sequence `from` (a resumed
     /// job's, from its record) rather than from now; log events up to `output_seq` are
-    /// already in the output file and are not written again.
+    /// already in the output file and are not written again. `lease_rev`: the revision of
+    /// the controller lease this driver took over (a standby's), else it is taken as is.
     pub async fn connect_from(
         url: &str,
         token: &str,
@@ -181,6 +287,7 @@ impl Coordinator {
         echo_logs: bool,
         from: Option<u64>,
         output_seq: u64,
+        lease_rev: Option<u64>,
     ) -> Result<Self, CoordError> {
         let client = async_nats::ConnectOptions::with_token(token.to_string())
             .name(format!("cedana-driver {job}"))
@@ -358,47 +465,16 @@ impl Coordinator {
         let health = Arc::new(Mutex::new(Health {
             since: Some(std::time::Instant::now()),
             problem: None,
+            renewed: Some(std::time::Instant::now()),
         }));
-        // The probe: a write to the jobs bucket every PROBE_EVERY. While it fails, the
-        // server cannot store (it is down, or its disk is full): workers' silence then says
-        // nothing about them.
-        {
-            let (jobs, health, key) = (jobs.clone(), health.clone(), controller_key(job));
-            let mark = serde_json::json!({ "pid": std::process::id() }).to_string();
-            tokio::spawn(async move {
-                loop {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        jobs.put(&key, mark.clone().into()),
-                    )
-                    .await;
-                    let problem = match r {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(_) => Some("no answer within 3 s".to_string()),
-                    };
-                    {
-                        let mut h = health.lock().expect("health");
-                        match problem {
-                            None if h.since.is_none() => {
-                                tracing::info!("the NATS server stores again");
-                                h.since = Some(std::time::Instant::now());
-                                h.problem = None;
-                            }
-                            None => {}
-                            Some(p) => {
-                                if h.since.is_some() {
-                                    tracing::warn!(problem = %p, "the NATS server does not store what the driver sends; workers' silence is not taken for a loss meanwhile");
-                                }
-                                h.since = None;
-                                h.problem = Some(p);
-                            }
-                        }
-                    }
-                    tokio::time::sleep(PROBE_EVERY).await;
-                }
-            });
-        }
+        let superseded = crate::util::Flag::new();
+        tokio::spawn(keep_controller_lease(
+            jobs.clone(),
+            controller_key(job),
+            health.clone(),
+            lease_rev,
+            superseded.clone(),
+        ));
         Ok(Coordinator {
             job: job.into(),
             client,
@@ -414,7 +490,27 @@ impl Coordinator {
             next_seq: shared_seq,
             output_seq,
             backlog: last,
+            superseded,
         })
+    }
+
+    /// Whether this driver is in charge of the job now: its controller lease was renewed
+    /// within [`CONTROLLER_STOP`] and no other controller took it. A driver not in charge
+    /// does nothing to the job (a standby may be taking over).
+    pub fn in_charge(&self) -> bool {
+        !self.superseded.is_set()
+            && self
+                .health
+                .lock()
+                .expect("health")
+                .renewed
+                .is_some_and(|t| t.elapsed() < CONTROLLER_STOP)
+    }
+
+    /// Set when another controller took the job over (this one must stop at once, touching
+    /// nothing).
+    pub fn superseded(&self) -> crate::util::Flag {
+        self.superseded.clone()
     }
 
     /// Waits (at most `timeout`) until every event stored before the driver connected has

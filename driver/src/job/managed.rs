@@ -127,6 +127,12 @@ pub fn run(
         if job.borrow().down.is_set() {
             return Err(JobError::Down.into());
         }
+        // Not in charge (the controller lease could not be renewed): nothing is done to the
+        // job until it is again, or until another controller took it over.
+        if !job.borrow().coord.in_charge() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let lost = job.borrow().lost(&w.id);
         if let Some(reason) = lost {
             warn!(worker = %w.id, %reason, "worker lost; recovering from the newest checkpoint");
