@@ -14,7 +14,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::exit::Exit;
-use super::run::{recorded_exit, CONTROLLER_ERR, CONTROLLER_OUT};
+
+/// The controller's stdout (the task's output, the job file's `print`) in `logs/`.
+pub const CONTROLLER_OUT: &str = "controller.out";
+/// The controller's stderr (the job's steps, warnings) in `logs/`.
+pub const CONTROLLER_ERR: &str = "controller.err";
 
 /// What to follow.
 pub struct Follow {
@@ -275,4 +279,17 @@ fn gone(job: &str, dir: &Path) -> Exit {
         "job {job}'s controller is gone{why}; `cedana-driver resume {job}` brings it back, `cedana-driver down {job}` ends it"
     ));
     Exit::NoJob
+}
+
+/// The exit code a job that ended has, from its record (for a record from before
+/// `exit_status` was kept: its state and the task's status).
+pub fn recorded_exit(r: &JobRecord) -> Exit {
+    if let Some(code) = r.exit_status {
+        return Exit::Task(code);
+    }
+    match (r.state, r.exit_code) {
+        (record::JobState::Down, _) => Exit::Down,
+        (_, Some(code)) => Exit::task(code),
+        _ => Exit::Failed,
+    }
 }

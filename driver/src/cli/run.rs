@@ -12,13 +12,8 @@ use cedana_driver::job::JobError;
 use cedana_driver::jobfile::script::ScriptError;
 use cedana_driver::runner::{RunError, RunOptions};
 
-use super::attach::{self, Follow};
+use super::attach::{self, Follow, CONTROLLER_ERR, CONTROLLER_OUT};
 use super::exit::Exit;
-
-/// The controller's stdout (the task's output, the job file's `print`) in `logs/`.
-pub const CONTROLLER_OUT: &str = "controller.out";
-/// The controller's stderr (the job's steps, warnings) in `logs/`.
-pub const CONTROLLER_ERR: &str = "controller.err";
 
 /// `run`'s arguments, as the command line gave them.
 pub struct Run {
@@ -237,19 +232,6 @@ fn exit_of(e: &RunError) -> Exit {
         RunError::Down { .. } => Exit::Down,
         RunError::Flow(FlowError::Job(JobError::NoOffer { .. })) => Exit::NoOffer,
         RunError::State(_) | RunError::Ended { .. } => Exit::NoJob,
-        _ => Exit::Failed,
-    }
-}
-
-/// The exit code a job that ended has, from its record (for a record from before
-/// `exit_status` was kept: its state and the task's status).
-pub fn recorded_exit(r: &JobRecord) -> Exit {
-    if let Some(code) = r.exit_status {
-        return Exit::Task(code);
-    }
-    match (r.state, r.exit_code) {
-        (record::JobState::Down, _) => Exit::Down,
-        (_, Some(code)) => Exit::task(code),
         _ => Exit::Failed,
     }
 }
