@@ -135,6 +135,17 @@ pub struct ControllerMark {
     pub pid: u32,
     pub host: String,
     pub at: u64,
+    /// Random, one per controller process: tells its own writes from another's.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// This process's controller id (see [`ControllerMark::id`]).
+fn controller_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        protocol::random_hex(8).unwrap_or_else(|_| format!("pid{}", std::process::id()))
+    })
 }
 
 impl ControllerMark {
@@ -146,9 +157,15 @@ impl ControllerMark {
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             at: protocol::now(),
+            id: controller_id().to_string(),
         })
         .expect("serializes")
         .into()
+    }
+
+    /// Whether `bytes` is a mark this process wrote.
+    pub fn is_mine(bytes: &[u8]) -> bool {
+        serde_json::from_slice::<ControllerMark>(bytes).is_ok_and(|m| m.id == controller_id())
     }
 }
 
@@ -192,10 +209,23 @@ async fn keep_controller_lease(
                 rev = Some(n);
                 None
             }
-            Ok(Err((true, _))) => {
-                tracing::warn!("another controller took the job over");
-                superseded.set();
-                return;
+            Ok(Err((true, e))) => {
+                // A write whose answer was lost may have been stored after all: then the
+                // lease is still this controller's, at the revision stored.
+                match jobs.entry(&key).await {
+                    // Written again at once with that revision: only a write answered counts
+                    // as a renewal.
+                    Ok(Some(entry)) if ControllerMark::is_mine(&entry.value) => {
+                        rev = Some(entry.revision);
+                        continue;
+                    }
+                    Ok(_) => {
+                        tracing::warn!("another controller took the job over");
+                        superseded.set();
+                        return;
+                    }
+                    Err(read) => Some(format!("{e}; and reading the lease: {read}")),
+                }
             }
             Ok(Err((false, e))) => Some(e),
             Err(_) => Some("no answer within 3 s".to_string()),
