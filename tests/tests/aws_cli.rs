@@ -290,3 +290,104 @@ fn bootstrap_makes_what_aws_workers_need_and_points_the_config_at_it() {
         .iter()
         .all(|k| k.key_name() != Some("never-made")));
 }
+
+/// `down` of a job whose controller died ends its AWS instances, found by their `cedana:job`
+/// tag (also one the record does not list: launched just before the controller died), and
+/// leaves other jobs' instances alone.
+#[test]
+fn down_of_an_orphaned_job_terminates_its_instances_by_tag() {
+    let moto = MotoServer::start();
+    let sb = Sandbox::new();
+    let cfg = aws_config(&sb);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ec2 = rt
+        .block_on(Ec2::connect(ConnectOptions {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(moto.url()),
+            credentials: Some((
+                cedana_tests::moto::ACCESS_KEY_ID.into(),
+                cedana_protocol::config::Secret::new(cedana_tests::moto::SECRET_ACCESS_KEY),
+            )),
+            ..Default::default()
+        }))
+        .unwrap();
+    let c = ec2.client("us-east-1");
+    let launch = |job: &str, worker: &str| {
+        rt.block_on(aws::run_instance(
+            &c,
+            &aws::RunRequest {
+                image_id: Some(AMI.into()),
+                instance_type: "t2.micro".into(),
+                user_data: "#!/bin/sh\n".into(),
+                tags: vec![
+                    (aws::TAG_JOB.into(), job.into()),
+                    ("cedana:worker".into(), worker.into()),
+                ],
+                ..Default::default()
+            },
+        ))
+        .unwrap()
+    };
+    let listed = launch("orph-1a2b3c", "w1");
+    let unlisted = launch("orph-1a2b3c", "w2");
+    let other = launch("other-000000", "w1");
+    // The record a controller left when it was killed: worker w1 running on AWS.
+    let dir = sb.path().join("orph-1a2b3c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    std::fs::write(
+        dir.join("job.json"),
+        serde_json::json!({
+            "v": 1, "job": "orph-1a2b3c", "script": "/x/orph.rhai", "state": "running",
+            "started_at": 1, "updated_at": 1, "driver_pid": dead,
+            "nats_url": "nats://nats.example.org:4222", "embedded_nats": false, "managed": true,
+            "workers": [{"id": "w1", "provider": "aws", "pid": 0, "dir": "", "launched_at": 1,
+                         "state": "running", "instance": listed}],
+            "task": {"name": "task1", "worker": "w1", "pid": 0},
+            "checkpoints": [], "recoveries": 0, "migrations": 0, "cost_usd": 0.0,
+            "exit_code": null, "error": null
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let catalog = sb.path().join("catalog.json");
+    std::fs::write(&catalog, r#"{"entries": []}"#).unwrap();
+    let out = driver(
+        &sb,
+        &moto,
+        &catalog,
+        &["--config", cfg.to_str().unwrap(), "down", "orph-1a2b3c"],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in [&listed, &unlisted] {
+        assert!(
+            said.contains(&format!("instance {id} in us-east-1 terminated")),
+            "{said}"
+        );
+        let v = rt
+            .block_on(aws::describe_instance(&c, id))
+            .unwrap()
+            .unwrap();
+        assert!(v.is_gone(), "{id} is {}", v.state);
+    }
+    let v = rt
+        .block_on(aws::describe_instance(&c, &other))
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.state, "running", "another job's instance was ended");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(r["state"], "down", "{r}");
+    assert_eq!(r["workers"][0]["state"], "terminated", "{r}");
+}

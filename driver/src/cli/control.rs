@@ -21,8 +21,40 @@ pub fn send(state_dir: &Path, config: &cedana_driver::Config, job: &str, action:
         for line in cedana_driver::job::orphan::end(&dir, &mut record) {
             println!("{line}");
         }
-        println!("job {} is down", record.job);
-        return Exit::Ok;
+        let cloud = record.workers.iter().any(|w| {
+            w.state == cedana_driver::job::record::WorkerState::Running
+                && w.provider != cedana_driver::providers::local::NAME
+        });
+        if cloud {
+            let reporter = cedana_driver::job::report::Silent;
+            let providers = match cedana_driver::runner::providers(config, None, &reporter) {
+                Ok(p) => p,
+                Err(e) => {
+                    super::error(format!("cannot reach the job's cloud providers: {e}"));
+                    return Exit::Config;
+                }
+            };
+            let rt = match super::runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    super::error(e);
+                    return Exit::Failed;
+                }
+            };
+            for line in rt.block_on(cedana_driver::job::orphan::end_cloud(
+                &dir,
+                &mut record,
+                &providers,
+            )) {
+                println!("{line}");
+            }
+        }
+        if record.state.is_final() {
+            println!("job {} is down", record.job);
+            return Exit::Ok;
+        }
+        super::error(format!("job {} still has workers running", record.job));
+        return Exit::Failed;
     }
     if !record.driver_alive() {
         super::error(if record.state.is_final() {

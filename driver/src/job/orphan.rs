@@ -60,10 +60,7 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
         .filter(|w| w.state == WorkerState::Running)
     {
         if w.provider != local::NAME {
-            said.push(format!(
-                "worker {} ({} {}) is a cloud machine: end it with its provider (its tags name job {job}); this release ends only local workers of a job without a controller",
-                w.id, w.provider, w.instance
-            ));
+            // Cloud machines: `end_cloud`.
             continue;
         }
         if w.offer
@@ -130,6 +127,15 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
         w.state = WorkerState::Terminated;
         w.ended_at = Some(cedana_protocol::now());
     }
+    if record
+        .workers
+        .iter()
+        .any(|w| w.state == WorkerState::Running && w.provider != local::NAME)
+    {
+        said.push(format!(
+            "job {job} has cloud workers its providers must end: see below"
+        ));
+    }
     if record.embedded_nats && crate::coord::nats::end_orphan(dir, record.nats_pid) {
         said.push(format!(
             "the job's NATS server (PID {}) stopped; its store stays in {}",
@@ -138,7 +144,13 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
         ));
     }
     record.nats_pid = 0;
-    record.state = JobState::Down;
+    if !record
+        .workers
+        .iter()
+        .any(|w| w.state == WorkerState::Running && w.provider != local::NAME)
+    {
+        record.state = JobState::Down;
+    }
     record.exit_status = Some(130);
     record.updated_at = cedana_protocol::now();
     if let Err(e) = record.save(dir) {
@@ -151,4 +163,49 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
 /// PID is still the task's before it is killed.
 fn works_in(pid: i32, job_dir: &Path) -> bool {
     std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(job_dir))
+}
+
+/// Ends a controller-less job's cloud machines through `providers` (every machine of the job
+/// each provider knows of, not only those the record lists) and marks the record's cloud
+/// workers ended and the job down. A line per machine.
+pub async fn end_cloud(
+    dir: &Path,
+    record: &mut JobRecord,
+    providers: &[crate::providers::Provider],
+) -> Vec<String> {
+    let mut said = Vec::new();
+    for p in providers {
+        let ids: Vec<String> = record
+            .workers
+            .iter()
+            .filter(|w| w.provider == p.name() && w.state == WorkerState::Running)
+            .map(|w| w.instance.clone())
+            .collect();
+        said.extend(p.end_job(&record.job, &ids).await);
+    }
+    for w in record.workers.iter_mut() {
+        if w.state == WorkerState::Running && providers.iter().any(|p| p.name() == w.provider) {
+            w.state = WorkerState::Terminated;
+            w.ended_at = Some(cedana_protocol::now());
+        }
+    }
+    let left: Vec<String> = record
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Running)
+        .map(|w| format!("{} ({} {})", w.id, w.provider, w.instance))
+        .collect();
+    if left.is_empty() {
+        record.state = JobState::Down;
+        record.exit_status = Some(130);
+    } else {
+        said.push(format!(
+            "workers {} are on providers not enabled in the config; enable them and run `down` again",
+            left.join(", ")
+        ));
+    }
+    if let Err(e) = record.save(dir) {
+        said.push(format!("cannot save the job's record: {e}"));
+    }
+    said
 }

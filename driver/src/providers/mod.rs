@@ -146,6 +146,30 @@ impl From<aws::AwsProvider> for Provider {
 }
 
 impl Provider {
+    /// Ends the machines this provider runs for `job`, a job whose controller died (`down`):
+    /// AWS finds them by their `cedana:job` tag; Paperspace deletes the machines `ids` the
+    /// job's record names. A line per machine; local workers are ended elsewhere.
+    pub async fn end_job(&self, job: &str, ids: &[String]) -> Vec<String> {
+        match self {
+            Provider::Local(_) => Vec::new(),
+            Provider::Paperspace(p) => {
+                let mut said = Vec::new();
+                for id in ids {
+                    said.push(match p.client().delete_machine(id).await {
+                        Ok(()) => format!("paperspace: machine {id} deleted"),
+                        Err(e) if e.is_not_found() => {
+                            format!("paperspace: machine {id} was already gone")
+                        }
+                        Err(e) => format!("paperspace: cannot delete machine {id}: {e}"),
+                    });
+                }
+                said
+            }
+            #[cfg(feature = "aws")]
+            Provider::Aws(p) => p.end_job(job).await,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Provider::Local(_) => local::NAME,

@@ -310,6 +310,36 @@ impl AwsProvider {
             .client(region)
     }
 
+    /// Terminates every instance tagged for `job` (`cedana:job`) in the enabled regions that
+    /// is not gone yet: what `down` does for a job whose controller died. A line per
+    /// instance, or per region that could not be asked.
+    pub async fn end_job(&self, job: &str) -> Vec<String> {
+        let regions = match self.regions().await {
+            Ok(r) => r.to_vec(),
+            Err(e) => return vec![format!("aws: cannot reach EC2 ({e}); end job {job}'s instances (tag {TAG_JOB}={job}) by hand")],
+        };
+        let mut said = Vec::new();
+        for region in regions {
+            let client = self.client(&region);
+            match instances_tagged(&client, TAG_JOB, job).await {
+                Ok(found) => {
+                    for v in found.into_iter().filter(|v| !v.is_gone()) {
+                        said.push(match terminate(&client, &v.id).await {
+                            Ok(()) => format!("aws: instance {} in {region} terminated", v.id),
+                            Err(e) => {
+                                format!("aws: cannot terminate instance {} in {region}: {e}", v.id)
+                            }
+                        });
+                    }
+                }
+                Err(e) => said.push(format!(
+                    "aws: cannot list job {job}'s instances in {region}: {e}"
+                )),
+            }
+        }
+        said
+    }
+
     /// The settings in use.
     pub fn settings(&self) -> &Settings {
         &self.settings
