@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -203,6 +204,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // A log that cannot be written (its disk is full) must not end the daemon: the
+        // subscriber's own report of that would panic on the same full stderr.
+        .log_internal_errors(false)
         .init();
     let json = match &cli.command {
         Command::Dump(a) => a.json,
@@ -219,7 +223,8 @@ fn main() -> ExitCode {
                     serde_json::json!({"ok": false, "error": f.error.to_string(), "kind": f.kind});
                 println!("{v}");
             }
-            eprintln!("cedana-agent: error: {}", f.error);
+            // Never a panic when stderr cannot be written (a log on a full disk).
+            let _ = writeln!(std::io::stderr(), "cedana-agent: error: {}", f.error);
             ExitCode::from(f.code)
         }
     }

@@ -24,6 +24,9 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             // Colours only on a terminal: a job's controller writes to a file.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            // A log that cannot be written (the job's disk is full) must not end the
+            // controller: the subscriber's own report of that would panic on the same stderr.
+            .log_internal_errors(false)
             .finish()
             // The AWS SDK's own debug output holds whole requests: it is never shown.
             .with(tracing_subscriber::filter::filter_fn(

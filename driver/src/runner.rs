@@ -626,11 +626,13 @@ fn drive(d: Drive) -> Result<i64, RunError> {
     let nats_stop = crate::util::Flag::new();
     let supervisor = embedded.map(|n| {
         let r = reporter.clone();
+        let c = coord.clone();
         crate::coord::nats::supervise(
             n,
             job.borrow().nats_pid.clone(),
             nats_stop.clone(),
             move |line| r.note(line),
+            move || c.store_problem(),
         )
     });
     // Another controller took the job over (this one lost its lease): stop at once,
@@ -642,6 +644,26 @@ fn drive(d: Drive) -> Result<i64, RunError> {
             while !superseded.wait_timeout(Duration::from_secs(3600)) {}
             reporter.note("another controller took the job over; this one stops");
             std::process::exit(75);
+        });
+    }
+    // The user hears of a server that does not store, once per episode.
+    {
+        let (c, r, stop) = (coord.clone(), reporter.clone(), nats_stop.clone());
+        std::thread::spawn(move || {
+            let mut told = false;
+            while !stop.wait_timeout(Duration::from_secs(1)) {
+                match c.store_problem() {
+                    Some((problem, d)) if !told && d > Duration::from_secs(3) => {
+                        told = true;
+                        r.note(&format!("the job's NATS server does not store ({problem}); workers' silence is not taken for a loss until it does"));
+                    }
+                    None if told => {
+                        told = false;
+                        r.note("the job's NATS server stores again");
+                    }
+                    _ => {}
+                }
+            }
         });
     }
     if resumed {

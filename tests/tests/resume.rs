@@ -552,3 +552,94 @@ fn a_standby_takes_over_when_the_controller_dies_at_a_random_point() {
     eprintln!("CEDANA_STANDBY_SEED={seed}");
     standby_takes_over(KillAt::Random(seed));
 }
+
+/// Unmounts a test's file system (lazily if still busy).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let ok = std::process::Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+}
+
+/// The disk under the job's folder (and its NATS store) fills up mid-job: the driver tells a
+/// server that cannot store from a silent worker (the worker is not taken for lost, nothing
+/// is killed), says so, restarts the server once it has stored nothing for a while, and the
+/// job goes on once there is space again.
+#[test]
+fn a_nats_server_whose_disk_is_full_is_told_apart_from_a_silent_worker() {
+    if !criu_ready("a_nats_server_whose_disk_is_full_is_told_apart_from_a_silent_worker") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let small = sb.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount a tmpfs for the job's folder");
+    let _mounted = Mounted(small.clone());
+    // The task counts into a file outside the full disk: what must not break is the task.
+    let counter = sb.path().join("outside-counter.txt");
+    let p = sb.path().join("full.rhai");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+fn instance_specs() {{ #{{ cpu_cores: 1, memory_gb: 1 }} }}
+fn setup(w) {{ }}
+fn work(w) {{
+    w.spawn("i=0; while [ $i -lt 500 ]; do i=$((i+1)); echo $i >> {}; sleep 0.1; done")
+}}
+fn restored_task(w, task) {{ }}
+"#,
+            counter.display()
+        ),
+    )
+    .unwrap();
+    let mut d = BackgroundDriver::start(&small, None, &["--checkpoint-every", "3"], &p);
+    d.wait_record(Duration::from_secs(60), "a checkpoint", |r| {
+        checkpoints(r) >= 1
+    });
+    // Fill the disk.
+    let filler = small.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+    }
+    // Past the 20 s a silent worker is given.
+    std::thread::sleep(Duration::from_secs(28));
+    let err = d.stderr();
+    assert!(err.contains("does not store"), "{err}");
+    assert!(!err.contains("lost"), "a worker was taken for lost: {err}");
+    std::fs::remove_file(&filler).unwrap();
+    let code = d.wait(Duration::from_secs(180));
+    let err = d.stderr();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("stores again"), "{err}");
+    let r = d.record().unwrap();
+    let w1_log = std::fs::read_to_string(
+        small
+            .join(r["job"].as_str().unwrap())
+            .join("logs")
+            .join("w1.log"),
+    )
+    .unwrap_or_default();
+    assert_eq!(r["recoveries"], 0, "{err}\nw1: {w1_log}");
+    let nums = numbers(&counter);
+    assert_eq!(nums.len(), 500);
+    assert_unbroken(&nums, "the task's count through the full disk");
+}

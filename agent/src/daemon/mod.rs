@@ -164,17 +164,16 @@ pub async fn run(
         .map_err(|e| jerr("registering the worker")(&e))?;
     info!(job = %opts.job, worker = %opts.worker, url = %url, "registered");
 
+    let consumer_name = format!("w_{}_{}", opts.job, opts.worker);
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(consumer_name.clone()),
+        filter_subject: protocol::commands_subject(&opts.job, &opts.worker),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(600),
+        ..Default::default()
+    };
     let consumer: consumer::PullConsumer = commands
-        .get_or_create_consumer(
-            &format!("w_{}_{}", opts.job, opts.worker),
-            consumer::pull::Config {
-                durable_name: Some(format!("w_{}_{}", opts.job, opts.worker)),
-                filter_subject: protocol::commands_subject(&opts.job, &opts.worker),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(600),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&consumer_name, consumer_config.clone())
         .await
         .map_err(|e| jerr("creating the command consumer")(&e))?;
     let mut messages = consumer
@@ -199,16 +198,45 @@ pub async fn run(
     let hb = tokio::spawn(heartbeat(worker.clone(), workers, record));
     let spot = imds.map(|(imds, poll)| tokio::spawn(watch_spot(worker.clone(), imds, poll)));
     tokio::pin!(shutdown);
+    let mut errors = 0u32;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            msg = messages.next() => match msg {
-                None => break,
-                Some(Err(e)) => warn!(error = %e, "command stream error"),
-                Some(Ok(msg)) => {
-                    worker.handle(&msg.payload).await;
-                    if let Err(e) = msg.ack().await {
-                        warn!(error = %e, "ack failed; the command may be delivered again and answered from the stored reply");
+            msg = messages.next() => {
+                let anew = match msg {
+                    Some(Ok(msg)) => {
+                        errors = 0;
+                        worker.handle(&msg.payload).await;
+                        if let Err(e) = msg.ack().await {
+                            warn!(error = %e, "ack failed; the command may be delivered again and answered from the stored reply");
+                        }
+                        false
+                    }
+                    Some(Err(e)) => {
+                        errors += 1;
+                        warn!(error = %e, "command stream error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        errors >= 5
+                    }
+                    None => true,
+                };
+                // The stream of commands ended or keeps failing (the server restarted, its
+                // store failed): read them anew; the daemon never gives up (its tasks run on).
+                if anew {
+                    warn!("the command stream ended; reading commands anew");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match commands
+                        .get_or_create_consumer(&consumer_name, consumer_config.clone())
+                        .await
+                    {
+                        Ok(c) => match c.messages().await {
+                            Ok(m) => {
+                                messages = m;
+                                errors = 0;
+                            }
+                            Err(e) => warn!(error = %e, "cannot read commands yet"),
+                        },
+                        Err(e) => warn!(error = %e, "cannot reach the command consumer yet"),
                     }
                 }
             }

@@ -1,5 +1,7 @@
 //! The command line: what only the binary does (arguments, printing, exit codes).
 
+use std::io::Write;
+
 pub mod args;
 pub mod attach;
 #[cfg(feature = "aws")]
@@ -14,7 +16,8 @@ pub mod status;
 
 /// Tells the user why the command failed: `cedana-driver: error: …` on stderr.
 pub fn error(e: impl std::fmt::Display) {
-    eprintln!("cedana-driver: error: {e}");
+    // Never a panic when stderr cannot be written (a controller's file on a full disk).
+    let _ = writeln!(std::io::stderr(), "cedana-driver: error: {e}");
 }
 
 /// An error and its causes, `: `-separated.

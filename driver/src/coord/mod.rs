@@ -117,6 +117,8 @@ struct Health {
     problem: Option<String>,
     /// When the controller lease was last renewed (when the renewal was sent).
     renewed: Option<std::time::Instant>,
+    /// Since when the server has failed to store, if it does now.
+    failing_since: Option<std::time::Instant>,
 }
 
 /// How often the controller renews its lease (a conditional write of its mark to the jobs
@@ -235,6 +237,7 @@ async fn keep_controller_lease(
             match problem {
                 None => {
                     h.renewed = Some(sent);
+                    h.failing_since = None;
                     if h.since.is_none() {
                         tracing::info!("the NATS server stores again");
                         h.since = Some(std::time::Instant::now());
@@ -247,6 +250,7 @@ async fn keep_controller_lease(
                     }
                     h.since = None;
                     h.problem = Some(p);
+                    h.failing_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
         }
@@ -496,6 +500,7 @@ impl Coordinator {
             since: Some(std::time::Instant::now()),
             problem: None,
             renewed: Some(std::time::Instant::now()),
+            failing_since: None,
         }));
         let superseded = crate::util::Flag::new();
         tokio::spawn(keep_controller_lease(
@@ -565,9 +570,10 @@ impl Coordinator {
         Some(seen.max(since).elapsed())
     }
 
-    /// Why the NATS server does not store now, if it does not.
-    pub fn store_problem(&self) -> Option<String> {
-        self.health.lock().expect("health").problem.clone()
+    /// Why the NATS server does not store now, and for how long it has not, if it does not.
+    pub fn store_problem(&self) -> Option<(String, Duration)> {
+        let h = self.health.lock().expect("health");
+        Some((h.problem.clone()?, h.failing_since?.elapsed()))
     }
 
     /// (the stream sequence of the next event to read, that of the newest log event written

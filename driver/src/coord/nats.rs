@@ -257,6 +257,9 @@ pub fn end_orphan(job_dir: &Path, pid: u32) -> bool {
     true
 }
 
+/// How long the server may fail to store before it is restarted.
+pub const STORE_RESTART_AFTER: Duration = Duration::from_secs(10);
+
 /// Keeps the job's server running until `stop` is set, then stops it: when it exits it is
 /// started again on the same port, token and store (every second until it starts). `pid`
 /// follows its process id (0 while it is down); `note` tells the user.
@@ -265,11 +268,35 @@ pub fn supervise(
     pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
     stop: crate::util::Flag,
     note: impl Fn(&str) + Send + 'static,
+    store_problem: impl Fn() -> Option<(String, Duration)> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     use std::sync::atomic::Ordering;
     pid.store(nats.pid().unwrap_or(0), Ordering::SeqCst);
+    let mut last_restart = Instant::now();
     std::thread::spawn(move || {
         while !stop.wait_timeout(Duration::from_millis(250)) {
+            // A server that runs but has not stored for a while (its disk was full: its
+            // store keeps failing after a write error until it starts again) is restarted,
+            // at most every 30 s, until it stores again.
+            if let Some((problem, for_how_long)) = store_problem() {
+                if for_how_long > STORE_RESTART_AFTER
+                    && last_restart.elapsed() > Duration::from_secs(30)
+                    && nats.pid().is_some()
+                {
+                    last_restart = Instant::now();
+                    note(&format!(
+                        "the job's NATS server has stored nothing for {} s ({problem}); if its disk is full, free space in {}; restarting it on the same store (every 30 s until it stores again); workers' silence is not taken for a loss meanwhile",
+                        for_how_long.as_secs(),
+                        nats.conf.parent().map(|d| d.display().to_string()).unwrap_or_default()
+                    ));
+                    nats.stop();
+                    pid.store(0, Ordering::SeqCst);
+                    if nats.spawn().is_ok() {
+                        pid.store(nats.pid().unwrap_or(0), Ordering::SeqCst);
+                    }
+                    continue;
+                }
+            }
             let Some(status) = nats.exited() else {
                 if nats.pid().is_some() {
                     continue;

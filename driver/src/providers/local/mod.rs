@@ -49,6 +49,8 @@ pub struct LocalWorker {
     container: Option<(PathBuf, String)>,
     /// Left as it was when lost ([`LocalWorker::abandon`]).
     abandoned: bool,
+    /// Set when the driver ends the daemon.
+    ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Errors launching a local worker.
@@ -234,6 +236,7 @@ impl LocalWorker {
                 forward: forward_at,
                 container: Some((runc_root, id)),
                 abandoned: false,
+                ending: Default::default(),
             });
         }
         let mut cmd = Command::new(&agent);
@@ -286,8 +289,18 @@ impl LocalWorker {
         let pid = child.id() as i32;
         let exited = Gone::new();
         let flag = exited.clone();
+        let worker = s.id.to_string();
+        let log_path = s.log.to_path_buf();
+        let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended_by_us = ending.clone();
         std::thread::spawn(move || {
-            let _ = child.wait();
+            let status = child.wait();
+            if !ended_by_us.load(std::sync::atomic::Ordering::SeqCst) {
+                // Not ended by the driver (that sets the flag first): say how, for the record.
+                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+                tracing::warn!(worker, ?status, log = ?tail, "the worker's agent exited by itself");
+            }
             flag.set();
         });
         Ok(LocalWorker {
@@ -306,6 +319,7 @@ impl LocalWorker {
             forward: forward_at,
             container: None,
             abandoned: false,
+            ending,
         })
     }
 
@@ -364,6 +378,7 @@ impl LocalWorker {
             forward: a.forward,
             container: None,
             abandoned: false,
+            ending: Default::default(),
         })
     }
 
@@ -429,6 +444,8 @@ impl LocalWorker {
         if self.exited() {
             return;
         }
+        // Ended by the driver: the watcher does not report it as an agent that exited.
+        self.ending.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
         if self.exited.wait_timeout(Duration::from_secs(2)) {
             return;
