@@ -137,8 +137,12 @@ pub fn follow(mut f: Follow) -> Exit {
         path: logs.join(CONTROLLER_ERR),
         at: f.from.1,
     };
+    // Detached, stdout is the job's id alone (for scripts): the task's output is not shown.
+    let detach = f.detach;
     let pump = |out: &mut Tail, err: &mut Tail| {
-        out.pump(&mut std::io::stdout().lock());
+        if !detach {
+            out.pump(&mut std::io::stdout().lock());
+        }
         err.pump(&mut std::io::stderr().lock());
     };
     rt.block_on(async {
