@@ -427,3 +427,45 @@ fn a_job_on_aws_survives_its_instance_reclaimed_right_after_the_notice() {
         record["migrations"].as_u64().unwrap_or(0) + record["recoveries"].as_u64().unwrap_or(0);
     assert!(moved >= 1, "{record}");
 }
+
+/// The controller of a job on AWS is killed mid-job; `resume` takes its instance back (found
+/// by its id in the record, followed in EC2 again), the task goes on where it runs, and the
+/// job ends with its count unbroken on that one instance, which is then terminated.
+#[test]
+fn a_job_on_aws_is_resumed_after_its_controller_is_killed() {
+    let job = AwsJob::setup();
+    let mut d = job.run();
+    let (_, _, instance) = job.worker(&d, "w1");
+    job.counting(&d, &instance, 20);
+    let r = d.record().expect("record");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r["driver_pid"].as_i64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(d.wait(Duration::from_secs(60)), Some(4), "{}", d.stderr());
+    let out = driver_cmd(&d.state)
+        .envs(job.env.iter().map(|(k, v)| (k, v)))
+        .args(["resume", r["job"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let nums = numbers_after(&stdout, "--- counter.txt");
+    assert_eq!(nums.len() as u64, COUNT, "stdout:\n{stdout}");
+    assert_unbroken(&nums, "the count across the resume");
+    let r = d.record().unwrap();
+    assert_eq!(
+        r["workers"].as_array().unwrap().len(),
+        1,
+        "one instance: {r}"
+    );
+    assert_eq!(r["recoveries"], 0, "{r}");
+    assert_eq!(moto_view(&job.sim, &instance).state, "terminated");
+}

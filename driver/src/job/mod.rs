@@ -170,16 +170,36 @@ impl Job {
             .collect();
         for info in running {
             let offer_type = info.offer.as_ref().map(|o| o.instance_type.as_str());
-            if info.provider != providers::local::NAME || offer_type == Some("local-container") {
+            if offer_type == Some("local-container") {
                 return Err(JobError::Worker {
                     worker: info.id.clone(),
                     message: format!(
-                        "a {} worker{} cannot be taken back by a resumed driver in this release; `cedana-driver down {}` ends the job",
-                        info.provider,
-                        if offer_type == Some("local-container") { " in a container" } else { "" },
+                        "a local worker in a container cannot be taken back by a resumed driver in this release; `cedana-driver down {}` ends the job",
                         self.id
                     ),
                 });
+            }
+            if info.provider != providers::local::NAME {
+                let region = info
+                    .offer
+                    .as_ref()
+                    .map(|o| o.region.clone())
+                    .unwrap_or_default();
+                let Some(p) = self.providers.iter().find(|p| p.name() == info.provider) else {
+                    return Err(JobError::Worker {
+                        worker: info.id.clone(),
+                        message: format!(
+                            "it runs on {}, which the config does not enable; enable it to resume, or `cedana-driver down {}`",
+                            info.provider, self.id
+                        ),
+                    });
+                };
+                let w = self
+                    .rt
+                    .block_on(p.adopt(&info.instance, &region, &self.rt))?;
+                self.workers.insert(info.id.clone(), w);
+                self.coord.expect(&info.id);
+                continue;
             }
             let task_pids = self
                 .record

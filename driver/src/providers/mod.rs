@@ -150,6 +150,9 @@ impl Provider {
     /// AWS finds them by their `cedana:job` tag; Paperspace deletes the machines `ids` the
     /// job's record names. A line per machine; local workers are ended elsewhere.
     pub async fn end_job(&self, job: &str, ids: &[String]) -> Vec<String> {
+        // Only AWS finds machines by the job (Paperspace's are named by the record).
+        #[cfg(not(feature = "aws"))]
+        let _ = job;
         match self {
             Provider::Local(_) => Vec::new(),
             Provider::Paperspace(p) => {
@@ -167,6 +170,29 @@ impl Provider {
             }
             #[cfg(feature = "aws")]
             Provider::Aws(p) => p.end_job(job).await,
+        }
+    }
+
+    /// Takes back a cloud worker a driver that died launched (`resume`): `instance` is the
+    /// provider's id for it, `region` where it runs. Local workers are adopted by
+    /// [`local::LocalWorker::adopt`].
+    pub async fn adopt(
+        &self,
+        instance: &str,
+        region: &str,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Instance, ProviderError> {
+        // Only AWS needs the region (a Paperspace machine id is global).
+        #[cfg(not(feature = "aws"))]
+        let _ = region;
+        match self {
+            Provider::Local(_) => Err(ProviderError::Failed {
+                provider: local::NAME.into(),
+                message: "local workers are adopted from their process".into(),
+            }),
+            Provider::Paperspace(p) => Ok(Instance::Paperspace(p.adopt(instance, rt))),
+            #[cfg(feature = "aws")]
+            Provider::Aws(p) => p.adopt(instance, region, rt).await.map(Instance::Aws),
         }
     }
 

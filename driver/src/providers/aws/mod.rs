@@ -715,6 +715,38 @@ impl AwsProvider {
     }
 }
 
+impl AwsProvider {
+    /// Takes back the worker on instance `id` in `region` that a driver that died launched
+    /// (`resume`): followed again until it is gone; terminating it terminates the instance.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        region: &str,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<AwsWorker, ProviderError> {
+        self.connection().await?;
+        let client = self.client(region);
+        let gone = Gone::new();
+        let poller = rt
+            .spawn(watch(
+                client.clone(),
+                id.to_string(),
+                self.settings.poll_every,
+                gone.clone(),
+            ))
+            .abort_handle();
+        Ok(AwsWorker {
+            id: id.to_string(),
+            region: region.to_string(),
+            client,
+            rt: rt.clone(),
+            gone,
+            poller: Some(poller),
+            ended: false,
+        })
+    }
+}
+
 /// How long an instance EC2 has never shown may stay unknown before it counts as gone (EC2 is
 /// eventually consistent just after a launch).
 const UNSEEN_GRACE: Duration = Duration::from_secs(120);

@@ -502,6 +502,32 @@ pub struct PaperspaceWorker {
     ended: bool,
 }
 
+impl PaperspaceProvider {
+    /// Takes back the worker on machine `id` that a driver that died launched (`resume`):
+    /// followed again until it is gone; terminating it deletes the machine.
+    pub fn adopt(&self, id: &str, rt: &tokio::runtime::Handle) -> PaperspaceWorker {
+        let gone = Gone::new();
+        let poller = rt
+            .spawn(watch(
+                self.client.clone(),
+                id.to_string(),
+                None,
+                self.settings.poll_every,
+                gone.clone(),
+            ))
+            .abort_handle();
+        PaperspaceWorker {
+            id: id.to_string(),
+            script_id: None,
+            client: self.client.clone(),
+            rt: rt.clone(),
+            gone,
+            poller: Some(poller),
+            ended: false,
+        }
+    }
+}
+
 impl PaperspaceWorker {
     /// The machine's id.
     pub fn instance_id(&self) -> String {
