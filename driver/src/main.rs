@@ -85,6 +85,7 @@ fn main() -> ExitCode {
             cli.config.clone(),
             state_dir,
         ),
+        Cmd::Rm { job } => cli::status::rm(&state_dir, &job),
         Cmd::Attach { job, all } => cli::attach::attach(&state_dir, &job, all),
         Cmd::Resume {
             job,

@@ -376,6 +376,10 @@ fn resume_refuses_a_running_or_ended_job() {
         "{}",
         text(&out.stderr)
     );
+    // `rm` refuses a job that is not over.
+    let out = driver(&sb, &["rm", &job]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(sb.path().join(&job).join("job.json").is_file());
     assert_eq!(d.wait(Duration::from_secs(60)), Some(0), "{}", d.stderr());
     let out = driver(&sb, &["resume", &job]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
@@ -386,6 +390,16 @@ fn resume_refuses_a_running_or_ended_job() {
     );
     let out = driver(&sb, &["resume", "no-such-job"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    // Once it ended, `rm` removes its folder, store and checkpoints included.
+    assert!(sb.path().join(&job).join("nats").is_dir());
+    let out = driver(&sb, &["rm", &job]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("removed job"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!sb.path().join(&job).exists());
 }
 
 /// Where the active controller is killed while a standby waits.

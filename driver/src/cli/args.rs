@@ -115,6 +115,13 @@ pub enum Cmd {
     Checkpoint { job: String },
     /// Move a running managed job's task to a new worker.
     Migrate { job: String },
+    /// Remove an ended job's folder: its record, logs, workers' folders, and with the
+    /// embedded NATS server its store and checkpoints. A job not over is refused (`down` it
+    /// first).
+    Rm {
+        /// The job's id or a unique prefix
+        job: String,
+    },
     /// Stop a job: its task is killed and its workers end. A job whose controller died is
     /// ended here: its tasks, workers, network namespaces and NATS server; says what it ended.
     Down { job: String },

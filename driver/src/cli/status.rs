@@ -143,3 +143,64 @@ pub fn logs(state_dir: &Path, job: &str, follow: bool) -> Exit {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `rm`: removes an ended job's folder.
+pub fn rm(state_dir: &Path, job: &str) -> Exit {
+    let (dir, r) = match find(state_dir, job) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    if !r.state.is_final() {
+        super::error(format!(
+            "job {} is not over (state {}); `cedana-driver down {}` ends it first",
+            r.job,
+            r.shown_state(),
+            r.job
+        ));
+        return Exit::Failed;
+    }
+    // Only a folder directly in the state folder, named by the job.
+    if dir.parent() != Some(state_dir) || dir.file_name() != Some(std::ffi::OsStr::new(&r.job)) {
+        super::error(format!(
+            "{} is not job {}'s folder in {}; not removed",
+            dir.display(),
+            r.job,
+            state_dir.display()
+        ));
+        return Exit::Failed;
+    }
+    let bytes = folder_size(&dir);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            println!(
+                "removed job {} ({:.1} MiB)",
+                r.job,
+                bytes as f64 / 1048576.0
+            );
+            Exit::Ok
+        }
+        Err(e) => {
+            super::error(format!("cannot remove {}: {e}", dir.display()));
+            Exit::Failed
+        }
+    }
+}
+
+/// The bytes of the files under `dir` (links not followed).
+fn folder_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
