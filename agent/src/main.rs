@@ -378,6 +378,9 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         (None, Ok(t)) if !t.is_empty() => cedana_protocol::Secret::new(t),
         _ => config.connection.auth_token.clone(),
     };
+    // Tasks, `sh` commands and CRIU inherit this process's environment: the token leaves it
+    // (no thread runs yet that could read the environment meanwhile).
+    std::env::remove_var("CEDANA_NATS_TOKEN");
     let nats_url = match &a.nats_url {
         Some(u) => u.clone(),
         None if !config.connection.nats_url.is_empty() => cedana_protocol::NatsUrl::from_config(

@@ -1078,3 +1078,62 @@ fn a_restarted_daemon_takes_back_its_tasks() {
         assert_unbroken(&numbers(&work.join("n.txt")), "the task's count");
     });
 }
+
+/// Tasks and `sh` commands get no secret of the agent's: the NATS token is in neither's
+/// environment (the daemon got it in its own).
+#[test]
+fn tasks_and_commands_do_not_get_the_nats_token() {
+    if !criu_ready("tasks_and_commands_do_not_get_the_nats_token") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("w1");
+    let _d = AgentDaemon::start(&nats, &nats.token, "jobt", "w1", &work);
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobt").await;
+        drv.wait_registered("w1").await;
+        let r = drv
+            .call(
+                "w1",
+                "s1",
+                Command::Sh {
+                    cmd: "env; cat /proc/self/environ | tr '\\0' '\\n'".into(),
+                    timeout_secs: Some(30),
+                },
+                30,
+            )
+            .await;
+        let Reply::Sh { stdout, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(stdout.contains("PATH="), "{stdout}");
+        assert!(!stdout.contains(&nats.token), "a sh command got the token");
+        assert!(!stdout.contains("CEDANA_NATS_TOKEN"), "{stdout}");
+        let r = drv
+            .call(
+                "w1",
+                "s2",
+                Command::Spawn {
+                    task: "t1".into(),
+                    cmd: "env > env.txt; sleep 30".into(),
+                },
+                30,
+            )
+            .await;
+        let Reply::Spawned { pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        let _task = Task::new(pid);
+        wait_until(Duration::from_secs(10), "the task's env", || {
+            std::fs::metadata(work.join("env.txt")).is_ok_and(|m| m.len() > 0)
+        });
+        let env = std::fs::read_to_string(work.join("env.txt")).unwrap();
+        assert!(!env.contains(&nats.token), "the task got the token");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&environ).contains(&nats.token),
+            "the task's initial environment holds the token"
+        );
+    });
+}
