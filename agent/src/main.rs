@@ -57,6 +57,22 @@ enum Command {
     Check(CheckArgs),
     /// Serve a job's commands over NATS JetStream (token from CEDANA_NATS_TOKEN or the config).
     Daemon(DaemonArgs),
+    /// The original's spelling: `client dump …` and `client restore …` are `dump` and
+    /// `restore`.
+    #[command(hide = true)]
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+}
+
+/// `cedana-agent client …`, as the original's `cedana client …`.
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Same as `cedana-agent dump`.
+    Dump(DumpArgs),
+    /// Same as `cedana-agent restore`.
+    Restore(RestoreArgs),
 }
 
 #[derive(Args)]
@@ -198,12 +214,21 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The original's `client dump|restore` is the same command.
+    if let Command::Client { command } = cli.command {
+        cli.command = match command {
+            ClientCommand::Dump(a) => Command::Dump(a),
+            ClientCommand::Restore(a) => Command::Restore(a),
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal (a worker's log is a file).
+        .with_ansi(std::io::stderr().is_terminal())
         // A log that cannot be written (its disk is full) must not end the daemon: the
         // subscriber's own report of that would panic on the same full stderr.
         .log_internal_errors(false)
@@ -213,7 +238,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => a.json,
         Command::Exec(a) => a.json,
         Command::Check(a) => a.json,
-        Command::Daemon(_) => false,
+        Command::Daemon(_) | Command::Client { .. } => false,
     };
     match run(cli) {
         Ok(code) => code,
@@ -326,6 +351,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon(a) => daemon(&cli, a),
+        Command::Client { .. } => unreachable!("mapped to dump or restore in main"),
         Command::Check(a) => {
             let config = load_config(&cli)?;
             let located = cedana_agent::locate_criu(cli.criu.as_deref(), &config);

@@ -27,6 +27,8 @@ pub enum ConfigError {
         line: usize,
         column: usize,
     },
+    #[error("config {path} (--config) does not exist; give the path of an existing file, or leave --config out to use $CEDANA_CONFIG or ~/.cedana/cedana_config.json")]
+    Missing { path: PathBuf },
 }
 
 /// A string that never shows in logs or `Debug` output (tokens, API keys).
@@ -183,8 +185,14 @@ impl Config {
         }
     }
 
-    /// Loads the file at `path` if given, else at [`Config::default_path`].
+    /// Loads the file at `path` if given (it must exist: the user named it), else at
+    /// [`Config::default_path`] (missing: the defaults).
     pub fn load_default(path: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Missing { path: p.into() });
+            }
+        }
         match path.map(Path::to_path_buf).or_else(Self::default_path) {
             Some(p) => Self::load(&p),
             None => Ok(Config::default()),
@@ -203,6 +211,7 @@ impl Config {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
+            let message = plain_types(&message);
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 key: if key == "." {
@@ -302,5 +311,57 @@ mod tests {
         )
         .unwrap();
         assert!(c.dump_dir().is_none());
+    }
+}
+
+/// A parser's message with Rust's type names said in words (`expected f64`: a number).
+pub fn plain_types(message: &str) -> String {
+    let mut out = message.to_string();
+    for (rust, words) in [
+        ("f64", "a number"),
+        ("f32", "a number"),
+        ("u64", "a whole number of 0 or more"),
+        ("u32", "a whole number of 0 or more"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
+        ("usize", "a whole number of 0 or more"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("a boolean", "true or false"),
+        ("a string", "text in quotes"),
+    ] {
+        // Whole words only (`u8` is not in `u80`).
+        let mut rebuilt = String::new();
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(rust) {
+            let before = rest[..i].chars().last();
+            let after = rest[i + rust.len()..].chars().next();
+            let word = |c: Option<char>| c.is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
+            rebuilt.push_str(&rest[..i]);
+            rebuilt.push_str(if word(before) && word(after) {
+                words
+            } else {
+                rust
+            });
+            rest = &rest[i + rust.len()..];
+        }
+        rebuilt.push_str(rest);
+        out = rebuilt;
+    }
+    out
+}
+
+#[cfg(test)]
+mod plain_tests {
+    #[test]
+    fn rust_type_names_become_words() {
+        assert_eq!(
+            super::plain_types("invalid type: string \"x\", expected f64"),
+            "invalid type: string \"x\", expected a number"
+        );
+        assert_eq!(
+            super::plain_types("expected u64 or u80_x"),
+            "expected a whole number of 0 or more or u80_x"
+        );
     }
 }

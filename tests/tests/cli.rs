@@ -456,3 +456,46 @@ fn a_shell_job_on_a_terminal_is_left_running() {
         .count();
     assert_eq!(zips, 0, "no archive is left");
 }
+
+/// The original's spelling, `client dump -p PID -d DIR` and `client restore ZIP`, works as
+/// `dump` and `restore`.
+#[test]
+fn the_originals_client_spelling_dumps_and_restores() {
+    if !criu_ready("the_originals_client_spelling_dumps_and_restores") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("count.log");
+    let task = sb.exec(
+        "count.log",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done",
+        ],
+    );
+    wait_for_numbers(&log, 5);
+    let dir = sb.path().join("ckpt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = sb.agent([
+        "client",
+        "dump",
+        "-p",
+        &task.pid.to_string(),
+        "-d",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let zip = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        zip.ends_with(".zip") && std::path::Path::new(&zip).is_file(),
+        "{zip}"
+    );
+    let out = sb.agent(["client", "restore", &zip]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = Task::new(parse_pid(&out));
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert_unbroken(&numbers(&log), "the count across client dump and restore");
+    restored.kill();
+}

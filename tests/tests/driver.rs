@@ -106,3 +106,63 @@ fn a_spec_no_offer_fits_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// Papercuts of the job commands: a prefix that names two jobs says so and lists them;
+/// `status --json` is a list whatever its argument; `--config` naming a missing file is an
+/// error; a bad value in the config is described without Rust's type names.
+#[test]
+fn job_prefixes_json_shape_and_config_errors() {
+    let sb = Sandbox::new();
+    for job in ["train-aaaaaa", "train-bbbbbb"] {
+        let dir = sb.path().join(job);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("job.json"),
+            serde_json::json!({
+                "v": 1, "job": job, "script": "/x/train.rhai", "state": "succeeded",
+                "started_at": 1, "updated_at": 1, "driver_pid": 0,
+                "nats_url": "nats://127.0.0.1:1", "embedded_nats": true, "managed": true,
+                "workers": [], "task": null, "checkpoints": [], "recoveries": 0,
+                "migrations": 0, "cost_usd": -0.0, "exit_code": 0, "error": null
+            })
+            .to_string(),
+        )
+        .unwrap();
+    }
+    let run = |args: &[&str]| driver_cmd(sb.path()).args(args).output().unwrap();
+    let out = run(&["status", "train-"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("more than one job") && e.contains("train-aaaaaa") && e.contains("train-bbbbbb"),
+        "{e}"
+    );
+    let out = run(&["status", "--json", "train-a"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["job"], "train-aaaaaa");
+    let out = run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    let out = run(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!table.contains("-0.0000"), "{table}");
+
+    let missing = sb.path().join("nope.json");
+    let out = run(&["--config", missing.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let bad = sb.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"checkpoint": {"heartbeat_interval_seconds": "often"}}"#,
+    )
+    .unwrap();
+    let out = run(&["--config", bad.to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("heartbeat_interval_seconds") && !e.contains("u64"),
+        "{e}"
+    );
+}

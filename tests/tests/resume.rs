@@ -101,7 +101,13 @@ fn controller_killed_then_resumed(kill_nats_too: bool) {
         d.stderr()
     );
     let out = driver(&sb, &["status", "--json", &job]);
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        all.as_array().map(Vec::len),
+        Some(1),
+        "a list of one: {all}"
+    );
+    let s = &all[0];
     assert_eq!(s["shown_state"], "orphaned", "{s}");
     assert_eq!(s["driver_alive"], false, "{s}");
     assert_eq!(s["driver_pid"], controller, "{s}");

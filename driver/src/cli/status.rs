@@ -35,10 +35,8 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
                 v
             })
             .collect();
-        let out = match job {
-            Some(_) => records.into_iter().next().unwrap_or_default(),
-            None => serde_json::Value::Array(records),
-        };
+        // One shape whatever the argument: a list (of one job when one is named).
+        let out = serde_json::Value::Array(records);
         println!(
             "{}",
             serde_json::to_string_pretty(&out).expect("serializes")
@@ -86,7 +84,7 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
             r.checkpoints.len(),
             r.recoveries,
             r.migrations,
-            r.cost_usd,
+            r.cost_usd + 0.0,
             rate
         );
     }

@@ -246,7 +246,7 @@ async fn keep_controller_lease(
                 }
                 Some(p) => {
                     if h.since.is_some() {
-                        tracing::warn!(problem = %p, "the NATS server does not store what the driver sends; workers' silence is not taken for a loss meanwhile");
+                        tracing::info!(problem = %p, "the NATS server does not store what the driver sends; workers' silence is not taken for a loss meanwhile");
                     }
                     h.since = None;
                     h.problem = Some(p);

@@ -314,7 +314,7 @@ pub fn supervise(
             };
             nats.child = None;
             pid.store(0, Ordering::SeqCst);
-            tracing::warn!(%status, "the job's NATS server exited; starting it again");
+            tracing::info!(%status, "the job's NATS server exited; starting it again");
             note(&format!(
                 "the job's NATS server exited ({status}); starting it again on port {} with the same store",
                 nats.port
@@ -328,7 +328,7 @@ pub fn supervise(
                     ));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the job's NATS server again");
+                    tracing::info!(error = %e, "cannot start the job's NATS server again");
                     note(&format!(
                         "cannot start the job's NATS server again ({e}); retrying every second"
                     ));

@@ -135,7 +135,7 @@ pub fn run(
         }
         let lost = job.borrow().lost(&w.id);
         if let Some(reason) = lost {
-            warn!(worker = %w.id, %reason, "worker lost; recovering from the newest checkpoint");
+            info!(worker = %w.id, %reason, "worker lost; recovering from the newest checkpoint");
             job.borrow().reporter.note(&format!(
                 "worker {} lost ({reason}); recovering from {}",
                 w.id,
@@ -181,7 +181,7 @@ pub fn run(
                 job.borrow_mut().avoid(&o, AVOID_AFTER_NOTICE);
             }
             if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task, None) {
-                warn!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
+                info!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
                 job.borrow().reporter.note(&format!("moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes"));
             }
             next = opts.interval.map(|i| Instant::now() + i);
@@ -217,7 +217,7 @@ pub fn run(
                     match migrate(job, hooks, &spec, &mut w, &mut task, Some(&to)) {
                         Ok(()) => job.borrow_mut().record.arbitrage_moves += 1,
                         Err(e) => {
-                            warn!(error = %e, "moving to a cheaper offer failed; staying");
+                            info!(error = %e, "moving to a cheaper offer failed; staying");
                             job.borrow().reporter.note(&format!("moving to the cheaper offer failed ({e}); the task stays where it was"));
                         }
                     }
@@ -229,7 +229,7 @@ pub fn run(
         if next.is_some_and(|n| Instant::now() >= n) {
             // A failure keeps the previous checkpoint; a lost worker is seen on the next turn.
             if let Err(e) = take_checkpoint(job, &task, &mut newest, opts) {
-                warn!(error = %e, "periodic checkpoint failed; the previous one is kept");
+                info!(error = %e, "periodic checkpoint failed; the previous one is kept");
                 job.borrow().reporter.note(&format!(
                     "checkpoint failed ({e}); keeping the previous one"
                 ));

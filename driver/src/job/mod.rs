@@ -323,7 +323,7 @@ impl Job {
             match self.launch_once(spec, prefer) {
                 Ok(w) => return Ok(w),
                 Err((e, Some(offer))) if !matches!(e, JobError::Down) => {
-                    warn!(error = %e, "the worker did not come up; trying the next offer");
+                    info!(error = %e, "the worker did not come up; trying the next offer");
                     self.reporter.note(&format!("{e}; trying the next offer"));
                     self.avoid(&offer, Duration::from_secs(600));
                     last = Some(e);
@@ -392,7 +392,7 @@ impl Job {
                     break;
                 }
                 Err(e @ providers::ProviderError::Capacity { .. }) => {
-                    warn!(error = %e, "no capacity; trying the next offer");
+                    info!(error = %e, "no capacity; trying the next offer");
                     self.reporter.note(&format!("{e}; trying the next offer"));
                 }
                 Err(e) => return Err((e.into(), None)),
@@ -881,8 +881,8 @@ impl Job {
             if moves == 1 { "" } else { "s" },
             r.arbitrage_moves,
             r.spot_notices,
-            r.cost_usd,
-            self.on_demand_cost()
+            r.cost_usd + 0.0,
+            self.on_demand_cost() + 0.0
         )
     }
 

@@ -192,6 +192,8 @@ pub struct Settings {
 pub enum StateError {
     #[error("no job {job:?} in {dir}; `cedana-driver status` lists the jobs there")]
     NoJob { job: String, dir: PathBuf },
+    #[error("{job:?} names more than one job ({}); give more of the id", matches.join(", "))]
+    Ambiguous { job: String, matches: Vec<String> },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -310,6 +312,12 @@ pub fn find(state_dir: &Path, job: &str) -> Result<(PathBuf, JobRecord), StateEr
         .collect();
     if matches.len() == 1 {
         return Ok(matches.remove(0));
+    }
+    if matches.len() > 1 {
+        return Err(StateError::Ambiguous {
+            job: job.into(),
+            matches: matches.into_iter().map(|(_, r)| r.job).collect(),
+        });
     }
     Err(StateError::NoJob {
         job: job.into(),

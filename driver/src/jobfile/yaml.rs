@@ -101,7 +101,7 @@ pub fn load(path: &Path, reporter: &dyn Reporter) -> Result<JobSpec, ScriptError
             path: path.into(),
             line: loc.as_ref().map(|l| l.line()).unwrap_or(0),
             column: loc.as_ref().map(|l| l.column()).unwrap_or(0),
-            message: e.to_string(),
+            message: cedana_protocol::config::plain_types(&e.to_string()),
         }
     };
     let value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(syntax)?;
@@ -281,16 +281,16 @@ impl Hooks for YamlHooks {
                 // The folder's contents, not the folder: the task runs where they land.
                 for e in std::fs::read_dir(&dir).map_err(|e| FlowError::Hook {
                     what: format!("work_dir {}", dir.display()),
-                    message: e.to_string(),
+                    message: cedana_protocol::config::plain_types(&e.to_string()),
                 })? {
                     let e = e.map_err(|e| FlowError::Hook {
                         what: format!("work_dir {}", dir.display()),
-                        message: e.to_string(),
+                        message: cedana_protocol::config::plain_types(&e.to_string()),
                     })?;
                     crate::job::copy_tree(&e.path(), &to.join(e.file_name())).map_err(|err| {
                         FlowError::Hook {
                             what: format!("copying {} to worker {}", e.path().display(), w.id),
-                            message: err.to_string(),
+                            message: cedana_protocol::config::plain_types(&err.to_string()),
                         }
                     })?;
                 }

@@ -166,6 +166,7 @@ impl Catalog {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
+            let message = cedana_protocol::config::plain_types(&message);
             CatalogError::Invalid {
                 path: path.to_path_buf(),
                 key: if key == "." {
