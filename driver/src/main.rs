@@ -86,6 +86,7 @@ fn main() -> ExitCode {
             state_dir,
         ),
         Cmd::Rm { job } => cli::status::rm(&state_dir, &job),
+        Cmd::Prune { older_than } => cli::status::prune(&state_dir, older_than),
         Cmd::Attach { job, all } => cli::attach::attach(&state_dir, &job, all),
         Cmd::Resume {
             job,

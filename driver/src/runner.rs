@@ -33,6 +33,8 @@ pub enum RunError {
     Unsupported { path: PathBuf },
     #[error("job {job} was taken down")]
     Down { job: String },
+    #[error("shared_storage.dump_storage_dir {path} is in a folder that does not exist here; point it at a folder every worker mounts, or remove the key to keep checkpoints in NATS")]
+    SharedStorage { path: PathBuf },
     #[error(transparent)]
     State(#[from] crate::job::record::StateError),
     #[error("job {job} has ended ({state}); there is nothing to resume")]
@@ -167,6 +169,16 @@ pub fn check(
         }
         Kind::Yaml => Some(crate::jobfile::yaml::load(path, reporter)?),
     };
+    if let Some(dir) = shared_storage(config) {
+        // The original's default was under /home/ubuntu: a folder whose parent is missing is
+        // a config from another machine, not a place to create.
+        let parent_missing = dir
+            .parent()
+            .is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir());
+        if parent_missing {
+            return Err(RunError::SharedStorage { path: dir });
+        }
+    }
     let providers = providers(config, image, reporter)?;
     for p in &providers {
         if p.name() != "local" {
@@ -299,6 +311,20 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     coord.set_output(open_output(&job_dir)?);
     opts.reporter
         .note(&format!("job {job_id}: folder {}", job_dir.display()));
+    let shared = shared_storage(&opts.config);
+    opts.reporter.note(&match (&shared, &embedded) {
+        (Some(dir), _) => format!(
+            "checkpoints go to {} (shared_storage.dump_storage_dir)",
+            std::path::absolute(dir.join(&job_id))
+                .unwrap_or_else(|_| dir.join(&job_id))
+                .display()
+        ),
+        (None, Some(_)) => format!(
+            "checkpoints go to the job's NATS store, {} (`cedana-driver rm {job_id}` removes them once the job is over)",
+            job_dir.join(crate::coord::nats::NATS_DIR).display()
+        ),
+        (None, None) => format!("checkpoints go to the object store cedana_checkpoints of {url}"),
+    });
     let record = JobRecord {
         v: 1,
         job: job_id.clone(),

@@ -166,3 +166,52 @@ fn job_prefixes_json_shape_and_config_errors() {
         "{e}"
     );
 }
+
+/// The original's config copied from another machine names a shared storage folder under a
+/// parent that does not exist here: `run` refuses it before anything starts (it used to make
+/// the folder as root and keep every checkpoint there without a word). `prune` removes ended
+/// jobs and leaves others.
+#[test]
+fn a_shared_storage_folder_from_elsewhere_is_refused_and_prune_removes_ended_jobs() {
+    let sb = Sandbox::new();
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"shared_storage": {"dump_storage_dir": "/home/nobody-here-xyz/.cedana/checkpoints"}}"#,
+    )
+    .unwrap();
+    let out = driver_cmd(sb.path())
+        .env("CEDANA_CONFIG", &cfg)
+        .arg("run")
+        .arg(repo_root().join("scripts/examples/managed.rhai"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("dump_storage_dir"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!std::path::Path::new("/home/nobody-here-xyz").exists());
+
+    for (job, state) in [("old-aaaaaa", "succeeded"), ("live-bbbbbb", "running")] {
+        let dir = sb.path().join(job);
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        std::fs::write(
+            dir.join("job.json"),
+            serde_json::json!({
+                "v": 1, "job": job, "script": "/x/j.rhai", "state": state,
+                "started_at": 1, "updated_at": 1, "driver_pid": 0,
+                "nats_url": "nats://127.0.0.1:1", "embedded_nats": true, "managed": true,
+                "workers": [], "task": null, "checkpoints": [], "recoveries": 0,
+                "migrations": 0, "cost_usd": 0.0, "exit_code": 0, "error": null
+            })
+            .to_string(),
+        )
+        .unwrap();
+    }
+    let out = driver_cmd(sb.path()).arg("prune").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!sb.path().join("old-aaaaaa").exists());
+    assert!(sb.path().join("live-bbbbbb").join("job.json").is_file());
+}

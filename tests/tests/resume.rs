@@ -327,6 +327,12 @@ fn a_killed_nats_server_is_restarted_and_the_checkpoints_survive() {
         "{}",
         d.stderr()
     );
+    assert!(
+        d.stderr()
+            .contains("checkpoints go to the job's NATS store"),
+        "{}",
+        d.stderr()
+    );
     let r = d.record().unwrap();
     assert_eq!(r["recoveries"], 0, "the task was never taken for lost: {r}");
     assert!(checkpoints(&r) >= 2, "checkpoints went on: {r}");

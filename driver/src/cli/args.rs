@@ -122,6 +122,13 @@ pub enum Cmd {
         /// The job's id or a unique prefix
         job: String,
     },
+    /// Remove every ended job's folder (as `rm` does), or those that ended more than DAYS
+    /// days ago.
+    Prune {
+        /// Only jobs that ended more than DAYS days ago
+        #[arg(long, value_name = "DAYS")]
+        older_than: Option<u64>,
+    },
     /// Stop a job: its task is killed and its workers end. A job whose controller died is
     /// ended here: its tasks, workers, network namespaces and NATS server; says what it ended.
     Down { job: String },

@@ -229,6 +229,7 @@ fn exit_of(e: &RunError) -> Exit {
     match e {
         RunError::Script(ScriptError::Syntax { .. } | ScriptError::Read { .. })
         | RunError::Unsupported { .. } => Exit::Usage,
+        RunError::SharedStorage { .. } => Exit::Config,
         RunError::Down { .. } => Exit::Down,
         RunError::Flow(FlowError::Job(JobError::NoOffer { .. })) => Exit::NoOffer,
         RunError::State(_) | RunError::Ended { .. } => Exit::NoJob,

@@ -184,6 +184,40 @@ pub fn rm(state_dir: &Path, job: &str) -> Exit {
     }
 }
 
+/// `prune`: removes every ended job's folder (ended more than `older_than` days ago).
+pub fn prune(state_dir: &Path, older_than: Option<u64>) -> Exit {
+    let now = cedana_protocol::now();
+    let (mut removed, mut bytes, mut failed) = (0, 0u64, false);
+    for (dir, r) in record::list(state_dir) {
+        let old_enough = older_than.is_none_or(|d| now.saturating_sub(r.updated_at) > d * 86_400);
+        if !r.state.is_final() || !old_enough || dir.parent() != Some(state_dir) {
+            continue;
+        }
+        let size = folder_size(&dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                println!("removed job {} ({:.1} MiB)", r.job, size as f64 / 1048576.0);
+                removed += 1;
+                bytes += size;
+            }
+            Err(e) => {
+                super::error(format!("cannot remove {}: {e}", dir.display()));
+                failed = true;
+            }
+        }
+    }
+    println!(
+        "{removed} job{} removed, {:.1} MiB freed",
+        if removed == 1 { "" } else { "s" },
+        bytes as f64 / 1048576.0
+    );
+    if failed {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    }
+}
+
 /// The bytes of the files under `dir` (links not followed).
 fn folder_size(dir: &Path) -> u64 {
     let mut total = 0;
