@@ -11,6 +11,35 @@ otherwise 0 ok; 1 job or command failed; 2 bad command line or job file (file:li
 4 no such job, or its driver did not answer; 5 no offer fits (`price`, `run` of a managed job); 130 job taken down (`down`, Ctrl-C).\n\
 Jobs keep their folders in $CEDANA_STATE_DIR or ~/.cedana/jobs. Logs: RUST_LOG=debug.";
 
+/// `run`'s examples and exit codes.
+pub const RUN_AFTER: &str = "Examples:\n  cedana-driver run scripts/examples/managed.rhai\n  cedana-driver run --checkpoint-every 300 train.yml\n  cedana-driver run -d train.yml    # prints the job's id; `attach` follows it\n\n\
+Exit codes: the task's exit status (0 when it succeeded, 128+N when signal N ended it); 1 job failed; \
+2 bad command line or job file; 3 bad config; 4 the job's controller is gone (`resume` brings it back); \
+5 no offer fits; 129/143 stopped following on SIGHUP/SIGTERM (the job goes on); 130 job taken down.";
+/// `attach`'s examples and exit codes.
+pub const ATTACH_AFTER: &str =
+    "Examples:\n  cedana-driver attach train-3f2a1c\n  cedana-driver attach --all train\n\n\
+Exit codes: the job's (as `run`'s); 4 no such job, or its controller is gone.";
+/// `resume`'s examples and exit codes.
+pub const RESUME_AFTER: &str = "Examples:\n  cedana-driver resume train-3f2a1c\n  cedana-driver resume --standby -d train-3f2a1c   # on a second machine\n\n\
+Exit codes: the job's (as `run`'s); 1 it cannot be resumed (a controller runs it, or a script drives it); \
+4 no such job, or it has ended.";
+/// `status`'s examples and exit codes.
+pub const STATUS_AFTER: &str = "Examples:\n  cedana-driver status\n  cedana-driver status --json train | jq '.[0].shown_state'\n\n\
+Exit codes: 0 ok; 3 bad config; 4 no such job, or the prefix names several.";
+/// `logs`' examples and exit codes.
+pub const LOGS_AFTER: &str = "Examples:\n  cedana-driver logs -f train-3f2a1c\n\nExit codes: 0 ok; 1 the output cannot be read; 4 no such job.";
+/// `checkpoint` and `migrate`: examples and exit codes.
+pub const CONTROL_AFTER: &str = "Examples:\n  cedana-driver checkpoint train-3f2a1c\n  cedana-driver migrate train\n\n\
+Exit codes: 0 done; 1 the job refused or failed it; 4 no such job, it is not running, or its controller did not answer.";
+/// `down`'s examples and exit codes.
+pub const DOWN_AFTER: &str = "Examples:\n  cedana-driver down train-3f2a1c\n\n\
+Exit codes: 0 done; 1 workers still run (a provider not enabled); 3 bad config; 4 no such job or not running.";
+/// `rm` and `prune`: examples and exit codes.
+pub const RM_AFTER: &str =
+    "Examples:\n  cedana-driver rm train-3f2a1c\n  cedana-driver prune --older-than 7\n\n\
+Exit codes: 0 done; 1 the job is not over, or a folder cannot be removed; 4 no such job.";
+
 /// Run long jobs on the cheapest machine that fits and keep them alive across preemption.
 ///
 /// A job is a Rhai script (scripts/examples/) or the original Cedana's YAML job spec. With no
@@ -39,6 +68,7 @@ pub enum Cmd {
     /// folder); `run` starts it and follows it. Ctrl-C takes the job down; a closed terminal
     /// or a killed `run` only stops following: the job goes on (`attach` follows it again).
     /// A controller that died (`kill -9`, a reboot) is brought back with `resume`.
+    #[command(after_help = RUN_AFTER)]
     Run {
         /// The job file
         script: PathBuf,
@@ -70,8 +100,9 @@ pub enum Cmd {
     /// Follow a job: its task's output and the job's steps from now on (the last lines
     /// first); exits with the job's exit code once it ends, also for a job that has ended.
     /// Ctrl-C takes the job down, as in `run`.
+    #[command(after_help = ATTACH_AFTER)]
     Attach {
-        /// The job's id or a unique prefix
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
         job: String,
         /// Print the job's whole output so far first, not only its last lines
         #[arg(long)]
@@ -81,8 +112,9 @@ pub enum Cmd {
     /// is started again if it is gone, its workers are taken back, what happened meanwhile is
     /// read from the stored events, and the job goes on (managed jobs: hooks or YAML specs).
     /// Follows the job as `run` does.
+    #[command(after_help = RESUME_AFTER)]
     Resume {
-        /// The job's id or a unique prefix
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
         job: String,
         /// Return once the job is taken back, printing its id
         #[arg(short, long)]
@@ -97,33 +129,46 @@ pub enum Cmd {
         controller: bool,
     },
     /// Show jobs: state, workers, task, checkpoints, cost.
+    #[command(after_help = STATUS_AFTER)]
     Status {
-        /// One job (its id or a unique prefix); all jobs if omitted
+        /// One job: its id as `run` printed it, or a unique prefix of it; all jobs if omitted
         job: Option<String>,
         /// Print JSON (the job records) on stdout
         #[arg(long)]
         json: bool,
     },
     /// Print a job's task output.
+    #[command(after_help = LOGS_AFTER)]
     Logs {
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
         job: String,
         /// Keep printing as the task writes, until the job ends
         #[arg(short, long)]
         follow: bool,
     },
     /// Checkpoint a running managed job's task now.
-    Checkpoint { job: String },
+    #[command(after_help = CONTROL_AFTER)]
+    Checkpoint {
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
+        job: String,
+    },
     /// Move a running managed job's task to a new worker.
-    Migrate { job: String },
+    #[command(after_help = CONTROL_AFTER)]
+    Migrate {
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
+        job: String,
+    },
     /// Remove an ended job's folder: its record, logs, workers' folders, and with the
     /// embedded NATS server its store and checkpoints. A job not over is refused (`down` it
     /// first).
+    #[command(after_help = RM_AFTER)]
     Rm {
-        /// The job's id or a unique prefix
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
         job: String,
     },
     /// Remove every ended job's folder (as `rm` does), or those that ended more than DAYS
     /// days ago.
+    #[command(after_help = RM_AFTER)]
     Prune {
         /// Only jobs that ended more than DAYS days ago
         #[arg(long, value_name = "DAYS")]
@@ -131,7 +176,11 @@ pub enum Cmd {
     },
     /// Stop a job: its task is killed and its workers end. A job whose controller died is
     /// ended here: its tasks, workers, network namespaces and NATS server; says what it ended.
-    Down { job: String },
+    #[command(after_help = DOWN_AFTER)]
+    Down {
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
+        job: String,
+    },
     /// Bake a worker image (AMI) and a launch template from a stock image: the agent, CRIU and
     /// a systemd unit installed over SSH (host key verified), `cedana-agent check` passed there.
     #[cfg(feature = "aws")]
@@ -254,5 +303,41 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
     match s.trim_end_matches('%').parse::<f64>() {
         Ok(p) if (0.0..100.0).contains(&p) => Ok(p),
         _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 20)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command on a job explains `JOB`, shows examples and lists its exit codes.
+    #[test]
+    fn job_commands_explain_job_and_list_exit_codes() {
+        let cli = <super::Cli as clap::CommandFactory>::command();
+        let mut seen = 0;
+        for sub in cli.get_subcommands() {
+            let Some(job) = sub.get_arguments().find(|a| a.get_id() == "job") else {
+                continue;
+            };
+            seen += 1;
+            let help = job.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                help.contains("unique prefix"),
+                "`{}`: JOB has no help: {help:?}",
+                sub.get_name()
+            );
+            let after = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                after.contains("Examples:") && after.contains("Exit codes:"),
+                "`{} --help` has no examples or exit codes: {after:?}",
+                sub.get_name()
+            );
+        }
+        assert!(seen >= 8, "only {seen} commands take a job");
+        let run = cli.find_subcommand("run").expect("run");
+        assert!(run
+            .get_after_help()
+            .is_some_and(|h| h.to_string().contains("Exit codes:")));
     }
 }
