@@ -70,6 +70,7 @@ fn main() -> ExitCode {
             arbitrage_every,
             arbitrage_margin,
             detach,
+            expose,
             controller_for,
         } => cli::run::run(
             cli::run::Run {
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
                 arbitrage_every,
                 arbitrage_margin,
                 detach,
+                expose,
                 controller_for,
             },
             config,
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             state_dir,
         ),
         Cmd::Rm { job } => cli::status::rm(&state_dir, &job),
+        Cmd::Port { job, port, local } => cli::status::port(&state_dir, &job, port, local),
         Cmd::Prune { older_than } => cli::status::prune(&state_dir, older_than),
         Cmd::Attach { job, all } => cli::attach::attach(&state_dir, &job, all),
         Cmd::Resume {

@@ -92,6 +92,8 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
     /// The job's id, chosen by the front end that follows the job (a new one if `None`).
     pub job_id: Option<String>,
+    /// Task ports forwarded from this machine's loopback: (local, task's).
+    pub expose: Vec<(u16, u16)>,
 }
 
 /// The arbitrage settings of the command line over the config's `arbitrage` block.
@@ -293,6 +295,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             .config_path
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        expose: opts.expose.clone(),
     };
 
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
@@ -696,6 +699,31 @@ fn drive(d: Drive) -> Result<i64, RunError> {
         job.borrow_mut().adopt_workers()?;
     }
     job.borrow_mut().save();
+    // The task's ports, from this machine's loopback, wherever the task runs.
+    let exposed = job.borrow().record.settings.expose.clone();
+    for (local, task_port) in exposed {
+        let bound = std::net::TcpListener::bind(("127.0.0.1", local))
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .and_then(|l| {
+                let _rt = rt.enter();
+                tokio::net::TcpListener::from_std(l)
+            });
+        match bound {
+            Ok(l) => {
+                reporter.note(&format!(
+                    "127.0.0.1:{local} reaches the task's port {task_port}, wherever it runs"
+                ));
+                rt.spawn(crate::job::ports::forward(
+                    l,
+                    job.borrow().dir.clone(),
+                    task_port,
+                ));
+            }
+            Err(e) => reporter.note(&format!(
+                "cannot listen on 127.0.0.1:{local} for the task's port {task_port}: {e}"
+            )),
+        }
+    }
     // Ctrl-C and SIGTERM take the job down cleanly: workers do not outlive it. SIGHUP is
     // ignored: the controller has no terminal (`run` follows it from another process), so
     // a closed terminal does not end the job.

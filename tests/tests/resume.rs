@@ -669,3 +669,99 @@ fn restored_task(w, task) {{ }}
     assert_eq!(nums.len(), 500);
     assert_unbroken(&nums, "the task's count through the full disk");
 }
+
+/// One HTTP GET of `path` through 127.0.0.1:`port`; the body, if the answer was 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// A server in the task (a notebook, a dashboard) is reached from this machine through
+/// `run --expose` and `cedana-driver port`, on the worker it runs on, and again after it
+/// moved to another worker; `status` shows the worker's address.
+#[test]
+fn a_task_s_port_is_reached_wherever_the_task_runs() {
+    if !criu_ready("a_task_s_port_is_reached_wherever_the_task_runs") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let task_port = free_port();
+    let exposed = free_port();
+    let p = sb.path().join("serve.rhai");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+fn instance_specs() {{ #{{ cpu_cores: 1, memory_gb: 1 }} }}
+fn setup(w) {{ }}
+fn work(w) {{
+    w.spawn("echo served-by-the-task > hello.txt; exec {} -m http.server {task_port} --bind 0.0.0.0")
+}}
+fn restored_task(w, task) {{ }}
+"#,
+            python().display()
+        ),
+    )
+    .unwrap();
+    let expose = format!("{exposed}:{task_port}");
+    let d = BackgroundDriver::start(
+        sb.path(),
+        None,
+        &["--checkpoint-every", "0", "--expose", &expose],
+        &p,
+    );
+    let r = d.wait_record(Duration::from_secs(60), "the task", |r| {
+        r["task"].is_object()
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    let get = |port: u16| {
+        let mut body = None;
+        wait_until(
+            Duration::from_secs(20),
+            "the task's server to answer",
+            || {
+                body = http_get(port, "/hello.txt");
+                body.is_some()
+            },
+        );
+        body.unwrap()
+    };
+    assert_eq!(get(exposed), "served-by-the-task\n");
+    let out = driver(&sb, &["status"]);
+    let addr = r["workers"][0]["address"]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    assert!(text(&out.stdout).contains(&addr), "{}", text(&out.stdout));
+    // `port` too, on a port of its own.
+    let mine = free_port();
+    let mut port_cmd = driver_cmd(sb.path())
+        .args([
+            "port",
+            "--local",
+            &mine.to_string(),
+            &job,
+            &task_port.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(get(mine), "served-by-the-task\n");
+    // The task moves; both ports follow it.
+    let out = driver(&sb, &["migrate", &job]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = d.record().unwrap();
+    assert_eq!(r["task"]["worker"], "w2", "{r}");
+    assert_ne!(r["workers"][1]["address"], addr, "{r}");
+    assert_eq!(get(exposed), "served-by-the-task\n");
+    assert_eq!(get(mine), "served-by-the-task\n");
+    let _ = port_cmd.kill();
+    let _ = port_cmd.wait();
+}

@@ -35,6 +35,9 @@ Exit codes: 0 done; 1 the job refused or failed it; 4 no such job, it is not run
 /// `down`'s examples and exit codes.
 pub const DOWN_AFTER: &str = "Examples:\n  cedana-driver down train-3f2a1c\n\n\
 Exit codes: 0 done; 1 workers still run (a provider not enabled); 3 bad config; 4 no such job or not running.";
+/// `port`'s examples and exit codes.
+pub const PORT_AFTER: &str = "Examples:\n  cedana-driver port train-3f2a1c 8888      # then open http://127.0.0.1:8888\n  cedana-driver port --local 9000 train 8888\n\n\
+Exit codes: 0 the job ended; 1 the local port cannot be used; 4 no such job; 130 Ctrl-C.";
 /// `rm` and `prune`: examples and exit codes.
 pub const RM_AFTER: &str =
     "Examples:\n  cedana-driver rm train-3f2a1c\n  cedana-driver prune --older-than 7\n\n\
@@ -93,6 +96,10 @@ pub enum Cmd {
         /// with `attach`, `logs -f`, `status`)
         #[arg(short, long)]
         detach: bool,
+        /// Forward 127.0.0.1:PORT on this machine to the task's PORT (or LOCAL to the task's
+        /// TASK) wherever it runs, re-aimed after each move; repeat for several
+        #[arg(long, value_name = "PORT|LOCAL:TASK", value_parser = cedana_driver::job::ports::parse_expose)]
+        expose: Vec<(u16, u16)>,
         /// Be the controller of job ID (what `run` starts in the background)
         #[arg(long, value_name = "ID", hide = true)]
         controller_for: Option<String>,
@@ -157,6 +164,19 @@ pub enum Cmd {
     Migrate {
         /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
         job: String,
+    },
+    /// Forward a port of this machine's loopback to a port of the job's task, wherever it
+    /// runs (a notebook, a server in the task): re-aimed after each move, until the job ends
+    /// or Ctrl-C.
+    #[command(after_help = PORT_AFTER)]
+    Port {
+        /// The job: its id as `run` printed it, or a unique prefix of it (`status` lists them)
+        job: String,
+        /// The task's port
+        port: u16,
+        /// The local port [default: the task's; 0: any free one, printed]
+        #[arg(long, value_name = "PORT")]
+        local: Option<u16>,
     },
     /// Remove an ended job's folder: its record, logs, workers' folders, and with the
     /// embedded NATS server its store and checkpoints. A job not over is refused (`down` it

@@ -23,6 +23,7 @@ pub struct Run {
     pub arbitrage_every: Option<u64>,
     pub arbitrage_margin: Option<f64>,
     pub detach: bool,
+    pub expose: Vec<(u16, u16)>,
     pub controller_for: Option<String>,
 }
 
@@ -49,6 +50,7 @@ pub fn run(
             arbitrage_margin: args.arbitrage_margin,
             reporter,
             job_id: Some(id),
+            expose: args.expose,
         };
         return finish(&dir, cedana_driver::runner::run(opts));
     }

@@ -48,8 +48,17 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
         return Exit::Ok;
     }
     println!(
-        "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9} {:>8}  LAST CHECKPOINT",
-        "JOB", "STATE", "WORKER", "TASK", "CKPTS", "RECOVERED", "MOVED", "COST $", "NOW $/H"
+        "{:<24} {:<13} {:<8} {:<15} {:<10} {:>6} {:>9} {:>5} {:>9} {:>8}  LAST CHECKPOINT",
+        "JOB",
+        "STATE",
+        "WORKER",
+        "ADDRESS",
+        "TASK",
+        "CKPTS",
+        "RECOVERED",
+        "MOVED",
+        "COST $",
+        "NOW $/H"
     );
     let now = cedana_protocol::now();
     for (_, r) in &jobs {
@@ -59,6 +68,10 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
             .rev()
             .find(|w| w.state == record::WorkerState::Running);
         let worker = running.map(|w| w.id.as_str()).unwrap_or("-");
+        let address = running
+            .and_then(|w| w.address)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into());
         let rate = running
             .and_then(|w| w.offer.as_ref())
             .map(|o| format!("{:.4}", o.price_usd_hour))
@@ -76,10 +89,11 @@ pub fn status(state_dir: &Path, job: Option<&str>, json: bool) -> Exit {
             })
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<13} {:<8} {:<10} {:>6} {:>9} {:>5} {:>9.4} {:>8}  {last}",
+            "{:<24} {:<13} {:<8} {:<15} {:<10} {:>6} {:>9} {:>5} {:>9.4} {:>8}  {last}",
             r.job,
             r.shown_state(),
             worker,
+            address,
             task,
             r.checkpoints.len(),
             r.recoveries,
@@ -235,4 +249,62 @@ fn folder_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// `port`: forwards 127.0.0.1:`local` to the task's `port` until the job ends or Ctrl-C.
+pub fn port(state_dir: &Path, job: &str, port: u16, local: Option<u16>) -> Exit {
+    let (dir, r) = match find(state_dir, job) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    if r.state.is_final() {
+        super::error(format!("job {} has ended ({})", r.job, r.shown_state()));
+        return Exit::NoJob;
+    }
+    let rt = match super::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            super::error(e);
+            return Exit::Failed;
+        }
+    };
+    let local = local.unwrap_or(port);
+    let listener = match rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", local))) {
+        Ok(l) => l,
+        Err(e) => {
+            super::error(format!(
+                "cannot listen on 127.0.0.1:{local}: {e}; pick another with --local"
+            ));
+            return Exit::Failed;
+        }
+    };
+    let bound = listener.local_addr().map(|a| a.port()).unwrap_or(local);
+    let now = cedana_driver::job::ports::task_address(&dir)
+        .map(|(w, a)| format!(" (now on worker {w}, {a}:{port})"))
+        .unwrap_or_default();
+    println!("127.0.0.1:{bound} -> job {}'s task port {port}{now}", r.job);
+    let _ = std::io::stdout().flush();
+    rt.spawn(cedana_driver::job::ports::forward(
+        listener,
+        dir.clone(),
+        port,
+    ));
+    rt.block_on(async {
+        let Ok(mut int) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        else {
+            return Exit::Failed;
+        };
+        loop {
+            tokio::select! {
+                _ = int.recv() => return Exit::Down,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if JobRecord::load(&dir)
+                .map(|r| r.state.is_final())
+                .unwrap_or(true)
+            {
+                return Exit::Ok;
+            }
+        }
+    })
 }

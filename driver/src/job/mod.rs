@@ -8,6 +8,7 @@
 
 pub mod managed;
 pub mod orphan;
+pub mod ports;
 pub mod record;
 pub mod report;
 
@@ -431,6 +432,7 @@ impl Job {
             offer: Some(offer.clone()),
             ended_at: None,
             forward: w.forward(),
+            address: w.address(),
         });
         self.workers.insert(id.clone(), w);
         self.save();

@@ -103,6 +103,9 @@ pub struct WorkerInfo {
     /// NATS server (local workers in a namespace; a resumed driver forwards it again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<(std::net::Ipv4Addr, u16)>,
+    /// The address this machine reaches the worker at (its tasks' ports are there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The job's task now.
@@ -185,6 +188,10 @@ pub struct Settings {
     pub image: Option<PathBuf>,
     /// The config file the job was started with, if one was named.
     pub config: Option<PathBuf>,
+    /// Ports of the task forwarded from this machine's loopback (`run --expose`): (local,
+    /// task's).
+    #[serde(default)]
+    pub expose: Vec<(u16, u16)>,
 }
 
 /// Errors reading job state.

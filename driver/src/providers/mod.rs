@@ -73,6 +73,18 @@ impl Instance {
         }
     }
 
+    /// The address this machine reaches the worker at, if known (a local worker's namespace
+    /// address, or this machine's loopback for one without a namespace).
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Instance::Local(w) => Some(match &w.netns {
+                Some(ns) => std::net::IpAddr::V4(ns.worker_ip()),
+                None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            }),
+            _ => None,
+        }
+    }
+
     /// What turns true when the provider knows the worker is gone.
     pub fn gone(&self) -> Gone {
         match self {

@@ -24,6 +24,11 @@ pub fn ip(args: &[&str]) -> std::io::Result<()> {
 }
 
 impl NetNs {
+    /// The worker's address on the pair (the one after this machine's).
+    pub fn worker_ip(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(u32::from(self.host_ip) + 1)
+    }
+
     /// Creates namespace `name` and a veth pair on a random /30 of 10.64.0.0/10.
     pub fn create(name: &str) -> std::io::Result<Self> {
         let r = cedana_protocol::random_hex(4)?;
