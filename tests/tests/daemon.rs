@@ -1137,3 +1137,65 @@ fn tasks_and_commands_do_not_get_the_nats_token() {
         );
     });
 }
+
+/// The lease: a daemon that cannot reach NATS for longer than its lease freezes its task (not
+/// killed); killed while it is frozen and started again once NATS is back, the next run takes
+/// the frozen task back and thaws it after renewing the lease (it was not revoked).
+#[test]
+fn a_task_frozen_by_its_lease_is_thawed_by_the_next_run() {
+    if !criu_ready("a_task_frozen_by_its_lease_is_thawed_by_the_next_run") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("w1");
+    let mut d = AgentDaemon::start(&nats, &nats.token, "jobl", "w1", &work);
+    let pid = rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobl").await;
+        drv.wait_registered("w1").await;
+        let r = drv
+            .call(
+                "w1",
+                "s1",
+                Command::Spawn {
+                    task: "t1".into(),
+                    cmd: "i=0; while true; do i=$((i+1)); echo $i >> n.txt; sleep 0.1; done".into(),
+                },
+                20,
+            )
+            .await;
+        let Reply::Spawned { pid, .. } = r else {
+            panic!("{r:?}")
+        };
+        pid
+    });
+    let task = Task::new(pid);
+    wait_for_numbers(&work.join("n.txt"), 5);
+    let (token, port, store) = nats.stop();
+    let state = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next())
+            })
+            .flatten()
+    };
+    wait_until(Duration::from_secs(30), "the task to be frozen", || {
+        state(pid) == Some('T')
+    });
+    let n = numbers(&work.join("n.txt")).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        numbers(&work.join("n.txt")).len(),
+        n,
+        "a frozen task counts on"
+    );
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let nats = NatsServer::start_with(token, port, store);
+    let _d2 = AgentDaemon::start(&nats, &nats.token, "jobl", "w1", &work);
+    wait_for_numbers(&work.join("n.txt"), n + 5);
+    assert!(task.alive());
+    assert_unbroken(&numbers(&work.join("n.txt")), "the count across the freeze");
+}

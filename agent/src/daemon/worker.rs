@@ -432,6 +432,11 @@ impl Worker {
             let log = self.log_path(&t.task);
             let exit_file = self.task_file(&t.task, "exit");
             let alive = t.start_time != 0 && start_time(t.pid) == Some(t.start_time);
+            // Frozen by the previous run (its lease ran out): frozen here too, so that the
+            // next renewal thaws it (or a revocation kills it) rather than it staying stopped.
+            if alive && stopped(t.pid) {
+                self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             info!(task = %t.task, pid = t.pid, alive, "taking back a task of the previous run");
             adopted.push(t.task.clone());
             let (pid, born) = (t.pid, t.start_time);
@@ -701,6 +706,17 @@ pub(super) struct TaskFile {
     pid: i32,
     /// When the process started (clock ticks after boot, `/proc/PID/stat`): a PID is reused.
     start_time: u64,
+}
+
+/// Whether process `pid` is stopped (state `T`).
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
 }
 
 /// When process `pid` started (field 22 of `/proc/PID/stat`), if it lives (a zombie does not).
