@@ -92,6 +92,12 @@ pub enum DumpError {
         name: String,
         terminal: String,
     },
+    #[error("PID {pid} ({name}) has a stopped process (PID {stopped}, state T; an agent killed during a dump, or a job stopped with Ctrl-Z, leaves it so): its checkpoint would come back stopped, so none was taken; `kill -CONT {stopped}` resumes it, then dump again")]
+    Stopped {
+        pid: i32,
+        name: String,
+        stopped: i32,
+    },
     #[error("checkpoint of PID {pid} ({name}) failed: {source}{kept}")]
     Criu {
         pid: i32,
@@ -147,16 +153,32 @@ pub fn dump_into(
             terminal,
         });
     }
+    // A stopped target would be archived stopped, and come back stopped.
+    if let Some(stopped) = crate::process::descendants(info.pid)
+        .into_iter()
+        .find(|p| crate::process::is_stopped(*p))
+    {
+        return Err(DumpError::Stopped {
+            pid: info.pid,
+            name: info.name.clone(),
+            stopped,
+        });
+    }
     let stamp = cedana_protocol::Stamp::now();
     let stem = format!("{}_{}", info.file_stem(), stamp.file);
     let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);
-    let work = tempfile::Builder::new()
-        .prefix(".cedana-dump-")
-        .tempdir_in(&staging_root)
-        .map_err(|source| DumpError::Staging {
+    // What killed agents left here goes first (folders no live agent holds, partial
+    // archives no writer holds).
+    staging::sweep(&staging_root);
+    if staging_root != opts.dir {
+        staging::sweep(&opts.dir);
+    }
+    let work = staging::Held::create(&staging_root, ".cedana-dump-").map_err(|source| {
+        DumpError::Staging {
             path: staging_root.clone(),
             source,
-        })?;
+        }
+    })?;
     let shell_job = info.needs_shell_job();
     // Carried files must be read while the tree is stopped; the tree is then resumed here
     // rather than by CRIU.
@@ -172,6 +194,13 @@ pub fn dump_into(
         ext_unix_sk: opts.ext_unix_sk,
     };
     info!(pid = opts.pid, name = %info.name, images = %work.path().display(), shell_job, "dumping");
+    // CRIU leaves the tree stopped for this agent to kill or resume: if the agent dies first,
+    // its guardian resumes it.
+    let _guard = if req.leave_stopped {
+        crate::guard::Guard::start(opts.pid)
+    } else {
+        None
+    };
     let version = criu
         .version()
         .map_err(|source| criu_err(&info, source, String::new()))?;
@@ -273,6 +302,7 @@ pub fn dump_into(
             })?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter(|e| e.file_name() != staging::LOCK)
             .map(|e| {
                 (
                     format!(

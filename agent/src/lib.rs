@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dump;
 pub mod exec;
 pub mod files;
+pub mod guard;
 pub mod hashing;
 pub mod imds;
 pub mod objstore;

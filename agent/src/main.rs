@@ -57,6 +57,17 @@ enum Command {
     Check(CheckArgs),
     /// Serve a job's commands over NATS JetStream (token from CEDANA_NATS_TOKEN or the config).
     Daemon(DaemonArgs),
+    /// A dump's guardian (started by the agent itself): resumes the tree under --tree if the
+    /// agent --agent dies before it did.
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        tree: i32,
+        #[arg(long)]
+        agent: i32,
+        #[arg(long)]
+        agent_start: u64,
+    },
     /// The original's spelling: `client dump …` and `client restore …` are `dump` and
     /// `restore`.
     #[command(hide = true)]
@@ -238,7 +249,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => a.json,
         Command::Exec(a) => a.json,
         Command::Check(a) => a.json,
-        Command::Daemon(_) | Command::Client { .. } => false,
+        Command::Daemon(_) | Command::Client { .. } | Command::Guard { .. } => false,
     };
     match run(cli) {
         Ok(code) => code,
@@ -352,6 +363,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Daemon(a) => daemon(&cli, a),
         Command::Client { .. } => unreachable!("mapped to dump or restore in main"),
+        Command::Guard {
+            tree,
+            agent,
+            agent_start,
+        } => {
+            cedana_agent::guard::run(*tree, *agent, *agent_start);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check(a) => {
             let config = load_config(&cli)?;
             let located = cedana_agent::locate_criu(cli.criu.as_deref(), &config);
@@ -510,9 +529,10 @@ fn print_json(v: &impl serde::Serialize) {
 
 fn dump_failure(e: DumpError) -> Failure {
     match e {
-        DumpError::NoDir { .. } | DumpError::Process(_) | DumpError::Terminal { .. } => {
-            Failure::new(3, "input", e)
-        }
+        DumpError::NoDir { .. }
+        | DumpError::Process(_)
+        | DumpError::Terminal { .. }
+        | DumpError::Stopped { .. } => Failure::new(3, "input", e),
         DumpError::Criu { .. } => Failure::new(4, "criu", e),
         DumpError::Staging { .. } | DumpError::Archive(_) | DumpError::Files(_) => {
             Failure::new(1, "io", e)

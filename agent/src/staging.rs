@@ -21,3 +21,91 @@ pub fn root(explicit: Option<&Path>, default: &Path) -> PathBuf {
     }
     default.to_path_buf()
 }
+
+/// The name of the lock file inside a staging folder in use.
+pub const LOCK: &str = ".lock";
+
+/// A staging folder of one dump or restore, held (a `flock` on its `.lock`) for as long as
+/// this value lives: a sweep tells a folder a live agent uses from one a killed agent left.
+#[derive(Debug)]
+pub struct Held {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+impl Held {
+    /// Makes a new folder named `prefix…` in `root` and holds it.
+    pub fn create(root: &Path, prefix: &str) -> std::io::Result<Held> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(root)?;
+        let lock = std::fs::File::create(dir.path().join(LOCK))?;
+        lock.try_lock().map_err(std::io::Error::other)?;
+        Ok(Held { dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Keeps the folder (not removed on drop, no longer held); its path.
+    pub fn keep(self) -> PathBuf {
+        let _ = std::fs::remove_file(self.dir.path().join(LOCK));
+        self.dir.keep()
+    }
+}
+
+/// What an agent names its staging folders and partial archives with.
+const OURS: [&str; 2] = [".cedana-dump-", ".cedana-restore-"];
+
+/// Removes what killed agents left in `dir`: staging folders no live agent holds, and
+/// partial archives (`.<name>.partial`) and downloads no writer holds open. Returns what was
+/// removed. Bounded: the first 10,000 entries of `dir` are looked at.
+pub fn sweep(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten().take(10_000) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let Ok(t) = e.file_type() else { continue };
+        let stale = if t.is_dir() && OURS.iter().any(|p| name.starts_with(p)) {
+            match std::fs::File::open(path.join(LOCK)) {
+                // Held by a live agent: its lock cannot be taken.
+                Ok(f) => f.try_lock().is_ok(),
+                // Made before the lock was: old enough to be nobody's.
+                Err(_) => older_than(&path, std::time::Duration::from_secs(3600)),
+            }
+        } else if t.is_file() && name.starts_with('.') && name.ends_with(".partial") {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .is_ok_and(|f| f.try_lock().is_ok())
+        } else if t.is_file() && name.starts_with(".download-") {
+            // Read again by path after it was written: only an old one is nobody's.
+            older_than(&path, std::time::Duration::from_secs(3600))
+        } else {
+            false
+        };
+        if !stale {
+            continue;
+        }
+        let gone = if t.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if gone.is_ok() {
+            tracing::info!(path = %path.display(), "removed what a killed agent left");
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+fn older_than(path: &Path, age: std::time::Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|e| e > age)
+}

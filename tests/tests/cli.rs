@@ -499,3 +499,126 @@ fn the_originals_client_spelling_dumps_and_restores() {
     assert_unbroken(&numbers(&log), "the count across client dump and restore");
     restored.kill();
 }
+
+/// `kill -9` of `dump` while CRIU's leaves the tree stopped: the dump's guardian resumes the
+/// tree (it used to stay in state T for good), and the next dump removes the staging folder
+/// and the partial archive the killed one left.
+#[test]
+fn a_killed_dump_leaves_no_stopped_tree_and_its_leftovers_are_swept() {
+    if !criu_ready("a_killed_dump_leaves_no_stopped_tree") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("big.log");
+    let py = python();
+    let task = sb.exec(
+        "big.log",
+        &[
+            py.to_str().unwrap(),
+            "-c",
+            "import os, time\nb = os.urandom(300 << 20)\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.05)",
+        ],
+    );
+    wait_for_numbers(&log, 5);
+    let dir = sb.path().join("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut dump = sb
+        .agent_cmd([
+            "dump",
+            "-p",
+            &task.pid.to_string(),
+            "-d",
+            dir.to_str().unwrap(),
+            "--compress",
+            "zstd",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next())
+            })
+            .flatten()
+    };
+    let start = std::time::Instant::now();
+    while state(task.pid) != Some('T') {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the tree was never left stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = dump.kill();
+    let _ = dump.wait();
+    wait_until(
+        Duration::from_secs(5),
+        "the guardian to resume the tree",
+        || state(task.pid).is_some_and(|s| s != 'T'),
+    );
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert_unbroken(&numbers(&log), "the count after the killed dump");
+    let leftovers = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".cedana-dump-") || n.ends_with(".partial"))
+            .collect()
+    };
+    assert!(
+        !leftovers(&dir).is_empty(),
+        "the killed dump left nothing to sweep"
+    );
+    // The next dump sweeps them (and works).
+    let out = sb.agent([
+        "dump",
+        "-p",
+        &task.pid.to_string(),
+        "-d",
+        dir.to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+}
+
+/// A stopped target (Ctrl-Z, a killed dump) is not checkpointed: it would come back stopped.
+#[test]
+fn a_stopped_target_is_refused_and_left_as_it_is() {
+    if !criu_ready("a_stopped_target_is_refused_and_left_as_it_is") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("s.log");
+    let task = sb.exec(
+        "s.log",
+        &["sh", "-c", "while true; do echo x; sleep 0.05; done"],
+    );
+    wait_for_numbers(&log, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(task.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = sb.agent(["dump", "-p", &task.pid.to_string(), "-d", "."]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("kill -CONT"), "{}", stderr(&out));
+    assert!(task.alive());
+    let zips = std::fs::read_dir(sb.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "zip"))
+        .count();
+    assert_eq!(zips, 0);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(task.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    );
+}

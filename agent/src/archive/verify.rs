@@ -30,7 +30,7 @@ pub fn inspect(path: &Path) -> Result<Manifest, ArchiveError> {
 #[derive(Debug)]
 pub struct Extracted {
     pub manifest: Manifest,
-    dir: tempfile::TempDir,
+    dir: crate::staging::Held,
 }
 
 impl Extracted {
@@ -303,14 +303,15 @@ fn copy_and_hash(
 
 /// A fresh private folder under `staging` to extract into (removed when dropped), with its
 /// `images/` folder.
-fn private_folder(staging: &Path) -> Result<tempfile::TempDir, ArchiveError> {
-    let dir = tempfile::Builder::new()
-        .prefix(".cedana-restore-")
-        .tempdir_in(staging)
-        .map_err(|source| ArchiveError::Write {
+fn private_folder(staging: &Path) -> Result<crate::staging::Held, ArchiveError> {
+    // What killed agents left here goes first.
+    crate::staging::sweep(staging);
+    let dir = crate::staging::Held::create(staging, ".cedana-restore-").map_err(|source| {
+        ArchiveError::Write {
             path: staging.to_path_buf(),
             source,
-        })?;
+        }
+    })?;
     let images = dir.path().join(IMAGES_DIR);
     std::fs::create_dir(&images).map_err(|source| ArchiveError::Write {
         path: images,

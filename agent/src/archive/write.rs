@@ -120,6 +120,9 @@ impl Writer {
             .tempfile_in(dir)
             .map_err(werr)?;
         let (file, tmp) = tmp.into_parts();
+        // Held while written: a sweep removes only partial archives no writer holds.
+        file.try_lock()
+            .map_err(|e| werr(std::io::Error::other(e)))?;
         Ok(Writer {
             dest: Dest::Folder {
                 dir: dir.to_path_buf(),

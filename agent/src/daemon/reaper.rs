@@ -70,6 +70,11 @@ impl Reaper {
                 let _ = tx.send(st);
             }
             None => {
+                // Bounded: exits nobody asks for (a dump's guardian, a command's
+                // grandchild) do not pile up.
+                if g.unclaimed.len() >= 4096 {
+                    g.unclaimed.clear();
+                }
                 g.unclaimed.insert(pid, st);
             }
         }

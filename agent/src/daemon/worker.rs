@@ -336,7 +336,7 @@ impl Worker {
         let record = TaskFile {
             task: task.clone(),
             pid,
-            start_time: start_time(pid).unwrap_or(0),
+            start_time: crate::process::start_time(pid).unwrap_or(0),
         };
         let _ = create_dir(&self.tasks_dir()).and_then(|_| {
             write_file(
@@ -431,10 +431,11 @@ impl Worker {
                 .unwrap_or(0);
             let log = self.log_path(&t.task);
             let exit_file = self.task_file(&t.task, "exit");
-            let alive = t.start_time != 0 && start_time(t.pid) == Some(t.start_time);
+            let alive =
+                t.start_time != 0 && crate::process::start_time(t.pid) == Some(t.start_time);
             // Frozen by the previous run (its lease ran out): frozen here too, so that the
             // next renewal thaws it (or a revocation kills it) rather than it staying stopped.
-            if alive && stopped(t.pid) {
+            if alive && crate::process::is_stopped(t.pid) {
                 self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             info!(task = %t.task, pid = t.pid, alive, "taking back a task of the previous run");
@@ -443,7 +444,7 @@ impl Worker {
             self.follow(t, log, sent, async move {
                 // Not this process's child: its end is seen by looking, its status read from
                 // what its shell wrote.
-                while alive && start_time(pid) == Some(born) {
+                while alive && crate::process::start_time(pid) == Some(born) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let code = std::fs::read_to_string(&exit_file)
@@ -706,29 +707,6 @@ pub(super) struct TaskFile {
     pid: i32,
     /// When the process started (clock ticks after boot, `/proc/PID/stat`): a PID is reused.
     start_time: u64,
-}
-
-/// Whether process `pid` is stopped (state `T`).
-fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
-}
-
-/// When process `pid` started (field 22 of `/proc/PID/stat`), if it lives (a zombie does not).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace();
-    if matches!(fields.next(), Some("Z" | "X")) {
-        return None;
-    }
-    // After the state: ppid is field 4; starttime is field 22, the 19th after the state.
-    fields.nth(18)?.parse().ok()
 }
 
 /// Writes `bytes` to `path` whole (a temporary file renamed over it).
