@@ -135,6 +135,30 @@ pub fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it lives (a zombie does not).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    // After the state: ppid is field 4; starttime is field 22, the 19th after the state.
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether process `pid` is stopped (state `T`: SIGSTOP, a shell's Ctrl-Z, a dump that left
+/// it so); not a traced stop (`t`).
+pub fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,26 +190,3 @@ mod tests {
     }
 }
 
-/// When process `pid` started (field 22 of `/proc/PID/stat`), if it lives (a zombie does not).
-pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace();
-    if matches!(fields.next(), Some("Z" | "X")) {
-        return None;
-    }
-    // After the state: ppid is field 4; starttime is field 22, the 19th after the state.
-    fields.nth(18)?.parse().ok()
-}
-
-/// Whether process `pid` is stopped (state `T`: SIGSTOP, a shell's Ctrl-Z, a dump that left
-/// it so); not a traced stop (`t`).
-pub fn is_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
-}
