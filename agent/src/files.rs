@@ -61,9 +61,15 @@ pub enum FilesError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the checkpoint lists an unsafe file path {0:?} (absolute, `..`, or under a link it creates); refusing to restore its files")]
+    #[error("the checkpoint lists an unsafe file path {0:?} (absolute, `..`, a name the agent reserves, or under a link it creates); refusing to restore its files")]
     Unsafe(String),
+    #[error("the checkpoint's file {item:?} would be written through the symbolic link {link} already in the target folder; refusing (nothing outside the folder is written): remove or replace the link, or restore to another folder")]
+    ThroughLink { item: String, link: PathBuf },
 }
+
+/// The permission bits a carried item gets: setuid, setgid and sticky bits never come from an
+/// archive.
+pub const MODE_MASK: u32 = 0o777;
 
 /// A folder's listing and, for each regular file, the entry name it gets and where to read it.
 pub struct Collected {
@@ -168,7 +174,22 @@ pub fn safe_path(p: &str) -> bool {
         && !p.starts_with('/')
         && !p.contains('\\')
         && !p.contains('\0')
-        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && p.split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".cedana-"))
+}
+
+/// The first symbolic link among the folders `rel` lies in under `root` (not `rel` itself),
+/// if any.
+fn link_on_the_way(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// Checks every item path, and that nothing is listed under a link the listing creates.
@@ -202,9 +223,20 @@ pub fn put_back(files: &ManifestFiles, extracted: &Path, root: &Path) -> Result<
         move |source| FilesError::Write { path, source }
     };
     std::fs::create_dir_all(root).map_err(werr(root))?;
+    // Nothing is written through a link already in the target (links the listing makes
+    // have nothing under them: `check`). Looked at before anything is written.
+    for item in &files.items {
+        if let Some(link) = link_on_the_way(root, &item.path) {
+            return Err(FilesError::ThroughLink {
+                item: item.path.clone(),
+                link,
+            });
+        }
+    }
     for item in &files.items {
         let dest = root.join(&item.path);
         let existing = std::fs::symlink_metadata(&dest).ok();
+        let mode = item.mode & MODE_MASK;
         match item.kind {
             ItemKind::Dir => {
                 match existing {
@@ -215,7 +247,7 @@ pub fn put_back(files: &ManifestFiles, extracted: &Path, root: &Path) -> Result<
                     }
                     None => std::fs::create_dir(&dest).map_err(werr(&dest))?,
                 }
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(item.mode))
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
                     .map_err(werr(&dest))?;
             }
             ItemKind::File => {
@@ -223,16 +255,21 @@ pub fn put_back(files: &ManifestFiles, extracted: &Path, root: &Path) -> Result<
                     std::fs::remove_dir_all(&dest).map_err(werr(&dest))?;
                 }
                 let src = extracted.join(&item.path);
-                std::fs::set_permissions(&src, std::fs::Permissions::from_mode(item.mode))
+                std::fs::set_permissions(&src, std::fs::Permissions::from_mode(mode))
                     .map_err(werr(&src))?;
                 if std::fs::rename(&src, &dest).is_err() {
-                    // Another filesystem: copy next to the destination, then rename.
+                    // Another filesystem: copied next to the destination into a new file
+                    // (never through a link: created, not opened), then renamed.
                     let tmp = dest.with_file_name(format!(
-                        ".cedana-put-{}",
+                        ".cedana-put-{}-{}",
+                        cedana_protocol::random_hex(6).unwrap_or_default(),
                         dest.file_name().unwrap_or_default().to_string_lossy()
                     ));
-                    std::fs::copy(&src, &tmp).map_err(werr(&tmp))?;
-                    std::fs::rename(&tmp, &dest).map_err(werr(&dest))?;
+                    copy_new(&src, &tmp, mode).map_err(werr(&tmp))?;
+                    if let Err(e) = std::fs::rename(&tmp, &dest) {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(werr(&dest)(e));
+                    }
                 }
             }
             ItemKind::Symlink => {
@@ -247,6 +284,23 @@ pub fn put_back(files: &ManifestFiles, extracted: &Path, root: &Path) -> Result<
         }
     }
     Ok(())
+}
+
+/// Copies `src` into a new file `to` (which must not exist: no link is followed) with `mode`.
+fn copy_new(src: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(to)?;
+    let copied = std::io::copy(&mut std::fs::File::open(src)?, &mut out)
+        .and_then(|_| out.set_permissions(std::fs::Permissions::from_mode(mode)));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
 }
 
 #[cfg(test)]
@@ -317,6 +371,78 @@ mod tests {
             let err = put_back(&files, dest.path(), dest.path()).unwrap_err();
             assert!(matches!(err, FilesError::Unsafe(_)), "{bad:?}: {err}");
             assert_eq!(std::fs::read_dir(dest.path()).unwrap().count(), 0);
+        }
+    }
+
+    /// Hostile listings (issue 15, item 2): a name the agent reserves, a file written through
+    /// a link already in the target, setuid and 07777 modes; also across filesystems, where
+    /// files are copied rather than renamed.
+    #[test]
+    fn hostile_listings_write_nothing_outside_and_no_special_modes() {
+        let across = std::path::Path::new("/dev/shm").is_dir();
+        for cross_fs in [false, across] {
+            let extracted = if cross_fs {
+                tempfile::tempdir_in("/dev/shm").unwrap()
+            } else {
+                tempfile::tempdir().unwrap()
+            };
+            let target = tempfile::tempdir().unwrap();
+            let outside = tempfile::tempdir().unwrap();
+            let root = target.path().join("work");
+            std::fs::create_dir_all(&root).unwrap();
+            // A reserved name.
+            let reserved = ManifestFiles {
+                root: root.clone(),
+                items: vec![item(".cedana-put-x", ItemKind::Symlink, Some("/etc"))],
+            };
+            assert!(matches!(
+                put_back(&reserved, extracted.path(), &root),
+                Err(FilesError::Unsafe(_))
+            ));
+            // A link already in the target, pointing outside.
+            std::os::unix::fs::symlink(outside.path(), root.join("logs")).unwrap();
+            std::fs::write(extracted.path().join("x"), "evil").unwrap();
+            std::fs::create_dir_all(extracted.path().join("logs")).unwrap();
+            std::fs::write(extracted.path().join("logs/planted"), "evil").unwrap();
+            let through = ManifestFiles {
+                root: root.clone(),
+                items: vec![
+                    item("x", ItemKind::File, None),
+                    item("logs/planted", ItemKind::File, None),
+                ],
+            };
+            let err = put_back(&through, extracted.path(), &root).unwrap_err();
+            assert!(matches!(err, FilesError::ThroughLink { .. }), "{err}");
+            assert!(!outside.path().join("planted").exists(), "written outside");
+            assert!(
+                !root.join("x").exists(),
+                "something was written before the refusal"
+            );
+            std::fs::remove_file(root.join("logs")).unwrap();
+            // Modes are masked.
+            std::fs::write(extracted.path().join("suid"), "s").unwrap();
+            let mut f = item("suid", ItemKind::File, None);
+            f.mode = 0o4755;
+            let mut d = item("open", ItemKind::Dir, None);
+            d.mode = 0o7777;
+            let modes = ManifestFiles {
+                root: root.clone(),
+                items: vec![d, f],
+            };
+            put_back(&modes, extracted.path(), &root).unwrap();
+            let m = |p: &str| {
+                std::fs::metadata(root.join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            };
+            assert_eq!(m("suid"), 0o755, "cross_fs {cross_fs}");
+            assert_eq!(m("open"), 0o777, "cross_fs {cross_fs}");
+            assert!(std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with(".cedana-put-")));
         }
     }
 }
