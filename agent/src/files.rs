@@ -379,7 +379,7 @@ mod tests {
     /// files are copied rather than renamed.
     #[test]
     fn hostile_listings_write_nothing_outside_and_no_special_modes() {
-        let across = std::path::Path::new("/dev/shm").is_dir();
+        let across = Path::new("/dev/shm").is_dir();
         for cross_fs in [false, across] {
             let extracted = if cross_fs {
                 tempfile::tempdir_in("/dev/shm").unwrap()
