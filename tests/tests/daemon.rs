@@ -1199,3 +1199,71 @@ fn a_task_frozen_by_its_lease_is_thawed_by_the_next_run() {
     assert!(task.alive());
     assert_unbroken(&numbers(&work.join("n.txt")), "the count across the freeze");
 }
+
+/// A `sh` command that leaves a process in the background answers when the shell ends, not
+/// when the background process does (it holds the output pipes); its output is bounded.
+#[test]
+fn sh_answers_when_the_shell_ends_and_its_output_is_bounded() {
+    if !criu_ready("sh_answers_when_the_shell_ends") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("w1");
+    let _d = AgentDaemon::start(&nats, &nats.token, "jobsh", "w1", &work);
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobsh").await;
+        drv.wait_registered("w1").await;
+        let t0 = std::time::Instant::now();
+        let r = drv
+            .call(
+                "w1",
+                "bg",
+                Command::Sh {
+                    cmd: "sleep 25.5 & echo x".into(),
+                    timeout_secs: Some(60),
+                },
+                60,
+            )
+            .await;
+        let took = t0.elapsed();
+        assert!(
+            matches!(&r, Reply::Sh { stdout, exit_code: 0, .. } if stdout == "x\n"),
+            "{r:?}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "waited {took:?} for the background sleep"
+        );
+        let r = drv
+            .call(
+                "w1",
+                "big",
+                Command::Sh {
+                    cmd: "head -c 3000000 /dev/zero | tr '\\0' a; echo; echo end".into(),
+                    timeout_secs: Some(60),
+                },
+                60,
+            )
+            .await;
+        let Reply::Sh { stdout, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(stdout.len() < 300 << 10, "{} bytes", stdout.len());
+        assert!(stdout.starts_with('[') && stdout.contains("bytes before this were dropped"));
+        assert!(stdout.ends_with("end\n"));
+    });
+    // The background sleep is the test's to end.
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            if c == b"sleep\x0025.5\x00" {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}

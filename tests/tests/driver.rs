@@ -215,3 +215,61 @@ fn a_shared_storage_folder_from_elsewhere_is_refused_and_prune_removes_ended_job
     assert!(!sb.path().join("old-aaaaaa").exists());
     assert!(sb.path().join("live-bbbbbb").join("job.json").is_file());
 }
+
+/// A task that detaches a daemon of its own (`setsid … &`): nothing of it outlives the job,
+/// and the worker's network namespace goes with it.
+#[test]
+fn processes_a_task_detaches_end_with_the_job() {
+    if !criu_ready("processes_a_task_detaches_end_with_the_job") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let p = sb.path().join("detach.rhai");
+    std::fs::write(
+        &p,
+        r#"
+fn instance_specs() { #{ cpu_cores: 1, memory_gb: 1 } }
+fn setup(w) { w.sh("setsid sleep 4321.25 > /dev/null 2>&1 < /dev/null &"); }
+fn work(w) { w.spawn("setsid sleep 4321.75 > /dev/null 2>&1 < /dev/null & sleep 1; echo done") }
+fn restored_task(w, task) { }
+"#,
+    )
+    .unwrap();
+    let out = driver_cmd(sb.path())
+        .args(["run", "--checkpoint-every", "0"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let left: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            (c == b"sleep\x004321.25\x00" || c == b"sleep\x004321.75\x00")
+                .then(|| e.file_name().to_string_lossy().parse().ok())
+                .flatten()
+        })
+        .collect();
+    for pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(left.is_empty(), "processes outlived the job: {left:?}");
+    let job = std::fs::read_dir(sb.path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("job.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .unwrap();
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(&job))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(netns, 0, "the job's namespaces are left");
+}

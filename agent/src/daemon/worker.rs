@@ -241,7 +241,7 @@ impl Worker {
     }
 
     async fn sh(&self, cmd: String, timeout_secs: u64) -> Result<Reply, String> {
-        let child = std::process::Command::new("sh")
+        let mut child = std::process::Command::new("sh")
             .arg("-c")
             .arg(&cmd)
             .current_dir(&self.opts.work_dir)
@@ -252,17 +252,11 @@ impl Worker {
             .map_err(|e| format!("cannot run sh: {e}"))?;
         let pid = child.id() as i32;
         let exited = self.reaper.watch(pid);
-        let (mut out, mut err) = (child.stdout.expect("piped"), child.stderr.expect("piped"));
-        let read = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let (mut o, mut e) = (String::new(), String::new());
-            let t = std::thread::spawn(move || {
-                let _ = err.read_to_string(&mut e);
-                e
-            });
-            let _ = out.read_to_string(&mut o);
-            (o, t.join().unwrap_or_default())
-        });
+        // Each stream read on a thread of its own into a bounded buffer: read to its end
+        // (a background process the command started may hold it open long after), but the
+        // reply does not wait for that.
+        let out = ShOutput::follow(child.stdout.take());
+        let err = ShOutput::follow(child.stderr.take());
         let status = match tokio::time::timeout(Duration::from_secs(timeout_secs), exited).await {
             Ok(Ok(st)) => st,
             Ok(Err(_)) => return Err("lost track of the command".into()),
@@ -273,11 +267,18 @@ impl Worker {
                 ));
             }
         };
-        let (stdout, stderr) = read.await.unwrap_or_default();
+        // What the shell wrote is all there once its own end is read: a little time for that,
+        // not for the processes it left in the background.
+        for _ in 0..20 {
+            if out.done() && err.done() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(Reply::Sh {
             exit_code: status.code.unwrap_or(128 + status.signal.unwrap_or(0)),
-            stdout,
-            stderr,
+            stdout: out.text(),
+            stderr: err.text(),
         })
     }
 
@@ -659,6 +660,58 @@ fn check_chunks_id(chunks: &str) -> Result<(), String> {
         false => Err(format!(
             "chunks id {chunks:?} is not usable: use 16 to 64 letters and digits"
         )),
+    }
+}
+
+/// The most of a `sh` command's stdout (and of its stderr) a reply carries: the last bytes,
+/// so that a reply stays far under a NATS server's message limit.
+pub const SH_OUTPUT_MAX: usize = 256 << 10;
+
+/// A stream of a `sh` command, read on a thread into a buffer that keeps its last
+/// [`SH_OUTPUT_MAX`] bytes.
+struct ShOutput {
+    buf: Arc<Mutex<(Vec<u8>, u64)>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ShOutput {
+    fn follow(stream: Option<impl std::io::Read + Send + 'static>) -> Self {
+        let buf = Arc::new(Mutex::new((Vec::new(), 0u64)));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(stream.is_none()));
+        if let Some(mut stream) = stream {
+            let (b, d) = (buf.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut chunk = vec![0u8; 64 << 10];
+                while let Ok(n) = stream.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut g = b.lock().expect("sh output");
+                    g.0.extend_from_slice(&chunk[..n]);
+                    if g.0.len() > SH_OUTPUT_MAX {
+                        let cut = g.0.len() - SH_OUTPUT_MAX;
+                        g.0.drain(..cut);
+                        g.1 += cut as u64;
+                    }
+                }
+                d.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        ShOutput { buf, done }
+    }
+
+    fn done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What was read so far, with a note of what was dropped from its front.
+    fn text(&self) -> String {
+        let g = self.buf.lock().expect("sh output");
+        let text = String::from_utf8_lossy(&g.0).into_owned();
+        match g.1 {
+            0 => text,
+            dropped => format!("[{dropped} bytes before this were dropped]\n{text}"),
+        }
     }
 }
 

@@ -12,39 +12,6 @@ use nix::unistd::Pid;
 use crate::job::record::{JobRecord, JobState, WorkerState};
 use crate::providers::local;
 
-/// The processes under `pid` (children, theirs, ...), from `/proc`.
-pub fn descendants(pid: i32) -> Vec<i32> {
-    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
-                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                    let ppid = stat
-                        .rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()?;
-                    Some((p, ppid))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for (child, _) in parents.iter().filter(|(_, pp)| *pp == p) {
-            if !out.contains(child) && out.len() < 100_000 {
-                out.push(*child);
-                frontier.push(*child);
-            }
-        }
-    }
-    out
-}
-
 fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
@@ -85,7 +52,7 @@ pub fn end(dir: &Path, record: &mut JobRecord) -> Vec<String> {
         } else if local::is_worker_daemon(w.pid, &job, &w.id) {
             // The tasks first (each is the first process of a PID namespace: its whole tree
             // goes with it), then the daemon.
-            let tasks = descendants(w.pid);
+            let tasks = crate::util::descendants(w.pid);
             for p in &tasks {
                 let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
             }

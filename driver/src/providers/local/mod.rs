@@ -424,6 +424,20 @@ impl LocalWorker {
             return;
         }
         self.stop_processes();
+        // Processes left in the worker's namespace after its agent died (no longer under it).
+        if let Some(ns) = &self.netns {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", &ns.name])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
         if let Some(f) = self.forwarder.take() {
             f.abort();
         }
@@ -440,6 +454,14 @@ impl LocalWorker {
         }
         for pid in self.task_pids.drain(..) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Everything else the worker started (what a command left in the background, a
+        // daemon a task detached: the agent is their subreaper), so nothing outlives it or
+        // keeps its network namespace alive.
+        if !self.exited() {
+            for pid in crate::util::descendants(self.pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
         }
         if self.exited() {
             return;
