@@ -66,6 +66,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     Ok(())
 }
 
+/// The processes under `pid` (children, theirs, ...), from `/proc`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parents.iter().filter(|(_, pp)| *pp == p) {
+            if !out.contains(child) && out.len() < 100_000 {
+                out.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,37 +134,4 @@ mod tests {
         let err = write_atomic(&dir.path().join("absent/f"), b"x", 0o600);
         assert!(err.is_err());
     }
-}
-
-/// The processes under `pid` (children, theirs, ...), from `/proc`.
-pub fn descendants(pid: i32) -> Vec<i32> {
-    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
-                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                    let ppid = stat
-                        .rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()?;
-                    Some((p, ppid))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for (child, _) in parents.iter().filter(|(_, pp)| *pp == p) {
-            if !out.contains(child) && out.len() < 100_000 {
-                out.push(*child);
-                frontier.push(*child);
-            }
-        }
-    }
-    out
 }
