@@ -120,7 +120,7 @@ pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
         nix::sched::clone(
             Box::new(child),
             &mut stack,
-            CloneFlags::CLONE_NEWPID,
+            CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC,
             Some(nix::sys::signal::Signal::SIGCHLD as i32),
         )
     }

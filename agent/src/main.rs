@@ -50,7 +50,8 @@ enum Command {
     Dump(DumpArgs),
     /// Verify an archive and restore the process it holds; prints the restored PID.
     Restore(RestoreArgs),
-    /// Start a command so that it can be checkpointed: own PID namespace and session, stdin
+    /// Start a command so that it can be checkpointed: own PID and IPC namespaces (its SysV
+    /// shared memory goes with it) and session, stdin
     /// from /dev/null, output to a log file. Prints its PID.
     Exec(ExecArgs),
     /// Report whether checkpoints work on this machine and what is missing.

@@ -509,3 +509,38 @@ fn archives_are_private_whatever_the_compression() {
     }
     task.kill();
 }
+
+/// SysV shared memory (what PostgreSQL always makes): a task started with `cedana-agent exec`
+/// has its own IPC namespace, so CRIU takes its segment along; the counter kept in the
+/// segment goes on unbroken after the restore.
+#[test]
+fn sysv_shared_memory_survives_a_round_trip() {
+    if !criu_ready("sysv_shared_memory_survives_a_round_trip") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let script = sb.path().join("shm.py");
+    std::fs::write(
+        &script,
+        "import ctypes, time\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         libc.shmat.restype = ctypes.c_void_p\n\
+         shmid = libc.shmget(0, 4096, 0o600 | 0o1000)\n\
+         assert shmid >= 0, ctypes.get_errno()\n\
+         cell = (ctypes.c_long * 1).from_address(libc.shmat(shmid, None, 0))\n\
+         while True:\n    cell[0] += 1\n    print(cell[0], flush=True)\n    time.sleep(0.05)\n",
+    )
+    .unwrap();
+    let log = sb.path().join("shm.log");
+    let task = sb.exec(
+        "shm.log",
+        &[python().to_str().unwrap(), script.to_str().unwrap()],
+    );
+    wait_for_numbers(&log, 5);
+    let archive = sb.dump(task.pid, &[]);
+    let restored = sb.restore(&archive);
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert_unbroken(&numbers(&log), "the counter kept in SysV shared memory");
+    restored.kill();
+}

@@ -474,7 +474,7 @@ fn remedy(log: &str) -> Option<&'static str> {
         ),
         (
             "doesn't live in IPC ns",
-            "the process uses SysV shared memory outside an IPC namespace of its own, which CRIU cannot dump: start it in its own IPC namespace",
+            "the process uses SysV shared memory outside an IPC namespace of its own, which CRIU cannot dump: start it with `cedana-agent exec`, which gives it an IPC namespace of its own (or `unshare --ipc`)",
         ),
         (
             "whose /proc doesn't belong to it",
