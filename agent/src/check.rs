@@ -26,6 +26,42 @@ pub struct Report {
     pub ok: bool,
 }
 
+/// Capabilities CRIU uses: (bit, name, what follows without it).
+const CRIU_CAPS: [(u32, &str, &str); 5] = [
+    (
+        24,
+        "CAP_SYS_RESOURCE",
+        "no process of another user can be checkpointed (CRIU: `Can't get rlimit`); tasks must run as root",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "namespaces, mounts and most dumps fail; run on a host or a privileged container",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "no process can be seized; nothing can be checkpointed",
+    ),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "TCP connections cannot be checkpointed (--tcp-established) and the network is not locked",
+    ),
+    (
+        7,
+        "CAP_SETUID",
+        "processes of other users cannot be restored",
+    ),
+];
+
+/// This process's effective capabilities (`CapEff` of `/proc/self/status`).
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// Parses "6.18.44-foo" into (6, 18).
 pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(|c: char| !c.is_ascii_digit());
@@ -59,6 +95,31 @@ pub fn run(criu: Result<&Criu, String>) -> Report {
             "not root: CRIU needs root to dump and restore; run with sudo".into()
         },
     );
+    // The capabilities CRIU uses, from this process's effective set (root without some is a
+    // container's or a sandbox's root).
+    if root {
+        let eff = effective_caps();
+        let missing: Vec<&str> = CRIU_CAPS
+            .iter()
+            .filter(|(bit, _, _)| eff.is_some_and(|e| e & (1u64 << bit) == 0))
+            .map(|(_, name, _)| *name)
+            .collect();
+        add(
+            "capabilities",
+            missing.is_empty(),
+            false,
+            if missing.is_empty() {
+                "root has every capability CRIU uses".into()
+            } else {
+                let follows: Vec<&str> = CRIU_CAPS
+                    .iter()
+                    .filter(|(_, name, _)| missing.contains(name))
+                    .map(|(_, _, what)| *what)
+                    .collect();
+                format!("root lacks {}: {}", missing.join(", "), follows.join("; "))
+            },
+        );
+    }
     add(
         "kernel",
         kv >= (5, 4),

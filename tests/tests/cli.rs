@@ -622,3 +622,63 @@ fn a_stopped_target_is_refused_and_left_as_it_is() {
         nix::sys::signal::Signal::SIGCONT,
     );
 }
+
+/// `check` names the capabilities CRIU needs that root lacks here, and what follows (this
+/// machine's root lacks CAP_SYS_RESOURCE; one more is dropped for the test).
+#[test]
+fn check_names_missing_capabilities() {
+    if !criu_ready("check_names_missing_capabilities") {
+        return;
+    }
+    let run = |drop: Option<&str>| -> serde_json::Value {
+        let mut c = match drop {
+            Some(cap) => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args(["--bounding-set", &format!("-{cap}")])
+                    .arg(agent_bin());
+                c
+            }
+            None => std::process::Command::new(agent_bin()),
+        };
+        let out = c
+            .args(["check", "--json"])
+            .env("CEDANA_CONFIG", "/nonexistent/cedana_config.json")
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let caps = |r: &serde_json::Value| {
+        r["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "capabilities")
+            .cloned()
+            .expect("a capabilities finding")
+    };
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("CapEff:")
+                .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        })
+        .unwrap();
+    let plain = caps(&run(None));
+    let has_resource = eff & (1 << 24) != 0;
+    assert_eq!(
+        plain["detail"]
+            .as_str()
+            .unwrap()
+            .contains("CAP_SYS_RESOURCE"),
+        !has_resource,
+        "{plain}"
+    );
+    let dropped = caps(&run(Some("net_admin")));
+    assert_eq!(dropped["ok"], false, "{dropped}");
+    let d = dropped["detail"].as_str().unwrap();
+    assert!(
+        d.contains("CAP_NET_ADMIN") && d.contains("TCP connections"),
+        "{d}"
+    );
+}
