@@ -325,6 +325,22 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let bar = Bar::new();
             let out =
                 cedana_agent::restore(&criu, &opts, bar.as_progress()).map_err(restore_failure)?;
+            // Restored is not running: a tree that ends at once (its terminal, a file, a peer
+            // it needs is gone) is reported, not counted a success.
+            let settled = std::time::Instant::now();
+            while settled.elapsed() < std::time::Duration::from_millis(200) {
+                if cedana_agent::process::start_time(out.pid).is_none() {
+                    return Err(Failure::new(
+                        1,
+                        "restore",
+                        anyhow::anyhow!(
+                            "the process restored as PID {} ended right away (within 0.2 s of the restore): the checkpoint came back but did not keep running; something it needs may be gone here (its terminal, a file, a connection); see its output",
+                            out.pid
+                        ),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             if a.json {
                 print_json(&out);
             } else {

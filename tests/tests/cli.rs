@@ -682,3 +682,32 @@ fn check_names_missing_capabilities() {
         "{d}"
     );
 }
+
+/// A restored process that ends right away is reported (exit 1), not counted a success.
+#[test]
+fn a_restore_whose_process_ends_at_once_is_reported() {
+    if !criu_ready("a_restore_whose_process_ends_at_once_is_reported") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let flag = sb.path().join("flag");
+    std::fs::write(&flag, "").unwrap();
+    let task = sb.exec(
+        "f.log",
+        &[
+            "sh",
+            "-c",
+            &format!("while [ -e {} ]; do sleep 0.02; done", flag.display()),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let archive = sb.dump(task.pid, &[]);
+    std::fs::remove_file(&flag).unwrap();
+    let out = sb.agent(["restore", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ended right away"),
+        "{}",
+        stderr(&out)
+    );
+}
