@@ -673,3 +673,73 @@ fn driver_run_names_the_missing_api_key() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("paperspace.api_key"), "{stderr}");
 }
+
+/// `down` of a job whose controller died deletes the Paperspace machines its record names,
+/// through the API, and says so.
+#[test]
+fn down_of_an_orphaned_job_deletes_its_machines() {
+    let fake = FakePaperspace::start();
+    let (mut p, offer) = cheapest(provider(&fake), &small_spec());
+    let boot = Boot::new("w1");
+    let w = block_on(p.launch(&offer, &boot.get())).expect("launch");
+    let id = w.instance_id();
+    // The controller died: nothing of it ends the machine.
+    std::mem::forget(w);
+    wait_until(Duration::from_secs(10), "the machine to be ready", || {
+        fake.machine_state(&id).as_deref() == Some("ready")
+    });
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("pspace-job-1a2b3c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    std::fs::write(
+        dir.join("job.json"),
+        json!({
+            "v": 1, "job": "pspace-job-1a2b3c", "script": "/x/j.rhai", "state": "running",
+            "started_at": 1, "updated_at": 1, "driver_pid": dead,
+            "nats_url": "nats://nats.example.org:4222", "embedded_nats": false, "managed": true,
+            "workers": [{"id": "w1", "provider": "paperspace", "pid": 0, "dir": "",
+                         "launched_at": 1, "state": "running", "instance": id}],
+            "task": null, "checkpoints": [], "recoveries": 0, "migrations": 0,
+            "cost_usd": 0.0, "exit_code": null, "error": null
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let config = state.path().join("cedana_config.json");
+    std::fs::write(
+        &config,
+        json!({
+            "enabled_providers": ["paperspace"],
+            "paperspace": {"api_key": KEY, "enabled_regions": ["East Coast (NY2)"]}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = cedana_tests::driver_cmd(state.path())
+        .env("CEDANA_CONFIG", &config)
+        .env("CEDANA_PAPERSPACE_URL", fake.url())
+        .env("CEDANA_PAPERSPACE_TEMPLATE", "tubuntu2204")
+        .args(["down", "pspace-job-1a2b3c"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&format!("machine {id} deleted")), "{said}");
+    assert_eq!(
+        sent(&fake.requests(), "DELETE", &format!("/v1/machines/{id}")).len(),
+        1
+    );
+    let r: Value = serde_json::from_slice(&std::fs::read(dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(r["state"], "down", "{r}");
+}
