@@ -1,0 +1,239 @@
+//! Where a store is: `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+//! (also `azure://`, `abfs://`), `file:///path`, or a plain absolute path. Credentials come the
+//! standard way of each cloud (for S3: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/
+//! `AWS_SESSION_TOKEN`, `AWS_REGION`, the instance's role through IMDS; `AWS_ENDPOINT_URL` names
+//! an S3-compatible server; GCS: `GOOGLE_APPLICATION_CREDENTIALS` or the instance's account;
+//! Azure: `AZURE_STORAGE_ACCOUNT_NAME` and a key, SAS or managed identity).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+
+use crate::StoreError;
+
+/// A parsed store URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreUrl {
+    kind: Kind,
+    /// The URL as given (no credentials are ever part of it).
+    text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    S3 { bucket: String, prefix: String },
+    Gcs { bucket: String, prefix: String },
+    Azure { url: String, prefix: String },
+    Folder(PathBuf),
+}
+
+impl StoreUrl {
+    pub fn parse(text: &str) -> Result<Self, StoreError> {
+        let bad = |reason: &str| {
+            StoreError::BadUrl {
+            url: redact(text),
+            reason: format!(
+                "{reason}; use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///PATH"
+            ),
+        }
+        };
+        if text.starts_with('/') {
+            return Ok(StoreUrl {
+                kind: Kind::Folder(PathBuf::from(text)),
+                text: text.to_string(),
+            });
+        }
+        // Checked on the text: the URL parser resolves `..` away.
+        let after_scheme = text.split_once("://").map_or(text, |(_, rest)| rest);
+        if after_scheme.split('/').any(|p| p == ".." || p == ".") {
+            return Err(bad("its path has `.` or `..` parts"));
+        }
+        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "it holds credentials; give them the cloud's standard way (environment, profile, instance role) instead",
+            ));
+        }
+        let bucket = || -> Result<String, StoreError> {
+            match url.host_str() {
+                Some(h) if !h.is_empty() => Ok(h.to_string()),
+                _ => Err(bad("it names no bucket")),
+            }
+        };
+        let prefix = url.path().trim_matches('/').to_string();
+        let kind = match url.scheme() {
+            "s3" | "s3a" => Kind::S3 {
+                bucket: bucket()?,
+                prefix,
+            },
+            "gs" => Kind::Gcs {
+                bucket: bucket()?,
+                prefix,
+            },
+            "az" | "azure" | "abfs" | "abfss" => Kind::Azure {
+                url: format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default()),
+                prefix,
+            },
+            "file" => {
+                let path = url
+                    .to_file_path()
+                    .map_err(|()| bad("it is not an absolute local path"))?;
+                Kind::Folder(path)
+            }
+            other => return Err(bad(&format!("its scheme {other:?} is not a known store"))),
+        };
+        Ok(StoreUrl {
+            kind,
+            text: text.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The same store, under `part` (a job's own prefix).
+    pub fn join(&self, part: &str) -> StoreUrl {
+        let add = |prefix: &str| match prefix.is_empty() {
+            true => part.to_string(),
+            false => format!("{prefix}/{part}"),
+        };
+        let kind = match &self.kind {
+            Kind::S3 { bucket, prefix } => Kind::S3 {
+                bucket: bucket.clone(),
+                prefix: add(prefix),
+            },
+            Kind::Gcs { bucket, prefix } => Kind::Gcs {
+                bucket: bucket.clone(),
+                prefix: add(prefix),
+            },
+            Kind::Azure { url, prefix } => Kind::Azure {
+                url: url.clone(),
+                prefix: add(prefix),
+            },
+            Kind::Folder(p) => Kind::Folder(p.join(part)),
+        };
+        StoreUrl {
+            kind,
+            text: format!("{}/{part}", self.text),
+        }
+    }
+
+    /// A local folder store's folder.
+    pub fn folder(&self) -> Option<&std::path::Path> {
+        match &self.kind {
+            Kind::Folder(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The object store and the prefix inside it. Builds clients only (no request is made);
+    /// a local folder is created if missing.
+    pub(crate) fn open(&self) -> Result<(Arc<dyn ObjectStore>, ObjectPath), StoreError> {
+        let fail = |e: object_store::Error| StoreError::BadUrl {
+            url: self.text.clone(),
+            reason: e.to_string(),
+        };
+        Ok(match &self.kind {
+            Kind::S3 { bucket, prefix } => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                // An S3-compatible server on plain HTTP (a test server, a local MinIO).
+                if std::env::var("AWS_ENDPOINT_URL")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                    .is_ok_and(|e| e.starts_with("http://"))
+                {
+                    b = b.with_allow_http(true);
+                }
+                if std::env::var_os("AWS_REGION").is_none()
+                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                {
+                    b = b.with_region("us-east-1");
+                } else if let Ok(r) = std::env::var("AWS_DEFAULT_REGION") {
+                    if std::env::var_os("AWS_REGION").is_none() {
+                        b = b.with_region(r);
+                    }
+                }
+                (
+                    Arc::new(b.build().map_err(fail)?),
+                    ObjectPath::from(prefix.as_str()),
+                )
+            }
+            Kind::Gcs { bucket, prefix } => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket);
+                (
+                    Arc::new(b.build().map_err(fail)?),
+                    ObjectPath::from(prefix.as_str()),
+                )
+            }
+            Kind::Azure { url, prefix } => {
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
+                (
+                    Arc::new(b.build().map_err(fail)?),
+                    ObjectPath::from(prefix.as_str()),
+                )
+            }
+            Kind::Folder(path) => {
+                std::fs::create_dir_all(path).map_err(|e| StoreError::BadUrl {
+                    url: self.text.clone(),
+                    reason: format!("cannot create the folder: {e}"),
+                })?;
+                let fs =
+                    object_store::local::LocalFileSystem::new_with_prefix(path).map_err(fail)?;
+                (Arc::new(fs), ObjectPath::default())
+            }
+        })
+    }
+}
+
+/// `text` with anything that could be a credential (`user:password@`) cut out.
+fn redact(text: &str) -> String {
+    match (text.find("://"), text.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…{}", &text[..s], &text[at..]),
+        _ => text.to_string(),
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_bad_ones_say_why() {
+        let u = StoreUrl::parse("s3://bkt/some/prefix/").unwrap();
+        assert_eq!(
+            u.kind,
+            Kind::S3 {
+                bucket: "bkt".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+        assert_eq!(u.join("job1").as_str(), "s3://bkt/some/prefix/job1");
+        let f = StoreUrl::parse("file:///var/ckpt").unwrap();
+        assert_eq!(f.folder(), Some(std::path::Path::new("/var/ckpt")));
+        assert_eq!(
+            StoreUrl::parse("/var/ckpt").unwrap().folder(),
+            Some(std::path::Path::new("/var/ckpt"))
+        );
+        for bad in [
+            "ftp://x/y",
+            "s3:///nobucket",
+            "s3://AKID:secret@bkt/p",
+            "s3://bkt/a/../b",
+            "relative/path",
+        ] {
+            let e = StoreUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("s3://BUCKET/PREFIX"), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Files into a store as chunks ([`upload`]) and back ([`download`]).
+//!
+//! Upload: every chunk is read, hashed and compressed on the blocking pool (at most one per
+//! core at a time), and sent only if the store lacks it; up to [`IO_PARALLEL`] requests are in
+//! flight. Download: each distinct chunk is fetched once (also when several places hold the
+//! same bytes), checked against its name and written at its offsets.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::chunk::{self, ChunkId, ChunkRef, MAX_CHUNK};
+use crate::{Store, StoreError};
+
+/// Requests in flight at once.
+pub const IO_PARALLEL: usize = 16;
+/// The chunk size where a file has no cuts of its own.
+pub const FIXED_CHUNK: u64 = 1 << 20;
+
+/// A file to upload: where it is, the name the manifest gives it, and where it is cut (the
+/// sizes of its chunks in order, summing to its size; empty: [`FIXED_CHUNK`] pieces).
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub name: String,
+    pub path: PathBuf,
+    pub cuts: Vec<u64>,
+}
+
+/// An uploaded file as a manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadedEntry {
+    pub name: String,
+    pub size: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// What an upload did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Uploaded {
+    #[serde(skip)]
+    pub entries: Vec<UploadedEntry>,
+    /// Bytes of the files.
+    pub bytes: u64,
+    pub chunks: u64,
+    /// Chunks sent (the rest were in the store already, or repeated within the upload).
+    pub chunks_sent: u64,
+    /// Bytes of the chunks sent, uncompressed and as stored.
+    pub raw_sent: u64,
+    pub stored_sent: u64,
+}
+
+/// Whether a chunk must still be sent: shared by the upload's tasks.
+struct Sent {
+    /// In the store and not condemned by a prune.
+    present: HashSet<ChunkId>,
+    /// Claimed by a task of this upload.
+    claimed: Mutex<HashSet<ChunkId>>,
+}
+
+fn cuts_of(size: u64, cuts: &[u64]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    if cuts.iter().sum::<u64>() == size && cuts.iter().all(|c| *c > 0 && *c <= MAX_CHUNK) {
+        for c in cuts {
+            out.push((at, *c));
+            at += c;
+        }
+    } else {
+        while at < size {
+            let len = FIXED_CHUNK.min(size - at);
+            out.push((at, len));
+            at += len;
+        }
+    }
+    out
+}
+
+/// Uploads `pieces` to `store` as chunks sealed at zstd `level`, as part of `writing` (a
+/// checkpoint being written, see [`crate::gc::Writing`]: while it lives no prune removes a
+/// chunk). Chunks the store has are not sent again. `progress` is told each file byte as it
+/// is done.
+pub async fn upload(
+    writing: &crate::gc::Writing,
+    pieces: &[Piece],
+    level: i32,
+    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+) -> Result<Uploaded, StoreError> {
+    upload_pass(writing.store(), pieces, level, progress).await
+}
+
+async fn upload_pass(
+    store: &Store,
+    pieces: &[Piece],
+    level: i32,
+    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+) -> Result<Uploaded, StoreError> {
+    let present: HashSet<ChunkId> = store.list_chunks().await?.into_keys().collect();
+    let sent = Arc::new(Sent {
+        present,
+        claimed: Mutex::new(HashSet::new()),
+    });
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpu = Arc::new(Semaphore::new(cpus));
+    let mut jobs = Vec::new();
+    let mut sizes = Vec::new();
+    for (file_index, piece) in pieces.iter().enumerate() {
+        let size = std::fs::metadata(&piece.path)
+            .map_err(|source| StoreError::Read {
+                path: piece.path.clone(),
+                source,
+            })?
+            .len();
+        sizes.push(size);
+        let file =
+            Arc::new(
+                std::fs::File::open(&piece.path).map_err(|source| StoreError::Read {
+                    path: piece.path.clone(),
+                    source,
+                })?,
+            );
+        for (at, len) in cuts_of(size, &piece.cuts) {
+            jobs.push((file_index, piece.path.clone(), file.clone(), at, len));
+        }
+    }
+    let results: Vec<(usize, ChunkRef, u64)> = futures::stream::iter(jobs)
+        .map(|(file_index, path, file, at, len)| {
+            let (sent, cpu, progress) = (sent.clone(), cpu.clone(), progress.clone());
+            async move {
+                let permit = cpu.acquire_owned().await.expect("never closed");
+                let sealed = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, at)
+                        .map_err(|source| StoreError::Read { path, source })?;
+                    let id = ChunkId::of(&buf);
+                    let new = !sent.present.contains(&id)
+                        && sent.claimed.lock().expect("not poisoned").insert(id);
+                    let sealed = new.then(|| chunk::seal(&buf, level).1);
+                    Ok::<_, StoreError>((id, sealed))
+                })
+                .await
+                .expect("sealing does not panic")?;
+                let (id, sealed) = sealed;
+                let mut stored = 0;
+                if let Some(sealed) = sealed {
+                    stored = sealed.len() as u64;
+                    store.put_chunk(&id, Bytes::from(sealed)).await?;
+                }
+                if let Some(p) = &progress {
+                    p(len);
+                }
+                Ok::<_, StoreError>((file_index, ChunkRef { id, size: len }, stored))
+            }
+        })
+        .buffered(IO_PARALLEL)
+        .try_collect()
+        .await?;
+    let mut out = Uploaded {
+        entries: pieces
+            .iter()
+            .zip(&sizes)
+            .map(|(p, size)| UploadedEntry {
+                name: p.name.clone(),
+                size: *size,
+                chunks: Vec::new(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (file_index, r, stored) in results {
+        out.chunks += 1;
+        out.bytes += r.size;
+        if stored > 0 {
+            out.chunks_sent += 1;
+            out.raw_sent += r.size;
+            out.stored_sent += stored;
+        }
+        out.entries[file_index].chunks.push(r);
+    }
+    Ok(out)
+}
+
+/// A file to download: the relative path it is written to and its chunks.
+#[derive(Clone, Debug)]
+pub struct Wanted {
+    pub path: PathBuf,
+    pub size: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Downloads `files` of `checkpoint` into `dir` (which must exist and hold none of them: each
+/// is created new, never through a link). Each distinct chunk is fetched once, checked against
+/// its name and written at every offset that holds it. A chunk missing or damaged fails the
+/// download, naming the chunk; the caller removes `dir`.
+pub async fn download(
+    store: &Store,
+    checkpoint: &str,
+    files: &[Wanted],
+    dir: &Path,
+    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+) -> Result<u64, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opened = Vec::new();
+    for f in files {
+        let path = dir.join(&f.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|source| StoreError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        file.set_len(f.size).map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        opened.push((Arc::new(file), path));
+    }
+    // Where each distinct chunk goes.
+    let mut places: HashMap<ChunkId, (ChunkRef, Vec<(usize, u64)>)> = HashMap::new();
+    let mut order = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let mut at = 0;
+        for r in &f.chunks {
+            let e = places.entry(r.id).or_insert_with(|| {
+                order.push(r.id);
+                (*r, Vec::new())
+            });
+            e.1.push((i, at));
+            at += r.size;
+        }
+    }
+    let places = Arc::new(places);
+    let opened = Arc::new(opened);
+    let total: Vec<u64> = futures::stream::iter(order)
+        .map(|id| {
+            let (places, opened, progress) = (places.clone(), opened.clone(), progress.clone());
+            async move {
+                let (r, _) = places[&id];
+                let bytes = store.get_chunk(checkpoint, &r).await?;
+                let n = tokio::task::spawn_blocking(move || {
+                    let mut n = 0;
+                    for (file, at) in &places[&id].1 {
+                        let (f, path) = &opened[*file];
+                        f.write_all_at(&bytes, *at)
+                            .map_err(|source| StoreError::Write {
+                                path: path.clone(),
+                                source,
+                            })?;
+                        n += bytes.len() as u64;
+                    }
+                    Ok::<_, StoreError>(n)
+                })
+                .await
+                .expect("writing does not panic")?;
+                if let Some(p) = &progress {
+                    p(n);
+                }
+                Ok::<_, StoreError>(n)
+            }
+        })
+        .buffer_unordered(IO_PARALLEL)
+        .try_collect()
+        .await?;
+    Ok(total.iter().sum())
+}
