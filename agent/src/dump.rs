@@ -109,6 +109,72 @@ pub enum DumpError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Files(#[from] files::FilesError),
+    #[error(transparent)]
+    Store(#[from] cedana_store::StoreError),
+}
+
+/// A dump's target, checked: the process, the archive's name and its time.
+pub(crate) struct Target {
+    pub info: ProcessInfo,
+    pub stem: String,
+    pub stamp: cedana_protocol::Stamp,
+    pub shell_job: bool,
+}
+
+impl Target {
+    /// Checks that `opts.pid` can be dumped so that it comes back: the folder exists, the
+    /// tree is not a shell's job on a terminal (unless it is left running), nothing in it is
+    /// stopped.
+    pub(crate) fn check(opts: &DumpOptions) -> Result<Target, DumpError> {
+        if !opts.dir.is_dir() {
+            return Err(DumpError::NoDir {
+                path: opts.dir.clone(),
+            });
+        }
+        let info = ProcessInfo::inspect(opts.pid)?;
+        // Never kill a tree whose archive cannot come back.
+        if let (false, Some(terminal)) = (opts.leave_running, info.shell_job_terminal()) {
+            return Err(DumpError::Terminal {
+                pid: info.pid,
+                name: info.name.clone(),
+                terminal,
+            });
+        }
+        // A stopped target would be archived stopped, and come back stopped.
+        if let Some(stopped) = crate::process::descendants(info.pid)
+            .into_iter()
+            .find(|p| crate::process::is_stopped(*p))
+        {
+            return Err(DumpError::Stopped {
+                pid: info.pid,
+                name: info.name.clone(),
+                stopped,
+            });
+        }
+        let stamp = cedana_protocol::Stamp::now();
+        let stem = format!("{}_{}", info.file_stem(), stamp.file);
+        let shell_job = info.needs_shell_job();
+        Ok(Target {
+            info,
+            stem,
+            stamp,
+            shell_job,
+        })
+    }
+
+    /// The dump's staging folder, held, after what killed agents left there (folders no live
+    /// agent holds, partial archives no writer holds) was swept.
+    pub(crate) fn staging(&self, opts: &DumpOptions) -> Result<staging::Held, DumpError> {
+        let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);
+        staging::sweep(&staging_root);
+        if staging_root != opts.dir {
+            staging::sweep(&opts.dir);
+        }
+        staging::Held::create(&staging_root, ".cedana-dump-").map_err(|source| DumpError::Staging {
+            path: staging_root.clone(),
+            source,
+        })
+    }
 }
 
 /// Dumps `opts.pid` and its descendants into `opts.dir/<name>_<YYYYMMDD_HHMMSS>.zip`.
@@ -139,47 +205,10 @@ pub fn dump_into(
     sink: Option<Box<dyn crate::zipfmt::Sink>>,
     progress: &dyn Progress,
 ) -> Result<DumpOutcome, DumpError> {
-    if !opts.dir.is_dir() {
-        return Err(DumpError::NoDir {
-            path: opts.dir.clone(),
-        });
-    }
-    let info = ProcessInfo::inspect(opts.pid)?;
-    // Never kill a tree whose archive cannot come back.
-    if let (false, Some(terminal)) = (opts.leave_running, info.shell_job_terminal()) {
-        return Err(DumpError::Terminal {
-            pid: info.pid,
-            name: info.name.clone(),
-            terminal,
-        });
-    }
-    // A stopped target would be archived stopped, and come back stopped.
-    if let Some(stopped) = crate::process::descendants(info.pid)
-        .into_iter()
-        .find(|p| crate::process::is_stopped(*p))
-    {
-        return Err(DumpError::Stopped {
-            pid: info.pid,
-            name: info.name.clone(),
-            stopped,
-        });
-    }
-    let stamp = cedana_protocol::Stamp::now();
-    let stem = format!("{}_{}", info.file_stem(), stamp.file);
-    let staging_root = staging::root(opts.staging.as_deref(), &opts.dir);
-    // What killed agents left here goes first (folders no live agent holds, partial
-    // archives no writer holds).
-    staging::sweep(&staging_root);
-    if staging_root != opts.dir {
-        staging::sweep(&opts.dir);
-    }
-    let work = staging::Held::create(&staging_root, ".cedana-dump-").map_err(|source| {
-        DumpError::Staging {
-            path: staging_root.clone(),
-            source,
-        }
-    })?;
-    let shell_job = info.needs_shell_job();
+    let target = Target::check(opts)?;
+    let work = target.staging(opts)?;
+    let (info, stem, stamp, shell_job) =
+        (&target.info, &target.stem, &target.stamp, target.shell_job);
     // Carried files must be read while the tree is stopped; the tree is then resumed here
     // rather than by CRIU.
     let resume_after_files = opts.leave_running && opts.files.is_some();
@@ -203,7 +232,7 @@ pub fn dump_into(
     };
     let version = criu
         .version()
-        .map_err(|source| criu_err(&info, source, String::new()))?;
+        .map_err(|source| criu_err(info, source, String::new()))?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
     let t0 = Instant::now();
     // Stored archives: hash CRIU's page images as they are written; the largest then becomes
@@ -214,8 +243,8 @@ pub fn dump_into(
     let mut sink = sink;
     let new_writer =
         |sink: &mut Option<Box<dyn crate::zipfmt::Sink>>, compression| match sink.take() {
-            Some(s) => Ok(archive::Writer::to_sink(s, &stem, compression)),
-            None => archive::Writer::new(&opts.dir, &stem, compression),
+            Some(s) => Ok(archive::Writer::to_sink(s, stem, compression)),
+            None => archive::Writer::new(&opts.dir, stem, compression),
         };
     // Into a sink, stored page images stream out as CRIU writes them too (their sizes go to
     // the sink at the end, see `zipfmt::Sink::commit`).
@@ -251,7 +280,7 @@ pub fn dump_into(
             &work.path().join(criu::DUMP_LOG),
             &opts.dir.join(format!("{stem}.dump-failed.log")),
         );
-        return Err(criu_err(&info, source, kept));
+        return Err(criu_err(info, source, kept));
     }
     // The carried folder, read while the tree is stopped (copied first if it is to go on).
     let carried = opts
@@ -290,10 +319,10 @@ pub fn dump_into(
                 None
             }
         };
-        let (tree_size, tree_pids) = dumped_tree(work.path(), &info);
+        let (tree_size, tree_pids) = dumped_tree(work.path(), info);
         let mut writer = match writer.take() {
             Some(w) => w,
-            None => stored_writer(&opts.dir, work.path(), &stem, &digests, progress)?,
+            None => stored_writer(&opts.dir, work.path(), stem, &digests, progress)?,
         };
         let mut rest: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
             .map_err(|source| DumpError::Staging {
@@ -358,7 +387,7 @@ pub fn dump_into(
             files: carried,
         };
         let t_finish = Instant::now();
-        let dest = writer.finish(&mut manifest, &stem)?;
+        let dest = writer.finish(&mut manifest, stem)?;
         Ok((dest, manifest, images_bytes, t_finish.elapsed()))
     };
     let result = finish();
@@ -514,7 +543,7 @@ fn page_images(dir: &Path) -> Vec<String> {
 
 /// The tree as CRIU saw it (size, PIDs with threads): /proc, read before the dump, can miss
 /// short-lived children.
-fn dumped_tree(dir: &Path, info: &ProcessInfo) -> (usize, Vec<i32>) {
+pub(crate) fn dumped_tree(dir: &Path, info: &ProcessInfo) -> (usize, Vec<i32>) {
     match images::read_pstree(dir) {
         Ok(entries) => {
             let pids: BTreeSet<i32> = entries
@@ -532,7 +561,7 @@ fn dumped_tree(dir: &Path, info: &ProcessInfo) -> (usize, Vec<i32>) {
 }
 
 /// Sends `sig` to `root` and every descendant (the tree is frozen, so the list is stable).
-fn signal_tree(root: i32, sig: Signal) {
+pub(crate) fn signal_tree(root: i32, sig: Signal) {
     for pid in crate::process::descendants(root).into_iter().rev() {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
     }
@@ -549,7 +578,7 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn criu_err(info: &ProcessInfo, source: CriuError, kept: String) -> DumpError {
+pub(crate) fn criu_err(info: &ProcessInfo, source: CriuError, kept: String) -> DumpError {
     DumpError::Criu {
         pid: info.pid,
         name: info.name.clone(),

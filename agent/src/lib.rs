@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod check;
+pub mod chunked;
 pub mod criu;
 pub mod daemon;
 pub mod dump;

@@ -50,6 +50,12 @@ enum Command {
     Dump(DumpArgs),
     /// Verify an archive and restore the process it holds; prints the restored PID.
     Restore(RestoreArgs),
+    /// List the checkpoints in a store (see `dump --store`), oldest first.
+    Checkpoints(StoreArgs),
+    /// Remove a store's checkpoints but the newest --keep, then every chunk no remaining
+    /// checkpoint names. A checkpoint being written meanwhile is never harmed (its chunks wait
+    /// for a later prune).
+    Prune(PruneArgs),
     /// Start a command so that it can be checkpointed: own PID and IPC namespaces (its SysV
     /// shared memory goes with it) and session, stdin
     /// from /dev/null, output to a log file. Prints its PID.
@@ -159,6 +165,22 @@ struct DumpArgs {
     /// the task finds its files after a restore elsewhere (`restore --files-to`)
     #[arg(long, value_name = "FOLDER")]
     with_files: Option<PathBuf>,
+    /// Put the checkpoint into a store instead of an archive: s3://BUCKET/PREFIX,
+    /// gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, file:///PATH. It goes in as chunks, and only
+    /// the chunks the store lacks are sent; prints the checkpoint's name. Credentials the
+    /// cloud's standard way (AWS_* variables or the instance's role; AWS_ENDPOINT_URL for an
+    /// S3-compatible server)
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CEDANA_STORE",
+        conflicts_with = "compress"
+    )]
+    store: Option<String>,
+    /// zstd level of a store's chunks (1 fast .. 19 small)
+    #[arg(long, value_name = "N", default_value_t = cedana_agent::chunked::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(i32).range(-7..=19))]
+    level: i32,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -167,8 +189,12 @@ struct DumpArgs {
 #[derive(Args)]
 #[command(after_help = EXIT_CODES)]
 struct RestoreArgs {
-    /// The archive written by `dump`
+    /// The archive written by `dump`, or with --store the checkpoint's name
     archive: PathBuf,
+    /// Restore checkpoint ARCHIVE from this store (see `dump --store`): its chunks are fetched
+    /// and each checked against its name before CRIU runs
+    #[arg(long, value_name = "URL", env = "CEDANA_STORE")]
+    store: Option<String>,
     /// Where images are extracted before the restore [default: $CEDANA_STAGING_DIR, else next
     /// to the archive, else the temp folder]
     #[arg(long, value_name = "DIR")]
@@ -199,6 +225,27 @@ struct ExecArgs {
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct StoreArgs {
+    /// The store: s3://BUCKET/PREFIX, gs://…, az://…, file:///PATH
+    #[arg(long, value_name = "URL", env = "CEDANA_STORE")]
+    store: String,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = EXIT_CODES)]
+struct PruneArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// How many of the newest checkpoints to keep
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    keep: usize,
 }
 
 #[derive(Args)]
@@ -250,6 +297,8 @@ fn main() -> ExitCode {
         Command::Restore(a) => a.json,
         Command::Exec(a) => a.json,
         Command::Check(a) => a.json,
+        Command::Checkpoints(a) => a.json,
+        Command::Prune(a) => a.store.json,
         Command::Daemon(_) | Command::Client { .. } | Command::Guard { .. } => false,
     };
     match run(cli) {
@@ -305,6 +354,33 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             };
             thaw_on_signal(a.pid);
             let bar = Bar::new();
+            if let Some(url) = &a.store {
+                let url = store_url(url)?;
+                let rt = runtime()?;
+                let out = cedana_agent::chunked::dump_to_store(
+                    &criu,
+                    &opts,
+                    &url,
+                    a.level,
+                    rt.handle(),
+                    bar.as_progress(),
+                )
+                .map_err(dump_failure)?;
+                if a.json {
+                    print_json(&out);
+                } else {
+                    println!("{}", out.name);
+                    eprintln!(
+                        "{} chunks, {} sent ({} of {} bytes); the task was stopped for {} ms",
+                        out.uploaded.chunks,
+                        out.uploaded.chunks_sent,
+                        out.uploaded.stored_sent,
+                        out.uploaded.bytes,
+                        out.frozen_time.as_millis()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let out = cedana_agent::dump(&criu, &opts, bar.as_progress()).map_err(dump_failure)?;
             if a.json {
                 print_json(&out);
@@ -323,8 +399,23 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 files_to: a.files_to.clone(),
             };
             let bar = Bar::new();
-            let out =
-                cedana_agent::restore(&criu, &opts, bar.as_progress()).map_err(restore_failure)?;
+            let out = match &a.store {
+                Some(url) => {
+                    let url = store_url(url)?;
+                    let rt = runtime()?;
+                    let name = a.archive.to_string_lossy();
+                    cedana_agent::chunked::restore_from_store(
+                        &criu,
+                        &url,
+                        &name,
+                        &opts,
+                        rt.handle(),
+                        bar.as_progress(),
+                    )
+                }
+                None => cedana_agent::restore(&criu, &opts, bar.as_progress()),
+            }
+            .map_err(restore_failure)?;
             // Restored is not running: a tree that ends at once (its terminal, a file, a peer
             // it needs is gone) is reported, not counted a success.
             let settled = std::time::Instant::now();
@@ -345,6 +436,48 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 print_json(&out);
             } else {
                 println!("{}", out.pid);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Checkpoints(a) => {
+            let url = store_url(&a.store)?;
+            let rt = runtime()?;
+            let list = cedana_agent::chunked::list(&url, rt.handle())
+                .map_err(|e| Failure::new(1, "store", e))?;
+            if a.json {
+                print_json(&list);
+            } else {
+                for c in &list {
+                    println!("{}", c.name);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune(a) => {
+            let url = store_url(&a.store.store)?;
+            let rt = runtime()?;
+            let store = cedana_store::Store::open(&url).map_err(|e| Failure::new(3, "input", e))?;
+            let keep = cedana_store::Keep {
+                newest: a.keep,
+                ..Default::default()
+            };
+            let out = rt
+                .block_on(cedana_store::prune(&store, &keep))
+                .map_err(|e| Failure::new(1, "store", e))?;
+            if a.store.json {
+                print_json(&out);
+            } else {
+                println!(
+                    "kept {} checkpoint(s), removed {}; removed {} chunk(s) ({} bytes), kept {}",
+                    out.kept.len(),
+                    out.removed.len(),
+                    out.chunks_removed,
+                    out.stored_bytes_removed,
+                    out.chunks_kept
+                );
+                if let Some(why) = &out.chunks_deferred {
+                    eprintln!("no chunk removed this time: {why}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -544,6 +677,31 @@ fn print_json(v: &impl serde::Serialize) {
     );
 }
 
+fn store_url(text: &str) -> Result<cedana_store::StoreUrl, Failure> {
+    cedana_store::StoreUrl::parse(text).map_err(|e| Failure::new(3, "input", e))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, "io", e))
+}
+
+/// A store's error: bad input when it is about the checkpoint (missing, damaged, refused),
+/// else the store's or this machine's trouble.
+fn store_failure_code(e: &cedana_store::StoreError) -> u8 {
+    use cedana_store::StoreError::*;
+    match e {
+        BadUrl { .. }
+        | NoCheckpoint { .. }
+        | MissingChunk { .. }
+        | BadChunk { .. }
+        | BadManifest { .. } => 3,
+        Exists { .. } | Io { .. } | Read { .. } | Write { .. } => 1,
+    }
+}
+
 fn dump_failure(e: DumpError) -> Failure {
     match e {
         DumpError::NoDir { .. }
@@ -553,6 +711,13 @@ fn dump_failure(e: DumpError) -> Failure {
         DumpError::Criu { .. } => Failure::new(4, "criu", e),
         DumpError::Staging { .. } | DumpError::Archive(_) | DumpError::Files(_) => {
             Failure::new(1, "io", e)
+        }
+        DumpError::Store(ref s) => {
+            let code = match s {
+                cedana_store::StoreError::BadUrl { .. } => 3,
+                _ => 1,
+            };
+            Failure::new(code, "store", e)
         }
     }
 }
@@ -572,6 +737,7 @@ fn restore_failure(e: RestoreError) -> Failure {
         | RestoreError::PidTaken { .. }
         | RestoreError::Files { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
+        RestoreError::Store(ref s) => Failure::new(store_failure_code(s), "store", e),
     }
 }
 

@@ -68,6 +68,8 @@ pub enum RestoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(Box<cedana_store::StoreError>),
     #[error("archive {path}: {source}")]
     Files {
         path: PathBuf,

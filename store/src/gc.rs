@@ -126,10 +126,13 @@ impl Writing {
         &self.store
     }
 
-    /// Writes the checkpoint's manifest (never replacing one) and ends the writing.
-    pub async fn commit(mut self, name: &str, manifest: Vec<u8>) -> Result<(), StoreError> {
+    /// Writes the checkpoint's manifest (never replacing one) and ends the writing; if the
+    /// name is taken ([`StoreError::Exists`]) the writing goes on, for another name.
+    pub async fn commit(&mut self, name: &str, manifest: Vec<u8>) -> Result<(), StoreError> {
         let result = self.store.put_manifest(name, manifest).await;
-        self.end().await;
+        if !matches!(result, Err(StoreError::Exists { .. })) {
+            self.end().await;
+        }
         result
     }
 

@@ -89,7 +89,7 @@ pub async fn upload(
     writing: &crate::gc::Writing,
     pieces: &[Piece],
     level: i32,
-    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<Uploaded, StoreError> {
     upload_pass(writing.store(), pieces, level, progress).await
 }
@@ -98,7 +98,7 @@ async fn upload_pass(
     store: &Store,
     pieces: &[Piece],
     level: i32,
-    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<Uploaded, StoreError> {
     let present: HashSet<ChunkId> = store.list_chunks().await?.into_keys().collect();
     let sent = Arc::new(Sent {
@@ -130,7 +130,7 @@ async fn upload_pass(
     }
     let results: Vec<(usize, ChunkRef, u64)> = futures::stream::iter(jobs)
         .map(|(file_index, path, file, at, len)| {
-            let (sent, cpu, progress) = (sent.clone(), cpu.clone(), progress.clone());
+            let (sent, cpu) = (sent.clone(), cpu.clone());
             async move {
                 let permit = cpu.acquire_owned().await.expect("never closed");
                 let sealed = tokio::task::spawn_blocking(move || {
@@ -152,7 +152,7 @@ async fn upload_pass(
                     stored = sealed.len() as u64;
                     store.put_chunk(&id, Bytes::from(sealed)).await?;
                 }
-                if let Some(p) = &progress {
+                if let Some(p) = progress {
                     p(len);
                 }
                 Ok::<_, StoreError>((file_index, ChunkRef { id, size: len }, stored))
@@ -203,7 +203,7 @@ pub async fn download(
     checkpoint: &str,
     files: &[Wanted],
     dir: &Path,
-    progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<u64, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut opened = Vec::new();
@@ -249,7 +249,7 @@ pub async fn download(
     let opened = Arc::new(opened);
     let total: Vec<u64> = futures::stream::iter(order)
         .map(|id| {
-            let (places, opened, progress) = (places.clone(), opened.clone(), progress.clone());
+            let (places, opened) = (places.clone(), opened.clone());
             async move {
                 let (r, _) = places[&id];
                 let bytes = store.get_chunk(checkpoint, &r).await?;
@@ -268,7 +268,7 @@ pub async fn download(
                 })
                 .await
                 .expect("writing does not panic")?;
-                if let Some(p) = &progress {
+                if let Some(p) = progress {
                     p(n);
                 }
                 Ok::<_, StoreError>(n)

@@ -74,7 +74,7 @@ fn a_second_checkpoint_sends_only_what_changed_and_prune_keeps_what_is_named() {
         },
     ];
     let first = rt.block_on(async {
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         let up = upload(&w, &pieces, 1, None).await.unwrap();
         w.commit("one", manifest(&up.entries)).await.unwrap();
         up
@@ -86,7 +86,7 @@ fn a_second_checkpoint_sends_only_what_changed_and_prune_keeps_what_is_named() {
     big[3 << 20..4 << 20].copy_from_slice(&noise(2, 1 << 20));
     std::fs::write(src.join("pages-1.img"), &big).unwrap();
     let second = rt.block_on(async {
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         let up = upload(&w, &pieces, 1, None).await.unwrap();
         w.commit("two", manifest(&up.entries)).await.unwrap();
         up
@@ -96,7 +96,7 @@ fn a_second_checkpoint_sends_only_what_changed_and_prune_keeps_what_is_named() {
     assert_eq!(chunk_files(&root).len(), 10);
     // A name is never written twice.
     let again = rt.block_on(async {
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         w.commit("two", manifest(&second.entries)).await
     });
     assert!(matches!(again, Err(StoreError::Exists { .. })), "{again:?}");
@@ -158,14 +158,14 @@ fn a_damaged_or_missing_chunk_is_named_and_the_previous_checkpoint_still_restore
         cuts: vec![],
     }];
     let old = rt.block_on(async {
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         let up = upload(&w, &pieces, 1, None).await.unwrap();
         w.commit("old", manifest(&up.entries)).await.unwrap();
         up
     });
     std::fs::write(&src, noise(6, 3 << 20)).unwrap();
     let new = rt.block_on(async {
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         let up = upload(&w, &pieces, 1, None).await.unwrap();
         w.commit("new", manifest(&up.entries)).await.unwrap();
         up
@@ -224,7 +224,7 @@ fn a_prune_removes_no_chunk_while_a_checkpoint_is_written_nor_a_crashed_writers_
     }];
     rt.block_on(async {
         // A writer that sent its chunks but has not written its manifest yet.
-        let w = Writing::begin(&store).await.unwrap();
+        let mut w = Writing::begin(&store).await.unwrap();
         let up = upload(&w, &pieces, 1, None).await.unwrap();
         let p = prune(&store, &Keep::default()).await.unwrap();
         assert_eq!(p.chunks_removed, 0, "{p:?}");

@@ -111,7 +111,12 @@ pub use cedana_protocol::Compression;
 pub struct Entry {
     pub name: String,
     pub size: u64,
+    /// In an archive (format 1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// In a store (format 2, [`crate::chunked`]): the entry's chunks in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<cedana_store::ChunkRef>>,
 }
 
 /// The process a checkpoint holds.

@@ -21,5 +21,6 @@ pub use format::{
     host_info, safe_entry_name, ArchiveError, Compression, Digest, Entry, Manifest, ManifestCriu,
     ManifestHost, ManifestProcess, FORMAT_VERSION, IMAGES_DIR, MANIFEST,
 };
+pub(crate) use verify::{check_names, check_room};
 pub use verify::{extract, extract_stream, inspect, Extracted};
 pub use write::{digest_following, Finished, Writer};

@@ -42,6 +42,10 @@ impl Extracted {
     pub fn files_dir(&self) -> PathBuf {
         self.dir.path().join(files::FILES_DIR)
     }
+    /// Images and files already checked and written into `dir` (a checkpoint from a store).
+    pub(crate) fn from_parts(manifest: Manifest, dir: crate::staging::Held) -> Self {
+        Extracted { manifest, dir }
+    }
     /// Keeps the folder on disk (for debugging) and returns its path.
     pub fn keep(self) -> PathBuf {
         self.dir.keep()
@@ -472,7 +476,11 @@ fn check_listing(
 
 /// Whether what the manifest says the archive expands to fits in the staging folder's
 /// filesystem, before anything is written (every entry is then held to its listed size).
-fn check_room(path: &Path, manifest: &Manifest, staging: &Path) -> Result<(), ArchiveError> {
+pub(crate) fn check_room(
+    path: &Path,
+    manifest: &Manifest,
+    staging: &Path,
+) -> Result<(), ArchiveError> {
     let need = manifest
         .entries
         .iter()
@@ -589,7 +597,7 @@ fn check_local_header(
 /// Checks an archive's entries (name, and whether it is a folder or link rather than a file)
 /// against the manifest: safe names, each listed entry present once, nothing unlisted, the
 /// carried files exactly the `files/` entries. Returns entry name → position in `names`.
-fn check_names(
+pub(crate) fn check_names(
     path: &Path,
     names: &[(String, bool)],
     manifest: &Manifest,

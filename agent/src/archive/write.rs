@@ -179,6 +179,7 @@ impl Writer {
                     name: name.into(),
                     size: digest.size,
                     sha256: digest.sha256.clone(),
+                    chunks: None,
                 }],
             })),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
@@ -283,6 +284,7 @@ impl Writer {
             name: name.to_string(),
             size: written,
             sha256: pipe.finish(),
+            chunks: None,
         });
         Ok(written)
     }
@@ -327,6 +329,7 @@ impl Writer {
             name: name.to_string(),
             size: written,
             sha256: hex::encode(hash.finish()),
+            chunks: None,
         });
         Ok(written)
     }
@@ -370,6 +373,7 @@ impl Writer {
             name: name.to_string(),
             size: digest.size,
             sha256: digest.sha256.clone(),
+            chunks: None,
         });
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::proto::{CpuinfoEntry, CpuinfoX86Entry, PstreeEntry};
+use super::proto::{CpuinfoEntry, CpuinfoX86Entry, PagemapEntry, PagemapHead, PstreeEntry};
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
@@ -178,4 +178,129 @@ pub fn rewrite_cpuinfo(
     }
     img.entries[0] = entry.encode_to_vec();
     Ok(img.to_bytes())
+}
+
+/// `pagemap_entry` flags: the pages are in the parent's images, or served lazily, or here.
+const PE_PARENT: u32 = 1 << 0;
+const PE_LAZY: u32 = 1 << 1;
+const PE_PRESENT: u32 = 1 << 2;
+
+/// Where the page images of a dump are best cut into chunks: for each `pages-<id>.img`, the
+/// sizes of its chunks in order. A chunk holds the pages of one 1 MiB-aligned window of a
+/// process's address space (windows holding less than 256 KiB are merged with the next, up to
+/// 2 MiB), so memory rewritten in one place changes the chunks of that place only, also when
+/// pages appear or go elsewhere (which shifts every later offset in the file). A page image
+/// whose pagemap cannot be read or does not add up to its size gets no cuts (fixed-size
+/// chunks then).
+pub fn page_image_cuts(images_dir: &Path) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir(images_dir) else {
+        return out;
+    };
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Some((pages_id, cuts)) = pagemap_cuts(&bytes, &name, page) else {
+            continue;
+        };
+        let pages = format!("pages-{pages_id}.img");
+        let size = std::fs::metadata(images_dir.join(&pages)).map_or(u64::MAX, |m| m.len());
+        if cuts.iter().sum::<u64>() == size {
+            out.insert(pages, cuts);
+        }
+    }
+    out
+}
+
+/// The pages id and the cuts of one pagemap (see [`page_image_cuts`]).
+fn pagemap_cuts(bytes: &[u8], name: &str, page: u64) -> Option<(u32, Vec<u64>)> {
+    const WINDOW: u64 = 1 << 20;
+    const MIN: u64 = 256 << 10;
+    const MAX: u64 = 2 << 20;
+    let img = Image::parse(bytes, name).ok()?;
+    let mut entries = img.entries.iter();
+    let head = PagemapHead::decode(entries.next()?.as_slice()).ok()?;
+    let mut cuts = Vec::new();
+    let mut cur = 0u64;
+    let mut cur_window = u64::MAX;
+    for e in entries {
+        let e = PagemapEntry::decode(e.as_slice()).ok()?;
+        let flags = e.flags.unwrap_or(match e.in_parent {
+            Some(true) => PE_PARENT,
+            _ => PE_PRESENT,
+        });
+        if flags & PE_PRESENT == 0 || flags & (PE_LAZY | PE_PARENT) != 0 {
+            continue;
+        }
+        for i in 0..u64::from(e.nr_pages) {
+            let window = (e.vaddr + i * page) / WINDOW;
+            if cur > 0 && ((window != cur_window && cur >= MIN) || cur + page > MAX) {
+                cuts.push(cur);
+                cur = 0;
+            }
+            cur += page;
+            cur_window = window;
+        }
+    }
+    if cur > 0 {
+        cuts.push(cur);
+    }
+    Some((head.pages_id, cuts))
+}
+
+#[cfg(test)]
+mod cut_tests {
+    use super::*;
+
+    fn pagemap(entries: &[(u64, u32)]) -> Vec<u8> {
+        let mut img = Image {
+            magics: vec![IMG_COMMON_MAGIC, 0x56084025],
+            entries: vec![PagemapHead { pages_id: 7 }.encode_to_vec()],
+        };
+        for (vaddr, nr_pages) in entries {
+            img.entries.push(
+                PagemapEntry {
+                    vaddr: *vaddr,
+                    nr_pages: *nr_pages,
+                    in_parent: None,
+                    flags: Some(PE_PRESENT),
+                }
+                .encode_to_vec(),
+            );
+        }
+        img.to_bytes()
+    }
+
+    #[test]
+    fn chunks_follow_address_windows_so_new_pages_elsewhere_shift_nothing() {
+        let mib = 1u64 << 20;
+        // 3 MiB at 0x7f00_0000_0000 (window-aligned): three 1 MiB chunks.
+        let base = 0x7f00_0000_0000u64;
+        let (id, cuts) = pagemap_cuts(&pagemap(&[(base, 768)]), "pagemap-1.img", 4096).unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(cuts, vec![mib, mib, mib]);
+        // A page added below shifts every offset in the file; the windows' chunks stay the
+        // same, only the first (now merged with the new page) changes.
+        let (_, cuts2) =
+            pagemap_cuts(&pagemap(&[(0x1000, 1), (base, 768)]), "pagemap-1.img", 4096).unwrap();
+        assert_eq!(cuts2, vec![mib + 4096, mib, mib]);
+        // Sparse pages: merged until 256 KiB, and no chunk past 2 MiB.
+        let sparse: Vec<(u64, u32)> = (0..100).map(|i| (i * mib, 1)).collect();
+        let (_, cuts3) = pagemap_cuts(&pagemap(&sparse), "pagemap-1.img", 4096).unwrap();
+        assert!(cuts3.iter().all(|c| *c <= 2 * mib), "{cuts3:?}");
+        assert_eq!(cuts3.iter().sum::<u64>(), 100 * 4096);
+        assert!(
+            cuts3[..cuts3.len() - 1].iter().all(|c| *c >= 256 << 10),
+            "{cuts3:?}"
+        );
+    }
 }

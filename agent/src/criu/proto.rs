@@ -220,3 +220,24 @@ pub struct PstreeEntry {
     #[prost(uint32, repeated, packed = "false", tag = "5")]
     pub threads: Vec<u32>,
 }
+
+/// `pagemap_head` from `images/pagemap.proto`: the first entry of `pagemap-<pid>.img`, naming
+/// the `pages-<id>.img` that holds the pages.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PagemapHead {
+    #[prost(uint32, required, tag = "1")]
+    pub pages_id: u32,
+}
+
+/// `pagemap_entry` from `images/pagemap.proto`: a run of pages at `vaddr`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PagemapEntry {
+    #[prost(uint64, required, tag = "1")]
+    pub vaddr: u64,
+    #[prost(uint32, required, tag = "2")]
+    pub nr_pages: u32,
+    #[prost(bool, optional, tag = "3")]
+    pub in_parent: Option<bool>,
+    #[prost(uint32, optional, tag = "4")]
+    pub flags: Option<u32>,
+}

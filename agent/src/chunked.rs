@@ -1,0 +1,408 @@
+//! Checkpoints in a store ([`cedana_store`]): the same manifest as an archive's, with each
+//! entry's chunks instead of its SHA-256 (format version [`FORMAT_VERSION`]), and the chunks
+//! beside it in the store.
+//!
+//! Dump: CRIU writes its images into a staging folder and the tree runs again (or is frozen,
+//! if it is to be stopped) as soon as CRIU is done; the carried folder is copied while the tree
+//! is still stopped. Everything else (cutting, hashing, compressing, sending only the chunks
+//! the store lacks) happens after, while the task runs. A tree that is to stop stays frozen
+//! until the manifest is written, and is thawed if anything fails.
+//!
+//! Restore: the manifest is checked whole (names, sizes, chunk lists, the room it needs)
+//! before any chunk is fetched; each chunk is checked against its name as it arrives, into a
+//! private staging folder; then the CPU check and CRIU, as for an archive.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cedana_store::{Piece, Store, StoreError, StoreUrl, Uploaded, Wanted, Writing};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::archive::{self, ArchiveError, Entry, Manifest, ManifestCriu, ManifestProcess};
+use crate::criu::{self, images, Criu, DumpRequest};
+use crate::dump::{self, millis, DumpError, DumpOptions, TcpMode};
+use crate::progress::Progress;
+use crate::restore::{self, RestoreError, RestoreOptions, RestoreOutcome};
+use crate::{files, staging};
+
+/// The manifest format of a checkpoint in a store.
+pub const FORMAT_VERSION: u32 = 2;
+/// zstd level of chunks unless told otherwise: fast, and random memory costs little.
+pub const DEFAULT_LEVEL: i32 = 1;
+
+/// The result of a dump into a store.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreDumpOutcome {
+    /// The checkpoint's name in the store.
+    pub name: String,
+    pub store: String,
+    /// How long the tree was stopped: CRIU's dump, and the carried folder's copy.
+    #[serde(with = "millis")]
+    pub frozen_time: Duration,
+    #[serde(with = "millis")]
+    pub criu_time: Duration,
+    /// Cutting, hashing, compressing and sending, after the tree ran again.
+    #[serde(with = "millis")]
+    pub upload_time: Duration,
+    pub images_bytes: u64,
+    #[serde(flatten)]
+    pub uploaded: Uploaded,
+    #[serde(skip)]
+    pub manifest: Manifest,
+}
+
+/// Dumps `opts.pid` into `store` as a new checkpoint named `<name>_<YYYYMMDD_HHMMSS>`, chunks
+/// sealed at zstd `level`. `opts.dir` holds the staging folder (unless `opts.staging` says
+/// otherwise) and any failed CRIU log. Runs the store's requests on `rt`.
+pub fn dump_to_store(
+    criu: &Criu,
+    opts: &DumpOptions,
+    store: &StoreUrl,
+    level: i32,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+) -> Result<StoreDumpOutcome, DumpError> {
+    let target = dump::Target::check(opts)?;
+    let info = &target.info;
+    let st = Store::open(store)?;
+    let work = target.staging(opts)?;
+    let resume_after_files = opts.leave_running && opts.files.is_some();
+    let req = DumpRequest {
+        pid: opts.pid,
+        images_dir: work.path().to_path_buf(),
+        leave_running: opts.leave_running && !resume_after_files,
+        leave_stopped: !opts.leave_running || resume_after_files,
+        tcp_established: opts.tcp == TcpMode::Established,
+        tcp_close: opts.tcp == TcpMode::Close,
+        shell_job: target.shell_job,
+        ext_unix_sk: opts.ext_unix_sk,
+    };
+    info!(pid = opts.pid, name = %info.name, store = %store, "dumping into a store");
+    let _guard = if req.leave_stopped {
+        crate::guard::Guard::start(opts.pid)
+    } else {
+        None
+    };
+    let version = criu
+        .version()
+        .map_err(|source| dump::criu_err(info, source, String::new()))?;
+    progress.stage("checkpointing", Some(info.tree_rss_bytes));
+    let t0 = Instant::now();
+    if let Err(source) = criu.dump(&req, &mut |_| {}) {
+        progress.finish();
+        let kept = dump::keep_log(
+            &work.path().join(criu::DUMP_LOG),
+            &opts.dir.join(format!("{}.dump-failed.log", target.stem)),
+        );
+        return Err(dump::criu_err(info, source, kept));
+    }
+    let criu_time = t0.elapsed();
+    // The carried folder, read while the tree is stopped (copied first if it is to go on).
+    let carried = opts
+        .files
+        .as_deref()
+        .map(|root| -> Result<files::Collected, DumpError> {
+            let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
+            let mut c = files::collect(root, &exclude)?;
+            if opts.leave_running {
+                let snap = work.path().join("carried");
+                std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
+                    path: snap.clone(),
+                    source,
+                })?;
+                files::snapshot(&mut c, &snap)?;
+            }
+            Ok(c)
+        })
+        .transpose();
+    if resume_after_files {
+        dump::signal_tree(info.pid, Signal::SIGCONT);
+    }
+    let frozen_time = t0.elapsed();
+    let frozen = !opts.leave_running;
+    let t_upload = Instant::now();
+    let finish = || -> Result<(Manifest, Uploaded, u64, String), DumpError> {
+        let carried = carried?;
+        let cpu = match criu
+            .cpuinfo_dump(work.path())
+            .map_err(|e| e.to_string())
+            .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
+        {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "no CPU description in the dump");
+                None
+            }
+        };
+        let (tree_size, tree_pids) = dump::dumped_tree(work.path(), info);
+        let mut cuts = images::page_image_cuts(work.path());
+        let mut pieces: Vec<Piece> = std::fs::read_dir(work.path())
+            .map_err(|source| DumpError::Staging {
+                path: work.path().to_path_buf(),
+                source,
+            })?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter(|e| e.file_name() != staging::LOCK)
+            .map(|e| {
+                let file = e.file_name().to_string_lossy().into_owned();
+                Piece {
+                    name: format!("{}/{file}", archive::IMAGES_DIR),
+                    path: e.path(),
+                    cuts: cuts.remove(&file).unwrap_or_default(),
+                }
+            })
+            .collect();
+        pieces.sort_by(|a, b| a.name.cmp(&b.name));
+        let images_bytes = pieces
+            .iter()
+            .map(|p| std::fs::metadata(&p.path).map_or(0, |m| m.len()))
+            .sum();
+        let files = carried.map(|c| {
+            for (name, path) in c.sources {
+                pieces.push(Piece {
+                    name,
+                    path,
+                    cuts: Vec::new(),
+                });
+            }
+            c.files
+        });
+        let total: u64 = pieces
+            .iter()
+            .map(|p| std::fs::metadata(&p.path).map_or(0, |m| m.len()))
+            .sum();
+        progress.stage("storing", Some(total));
+        let bar = |n| progress.advance(n);
+        let mut manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            created_at: target.stamp.rfc3339.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            process: ManifestProcess {
+                name: info.name.clone(),
+                pid: info.pid,
+                cmdline: info.cmdline.clone(),
+                cwd: info.cwd.clone(),
+                exe: info.exe.clone(),
+                tree_size,
+                tree_pids,
+                rss_bytes: info.tree_rss_bytes,
+            },
+            host: archive::host_info(),
+            criu: ManifestCriu {
+                version: version.to_string(),
+                shell_job: target.shell_job,
+                tcp_established: req.tcp_established,
+                tcp_close: req.tcp_close,
+                ext_unix_sk: req.ext_unix_sk,
+                pid_namespace: info.pid_namespace_init,
+            },
+            cpu,
+            compression: archive::Compression::Zstd,
+            entries: Vec::new(),
+            files,
+        };
+        let stem = target.stem.clone();
+        let (uploaded, name) = rt.block_on(async {
+            let mut writing = Writing::begin(&st).await?;
+            let up = cedana_store::upload(&writing, &pieces, level, Some(&bar)).await;
+            let up = match up {
+                Ok(up) => up,
+                Err(e) => {
+                    writing.abandon().await;
+                    return Err(e);
+                }
+            };
+            manifest.entries = up
+                .entries
+                .iter()
+                .map(|e| Entry {
+                    name: e.name.clone(),
+                    size: e.size,
+                    sha256: String::new(),
+                    chunks: Some(e.chunks.clone()),
+                })
+                .collect();
+            let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+            // Two checkpoints of one process in one second: the second gets `_2`, and so on.
+            let mut n = 1;
+            loop {
+                let name = match n {
+                    1 => stem.clone(),
+                    n => format!("{stem}_{n}"),
+                };
+                match writing.commit(&name, bytes.clone()).await {
+                    Err(StoreError::Exists { .. }) if n < 100 => n += 1,
+                    Err(e) => return Err(e),
+                    Ok(()) => return Ok::<_, StoreError>((up, name)),
+                }
+            }
+        })?;
+        Ok((manifest, uploaded, images_bytes, name))
+    };
+    let result = finish();
+    progress.finish();
+    let (manifest, uploaded, images_bytes, name) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if frozen {
+                warn!(
+                    pid = info.pid,
+                    "checkpoint failed: thawing the process tree"
+                );
+                dump::signal_tree(info.pid, Signal::SIGCONT);
+            }
+            return Err(e);
+        }
+    };
+    if frozen {
+        dump::signal_tree(info.pid, Signal::SIGKILL);
+    }
+    let upload_time = t_upload.elapsed();
+    info!(name = %name, store = %store, ?criu_time, ?frozen_time, ?upload_time,
+        chunks = uploaded.chunks, sent = uploaded.chunks_sent, "checkpoint stored");
+    Ok(StoreDumpOutcome {
+        name,
+        store: store.to_string(),
+        frozen_time: if frozen { t0.elapsed() } else { frozen_time },
+        criu_time,
+        upload_time,
+        images_bytes,
+        uploaded,
+        manifest,
+    })
+}
+
+/// Reads and checks the manifest of checkpoint `name` in `store`: the chunked format, safe
+/// names, each entry's chunks adding up to its size, no chunk larger than a chunk may be.
+pub fn read_manifest(
+    st: &Store,
+    name: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<Manifest, RestoreError> {
+    let label = PathBuf::from(format!("{}/{name}", st.url()));
+    let bytes = rt.block_on(st.get_manifest(name)).map_err(store_err)?;
+    let bad = |reason: String| {
+        RestoreError::Archive(ArchiveError::BadManifest {
+            path: label.clone(),
+            reason,
+        })
+    };
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {}, a checkpoint in a store has version {FORMAT_VERSION}",
+            manifest.format_version
+        )));
+    }
+    let names: Vec<(String, bool)> = manifest
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), false))
+        .collect();
+    archive::check_names(&label, &names, &manifest)?;
+    for e in &manifest.entries {
+        let Some(chunks) = &e.chunks else {
+            return Err(bad(format!("entry {:?} lists no chunks", e.name)));
+        };
+        let sum = chunks
+            .iter()
+            .try_fold(0u64, |a, c| {
+                (c.size <= cedana_store::chunk::MAX_CHUNK)
+                    .then_some(())
+                    .and(a.checked_add(c.size))
+            })
+            .ok_or_else(|| bad(format!("entry {:?} lists an oversized chunk", e.name)))?;
+        if sum != e.size {
+            return Err(bad(format!(
+                "entry {:?} is {} bytes but its chunks add up to {sum}",
+                e.name, e.size
+            )));
+        }
+    }
+    Ok(manifest)
+}
+
+/// Restores checkpoint `name` from `store` (see the module's documentation). `opts.archive`
+/// is ignored; errors name the store and the checkpoint.
+pub fn restore_from_store(
+    criu: &Criu,
+    store: &StoreUrl,
+    name: &str,
+    opts: &RestoreOptions,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+) -> Result<RestoreOutcome, RestoreError> {
+    let t0 = Instant::now();
+    let st = Store::open(store).map_err(store_err)?;
+    let label = PathBuf::from(format!("{store}/{name}"));
+    progress.stage("reading the manifest", None);
+    let manifest = read_manifest(&st, name, rt)?;
+    let staging_root = match &opts.staging {
+        Some(s) => staging::root(Some(s), s),
+        None => staging::root(
+            None,
+            &std::env::current_dir().unwrap_or_else(|_| "/tmp".into()),
+        ),
+    };
+    staging::sweep(&staging_root);
+    let held = staging::Held::create(&staging_root, ".cedana-restore-").map_err(|source| {
+        RestoreError::Staging {
+            path: staging_root.clone(),
+            source,
+        }
+    })?;
+    archive::check_room(&label, &manifest, held.path())?;
+    let wanted: Vec<Wanted> = manifest
+        .entries
+        .iter()
+        .map(|e| Wanted {
+            path: PathBuf::from(&e.name),
+            size: e.size,
+            chunks: e.chunks.clone().unwrap_or_default(),
+        })
+        .collect();
+    progress.stage("fetching", Some(manifest.total_size()));
+    let bar = |n| progress.advance(n);
+    let fetched = rt.block_on(cedana_store::download(
+        &st,
+        name,
+        &wanted,
+        held.path(),
+        Some(&bar),
+    ));
+    progress.finish();
+    fetched.map_err(store_err)?;
+    // Every image folder CRIU reads exists even when the checkpoint has no entry in it.
+    let _ = std::fs::create_dir_all(held.path().join(archive::IMAGES_DIR));
+    let extracted = archive::Extracted::from_parts(manifest, held);
+    let opts = RestoreOptions {
+        archive: label.clone(),
+        ..opts.clone()
+    };
+    restore::restore_extracted(
+        criu,
+        extracted,
+        &opts,
+        t0.elapsed(),
+        &staging_root.join(format!("{name}.restore-failed.log")),
+        progress,
+    )
+}
+
+/// The checkpoints in `store`, oldest first.
+pub fn list(
+    store: &StoreUrl,
+    rt: &tokio::runtime::Handle,
+) -> Result<Vec<cedana_store::CheckpointInfo>, StoreError> {
+    let st = Store::open(store)?;
+    rt.block_on(st.list_checkpoints())
+}
+
+/// A store error as a restore's: a missing or damaged chunk or manifest is bad input (the
+/// checkpoint), anything else is the store's or this machine's trouble.
+fn store_err(e: StoreError) -> RestoreError {
+    RestoreError::Store(Box::new(e))
+}
