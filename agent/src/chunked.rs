@@ -335,6 +335,39 @@ pub fn restore_from_store(
     rt: &tokio::runtime::Handle,
     progress: &dyn Progress,
 ) -> Result<RestoreOutcome, RestoreError> {
+    restore_inner(criu, store, name, opts, rt, progress, |_| 0).map(|(out, _)| out)
+}
+
+/// [`restore_from_store`] for the daemon: `before` is told the checked manifest once every
+/// chunk is in place, before CRIU runs; what it returns comes back with the outcome.
+pub fn restore_from_store_with<T>(
+    criu: &Criu,
+    store: &StoreUrl,
+    name: &str,
+    opts: &RestoreOptions,
+    rt: &tokio::runtime::Handle,
+    before: impl FnOnce(&Manifest) -> T,
+) -> Result<(RestoreOutcome, T), RestoreError> {
+    restore_inner(
+        criu,
+        store,
+        name,
+        opts,
+        rt,
+        &crate::progress::NoProgress,
+        before,
+    )
+}
+
+fn restore_inner<T>(
+    criu: &Criu,
+    store: &StoreUrl,
+    name: &str,
+    opts: &RestoreOptions,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+    before: impl FnOnce(&Manifest) -> T,
+) -> Result<(RestoreOutcome, T), RestoreError> {
     let t0 = Instant::now();
     let st = Store::open(store).map_err(store_err)?;
     let label = PathBuf::from(format!("{store}/{name}"));
@@ -377,6 +410,7 @@ pub fn restore_from_store(
     fetched.map_err(store_err)?;
     // Every image folder CRIU reads exists even when the checkpoint has no entry in it.
     let _ = std::fs::create_dir_all(held.path().join(archive::IMAGES_DIR));
+    let told = before(&manifest);
     let extracted = archive::Extracted::from_parts(manifest, held);
     let opts = RestoreOptions {
         archive: label.clone(),
@@ -390,6 +424,7 @@ pub fn restore_from_store(
         &staging_root.join(format!("{name}.restore-failed.log")),
         progress,
     )
+    .map(|out| (out, told))
 }
 
 /// The checkpoints in `store`, oldest first.

@@ -119,6 +119,11 @@ struct DaemonArgs {
     /// the NATS object store
     #[arg(long, value_name = "DIR", env = "CEDANA_SHARED_STORAGE")]
     shared_storage: Option<PathBuf>,
+    /// A checkpoint store for the job's checkpoints (s3://BUCKET/PREFIX, gs://…, az://…,
+    /// file:///PATH): they go there as chunks and only what the store lacks is sent; workers
+    /// need no shared folder. Credentials the cloud's standard way
+    #[arg(long, value_name = "URL", env = "CEDANA_STORE")]
+    store: Option<String>,
     /// Watch EC2 instance metadata (IMDSv2) for spot interruption notices: on one, every task
     /// is checkpointed right away (left running) and a spot_notice event names the checkpoints;
     /// rebalance recommendations are reported too
@@ -599,6 +604,7 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         work_dir: a.work_dir.clone(),
         heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
         shared_storage: a.shared_storage.clone(),
+        store: a.store.as_deref().map(store_url).transpose()?,
         spot: match a.imds_endpoint.as_deref().map(str::trim) {
             Some(endpoint) if !endpoint.is_empty() => Some(endpoint.to_string()),
             _ if a.watch_spot => Some(cedana_agent::imds::DEFAULT_ENDPOINT.to_string()),

@@ -71,6 +71,7 @@ fn main() -> ExitCode {
             arbitrage_margin,
             detach,
             expose,
+            store,
             controller_for,
         } => cli::run::run(
             cli::run::Run {
@@ -83,7 +84,13 @@ fn main() -> ExitCode {
                 expose,
                 controller_for,
             },
-            config,
+            match store {
+                Some(url) => cedana_driver::Config {
+                    checkpoint_store: Some(cedana_protocol::config::CheckpointStoreConfig { url }),
+                    ..config
+                },
+                None => config,
+            },
             cli.config.clone(),
             state_dir,
         ),

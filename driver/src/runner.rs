@@ -17,6 +17,8 @@ use crate::jobfile::script::{self, ScriptError};
 pub enum RunError {
     #[error(transparent)]
     Script(#[from] ScriptError),
+    #[error("checkpoint_store.url in the config or --store: {0}")]
+    Store(Box<cedana_store::StoreError>),
     #[error(transparent)]
     Nats(#[from] crate::coord::nats::NatsError),
     #[error(transparent)]
@@ -171,6 +173,9 @@ pub fn check(
         }
         Kind::Yaml => Some(crate::jobfile::yaml::load(path, reporter)?),
     };
+    if let Some(c) = &config.checkpoint_store {
+        cedana_store::StoreUrl::parse(&c.url).map_err(|e| RunError::Store(Box::new(e)))?;
+    }
     if let Some(dir) = shared_storage(config) {
         // The original's default was under /home/ubuntu: a folder whose parent is missing is
         // a config from another machine, not a place to create.
@@ -296,6 +301,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         expose: opts.expose.clone(),
+        store: checkpoint_store(&opts.config).map(|u| u.to_string()),
     };
 
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
@@ -315,7 +321,12 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     opts.reporter
         .note(&format!("job {job_id}: folder {}", job_dir.display()));
     let shared = shared_storage(&opts.config);
+    let store = checkpoint_store(&opts.config);
     opts.reporter.note(&match (&shared, &embedded) {
+        _ if store.is_some() => format!(
+            "checkpoints go to {} as chunks (checkpoint_store; `cedana-agent prune --store URL` removes what no checkpoint needs)",
+            store.as_ref().map(|s| s.join(&job_id).to_string()).unwrap_or_default()
+        ),
         (Some(dir), _) => format!(
             "checkpoints go to {} (shared_storage.dump_storage_dir)",
             std::path::absolute(dir.join(&job_id))
@@ -369,6 +380,15 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         reporter: opts.reporter,
         resumed: false,
     })
+}
+
+/// The config's `checkpoint_store.url`, if set (and usable: [`check`] refused it otherwise).
+fn checkpoint_store(config: &cedana_protocol::Config) -> Option<cedana_store::StoreUrl> {
+    config
+        .checkpoint_store
+        .as_ref()
+        .filter(|c| !c.url.is_empty())
+        .and_then(|c| cedana_store::StoreUrl::parse(&c.url).ok())
 }
 
 /// The config's `shared_storage.dump_storage_dir`, if set.
@@ -642,6 +662,16 @@ fn drive(d: Drive) -> Result<i64, RunError> {
         shared_storage,
         record,
     )));
+    {
+        let mut j = job.borrow_mut();
+        j.store = j
+            .record
+            .settings
+            .store
+            .as_deref()
+            .and_then(|u| cedana_store::StoreUrl::parse(u).ok())
+            .map(|u| u.join(&job_id));
+    }
     let Checked {
         yaml,
         script_dir,

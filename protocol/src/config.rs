@@ -77,6 +77,18 @@ pub struct Config {
     pub criu: CriuConfig,
     /// Cedana-rs addition: moving a running job to cheaper offers.
     pub arbitrage: ArbitrageConfig,
+    /// Cedana-rs addition: where checkpoints go as chunks (`s3://…`, `gs://…`, `az://…`,
+    /// `file:///…`); absent: the NATS object store (or `shared_storage`).
+    pub checkpoint_store: Option<CheckpointStoreConfig>,
+}
+
+/// `checkpoint_store` block (Cedana-rs addition; the original ignores it).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckpointStoreConfig {
+    /// `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`, `az://CONTAINER/PREFIX` or `file:///PATH`;
+    /// each job's checkpoints go under `<url>/<job>`.
+    pub url: String,
 }
 
 /// `arbitrage` block (Cedana-rs addition; off unless enabled): every `interval_seconds` the

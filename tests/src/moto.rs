@@ -164,6 +164,17 @@ impl MotoServer {
         }
     }
 
+    /// Creates the S3 bucket `bucket` (at least 3 characters) with a plain `PUT /<bucket>`
+    /// (moto takes unsigned requests).
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, body) = http(self.port, "PUT", &format!("/{bucket}"))
+            .unwrap_or_else(|e| panic!("moto: create bucket {bucket}: {e}"));
+        assert_eq!(
+            status, 200,
+            "moto: creating bucket {bucket} answered {status}: {body}"
+        );
+    }
+
     /// moto's output so far (its last `lines` lines).
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.dir.path().join("moto.log"), lines)

@@ -124,6 +124,7 @@ fn boot<'a>(
         token: NATS_TOKEN,
         job_dir: std::path::Path::new("/nonexistent"),
         shared_storage: None,
+        store: None,
         rt,
     }
 }

@@ -468,3 +468,83 @@ fn a_spot_notice_moves_the_task_before_the_worker_goes() {
         .stderr()
         .contains("spot interruption notice for worker w1"));
 }
+
+/// `checkpoint_store` in the config: the job's checkpoints go into a folder store as chunks
+/// (a later one sends only what changed), the store keeps the newest two and the chunks they
+/// name, and a lost worker's task comes back from there.
+#[test]
+fn checkpoints_go_to_a_checkpoint_store_as_chunks_and_recovery_reads_them_back() {
+    if !criu_ready("checkpoints_go_to_a_checkpoint_store_as_chunks_and_recovery_reads_them_back") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let store = sb.path().join("store");
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"checkpoint_store": {"url": format!("file://{}", store.display())}})
+            .to_string(),
+    )
+    .unwrap();
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        Some(&cfg),
+        &["--checkpoint-every", "1"],
+        &example("managed.rhai"),
+    );
+    let r = d.wait_record(Duration::from_secs(60), "four checkpoints", |r| {
+        checkpoints(r) >= 4
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    let manifests = || -> Vec<String> {
+        std::fs::read_dir(store.join(&job).join("checkpoints"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let names = manifests();
+    assert!(
+        !names.is_empty() && names.len() <= 3,
+        "the newest two are kept (one more may be on its way): {names:?}"
+    );
+    assert!(store.join(&job).join("chunks").read_dir().unwrap().count() > 0);
+    // Chunks are shared: the kept checkpoints name chunks in common (the pages that did not
+    // change), each stored once.
+    let ids = |name: &str| -> std::collections::BTreeSet<String> {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store.join(&job).join("checkpoints").join(name)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m["format_version"], 2, "{m}");
+        m["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["chunks"].as_array().unwrap().clone())
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let names = manifests();
+    let (a, b) = (ids(&names[0]), ids(&names[names.len() - 1]));
+    assert!(
+        names.len() >= 2 && a.intersection(&b).count() > 0,
+        "no chunk shared between {names:?}"
+    );
+    // Recovery restores from the store.
+    kill9(r["task"]["pid"].as_i64().unwrap());
+    kill9(r["workers"][0]["pid"].as_i64().unwrap());
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    let r = d.record().unwrap();
+    assert_eq!(r["recoveries"], 1, "{r}");
+    let restored = r["checkpoints"].as_array().unwrap();
+    assert!(
+        restored
+            .iter()
+            .all(|c| !c["object"].as_str().unwrap().ends_with(".zip")),
+        "{r}"
+    );
+}

@@ -246,6 +246,7 @@ impl Boot {
             token: &self.token,
             job_dir: self.dir.path(),
             shared_storage: None,
+            store: None,
             rt: self.rt.handle(),
         }
     }

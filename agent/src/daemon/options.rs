@@ -19,6 +19,10 @@ pub struct DaemonOptions {
     /// A folder every worker of the job mounts (the original's `shared_storage`): checkpoints
     /// are written there as `<job>/<name>.zip` instead of going through the object store.
     pub shared_storage: Option<PathBuf>,
+    /// A checkpoint store (`s3://…`, `file:///…`; see [`crate::chunked`]): checkpoints go
+    /// there as chunks, and only what it lacks is sent. Takes precedence over
+    /// `shared_storage` and the NATS object store.
+    pub store: Option<cedana_store::StoreUrl>,
     /// Watch EC2 instance metadata for spot notices (off: no IMDS is contacted).
     pub spot: Option<SpotOptions>,
 }

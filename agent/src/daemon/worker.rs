@@ -495,6 +495,11 @@ impl Worker {
                 t.checkpointed = true;
             }
         }
+        if let Some(store) = self.opts.store.clone() {
+            return self
+                .checkpoint_to_store(task, pid, leave_running, store, criu_turn)
+                .await;
+        }
         let criu = self.criu.clone();
         let opts = DumpOptions {
             pid,
@@ -557,6 +562,63 @@ impl Worker {
         })
     }
 
+    /// [`Self::checkpoint`] into the job's store: the task runs again (or is stopped, frozen
+    /// until the checkpoint is stored) once CRIU is done; the rest happens after.
+    async fn checkpoint_to_store(
+        self: &Arc<Self>,
+        task: String,
+        pid: i32,
+        leave_running: bool,
+        store: cedana_store::StoreUrl,
+        criu_turn: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<Reply, String> {
+        let dir = self.checkpoints_dir();
+        create_dir(&dir)?;
+        let opts = DumpOptions {
+            pid,
+            dir,
+            leave_running,
+            compression: Compression::Zstd,
+            tcp: TcpMode::Refuse,
+            ext_unix_sk: false,
+            staging: None,
+            files: Some(self.opts.work_dir.clone()),
+            files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
+        };
+        let criu = self.criu.clone();
+        let rt = tokio::runtime::Handle::current();
+        let out = tokio::task::spawn_blocking(move || {
+            crate::chunked::dump_to_store(
+                &criu,
+                &opts,
+                &store,
+                crate::chunked::DEFAULT_LEVEL,
+                &rt,
+                &NoProgress,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        drop(criu_turn);
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                if let Some(t) = self.tasks().get_mut(&task) {
+                    t.checkpointed = false;
+                }
+                return Err(e.to_string());
+            }
+        };
+        info!(task = %task, name = %out.name, chunks = out.uploaded.chunks,
+            sent = out.uploaded.chunks_sent, frozen = ?out.frozen_time, "checkpoint stored");
+        Ok(Reply::Checkpointed {
+            task,
+            object: out.name,
+            bytes: out.uploaded.stored_sent,
+            criu_ms: out.frozen_time.as_millis() as u64,
+        })
+    }
+
     async fn restore(self: &Arc<Self>, task: String, object: String) -> Result<Reply, String> {
         self.not_running(&task)?;
         if !object.split('/').all(protocol::valid_object_part) {
@@ -564,6 +626,9 @@ impl Worker {
         }
         let staging = self.checkpoints_dir();
         create_dir(&staging)?;
+        if let Some(store) = self.opts.store.clone() {
+            return self.restore_from_store(task, object, store, staging).await;
+        }
         let t0 = std::time::Instant::now();
         // Verified and extracted (into a private folder inside the work folder, so carried
         // files are renamed into place) from the shared folder's file, or from the object store
@@ -637,12 +702,61 @@ impl Worker {
         })
     }
 
+    /// [`Self::restore`] of checkpoint `name` from the job's store.
+    async fn restore_from_store(
+        self: &Arc<Self>,
+        task: String,
+        name: String,
+        store: cedana_store::StoreUrl,
+        staging: PathBuf,
+    ) -> Result<Reply, String> {
+        let log = self.log_path(&task);
+        let opts = RestoreOptions {
+            archive: PathBuf::from(&name),
+            staging: Some(staging),
+            as_child: true,
+            files_to: Some(self.opts.work_dir.clone()),
+        };
+        let criu_turn = self.criu_lock.lock().await;
+        let criu = self.criu.clone();
+        let rt = tokio::runtime::Handle::current();
+        // Where the task's log stands at the checkpoint: the carried log's size, read from the
+        // manifest before CRIU resumes the task (see `restore`).
+        let log_name = format!("{task}.log");
+        let local_log = log.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            crate::chunked::restore_from_store_with(&criu, &store, &name, &opts, &rt, |m| {
+                let carried = format!("{}/{log_name}", crate::files::FILES_DIR);
+                m.entries
+                    .iter()
+                    .find(|e| e.name == carried)
+                    .map(|e| e.size)
+                    .unwrap_or_else(|| std::fs::metadata(&local_log).map_or(0, |m| m.len()))
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let (out, offset) = out;
+        self.track(task.clone(), out.pid, log, offset);
+        drop(criu_turn);
+        Ok(Reply::Restored {
+            task,
+            pid: out.pid,
+            read_while_stored: false,
+        })
+    }
+
     /// Starts reading the checkpoint whose chunks are `chunks` while another worker stores it
     /// (see [`Command::Prefetch`] and [`super::prefetch`]): verified and extracted as it
     /// arrives into the staging folder, finished once a restore hands over the stored object's
     /// info.
     fn prefetch(self: &Arc<Self>, chunks: String) -> Result<Reply, String> {
         check_chunks_id(&chunks)?;
+        // From a store a restore reads only the chunks this worker lacks: nothing to do now.
+        if self.opts.store.is_some() {
+            return Ok(Reply::Prefetching { chunks });
+        }
         if self.opts.shared_storage.is_some() {
             return Err("this worker reads checkpoints from shared storage, not the object store; nothing to prefetch".into());
         }

@@ -100,6 +100,12 @@ pub enum Cmd {
         /// TASK) wherever it runs, re-aimed after each move; repeat for several
         #[arg(long, value_name = "PORT|LOCAL:TASK", value_parser = cedana_driver::job::ports::parse_expose)]
         expose: Vec<(u16, u16)>,
+        /// Put the job's checkpoints into this store as chunks, sending only what changed
+        /// since the last (s3://BUCKET/PREFIX, gs://…, az://…, file:///PATH; each job under
+        /// its id; AWS_ENDPOINT_URL names an S3-compatible server) [default:
+        /// checkpoint_store.url from the config, else the NATS object store]
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
         /// Be the controller of job ID (what `run` starts in the background)
         #[arg(long, value_name = "ID", hide = true)]
         controller_for: Option<String>,

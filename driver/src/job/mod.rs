@@ -87,6 +87,8 @@ pub struct Job {
     /// The path every worker sees its own folder at.
     pub work_path: PathBuf,
     pub shared_storage: Option<PathBuf>,
+    /// The job's part of its checkpoint store, if it has one (checkpoints go there as chunks).
+    pub store: Option<cedana_store::StoreUrl>,
     /// Where workers come from.
     pub providers: Vec<Provider>,
     pub workers: BTreeMap<String, Instance>,
@@ -126,6 +128,7 @@ impl Job {
             work_path: dir.join("work"),
             dir,
             shared_storage,
+            store: None,
             providers: Vec::new(),
             workers: BTreeMap::new(),
             record,
@@ -384,6 +387,7 @@ impl Job {
                 token: self.token.expose(),
                 job_dir: &self.dir,
                 shared_storage: self.shared_storage.as_deref(),
+                store: self.store.as_ref().map(|s| s.as_str()),
                 rt: &self.rt,
             };
             match self.rt.block_on(p.launch(&offer, &boot)) {
@@ -576,7 +580,8 @@ impl Job {
     ) -> Result<Checkpoint, JobError> {
         let is_local = |w: &str| self.offer_of(w).is_some_and(|o| o.provider == "local");
         let one_machine = reader.is_some_and(|to| is_local(&to.id) && is_local(&t.worker));
-        let chunks = match (reader, self.shared_storage.is_some() || one_machine) {
+        let no_prefetch = self.shared_storage.is_some() || self.store.is_some() || one_machine;
+        let chunks = match (reader, no_prefetch) {
             (Some(to), false) => {
                 let chunks = protocol::new_chunks_id();
                 let cmd = Command::Prefetch {
@@ -813,6 +818,26 @@ impl Job {
     /// Deletes all but the newest `keep` checkpoints from the store (they stay in the record,
     /// marked by their absence from `kept`).
     pub fn prune_checkpoints(&mut self, keep: usize) {
+        if let Some(url) = &self.store {
+            // Whatever the record holds, the store's newest `keep` stay (a spot notice's
+            // checkpoint too), and the chunks only they name.
+            let keep = cedana_store::Keep {
+                newest: keep,
+                ..Default::default()
+            };
+            let result = cedana_store::Store::open(url).and_then(|st| {
+                self.rt
+                    .block_on(async move { cedana_store::prune(&st, &keep).await })
+            });
+            match result {
+                Ok(out) => {
+                    tracing::debug!(removed = out.removed.len(), chunks_removed = out.chunks_removed, deferred = ?out.chunks_deferred, "pruned the checkpoint store");
+                    self.pruned.extend(out.removed);
+                }
+                Err(e) => warn!(error = %e, "cannot prune the checkpoint store"),
+            }
+            return;
+        }
         let n = self.record.checkpoints.len();
         if n <= keep {
             return;

@@ -192,6 +192,9 @@ pub struct Settings {
     /// task's).
     #[serde(default)]
     pub expose: Vec<(u16, u16)>,
+    /// The checkpoint store (`run --store`, `checkpoint_store.url`), without the job's part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// Errors reading job state.

@@ -103,6 +103,8 @@ pub struct Bootstrap<'a> {
     /// The job's folder on this machine (local providers keep workers' folders there).
     pub job_dir: &'a Path,
     pub shared_storage: Option<&'a Path>,
+    /// The job's checkpoint store (its part of it), for the worker's `--store`.
+    pub store: Option<&'a str>,
     /// The job's runtime: what a worker does in the background runs there.
     pub rt: &'a tokio::runtime::Handle,
 }
@@ -170,6 +172,9 @@ pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> Stri
             " --shared-storage {}",
             sh_quote(&dir.display().to_string())
         ));
+    }
+    if let Some(store) = boot.store {
+        daemon.push_str(&format!(" --store {}", sh_quote(store)));
     }
     for a in extra {
         daemon.push(' ');

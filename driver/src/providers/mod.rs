@@ -352,6 +352,7 @@ mod tests {
             token: "t0k'en",
             job_dir: Path::new("/x"),
             shared_storage: Some(Path::new("/mnt/shared")),
+            store: None,
             rt: rt.handle(),
         };
         let s = worker_boot_script("/usr/local/bin/cedana-agent", &boot, &["--watch-spot"]);

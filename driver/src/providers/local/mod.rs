@@ -100,6 +100,8 @@ pub struct LaunchSpec<'a> {
     pub dir: &'a Path,
     pub log: &'a Path,
     pub shared_storage: Option<&'a Path>,
+    /// The job's checkpoint store, for the daemon's `--store`.
+    pub store: Option<&'a str>,
     /// Runs the NATS forwarder of a worker in its own network namespace.
     pub rt: &'a tokio::runtime::Handle,
     /// Boot the worker as a runc container from this OCI image layout instead of a process.
@@ -127,6 +129,11 @@ fn daemon_args(s: &LaunchSpec, nats_url: &str, work_dir: &Path) -> Vec<String> {
         s.shared_storage
             .iter()
             .flat_map(|d| ["--shared-storage".to_string(), d.display().to_string()]),
+    )
+    .chain(
+        s.store
+            .iter()
+            .flat_map(|u| ["--store".to_string(), u.to_string()]),
     )
     .collect()
 }
@@ -592,6 +599,7 @@ impl LocalProvider {
             dir: &dir,
             log: &log,
             shared_storage: b.shared_storage,
+            store: b.store,
             rt: b.rt,
             image: self.image.as_deref(),
         })

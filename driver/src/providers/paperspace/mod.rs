@@ -648,6 +648,7 @@ mod tests {
             token: "to'ken",
             job_dir: std::path::Path::new("/tmp/x"),
             shared_storage: None,
+            store: None,
             rt: rt.handle(),
         };
         let s = startup_script("cedana-agent", &boot);
