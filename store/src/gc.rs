@@ -279,6 +279,12 @@ async fn collect(store: &Store, out: &mut PruneOutcome) -> Result<(), StoreError
             }
         }
     }
+    // A folder store writes each chunk under `<id>#<n>` first and renames it: a writer
+    // killed meanwhile leaves that name, which listings hide. Removed once as old as a stale
+    // marker (no live writer is still renaming it then).
+    if let Some(dir) = store.url().folder() {
+        remove_partial_chunks(&dir.join("chunks"));
+    }
     let chunks = store.list_chunks().await?;
     let doomed: Vec<(ChunkId, u64)> = chunks
         .iter()
@@ -294,4 +300,23 @@ async fn collect(store: &Store, out: &mut PruneOutcome) -> Result<(), StoreError
         .try_collect::<Vec<()>>()
         .await?;
     Ok(())
+}
+
+fn remove_partial_chunks(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let partial = name.split_once('#').is_some_and(|(id, n)| {
+            ChunkId::parse(id).is_some() && n.bytes().all(|b| b.is_ascii_digit())
+        });
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > MARKER_TTL));
+        if partial && old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
