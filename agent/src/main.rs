@@ -581,6 +581,8 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
     // Tasks, `sh` commands and CRIU inherit this process's environment: the token leaves it
     // (no thread runs yet that could read the environment meanwhile).
     std::env::remove_var("CEDANA_NATS_TOKEN");
+    // The checkpoint store's credentials likewise: kept for the store, out of the environment.
+    cedana_store::location::capture_env();
     let nats_url = match &a.nats_url {
         Some(u) => u.clone(),
         None if !config.connection.nats_url.is_empty() => cedana_protocol::NatsUrl::from_config(

@@ -6,12 +6,45 @@
 //! Azure: `AZURE_STORAGE_ACCOUNT_NAME` and a key, SAS or managed identity).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 
 use crate::StoreError;
+
+/// The cloud variables taken out of the environment by [`capture_env`].
+static CAPTURED: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Whether a variable is a cloud's setting (credentials, region, endpoint).
+fn is_cloud_var(k: &str) -> bool {
+    k.starts_with("AWS_") || k.starts_with("AZURE_") || k.starts_with("GOOGLE_")
+}
+
+/// Takes the clouds' variables (`AWS_*`, `AZURE_*`, `GOOGLE_*`) out of this process's
+/// environment and keeps them for the stores opened later, so that nothing this process starts
+/// (a task, a shell command, CRIU) inherits a credential. Call it before any other thread
+/// runs (the environment is not safe to change while another thread may read it).
+pub fn capture_env() {
+    let vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| is_cloud_var(k)).collect();
+    for (k, _) in &vars {
+        // SAFETY (edition 2021: not an unsafe fn): the caller runs this before other threads.
+        std::env::remove_var(k);
+    }
+    let _ = CAPTURED.set(vars);
+}
+
+/// The clouds' variables: those [`capture_env`] took, else the environment's.
+fn cloud_env() -> Vec<(String, String)> {
+    match CAPTURED.get() {
+        Some(v) => v.clone(),
+        None => std::env::vars().filter(|(k, _)| is_cloud_var(k)).collect(),
+    }
+}
+
+fn var(env: &[(String, String)], name: &str) -> Option<String> {
+    env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
 
 /// A parsed store URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,22 +172,26 @@ impl StoreUrl {
         };
         Ok(match &self.kind {
             Kind::S3 { bucket, prefix } => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+                let env = cloud_env();
+                let mut b = AmazonS3Builder::new();
+                for (k, v) in &env {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                b = b.with_bucket_name(bucket);
                 // An S3-compatible server on plain HTTP (a test server, a local MinIO).
-                if std::env::var("AWS_ENDPOINT_URL")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                    .is_ok_and(|e| e.starts_with("http://"))
+                if var(&env, "AWS_ENDPOINT_URL")
+                    .or_else(|| var(&env, "AWS_ENDPOINT"))
+                    .is_some_and(|e| e.starts_with("http://"))
                 {
                     b = b.with_allow_http(true);
                 }
-                if std::env::var_os("AWS_REGION").is_none()
-                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-                {
-                    b = b.with_region("us-east-1");
-                } else if let Ok(r) = std::env::var("AWS_DEFAULT_REGION") {
-                    if std::env::var_os("AWS_REGION").is_none() {
-                        b = b.with_region(r);
-                    }
+                match (var(&env, "AWS_REGION"), var(&env, "AWS_DEFAULT_REGION")) {
+                    (Some(_), _) => {}
+                    (None, Some(r)) => b = b.with_region(r),
+                    (None, None) => b = b.with_region("us-east-1"),
                 }
                 (
                     Arc::new(b.build().map_err(fail)?),
@@ -162,15 +199,28 @@ impl StoreUrl {
                 )
             }
             Kind::Gcs { bucket, prefix } => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket);
+                use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+                let mut b = GoogleCloudStorageBuilder::new();
+                for (k, v) in cloud_env() {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<GoogleConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b.with_bucket_name(bucket);
                 (
                     Arc::new(b.build().map_err(fail)?),
                     ObjectPath::from(prefix.as_str()),
                 )
             }
             Kind::Azure { url, prefix } => {
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
+                use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+                let mut b = MicrosoftAzureBuilder::new();
+                for (k, v) in cloud_env() {
+                    if let Ok(key) = k.to_ascii_lowercase().parse::<AzureConfigKey>() {
+                        b = b.with_config(key, v);
+                    }
+                }
+                let b = b.with_url(url);
                 (
                     Arc::new(b.build().map_err(fail)?),
                     ObjectPath::from(prefix.as_str()),

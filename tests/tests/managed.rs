@@ -548,3 +548,104 @@ fn checkpoints_go_to_a_checkpoint_store_as_chunks_and_recovery_reads_them_back()
         "{r}"
     );
 }
+
+/// `run --store s3://…` against moto's S3 server on this machine's loopback (forwarded into
+/// each local worker's network namespace): periodic checkpoints go there, a migration reads
+/// one back on another worker, the store is pruned to the newest two, and a lost worker's task
+/// comes back from there. No task sees the store's credentials.
+#[test]
+fn a_job_checkpoints_into_s3_migrates_and_recovers_from_it() {
+    if !criu_ready("a_job_checkpoints_into_s3_migrates_and_recovers_from_it") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let moto = cedana_tests::moto::MotoServer::start();
+    moto.create_bucket("cedana-jobs");
+    let env: Vec<(String, String)> = moto.env();
+    let env_os: Vec<(&str, &std::ffi::OsStr)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v.as_str())))
+        .collect();
+    let mut d = BackgroundDriver::start_env(
+        sb.path(),
+        None,
+        &[
+            "--checkpoint-every",
+            "1",
+            "--store",
+            "s3://cedana-jobs/ckpt",
+        ],
+        &example("managed.rhai"),
+        &env_os,
+    );
+    let r = d.wait_record(Duration::from_secs(60), "three checkpoints", |r| {
+        checkpoints(r) >= 3
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    // The task's environment holds no credential of the store.
+    let task = r["task"]["pid"].as_i64().unwrap();
+    let environ = std::fs::read(format!("/proc/{task}/environ")).unwrap_or_default();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        !environ.contains(cedana_tests::moto::SECRET_ACCESS_KEY) && !environ.contains("AWS_"),
+        "the task's environment: {environ}"
+    );
+    // What the store holds, through the agent's own listing.
+    let list = || -> Vec<String> {
+        let mut c = std::process::Command::new(agent_bin());
+        moto.apply_env(&mut c);
+        let out = c
+            .args([
+                "checkpoints",
+                "--store",
+                &format!("s3://cedana-jobs/ckpt/{job}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let listed = list();
+    assert!(
+        !listed.is_empty() && listed.len() <= 3,
+        "the newest two are kept (one more may be on its way): {listed:?}"
+    );
+    // A move to another worker reads the checkpoint back from S3.
+    let out = driver(&sb, &["migrate", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = d.wait_record(
+        Duration::from_secs(60),
+        "the move and a checkpoint after it",
+        |r| {
+            r["migrations"] == 1
+                && r["checkpoints"]
+                    .as_array()
+                    .is_some_and(|c| c.last().is_some_and(|c| c["worker"] == "w2"))
+        },
+    );
+    assert_eq!(r["task"]["worker"], "w2", "{r}");
+    // The new worker is lost: recovery from S3.
+    kill9(r["task"]["pid"].as_i64().unwrap());
+    kill9(r["workers"][1]["pid"].as_i64().unwrap());
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    let r = d.record().unwrap();
+    assert_eq!(r["recoveries"], 1, "{r}");
+    assert_eq!(r["migrations"], 1, "{r}");
+    let listed = list();
+    assert!(
+        !listed.is_empty() && listed.len() <= 3,
+        "pruned to the newest: {listed:?}"
+    );
+}

@@ -43,6 +43,9 @@ pub struct LocalWorker {
     /// The worker's network namespace, if it has one (removed when the worker ends).
     pub netns: Option<NetNs>,
     forwarder: Option<tokio::task::AbortHandle>,
+    /// Forwards a loopback S3-compatible endpoint of the checkpoint store (see
+    /// [`loopback_store_endpoint`]).
+    store_forwarder: Option<tokio::task::AbortHandle>,
     /// This machine's address on the veth pair and the port forwarded there to NATS.
     pub forward: Option<(std::net::Ipv4Addr, u16)>,
     /// runc's state folder and the container id, for a container worker.
@@ -138,6 +141,27 @@ fn daemon_args(s: &LaunchSpec, nats_url: &str, work_dir: &Path) -> Vec<String> {
     .collect()
 }
 
+/// For an `s3://` store whose `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) is on this machine's
+/// loopback (a test server, a local MinIO): its scheme and `host:port`, which a worker in its
+/// own network namespace reaches only through a forwarder.
+fn loopback_store_endpoint(store: Option<&str>) -> Option<(String, String)> {
+    if !store?.starts_with("s3") {
+        return None;
+    }
+    let ep = std::env::var("AWS_ENDPOINT_URL")
+        .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        .ok()?;
+    let url = reqwest::Url::parse(&ep).ok()?;
+    let host = url.host_str()?;
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    let port = url.port_or_known_default()?;
+    loopback.then(|| (url.scheme().to_string(), format!("{host}:{port}")))
+}
+
 /// Whether workers can have mount namespaces of their own here.
 pub fn can_isolate() -> bool {
     nix::unistd::geteuid().is_root() && std::env::var_os("CEDANA_LOCAL_SHARED").is_none()
@@ -162,6 +186,8 @@ impl LocalWorker {
         let mut forwarder = None;
         let mut forward_at = None;
         let mut netns_fd = None;
+        let mut store_forwarder = None;
+        let mut store_endpoint = None;
         if isolated {
             let name = format!("cedana-{}-{}", s.job, s.id);
             let setup = (|| -> std::io::Result<_> {
@@ -182,6 +208,25 @@ impl LocalWorker {
             })();
             match setup {
                 Ok((ns, listener, port, to, fd)) => {
+                    // A store's S3-compatible server on this machine's loopback is out of the
+                    // worker's reach: forwarded like NATS.
+                    if let Some((scheme, addr)) = loopback_store_endpoint(s.store) {
+                        let bound = std::net::TcpListener::bind((ns.host_ip, 0)).and_then(|l| {
+                            l.set_nonblocking(true)?;
+                            let _rt = s.rt.enter();
+                            tokio::net::TcpListener::from_std(l)
+                        });
+                        match bound.and_then(|l| Ok((l.local_addr()?.port(), l))) {
+                            Ok((p, l)) => {
+                                store_endpoint = Some(format!("{scheme}://{}:{p}", ns.host_ip));
+                                store_forwarder =
+                                    Some(s.rt.spawn(forward(l, vec![addr])).abort_handle());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot forward the checkpoint store's endpoint to the worker")
+                            }
+                        }
+                    }
                     nats_url = format!("nats://{}:{port}", ns.host_ip);
                     forward_at = Some((ns.host_ip, port));
                     forwarder = Some(s.rt.spawn(forward(listener, to)).abort_handle());
@@ -212,6 +257,18 @@ impl LocalWorker {
             if let Ok(l) = std::env::var("RUST_LOG") {
                 env.push(("RUST_LOG".into(), l));
             }
+            // The store's credentials and endpoint, the standard way.
+            for (k, v) in std::env::vars() {
+                let cloud =
+                    k.starts_with("AWS_") || k.starts_with("AZURE_") || k.starts_with("GOOGLE_");
+                if s.store.is_some() && cloud {
+                    env.push((k, v));
+                }
+            }
+            if let Some(ep) = &store_endpoint {
+                env.retain(|(k, _)| k != "AWS_ENDPOINT_URL" && k != "AWS_ENDPOINT");
+                env.push(("AWS_ENDPOINT_URL".into(), ep.clone()));
+            }
             let mut child = container::start(container::ContainerSpec {
                 image,
                 bundle: &bundle,
@@ -240,6 +297,7 @@ impl LocalWorker {
                 task_pids: Vec::new(),
                 netns,
                 forwarder,
+                store_forwarder: store_forwarder.take(),
                 forward: forward_at,
                 container: Some((runc_root, id)),
                 abandoned: false,
@@ -247,6 +305,9 @@ impl LocalWorker {
             });
         }
         let mut cmd = Command::new(&agent);
+        if let Some(ep) = &store_endpoint {
+            cmd.env_remove("AWS_ENDPOINT").env("AWS_ENDPOINT_URL", ep);
+        }
         cmd.args(daemon_args(s, &nats_url, s.work_path))
             .env("CEDANA_NATS_TOKEN", s.token)
             .stdin(Stdio::null())
@@ -323,6 +384,7 @@ impl LocalWorker {
             task_pids: Vec::new(),
             netns,
             forwarder,
+            store_forwarder: store_forwarder.take(),
             forward: forward_at,
             container: None,
             abandoned: false,
@@ -382,6 +444,7 @@ impl LocalWorker {
                     .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
             }),
             forwarder,
+            store_forwarder: None,
             forward: a.forward,
             container: None,
             abandoned: false,
@@ -446,6 +509,9 @@ impl LocalWorker {
             }
         }
         if let Some(f) = self.forwarder.take() {
+            f.abort();
+        }
+        if let Some(f) = self.store_forwarder.take() {
             f.abort();
         }
         self.netns.take();
