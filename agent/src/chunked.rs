@@ -99,23 +99,32 @@ pub fn dump_to_store(
         return Err(dump::criu_err(info, source, kept));
     }
     let criu_time = t0.elapsed();
-    // The carried folder, read while the tree is stopped (copied first if it is to go on).
+    // The carried folder, read while the tree is stopped (kept first if it is to go on: files
+    // open for writing copied, the others linked and checked unchanged before the commit).
     let carried = opts
         .files
         .as_deref()
-        .map(|root| -> Result<files::Collected, DumpError> {
-            let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
-            let mut c = files::collect(root, &exclude)?;
-            if opts.leave_running {
-                let snap = work.path().join("carried");
-                std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
-                    path: snap.clone(),
-                    source,
-                })?;
-                files::snapshot(&mut c, &snap)?;
-            }
-            Ok(c)
-        })
+        .map(
+            |root| -> Result<(files::Collected, Option<files::Snapshot>), DumpError> {
+                let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
+                let mut c = files::collect(root, &exclude)?;
+                let mut kept = None;
+                if opts.leave_running {
+                    let snap = work.path().join("carried");
+                    std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
+                        path: snap.clone(),
+                        source,
+                    })?;
+                    kept = Some(files::snapshot(
+                        &mut c,
+                        &snap,
+                        Some(info.pid),
+                        &opts.files_copy,
+                    )?);
+                }
+                Ok((c, kept))
+            },
+        )
         .transpose();
     if resume_after_files {
         dump::signal_tree(info.pid, Signal::SIGCONT);
@@ -124,7 +133,10 @@ pub fn dump_to_store(
     let frozen = !opts.leave_running;
     let t_upload = Instant::now();
     let finish = || -> Result<(Manifest, Uploaded, u64, String), DumpError> {
-        let carried = carried?;
+        let (carried, kept) = match carried? {
+            Some((c, k)) => (Some(c), k),
+            None => (None, None),
+        };
         let cpu = match criu
             .cpuinfo_dump(work.path())
             .map_err(|e| e.to_string())
@@ -205,16 +217,22 @@ pub fn dump_to_store(
             files,
         };
         let stem = target.stem.clone();
-        let (uploaded, name) = rt.block_on(async {
-            let mut writing = Writing::begin(&st).await?;
-            let up = cedana_store::upload(&writing, &pieces, level, Some(&bar)).await;
-            let up = match up {
-                Ok(up) => up,
+        let (mut writing, up) = rt.block_on(async {
+            let writing = Writing::begin(&st).await?;
+            match cedana_store::upload(&writing, &pieces, level, Some(&bar)).await {
+                Ok(up) => Ok((writing, up)),
                 Err(e) => {
                     writing.abandon().await;
-                    return Err(e);
+                    Err(e)
                 }
-            };
+            }
+        })?;
+        // A linked file written in place meanwhile: this checkpoint would not match.
+        if let Some(Err(e)) = kept.as_ref().map(files::Snapshot::check) {
+            rt.block_on(writing.abandon());
+            return Err(e.into());
+        }
+        let (uploaded, name) = rt.block_on(async {
             manifest.entries = up
                 .entries
                 .iter()

@@ -49,6 +49,9 @@ pub struct DumpOptions {
     pub files: Option<PathBuf>,
     /// Top-level names in that folder not to carry.
     pub files_exclude: Vec<String>,
+    /// Files of that folder to copy while the tree is stopped whatever their size (seen
+    /// written in place by the task before; see [`files::snapshot`]).
+    pub files_copy: Vec<PathBuf>,
 }
 
 /// The result of a successful dump.
@@ -282,23 +285,32 @@ pub fn dump_into(
         );
         return Err(criu_err(info, source, kept));
     }
-    // The carried folder, read while the tree is stopped (copied first if it is to go on).
+    // The carried folder, read while the tree is stopped (kept first if it is to go on: files
+    // open for writing copied, the others linked and checked unchanged before the commit).
     let carried = opts
         .files
         .as_deref()
-        .map(|root| -> Result<files::Collected, DumpError> {
-            let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
-            let mut c = files::collect(root, &exclude)?;
-            if opts.leave_running {
-                let snap = work.path().join("carried");
-                std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
-                    path: snap.clone(),
-                    source,
-                })?;
-                files::snapshot(&mut c, &snap)?;
-            }
-            Ok(c)
-        })
+        .map(
+            |root| -> Result<(files::Collected, Option<files::Snapshot>), DumpError> {
+                let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
+                let mut c = files::collect(root, &exclude)?;
+                let mut kept = None;
+                if opts.leave_running {
+                    let snap = work.path().join("carried");
+                    std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
+                        path: snap.clone(),
+                        source,
+                    })?;
+                    kept = Some(files::snapshot(
+                        &mut c,
+                        &snap,
+                        Some(info.pid),
+                        &opts.files_copy,
+                    )?);
+                }
+                Ok((c, kept))
+            },
+        )
         .transpose();
     if resume_after_files {
         signal_tree(info.pid, Signal::SIGCONT);
@@ -348,15 +360,19 @@ pub fn dump_into(
         for (name, path) in &rest {
             writer.add(name, path, None, progress)?;
         }
-        let carried = match carried {
-            Some(c) => {
+        let (carried, kept) = match carried {
+            Some((c, kept)) => {
                 for (name, path) in &c.sources {
                     writer.add(name, path, None, progress)?;
                 }
-                Some(c.files)
+                (Some(c.files), kept)
             }
-            None => None,
+            None => (None, None),
         };
+        // A linked file written in place meanwhile: this archive would not match.
+        if let Some(k) = &kept {
+            k.check()?;
+        }
         let images_bytes = dir_bytes(work.path());
         let mut manifest = Manifest {
             format_version: archive::FORMAT_VERSION,

@@ -61,6 +61,8 @@ pub enum FilesError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} was written in place while the checkpoint was being stored, so its copy would not match the task's state; this checkpoint was not kept (the previous one stays); the next one tries again")]
+    Changed { path: PathBuf },
     #[error("the checkpoint lists an unsafe file path {0:?} (absolute, `..`, a name the agent reserves, or under a link it creates); refusing to restore its files")]
     Unsafe(String),
     #[error("the checkpoint's file {item:?} would be written through the symbolic link {link} already in the target folder; refusing (nothing outside the folder is written): remove or replace the link, or restore to another folder")]
@@ -154,18 +156,133 @@ fn walk(dir: &Path, rel: &str, exclude: &[&str], out: &mut Collected) -> Result<
     Ok(())
 }
 
-/// Copies every collected file into `dest` (so the task may go on writing the originals) and
-/// points the sources there.
-pub fn snapshot(c: &mut Collected, dest: &Path) -> Result<(), FilesError> {
+/// A carried folder as of a freeze, kept while the task runs on (see [`snapshot`]): which
+/// files were linked rather than copied, and how they were then.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    linked: Vec<(PathBuf, PathBuf, Stamp)>,
+    /// Files copied (open for writing, or on another filesystem) and linked.
+    pub copied: usize,
+    pub linked_count: usize,
+}
+
+/// What says a file is unchanged: inode, size and modification time. (Not the change time:
+/// linking and unlinking change it. A write changes the modification time: the tree was
+/// stopped for CRIU's whole dump, longer than a timestamp's granularity, between its last
+/// write before and its first after.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
+/// Files smaller than this are copied while the tree is stopped (cheap, and small files are
+/// what tasks rewrite without keeping them open: an append per line, a status file).
+pub const LINK_FROM: u64 = 1 << 20;
+
+/// Keeps the collected files as they are now, while the tree `pid` is stopped, so that the task
+/// may run on while they are archived, and points the sources at what was kept in `dest`:
+/// files under [`LINK_FROM`], files the tree has open for writing (or maps shared and
+/// writable) and files in `copy` are copied (the kernel's copy, a reflink where the filesystem
+/// has them); the others (large files the task only reads: datasets, weights) are hard-linked,
+/// instant whatever their size, and [`Snapshot::check`] later tells whether one of them was
+/// written in place meanwhile. Where a link cannot be made (another filesystem) the file is
+/// copied.
+pub fn snapshot(
+    c: &mut Collected,
+    dest: &Path,
+    pid: Option<i32>,
+    copy: &[PathBuf],
+) -> Result<Snapshot, FilesError> {
+    let writing = pid.map(open_for_writing).unwrap_or_default();
+    let mut out = Snapshot::default();
     for (i, (_, src)) in c.sources.iter_mut().enumerate() {
-        let copy = dest.join(format!("{i}"));
-        std::fs::copy(&*src, &copy).map_err(|source| FilesError::Read {
+        let kept = dest.join(format!("{i}"));
+        let rerr = |source| FilesError::Read {
             path: src.clone(),
             source,
-        })?;
-        *src = copy;
+        };
+        let meta = std::fs::symlink_metadata(&*src).map_err(rerr)?;
+        let must_copy = meta.size() < LINK_FROM
+            || writing.contains(&(meta.dev(), meta.ino()))
+            || copy.contains(src);
+        if !must_copy && std::fs::hard_link(&*src, &kept).is_ok() {
+            out.linked
+                .push((src.clone(), kept.clone(), Stamp::of(&meta)));
+            out.linked_count += 1;
+        } else {
+            std::fs::copy(&*src, &kept).map_err(rerr)?;
+            out.copied += 1;
+        }
+        *src = kept;
     }
-    Ok(())
+    Ok(out)
+}
+
+impl Snapshot {
+    /// Fails, naming the file, if a linked file was written in place since [`snapshot`] (its
+    /// contents are then not those of the freeze): the checkpoint must not be kept.
+    pub fn check(&self) -> Result<(), FilesError> {
+        for (src, kept, then) in &self.linked {
+            let now = std::fs::symlink_metadata(kept).map(|m| Stamp::of(&m));
+            if now.as_ref().ok() != Some(then) {
+                return Err(FilesError::Changed { path: src.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (device, inode) of every file the tree under `pid` has open for writing or maps shared and
+/// writable.
+fn open_for_writing(pid: i32) -> std::collections::HashSet<(u64, u64)> {
+    let mut out = std::collections::HashSet::new();
+    for p in crate::process::descendants(pid) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let name = fd.file_name();
+            let info =
+                std::fs::read_to_string(format!("/proc/{p}/fdinfo/{}", name.to_string_lossy()))
+                    .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(0);
+            if flags & 0o3 == 0 {
+                continue; // O_RDONLY
+            }
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                out.insert((m.dev(), m.ino()));
+            }
+        }
+        let maps = std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
+        for l in maps.lines() {
+            let mut parts = l.split_whitespace();
+            let perms = parts.nth(1).unwrap_or("");
+            if perms.as_bytes().get(1) == Some(&b'w') && perms.as_bytes().get(3) == Some(&b's') {
+                if let Some(path) = l.split_whitespace().nth(5).filter(|p| p.starts_with('/')) {
+                    if let Ok(m) = std::fs::metadata(path) {
+                        out.insert((m.dev(), m.ino()));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Whether a listed path is a plain relative path.
@@ -329,8 +446,44 @@ mod tests {
         let paths: Vec<&str> = c.files.items.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(paths, ["a", "a/b", "a/b/data.txt", "link", "top.log"]);
         let snap = tempfile::tempdir().unwrap();
-        snapshot(&mut c, snap.path()).unwrap();
-        // The originals may change after the snapshot without changing what is carried.
+        // Small files are copied; large ones linked.
+        std::fs::write(
+            src.path().join("a/b/data.txt"),
+            vec![b'h'; LINK_FROM as usize],
+        )
+        .unwrap();
+        std::fs::write(src.path().join("top.log"), vec![b'1'; LINK_FROM as usize]).unwrap();
+        let kept = snapshot(&mut c, snap.path(), None, &[]).unwrap();
+        assert_eq!((kept.linked_count, kept.copied), (2, 0));
+        // Replaced by a rename (as editors and most writers do): what is carried stays.
+        std::fs::write(src.path().join("top.log.new"), "changed").unwrap();
+        std::fs::rename(src.path().join("top.log.new"), src.path().join("top.log")).unwrap();
+        kept.check().unwrap();
+        // Written in place: the check names it.
+        std::fs::write(src.path().join("a/b/data.txt"), "HELLO").unwrap();
+        let e = kept.check().unwrap_err().to_string();
+        assert!(
+            e.contains("data.txt") && e.contains("previous one stays"),
+            "{e}"
+        );
+        // Named to be copied (a file seen written in place before): copied, as the small.
+        let mut c = collect(src.path(), &[".checkpoints"]).unwrap();
+        let snap2 = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("top.log"), vec![b'1'; LINK_FROM as usize]).unwrap();
+        let again = snapshot(
+            &mut c,
+            snap2.path(),
+            None,
+            &[src.path().join("a/b/data.txt")],
+        )
+        .unwrap();
+        assert_eq!((again.linked_count, again.copied), (1, 1));
+        std::fs::write(src.path().join("a/b/data.txt"), "hello").unwrap();
+        std::fs::write(src.path().join("top.log"), "1\n2\n").unwrap();
+        let mut c = collect(src.path(), &[".checkpoints"]).unwrap();
+        let snap = tempfile::tempdir().unwrap();
+        snapshot(&mut c, snap.path(), None, &[]).unwrap();
+        // Small files were copied: written in place now, what is carried stays.
         std::fs::write(src.path().join("top.log"), "changed").unwrap();
 
         // What an archive's verified `files/` folder looks like.

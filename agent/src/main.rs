@@ -356,6 +356,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 staging: a.staging_dir.clone(),
                 files: a.with_files.clone(),
                 files_exclude: Vec::new(),
+                files_copy: Vec::new(),
             };
             thaw_on_signal(a.pid);
             let bar = Bar::new();

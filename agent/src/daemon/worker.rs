@@ -59,6 +59,9 @@ pub(super) struct Worker {
     prefetches: Prefetches,
     /// Whether the tasks are frozen (the lease ran out; see [`super::lease`]).
     frozen: std::sync::atomic::AtomicBool,
+    /// Large carried files a task was seen writing in place while a checkpoint was stored:
+    /// copied while it is stopped from then on (see [`crate::files::snapshot`]).
+    volatile: Mutex<Vec<PathBuf>>,
 }
 
 impl Worker {
@@ -82,6 +85,7 @@ impl Worker {
             naming: Default::default(),
             prefetches: Default::default(),
             frozen: Default::default(),
+            volatile: Default::default(),
         }
     }
 
@@ -464,24 +468,56 @@ impl Worker {
         compression: Compression,
         chunks: Option<String>,
     ) -> Result<Reply, String> {
+        let mut tries = 0;
+        loop {
+            let once = self
+                .checkpoint_once(task.clone(), leave_running, compression, chunks.clone())
+                .await;
+            match once {
+                Ok(reply) => return Ok(reply),
+                // A large carried file the task wrote in place while it was stored (the tree
+                // was running: `leave_running`): copied while the tree is stopped from now on,
+                // and the checkpoint taken again.
+                Err(Failed::Changed(path, message)) => {
+                    info!(path = %path.display(), "a carried file was written in place during the checkpoint: copying it while the task is stopped from now on");
+                    self.volatile.lock().expect("not poisoned").push(path);
+                    tries += 1;
+                    if tries > 2 {
+                        return Err(message);
+                    }
+                }
+                Err(Failed::Other(message)) => return Err(message),
+            }
+        }
+    }
+
+    async fn checkpoint_once(
+        self: &Arc<Self>,
+        task: String,
+        leave_running: bool,
+        compression: Compression,
+        chunks: Option<String>,
+    ) -> Result<Reply, Failed> {
         if let Some(c) = &chunks {
             check_chunks_id(c)?;
         }
+        let files_copy = self.volatile.lock().expect("not poisoned").clone();
         // A frozen task would be checkpointed stopped, and restored stopped.
         if self.is_frozen() {
-            return Err(
+            return Err(Failed::Other(
                 "the worker's tasks are frozen (its lease ran out); try again once it renewed it"
                     .into(),
-            );
+            ));
         }
         // A command's checkpoint and a spot notice's may meet: one dump at a time.
         let criu_turn = self.criu_lock.lock().await;
         let pid = match self.tasks().get(&task) {
-            None => return Err(format!("no task {task:?} on this worker")),
+            None => return Err(format!("no task {task:?} on this worker").into()),
             Some(t) if t.checkpointed => {
                 return Err(format!(
                     "task {task:?} was stopped by a checkpoint and no longer runs here"
-                ))
+                )
+                .into())
             }
             Some(t) => t.pid,
         };
@@ -497,7 +533,7 @@ impl Worker {
         }
         if let Some(store) = self.opts.store.clone() {
             return self
-                .checkpoint_to_store(task, pid, leave_running, store, criu_turn)
+                .checkpoint_to_store(task, pid, leave_running, store, files_copy, criu_turn)
                 .await;
         }
         let criu = self.criu.clone();
@@ -512,6 +548,7 @@ impl Worker {
             // The task's files travel with it.
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
+            files_copy,
         };
         // Into the shared folder as a file, or streamed into the object store as it is made
         // (the tree stays frozen until the object is stored).
@@ -537,9 +574,9 @@ impl Worker {
                 if let Some(t) = self.tasks().get_mut(&task) {
                     t.checkpointed = false;
                 }
-                return Err(e.to_string());
+                return Err(e.into());
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string().into()),
         };
         drop(criu_turn);
         let object = match out.object {
@@ -570,8 +607,9 @@ impl Worker {
         pid: i32,
         leave_running: bool,
         store: cedana_store::StoreUrl,
+        files_copy: Vec<PathBuf>,
         criu_turn: tokio::sync::MutexGuard<'_, ()>,
-    ) -> Result<Reply, String> {
+    ) -> Result<Reply, Failed> {
         let dir = self.checkpoints_dir();
         create_dir(&dir)?;
         let opts = DumpOptions {
@@ -584,6 +622,7 @@ impl Worker {
             staging: None,
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
+            files_copy,
         };
         let criu = self.criu.clone();
         let rt = tokio::runtime::Handle::current();
@@ -606,7 +645,7 @@ impl Worker {
                 if let Some(t) = self.tasks().get_mut(&task) {
                     t.checkpointed = false;
                 }
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         info!(task = %task, name = %out.name, chunks = out.uploaded.chunks,
@@ -764,6 +803,30 @@ impl Worker {
         create_dir(&staging)?;
         self.prefetches.start(&self.checkpoints, &chunks, staging);
         Ok(Reply::Prefetching { chunks })
+    }
+}
+
+/// Why a checkpoint failed: a carried file written in place while it was stored (worth taking
+/// again, copying that file), or anything else.
+enum Failed {
+    Changed(PathBuf, String),
+    Other(String),
+}
+
+impl From<String> for Failed {
+    fn from(s: String) -> Self {
+        Failed::Other(s)
+    }
+}
+
+impl From<dump::DumpError> for Failed {
+    fn from(e: dump::DumpError) -> Self {
+        match e {
+            dump::DumpError::Files(crate::files::FilesError::Changed { ref path }) => {
+                Failed::Changed(path.clone(), e.to_string())
+            }
+            e => Failed::Other(e.to_string()),
+        }
     }
 }
 
