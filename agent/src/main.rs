@@ -340,7 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 (None, Some(d)) => d.to_path_buf(),
                 (None, None) => PathBuf::from("."),
             };
-            let opts = cedana_agent::DumpOptions {
+            let mut opts = cedana_agent::DumpOptions {
                 pid: a.pid,
                 dir,
                 leave_running: a.leave_running,
@@ -363,14 +363,16 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             if let Some(url) = &a.store {
                 let url = store_url(url)?;
                 let rt = runtime()?;
-                let out = cedana_agent::chunked::dump_to_store(
-                    &criu,
-                    &opts,
-                    &url,
-                    a.level,
-                    rt.handle(),
-                    bar.as_progress(),
-                )
+                let out = retry_copying(&mut opts, |opts| {
+                    cedana_agent::chunked::dump_to_store(
+                        &criu,
+                        opts,
+                        &url,
+                        a.level,
+                        rt.handle(),
+                        bar.as_progress(),
+                    )
+                })
                 .map_err(dump_failure)?;
                 if a.json {
                     print_json(&out);
@@ -387,7 +389,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let out = cedana_agent::dump(&criu, &opts, bar.as_progress()).map_err(dump_failure)?;
+            let out = retry_copying(&mut opts, |opts| {
+                cedana_agent::dump(&criu, opts, bar.as_progress())
+            })
+            .map_err(dump_failure)?;
             if a.json {
                 print_json(&out);
             } else {
@@ -684,6 +689,30 @@ fn print_json(v: &impl serde::Serialize) {
         "{}",
         serde_json::to_string_pretty(&value).expect("output serializes")
     );
+}
+
+/// A dump, taken again (at most twice more) when a large carried file was written in place
+/// while it was stored, copying that file while the tree is stopped the next time.
+fn retry_copying<T>(
+    opts: &mut cedana_agent::DumpOptions,
+    mut dump: impl FnMut(&cedana_agent::DumpOptions) -> Result<T, DumpError>,
+) -> Result<T, DumpError> {
+    let mut tries = 0;
+    loop {
+        match dump(opts) {
+            Err(DumpError::Files(cedana_agent::files::FilesError::Changed { path }))
+                if tries < 2 =>
+            {
+                eprintln!(
+                    "{} was written in place during the checkpoint: taking it again, copying that file while the process is stopped",
+                    path.display()
+                );
+                opts.files_copy.push(path);
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn store_url(text: &str) -> Result<cedana_store::StoreUrl, Failure> {

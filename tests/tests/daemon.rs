@@ -1267,3 +1267,86 @@ fn sh_answers_when_the_shell_ends_and_its_output_is_bounded() {
         }
     }
 }
+
+/// A task that rewrites a large file in place over and over (opened, written, closed: never
+/// open at the freeze) is checkpointed left running anyway: the first try finds the file
+/// changed since the freeze and is not kept, the daemon takes it again copying that file while
+/// the task is stopped; and the carried file is whole (one version of it, not a mix).
+#[test]
+fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
+    if !criu_ready("a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("job");
+    std::fs::create_dir_all(&work).unwrap();
+    let _w1 = AgentDaemon::start(&nats, &nats.token, "jobrw", "w1", &work);
+    // 4 MiB of one repeated digit, rewritten in place with the next digit every few ms.
+    let py = work.join("rw.py");
+    std::fs::write(
+        &py,
+        "import time\nopen('big.bin', 'wb').write(b'0' * (4 << 20))\nn = 0\nwhile True:\n    n = (n + 1) % 10\n    with open('big.bin', 'r+b') as f:\n        f.write(str(n).encode() * (4 << 20))\n    time.sleep(0.002)\n",
+    )
+    .unwrap();
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobrw").await;
+        drv.wait_registered("w1").await;
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "rw".into(),
+                    cmd: format!("exec python3 {}", py.display()),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        let big = work.join("big.bin");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&big).map_or(true, |m| m.len() < 4 << 20) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "big.bin never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = drv
+            .call(
+                "w1",
+                "ckpt",
+                Command::Checkpoint {
+                    task: "rw".into(),
+                    leave_running: true,
+                    compression: cedana_agent::Compression::Zstd,
+                    chunks: None,
+                },
+                120,
+            )
+            .await;
+        let Reply::Checkpointed { object, .. } = r else {
+            panic!("the checkpoint failed: {r:?}")
+        };
+        // The carried file is one version: 4 MiB of a single digit.
+        let archive = sb.path().join("ckpt.zip");
+        std::fs::write(&archive, get_object(&drv, &object).await).unwrap();
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&archive).unwrap()).unwrap();
+        let mut f = zip.by_name("files/big.bin").expect("big.bin carried");
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+        assert_eq!(bytes.len(), 4 << 20);
+        assert!(
+            bytes.iter().all(|b| *b == bytes[0]),
+            "big.bin is a mix of versions"
+        );
+    });
+    // The daemon found it written in place and took the checkpoint again (the writer is fast
+    // enough that the first try cannot miss it).
+    let log = std::fs::read_to_string(work.with_extension("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("written in place during the checkpoint"),
+        "the first try did not meet the rewrite: {log}"
+    );
+}
