@@ -320,18 +320,15 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     coord.set_output(open_output(&job_dir)?);
     opts.reporter
         .note(&format!("job {job_id}: folder {}", job_dir.display()));
-    let shared = shared_storage(&opts.config);
     let store = checkpoint_store(&opts.config);
-    opts.reporter.note(&match (&shared, &embedded) {
-        _ if store.is_some() => format!(
-            "checkpoints go to {} as chunks (checkpoint_store; `cedana-agent prune --store URL` removes what no checkpoint needs)",
-            store.as_ref().map(|s| s.join(&job_id).to_string()).unwrap_or_default()
-        ),
-        (Some(dir), _) => format!(
-            "checkpoints go to {} (shared_storage.dump_storage_dir)",
-            std::path::absolute(dir.join(&job_id))
-                .unwrap_or_else(|_| dir.join(&job_id))
-                .display()
+    opts.reporter.note(&match (&store, &embedded) {
+        (Some(store), _) => format!(
+            "checkpoints go to {} as chunks ({}; `cedana-agent prune --store URL --keep 0` removes them once the job is over)",
+            store.join(&job_id),
+            match opts.config.checkpoint_store.as_ref().is_some_and(|c| !c.url.is_empty()) {
+                true => "checkpoint_store",
+                false => "shared_storage.dump_storage_dir",
+            }
         ),
         (None, Some(_)) => format!(
             "checkpoints go to the job's NATS store, {} (`cedana-driver rm {job_id}` removes them once the job is over)",
@@ -376,19 +373,27 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         embedded,
         checked,
         script: path.clone(),
-        shared_storage: shared_storage(&opts.config),
+        // The shared folder is a folder store now (see `checkpoint_store`).
+        shared_storage: None,
         reporter: opts.reporter,
         resumed: false,
     })
 }
 
-/// The config's `checkpoint_store.url`, if set (and usable: [`check`] refused it otherwise).
+/// Where the job's checkpoints go as chunks: the config's `checkpoint_store.url` (usable:
+/// [`check`] refused it otherwise), else the original's `shared_storage.dump_storage_dir` as a
+/// folder store (every worker mounts it).
 fn checkpoint_store(config: &cedana_protocol::Config) -> Option<cedana_store::StoreUrl> {
-    config
+    match config
         .checkpoint_store
         .as_ref()
         .filter(|c| !c.url.is_empty())
-        .and_then(|c| cedana_store::StoreUrl::parse(&c.url).ok())
+    {
+        Some(c) => cedana_store::StoreUrl::parse(&c.url).ok(),
+        None => shared_storage(config)
+            .map(|d| std::path::absolute(&d).unwrap_or(d))
+            .and_then(|d| cedana_store::StoreUrl::parse(&d.to_string_lossy()).ok()),
+    }
 }
 
 /// The config's `shared_storage.dump_storage_dir`, if set.
@@ -499,7 +504,8 @@ pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
         embedded,
         checked,
         script: path,
-        shared_storage: shared_storage(&opts.config),
+        // The shared folder is a folder store now (see `checkpoint_store`).
+        shared_storage: None,
         reporter: opts.reporter,
         resumed: true,
     })

@@ -374,18 +374,24 @@ fn checkpoints_go_to_shared_storage_when_configured() {
         checkpoints(r) >= 3
     });
     let job = r["job"].as_str().unwrap().to_string();
-    // The newest are in the shared folder (the two newest are kept), not the object store.
-    let zips = || -> Vec<String> {
-        std::fs::read_dir(shared.join(&job))
+    // The newest are in the shared folder, a folder store (the two newest are kept), not the
+    // object store.
+    let manifests = || -> Vec<String> {
+        std::fs::read_dir(shared.join(&job).join("checkpoints"))
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".zip"))
+                    .filter(|n| n.ends_with(".json"))
                     .collect()
             })
             .unwrap_or_default()
     };
-    assert!(!zips().is_empty() && zips().len() <= 3, "{:?}", zips());
+    assert!(
+        !manifests().is_empty() && manifests().len() <= 3,
+        "{:?}",
+        manifests()
+    );
+    assert!(shared.join(&job).join("chunks").read_dir().unwrap().count() > 0);
     // Recovery restores from there.
     let daemon = r["workers"][0]["pid"].as_i64().unwrap();
     kill9(r["task"]["pid"].as_i64().unwrap());
