@@ -31,8 +31,21 @@ use crate::{now_ms, Store, StoreError};
 /// A prune's lock is live this long after it was last written.
 pub const LOCK_TTL: Duration = Duration::from_secs(30);
 pub const LOCK_RENEW: Duration = Duration::from_secs(10);
-/// A writer's marker is live this long after it was last written.
+/// A writer's marker is live this long after it was last written (unless
+/// [`MARKER_TTL_ENV`] says otherwise).
 pub const MARKER_TTL: Duration = Duration::from_secs(30 * 60);
+/// Seconds a writer's marker stays live, instead of [`MARKER_TTL`]: for a prune that must
+/// collect a killed writer's chunks sooner (and for tests). Keep it well above the longest
+/// upload.
+pub const MARKER_TTL_ENV: &str = "CEDANA_STORE_MARKER_TTL_SECS";
+
+fn marker_ttl() -> Duration {
+    std::env::var(MARKER_TTL_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(MARKER_TTL)
+}
 pub const MARKER_RENEW: Duration = Duration::from_secs(5 * 60);
 
 const LOCK: &str = "gc/lock";
@@ -246,7 +259,7 @@ pub async fn prune(store: &Store, keep: &Keep) -> Result<PruneOutcome, StoreErro
 async fn collect(store: &Store, out: &mut PruneOutcome) -> Result<(), StoreError> {
     let mut writing = 0;
     for (file, at) in store.list_small("uploads").await? {
-        if live(at, MARKER_TTL) {
+        if live(at, marker_ttl()) {
             writing += 1;
         } else {
             // A killed writer's.

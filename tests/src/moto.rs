@@ -175,6 +175,27 @@ impl MotoServer {
         );
     }
 
+    /// The keys of `bucket` under `prefix` (a plain `GET /<bucket>?list-type=2`; up to 1000).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (status, body) = http(
+            self.port,
+            "GET",
+            &format!(
+                "/{bucket}?list-type=2&prefix={}",
+                prefix.replace('/', "%2F")
+            ),
+        )
+        .unwrap_or_else(|e| panic!("moto: list {bucket}/{prefix}: {e}"));
+        assert_eq!(
+            status, 200,
+            "moto: listing {bucket} answered {status}: {body}"
+        );
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
     /// moto's output so far (its last `lines` lines).
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.dir.path().join("moto.log"), lines)

@@ -805,3 +805,90 @@ fn bad_store_urls_and_unknown_checkpoints_are_refused() {
     assert_no_staging_left(&env.sb);
     task.kill();
 }
+
+/// An agent killed while it uploads into S3 (moto): no checkpoint is listed, the task runs on,
+/// a prune right away removes none of the killed writer's chunks (its marker is live), and
+/// once the marker is stale (a 1 s limit for the test, `CEDANA_STORE_MARKER_TTL_SECS`) a prune
+/// removes them and the marker.
+#[test]
+fn s3_agent_killed_mid_upload_leaves_chunks_a_later_prune_removes() {
+    if !criu_ready("s3_agent_killed_mid_upload_leaves_chunks_a_later_prune_removes") {
+        return;
+    }
+    let env = Env::s3();
+    let moto = env.moto.as_ref().unwrap();
+    let w = start_workload(&env.sb, 512);
+    let pid = w.task.pid.to_string();
+    let mut agent = Agent(
+        env.cmd(&["dump", "-p", &pid, "--store", &env.url, "--leave-running"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the dump"),
+    );
+    let chunks = || {
+        moto.keys("cedana-ckpt", "jobs/job-1/chunks/")
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+    };
+    let start = Instant::now();
+    while chunks().is_empty() {
+        assert!(
+            agent.0.try_wait().unwrap().is_none(),
+            "the dump ended before any chunk was seen"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no chunk within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.0.kill().expect("kill the agent");
+    agent.0.wait().expect("reap the agent");
+    assert!(
+        moto.keys("cedana-ckpt", "jobs/job-1/checkpoints/")
+            .is_empty(),
+        "the upload had finished when the agent was killed"
+    );
+    let orphans = chunks();
+    assert!(!orphans.is_empty());
+    assert_eq!(moto.keys("cedana-ckpt", "jobs/job-1/uploads/").len(), 1);
+    assert!(w.task.alive());
+    w.advance(3);
+    assert!(env.checkpoints().is_empty());
+    let p = env.prune(1);
+    assert_eq!(p["chunks_removed"], 0, "{p}");
+    assert!(
+        p["chunks_deferred"]
+            .as_str()
+            .is_some_and(|s| s.contains("being written")),
+        "{p}"
+    );
+    // A killed agent's upload may still be finishing a request or two: what is there now.
+    let orphans = chunks();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = env
+        .cmd(&["prune", "--store", &env.url, "--keep", "1", "--json"])
+        .env("CEDANA_STORE_MARKER_TTL_SECS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(p["chunks_deferred"].is_null(), "{p}");
+    assert_eq!(p["chunks_removed"], orphans.len() as u64, "{p}");
+    assert!(
+        chunks().is_empty(),
+        "orphan chunks are left: {:?}",
+        chunks()
+    );
+    assert!(moto.keys("cedana-ckpt", "jobs/job-1/uploads/").is_empty());
+    // The store works on: a checkpoint now is whole and restores.
+    let d = env.dump(w.task.pid, &["--leave-running"]);
+    w.task.kill();
+    let restored = env.restore(d["name"].as_str().unwrap());
+    restored.kill();
+}
