@@ -892,3 +892,113 @@ fn s3_agent_killed_mid_upload_leaves_chunks_a_later_prune_removes() {
     let restored = env.restore(d["name"].as_str().unwrap());
     restored.kill();
 }
+
+/// Forged manifests in the store (a hostile or broken writer): each is refused with exit 3
+/// naming the checkpoint and what is wrong, before any chunk is fetched or anything is written
+/// outside the staging folder, and the genuine checkpoint still restores.
+#[test]
+fn forged_manifests_are_refused_before_anything_is_written() {
+    if !criu_ready("forged_manifests_are_refused_before_anything_is_written") {
+        return;
+    }
+    let env = Env::folder();
+    let w = start_workload(&env.sb, 8);
+    let d = env.dump(w.task.pid, &["--leave-running"]);
+    let name = d["name"].as_str().unwrap().to_string();
+    let dir = env.dir().join("checkpoints");
+    let genuine: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let outside = env.sb.path().join("escaped");
+    let forge = |forged: &str, edit: &dyn Fn(&mut Value)| {
+        let mut m = genuine.clone();
+        edit(&mut m);
+        std::fs::write(dir.join(format!("{forged}.json")), m.to_string()).unwrap();
+    };
+    let first_chunk = genuine["entries"][0]["chunks"][0].clone();
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut Value)>)> = vec![
+        (
+            "escape",
+            "unsafe entry name",
+            Box::new(|m: &mut Value| {
+                m["entries"][0]["name"] = Value::from(format!("images/../../{}", "escaped"));
+            }),
+        ),
+        (
+            "absolute",
+            "unsafe entry name",
+            Box::new(|m: &mut Value| {
+                m["entries"][0]["name"] = Value::from(outside.display().to_string());
+            }),
+        ),
+        (
+            "sizes",
+            "add up to",
+            Box::new(|m: &mut Value| {
+                let size = m["entries"][0]["size"].as_u64().unwrap();
+                m["entries"][0]["size"] = Value::from(size + 4096);
+            }),
+        ),
+        (
+            "huge",
+            "oversized chunk",
+            Box::new(|m: &mut Value| {
+                m["entries"][0]["chunks"][0]["size"] = Value::from(1u64 << 40);
+                m["entries"][0]["size"] = Value::from(1u64 << 40);
+            }),
+        ),
+        (
+            "twice",
+            "listed twice",
+            Box::new(|m: &mut Value| {
+                let e = m["entries"][0].clone();
+                m["entries"].as_array_mut().unwrap().push(e);
+            }),
+        ),
+        (
+            "nochunks",
+            "lists no chunks",
+            Box::new(|m: &mut Value| {
+                m["entries"][0].as_object_mut().unwrap().remove("chunks");
+            }),
+        ),
+        (
+            "badid",
+            "not a chunk name",
+            Box::new(|m: &mut Value| {
+                m["entries"][0]["chunks"][0]["id"] = Value::from("../../../etc/passwd");
+            }),
+        ),
+        (
+            "version",
+            "format version",
+            Box::new(|m: &mut Value| m["format_version"] = Value::from(1)),
+        ),
+    ];
+    assert!(first_chunk.is_object());
+    for (forged, says, edit) in &cases {
+        forge(forged, edit.as_ref());
+        let out = env.restore_cmd(forged);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{forged}: {err}");
+        assert!(
+            err.contains(forged),
+            "{forged}: the error names the checkpoint: {err}"
+        );
+        assert!(
+            err.contains(says),
+            "{forged}: the error says {says:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{forged}: no PID printed");
+        assert!(
+            !outside.exists(),
+            "{forged}: wrote outside the staging folder"
+        );
+        assert_no_staging_left(&env.sb);
+    }
+    // A name that is not a checkpoint name (a path) is refused as unknown.
+    let out = env.restore_cmd("../checkpoints/x");
+    assert_eq!(out.status.code(), Some(3));
+    w.task.kill();
+    let t = env.restore(&name);
+    t.kill();
+}
