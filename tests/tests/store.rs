@@ -915,7 +915,8 @@ fn forged_manifests_are_refused_before_anything_is_written() {
         std::fs::write(dir.join(format!("{forged}.json")), m.to_string()).unwrap();
     };
     let first_chunk = genuine["entries"][0]["chunks"][0].clone();
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit<'a> = Box<dyn Fn(&mut Value) + 'a>;
+    let cases: Vec<(&str, &str, Edit)> = vec![
         (
             "escape",
             "unsafe entry name",

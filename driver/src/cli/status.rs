@@ -189,6 +189,13 @@ pub fn rm(state_dir: &Path, job: &str) -> Exit {
                 r.job,
                 bytes as f64 / 1048576.0
             );
+            // A checkpoint store is the user's: what the job left there is said, not removed.
+            if let Some(store) = &r.settings.store {
+                println!(
+                    "its checkpoints stay in {store}/{}; `cedana-agent prune --store {store}/{} --keep 0` removes them",
+                    r.job, r.job
+                );
+            }
             Exit::Ok
         }
         Err(e) => {
