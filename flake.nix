@@ -18,7 +18,7 @@
       # Only what cargo reads, so editing images or docs does not rebuild the binaries.
       src = lib.fileset.toSource {
         root = ./.;
-        fileset = lib.fileset.unions [ ./Cargo.toml ./Cargo.lock ./protocol ./agent ./driver ./tests ];
+        fileset = lib.fileset.unions [ ./Cargo.toml ./Cargo.lock ./protocol ./store ./agent ./driver ./tests ];
       };
 
       rustCommon = {
