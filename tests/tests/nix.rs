@@ -230,7 +230,7 @@ fn an_unbound_variable_fails_the_check() {
 #[test]
 fn a_crate_left_out_of_the_source_fails_the_check() {
     let out =
-        check_broken_copy(|r| replace(&r.join("flake.nix"), " ./protocol ./agent", " ./agent"));
+        check_broken_copy(|r| replace(&r.join("flake.nix"), " ./protocol ./store", " ./store"));
     assert_fails_with(
         &out,
         "a crate left out of the source fileset",
