@@ -28,7 +28,8 @@ PY
 PID=$("$AGENT" exec --log "$W/mem.log" -- python3 "$W/mem.py" 2>/dev/null)
 for _ in $(seq 600); do [ -f "$W/ready" ] && break; sleep 0.1; done
 ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
-criu dump -t "$PID" -D "$T/raw" --leave-running --shell-job -o /dev/null 2>/dev/null || mkdir -p "$T/raw"
+mkdir -p "$T/raw"
+criu dump -t "$PID" -D "$T/raw" --leave-running --shell-job -o /dev/null 2>/dev/null
 BYTES=$(du -sb "$T/raw" | cut -f1)
 printf 'images: %d MiB\n' $((BYTES >> 20))
 printf '%-12s %-9s %10s %10s %8s\n' store direction agent_ms copy_ms ratio
@@ -40,8 +41,8 @@ for where in ext4 tmpfs s3; do
     s3) URL=s3://bench/io ;;
   esac
   out=$("$AGENT" dump -p "$PID" --store "$URL" --leave-running --json -d "$W")
-  up=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["upload_time"])' "$out")
-  name=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["name"])' "$out")
+  up=$(printf '%s' "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["upload_time"])')
+  name=$(printf '%s' "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["name"])')
   if [ "$where" = s3 ]; then
     t=$(date +%s%N); (cd "$T/raw" && tar cf - .) | "$MOTO/bin/python" -c 'import boto3,sys; boto3.client("s3").upload_fileobj(sys.stdin.buffer, "bench", "plain/images.tar")'; cp_up=$(ms "$t")
     t=$(date +%s%N); "$MOTO/bin/python" -c 'import boto3,sys; boto3.client("s3").download_fileobj("bench", "plain/images.tar", open("/dev/null","wb"))'; cp_down=$(ms "$t")
@@ -54,8 +55,8 @@ for where in ext4 tmpfs s3; do
   kill -STOP "$PID"
   rout=$("$AGENT" restore --store "$URL" "$name" --json --staging-dir "$W") || true
   kill -CONT "$PID"
-  rpid=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("pid",0))' "$rout")
-  down=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("verify_time",0))' "$rout")
+  rpid=$(printf '%s' "$rout" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("pid",0))')
+  down=$(printf '%s' "$rout" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("verify_time",0))')
   [ "$rpid" -gt 0 ] && kill -9 "$rpid" 2>/dev/null || true
   row "$where" download "$down" "$cp_down"
 done

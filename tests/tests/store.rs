@@ -1003,3 +1003,50 @@ fn forged_manifests_are_refused_before_anything_is_written() {
     let t = env.restore(&name);
     t.kill();
 }
+
+/// Chunks follow the address space: new memory mapped below a large buffer (which shifts
+/// every later offset in CRIU's page image) does not make the next checkpoint send the
+/// buffer again; only the new pages (and small images) go.
+#[test]
+fn new_memory_elsewhere_does_not_resend_what_did_not_change() {
+    if !criu_ready("new_memory_elsewhere_does_not_resend_what_did_not_change") {
+        return;
+    }
+    let env = Env::folder();
+    let script = env.sb.path().join("grow.py");
+    let trigger = env.sb.path().join("grow-now");
+    std::fs::write(
+        &script,
+        format!(
+            "import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.mmap.restype = ctypes.c_void_p\nlibc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\nbig = bytearray(os.urandom(64 << 20))\nat = ctypes.addressof(ctypes.c_char.from_buffer(big))\nsize = (8 << 20) + 12288\ngrown = False\nprint('ready', flush=True)\nwhile True:\n    if os.path.exists({t:?}) and not grown:\n        # Below the buffer: every later offset in the page image moves by a size that is\n        # no multiple of a chunk.\n        hint = (at & ~0xfff) - (128 << 20)\n        p = libc.mmap(hint, size, 3, 0x22, -1, 0)\n        assert p == hint, (hex(p), hex(at))\n        ctypes.memmove(p, os.urandom(size), size)\n        grown = True\n        print('grown', flush=True)\n    time.sleep(0.02)\n",
+            t = trigger.display().to_string()
+        ),
+    )
+    .unwrap();
+    let task = env.sb.exec(
+        "grow.log",
+        &[python().to_str().unwrap(), script.to_str().unwrap()],
+    );
+    let log = env.sb.path().join("grow.log");
+    let has = |s: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(s)
+    };
+    wait_until(Duration::from_secs(60), "the 64 MiB buffer", || {
+        has("ready")
+    });
+    let first = env.dump(task.pid, &["--leave-running"]);
+    assert!(first["raw_sent"].as_u64().unwrap() >= 64 << 20, "{first}");
+    std::fs::write(&trigger, b"").unwrap();
+    wait_until(Duration::from_secs(30), "the new mapping", || has("grown"));
+    let second = env.dump(task.pid, &["--leave-running"]);
+    let sent = second["raw_sent"].as_u64().unwrap();
+    eprintln!("second checkpoint sent {sent} bytes");
+    assert!(
+        sent < 24 << 20,
+        "8 MiB of new memory made the checkpoint send {} MiB: {second}",
+        sent >> 20
+    );
+    task.kill();
+}

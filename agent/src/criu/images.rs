@@ -182,6 +182,7 @@ pub fn rewrite_cpuinfo(
 
 /// `pagemap_entry` flags: the pages are in the parent's images, or served lazily, or here.
 const PE_PARENT: u32 = 1 << 0;
+#[cfg_attr(not(test), allow(dead_code))]
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
 
@@ -238,10 +239,13 @@ fn pagemap_cuts(bytes: &[u8], name: &str, page: u64) -> Option<(u32, Vec<u64>)> 
             Some(true) => PE_PARENT,
             _ => PE_PRESENT,
         });
-        if flags & PE_PRESENT == 0 || flags & (PE_LAZY | PE_PARENT) != 0 {
+        // Pages in this dump's `pages-*.img`: present and not the parent's. (CRIU marks
+        // private anonymous memory PE_LAZY as well, pages written here all the same.)
+        if flags & PE_PRESENT == 0 || flags & PE_PARENT != 0 {
             continue;
         }
-        for i in 0..u64::from(e.nr_pages) {
+        let pages = e.pages.unwrap_or(u64::from(e.nr_pages));
+        for i in 0..pages {
             let window = (e.vaddr + i * page) / WINDOW;
             if cur > 0 && ((window != cur_window && cur >= MIN) || cur + page > MAX) {
                 cuts.push(cur);
@@ -262,6 +266,11 @@ mod cut_tests {
     use super::*;
 
     fn pagemap(entries: &[(u64, u32)]) -> Vec<u8> {
+        pagemap_as(entries, false)
+    }
+
+    /// CRIU 4 writes the run's length as `pages` (field 5), `nr_pages` 0.
+    fn pagemap_as(entries: &[(u64, u32)], criu4: bool) -> Vec<u8> {
         let mut img = Image {
             magics: vec![IMG_COMMON_MAGIC, 0x56084025],
             entries: vec![PagemapHead { pages_id: 7 }.encode_to_vec()],
@@ -270,9 +279,11 @@ mod cut_tests {
             img.entries.push(
                 PagemapEntry {
                     vaddr: *vaddr,
-                    nr_pages: *nr_pages,
+                    nr_pages: if criu4 { 0 } else { *nr_pages },
+                    pages: criu4.then_some(u64::from(*nr_pages)),
                     in_parent: None,
-                    flags: Some(PE_PRESENT),
+                    // As CRIU writes private anonymous memory.
+                    flags: Some(PE_PRESENT | PE_LAZY),
                 }
                 .encode_to_vec(),
             );
@@ -288,6 +299,9 @@ mod cut_tests {
         let (id, cuts) = pagemap_cuts(&pagemap(&[(base, 768)]), "pagemap-1.img", 4096).unwrap();
         assert_eq!(id, 7);
         assert_eq!(cuts, vec![mib, mib, mib]);
+        let (_, cuts4) =
+            pagemap_cuts(&pagemap_as(&[(base, 768)], true), "pagemap-1.img", 4096).unwrap();
+        assert_eq!(cuts4, cuts);
         // A page added below shifts every offset in the file; the windows' chunks stay the
         // same, only the first (now merged with the new page) changes.
         let (_, cuts2) =

@@ -240,4 +240,7 @@ pub struct PagemapEntry {
     pub in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
     pub flags: Option<u32>,
+    /// The run's length in pages as CRIU 4 writes it (`nr_pages` is then 0).
+    #[prost(uint64, optional, tag = "5")]
+    pub pages: Option<u64>,
 }
