@@ -90,6 +90,12 @@ pub fn dump_to_store(
         .map_err(|source| dump::criu_err(info, source, String::new()))?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
     let t0 = Instant::now();
+    // Whatever happens from here (a panic too), a tree CRIU left stopped is resumed unless
+    // it was killed on purpose.
+    let mut thaw = Thaw {
+        pid: info.pid,
+        armed: req.leave_stopped,
+    };
     if let Err(source) = criu.dump(&req, &mut |_| {}) {
         progress.finish();
         let kept = dump::keep_log(
@@ -128,6 +134,7 @@ pub fn dump_to_store(
         .transpose();
     if resume_after_files {
         dump::signal_tree(info.pid, Signal::SIGCONT);
+        thaw.armed = false;
     }
     let frozen_time = t0.elapsed();
     let frozen = !opts.leave_running;
@@ -276,6 +283,7 @@ pub fn dump_to_store(
         }
     };
     if frozen {
+        thaw.armed = false;
         dump::signal_tree(info.pid, Signal::SIGKILL);
     }
     let upload_time = t_upload.elapsed();
@@ -291,6 +299,20 @@ pub fn dump_to_store(
         uploaded,
         manifest,
     })
+}
+
+/// Resumes a stopped tree when dropped armed (see [`dump_to_store`]).
+struct Thaw {
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        if self.armed {
+            dump::signal_tree(self.pid, Signal::SIGCONT);
+        }
+    }
 }
 
 /// Reads and checks the manifest of checkpoint `name` in `store`: the chunked format, safe
@@ -321,6 +343,18 @@ pub fn read_manifest(
         .map(|e| (e.name.clone(), false))
         .collect();
     archive::check_names(&label, &names, &manifest)?;
+    // A chunk is one size wherever it is listed (else a forged manifest could write past an
+    // entry's end).
+    let mut sizes = std::collections::HashMap::new();
+    for c in manifest
+        .entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().flatten())
+    {
+        if *sizes.entry(c.id).or_insert(c.size) != c.size {
+            return Err(bad(format!("chunk {} is listed with two sizes", c.id)));
+        }
+    }
     for e in &manifest.entries {
         let Some(chunks) = &e.chunks else {
             return Err(bad(format!("entry {:?} lists no chunks", e.name)));

@@ -12,7 +12,13 @@
 //!   for markers, and removes no chunk while a live one exists (the chunks are collected by a
 //!   later prune).
 //!
-//! Whichever writes first, the other sees it. Manifests go first and chunks after, and a chunk
+//! Whichever writes first, the other sees it. Ages are told on the store's clock alone (an
+//! object's time against a time the store just gave an object of ours, plus time measured
+//! here on a monotonic clock), so a machine whose clock is off neither waits wrongly nor
+//! takes a live marker or lock for a dead one. A prune stops removing chunks as soon as its
+//! lock has not been renewed for longer than is safe; it removes only a lock holding its own
+//! token; a lock found stale is removed and the chunks wait for the next prune.
+//! Manifests go first and chunks after, and a chunk
 //! is removed only when no manifest listed after the manifests went names it, so a prune killed
 //! anywhere leaves every kept checkpoint whole (at worst, chunks that the next prune removes).
 //! A killed writer leaves chunks no manifest names and a marker that stops being live after
@@ -46,12 +52,30 @@ fn marker_ttl() -> Duration {
         .map(Duration::from_secs)
         .unwrap_or(MARKER_TTL)
 }
+
+/// How often a live writer rewrites its marker: well within its time to live.
+fn marker_renew() -> Duration {
+    MARKER_RENEW
+        .min(marker_ttl() / 3)
+        .max(Duration::from_millis(200))
+}
 pub const MARKER_RENEW: Duration = Duration::from_secs(5 * 60);
 
 const LOCK: &str = "gc/lock";
 
-fn live(written_ms: i64, ttl: Duration) -> bool {
-    now_ms().saturating_sub(written_ms) < ttl.as_millis() as i64
+/// Whether an object written at `written_ms` (the store's clock) is younger than `ttl` at
+/// the store's time `store_now_ms`.
+fn live_at(written_ms: i64, store_now_ms: i64, ttl: Duration) -> bool {
+    store_now_ms.saturating_sub(written_ms) < ttl.as_millis() as i64
+}
+
+/// The store's time now: when it writes a small object of ours.
+async fn store_now(store: &Store) -> Result<i64, StoreError> {
+    let probe = format!("gc/clock-{}", unique_id());
+    store.put_small(&probe, Vec::new(), false).await?;
+    let at = store.get_small(&probe).await?.map(|(_, at)| at);
+    store.delete_small(&probe).await?;
+    Ok(at.unwrap_or_else(now_ms))
 }
 
 fn unique_id() -> String {
@@ -107,7 +131,7 @@ impl Writing {
             let (store, marker) = (store.clone(), marker.clone());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(MARKER_RENEW).await;
+                    tokio::time::sleep(marker_renew()).await;
                     if let Err(e) = store.put_small(&marker, marker_bytes(), false).await {
                         tracing::warn!(error = %e, "cannot renew the checkpoint's marker");
                     }
@@ -120,10 +144,17 @@ impl Writing {
             renew,
             ended: false,
         };
-        let deadline = Instant::now() + LOCK_TTL + Duration::from_secs(2);
+        // The store's time now: when it wrote the marker.
+        let since = Instant::now();
+        let store_now = match store.get_small(&writing.marker).await? {
+            Some((_, at)) => at,
+            None => now_ms(),
+        };
         let mut told = false;
+        // As long as a prune renews its lock: a dead prune's goes stale.
         while let Some((_, at)) = store.get_small(LOCK).await? {
-            if !live(at, LOCK_TTL) || Instant::now() > deadline {
+            let now = store_now + since.elapsed().as_millis() as i64;
+            if !live_at(at, now, LOCK_TTL) {
                 break;
             }
             if !told {
@@ -142,7 +173,12 @@ impl Writing {
     /// Writes the checkpoint's manifest (never replacing one) and ends the writing; if the
     /// name is taken ([`StoreError::Exists`]) the writing goes on, for another name.
     pub async fn commit(&mut self, name: &str, manifest: Vec<u8>) -> Result<(), StoreError> {
-        let result = self.store.put_manifest(name, manifest).await;
+        // The chunks durable before the manifest that names them; then the manifest.
+        self.store.sync().await?;
+        let mut result = self.store.put_manifest(name, manifest).await;
+        if result.is_ok() {
+            result = self.store.sync().await;
+        }
         if !matches!(result, Err(StoreError::Exists { .. })) {
             self.end().await;
         }
@@ -226,40 +262,67 @@ pub async fn prune(store: &Store, keep: &Keep) -> Result<PruneOutcome, StoreErro
             out.removed.push(c.name.clone());
         }
     }
-    // The lock: one prune at a time, and none while a checkpoint is written.
-    let mut locked = store.put_small(LOCK, marker_bytes(), true).await?;
-    if !locked {
-        if let Some((_, at)) = store.get_small(LOCK).await? {
-            if !live(at, LOCK_TTL) {
+    // The lock: one prune at a time, and none while a checkpoint is written. It holds this
+    // prune's token.
+    let token = unique_id().into_bytes();
+    if !store.put_small(LOCK, token.clone(), true).await? {
+        let now = store_now(store).await?;
+        out.chunks_deferred = Some(match store.get_small(LOCK).await? {
+            Some((_, at)) if !live_at(at, now, LOCK_TTL) => {
+                // A dead prune's: removed, and the chunks wait for the next prune (one that
+                // took it over now could race another doing the same).
                 store.delete_small(LOCK).await?;
-                locked = store.put_small(LOCK, marker_bytes(), true).await?;
+                "a dead prune's lock was in the way (removed now)".into()
             }
-        }
-    }
-    if !locked {
-        out.chunks_deferred = Some("another prune is removing chunks".into());
+            _ => "another prune is removing chunks".into(),
+        });
         return Ok(out);
     }
+    let since = Instant::now();
+    let store_now = match store.get_small(LOCK).await? {
+        Some((_, at)) => at,
+        None => now_ms(),
+    };
+    // When the lock was last renewed for sure (a renewal that fails leaves it as it was).
+    let renewed = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
     let renew = {
-        let store = store.clone();
+        let (store, token, renewed) = (store.clone(), token.clone(), renewed.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_RENEW).await;
-                let _ = store.put_small(LOCK, marker_bytes(), false).await;
+                let before = Instant::now();
+                if store.put_small(LOCK, token.clone(), false).await.is_ok() {
+                    *renewed.lock().expect("not poisoned") = before;
+                }
             }
         })
     };
-    let result = collect(store, &mut out).await;
+    let holds = move || {
+        renewed.lock().expect("not poisoned").elapsed() + Duration::from_secs(10) < LOCK_TTL
+    };
+    let result = collect(store, &mut out, store_now, since, &holds).await;
     renew.abort();
-    store.delete_small(LOCK).await?;
+    // Only this prune's lock is removed.
+    if let Some((held, _)) = store.get_small(LOCK).await? {
+        if held.as_ref() == token.as_slice() {
+            store.delete_small(LOCK).await?;
+        }
+    }
     result?;
     Ok(out)
 }
 
-async fn collect(store: &Store, out: &mut PruneOutcome) -> Result<(), StoreError> {
+async fn collect(
+    store: &Store,
+    out: &mut PruneOutcome,
+    store_now: i64,
+    since: Instant,
+    holds: &(dyn Fn() -> bool + Sync),
+) -> Result<(), StoreError> {
     let mut writing = 0;
+    let now = store_now + since.elapsed().as_millis() as i64;
     for (file, at) in store.list_small("uploads").await? {
-        if live(at, marker_ttl()) {
+        if live_at(at, now, marker_ttl()) {
             writing += 1;
         } else {
             // A killed writer's.
@@ -307,11 +370,23 @@ async fn collect(store: &Store, out: &mut PruneOutcome) -> Result<(), StoreError
     out.chunks_kept = (chunks.len() - doomed.len()) as u64;
     out.chunks_removed = doomed.len() as u64;
     out.stored_bytes_removed = doomed.iter().map(|(_, b)| b).sum();
-    futures::stream::iter(doomed)
-        .map(|(id, _)| async move { store.delete_chunk(&id).await })
+    let removed = futures::stream::iter(doomed)
+        .map(|(id, bytes)| async move {
+            // Never past the lock: a prune whose renewals stopped landing stops here.
+            if !holds() {
+                return Ok(None);
+            }
+            store.delete_chunk(&id).await.map(|()| Some(bytes))
+        })
         .buffer_unordered(crate::transfer::IO_PARALLEL)
-        .try_collect::<Vec<()>>()
+        .try_collect::<Vec<Option<u64>>>()
         .await?;
+    out.chunks_removed = removed.iter().flatten().count() as u64;
+    out.stored_bytes_removed = removed.iter().flatten().sum();
+    if out.chunks_removed < removed.len() as u64 {
+        out.chunks_deferred =
+            Some("the prune's lock could not be renewed; it stopped removing chunks".into());
+    }
     Ok(())
 }
 

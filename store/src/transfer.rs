@@ -117,26 +117,22 @@ async fn upload_pass(
             })?
             .len();
         sizes.push(size);
-        let file =
-            Arc::new(
-                std::fs::File::open(&piece.path).map_err(|source| StoreError::Read {
-                    path: piece.path.clone(),
-                    source,
-                })?,
-            );
+        // Each chunk opens its file: a folder of thousands of files never holds thousands
+        // of descriptors at once.
         for (at, len) in cuts_of(size, &piece.cuts) {
-            jobs.push((file_index, piece.path.clone(), file.clone(), at, len));
+            jobs.push((file_index, piece.path.clone(), at, len));
         }
     }
     let results: Vec<(usize, ChunkRef, u64)> = futures::stream::iter(jobs)
-        .map(|(file_index, path, file, at, len)| {
+        .map(|(file_index, path, at, len)| {
             let (sent, cpu) = (sent.clone(), cpu.clone());
             async move {
                 let permit = cpu.acquire_owned().await.expect("never closed");
                 let sealed = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, at)
+                    std::fs::File::open(&path)
+                        .and_then(|file| file.read_exact_at(&mut buf, at))
                         .map_err(|source| StoreError::Read { path, source })?;
                     let id = ChunkId::of(&buf);
                     let new = !sent.present.contains(&id)
@@ -229,7 +225,7 @@ pub async fn download(
             path: path.clone(),
             source,
         })?;
-        opened.push((Arc::new(file), path));
+        opened.push(path);
     }
     // Where each distinct chunk goes.
     let mut places: HashMap<ChunkId, (ChunkRef, Vec<(usize, u64)>)> = HashMap::new();
@@ -256,8 +252,12 @@ pub async fn download(
                 let n = tokio::task::spawn_blocking(move || {
                     let mut n = 0;
                     for (file, at) in &places[&id].1 {
-                        let (f, path) = &opened[*file];
-                        f.write_all_at(&bytes, *at)
+                        let path = &opened[*file];
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(path)
+                            .and_then(|f| f.write_all_at(&bytes, *at))
                             .map_err(|source| StoreError::Write {
                                 path: path.clone(),
                                 source,

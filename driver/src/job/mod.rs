@@ -821,9 +821,17 @@ impl Job {
         if let Some(url) = &self.store {
             // Whatever the record holds, the store's newest `keep` stay (a spot notice's
             // checkpoint too), and the chunks only they name.
+            // And the newest the record names (a spot notice's checkpoint may have come in
+            // after it).
             let keep = cedana_store::Keep {
                 newest: keep,
-                ..Default::default()
+                names: self
+                    .record
+                    .checkpoints
+                    .last()
+                    .map(|c| c.object.clone())
+                    .into_iter()
+                    .collect(),
             };
             let result = cedana_store::Store::open(url).and_then(|st| {
                 self.rt

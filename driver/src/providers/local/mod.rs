@@ -159,7 +159,9 @@ fn loopback_store_endpoint(store: Option<&str>) -> Option<(String, String)> {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|a| a.is_loopback());
     let port = url.port_or_known_default()?;
-    loopback.then(|| (url.scheme().to_string(), format!("{host}:{port}")))
+    // Plain HTTP only: a TLS server's name would not match the forwarder's address.
+    (loopback && url.scheme() == "http")
+        .then(|| (url.scheme().to_string(), format!("{host}:{port}")))
 }
 
 /// Whether workers can have mount namespaces of their own here.
@@ -248,6 +250,13 @@ impl LocalWorker {
             let runc_root = s.work_path.parent().unwrap_or(Path::new("/")).join("runc");
             let id = format!("cedana-{}-{}", s.job, s.id);
             let bundle = s.dir.with_extension("bundle");
+            let store_folder: Option<PathBuf> = s
+                .store
+                .and_then(|u| cedana_store::StoreUrl::parse(u).ok())
+                .and_then(|u| u.folder().map(Path::to_path_buf));
+            if let Some(f) = &store_folder {
+                std::fs::create_dir_all(f).map_err(derr(f))?;
+            }
             let mut args = vec!["/usr/local/bin/cedana-agent".to_string()];
             args.extend(daemon_args(s, &nats_url, Path::new(container::WORK_PATH)));
             let mut env = vec![
@@ -277,7 +286,8 @@ impl LocalWorker {
                 args,
                 env,
                 work_dir: s.dir,
-                shared: s.shared_storage,
+                // A folder store is the shared folder of a container worker.
+                shared: s.shared_storage.or(store_folder.as_deref()),
                 netns: ns,
                 log,
             })?;
