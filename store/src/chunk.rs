@@ -103,13 +103,22 @@ pub enum OpenError {
 /// declared size (a frame that expands further is refused without being expanded), and
 /// checked against its name.
 pub fn open(expected: &ChunkRef, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
-    let limit = expected.size.min(MAX_CHUNK);
-    let mut out = Vec::with_capacity(limit as usize);
-    let decoder = zstd::stream::read::Decoder::with_buffer(sealed).map_err(OpenError::Zstd)?;
-    decoder
-        .take(limit + 1)
-        .read_to_end(&mut out)
-        .map_err(OpenError::Zstd)?;
+    let limit = expected.size.min(MAX_CHUNK) as usize;
+    // One call into zstd (a frame that would expand past the declared size is an error, not
+    // an allocation); a frame that declares no size is read as a stream, held to the same.
+    let out = match zstd::bulk::decompress(sealed, limit) {
+        Ok(out) => out,
+        Err(_) => {
+            let mut out = Vec::with_capacity(limit);
+            let decoder =
+                zstd::stream::read::Decoder::with_buffer(sealed).map_err(OpenError::Zstd)?;
+            decoder
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(OpenError::Zstd)?;
+            out
+        }
+    };
     if out.len() as u64 != expected.size {
         return Err(OpenError::Size {
             expected: expected.size,
