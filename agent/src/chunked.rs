@@ -20,9 +20,9 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::archive::{self, ArchiveError, Entry, Manifest, ManifestCriu, ManifestProcess};
-use crate::criu::{self, images, Criu, DumpRequest};
-use crate::dump::{self, millis, DumpError, DumpOptions, TcpMode};
+use crate::archive::{self, ArchiveError, Entry, Manifest};
+use crate::criu::{self, images, Criu};
+use crate::dump::{self, millis, DumpError, DumpOptions};
 use crate::progress::Progress;
 use crate::restore::{self, RestoreError, RestoreOptions, RestoreOutcome};
 use crate::{files, staging};
@@ -68,17 +68,7 @@ pub fn dump_to_store(
     let info = &target.info;
     let st = Store::open(store)?;
     let work = target.staging(opts)?;
-    let resume_after_files = opts.leave_running && opts.files.is_some();
-    let req = DumpRequest {
-        pid: opts.pid,
-        images_dir: work.path().to_path_buf(),
-        leave_running: opts.leave_running && !resume_after_files,
-        leave_stopped: !opts.leave_running || resume_after_files,
-        tcp_established: opts.tcp == TcpMode::Established,
-        tcp_close: opts.tcp == TcpMode::Close,
-        shell_job: target.shell_job,
-        ext_unix_sk: opts.ext_unix_sk,
-    };
+    let (req, resume_after_files) = target.request(opts, work.path());
     info!(pid = opts.pid, name = %info.name, store = %store, "dumping into a store");
     let _guard = if req.leave_stopped {
         crate::guard::Guard::start(opts.pid)
@@ -105,33 +95,7 @@ pub fn dump_to_store(
         return Err(dump::criu_err(info, source, kept));
     }
     let criu_time = t0.elapsed();
-    // The carried folder, read while the tree is stopped (kept first if it is to go on: files
-    // open for writing copied, the others linked and checked unchanged before the commit).
-    let carried = opts
-        .files
-        .as_deref()
-        .map(
-            |root| -> Result<(files::Collected, Option<files::Snapshot>), DumpError> {
-                let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
-                let mut c = files::collect(root, &exclude)?;
-                let mut kept = None;
-                if opts.leave_running {
-                    let snap = work.path().join("carried");
-                    std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
-                        path: snap.clone(),
-                        source,
-                    })?;
-                    kept = Some(files::snapshot(
-                        &mut c,
-                        &snap,
-                        Some(info.pid),
-                        &opts.files_copy,
-                    )?);
-                }
-                Ok((c, kept))
-            },
-        )
-        .transpose();
+    let carried = dump::carry(opts, work.path(), info.pid);
     if resume_after_files {
         dump::signal_tree(info.pid, Signal::SIGCONT);
         thaw.armed = false;
@@ -144,37 +108,19 @@ pub fn dump_to_store(
             Some((c, k)) => (Some(c), k),
             None => (None, None),
         };
-        let cpu = match criu
-            .cpuinfo_dump(work.path())
-            .map_err(|e| e.to_string())
-            .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
-        {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(error = %e, "no CPU description in the dump");
-                None
-            }
-        };
-        let (tree_size, tree_pids) = dump::dumped_tree(work.path(), info);
+        let cpu = dump::cpu_description(criu, work.path());
         let mut cuts = images::page_image_cuts(work.path());
-        let mut pieces: Vec<Piece> = std::fs::read_dir(work.path())
-            .map_err(|source| DumpError::Staging {
-                path: work.path().to_path_buf(),
-                source,
-            })?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter(|e| e.file_name() != staging::LOCK)
-            .map(|e| {
-                let file = e.file_name().to_string_lossy().into_owned();
+        let mut pieces: Vec<Piece> = dump::image_files(work.path())?
+            .into_iter()
+            .map(|(name, path)| {
+                let file = name.rsplit('/').next().unwrap_or_default().to_string();
                 Piece {
-                    name: format!("{}/{file}", archive::IMAGES_DIR),
-                    path: e.path(),
+                    name,
+                    path,
                     cuts: cuts.remove(&file).unwrap_or_default(),
                 }
             })
             .collect();
-        pieces.sort_by(|a, b| a.name.cmp(&b.name));
         let images_bytes = pieces
             .iter()
             .map(|p| std::fs::metadata(&p.path).map_or(0, |m| m.len()))
@@ -195,34 +141,15 @@ pub fn dump_to_store(
             .sum();
         progress.stage("storing", Some(total));
         let bar = |n| progress.advance(n);
-        let mut manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            created_at: target.stamp.rfc3339.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            process: ManifestProcess {
-                name: info.name.clone(),
-                pid: info.pid,
-                cmdline: info.cmdline.clone(),
-                cwd: info.cwd.clone(),
-                exe: info.exe.clone(),
-                tree_size,
-                tree_pids,
-                rss_bytes: info.tree_rss_bytes,
-            },
-            host: archive::host_info(),
-            criu: ManifestCriu {
-                version: version.to_string(),
-                shell_job: target.shell_job,
-                tcp_established: req.tcp_established,
-                tcp_close: req.tcp_close,
-                ext_unix_sk: req.ext_unix_sk,
-                pid_namespace: info.pid_namespace_init,
-            },
+        let mut manifest = target.manifest(
+            FORMAT_VERSION,
+            work.path(),
+            version.to_string(),
+            &req,
             cpu,
-            compression: archive::Compression::Zstd,
-            entries: Vec::new(),
+            archive::Compression::Zstd,
             files,
-        };
+        );
         let stem = target.stem.clone();
         let (mut writing, up) = rt.block_on(async {
             let writing = Writing::begin(&st).await?;

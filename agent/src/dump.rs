@@ -180,6 +180,135 @@ impl Target {
     }
 }
 
+impl Target {
+    /// CRIU's request for this dump into `images`, and whether the agent resumes the tree
+    /// itself (carried files must be read while the tree is stopped; it is then resumed by
+    /// the agent rather than by CRIU).
+    pub(crate) fn request(&self, opts: &DumpOptions, images: &Path) -> (DumpRequest, bool) {
+        let resume_after_files = opts.leave_running && opts.files.is_some();
+        let req = DumpRequest {
+            pid: opts.pid,
+            images_dir: images.to_path_buf(),
+            leave_running: opts.leave_running && !resume_after_files,
+            leave_stopped: !opts.leave_running || resume_after_files,
+            tcp_established: opts.tcp == TcpMode::Established,
+            tcp_close: opts.tcp == TcpMode::Close,
+            shell_job: self.shell_job,
+            ext_unix_sk: opts.ext_unix_sk,
+        };
+        (req, resume_after_files)
+    }
+
+    /// The manifest of this dump (entries to be filled in by the writer).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn manifest(
+        &self,
+        format_version: u32,
+        images: &Path,
+        criu_version: String,
+        req: &DumpRequest,
+        cpu: Option<images::CpuInfo>,
+        compression: Compression,
+        files: Option<files::ManifestFiles>,
+    ) -> Manifest {
+        let info = &self.info;
+        let (tree_size, tree_pids) = dumped_tree(images, info);
+        Manifest {
+            format_version,
+            created_at: self.stamp.rfc3339.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            process: ManifestProcess {
+                name: info.name.clone(),
+                pid: info.pid,
+                cmdline: info.cmdline.clone(),
+                cwd: info.cwd.clone(),
+                exe: info.exe.clone(),
+                tree_size,
+                tree_pids,
+                rss_bytes: info.tree_rss_bytes,
+            },
+            host: host_info(),
+            criu: ManifestCriu {
+                version: criu_version,
+                shell_job: self.shell_job,
+                tcp_established: req.tcp_established,
+                tcp_close: req.tcp_close,
+                ext_unix_sk: req.ext_unix_sk,
+                pid_namespace: info.pid_namespace_init,
+            },
+            cpu,
+            compression,
+            entries: Vec::new(),
+            files,
+        }
+    }
+}
+
+/// The carried folder (`opts.files`), read while the tree `pid` is stopped; kept first in
+/// `work/carried` if the tree is to go on (see [`files::snapshot`]: files open for writing
+/// and small ones copied, the others linked and checked unchanged before the commit).
+pub(crate) fn carry(
+    opts: &DumpOptions,
+    work: &Path,
+    pid: i32,
+) -> Result<Option<(files::Collected, Option<files::Snapshot>)>, DumpError> {
+    let Some(root) = opts.files.as_deref() else {
+        return Ok(None);
+    };
+    let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
+    let mut c = files::collect(root, &exclude)?;
+    let mut kept = None;
+    if opts.leave_running {
+        let snap = work.join("carried");
+        std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
+            path: snap.clone(),
+            source,
+        })?;
+        kept = Some(files::snapshot(&mut c, &snap, Some(pid), &opts.files_copy)?);
+    }
+    Ok(Some((c, kept)))
+}
+
+/// CRIU's description of this machine's CPU, for the manifest (none if CRIU cannot say).
+pub(crate) fn cpu_description(criu: &Criu, images: &Path) -> Option<images::CpuInfo> {
+    match criu
+        .cpuinfo_dump(images)
+        .map_err(|e| e.to_string())
+        .and_then(|()| images::read_cpuinfo(images).map_err(|e| e.to_string()))
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "no CPU description in the dump");
+            None
+        }
+    }
+}
+
+/// CRIU's image files in a staging folder as `(entry name, path)`, sorted.
+pub(crate) fn image_files(work: &Path) -> Result<Vec<(String, PathBuf)>, DumpError> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(work)
+        .map_err(|source| DumpError::Staging {
+            path: work.to_path_buf(),
+            source,
+        })?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| e.file_name() != staging::LOCK)
+        .map(|e| {
+            (
+                format!(
+                    "{}/{}",
+                    archive::IMAGES_DIR,
+                    e.file_name().to_string_lossy()
+                ),
+                e.path(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Dumps `opts.pid` and its descendants into `opts.dir/<name>_<YYYYMMDD_HHMMSS>.zip`.
 ///
 /// CRIU's page images stream into the archive while CRIU writes them. Unless the caller asked
@@ -210,21 +339,8 @@ pub fn dump_into(
 ) -> Result<DumpOutcome, DumpError> {
     let target = Target::check(opts)?;
     let work = target.staging(opts)?;
-    let (info, stem, stamp, shell_job) =
-        (&target.info, &target.stem, &target.stamp, target.shell_job);
-    // Carried files must be read while the tree is stopped; the tree is then resumed here
-    // rather than by CRIU.
-    let resume_after_files = opts.leave_running && opts.files.is_some();
-    let req = DumpRequest {
-        pid: opts.pid,
-        images_dir: work.path().to_path_buf(),
-        leave_running: opts.leave_running && !resume_after_files,
-        leave_stopped: !opts.leave_running || resume_after_files,
-        tcp_established: opts.tcp == TcpMode::Established,
-        tcp_close: opts.tcp == TcpMode::Close,
-        shell_job,
-        ext_unix_sk: opts.ext_unix_sk,
-    };
+    let (info, stem, shell_job) = (&target.info, &target.stem, target.shell_job);
+    let (req, resume_after_files) = target.request(opts, work.path());
     info!(pid = opts.pid, name = %info.name, images = %work.path().display(), shell_job, "dumping");
     // CRIU leaves the tree stopped for this agent to kill or resume: if the agent dies first,
     // its guardian resumes it.
@@ -285,33 +401,7 @@ pub fn dump_into(
         );
         return Err(criu_err(info, source, kept));
     }
-    // The carried folder, read while the tree is stopped (kept first if it is to go on: files
-    // open for writing copied, the others linked and checked unchanged before the commit).
-    let carried = opts
-        .files
-        .as_deref()
-        .map(
-            |root| -> Result<(files::Collected, Option<files::Snapshot>), DumpError> {
-                let exclude: Vec<&str> = opts.files_exclude.iter().map(String::as_str).collect();
-                let mut c = files::collect(root, &exclude)?;
-                let mut kept = None;
-                if opts.leave_running {
-                    let snap = work.path().join("carried");
-                    std::fs::create_dir(&snap).map_err(|source| DumpError::Staging {
-                        path: snap.clone(),
-                        source,
-                    })?;
-                    kept = Some(files::snapshot(
-                        &mut c,
-                        &snap,
-                        Some(info.pid),
-                        &opts.files_copy,
-                    )?);
-                }
-                Ok((c, kept))
-            },
-        )
-        .transpose();
+    let carried = carry(opts, work.path(), info.pid);
     if resume_after_files {
         signal_tree(info.pid, Signal::SIGCONT);
     }
@@ -320,43 +410,15 @@ pub fn dump_into(
     let finish = || -> Result<(archive::Finished, Manifest, u64, Duration), DumpError> {
         streamed?;
         let carried = carried?;
-        let cpu = match criu
-            .cpuinfo_dump(work.path())
-            .map_err(|e| e.to_string())
-            .and_then(|()| images::read_cpuinfo(work.path()).map_err(|e| e.to_string()))
-        {
-            Ok(c) => Some(c),
-            Err(e) => {
-                warn!(error = %e, "no CPU description in the dump");
-                None
-            }
-        };
-        let (tree_size, tree_pids) = dumped_tree(work.path(), info);
+        let cpu = cpu_description(criu, work.path());
         let mut writer = match writer.take() {
             Some(w) => w,
             None => stored_writer(&opts.dir, work.path(), stem, &digests, progress)?,
         };
-        let mut rest: Vec<(String, PathBuf)> = std::fs::read_dir(work.path())
-            .map_err(|source| DumpError::Staging {
-                path: work.path().to_path_buf(),
-                source,
-            })?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .filter(|e| e.file_name() != staging::LOCK)
-            .map(|e| {
-                (
-                    format!(
-                        "{}/{}",
-                        archive::IMAGES_DIR,
-                        e.file_name().to_string_lossy()
-                    ),
-                    e.path(),
-                )
-            })
+        let rest: Vec<(String, PathBuf)> = image_files(work.path())?
+            .into_iter()
             .filter(|(name, _)| !writer.has(name))
             .collect();
-        rest.sort();
         for (name, path) in &rest {
             writer.add(name, path, None, progress)?;
         }
@@ -374,34 +436,15 @@ pub fn dump_into(
             k.check()?;
         }
         let images_bytes = dir_bytes(work.path());
-        let mut manifest = Manifest {
-            format_version: archive::FORMAT_VERSION,
-            created_at: stamp.rfc3339.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            process: ManifestProcess {
-                name: info.name.clone(),
-                pid: info.pid,
-                cmdline: info.cmdline.clone(),
-                cwd: info.cwd.clone(),
-                exe: info.exe.clone(),
-                tree_size,
-                tree_pids,
-                rss_bytes: info.tree_rss_bytes,
-            },
-            host: host_info(),
-            criu: ManifestCriu {
-                version: version.to_string(),
-                shell_job,
-                tcp_established: req.tcp_established,
-                tcp_close: req.tcp_close,
-                ext_unix_sk: req.ext_unix_sk,
-                pid_namespace: info.pid_namespace_init,
-            },
+        let mut manifest = target.manifest(
+            archive::FORMAT_VERSION,
+            work.path(),
+            version.to_string(),
+            &req,
             cpu,
-            compression: opts.compression,
-            entries: Vec::new(),
-            files: carried,
-        };
+            opts.compression,
+            carried,
+        );
         let t_finish = Instant::now();
         let dest = writer.finish(&mut manifest, stem)?;
         Ok((dest, manifest, images_bytes, t_finish.elapsed()))
