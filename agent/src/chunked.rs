@@ -70,14 +70,7 @@ pub fn dump_to_store(
     let work = target.staging(opts)?;
     let (req, resume_after_files) = target.request(opts, work.path());
     info!(pid = opts.pid, name = %info.name, store = %store, "dumping into a store");
-    let _guard = if req.leave_stopped {
-        crate::guard::Guard::start(opts.pid)
-    } else {
-        None
-    };
-    let version = criu
-        .version()
-        .map_err(|source| dump::criu_err(info, source, String::new()))?;
+    let (_guard, version) = target.prepare(criu, &req)?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
     let t0 = Instant::now();
     // Whatever happens from here (a panic too), a tree CRIU left stopped is resumed unless

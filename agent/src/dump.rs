@@ -199,6 +199,23 @@ impl Target {
         (req, resume_after_files)
     }
 
+    /// Before CRIU runs: the guardian of a tree CRIU will leave stopped (if the agent dies
+    /// before it killed or resumed it, the guardian resumes it), and CRIU's version.
+    pub(crate) fn prepare(
+        &self,
+        criu: &Criu,
+        req: &DumpRequest,
+    ) -> Result<(Option<crate::guard::Guard>, String), DumpError> {
+        let guard = match req.leave_stopped {
+            true => crate::guard::Guard::start(req.pid),
+            false => None,
+        };
+        let version = criu
+            .version()
+            .map_err(|source| criu_err(&self.info, source, String::new()))?;
+        Ok((guard, version.to_string()))
+    }
+
     /// The manifest of this dump (entries to be filled in by the writer).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn manifest(
@@ -342,16 +359,7 @@ pub fn dump_into(
     let (info, stem, shell_job) = (&target.info, &target.stem, target.shell_job);
     let (req, resume_after_files) = target.request(opts, work.path());
     info!(pid = opts.pid, name = %info.name, images = %work.path().display(), shell_job, "dumping");
-    // CRIU leaves the tree stopped for this agent to kill or resume: if the agent dies first,
-    // its guardian resumes it.
-    let _guard = if req.leave_stopped {
-        crate::guard::Guard::start(opts.pid)
-    } else {
-        None
-    };
-    let version = criu
-        .version()
-        .map_err(|source| criu_err(info, source, String::new()))?;
+    let (_guard, version) = target.prepare(criu, &req)?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
     let t0 = Instant::now();
     // Stored archives: hash CRIU's page images as they are written; the largest then becomes

@@ -107,27 +107,43 @@ impl Store {
         }
     }
 
-    /// Every chunk in the store, with its size and when it was written.
-    pub async fn list_chunks(&self) -> Result<HashMap<ChunkId, Listed>, StoreError> {
-        let dir = self.path("chunks");
-        let mut out = HashMap::new();
+    /// Every object under `dir` (under the prefix): its file name, size and when it was
+    /// written (ms since the epoch, the store's clock).
+    async fn list(&self, dir: &str) -> Result<Vec<(String, u64, i64)>, StoreError> {
+        let dir = self.path(dir);
+        let mut out = Vec::new();
         let mut list = self.inner.list(Some(&dir));
         while let Some(meta) = list
             .try_next()
             .await
             .map_err(|e| self.io("list", &dir, e))?
         {
+            if let Some(f) = meta.location.filename() {
+                out.push((
+                    f.to_string(),
+                    meta.size,
+                    meta.last_modified.timestamp_millis(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every chunk in the store, with its size and when it was written.
+    pub async fn list_chunks(&self) -> Result<HashMap<ChunkId, Listed>, StoreError> {
+        let mut out = HashMap::new();
+        for (file, size, written_ms) in self.list("chunks").await? {
             // An empty file is no chunk (a zstd frame is never empty): a folder store's write
             // cut short by a crash, sent again.
-            if meta.size == 0 {
+            if size == 0 {
                 continue;
             }
-            if let Some(id) = meta.location.filename().and_then(ChunkId::parse) {
+            if let Some(id) = ChunkId::parse(&file) {
                 out.insert(
                     id,
                     Listed {
-                        stored_bytes: meta.size,
-                        written_ms: meta.last_modified.timestamp_millis(),
+                        stored_bytes: size,
+                        written_ms,
                     },
                 );
             }
@@ -264,27 +280,15 @@ impl Store {
 
     /// The checkpoints in the store, oldest first.
     pub async fn list_checkpoints(&self) -> Result<Vec<CheckpointInfo>, StoreError> {
-        let dir = self.path("checkpoints");
         let mut out = Vec::new();
-        let mut list = self.inner.list(Some(&dir));
-        while let Some(meta) = list
-            .try_next()
-            .await
-            .map_err(|e| self.io("list", &dir, e))?
-        {
-            let Some(name) = meta
-                .location
-                .filename()
-                .and_then(|f| f.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            if valid_name(name) {
-                out.push(CheckpointInfo {
+        for (file, manifest_bytes, written_ms) in self.list("checkpoints").await? {
+            match file.strip_suffix(".json") {
+                Some(name) if valid_name(name) => out.push(CheckpointInfo {
                     name: name.to_string(),
-                    manifest_bytes: meta.size,
-                    written_ms: meta.last_modified.timestamp_millis(),
-                });
+                    manifest_bytes,
+                    written_ms,
+                }),
+                _ => {}
             }
         }
         out.sort_by(|a, b| (a.written_ms, &a.name).cmp(&(b.written_ms, &b.name)));
@@ -356,18 +360,11 @@ impl Store {
 
     /// Objects under `dir` (under the prefix): file name and when written.
     pub(crate) async fn list_small(&self, dir: &str) -> Result<Vec<(String, i64)>, StoreError> {
-        let dir = self.path(dir);
-        let mut out = Vec::new();
-        let mut list = self.inner.list(Some(&dir));
-        while let Some(meta) = list
-            .try_next()
-            .await
-            .map_err(|e| self.io("list", &dir, e))?
-        {
-            if let Some(f) = meta.location.filename() {
-                out.push((f.to_string(), meta.last_modified.timestamp_millis()));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .list(dir)
+            .await?
+            .into_iter()
+            .map(|(file, _, at)| (file, at))
+            .collect())
     }
 }
