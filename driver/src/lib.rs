@@ -3,7 +3,8 @@
 //! machine that fits: `local` workers, Paperspace machines, or (feature `aws`) EC2 instances.
 
 // The layers, each using only those below it (tests/tests/layers.rs checks):
-//   runner, bootstrap, bake, price   what the commands do
+//   runner, bootstrap, bake, price,  what the commands do
+//   replay
 //   jobfile                          Rhai scripts and YAML job specs
 //   job                              a job: workers, task, checkpoints, record, managed flow
 //   coord                            the driver's side of the wire; the embedded nats-server
@@ -16,6 +17,7 @@ pub mod job;
 pub mod jobfile;
 pub mod price;
 pub mod providers;
+pub mod replay;
 pub mod runner;
 pub mod util;
 

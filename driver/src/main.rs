@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     };
     if matches!(
         cli.command,
-        Cmd::Status { .. } | Cmd::Logs { .. } | Cmd::Price { .. }
+        Cmd::Status { .. } | Cmd::Logs { .. } | Cmd::Price { .. } | Cmd::Replay(_)
     ) {
         // Commands that only print end quietly when their reader goes (`| head`). Commands
         // that talk to servers keep SIGPIPE ignored: a closed socket is an error, not death.
@@ -69,6 +69,7 @@ fn main() -> ExitCode {
             image,
             arbitrage_every,
             arbitrage_margin,
+            wait_for_spot,
             detach,
             expose,
             store,
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
                 image,
                 arbitrage_every,
                 arbitrage_margin,
+                wait_for_spot,
                 detach,
                 expose,
                 controller_for,
@@ -145,6 +147,7 @@ fn main() -> ExitCode {
             },
             &config,
         ),
+        Cmd::Replay(args) => cli::replay::run(*args),
     };
     exit.into()
 }

@@ -88,6 +88,8 @@ pub struct RunOptions {
     pub arbitrage_every: Option<u64>,
     /// The margin (percent) an offer must be cheaper by, overriding the config.
     pub arbitrage_margin: Option<f64>,
+    /// Seconds to wait for spot capacity before launching on-demand.
+    pub wait_for_spot: Option<u64>,
     /// Where the job's lines for the user go.
     pub reporter: crate::job::report::SharedReporter,
     /// The config file named on the command line (kept in the record for `resume`).
@@ -233,6 +235,8 @@ fn flow_options(s: &Settings) -> managed::Options {
             every: Duration::from_secs(every.max(1)),
             margin,
         }),
+        adaptive: true,
+        wait_for_spot: s.wait_for_spot_secs.map(Duration::from_secs),
     }
 }
 
@@ -302,6 +306,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         expose: opts.expose.clone(),
         store: checkpoint_store(&opts.config).map(|u| u.to_string()),
+        wait_for_spot_secs: opts.wait_for_spot.filter(|s| *s > 0),
     };
 
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {

@@ -17,7 +17,7 @@ const DRIVER_LAYERS: &[&[&str]] = &[
     &["coord"],
     &["job"],
     &["jobfile"],
-    &["runner", "bootstrap", "bake", "price"],
+    &["runner", "bootstrap", "bake", "price", "replay"],
 ];
 
 /// A module path (`["job", "managed"]`) and the file that holds it.

@@ -92,6 +92,11 @@ pub enum Cmd {
         /// [default: arbitrage.margin_percent, else 20]
         #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
         arbitrage_margin: Option<f64>,
+        /// When every spot offer is out of capacity, wait up to SECS seconds for one (the
+        /// task waiting in its checkpoint) before launching on-demand [default: on-demand at
+        /// once]
+        #[arg(long, value_name = "SECS")]
+        wait_for_spot: Option<u64>,
         /// Start the job and return once its task runs, printing the job's id (follow it
         /// with `attach`, `logs -f`, `status`)
         #[arg(short, long)]
@@ -252,6 +257,93 @@ pub enum Cmd {
         #[arg(long)]
         refresh: bool,
     },
+    /// Replay the driver's decisions on spot traces, beside other policies, on a simulated
+    /// clock: does checkpoint/restore-based arbitrage pay, and how much?
+    ///
+    /// TRACES are files or folders of spot traces in the format of SkyPilot's collection
+    /// (github.com/skypilot-org/spot-traces): `<zone>_<device>.json` holding
+    /// {"metadata": {"gap_seconds": N}, "data": [spot instances available per tick], "prices":
+    /// [spot $/h per tick]?}. The zones of one folder and device are the places the job may
+    /// run; on-demand is always available in their regions. For each set, the job is replayed
+    /// from --starts start points under: on-demand only; spot restarted from scratch after a
+    /// preemption (SkyPilot managed jobs); spot with an application checkpoint every hour;
+    /// the driver before the replay (fixed interval, cheapest offer first); the driver
+    /// (preemption-aware: Young's checkpoint interval, offers weighed by their preemptions,
+    /// arbitrage onto offers that are cheaper only); and the offline optimum's lower bound
+    /// (the cheapest ticks, no overheads). Prints per set and overall the cost, cost over
+    /// on-demand and over the optimum, finish time, work redone, moves and recoveries.
+    /// Exits with 3 when a trace cannot be read.
+    Replay(Box<ReplayArgs>),
+}
+
+/// `cedana-driver replay`'s flags.
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// Trace files or folders (searched to any depth)
+    #[arg(required = true, value_name = "TRACES")]
+    pub traces: Vec<PathBuf>,
+    /// Hours of work the job needs
+    #[arg(long, default_value_t = 24.0, value_name = "HOURS")]
+    pub job_hours: f64,
+    /// The job's memory in GiB (what each checkpoint holds)
+    #[arg(long, default_value_t = 16.0, value_name = "GIB")]
+    pub memory_gib: f64,
+    /// The job must finish this many hours after it starts (on-demand when only it can)
+    #[arg(long, value_name = "HOURS")]
+    pub deadline_hours: Option<f64>,
+    /// Replays per trace set, their start points spread over the set
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub starts: usize,
+    /// From a launch until the job's setup is done on the new instance, every policy (the
+    /// paper's measured changeover delay: 0.2 h)
+    #[arg(long, default_value_t = 720.0, value_name = "SECS")]
+    pub start_secs: f64,
+    /// Spot interruption notice on AWS
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    pub notice_aws_secs: f64,
+    /// Preemption notice on GCP
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub notice_gcp_secs: f64,
+    /// Time a checkpoint stops the task per GiB (CRIU's dump; measured here: 0.45)
+    #[arg(long, default_value_t = 0.45, value_name = "SECS")]
+    pub frozen_secs_per_gib: f64,
+    /// Time to store a GiB of changed memory, the task running meanwhile
+    #[arg(long, default_value_t = 1.5, value_name = "SECS")]
+    pub upload_secs_per_gib: f64,
+    /// Time to fetch and restore a GiB on a new instance
+    #[arg(long, default_value_t = 4.5, value_name = "SECS")]
+    pub restore_secs_per_gib: f64,
+    /// Share of the task's memory rewritten per hour (what incremental checkpoints send)
+    #[arg(long, default_value_t = 0.25, value_name = "FRACTION")]
+    pub dirty_per_hour: f64,
+    /// The driver's periodic checkpoint interval
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub interval_secs: f64,
+    /// The driver prices the job again this often (arbitrage)
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub arbitrage_every_secs: f64,
+    /// ...and moves when an offer is cheaper by more than this many percent
+    #[arg(long, default_value_t = 20.0, value_name = "PERCENT")]
+    pub arbitrage_margin: f64,
+    /// The application checkpoint baseline's period
+    #[arg(long, default_value_t = 3600.0, value_name = "SECS")]
+    pub app_checkpoint_secs: f64,
+    /// Without a deadline, the driver waits this long for spot capacity before on-demand
+    /// (`run --wait-for-spot`); with one, as long as the deadline allows
+    #[arg(long, default_value_t = 1800.0, value_name = "SECS")]
+    pub wait_for_spot_secs: f64,
+    /// On-demand $/h (for devices the built-in table does not know, or to override it)
+    #[arg(long, value_name = "USD")]
+    pub on_demand_price: Option<f64>,
+    /// Spot $/h where a trace has no prices
+    #[arg(long, value_name = "USD")]
+    pub spot_price: Option<f64>,
+    /// Print the whole report as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Draw each set's first run (cost and work over time per policy) into DIR/<set>.svg
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

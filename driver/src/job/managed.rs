@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::coord::control::{Action, Answer, Pending};
 use crate::coord::Exit;
+use crate::job::policy::{Overheads, Policy, PolicyOptions};
 use crate::job::record::{JobState, WorkerState};
 use crate::job::{Checkpoint, Job, JobError, Spec, Task, Worker};
 
@@ -60,20 +61,26 @@ pub struct Options {
     pub attempts: u32,
     /// Move the job to cheaper offers (off when `None`).
     pub arbitrage: Option<Arbitrage>,
+    /// Learn from preemptions ([`super::policy::PolicyOptions::adaptive`]).
+    pub adaptive: bool,
+    /// Wait this long for spot capacity before on-demand ([`PolicyOptions::wait_for_spot`]).
+    pub wait_for_spot: Option<Duration>,
 }
 
-/// When the job moves to a cheaper offer.
-#[derive(Clone, Debug)]
-pub struct Arbitrage {
-    /// Price the spec again this often.
-    pub every: Duration,
-    /// Move when an offer is cheaper than the current one by more than this fraction of the
-    /// current price (0.2: 20 % cheaper).
-    pub margin: f64,
+impl Options {
+    /// The decisions these options ask for.
+    pub fn policy(&self) -> PolicyOptions {
+        PolicyOptions {
+            interval: self.interval,
+            arbitrage: self.arbitrage.clone(),
+            adaptive: self.adaptive,
+            wait_for_spot: self.wait_for_spot,
+            overheads: Overheads::default(),
+        }
+    }
 }
 
-/// How long a spot offer that took a worker back is passed over.
-pub const AVOID_AFTER_NOTICE: Duration = Duration::from_secs(30 * 60);
+pub use super::policy::{Arbitrage, AVOID_AFTER_NOTICE};
 
 /// Runs the flow to the task's end; returns its exit status. With `resumed`, the job's
 /// record is that of a driver that died and its workers were adopted
@@ -86,6 +93,7 @@ pub fn run(
     resumed: bool,
 ) -> Result<i64, FlowError> {
     let spec = hooks.spec()?;
+    job.borrow_mut().policy = Policy::new(opts.policy());
     let mut newest: Option<Checkpoint> = None;
     let (mut w, mut task) = if resumed {
         newest = job.borrow().record.checkpoints.last().map(|c| Checkpoint {
@@ -116,7 +124,7 @@ pub fn run(
         bring_up(job, hooks, &spec, None)?
     };
     job.borrow_mut().set_state(JobState::Running);
-    let mut next = opts.interval.map(|i| Instant::now() + i);
+    let mut next = next_checkpoint(job, &w);
     let mut next_pricing = opts.arbitrage.as_ref().map(|a| Instant::now() + a.every);
     let mut noticed = std::collections::BTreeSet::new();
     loop {
@@ -146,13 +154,17 @@ pub fn run(
             ));
             {
                 let mut j = job.borrow_mut();
+                if let Some(o) = j.offer_of(&w.id) {
+                    let now = j.now();
+                    j.policy.preempted(&o, now);
+                }
                 j.end_worker(&w.id, WorkerState::Lost);
                 j.record.recoveries += 1;
                 j.set_state(JobState::Recovering);
             }
             (w, task) = bring_up(job, hooks, &spec, newest.as_ref())?;
             job.borrow_mut().set_state(JobState::Running);
-            next = opts.interval.map(|i| Instant::now() + i);
+            next = next_checkpoint(job, &w);
             continue;
         }
         // A spot interruption notice: the worker goes in about two minutes. Its checkpoint is
@@ -178,13 +190,15 @@ pub fn run(
             // The next worker goes elsewhere: this market just took one back.
             let interrupted = job.borrow().offer_of(&w.id);
             if let Some(o) = interrupted {
-                job.borrow_mut().avoid(&o, AVOID_AFTER_NOTICE);
+                let mut j = job.borrow_mut();
+                let now = j.now();
+                j.policy.preempted(&o, now);
             }
-            if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task, None) {
+            if let Err(e) = migrate(job, hooks, &spec, &mut w, &mut task, None, newest.as_ref()) {
                 info!(error = %e, "moving the task after a spot notice failed; recovering if the worker goes");
                 job.borrow().reporter.note(&format!("moving the task failed ({e}); it is recovered from the notice's checkpoint when the worker goes"));
             }
-            next = opts.interval.map(|i| Instant::now() + i);
+            next = next_checkpoint(job, &w);
             continue;
         }
         while let Ok((action, answer)) = control.try_recv() {
@@ -193,35 +207,46 @@ pub fn run(
                     Ok(c) => ok(format!("checkpoint {}", c.object)),
                     Err(e) => fail(e.to_string()),
                 },
-                Action::Migrate => match migrate(job, hooks, &spec, &mut w, &mut task, None) {
-                    Ok(()) => ok(format!("task {} now runs on worker {}", task.name, w.id)),
-                    Err(e) => fail(e.to_string()),
-                },
+                Action::Migrate => {
+                    match migrate(job, hooks, &spec, &mut w, &mut task, None, newest.as_ref()) {
+                        Ok(()) => ok(format!("task {} now runs on worker {}", task.name, w.id)),
+                        Err(e) => fail(e.to_string()),
+                    }
+                }
                 Action::Down => ok("taking the job down".into()),
             };
             let _ = answer.send(reply);
         }
         if let (Some(a), Some(at)) = (&opts.arbitrage, next_pricing) {
             if Instant::now() >= at {
-                if let Some(better) = cheaper_offer(job, &spec, &w, a.margin) {
-                    let (from, to) = better;
-                    info!(from = %offer_name(&from), to = %offer_name(&to), "moving to a cheaper offer");
+                if let Some(better) = cheaper_offer(job, &spec, &w) {
+                    let (from, among) = better;
+                    let to = &among[0];
+                    info!(from = %offer_name(&from), to = %offer_name(to), "moving to a cheaper offer");
                     job.borrow().reporter.note(&format!(
                         "{} at ${:.4}/h is more than {:.0}% cheaper than {} at ${:.4}/h; moving the task",
-                        offer_name(&to),
+                        offer_name(to),
                         to.price_usd_hour,
                         a.margin * 100.0,
                         offer_name(&from),
                         from.price_usd_hour
                     ));
-                    match migrate(job, hooks, &spec, &mut w, &mut task, Some(&to)) {
+                    match migrate(
+                        job,
+                        hooks,
+                        &spec,
+                        &mut w,
+                        &mut task,
+                        Some(&among),
+                        newest.as_ref(),
+                    ) {
                         Ok(()) => job.borrow_mut().record.arbitrage_moves += 1,
                         Err(e) => {
                             info!(error = %e, "moving to a cheaper offer failed; staying");
                             job.borrow().reporter.note(&format!("moving to the cheaper offer failed ({e}); the task stays where it was"));
                         }
                     }
-                    next = opts.interval.map(|i| Instant::now() + i);
+                    next = next_checkpoint(job, &w);
                 }
                 next_pricing = Some(Instant::now() + a.every);
             }
@@ -234,7 +259,7 @@ pub fn run(
                     "checkpoint failed ({e}); keeping the previous one"
                 ));
             }
-            next = opts.interval.map(|i| Instant::now() + i);
+            next = next_checkpoint(job, &w);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -319,14 +344,22 @@ pub fn offer_name(o: &crate::providers::Offer) -> String {
     o.name()
 }
 
-/// The cheapest fitting offer when it is cheaper than the one `w` runs on (at its price now)
-/// by more than `margin`: (the current offer as priced now, the cheaper one).
+/// When the next periodic checkpoint is due for the task on `w` ([`Policy::checkpoint_interval`]).
+fn next_checkpoint(job: &Shared, w: &Worker) -> Option<Instant> {
+    let j = job.borrow();
+    let offer = j.offer_of(&w.id);
+    j.policy
+        .checkpoint_interval(j.now(), offer.as_ref())
+        .map(|i| Instant::now() + i)
+}
+
+/// The offers to move to from the one `w` runs on (at its price now), if the policy would
+/// move ([`Policy::moves`]): (the current offer as priced now, the offers to move to).
 fn cheaper_offer(
     job: &Shared,
     spec: &Spec,
     w: &Worker,
-    margin: f64,
-) -> Option<(crate::providers::Offer, crate::providers::Offer)> {
+) -> Option<(crate::providers::Offer, Vec<crate::providers::Offer>)> {
     let current = job.borrow().offer_of(&w.id)?;
     let (offers, _) = job.borrow_mut().offers(spec);
     // The current offer's price now, if it is still offered; else the price it launched at.
@@ -335,10 +368,9 @@ fn cheaper_offer(
         .find(|o| crate::job::same_offer(o, &current))
         .cloned()
         .unwrap_or(current);
-    let best = offers.into_iter().next()?;
-    (!crate::job::same_offer(&best, &current)
-        && best.price_usd_hour < current.price_usd_hour * (1.0 - margin))
-        .then_some((current, best))
+    let j = job.borrow();
+    let to = j.policy.moves(j.now(), &current, &offers);
+    (!to.is_empty()).then_some((current, to))
 }
 
 /// The task's exit status as a shell reports it.
@@ -434,26 +466,42 @@ fn take_checkpoint(
     Ok(c)
 }
 
-/// Moves the task to a new worker (on `prefer` when it still fits, else the cheapest offer):
+/// Moves the task to a new worker (on one of `among` when given, else the best offer):
 /// launch, setup, checkpoint (stopping the task), restore there, `restored_task`, terminate
-/// the old worker. If the new worker cannot take it, the task is restored where it was.
+/// the old worker. If the new worker cannot take it, the task is restored where it was. If
+/// the old worker is lost before its checkpoint (a spot notice's worker gone), the new worker
+/// restores `newest` instead: it is up and set up, and another would take a start more.
 fn migrate(
     job: &Shared,
     hooks: &mut dyn Hooks,
     spec: &Spec,
     w: &mut Worker,
     task: &mut Task,
-    prefer: Option<&crate::providers::Offer>,
+    among: Option<&[crate::providers::Offer]>,
+    newest: Option<&Checkpoint>,
 ) -> Result<(), FlowError> {
     job.borrow_mut().set_state(JobState::Migrating);
     let result = (|| -> Result<(), FlowError> {
-        let to = job.borrow_mut().launch_preferring(spec, prefer)?;
+        let to = job.borrow_mut().launch_among(spec, among)?;
         if let Err(e) = hooks.setup(job, &to) {
             job.borrow_mut().terminate(&to);
             return Err(e);
         }
         let stopped = Instant::now();
-        let c = job.borrow_mut().checkpoint_for(task, false, Some(&to))?;
+        let checkpoint = job.borrow_mut().checkpoint_for(task, false, Some(&to));
+        let c = match checkpoint {
+            Ok(c) => c,
+            Err(e) => {
+                let lost = job.borrow().lost(&w.id);
+                if let (Some(reason), Some(c)) = (lost, newest) {
+                    return recover_onto(job, hooks, spec, w, task, to, c, &reason);
+                }
+                // The task stays where it was: the new worker is not left running, and
+                // billed, for nothing.
+                job.borrow_mut().terminate(&to);
+                return Err(e.into());
+            }
+        };
         let moved = match job.borrow_mut().restore(&c, &to) {
             Ok(t) => t,
             Err(e) => {
@@ -480,4 +528,43 @@ fn migrate(
     })();
     job.borrow_mut().set_state(JobState::Running);
     result
+}
+
+/// The worker `w` was lost while its task was being moved to `to` (up and set up): `c`, the
+/// newest checkpoint, is restored there, as a recovery (or on another worker if that fails).
+#[allow(clippy::too_many_arguments)]
+fn recover_onto(
+    job: &Shared,
+    hooks: &mut dyn Hooks,
+    spec: &Spec,
+    w: &mut Worker,
+    task: &mut Task,
+    to: Worker,
+    c: &Checkpoint,
+    reason: &str,
+) -> Result<(), FlowError> {
+    info!(worker = %w.id, %reason, "worker lost while moving its task; restoring the newest checkpoint on the new worker");
+    job.borrow().reporter.note(&format!(
+        "worker {} lost while moving its task ({reason}); recovering from {} on worker {}",
+        w.id, c.object, to.id
+    ));
+    {
+        let mut j = job.borrow_mut();
+        j.end_worker(&w.id, WorkerState::Lost);
+        j.record.recoveries += 1;
+    }
+    let restored = job.borrow_mut().restore(c, &to);
+    match restored {
+        Ok(t) => {
+            hooks.restored_task(job, &to, &t)?;
+            *w = to;
+            *task = t;
+        }
+        Err(e) => {
+            warn!(error = %e, worker = %to.id, "restore on the new worker failed; recovering on another");
+            job.borrow_mut().terminate(&to);
+            (*w, *task) = bring_up(job, hooks, spec, Some(c))?;
+        }
+    }
+    Ok(())
 }

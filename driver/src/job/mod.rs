@@ -8,6 +8,7 @@
 
 pub mod managed;
 pub mod orphan;
+pub mod policy;
 pub mod ports;
 pub mod record;
 pub mod report;
@@ -30,6 +31,9 @@ use crate::util::Flag;
 /// server restart).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often a launch waiting for spot capacity asks again (at most).
+pub const SPOT_POLL: Duration = Duration::from_secs(30);
+
 /// Errors of job operations.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -47,6 +51,10 @@ pub enum JobError {
     NoWorker(String),
     #[error("the job was taken down")]
     Down,
+    /// Every spot offer is out of capacity and the policy waits for one (never leaves
+    /// [`Job::launch_among`]).
+    #[error("every spot offer is out of capacity; waiting for one")]
+    SpotWait,
     #[error("worker {worker} answered {reply}, not what {what} expects")]
     Unexpected {
         worker: String,
@@ -100,9 +108,13 @@ pub struct Job {
     next_worker: u32,
     next_task: u32,
     pruned: std::collections::BTreeSet<String>,
-    /// Offers not to launch on until the time given (a spot market that just took a worker
-    /// back), unless nothing else fits.
-    avoided: Vec<(Offer, Instant)>,
+    /// The job's decisions (offers avoided, preemptions seen), on the clock of [`Job::now`].
+    pub policy: policy::Policy,
+    /// When this driver took the job (the policy's clock starts there).
+    started: Instant,
+    /// Since when launches have found every spot offer out of capacity (on the policy's
+    /// clock), while the policy waits for one.
+    waiting_for_spot: Option<Duration>,
     /// The embedded NATS server's process id, kept current by its supervisor.
     pub nats_pid: Arc<std::sync::atomic::AtomicU32>,
 }
@@ -137,7 +149,15 @@ impl Job {
             next_worker: 0,
             next_task: 0,
             pruned: Default::default(),
-            avoided: Vec::new(),
+            policy: policy::Policy::new(policy::PolicyOptions {
+                interval: None,
+                arbitrage: None,
+                adaptive: true,
+                wait_for_spot: None,
+                overheads: policy::Overheads::default(),
+            }),
+            started: Instant::now(),
+            waiting_for_spot: None,
             nats_pid: Default::default(),
         }
     }
@@ -277,31 +297,26 @@ impl Job {
     /// Launches a worker on the cheapest offer that fits `spec` (the next one when a provider
     /// has no capacity) and waits until it registered.
     pub fn launch(&mut self, spec: &Spec) -> Result<Worker, JobError> {
-        self.launch_preferring(spec, None)
+        self.launch_among(spec, None)
     }
 
-    /// The offers fitting `spec`, cheapest first, without the avoided ones (unless only
-    /// avoided ones fit), and why others were left out.
+    /// The time on the policy's clock: since this driver took the job.
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The offers fitting `spec`, best first as the policy ranks them ([`policy::Policy::rank`]:
+    /// the avoided ones left out unless only they fit), and why others were left out.
     pub fn offers(&mut self, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
         let (offers, why) = self.rt.block_on(providers::ranked(&self.providers, spec));
-        let now = Instant::now();
-        self.avoided.retain(|(_, until)| *until > now);
-        let kept: Vec<Offer> = offers
-            .iter()
-            .filter(|o| !self.avoided.iter().any(|(a, _)| same_offer(a, o)))
-            .cloned()
-            .collect();
-        if kept.is_empty() {
-            (offers, why)
-        } else {
-            (kept, why)
-        }
+        let now = self.now();
+        (self.policy.rank(now, offers), why)
     }
 
     /// Launches on other offers than `offer` for `how_long` (unless nothing else fits).
     pub fn avoid(&mut self, offer: &Offer, how_long: Duration) {
-        self.avoided
-            .push((offer.clone(), Instant::now() + how_long));
+        let now = self.now();
+        self.policy.avoid(offer, now, how_long);
     }
 
     /// The offer `worker` was launched on.
@@ -313,19 +328,42 @@ impl Job {
             .and_then(|w| w.offer.clone())
     }
 
-    /// Like [`Job::launch`], trying `prefer` first when it still fits.
+    /// Like [`Job::launch`], on one of `among` only (in the policy's order) when given: a move
+    /// to a cheaper offer goes to an offer that is cheaper, or nowhere.
     /// A worker that does not come up (it exits, or does not register within its provider's
     /// boot time) is ended and its offer passed over for 10 minutes; the next offer is tried,
     /// three launches at most.
-    pub fn launch_preferring(
+    pub fn launch_among(
         &mut self,
         spec: &Spec,
-        prefer: Option<&Offer>,
+        among: Option<&[Offer]>,
     ) -> Result<Worker, JobError> {
         let mut last = None;
-        for _ in 0..3 {
-            match self.launch_once(spec, prefer) {
-                Ok(w) => return Ok(w),
+        let mut attempts = 0;
+        while attempts < 3 {
+            attempts += 1;
+            match self.launch_once(spec, among) {
+                Ok(w) => {
+                    self.waiting_for_spot = None;
+                    return Ok(w);
+                }
+                Err((JobError::SpotWait, _)) => {
+                    // Spot is full everywhere: wait a little and ask again (not an attempt).
+                    attempts -= 1;
+                    let down = self.down.clone();
+                    let poll = self.policy.options().wait_for_spot.map_or(SPOT_POLL, |w| {
+                        (w / 4).clamp(Duration::from_millis(200), SPOT_POLL)
+                    });
+                    let stopped = self.rt.block_on(async {
+                        tokio::select! {
+                            _ = down.wait() => true,
+                            _ = tokio::time::sleep(poll) => false,
+                        }
+                    });
+                    if stopped {
+                        return Err(JobError::Down);
+                    }
+                }
                 Err((e, Some(offer))) if !matches!(e, JobError::Down) => {
                     info!(error = %e, "the worker did not come up; trying the next offer");
                     self.reporter.note(&format!("{e}; trying the next offer"));
@@ -345,16 +383,13 @@ impl Job {
     fn launch_once(
         &mut self,
         spec: &Spec,
-        prefer: Option<&Offer>,
+        among: Option<&[Offer]>,
     ) -> Result<Worker, (JobError, Option<Box<Offer>>)> {
         self.next_worker += 1;
         let id = format!("w{}", self.next_worker);
         let (mut offers, why) = self.offers(spec);
-        if let Some(p) = prefer {
-            if let Some(i) = offers.iter().position(|o| same_offer(o, p)) {
-                let o = offers.remove(i);
-                offers.insert(0, o);
-            }
+        if let Some(among) = among {
+            offers.retain(|o| among.iter().any(|a| same_offer(a, o)));
         }
         if offers.is_empty() {
             return Err((
@@ -372,7 +407,26 @@ impl Job {
         let log = self.dir.join("logs").join(format!("{id}.log"));
         let mut launched = None;
         let mut boot_timeout = providers::DEFAULT_BOOT_TIMEOUT;
+        let mut spot_full = false;
         for offer in offers {
+            // Every spot offer tried is full: on-demand only once the policy stops waiting.
+            if spot_full && !offer.spot {
+                let now = self.now();
+                let since = *self.waiting_for_spot.get_or_insert(now);
+                if self.policy.wait_for_spot(now, since) {
+                    if since == now {
+                        self.reporter.note(&format!(
+                            "no spot capacity; waiting up to {} s for some before on-demand",
+                            self.policy
+                                .options()
+                                .wait_for_spot
+                                .unwrap_or_default()
+                                .as_secs()
+                        ));
+                    }
+                    return Err((JobError::SpotWait, None));
+                }
+            }
             let Some(p) = self
                 .providers
                 .iter_mut()
@@ -397,6 +451,7 @@ impl Job {
                     break;
                 }
                 Err(e @ providers::ProviderError::Capacity { .. }) => {
+                    spot_full |= offer.spot;
                     info!(error = %e, "no capacity; trying the next offer");
                     self.reporter.note(&format!("{e}; trying the next offer"));
                 }

@@ -195,6 +195,9 @@ pub struct Settings {
     /// The checkpoint store (`run --store`, `checkpoint_store.url`), without the job's part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// Seconds to wait for spot capacity before on-demand (`run --wait-for-spot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_spot_secs: Option<u64>,
 }
 
 /// Errors reading job state.
