@@ -70,7 +70,12 @@ impl Model {
 
     /// The time until a checkpoint taken `since` seconds after the previous one is stored.
     fn checkpoint(&self, since: f64) -> f64 {
-        let dirty = (self.dirty_per_hour * since / 3600.0).clamp(0.0, 1.0);
+        // The first checkpoint holds everything.
+        let dirty = if since.is_finite() {
+            (self.dirty_per_hour * since / 3600.0).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
         self.frozen() + dirty * self.memory_gib * self.upload_secs_per_gib
     }
 
@@ -261,12 +266,12 @@ impl Books {
         }
     }
 
-    /// Work for `dt` seconds; true once the job is done.
-    fn work(&mut self, model: &Model, dt: f64) -> bool {
+    /// Work for the last `dt` seconds of this step; true once the job is done.
+    fn work(&mut self, model: &Model, step: f64, dt: f64) -> bool {
         let left = model.work_secs - self.progress;
         if dt >= left {
             self.progress = model.work_secs;
-            self.finished = Some(self.t + left);
+            self.finished = Some(self.t + (step - dt) + left);
             return true;
         }
         self.progress += dt;
@@ -475,10 +480,10 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
                 booted = up;
                 ready = t + stop + model.restore();
                 draining.push((m.clone(), ready));
+                next_checkpoint = ready + interval(&policy, t, &n);
                 cur = Some(n);
                 moving = None;
                 noticed = false;
-                next_checkpoint = ready + model.interval_secs;
             }
         }
         if t >= next_pricing {
@@ -502,10 +507,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
             frozen_until = t + model.frozen();
             last_checkpoint = t;
             b.checkpoints += 1;
-            let cur_offer = cur.as_ref().map(|m| &m.offer);
-            next_checkpoint = t + policy
-                .checkpoint_interval(now, cur_offer)
-                .map_or(f64::INFINITY, |i| i.as_secs_f64());
+            next_checkpoint = t + interval(&policy, t, &m);
         }
         // Bill, then work.
         if let Some(m) = &cur {
@@ -518,17 +520,24 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
         for (old, _) in &draining {
             b.bill(w, old, dt);
         }
-        let work = if cur.as_ref().is_some_and(|_| b.t >= ready) {
+        let work = if cur.is_some() {
             (b.t + dt - ready.max(frozen_until).max(b.t)).clamp(0.0, dt)
         } else {
             0.0
         };
-        if work > 0.0 && b.work(model, work) {
+        if work > 0.0 && b.work(model, dt, work) {
             break;
         }
         b.step(dt);
     }
     b.outcome(name, model)
+}
+
+/// The policy's checkpoint interval on `m` at `t`, in seconds.
+fn interval(policy: &Policy, t: f64, m: &Machine) -> f64 {
+    policy
+        .checkpoint_interval(Duration::from_secs_f64(t), Some(&m.offer))
+        .map_or(f64::INFINITY, |i| i.as_secs_f64())
 }
 
 /// On-demand only: the cheapest on-demand offer, never moved.
@@ -544,7 +553,7 @@ pub fn on_demand(w: &World, model: &Model) -> Outcome {
     while !w.ended(b.t) {
         b.bill(w, &m, dt);
         let work = (b.t + dt - model.start_secs).clamp(0.0, dt);
-        if work > 0.0 && b.work(model, work) {
+        if work > 0.0 && b.work(model, dt, work) {
             break;
         }
         b.step(dt);
@@ -611,7 +620,7 @@ pub fn spot_restart(w: &World, model: &Model, app_checkpoint: bool, name: &str) 
                 b.checkpoints += 1;
             }
             let work = (b.t + dt - ready.max(writing_until).max(b.t)).clamp(0.0, dt);
-            if work > 0.0 && b.work(model, work) {
+            if work > 0.0 && b.work(model, dt, work) {
                 break;
             }
         }
@@ -682,4 +691,184 @@ pub fn optimum(w: &World, model: &Model) -> Outcome {
         b.t = end as f64 * gap;
     }
     b.outcome("optimum", model)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each policy's bookkeeping against cases computed by hand. The clock moves in 10 s
+    //! steps and instances are billed per step, so an instance is billed up to the end of the
+    //! step in which it ends.
+    use super::*;
+    use crate::replay::trace::Zone;
+
+    /// One spot zone ($1/h; on-demand $3/h) whose trace (ticks of 100 s) is `available`.
+    fn set(available: Vec<u32>) -> TraceSet {
+        TraceSet {
+            name: "test/v100_1".into(),
+            cloud: "aws".into(),
+            device: "v100_1".into(),
+            instance_type: "p3.2xlarge".into(),
+            on_demand: 3.0,
+            spot: 1.0,
+            gap: 100.0,
+            zones: vec![Zone {
+                name: "us-east-1a".into(),
+                region: "us-east-1".into(),
+                available,
+                prices: None,
+            }],
+        }
+    }
+
+    /// An hour of work, 1 GiB; a start takes 100 s, a restore 10 s, a checkpoint stops the
+    /// task for 1 s (and stores the first in 5 s more; nothing is rewritten after), notice
+    /// 120 s, a checkpoint every 600 s, application checkpoints every 1000 s of work.
+    fn model() -> Model {
+        Model {
+            work_secs: 3600.0,
+            memory_gib: 1.0,
+            deadline_secs: None,
+            start_secs: 100.0,
+            notice_secs: 120.0,
+            frozen_secs_per_gib: 1.0,
+            upload_secs_per_gib: 5.0,
+            restore_secs_per_gib: 10.0,
+            dirty_per_hour: 0.0,
+            interval_secs: 600.0,
+            arbitrage_every_secs: 600.0,
+            arbitrage_margin: 0.2,
+            app_checkpoint_secs: 1000.0,
+            wait_for_spot_secs: 1800.0,
+            step_secs: 10.0,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    fn check(o: &Outcome, cost_secs_at: &[(f64, f64)], finished: f64) {
+        let cost: f64 = cost_secs_at.iter().map(|(s, p)| s * p / 3600.0).sum();
+        assert!(
+            close(o.cost, cost),
+            "{}: cost {} != {cost}",
+            o.policy,
+            o.cost
+        );
+        let f = o.finished_hours.expect("finished") * 3600.0;
+        assert!(
+            close(f, finished),
+            "{}: finished at {f} s, not {finished}",
+            o.policy
+        );
+    }
+
+    #[test]
+    fn spot_always_there() {
+        let s = set(vec![1; 100]);
+        let w = World {
+            set: &s,
+            start_tick: 0,
+        };
+        let m = model();
+        // Start 100 s, then the hour.
+        let od = on_demand(&w, &m);
+        check(&od, &[(3700.0, 3.0)], 3700.0);
+        let restart = spot_restart(&w, &m, false, "spot-restart");
+        check(&restart, &[(3700.0, 1.0)], 3700.0);
+        assert_eq!((restart.recoveries, restart.redone_hours), (0, 0.0));
+        // Application checkpoints at 1000, 2000 and 3000 s of work, 5 s each (the third
+        // seen at the step after: 3005 s of work).
+        let app = spot_restart(&w, &m, true, "spot-app-checkpoint");
+        check(&app, &[(3720.0, 1.0)], 3715.0);
+        assert_eq!(app.checkpoints, 3);
+        // The driver: checkpoints at 700, 1300, ..., 3700 s (six, each stopping the task
+        // 1 s): done at 3706 s, billed to 3710 s.
+        for adaptive in [false, true] {
+            let d = driver(&w, &m, adaptive, "driver");
+            check(&d, &[(3710.0, 1.0)], 3706.0);
+            assert_eq!((d.checkpoints, d.moves, d.recoveries), (6, 0, 0));
+        }
+        // The optimum: 36 ticks of spot.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3600.0, 1.0)], 3600.0);
+    }
+
+    #[test]
+    fn a_preemption_with_notice() {
+        // Spot until 2000 s, none from 2000 to 3000 s, then again.
+        let mut a = vec![1; 20];
+        a.extend([0; 10]);
+        a.extend([1; 70]);
+        let s = set(a);
+        let w = World {
+            set: &s,
+            start_tick: 0,
+        };
+        let m = model();
+        // Restart from scratch: 1900 s of work lost at 2000 s, spot again at 3000 s, up at
+        // 3100 s, done at 6700 s.
+        let restart = spot_restart(&w, &m, false, "spot-restart");
+        check(&restart, &[(2000.0, 1.0), (3700.0, 1.0)], 6700.0);
+        assert_eq!(restart.recoveries, 1);
+        assert!(close(restart.redone_hours * 3600.0, 1900.0));
+        // Application checkpoint at 1000 s of work (t = 1100 s, written by 1105 s): 895 s
+        // lost at 2000 s; back at 3000 s, up at 3100 s, loaded by 3110 s; checkpoints at 2000
+        // (t = 4110 s) and 3005 s of work (t = 5120 s); done at 5720 s.
+        let app = spot_restart(&w, &m, true, "spot-app-checkpoint");
+        check(&app, &[(2000.0, 1.0), (2720.0, 1.0)], 5720.0);
+        assert_eq!((app.recoveries, app.checkpoints), (1, 3));
+        assert!(close(app.redone_hours * 3600.0, 895.0));
+        // The driver: checkpoints at 700 and 1300 s; the notice at 1880 s (a checkpoint, the
+        // zone avoided, an on-demand instance launched, up at 1980 s); the task stopped at
+        // 1980 s with 1877 s of work done (1 s checkpoint, 10 s restore: running at 1991 s);
+        // checkpoints at 2591 and 3191 s; done at 1991 + 1723 + 2 = 3716 s. Spot billed to
+        // the end of the step in which the task left it (2000 s), on-demand from 1880 s to
+        // 3720 s. Nothing lost, no recovery; the spot zone is avoided until 3680 s and the job
+        // done before the next pricing could move it back.
+        for adaptive in [false, true] {
+            let d = driver(&w, &m, adaptive, "driver");
+            check(&d, &[(2000.0, 1.0), (1840.0, 3.0)], 3716.0);
+            assert_eq!((d.checkpoints, d.moves, d.recoveries), (6, 1, 0));
+            assert_eq!(d.redone_hours, 0.0);
+        }
+        // The optimum: ticks 0-19 and 30-45 of spot.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3600.0, 1.0)], 4600.0);
+    }
+
+    #[test]
+    fn waiting_for_spot_and_the_deadline() {
+        // No spot at all: the driver before went on-demand at once; the driver waits as long
+        // as the deadline (2 h) allows. It must use on-demand once
+        // now + 3600 · (1 + 1/600) + 2 · 110 + 600 + 1 ≥ 7200, at 2773 s: from the step at
+        // 2780 s, up at 2880 s, checkpoints at 3480, ..., 6480 s (six), done at 6486 s.
+        let s = set(vec![0; 100]);
+        let w = World {
+            set: &s,
+            start_tick: 0,
+        };
+        let m = Model {
+            deadline_secs: Some(7200.0),
+            ..model()
+        };
+        let d = driver(&w, &m, true, "driver");
+        check(&d, &[(3710.0, 3.0)], 6486.0);
+        assert_eq!(d.met_deadline, Some(true));
+        let before = driver(&w, &m, false, "driver-before");
+        check(&before, &[(3710.0, 3.0)], 3706.0);
+        // Without a deadline the driver waits its 1800 s, then on-demand: up at 1900 s.
+        let m = model();
+        let d = driver(&w, &m, true, "driver");
+        check(&d, &[(3710.0, 3.0)], 5506.0);
+        // The optimum cannot beat on-demand when there is no spot: the hour at $3.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3600.0, 3.0)], 3600.0);
+        // A deadline too close for anything but on-demand from the start, and never missed.
+        let m = Model {
+            deadline_secs: Some(3800.0),
+            ..model()
+        };
+        assert_eq!(driver(&w, &m, true, "driver").met_deadline, Some(true));
+    }
 }
