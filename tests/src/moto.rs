@@ -264,6 +264,8 @@ pub struct Refusal {
     pub status: u16,
     /// How many matching requests are refused (then they pass); every one when `None`.
     pub times: Option<usize>,
+    /// Only spot requests (`Some(true)`) or only on-demand ones (`Some(false)`), when set.
+    pub spot: Option<bool>,
 }
 
 /// A proxy in front of moto that answers chosen requests with EC2 errors (as EC2 sends them: an
@@ -292,6 +294,7 @@ impl RefusingProxy {
                     code: c.to_string(),
                     status: 400,
                     times: None,
+                    spot: None,
                 })
                 .collect(),
         )
@@ -431,6 +434,9 @@ fn serve_proxied(
                             .as_deref()
                             .is_none_or(|t| Some(t) == get("InstanceType"))
                         && r.times.is_none_or(|n| *used < n)
+                        && r.spot.is_none_or(|spot| {
+                            spot == (get("InstanceMarketOptions.MarketType") == Some("spot"))
+                        })
                 })
                 .map(|(r, used)| {
                     *used += 1;

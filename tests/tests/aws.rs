@@ -732,36 +732,26 @@ fn capacity_errors_move_on_to_the_next_offer() {
     }
 }
 
-/// `Job::launch` itself walks down the ranking past a capacity error: the cheapest offer is
-/// refused, the next one is launched and recorded; as no agent registers here (no instance
-/// simulator), the launch ends at the provider's boot timeout and the instance is terminated.
-#[test]
-fn job_launch_moves_past_capacity_errors() {
+/// A job named `name` whose workers come from `p`, its coordinator on `nats` (no agent ever
+/// registers: no instance simulator here).
+fn launch_job(
+    name: &str,
+    p: AwsProvider,
+    nats: &cedana_tests::NatsServer,
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> cedana_driver::job::Job {
     use cedana_driver::coord::Coordinator;
     use cedana_driver::job::record::{JobRecord, JobState};
     use cedana_driver::job::Job;
-    let moto = MotoServer::start();
-    let proxy = RefusingProxy::start(&moto, &[("t2.micro", "InsufficientInstanceCapacity")]);
-    let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro", "t2.small"]);
-    s.spot = false;
-    s.boot_timeout = Duration::from_secs(2);
-    let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
-    let nats = cedana_tests::NatsServer::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let coord = rt
-        .block_on(Coordinator::connect(
-            &nats.url(),
-            &nats.token,
-            "capjob",
-            false,
-        ))
+        .block_on(Coordinator::connect(&nats.url(), &nats.token, name, false))
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
     let record = JobRecord {
         v: 1,
-        job: "capjob".into(),
-        script: "capjob.rhai".into(),
+        job: name.into(),
+        script: format!("{name}.rhai").into(),
         state: JobState::Starting,
         started_at: 0,
         updated_at: 0,
@@ -786,16 +776,122 @@ fn job_launch_moves_past_capacity_errors() {
         exit_status: None,
     };
     let mut job = Job::new(
-        "capjob".into(),
+        name.into(),
         rt.handle().clone(),
         coord,
         "nats://10.77.0.1:4222".into(),
         Secret::new(nats.token.clone()),
-        dir.path().to_path_buf(),
+        dir.to_path_buf(),
         None,
         record,
     );
     job.providers = vec![p.into()];
+    job
+}
+
+/// With `run --wait-for-spot`, a launch that finds every spot offer full waits for one
+/// instead of taking on-demand: spot requests refused for two rounds are asked again, and
+/// the worker goes to spot. When the wait runs out, on-demand.
+#[test]
+fn a_launch_waits_for_spot_before_on_demand() {
+    use cedana_driver::job::policy::{Overheads, Policy, PolicyOptions};
+    let moto = MotoServer::start();
+    let nats = cedana_tests::NatsServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let spot_offers = {
+        let s = settings(&moto.url(), &["us-east-1"], &["t2.micro"]);
+        let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+        let offers = rt.block_on(p.offers(&Spec::default())).unwrap();
+        assert!(
+            offers.iter().any(|o| !o.spot),
+            "an on-demand offer: {offers:?}"
+        );
+        offers.iter().filter(|o| o.spot).count()
+    };
+    assert!(spot_offers >= 1, "moto prices t2.micro spot");
+    let wait = |secs| {
+        Policy::new(PolicyOptions {
+            interval: None,
+            arbitrage: None,
+            adaptive: true,
+            wait_for_spot: Some(Duration::from_secs(secs)),
+            overheads: Overheads::default(),
+        })
+    };
+    let spot_full = |times| Refusal {
+        action: "RunInstances".into(),
+        instance_type: None,
+        code: "InsufficientInstanceCapacity".into(),
+        status: 400,
+        times,
+        spot: Some(true),
+    };
+    let launch = |name: &str, proxy: &RefusingProxy, policy: Policy| {
+        let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro"]);
+        s.boot_timeout = Duration::from_secs(1);
+        let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = launch_job(name, p, &nats, &rt, dir.path());
+        job.policy = policy;
+        let started = std::time::Instant::now();
+        // No agent registers here: the launch ends in a boot timeout; what matters is where
+        // the first worker went.
+        let _ = job.launch(&Spec::default());
+        (job.record.workers.clone(), started.elapsed())
+    };
+
+    // Spot full for two rounds of every spot offer, then there.
+    let proxy = RefusingProxy::start_with(&moto, vec![spot_full(Some(2 * spot_offers))]);
+    let (workers, _) = launch("waitspot", &proxy, wait(60));
+    let first = workers[0].offer.as_ref().unwrap();
+    assert!(first.spot, "the first worker waited for spot: {first:?}");
+    assert_eq!(
+        proxy.refused(),
+        2 * spot_offers,
+        "every spot offer asked twice, then again"
+    );
+
+    // Spot never there: on-demand once the 2 s wait is over, not before.
+    let proxy = RefusingProxy::start_with(&moto, vec![spot_full(None)]);
+    let (workers, took) = launch("waitod", &proxy, wait(2));
+    let first = workers[0].offer.as_ref().unwrap();
+    assert!(!first.spot, "on-demand after the wait: {first:?}");
+    assert!(
+        proxy.refused() >= 2 * spot_offers,
+        "spot asked again while waiting ({} refusals)",
+        proxy.refused()
+    );
+    assert!(took >= Duration::from_secs(2), "waited {took:?}");
+
+    // Without the option (the default), on-demand at once.
+    let proxy = RefusingProxy::start_with(&moto, vec![spot_full(None)]);
+    let mut p = wait(0);
+    p = Policy::new(PolicyOptions {
+        wait_for_spot: None,
+        ..p.options().clone()
+    });
+    let (workers, _) = launch("nowait", &proxy, p);
+    assert!(!workers[0].offer.as_ref().unwrap().spot);
+    // Each spot offer asked once before it (and again by the next attempt, after the
+    // on-demand worker never registered).
+    assert!(proxy.refused() >= spot_offers);
+}
+
+/// `Job::launch` itself walks down the ranking past a capacity error: the cheapest offer is
+/// refused, the next one is launched and recorded; as no agent registers here (no instance
+/// simulator), the launch ends at the provider's boot timeout and the instance is terminated.
+#[test]
+fn job_launch_moves_past_capacity_errors() {
+    let moto = MotoServer::start();
+    let proxy = RefusingProxy::start(&moto, &[("t2.micro", "InsufficientInstanceCapacity")]);
+    let mut s = settings(&proxy.url(), &["us-east-1"], &["t2.micro", "t2.small"]);
+    s.spot = false;
+    s.boot_timeout = Duration::from_secs(2);
+    let p = AwsProvider::new(s, Catalog::builtin()).unwrap();
+    let nats = cedana_tests::NatsServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = launch_job("capjob", p, &nats, &rt, dir.path());
     let err = job.launch(&Spec::default()).unwrap_err().to_string();
     assert!(err.contains("did not register within 2 s"), "{err}");
     // The cheapest offer is refused; t2.small is launched and never registers, so it is
@@ -840,6 +936,7 @@ fn throttling_is_retried_then_reported() {
         code: "RequestLimitExceeded".into(),
         status: 503,
         times,
+        spot: None,
     };
     let proxy = RefusingProxy::start_with(
         &moto,
