@@ -13,6 +13,10 @@ use crate::providers::{same_offer, Offer};
 pub const AVOID_AFTER_NOTICE: Duration = Duration::from_secs(30 * 60);
 /// How far back preemptions count towards a market's rate.
 pub const PREEMPTION_WINDOW: Duration = Duration::from_secs(6 * 3600);
+/// The share of a deadline's slack (deadline minus work) a job may fall behind uniform
+/// progress by while it waits for spot. The replay over the spot-trace collection is flat
+/// between 0.15 and 0.3 (docs/benchmarks.md).
+pub const RESERVE: f64 = 0.25;
 /// The shortest periodic checkpoint interval the policy picks by itself.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -187,6 +191,23 @@ impl Policy {
         self.opts
             .wait_for_spot
             .is_some_and(|w| now.saturating_sub(since) < w)
+    }
+
+    /// Whether a job with a deadline is on schedule: the work `left` fits in the time left at
+    /// the pace the whole job had (`total` work over the time to `deadline` from its start),
+    /// give or take [`RESERVE`] of its slack. Waiting for spot is only worth it while it is
+    /// (after the Uniform Progress policy of "Can't Be Late", NSDI '24); behind, on-demand,
+    /// and back to spot by arbitrage when spot returns.
+    pub fn ahead_of_schedule(
+        &self,
+        now: Duration,
+        left: Duration,
+        total: Duration,
+        deadline: Duration,
+    ) -> bool {
+        let pace = total.as_secs_f64() / deadline.as_secs_f64().max(1.0);
+        let reserve = RESERVE * deadline.saturating_sub(total).as_secs_f64();
+        left.as_secs_f64() <= deadline.saturating_sub(now).as_secs_f64() * pace + reserve
     }
 
     /// Whether only on-demand can still finish `left` of work by `deadline` (times on the
@@ -378,6 +399,18 @@ mod tests {
         let mut o = p.options().clone();
         o.wait_for_spot = None;
         assert!(!Policy::new(o).wait_for_spot(since, since));
+    }
+
+    #[test]
+    fn on_schedule_is_uniform_progress_give_or_take_a_quarter_of_the_slack() {
+        let p = policy(true);
+        let (total, deadline) = (Duration::from_secs(24 * H), Duration::from_secs(36 * H));
+        // Pace 2/3; slack 12 h, a quarter of it 3 h. At 6 h, 30 h are left: on schedule
+        // with up to 30 · 2/3 + 3 = 23 h of work left.
+        let at = Duration::from_secs(6 * H);
+        assert!(p.ahead_of_schedule(at, Duration::from_secs(23 * H), total, deadline));
+        assert!(!p.ahead_of_schedule(at, Duration::from_secs(23 * H + 1), total, deadline));
+        assert!(p.ahead_of_schedule(Duration::ZERO, total, total, deadline));
     }
 
     #[test]

@@ -360,6 +360,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
     // stops waiting for spot (`None` meanwhile).
     let launch = |policy: &mut Policy,
                   waiting_since: &mut Option<f64>,
+                  ahead: bool,
                   t: f64,
                   among: Option<&[Offer]>,
                   od_only: bool| {
@@ -373,7 +374,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
         {
             if spot_full && !o.spot {
                 let since = *waiting_since.get_or_insert(t);
-                if policy.wait_for_spot(now, Duration::from_secs_f64(since)) {
+                if ahead && policy.wait_for_spot(now, Duration::from_secs_f64(since)) {
                     return None;
                 }
             }
@@ -396,12 +397,21 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
                 pending = None;
             }
         }
+        let left = Duration::from_secs_f64(model.work_secs - b.progress);
+        let ahead = model.deadline_secs.is_none_or(|d| {
+            !adaptive
+                || policy.ahead_of_schedule(
+                    now,
+                    left,
+                    Duration::from_secs_f64(model.work_secs),
+                    Duration::from_secs_f64(d),
+                )
+        });
         if let Some(d) = model.deadline_secs {
-            let left = Duration::from_secs_f64(model.work_secs - b.progress);
             if !committed && policy.must_use_on_demand(now, left, Duration::from_secs_f64(d)) {
                 committed = true;
                 if cur.as_ref().is_some_and(|m| m.offer.spot) {
-                    moving = launch(&mut policy, &mut waiting_since, t, None, true)
+                    moving = launch(&mut policy, &mut waiting_since, ahead, t, None, true)
                         .map(|m| (m, t + model.start_secs));
                 }
             }
@@ -432,7 +442,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
             }
         }
         if cur.is_none() {
-            if let Some(m) = launch(&mut policy, &mut waiting_since, t, None, committed) {
+            if let Some(m) = launch(&mut policy, &mut waiting_since, ahead, t, None, committed) {
                 booted = t + model.start_secs;
                 ready = booted
                     + if saved.is_some() {
@@ -460,7 +470,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
             b.checkpoints += 1;
             policy.preempted(&m.offer, now);
             if moving.is_none() {
-                moving = launch(&mut policy, &mut waiting_since, t, None, committed)
+                moving = launch(&mut policy, &mut waiting_since, ahead, t, None, committed)
                     .map(|n| (n, t + model.start_secs));
             }
         }
@@ -469,7 +479,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
         if let Some((n, up)) = moving.clone() {
             if !w.up(&n, t) {
                 policy.avoid(&n.offer, now, Duration::from_secs(600));
-                moving = launch(&mut policy, &mut waiting_since, t, None, committed)
+                moving = launch(&mut policy, &mut waiting_since, ahead, t, None, committed)
                     .map(|n| (n, t + model.start_secs));
             } else if t >= up && running {
                 let stop = model.checkpoint(t - last_checkpoint);
@@ -497,8 +507,15 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
                     .unwrap_or_else(|| m.offer.clone());
                 let among = policy.moves(now, &current, &ranked);
                 if !among.is_empty() {
-                    moving = launch(&mut policy, &mut waiting_since, t, Some(&among), false)
-                        .map(|n| (n, t + model.start_secs));
+                    moving = launch(
+                        &mut policy,
+                        &mut waiting_since,
+                        ahead,
+                        t,
+                        Some(&among),
+                        false,
+                    )
+                    .map(|n| (n, t + model.start_secs));
                 }
             }
         }
@@ -839,10 +856,10 @@ mod tests {
 
     #[test]
     fn waiting_for_spot_and_the_deadline() {
-        // No spot at all: the driver before went on-demand at once; the driver waits as long
-        // as the deadline (2 h) allows. It must use on-demand once
-        // now + 3600 · (1 + 1/600) + 2 · 110 + 600 + 1 ≥ 7200, at 2773 s: from the step at
-        // 2780 s, up at 2880 s, checkpoints at 3480, ..., 6480 s (six), done at 6486 s.
+        // No spot at all: the driver before went on-demand at once; the driver waits while it
+        // is on schedule: pace 1/2, a quarter of the hour of slack (900 s) in reserve, so
+        // while 3600 ≤ (7200 - t) / 2 + 900, to 1800 s. On-demand from the step at 1810 s,
+        // up at 1910 s, checkpoints at 2510, ..., 5510 s (six), done at 5516 s.
         let s = set(vec![0; 100]);
         let w = World {
             set: &s,
@@ -853,7 +870,7 @@ mod tests {
             ..model()
         };
         let d = driver(&w, &m, true, "driver");
-        check(&d, &[(3710.0, 3.0)], 6486.0);
+        check(&d, &[(3710.0, 3.0)], 5516.0);
         assert_eq!(d.met_deadline, Some(true));
         let before = driver(&w, &m, false, "driver-before");
         check(&before, &[(3710.0, 3.0)], 3706.0);
