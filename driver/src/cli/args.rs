@@ -338,6 +338,15 @@ pub struct ReplayArgs {
     /// Spot $/h where a trace has no prices
     #[arg(long, value_name = "USD")]
     pub spot_price: Option<f64>,
+    /// Prices over time, over the traces' own: CSV rows `seconds,place,market,usd_per_hour`
+    /// (seconds from the traces' first tick; a zone for spot, a region for on-demand;
+    /// market `spot` or `on-demand`), each holding until the next for its place and market
+    #[arg(long, value_name = "CSV")]
+    pub prices: Option<PathBuf>,
+    /// Also replay the driver with each of its changes alone undone (driver-no-wait: never
+    /// waits for spot; driver-fixed: no preemption-aware interval or ranking)
+    #[arg(long)]
+    pub ablation: bool,
     /// Print the whole report as JSON on stdout
     #[arg(long)]
     pub json: bool,

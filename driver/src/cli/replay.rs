@@ -60,7 +60,19 @@ pub fn run(a: ReplayArgs) -> Exit {
             return Exit::Usage;
         }
     }
+    let series = match &a.prices {
+        Some(p) => match replay::PriceSeries::load(p) {
+            Ok(s) => s,
+            Err(e) => {
+                super::error(e);
+                return Exit::Config;
+            }
+        },
+        None => replay::PriceSeries::default(),
+    };
     let r = Replay {
+        series,
+        ablation: a.ablation,
         traces: a.traces,
         prices: PriceOverride {
             on_demand: a.on_demand_price,

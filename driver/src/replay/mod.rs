@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 pub use sim::{Model, Outcome};
-pub use trace::{PriceOverride, TraceError, TraceSet};
+pub use trace::{PriceOverride, PriceSeries, TraceError, TraceSet};
 
 /// The policies, in the order they are reported.
 pub const POLICIES: [&str; 6] = [
@@ -30,6 +30,10 @@ pub const POLICIES: [&str; 6] = [
 pub struct Replay {
     pub traces: Vec<PathBuf>,
     pub prices: PriceOverride,
+    /// Prices over time (`--prices`).
+    pub series: PriceSeries,
+    /// Also the driver with each change undone alone.
+    pub ablation: bool,
     pub model: Model,
     /// Replays per trace set, their starts spread over the set.
     pub starts: usize,
@@ -106,10 +110,14 @@ pub fn run(r: &Replay) -> Result<Report, TraceError> {
         let runs = starts(set, &model, r.starts)
             .into_iter()
             .map(|start_tick| {
-                let w = sim::World { set, start_tick };
+                let w = sim::World {
+                    set,
+                    start_tick,
+                    prices: &r.series,
+                };
                 Run {
                     start_hours: start_tick as f64 * set.gap / 3600.0,
-                    outcomes: replay_one(&w, &model),
+                    outcomes: replay_one(&w, &model, r.ablation),
                 }
             })
             .collect();
@@ -132,16 +140,30 @@ pub fn run(r: &Replay) -> Result<Report, TraceError> {
     })
 }
 
-/// Every policy on one world, in [`POLICIES`]' order.
-pub fn replay_one(w: &sim::World, model: &Model) -> Vec<Outcome> {
-    vec![
+/// Every policy on one world, in [`POLICIES`]' order (then, with `ablation`, the driver
+/// without waiting for spot and the driver with a fixed interval and the cheapest first).
+pub fn replay_one(w: &sim::World, model: &Model, ablation: bool) -> Vec<Outcome> {
+    let mut out = vec![
         sim::on_demand(w, model),
         sim::spot_restart(w, model, false, POLICIES[1]),
         sim::spot_restart(w, model, true, POLICIES[2]),
-        sim::driver(w, model, false, POLICIES[3]),
-        sim::driver(w, model, true, POLICIES[4]),
+        sim::driver(w, model, sim::Variant::BEFORE, POLICIES[3]),
+        sim::driver(w, model, sim::Variant::NOW, POLICIES[4]),
         sim::optimum(w, model),
-    ]
+    ];
+    if ablation {
+        let no_wait = sim::Variant {
+            wait: false,
+            ..sim::Variant::NOW
+        };
+        let fixed = sim::Variant {
+            adaptive: false,
+            ..sim::Variant::NOW
+        };
+        out.push(sim::driver(w, model, no_wait, "driver-no-wait"));
+        out.push(sim::driver(w, model, fixed, "driver-fixed"));
+    }
+    out
 }
 
 /// Start ticks spread evenly over the part of the set that leaves a whole window after them
@@ -157,9 +179,18 @@ fn starts(set: &TraceSet, model: &Model, n: usize) -> Vec<usize> {
     (0..n).map(|i| i * room / (n - 1).max(1)).collect()
 }
 
+/// The policies' names, in their order in every run.
+fn names(sets: &[SetReport]) -> Vec<String> {
+    sets.iter()
+        .flat_map(|s| &s.runs)
+        .next()
+        .map(|r| r.outcomes.iter().map(|o| o.policy.clone()).collect())
+        .unwrap_or_default()
+}
+
 fn summarize(sets: &[SetReport]) -> Vec<Summary> {
     let mut out = Vec::new();
-    for (i, name) in POLICIES.iter().enumerate() {
+    for (i, name) in names(sets).iter().enumerate() {
         let mut s = Summary {
             policy: name.to_string(),
             runs: 0,
@@ -251,7 +282,7 @@ pub fn table(r: &Report) -> String {
             "  {:<20} {:>9} {:>8} {:>8} {:>9} {:>8} {:>6} {:>6} {:>7}",
             "policy", "cost $", "/od", "/opt", "finish h", "redone", "moves", "recov", "missed"
         );
-        for (i, name) in POLICIES.iter().enumerate() {
+        for (i, name) in names(std::slice::from_ref(set)).iter().enumerate() {
             let n = set.runs.len().max(1) as f64;
             let mean = |f: &dyn Fn(&Run) -> f64| set.runs.iter().map(f).sum::<f64>() / n;
             let cost = mean(&|r| r.outcomes[i].cost);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::trace::TraceSet;
+use super::trace::{PriceSeries, TraceSet};
 use crate::job::policy::{Arbitrage, Overheads, Policy, PolicyOptions};
 use crate::providers::{same_offer, Offer};
 
@@ -117,6 +117,8 @@ pub struct Outcome {
 pub struct World<'a> {
     pub set: &'a TraceSet,
     pub start_tick: usize,
+    /// Prices over time from a file, over the traces' own.
+    pub prices: &'a PriceSeries,
 }
 
 /// A launched instance: its offer and, for spot, its zone's index.
@@ -144,12 +146,36 @@ impl World<'_> {
             .is_some_and(|n| *n >= 1)
     }
 
+    /// Seconds since the traces' first tick.
+    fn abs(&self, t: f64) -> f64 {
+        self.start_tick as f64 * self.set.gap + t
+    }
+
     pub fn spot_price(&self, zone: usize, t: f64) -> f64 {
+        let z = &self.set.zones[zone];
+        if let Some(p) = self.prices.at(&z.name, true, self.abs(t)) {
+            return p;
+        }
         let k = self.tick(t).min(self.set.ticks().saturating_sub(1));
-        match &self.set.zones[zone].prices {
+        match &z.prices {
             Some(p) => p[k],
             None => self.set.spot,
         }
+    }
+
+    pub fn on_demand_price(&self, region: &str, t: f64) -> f64 {
+        self.prices
+            .at(region, false, self.abs(t))
+            .unwrap_or(self.set.on_demand)
+    }
+
+    /// The cheapest on-demand price of the set's regions at `t`.
+    fn cheapest_on_demand(&self, t: f64) -> f64 {
+        self.set
+            .zones
+            .iter()
+            .map(|z| self.on_demand_price(&z.region, t))
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// Every offer at `t`, cheapest first (on-demand before spot at the same price, then by
@@ -164,7 +190,7 @@ impl World<'_> {
             }
         }
         for r in regions {
-            out.push(self.offer(r, r, self.set.on_demand, false));
+            out.push(self.offer(r, r, self.on_demand_price(r, t), false));
         }
         out.sort_by(|a, b| {
             a.price_usd_hour
@@ -211,7 +237,7 @@ impl World<'_> {
     fn price(&self, m: &Machine, t: f64) -> f64 {
         match m.zone {
             Some(z) => self.spot_price(z, t),
-            None => self.set.on_demand,
+            None => self.on_demand_price(&m.offer.region, t),
         }
     }
 
@@ -317,13 +343,36 @@ impl Books {
 
 /// The driver's policy: [`Policy`] with `adaptive` as given, periodic checkpoints, spot
 /// notices, recovery, arbitrage, and (with a deadline) on-demand once only it can finish.
-/// `adaptive` off is the driver before the replay: the fixed interval, the cheapest offer
-/// first, on-demand at once when spot is full.
-pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
-    let wait = match model.deadline_secs {
+/// Which of the driver's decisions a replay uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// Preemption-aware: Young's interval, offers weighed by their preemptions.
+    pub adaptive: bool,
+    /// Waits for spot capacity (without a deadline [`Model::wait_for_spot_secs`], with one
+    /// while on schedule).
+    pub wait: bool,
+}
+
+impl Variant {
+    /// The driver before the replay: the fixed interval, the cheapest offer first,
+    /// on-demand at once when spot is full.
+    pub const BEFORE: Variant = Variant {
+        adaptive: false,
+        wait: false,
+    };
+    /// The driver now.
+    pub const NOW: Variant = Variant {
+        adaptive: true,
+        wait: true,
+    };
+}
+
+pub fn driver(w: &World, model: &Model, variant: Variant, name: &str) -> Outcome {
+    let Variant { adaptive, wait } = variant;
+    let wait = wait.then(|| match model.deadline_secs {
         Some(_) => Duration::MAX,
         None => Duration::from_secs_f64(model.wait_for_spot_secs),
-    };
+    });
     let mut policy = Policy::new(PolicyOptions {
         interval: Some(Duration::from_secs_f64(model.interval_secs)),
         arbitrage: Some(Arbitrage {
@@ -331,7 +380,7 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
             margin: model.arbitrage_margin,
         }),
         adaptive,
-        wait_for_spot: adaptive.then_some(wait),
+        wait_for_spot: wait,
         overheads: model.overheads(),
     });
     let mut waiting_since: Option<f64> = None;
@@ -399,13 +448,12 @@ pub fn driver(w: &World, model: &Model, adaptive: bool, name: &str) -> Outcome {
         }
         let left = Duration::from_secs_f64(model.work_secs - b.progress);
         let ahead = model.deadline_secs.is_none_or(|d| {
-            !adaptive
-                || policy.ahead_of_schedule(
-                    now,
-                    left,
-                    Duration::from_secs_f64(model.work_secs),
-                    Duration::from_secs_f64(d),
-                )
+            policy.ahead_of_schedule(
+                now,
+                left,
+                Duration::from_secs_f64(model.work_secs),
+                Duration::from_secs_f64(d),
+            )
         });
         if let Some(d) = model.deadline_secs {
             if !committed && policy.must_use_on_demand(now, left, Duration::from_secs_f64(d)) {
@@ -664,9 +712,10 @@ pub fn optimum(w: &World, model: &Model) -> Outcome {
                 .filter(|z| w.available(*z, t))
                 .map(|z| w.spot_price(z, t))
                 .min_by(f64::total_cmp);
+            let od = w.cheapest_on_demand(t);
             match spot {
-                Some(p) if p < w.set.on_demand => (p, true, k),
-                _ => (w.set.on_demand, false, k),
+                Some(p) if p < od => (p, true, k),
+                _ => (od, false, k),
             }
         })
         .collect();
@@ -783,9 +832,11 @@ mod tests {
     #[test]
     fn spot_always_there() {
         let s = set(vec![1; 100]);
+        let prices = PriceSeries::default();
         let w = World {
             set: &s,
             start_tick: 0,
+            prices: &prices,
         };
         let m = model();
         // Start 100 s, then the hour.
@@ -802,7 +853,16 @@ mod tests {
         // The driver: checkpoints at 700, 1300, ..., 3700 s (six, each stopping the task
         // 1 s): done at 3706 s, billed to 3710 s.
         for adaptive in [false, true] {
-            let d = driver(&w, &m, adaptive, "driver");
+            let d = driver(
+                &w,
+                &m,
+                if adaptive {
+                    Variant::NOW
+                } else {
+                    Variant::BEFORE
+                },
+                "driver",
+            );
             check(&d, &[(3710.0, 1.0)], 3706.0);
             assert_eq!((d.checkpoints, d.moves, d.recoveries), (6, 0, 0));
         }
@@ -818,9 +878,11 @@ mod tests {
         a.extend([0; 10]);
         a.extend([1; 70]);
         let s = set(a);
+        let prices = PriceSeries::default();
         let w = World {
             set: &s,
             start_tick: 0,
+            prices: &prices,
         };
         let m = model();
         // Restart from scratch: 1900 s of work lost at 2000 s, spot again at 3000 s, up at
@@ -844,7 +906,16 @@ mod tests {
         // 3720 s. Nothing lost, no recovery; the spot zone is avoided until 3680 s and the job
         // done before the next pricing could move it back.
         for adaptive in [false, true] {
-            let d = driver(&w, &m, adaptive, "driver");
+            let d = driver(
+                &w,
+                &m,
+                if adaptive {
+                    Variant::NOW
+                } else {
+                    Variant::BEFORE
+                },
+                "driver",
+            );
             check(&d, &[(2000.0, 1.0), (1840.0, 3.0)], 3716.0);
             assert_eq!((d.checkpoints, d.moves, d.recoveries), (6, 1, 0));
             assert_eq!(d.redone_hours, 0.0);
@@ -861,22 +932,24 @@ mod tests {
         // while 3600 ≤ (7200 - t) / 2 + 900, to 1800 s. On-demand from the step at 1810 s,
         // up at 1910 s, checkpoints at 2510, ..., 5510 s (six), done at 5516 s.
         let s = set(vec![0; 100]);
+        let prices = PriceSeries::default();
         let w = World {
             set: &s,
             start_tick: 0,
+            prices: &prices,
         };
         let m = Model {
             deadline_secs: Some(7200.0),
             ..model()
         };
-        let d = driver(&w, &m, true, "driver");
+        let d = driver(&w, &m, Variant::NOW, "driver");
         check(&d, &[(3710.0, 3.0)], 5516.0);
         assert_eq!(d.met_deadline, Some(true));
-        let before = driver(&w, &m, false, "driver-before");
+        let before = driver(&w, &m, Variant::BEFORE, "driver-before");
         check(&before, &[(3710.0, 3.0)], 3706.0);
         // Without a deadline the driver waits its 1800 s, then on-demand: up at 1900 s.
         let m = model();
-        let d = driver(&w, &m, true, "driver");
+        let d = driver(&w, &m, Variant::NOW, "driver");
         check(&d, &[(3710.0, 3.0)], 5506.0);
         // The optimum cannot beat on-demand when there is no spot: the hour at $3.
         let opt = optimum(&w, &m);
@@ -886,6 +959,9 @@ mod tests {
             deadline_secs: Some(3800.0),
             ..model()
         };
-        assert_eq!(driver(&w, &m, true, "driver").met_deadline, Some(true));
+        assert_eq!(
+            driver(&w, &m, Variant::NOW, "driver").met_deadline,
+            Some(true)
+        );
     }
 }

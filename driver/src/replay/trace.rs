@@ -101,6 +101,99 @@ pub struct PriceOverride {
     pub spot: Option<f64>,
 }
 
+/// The most rows of a price file.
+pub const MAX_PRICE_ROWS: usize = 1_000_000;
+
+/// Prices over time from a file (`--prices`): CSV rows `seconds,place,market,usd_per_hour`,
+/// where `seconds` counts from the traces' first tick, `place` is a zone (spot) or a region
+/// (on-demand; a zone names its region), and `market` is `spot` or `on-demand`; a header
+/// row and `#` comments are allowed. Each price holds from its time until the next one for
+/// the same place and market; before the first, the trace's own price (or the set's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PriceSeries {
+    points: BTreeMap<(String, bool), Vec<(f64, f64)>>,
+}
+
+impl PriceSeries {
+    pub fn load(path: &Path) -> Result<Self, TraceError> {
+        let io = |source| TraceError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_FILE {
+            return Err(bad(
+                path,
+                &format!("{len} bytes; a price file may hold at most {MAX_FILE}"),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        Self::parse(&text).map_err(|(line, what)| bad(path, &format!("line {line}: {what}")))
+    }
+
+    /// The rows of `text`; an error is (line, what is wrong).
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut points: BTreeMap<(String, bool), Vec<(f64, f64)>> = BTreeMap::new();
+        let mut rows = 0;
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("seconds")) {
+                continue;
+            }
+            rows += 1;
+            if rows > MAX_PRICE_ROWS {
+                return Err((n, format!("more than {MAX_PRICE_ROWS} rows")));
+            }
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [secs, place, market, price] = f[..] else {
+                return Err((
+                    n,
+                    format!(
+                        "{} fields; a row is `seconds,place,market,usd_per_hour`",
+                        f.len()
+                    ),
+                ));
+            };
+            let secs: f64 = secs
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or((n, format!("`{secs}` is not a time in seconds (0 or more)")))?;
+            let spot = match market {
+                "spot" => true,
+                "on-demand" | "ondemand" => false,
+                _ => return Err((n, format!("market `{market}`: write spot or on-demand"))),
+            };
+            let price: f64 = price
+                .parse()
+                .ok()
+                .filter(|p: &f64| p.is_finite() && (0.0..=1e4).contains(p))
+                .ok_or((n, format!("`{price}` is not a price in $/h (0 to 10000)")))?;
+            if place.is_empty() || place.len() > 64 {
+                return Err((n, "the place is empty or longer than 64 characters".into()));
+            }
+            let place = if spot {
+                place.to_string()
+            } else {
+                region_of(place)
+            };
+            points.entry((place, spot)).or_default().push((secs, price));
+        }
+        for p in points.values_mut() {
+            p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        Ok(PriceSeries { points })
+    }
+
+    /// The price of `place`'s `spot` or on-demand market at `secs`, if the file has one yet.
+    pub fn at(&self, place: &str, spot: bool, secs: f64) -> Option<f64> {
+        let p = self.points.get(&(place.to_string(), spot))?;
+        let i = p.partition_point(|(t, _)| *t <= secs);
+        (i > 0).then(|| p[i - 1].1)
+    }
+}
+
 /// Every trace set under `paths` (files, or folders searched to any depth), sorted by name.
 pub fn load(paths: &[PathBuf], prices: &PriceOverride) -> Result<Vec<TraceSet>, TraceError> {
     let mut files = Vec::new();
@@ -355,6 +448,32 @@ mod tests {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn price_files_are_step_functions_per_place_and_market() {
+        let p = PriceSeries::parse(
+            "seconds,place,market,usd_per_hour\n# a comment\n0,us-east-1a,spot,1.0\n3600,us-east-1a,spot,2.5\n0,us-east-1b,on-demand,3\n",
+        )
+        .unwrap();
+        assert_eq!(p.at("us-east-1a", true, 0.0), Some(1.0));
+        assert_eq!(p.at("us-east-1a", true, 3599.0), Some(1.0));
+        assert_eq!(p.at("us-east-1a", true, 3600.0), Some(2.5));
+        assert_eq!(p.at("us-east-1a", false, 10.0), None);
+        // On-demand rows name a region (a zone stands for its region).
+        assert_eq!(p.at("us-east-1", false, 10.0), Some(3.0));
+        assert_eq!(p.at("us-east-1b", true, 10.0), None);
+        for (text, want) in [
+            ("1,a,spot", "3 fields"),
+            ("x,a,spot,1", "not a time"),
+            ("-5,a,spot,1", "not a time"),
+            ("1,a,reserved,1", "market `reserved`"),
+            ("1,a,spot,NaN", "not a price"),
+            ("1,a,spot,1e9", "not a price"),
+        ] {
+            let (line, e) = PriceSeries::parse(text).unwrap_err();
+            assert!(line == 1 && e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
