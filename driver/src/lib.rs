@@ -4,7 +4,7 @@
 
 // The layers, each using only those below it (tests/tests/layers.rs checks):
 //   runner, bootstrap, bake, price,  what the commands do
-//   replay
+//   replay, readiness
 //   jobfile                          Rhai scripts and YAML job specs
 //   job                              a job: workers, task, checkpoints, record, managed flow
 //   coord                            the driver's side of the wire; the embedded nats-server
@@ -17,6 +17,7 @@ pub mod job;
 pub mod jobfile;
 pub mod price;
 pub mod providers;
+pub mod readiness;
 pub mod replay;
 pub mod runner;
 pub mod util;
@@ -24,8 +25,10 @@ pub mod util;
 pub use cedana_protocol::Config;
 
 /// Whether the driver's log shows an event: everything the log level allows, except the AWS
-/// SDK's and its HTTP stack's own debug and trace output, which holds whole requests (their
-/// signed headers, and user-data that carries the job's NATS token).
+/// SDK's and its HTTP stack's own output below ERROR: its debug and trace output holds whole
+/// requests (their signed headers, and user-data that carries the job's NATS token), and its
+/// warnings (a credential provider that failed, with the raw response) repeat what the
+/// driver's own error then says plainly.
 pub fn log_event_allowed(meta: &tracing::Metadata<'_>) -> bool {
     const SDK: [&str; 9] = [
         "aws_smithy",
@@ -38,5 +41,5 @@ pub fn log_event_allowed(meta: &tracing::Metadata<'_>) -> bool {
         "h2",
         "rustls",
     ];
-    *meta.level() <= tracing::Level::INFO || !SDK.iter().any(|p| meta.target().starts_with(p))
+    *meta.level() <= tracing::Level::ERROR || !SDK.iter().any(|p| meta.target().starts_with(p))
 }

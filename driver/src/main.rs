@@ -49,7 +49,11 @@ fn main() -> ExitCode {
     };
     if matches!(
         cli.command,
-        Cmd::Status { .. } | Cmd::Logs { .. } | Cmd::Price { .. } | Cmd::Replay(_)
+        Cmd::Status { .. }
+            | Cmd::Logs { .. }
+            | Cmd::Price { .. }
+            | Cmd::Replay(_)
+            | Cmd::Check { .. }
     ) {
         // Commands that only print end quietly when their reader goes (`| head`). Commands
         // that talk to servers keep SIGPIPE ignored: a closed socket is an error, not death.
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
             &config,
         ),
         Cmd::Replay(args) => cli::replay::run(*args),
+        Cmd::Check { json } => cli::readiness::run(&config, json),
     };
     exit.into()
 }

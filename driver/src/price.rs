@@ -56,13 +56,19 @@ pub struct Prices {
     pub spec: Spec,
     /// Fitting offers, cheapest first.
     pub offers: Vec<PricedOffer>,
-    /// Why other offers (or whole providers) were left out.
+    /// Why other offers were left out.
     pub left_out: Vec<String>,
+    /// Providers that could not be asked, and why (no credentials, unreachable).
+    pub unusable: Vec<String>,
 }
 
 /// Fitting offers of `providers` for `spec`, cheapest first (on the caller's runtime).
 pub async fn prices(providers: &[Provider], spec: &Spec) -> Prices {
-    let (fit, why) = providers::ranked(providers, spec).await;
+    let providers::Ranking {
+        offers: fit,
+        left_out: why,
+        unusable,
+    } = providers::ranking(providers, spec).await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -77,6 +83,7 @@ pub async fn prices(providers: &[Provider], spec: &Spec) -> Prices {
             })
             .collect(),
         left_out: why,
+        unusable,
     }
 }
 

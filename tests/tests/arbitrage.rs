@@ -121,11 +121,13 @@ fn price_says_why_nothing_fits_and_exits_5() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--gpu \"A100:two\""));
 
-    // A broken catalog is named with line and column, and nothing is offered.
+    // A broken catalog is named with line and column, and nothing is offered: no provider
+    // could be asked, a config problem (3).
     std::fs::write(&cat, "{\"entries\": [{\"provider\": 1}]}").unwrap();
     let out = price(&sb, &cat, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no provider could be asked"), "{err}");
     assert!(
         err.contains("catalog.json") && err.contains("line 1"),
         "{err}"

@@ -391,3 +391,129 @@ fn down_of_an_orphaned_job_terminates_its_instances_by_tag() {
     assert_eq!(r["state"], "down", "{r}");
     assert_eq!(r["workers"][0]["state"], "terminated", "{r}");
 }
+
+/// `cedana-driver check`: each provider usable or not and why, one line each; the NATS server
+/// cloud workers need; `price` without credentials says so once and exits 3.
+#[test]
+fn check_says_which_providers_are_usable_and_why() {
+    let moto = MotoServer::start();
+    let sb = Sandbox::new();
+    let cat = sb.path().join("home/.cedana/catalog.json");
+    let cfg = sb.path().join("check.json");
+    std::fs::create_dir_all(cat.parent().unwrap()).unwrap();
+    std::fs::write(&cat, r#"{"entries": []}"#).unwrap();
+    std::fs::write(
+        &cfg,
+        r#"{"enabled_providers": ["local", "aws", "paperspace"],
+            "aws": {"enabled_regions": ["us-east-1"], "enabled_instance_families": ["t2"]},
+            "checkpoint_store": {"url": "/nonexistent-parent/store"}}"#,
+    )
+    .unwrap();
+    let out = driver(
+        &sb,
+        &moto,
+        &cat,
+        &["--config", cfg.to_str().unwrap(), "check", "--json"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let find = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+            .clone()
+    };
+    let aws = find("aws");
+    assert_eq!(
+        (aws["enabled"].as_bool(), aws["ok"].as_bool()),
+        (Some(true), Some(true)),
+        "{aws}"
+    );
+    assert!(
+        aws["detail"]
+            .as_str()
+            .unwrap()
+            .contains("offers in us-east-1"),
+        "{aws}"
+    );
+    let ps = find("paperspace");
+    assert_eq!(ps["ok"], false);
+    assert!(
+        ps["detail"].as_str().unwrap().contains("no API key"),
+        "{ps}"
+    );
+    // Cloud workers and no NATS server in the config: said, with what to give.
+    let nats = find("nats");
+    assert_eq!(nats["ok"], false);
+    assert!(
+        nats["detail"]
+            .as_str()
+            .unwrap()
+            .contains("connection.nats_url"),
+        "{nats}"
+    );
+    let local = find("local");
+    assert_eq!(local["enabled"], true);
+    if nix::unistd::geteuid().is_root() && criu_ready("check_says_which_providers_are_usable") {
+        assert_eq!(local["ok"], true, "{local}");
+    }
+    assert!(
+        v.as_array().unwrap().iter().any(|f| f["name"] == "store"),
+        "{v}"
+    );
+
+    // The text form: one line per finding, the failing ones marked.
+    let out = driver(
+        &sb,
+        &moto,
+        &cat,
+        &["--config", cfg.to_str().unwrap(), "check"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.lines().any(|l| l.starts_with("[ok  ] aws")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("[FAIL] paperspace")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("[FAIL] nats")), "{text}");
+
+    // AWS alone, no credentials anywhere: `check` and `price` say so plainly, once.
+    std::fs::write(
+        &cfg,
+        r#"{"enabled_providers": ["aws"],
+            "aws": {"enabled_regions": ["us-east-1"], "enabled_instance_families": ["t2"]},
+            "connection": {"nats_url": "nats.example.org", "nats_port": 4222, "auth_token": "tok"}}"#,
+    )
+    .unwrap();
+    let no_creds = |args: &[&str]| {
+        let mut c = driver_cmd(sb.path());
+        moto.apply_env(&mut c);
+        c.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("CEDANA_CATALOG", &cat)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = no_creds(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let aws_line = text.lines().find(|l| l.contains("] aws")).unwrap();
+    assert!(
+        aws_line.starts_with("[FAIL]") && aws_line.contains("no AWS credentials found"),
+        "{text}"
+    );
+    let out = no_creds(&["price"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.matches("no AWS credentials found").count(), 1, "{err}");
+    assert!(err.contains("no provider could be asked"), "{err}");
+    assert!(!err.contains("no offer fits"), "{err}");
+    assert!(!err.contains("WARN"), "no SDK warnings: {err}");
+}

@@ -17,7 +17,14 @@ const DRIVER_LAYERS: &[&[&str]] = &[
     &["coord"],
     &["job"],
     &["jobfile"],
-    &["runner", "bootstrap", "bake", "price", "replay"],
+    &[
+        "runner",
+        "bootstrap",
+        "bake",
+        "price",
+        "replay",
+        "readiness",
+    ],
 ];
 
 /// A module path (`["job", "managed"]`) and the file that holds it.

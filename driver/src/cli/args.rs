@@ -229,7 +229,8 @@ pub enum Cmd {
     ///
     /// Prices come from the providers' APIs where they have one (AWS spot prices) and from the
     /// price catalog otherwise (~/.cedana/catalog.json over the built-in one; see
-    /// docs/providers.md). Exits with 5 when nothing fits.
+    /// docs/providers.md). Exits with 5 when nothing fits, and with 3 when no enabled provider
+    /// could be asked (no credentials, unreachable: `cedana-driver check` says why).
     Price {
         /// vCPUs wanted (at least)
         #[arg(long, value_name = "N")]
@@ -274,6 +275,17 @@ pub enum Cmd {
     /// on-demand and over the optimum, finish time, work redone, moves and recoveries.
     /// Exits with 3 when a trace cannot be read.
     Replay(Box<ReplayArgs>),
+    /// Say which providers are usable from here and why not, one line each (as `sky check`
+    /// does): local (root, the agent's own `check`, nats-server), aws and paperspace (their
+    /// settings and credentials, then their offers asked for), the NATS server the config
+    /// names (reachable, and not loopback for cloud workers) and the checkpoint store.
+    ///
+    /// Exits with 0 when everything enabled is usable, 1 when something enabled is not.
+    Check {
+        /// Print the findings as JSON ([{name, enabled, ok, detail}]) on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `cedana-driver replay`'s flags.

@@ -93,6 +93,22 @@ mod tests {
             about.contains(&words),
             "`price --help` does not say {words:?}: {about}"
         );
+        let words = format!("with {} when no enabled provider", Exit::Config.code());
+        assert!(about.contains(&words), "`price --help`: {about}");
+        let check = cli.find_subcommand("check").expect("check").clone();
+        let about = check
+            .get_long_about()
+            .expect("check's long help")
+            .to_string();
+        for words in [
+            format!(
+                "Exits with {} when everything enabled is usable",
+                Exit::Ok.code()
+            ),
+            format!("{} when something enabled is not", Exit::Failed.code()),
+        ] {
+            assert!(about.contains(&words), "`check --help`: {about}");
+        }
         assert_eq!(Exit::task(-1), Exit::Task(0));
         assert_eq!(Exit::task(300).code(), 255);
         assert_eq!(Exit::task(137).code(), 137);

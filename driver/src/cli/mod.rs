@@ -9,6 +9,7 @@ pub mod bake;
 pub mod control;
 pub mod exit;
 pub mod price;
+pub mod readiness;
 pub mod replay;
 pub mod report;
 pub mod run;

@@ -77,6 +77,13 @@ fn price(
     } else if !prices.offers.is_empty() {
         print!("{}", cedana_driver::price::table(&prices));
     }
+    for why in &prices.unusable {
+        eprintln!("cedana-driver: not asked: {why}");
+    }
+    if prices.offers.is_empty() && prices.left_out.is_empty() && !prices.unusable.is_empty() {
+        eprintln!("cedana-driver: no provider could be asked for prices; `cedana-driver check` says what each needs");
+        return Exit::Config;
+    }
     if prices.offers.is_empty() {
         eprintln!("cedana-driver: no offer fits {}", spec_text(spec));
         for why in &prices.left_out {

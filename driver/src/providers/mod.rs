@@ -257,17 +257,41 @@ impl Provider {
 /// price, then by name, so the order is stable). Also the reasons offers were turned down.
 /// The providers are asked one after the other.
 pub async fn ranked(providers: &[Provider], spec: &Spec) -> (Vec<Offer>, Vec<String>) {
+    let r = ranking(providers, spec).await;
+    (r.offers, r.unusable.into_iter().chain(r.left_out).collect())
+}
+
+/// The fitting offers, cheapest first, the offers that do not fit (and why), and the
+/// providers that could not be asked (and why).
+#[derive(Debug, Default)]
+pub struct Ranking {
+    pub offers: Vec<Offer>,
+    pub left_out: Vec<String>,
+    pub unusable: Vec<String>,
+}
+
+/// [`Ranking`] of `providers` for `spec`, asked one after the other.
+pub async fn ranking(providers: &[Provider], spec: &Spec) -> Ranking {
     let mut answers = Vec::new();
     for p in providers {
         answers.push(p.offers(spec).await);
     }
-    rank(answers, spec)
+    let (offers, left_out, unusable) = rank(answers, spec);
+    Ranking {
+        offers,
+        left_out,
+        unusable,
+    }
 }
 
-/// [`ranked`] of the providers' answers.
-fn rank(answers: Vec<Result<Vec<Offer>, ProviderError>>, spec: &Spec) -> (Vec<Offer>, Vec<String>) {
+/// [`ranking`] of the providers' answers: (fitting offers, misfits, providers' errors).
+fn rank(
+    answers: Vec<Result<Vec<Offer>, ProviderError>>,
+    spec: &Spec,
+) -> (Vec<Offer>, Vec<String>, Vec<String>) {
     let mut fit = Vec::new();
     let mut why = Vec::new();
+    let mut unusable = Vec::new();
     for answer in answers {
         match answer {
             Ok(offers) => {
@@ -280,7 +304,7 @@ fn rank(answers: Vec<Result<Vec<Offer>, ProviderError>>, spec: &Spec) -> (Vec<Of
                     }
                 }
             }
-            Err(e) => why.push(e.to_string()),
+            Err(e) => unusable.push(e.to_string()),
         }
     }
     fit.sort_by(|a, b| {
@@ -290,7 +314,7 @@ fn rank(answers: Vec<Result<Vec<Offer>, ProviderError>>, spec: &Spec) -> (Vec<Of
             .then(a.provider.cmp(&b.provider))
             .then(a.instance_type.cmp(&b.instance_type))
     });
-    (fit, why)
+    (fit, why, unusable)
 }
 
 #[cfg(test)]
@@ -330,7 +354,8 @@ mod tests {
             max_price_usd_hour: Some(0.35),
             ..Default::default()
         };
-        let (fit, why) = rank(answers, &spec);
+        let (fit, why, unusable) = rank(answers, &spec);
+        assert!(unusable.is_empty());
         let names: Vec<&str> = fit.iter().map(|o| o.instance_type.as_str()).collect();
         assert_eq!(names, ["mid", "mid-pricey"]);
         assert_eq!(why.len(), 2, "{why:?}");

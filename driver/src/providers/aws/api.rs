@@ -233,6 +233,18 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A credential chain's failure, said plainly: the SDK lists every provider it tried, one
+/// line each; what matters is that none had credentials, and the first line says why.
+fn plain_credentials(message: &str) -> String {
+    let first = message.lines().next().unwrap_or("").trim();
+    let first: String = first.chars().take(200).collect();
+    if message.contains("no credentials found") || message.contains("loading credentials") {
+        format!("no AWS credentials found ({first})")
+    } else {
+        first
+    }
+}
+
 /// Maps an SDK error of `call` in `region`.
 pub fn sdk_error<E, R>(call: &'static str, region: &str, e: SdkError<E, R>) -> AwsError
 where
@@ -257,7 +269,7 @@ where
                 AwsError::Credentials {
                     call,
                     region: region_s,
-                    message,
+                    message: plain_credentials(&message),
                 }
             } else {
                 AwsError::Transport {
