@@ -64,6 +64,21 @@ pub fn dump_to_store(
     rt: &tokio::runtime::Handle,
     progress: &dyn Progress,
 ) -> Result<StoreDumpOutcome, DumpError> {
+    dump_to_store_then(criu, opts, store, level, rt, progress, |_, _| Ok(()))
+}
+
+/// [`dump_to_store`], with `then` called once the checkpoint is in the store (its name and
+/// manifest) and before a tree that is to stop is killed: if it fails, the tree is thawed and
+/// runs on, as for any failed checkpoint.
+pub(crate) fn dump_to_store_then(
+    criu: &Criu,
+    opts: &DumpOptions,
+    store: &StoreUrl,
+    level: i32,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+    then: impl FnOnce(&str, &Manifest) -> Result<(), DumpError>,
+) -> Result<StoreDumpOutcome, DumpError> {
     let target = dump::Target::check(opts)?;
     let info = &target.info;
     let st = Store::open(store)?;
@@ -187,7 +202,7 @@ pub fn dump_to_store(
         })?;
         Ok((manifest, uploaded, images_bytes, name))
     };
-    let result = finish();
+    let result = finish().and_then(|r| then(&r.3, &r.0).map(|()| r));
     progress.finish();
     let (manifest, uploaded, images_bytes, name) = match result {
         Ok(r) => r,

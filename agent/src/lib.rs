@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod check;
 pub mod chunked;
+pub mod chunkzip;
 pub mod criu;
 pub mod daemon;
 pub mod dump;

@@ -182,6 +182,12 @@ struct DumpArgs {
         conflicts_with = "compress"
     )]
     store: Option<String>,
+    /// Write the archive in the store's format: manifest.json (format 2), restore.sh and
+    /// chunks/<blake3> (zstd frames), so it restores alone, with `unzip` and a shell (`sh
+    /// restore.sh`), or goes into a store as it is. The process runs again (or is frozen, to
+    /// be stopped) as soon as CRIU is done; cutting and compressing follow
+    #[arg(long, conflicts_with_all = ["compress", "store"])]
+    chunked: bool,
     /// zstd level of a store's chunks (1 fast .. 19 small)
     #[arg(long, value_name = "N", default_value_t = cedana_agent::chunked::DEFAULT_LEVEL,
           value_parser = clap::value_parser!(i32).range(-7..=19))]
@@ -389,6 +395,25 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            if a.chunked {
+                let rt = runtime()?;
+                let out = retry_copying(&mut opts, |opts| {
+                    cedana_agent::chunkzip::dump_to_zip(
+                        &criu,
+                        opts,
+                        a.level,
+                        rt.handle(),
+                        bar.as_progress(),
+                    )
+                })
+                .map_err(dump_failure)?;
+                if a.json {
+                    print_json(&out);
+                } else {
+                    println!("{}", out.archive.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let out = retry_copying(&mut opts, |opts| {
                 cedana_agent::dump(&criu, opts, bar.as_progress())
             })
@@ -419,6 +444,15 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         &criu,
                         &url,
                         &name,
+                        &opts,
+                        rt.handle(),
+                        bar.as_progress(),
+                    )
+                }
+                None if cedana_agent::chunkzip::is_chunked(&a.archive) => {
+                    let rt = runtime()?;
+                    cedana_agent::chunkzip::restore_from_zip(
+                        &criu,
                         &opts,
                         rt.handle(),
                         bar.as_progress(),

@@ -31,7 +31,7 @@ pub mod transfer;
 pub use chunk::{ChunkId, ChunkRef};
 pub use gc::{prune, Keep, PruneOutcome, Writing};
 pub use location::StoreUrl;
-pub use store::{CheckpointInfo, Store};
+pub use store::{valid_name, CheckpointInfo, Store};
 pub use transfer::{download, upload, Piece, Uploaded, UploadedEntry, Wanted};
 
 /// Errors of a store. Each names the store (and the object) it is about.

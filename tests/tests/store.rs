@@ -1050,3 +1050,181 @@ fn new_memory_elsewhere_does_not_resend_what_did_not_change() {
     );
     task.kill();
 }
+
+/// The CRIU binary the agent uses (`cedana-agent check --json`).
+fn criu_path(sb: &Sandbox) -> PathBuf {
+    let out = sb.agent(["check", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    PathBuf::from(v["criu_path"].as_str().expect("criu_path"))
+}
+
+/// `dump --chunked`: one zip holding the store's manifest and chunks, mode 0600, that
+/// restores with `unzip`, `sh restore.sh` and raw CRIU, and with the agent, the counter going
+/// on from the checkpoint each time; a damaged chunk is refused naming the archive and the
+/// chunk (exit 3, nothing restored, nothing left behind); an entry that is not a chunk is
+/// refused too.
+#[test]
+fn chunked_zip_restores_alone_and_with_unzip_and_a_shell() {
+    if !criu_ready("chunked_zip_restores_alone_and_with_unzip_and_a_shell") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let w = start_workload(&sb, 16);
+    let before = w.last();
+    let pid = w.task.pid.to_string();
+    let dir = sb.path().to_str().unwrap().to_string();
+    let out = sb.agent(["dump", "-p", &pid, "-d", &dir, "--chunked", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = w.last();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let zip_path = PathBuf::from(v["archive"].as_str().unwrap());
+    assert!(v["chunks"].as_u64().unwrap() > 10, "{v}");
+    assert!(!w.task.alive(), "the task is stopped by the dump");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&zip_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the archive holds the process's memory");
+
+    // What is in it: the manifest first, the script, then chunks only.
+    let mut z = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+    let names: Vec<String> = (0..z.len())
+        .map(|i| z.by_index(i).unwrap().name().to_string())
+        .collect();
+    assert_eq!(names[0], "manifest.json");
+    assert_eq!(names[1], "restore.sh");
+    assert!(names[2..]
+        .iter()
+        .all(|n| n.strip_prefix("chunks/").is_some_and(is_chunk_name)));
+    let manifest: Value = {
+        let mut text = String::new();
+        use std::io::Read;
+        z.by_name("manifest.json")
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    assert_eq!(manifest["format_version"], 2);
+
+    // unzip and a shell: the images rebuilt entry by entry, then raw CRIU restores them.
+    let shell = sb.path().join("by-hand");
+    std::fs::create_dir(&shell).unwrap();
+    let ok = Command::new("unzip")
+        .args([
+            "-q",
+            zip_path.to_str().unwrap(),
+            "-d",
+            shell.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let rebuilt = Command::new("sh")
+        .arg("restore.sh")
+        .current_dir(&shell)
+        .output()
+        .unwrap();
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    for e in manifest["entries"].as_array().unwrap() {
+        let p = shell.join(e["name"].as_str().unwrap());
+        assert_eq!(
+            std::fs::metadata(&p).map(|m| m.len()).ok(),
+            e["size"].as_u64(),
+            "{} rebuilt whole",
+            p.display()
+        );
+    }
+    let at = numbers(&w.log).len();
+    let criu = Command::new(criu_path(&sb))
+        .args([
+            "restore",
+            "-D",
+            "images",
+            "--restore-detached",
+            "-o",
+            "restore.log",
+        ])
+        .current_dir(&shell)
+        .output()
+        .unwrap();
+    assert!(
+        criu.status.success(),
+        "raw CRIU restores the rebuilt images: {}",
+        std::fs::read_to_string(shell.join("images/restore.log")).unwrap_or_default()
+    );
+    wait_for_numbers(&w.log, at + 10);
+    for p in w.processes() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_until(Duration::from_secs(10), "the task to end", || {
+        w.processes().is_empty()
+    });
+    assert_goes_on(&numbers(&w.log)[at..], before, after);
+
+    // A damaged chunk: refused before CRIU runs, naming the archive and the chunk.
+    let bad = sb.path().join("damaged.zip");
+    std::fs::copy(&zip_path, &bad).unwrap();
+    let (chunk, offset) = {
+        let mut z = zip::ZipArchive::new(std::fs::File::open(&bad).unwrap()).unwrap();
+        let f = z.by_index(names.len() / 2).unwrap();
+        (
+            f.name().trim_start_matches("chunks/").to_string(),
+            f.data_start() + 4,
+        )
+    };
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(b"\xff\x00\xff\x00").unwrap();
+    }
+    let out = sb.agent(["restore", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("damaged.zip"), "{err}");
+    assert!(
+        err.contains(&chunk) || err.contains("CRC"),
+        "names the chunk: {err}"
+    );
+    assert!(w.processes().is_empty(), "nothing restored");
+    assert_no_staging_left(&sb);
+
+    // The archive itself restores with the agent, the counter going on again.
+    let at = numbers(&w.log).len();
+    let restored = sb.restore(&zip_path);
+    wait_for_numbers(&w.log, at + 10);
+    restored.kill();
+    assert_goes_on(&numbers(&w.log)[at..], before, after);
+    assert_no_staging_left(&sb);
+
+    // An entry that is not a chunk (here a path out of the folder) refuses the archive.
+    let evil = sb.path().join("evil.zip");
+    {
+        let mut zw = zip::ZipWriter::new(std::fs::File::create(&evil).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        let mut src = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+        zw.raw_copy_file(src.by_name("manifest.json").unwrap())
+            .unwrap();
+        zw.start_file("chunks/../../escaped", stored).unwrap();
+        use std::io::Write;
+        zw.write_all(b"x").unwrap();
+        zw.finish().unwrap();
+    }
+    let out = sb.agent(["restore", evil.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("evil.zip") && err.contains("escaped"), "{err}");
+    assert!(!sb.path().join("escaped").exists());
+    assert_no_staging_left(&sb);
+}
