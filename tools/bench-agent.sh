@@ -5,8 +5,9 @@
 # Usage: sudo tools/bench-agent.sh
 # Env:   BENCH_MB    memory the test process allocates, MiB (default 1024)
 #        BENCH_RUNS  runs per variant; the median is reported (default 1)
-#        BENCH_DIR   work folder on disk, not tmpfs (default /var/tmp/cedana-bench);
-#                    results.json is left there, everything else is removed on exit
+#        BENCH_DIR   work folder on disk (default /var/tmp/cedana-bench); results.json is
+#                    left there, everything else is removed on exit
+#        BENCH_TMPFS=1  allow BENCH_DIR on tmpfs (to measure there on purpose)
 #        BENCH_STEP_TIMEOUT  limit for one dump or restore command, s (default 300 + BENCH_MB/2)
 #        CEDANA_AGENT  use this agent binary instead of building one
 #        BENCH_VARIANTS  the variants to run, space-separated (default: all; criu first)
@@ -41,7 +42,8 @@ export CEDANA_CRIU=$CRIU    # the agent uses the same CRIU as the raw variants
 
 mkdir -p "$BENCH_DIR"
 # On tmpfs the "disk" writes would be memory copies and every comparison would be off.
-[[ $(stat -f -c %T "$BENCH_DIR") != tmpfs ]] || die "BENCH_DIR=$BENCH_DIR is on tmpfs; use a folder on disk"
+[[ $(stat -f -c %T "$BENCH_DIR") != tmpfs || ${BENCH_TMPFS:-} == 1 ]] ||
+    die "BENCH_DIR=$BENCH_DIR is on tmpfs; use a folder on disk (or BENCH_TMPFS=1 to measure tmpfs on purpose)"
 WORK=$(mktemp -d "$BENCH_DIR/work.XXXXXX")   # logs, dumps; removed on exit
 DUMP=$WORK/dump                              # emptied before every variant
 RAW=$WORK/raw.tsv                            # kind variant run dump_s restore_s bytes
