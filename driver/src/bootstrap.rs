@@ -50,6 +50,7 @@ pub struct Answers {
     pub paperspace_api_key: Option<Secret>,
     pub paperspace_ssh_key_path: Option<PathBuf>,
     pub paperspace_regions: Option<Vec<String>>,
+    pub paperspace_template: Option<String>,
     pub nats_url: Option<String>,
     pub nats_port: Option<u16>,
     pub auth_token: Option<Secret>,
@@ -177,6 +178,13 @@ pub fn apply(mut v: Value, a: &Answers) -> Value {
         if let Some(r) = &a.paperspace_regions {
             ps.insert("enabled_regions".into(), strings(r));
         }
+        if let Some(t) = a
+            .paperspace_template
+            .as_ref()
+            .filter(|t| !t.trim().is_empty())
+        {
+            ps.insert("template".into(), json!(t));
+        }
         ps.entry("api_key").or_insert(json!(""));
         ps.entry("ssh_key_path").or_insert(json!(""));
         ps.entry("enabled_regions")
@@ -240,13 +248,100 @@ pub fn check(v: &Value, path: &Path) -> Result<cedana_protocol::Config, Bootstra
             message: "a NATS server without a token is open to anyone who reaches it; give --auth-token-file or --generate-token".into(),
         });
     }
-    if (uses("aws") || uses("paperspace")) && config.connection.nats_url.trim().is_empty() {
-        return Err(BootstrapError::Answer {
-            what: "connection.nats_url".into(),
-            message: "cloud workers need a NATS server they can reach; give --nats-url (see README, \"Running on a cloud\")".into(),
-        });
+    if uses("aws") || uses("paperspace") {
+        let c = &config.connection;
+        if let Err(message) = cloud_nats(&c.nats_url, c.nats_port) {
+            return Err(BootstrapError::Answer {
+                what: "connection.nats_url".into(),
+                message,
+            });
+        }
     }
     Ok(config)
+}
+
+/// The answers given now (flags, prompts) checked on their own: an SSH key named must exist.
+/// Values the config file already had are not (it may come from another machine, and `run`
+/// needs no SSH key).
+pub fn check_answers(a: &Answers) -> Result<(), BootstrapError> {
+    let keys = [
+        ("aws.ssh_key_path", &a.aws_ssh_key_path),
+        ("paperspace.ssh_key_path", &a.paperspace_ssh_key_path),
+    ];
+    for (what, key) in keys {
+        if let Some(k) = key {
+            ssh_key(&k.display().to_string()).map_err(|message| BootstrapError::Answer {
+                what: what.into(),
+                message,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `url` (with `port`) is a NATS server cloud workers can reach: given, and not a
+/// loopback address.
+pub fn cloud_nats(url: &str, port: Option<u16>) -> Result<(), String> {
+    let full = cedana_protocol::NatsUrl::from_config(url, port).to_string();
+    if url.trim().is_empty() {
+        return Err("cloud workers need a NATS server they can reach; give --nats-url (see README, \"Running on a cloud\")".into());
+    }
+    if crate::providers::loopback_only(&full) {
+        return Err(format!("{full} is a loopback address: cloud workers cannot reach it; give the address they reach this server at"));
+    }
+    Ok(())
+}
+
+/// Whether `path` (empty: none) is an SSH private key file that exists.
+pub fn ssh_key(path: &str) -> Result<(), String> {
+    if path.trim().is_empty() {
+        return Ok(());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{path} is not a file; give the private key file")),
+        Err(e) => Err(format!("{path}: {e}; give an existing private key file (`bootstrap --aws-create` makes one for AWS)")),
+    }
+}
+
+/// What to do after `bootstrap` for `config` (written at `path`), one line each.
+pub fn next_steps(config: &cedana_protocol::Config, path: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let uses = |name: &str| {
+        config
+            .enabled_providers
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(name))
+    };
+    let c = &config.connection;
+    if !c.nats_url.trim().is_empty() {
+        let port = c.nats_port.unwrap_or(4222);
+        out.push(format!(
+            "start the NATS server the workers reach, with the token from the config: nats-server --jetstream --port {port} --auth \"$(jq -r .connection.auth_token {})\"",
+            path.display()
+        ));
+    }
+    if uses("aws") {
+        let aws = config.aws.clone().unwrap_or_default();
+        let template = aws
+            .launch_template
+            .as_deref()
+            .is_some_and(|t| !t.trim().is_empty());
+        if !template && aws.image_id.is_none() {
+            out.push("AWS has no launch template yet: make the worker image with `cedana-driver bake --base-image AMI` (or `bootstrap --aws-create --aws-image AMI`)".into());
+        }
+    }
+    if uses("paperspace")
+        && config
+            .paperspace
+            .as_ref()
+            .is_none_or(|p| p.template.is_none())
+        && std::env::var(crate::providers::paperspace::TEMPLATE_ENV).is_err()
+    {
+        out.push("Paperspace has no template yet: give `--paperspace-template ID` (a custom template with cedana-agent installed)".into());
+    }
+    out.push("check what is usable from here: cedana-driver check".into());
+    out
 }
 
 /// Writes `v` to `path`: whole, then renamed into place, mode 0600 in a 0700 folder.
@@ -333,6 +428,31 @@ impl<R: BufRead, W: Write> Prompter<R, W> {
         }
         let a = self.line(question)?;
         Ok(if a.is_empty() { default.to_string() } else { a })
+    }
+
+    /// Asks until the answer passes `check` (whose error is said before asking again), five
+    /// times at most; the answers given before are kept either way.
+    pub fn ask_valid(
+        &mut self,
+        question: &str,
+        default: &str,
+        check: impl Fn(&str) -> Result<(), String>,
+    ) -> Result<String, BootstrapError> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let a = self.ask(question, default)?;
+            match check(&a) {
+                Ok(()) => return Ok(a),
+                Err(why) => {
+                    let _ = writeln!(self.output, "  {why}");
+                    last = why;
+                }
+            }
+        }
+        Err(BootstrapError::Answer {
+            what: question.into(),
+            message: last,
+        })
     }
 
     /// Asks for a comma-separated list.
@@ -445,11 +565,13 @@ pub fn interview<R: BufRead, W: Write>(
             a.aws_families = Some(p.ask_list("AWS instance families", &d)?);
         }
         if a.aws_ssh_key_path.is_none() {
-            let k = p.ask(
+            let current = text(&aws["ssh_key_path"]);
+            let k = p.ask_valid(
                 "SSH private key for AWS instances (for bake)",
-                &text(&aws["ssh_key_path"]),
+                &current,
+                |k| if k == current { Ok(()) } else { ssh_key(k) },
             )?;
-            a.aws_ssh_key_path = (!k.is_empty()).then(|| PathBuf::from(k));
+            a.aws_ssh_key_path = (!k.is_empty() && k != current).then(|| PathBuf::from(k));
         }
         if a.aws_launch_template.is_none() {
             let current = if aws["launch_template"].is_string() {
@@ -478,11 +600,22 @@ pub fn interview<R: BufRead, W: Write>(
             a.paperspace_regions = Some(p.ask_list("Paperspace regions", &d)?);
         }
         if a.paperspace_ssh_key_path.is_none() {
-            let k = p.ask(
-                "SSH private key for Paperspace machines",
-                &text(&ps["ssh_key_path"]),
+            let current = text(&ps["ssh_key_path"]);
+            let k = p.ask_valid("SSH private key for Paperspace machines", &current, |k| {
+                if k == current {
+                    Ok(())
+                } else {
+                    ssh_key(k)
+                }
+            })?;
+            a.paperspace_ssh_key_path = (!k.is_empty() && k != current).then(|| PathBuf::from(k));
+        }
+        if a.paperspace_template.is_none() {
+            let t = p.ask(
+                "Paperspace template workers boot from (ID or name; cedana-agent installed)",
+                &text(&ps["template"]),
             )?;
-            a.paperspace_ssh_key_path = (!k.is_empty()).then(|| PathBuf::from(k));
+            a.paperspace_template = (!t.is_empty()).then_some(t);
         }
     }
     let conn = &existing["connection"];
@@ -492,7 +625,15 @@ pub fn interview<R: BufRead, W: Write>(
         } else {
             "NATS server (empty: the driver starts its own)"
         };
-        a.nats_url = Some(p.ask(question, &text(&conn["nats_url"]))?);
+        let cloud = uses("aws") || uses("paperspace");
+        let port = a.nats_port;
+        a.nats_url = Some(p.ask_valid(question, &text(&conn["nats_url"]), |u| {
+            if cloud {
+                cloud_nats(u, port)
+            } else {
+                Ok(())
+            }
+        })?);
     }
     let url_set = a.nats_url.as_deref().is_some_and(|u| !u.trim().is_empty());
     if url_set && a.auth_token.is_none() {
@@ -779,5 +920,65 @@ mod tests {
         };
         let e = interview(&mut p, &json!({}), Answers::default()).unwrap_err();
         assert!(e.to_string().contains("give the answers as flags"), "{e}");
+    }
+
+    #[test]
+    fn answers_are_checked_when_given_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k.pem");
+        std::fs::write(&key, "key").unwrap();
+        // providers, regions, families, an SSH key that is not there then one that is, no
+        // template, a loopback NATS server then a reachable one, a generated token, the
+        // interval.
+        let input = format!(
+            "aws\n\n\n/nonexistent/k.pem\n{}\n\n127.0.0.1\n10.0.0.5\n\n\n",
+            key.display()
+        );
+        let mut p = Prompter {
+            input: input.as_bytes(),
+            output: Vec::new(),
+            hide_secrets: false,
+        };
+        let a = interview(&mut p, &json!({}), Answers::default()).unwrap();
+        let said = String::from_utf8(p.output).unwrap();
+        assert!(said.contains("/nonexistent/k.pem: No such file"), "{said}");
+        assert!(said.contains("loopback address"), "{said}");
+        assert_eq!(a.aws_ssh_key_path.as_deref(), Some(key.as_path()));
+        assert_eq!(a.nats_url.as_deref(), Some("10.0.0.5"));
+        assert!(a.auth_token.is_some(), "a token was generated");
+        assert_eq!(
+            a.aws_regions.as_deref(),
+            Some(&["us-east-1".to_string()][..])
+        );
+
+        // The config they make passes; a loopback server for cloud workers would not.
+        let path = d.path().join("c.json");
+        let config = check(&apply(json!({}), &a), &path).unwrap();
+        let mut bad = a.clone();
+        bad.nats_url = Some("localhost".into());
+        let e = check(&apply(json!({}), &bad), &path).unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        // A key named on the command line must exist.
+        let flags = Answers {
+            aws_ssh_key_path: Some("/nonexistent/k.pem".into()),
+            ..Default::default()
+        };
+        assert!(check_answers(&flags)
+            .unwrap_err()
+            .to_string()
+            .contains("k.pem"));
+
+        // What to do next: the NATS server's command line reads the token from the file.
+        let steps = next_steps(&config, &path).join("\n");
+        assert!(
+            steps.contains("nats-server --jetstream --port 4222"),
+            "{steps}"
+        );
+        assert!(steps.contains(&format!("jq -r .connection.auth_token {}", path.display())));
+        assert!(
+            !steps.contains(a.auth_token.as_ref().unwrap().expose()),
+            "no secret: {steps}"
+        );
+        assert!(steps.contains("bake"), "no launch template yet: {steps}");
     }
 }

@@ -157,6 +157,10 @@ pub struct PaperspaceConfig {
     pub api_key: Secret,
     pub ssh_key_path: Option<PathBuf>,
     pub enabled_regions: Vec<String>,
+    /// Cedana-rs addition (left out of the file when unset): the template workers boot from,
+    /// an ID or name ($CEDANA_PAPERSPACE_TEMPLATE overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// `connection` block: the NATS server.

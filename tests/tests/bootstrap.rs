@@ -162,6 +162,39 @@ fn bad_answers_are_refused_and_the_file_is_left_alone() {
     let out = bootstrap(&sb, &cfg, &["--provider", "aws"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nats-url"));
+    // ... or with one on loopback, which cloud workers cannot reach.
+    let out = bootstrap(
+        &sb,
+        &cfg,
+        &[
+            "--provider",
+            "aws",
+            "--nats-url",
+            "127.0.0.1",
+            "--generate-token",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    // An SSH key that is not there.
+    let out = bootstrap(
+        &sb,
+        &cfg,
+        &[
+            "--provider",
+            "aws",
+            "--nats-url",
+            "n.example.org",
+            "--generate-token",
+            "--aws-ssh-key",
+            "/nonexistent/key.pem",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/key.pem"));
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
     // An unknown provider.
     let out = bootstrap(&sb, &cfg, &["--provider", "gcp"], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -221,7 +254,8 @@ const PTY_DRIVER: &str = r#"
 import os, pty, sys, time, select
 argv = sys.argv[1:]
 answers = [("Providers", "local,paperspace"), ("Paperspace API key", "typed-secret-key"),
-           ("Paperspace regions", ""), ("SSH private key", ""), ("NATS server", "nats.example.org"),
+           ("Paperspace regions", ""), ("SSH private key", ""),
+           ("Paperspace template", "cedana-worker-tpl"), ("NATS server", "nats.example.org"),
            ("NATS token", ""), ("Seconds between checkpoints", "15")]
 pid, fd = pty.fork()
 if pid == 0:
@@ -253,7 +287,17 @@ while time.time() < deadline:
     if not chunk:
         break
     seen += chunk
-_, status = os.waitpid(pid, 0)
+# A prompt never answered leaves the program waiting: it is ended, and the test fails.
+status = None
+for _ in range(25):
+    done, st = os.waitpid(pid, os.WNOHANG)
+    if done:
+        status = st
+        break
+    time.sleep(0.2)
+if status is None:
+    os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
 sys.stdout.write(seen.decode(errors="replace"))
 sys.exit(os.waitstatus_to_exitcode(status))
 "#;
@@ -301,6 +345,12 @@ fn a_terminal_is_asked_and_secrets_are_not_echoed() {
         serde_json::json!(["East Coast (NY2)"])
     );
     assert_eq!(v["checkpoint"]["heartbeat_interval_seconds"], 15);
+    assert_eq!(v["paperspace"]["template"], "cedana-worker-tpl");
+    // It ends with what to do next, the token not shown.
+    assert!(
+        shown.contains("next:") && shown.contains("nats-server --jetstream"),
+        "{shown}"
+    );
     let token = v["connection"]["auth_token"].as_str().unwrap();
     assert_eq!(token.len(), 64);
     assert!(!shown.contains(token), "the token was shown");

@@ -393,6 +393,10 @@ pub struct BootstrapArgs {
     /// SSH private key for Paperspace machines
     #[arg(long, value_name = "PATH")]
     pub paperspace_ssh_key: Option<PathBuf>,
+    /// Paperspace template workers boot from (an ID or name of a custom template with
+    /// cedana-agent installed); kept in the config as `paperspace.template`
+    #[arg(long, value_name = "ID")]
+    pub paperspace_template: Option<String>,
     /// Paperspace region ("East Coast (NY2)", ny2...); repeat for several
     #[arg(long = "paperspace-region", value_name = "REGION")]
     pub paperspace_regions: Vec<String>,

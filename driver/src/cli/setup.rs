@@ -34,6 +34,7 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
         aws_launch_template: args.aws_launch_template,
         paperspace_regions: list(args.paperspace_regions),
         paperspace_ssh_key_path: args.paperspace_ssh_key,
+        paperspace_template: args.paperspace_template,
         nats_url: args.nats_url,
         nats_port: args.nats_port,
         checkpoint_interval: args.checkpoint_every,
@@ -61,6 +62,9 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
             Ok(s) => answers.auth_token = Some(s),
             Err(e) => return fail(e, Exit::Failed),
         }
+    }
+    if let Err(e) = b::check_answers(&answers) {
+        return fail(e, Exit::Usage);
     }
     let interactive = !args.non_interactive && std::io::stdin().is_terminal();
     if interactive {
@@ -160,12 +164,14 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
     if let Err(e) = b::write(&path, &v) {
         return fail(e, Exit::Failed);
     }
+    let next = b::next_steps(&config, &path);
     if args.json {
         let out = serde_json::json!({
             "config": path,
             "enabled_providers": config.enabled_providers,
             "nats_url": config.connection.nats_url,
             "aws_created": created,
+            "next_steps": next,
         });
         println!(
             "{}",
@@ -177,6 +183,10 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
             path.display(),
             config.enabled_providers.join(", ")
         );
+        println!("next:");
+        for step in &next {
+            println!("  - {step}");
+        }
     }
     Exit::Ok
 }

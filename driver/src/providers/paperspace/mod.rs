@@ -143,7 +143,8 @@ impl Settings {
         }
         s.template = std::env::var(TEMPLATE_ENV)
             .ok()
-            .filter(|t| !t.trim().is_empty());
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| c.template.clone().filter(|t| !t.trim().is_empty()));
         if let Ok(d) = std::env::var(DISK_ENV) {
             s.disk_gb = d
                 .trim()
