@@ -267,20 +267,7 @@ pub fn restore_from_zip(
     progress: &dyn Progress,
 ) -> Result<RestoreOutcome, RestoreError> {
     let path = &opts.archive;
-    let near = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let fallback = if tempfile::tempfile_in(near).is_ok() {
-        near.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let root = staging::root(opts.staging.as_deref(), &fallback);
-    std::fs::create_dir_all(&root).map_err(|source| RestoreError::Staging {
-        path: root.clone(),
-        source,
-    })?;
+    let root = crate::restore::staging_root_for(opts)?;
     staging::sweep(&root);
     let held = staging::Held::create(&root, ".cedana-restore-").map_err(|source| {
         RestoreError::Staging {

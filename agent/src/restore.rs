@@ -87,21 +87,7 @@ pub fn restore(
     let path = &opts.archive;
     let t0 = Instant::now();
     archive::inspect(path)?;
-    // Next to the archive when that folder is writable, else the temp folder.
-    let near = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let fallback = if tempfile::tempfile_in(near).is_ok() {
-        near.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let staging_root = staging::root(opts.staging.as_deref(), &fallback);
-    std::fs::create_dir_all(&staging_root).map_err(|source| RestoreError::Staging {
-        path: staging_root.clone(),
-        source,
-    })?;
+    let staging_root = staging_root_for(opts)?;
     let extracted =
         archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
     restore_extracted(
@@ -112,6 +98,28 @@ pub fn restore(
         &failed_log_path(path),
         progress,
     )
+}
+
+/// Where a restore of `opts.archive` stages (created): `opts.staging`, else
+/// `$CEDANA_STAGING_DIR`, else next to the archive when that folder is writable, else the
+/// temp folder.
+pub fn staging_root_for(opts: &RestoreOptions) -> Result<PathBuf, RestoreError> {
+    let near = opts
+        .archive
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fallback = if tempfile::tempfile_in(near).is_ok() {
+        near.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let root = staging::root(opts.staging.as_deref(), &fallback);
+    std::fs::create_dir_all(&root).map_err(|source| RestoreError::Staging {
+        path: root.clone(),
+        source,
+    })?;
+    Ok(root)
 }
 
 /// The rest of a restore once the archive was verified and extracted (by
