@@ -259,13 +259,19 @@ pub fn read_manifest(
 ) -> Result<Manifest, RestoreError> {
     let label = PathBuf::from(format!("{}/{name}", st.url()));
     let bytes = rt.block_on(st.get_manifest(name)).map_err(store_err)?;
+    check_manifest(&bytes, &label)
+}
+
+/// [`read_manifest`] of a manifest's bytes; errors name `label`.
+pub fn check_manifest(bytes: &[u8], label: &std::path::Path) -> Result<Manifest, RestoreError> {
+    let label = label.to_path_buf();
     let bad = |reason: String| {
         RestoreError::Archive(ArchiveError::BadManifest {
             path: label.clone(),
             reason,
         })
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
     if manifest.format_version != FORMAT_VERSION {
         return Err(bad(format!(
             "format version {}, a checkpoint in a store has version {FORMAT_VERSION}",

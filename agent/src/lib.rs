@@ -15,6 +15,7 @@ pub mod files;
 pub mod guard;
 pub mod hashing;
 pub mod imds;
+pub mod lazy;
 pub mod objstore;
 pub mod process;
 pub mod progress;

@@ -215,6 +215,14 @@ struct RestoreArgs {
     /// replaced.
     #[arg(long, value_name = "FOLDER")]
     files_to: Option<PathBuf>,
+    /// Restore lazily: the process runs again as soon as its state is back, and its memory
+    /// follows, each page fetched (and checked) when first touched and the rest in the
+    /// background. Needs a chunked checkpoint (`dump --chunked` or `dump --store`) and a
+    /// kernel with userfaultfd; otherwise the restore is a full one, and says so. Prints the
+    /// PID once the process runs and returns once all its memory is back; a chunk that fails
+    /// its check ends the process (it never runs on memory that is not its own)
+    #[arg(long)]
+    lazy: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -435,6 +443,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 files_to: a.files_to.clone(),
             };
             let bar = Bar::new();
+            if a.lazy && (a.store.is_some() || cedana_agent::chunkzip::is_chunked(&a.archive)) {
+                return restore_lazily(a, &criu, &opts, &bar);
+            }
+            if a.lazy {
+                tracing::warn!(archive = %a.archive.display(), "restoring in full, not lazily: a plain archive's memory is not in chunks; `dump --chunked` or `dump --store` take checkpoints that restore lazily");
+            }
             let out = match &a.store {
                 Some(url) => {
                     let url = store_url(url)?;
@@ -461,22 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 None => cedana_agent::restore(&criu, &opts, bar.as_progress()),
             }
             .map_err(restore_failure)?;
-            // Restored is not running: a tree that ends at once (its terminal, a file, a peer
-            // it needs is gone) is reported, not counted a success.
-            let settled = std::time::Instant::now();
-            while settled.elapsed() < std::time::Duration::from_millis(200) {
-                if cedana_agent::process::start_time(out.pid).is_none() {
-                    return Err(Failure::new(
-                        1,
-                        "restore",
-                        anyhow::anyhow!(
-                            "the process restored as PID {} ended right away (within 0.2 s of the restore): the checkpoint came back but did not keep running; something it needs may be gone here (its terminal, a file, a connection); see its output",
-                            out.pid
-                        ),
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            settle(out.pid)?;
             if a.json {
                 print_json(&out);
             } else {
@@ -749,6 +748,146 @@ fn retry_copying<T>(
     }
 }
 
+/// Restored is not running: a tree that ends at once (its terminal, a file, a peer it needs is
+/// gone) is reported, not counted a success.
+fn settle(pid: i32) -> Result<(), Failure> {
+    let settled = std::time::Instant::now();
+    while settled.elapsed() < std::time::Duration::from_millis(200) {
+        if cedana_agent::process::start_time(pid).is_none() {
+            return Err(Failure::new(
+                1,
+                "restore",
+                anyhow::anyhow!(
+                    "the process restored as PID {pid} ended right away (within 0.2 s of the restore): the checkpoint came back but did not keep running; something it needs may be gone here (its terminal, a file, a connection); see its output"
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The result of `restore --lazy`.
+#[derive(serde::Serialize)]
+struct LazyOutput {
+    pid: i32,
+    archive: PathBuf,
+    /// Fetching and checking what CRIU needs before it starts.
+    verify_time_ms: u128,
+    criu_time_ms: u128,
+    lazy: bool,
+    /// Why the restore was a full one, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_because: Option<String>,
+    /// From the start to the process running again.
+    running_after_ms: u128,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    served: Option<cedana_agent::lazy::Served>,
+}
+
+/// `restore --lazy` of a chunked archive or a store's checkpoint.
+fn restore_lazily(
+    a: &RestoreArgs,
+    criu: &cedana_agent::Criu,
+    opts: &cedana_agent::RestoreOptions,
+    bar: &Bar,
+) -> Result<ExitCode, Failure> {
+    use cedana_agent::lazy::{self, ChunkSource};
+    let t0 = std::time::Instant::now();
+    let rt = runtime()?;
+    let (source, manifest, root, failed_log): (std::sync::Arc<dyn ChunkSource>, _, _, _) = match &a
+        .store
+    {
+        Some(url) => {
+            let url = store_url(url)?;
+            let st = cedana_store::Store::open(&url)
+                .map_err(|e| restore_failure(RestoreError::Store(Box::new(e))))?;
+            let name = a.archive.to_string_lossy().into_owned();
+            let manifest = cedana_agent::chunked::read_manifest(&st, &name, rt.handle())
+                .map_err(restore_failure)?;
+            let root = cedana_agent::staging::root(
+                opts.staging.as_deref(),
+                &std::env::current_dir().unwrap_or_else(|_| "/tmp".into()),
+            );
+            let failed = root.join(format!("{name}.restore-failed.log"));
+            let src = lazy::StoreSource::new(st, &name, rt.handle().clone());
+            (std::sync::Arc::new(src) as _, manifest, root, failed)
+        }
+        None => {
+            let (src, bytes) = lazy::ZipSource::open(&a.archive)
+                .map_err(|e| restore_failure(RestoreError::Archive(e)))?;
+            let manifest = cedana_agent::chunked::check_manifest(&bytes, &a.archive)
+                .map_err(restore_failure)?;
+            let root = cedana_agent::restore::staging_root_for(opts).map_err(restore_failure)?;
+            let failed = cedana_agent::restore::failed_log_path(&a.archive);
+            (std::sync::Arc::new(src) as _, manifest, root, failed)
+        }
+    };
+    let opts = cedana_agent::RestoreOptions {
+        archive: match &a.store {
+            Some(url) => PathBuf::from(format!("{url}/{}", a.archive.display())),
+            None => a.archive.clone(),
+        },
+        ..opts.clone()
+    };
+    let restored = lazy::restore(
+        criu,
+        source,
+        manifest,
+        &root,
+        &opts,
+        &failed_log,
+        bar.as_progress(),
+    )
+    .map_err(restore_failure)?;
+    let running_after_ms = t0.elapsed().as_millis();
+    let pid = restored.outcome.pid;
+    if !a.json {
+        println!("{pid}");
+        let _ = std::io::stdout().flush();
+    }
+    let served = match restored.serving {
+        Some(serving) => {
+            if !a.json {
+                eprintln!(
+                    "restored as PID {pid} after {running_after_ms} ms; its memory is arriving"
+                );
+            }
+            Some(serving.wait().map_err(|e| {
+                let code = match &e {
+                    lazy::LazyError::Chunk(c) if c.trouble != lazy::ChunkTrouble::Unreachable => 3,
+                    _ => 1,
+                };
+                Failure::new(code, "restore", e)
+            })?)
+        }
+        None => {
+            settle(pid)?;
+            None
+        }
+    };
+    if a.json {
+        print_json(&LazyOutput {
+            lazy: served.is_some(),
+            pid,
+            archive: opts.archive.clone(),
+            verify_time_ms: restored.outcome.verify_time.as_millis(),
+            criu_time_ms: restored.outcome.criu_time.as_millis(),
+            full_because: restored.full_because,
+            running_after_ms,
+            served,
+        });
+    } else if let Some(s) = &served {
+        eprintln!(
+            "all its memory is back after {} ms more ({} requests answered, {} chunks fetched after it ran)",
+            s.resident_time.as_millis(),
+            s.requests,
+            s.chunks_fetched
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn store_url(text: &str) -> Result<cedana_store::StoreUrl, Failure> {
     cedana_store::StoreUrl::parse(text).map_err(|e| Failure::new(3, "input", e))
 }
@@ -810,6 +949,10 @@ fn restore_failure(e: RestoreError) -> Failure {
         | RestoreError::Files { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
         RestoreError::Store(ref s) => Failure::new(store_failure_code(s), "store", e),
+        RestoreError::Chunk(ref c) => match c.trouble {
+            cedana_agent::lazy::ChunkTrouble::Unreachable => Failure::new(1, "store", e),
+            _ => Failure::new(3, "input", e),
+        },
     }
 }
 

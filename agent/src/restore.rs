@@ -70,6 +70,9 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Store(Box<cedana_store::StoreError>),
+    /// A chunk of a checkpoint read chunk by chunk ([`crate::lazy`]).
+    #[error(transparent)]
+    Chunk(crate::lazy::ChunkError),
     #[error("archive {path}: {source}")]
     Files {
         path: PathBuf,
@@ -134,6 +137,19 @@ pub fn restore_extracted(
     failed_log: &Path,
     progress: &dyn Progress,
 ) -> Result<RestoreOutcome, RestoreError> {
+    let req = prepare(criu, &extracted, opts, progress)?;
+    run_criu(criu, &req, opts, verify_time, failed_log, progress)
+        .map(|(pid, criu_time)| outcome(pid, extracted.manifest, opts, verify_time, criu_time))
+}
+
+/// What comes before CRIU in [`restore_extracted`]: the CPU check, the carried files put
+/// back, the tree's PIDs free; CRIU's request.
+pub(crate) fn prepare(
+    criu: &Criu,
+    extracted: &archive::Extracted,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreRequest, RestoreError> {
     let path = &opts.archive;
     let images = extracted.images_dir();
     progress.stage("checking CPU compatibility", None);
@@ -171,38 +187,62 @@ pub fn restore_extracted(
     if !m.criu.pid_namespace {
         wait_for_free_pids(path, &m.process.tree_pids)?;
     }
-    let req = RestoreRequest {
-        images_dir: images.clone(),
+    Ok(RestoreRequest {
+        images_dir: images,
         tcp_established: m.criu.tcp_established,
         tcp_close: m.criu.tcp_close,
         shell_job: m.criu.shell_job,
         ext_unix_sk: m.criu.ext_unix_sk,
         as_sibling: opts.as_child,
-    };
+        lazy_pages: false,
+    })
+}
+
+/// CRIU's restore of `req`: the restored tree's PID and how long CRIU took. CRIU's log is kept
+/// at `failed_log` if it fails.
+pub(crate) fn run_criu(
+    criu: &Criu,
+    req: &RestoreRequest,
+    opts: &RestoreOptions,
+    verify_time: Duration,
+    failed_log: &Path,
+    progress: &dyn Progress,
+) -> Result<(i32, Duration), RestoreError> {
+    let path = &opts.archive;
     progress.stage("restoring with CRIU", None);
     let t1 = Instant::now();
-    let result = criu.restore(&req, &mut |_| {});
+    let result = criu.restore(req, &mut |_| {});
     progress.finish();
     match result {
         Ok(pid) => {
             let criu_time = t1.elapsed();
-            info!(pid, archive = %path.display(), ?verify_time, ?criu_time, "restored");
-            Ok(RestoreOutcome {
-                pid,
-                archive: path.clone(),
-                verify_time,
-                criu_time,
-                manifest: extracted.manifest,
-            })
+            info!(pid, archive = %path.display(), ?verify_time, ?criu_time, lazy = req.lazy_pages, "restored");
+            Ok((pid, criu_time))
         }
         Err(source) => {
-            let kept = keep_log(&images.join(criu::RESTORE_LOG), failed_log);
+            let kept = keep_log(&req.images_dir.join(criu::RESTORE_LOG), failed_log);
             Err(RestoreError::Criu {
                 path: path.clone(),
                 source: Box::new(source),
                 kept,
             })
         }
+    }
+}
+
+pub(crate) fn outcome(
+    pid: i32,
+    manifest: Manifest,
+    opts: &RestoreOptions,
+    verify_time: Duration,
+    criu_time: Duration,
+) -> RestoreOutcome {
+    RestoreOutcome {
+        pid,
+        archive: opts.archive.clone(),
+        verify_time,
+        criu_time,
+        manifest,
     }
 }
 

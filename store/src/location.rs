@@ -42,6 +42,32 @@ fn cloud_env() -> Vec<(String, String)> {
     }
 }
 
+/// Environment variable: how long, in seconds, a request to a cloud store is retried before it
+/// fails (a store that stops answering fails a checkpoint, and ends a lazily restored task,
+/// after that long). Default [`DEFAULT_RETRY_SECS`].
+pub const RETRY_ENV: &str = "CEDANA_STORE_RETRY_SECS";
+/// Default of [`RETRY_ENV`].
+pub const DEFAULT_RETRY_SECS: u64 = 60;
+
+/// Retries of a cloud store's requests: exponential backoff from 100 ms, for at most
+/// [`RETRY_ENV`] seconds.
+fn retry() -> object_store::RetryConfig {
+    let secs = std::env::var(RETRY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_RETRY_SECS)
+        .clamp(1, 600);
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(secs.min(15)),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(secs),
+    }
+}
+
 fn var(env: &[(String, String)], name: &str) -> Option<String> {
     env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
@@ -180,7 +206,7 @@ impl StoreUrl {
                         b = b.with_config(key, v);
                     }
                 }
-                b = b.with_bucket_name(bucket);
+                b = b.with_bucket_name(bucket).with_retry(retry());
                 // An S3-compatible server on plain HTTP (a test server, a local MinIO).
                 if var(&env, "AWS_ENDPOINT_URL")
                     .or_else(|| var(&env, "AWS_ENDPOINT"))
@@ -206,7 +232,7 @@ impl StoreUrl {
                         b = b.with_config(key, v);
                     }
                 }
-                let b = b.with_bucket_name(bucket);
+                let b = b.with_bucket_name(bucket).with_retry(retry());
                 (
                     Arc::new(b.build().map_err(fail)?),
                     ObjectPath::from(prefix.as_str()),
@@ -220,7 +246,7 @@ impl StoreUrl {
                         b = b.with_config(key, v);
                     }
                 }
-                let b = b.with_url(url);
+                let b = b.with_url(url).with_retry(retry());
                 (
                     Arc::new(b.build().map_err(fail)?),
                     ObjectPath::from(prefix.as_str()),

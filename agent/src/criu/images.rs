@@ -182,7 +182,6 @@ pub fn rewrite_cpuinfo(
 
 /// `pagemap_entry` flags: the pages are in the parent's images, or served lazily, or here.
 const PE_PARENT: u32 = 1 << 0;
-#[cfg_attr(not(test), allow(dead_code))]
 const PE_LAZY: u32 = 1 << 1;
 const PE_PRESENT: u32 = 1 << 2;
 
@@ -261,6 +260,92 @@ fn pagemap_cuts(bytes: &[u8], name: &str, page: u64) -> Option<(u32, Vec<u64>)> 
     Some((head.pages_id, cuts))
 }
 
+/// A run of pages of one task with its bytes in the dump's pages image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// Address of its first page in the task.
+    pub vaddr: u64,
+    pub pages: u64,
+    /// Where its bytes start in the pages image.
+    pub offset: u64,
+    /// CRIU may restore it lazily (private anonymous memory): `criu restore --lazy-pages`
+    /// leaves it to the lazy-pages daemon; the other runs it reads from the image itself.
+    pub lazy: bool,
+}
+
+/// A task's pagemap (`pagemap-<pid>.img`): the id of its pages image (`pages-<id>.img`) and
+/// the runs stored there, in the image's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageMap {
+    pub pages_id: u32,
+    pub runs: Vec<PageRun>,
+}
+
+impl PageMap {
+    /// The bytes in the pages image.
+    pub fn size(&self, page: u64) -> u64 {
+        self.runs.iter().map(|r| r.pages * page).sum()
+    }
+
+    /// The run holding the page at `vaddr`, if any.
+    pub fn find(&self, vaddr: u64, page: u64) -> Option<&PageRun> {
+        // Runs are in address order in CRIU's images; not trusted to be, a miss is a miss.
+        self.runs
+            .iter()
+            .find(|r| vaddr >= r.vaddr && (vaddr - r.vaddr) / page < r.pages)
+    }
+}
+
+/// Reads a pagemap image's bytes (`name` for errors). Runs whose sizes overflow are refused:
+/// the image is read from a checkpoint, not trusted.
+pub fn read_pagemap(bytes: &[u8], name: &str, page: u64) -> Result<PageMap, ImageError> {
+    let bad = |reason: String| ImageError::Malformed {
+        path: name.to_string(),
+        reason,
+    };
+    let img = Image::parse(bytes, name)?;
+    let mut entries = img.entries.iter();
+    let head = entries
+        .next()
+        .ok_or_else(|| bad("no pagemap head".into()))?;
+    let head = PagemapHead::decode(head.as_slice()).map_err(|e| bad(e.to_string()))?;
+    let mut runs = Vec::new();
+    let mut offset = 0u64;
+    for e in entries {
+        let e = PagemapEntry::decode(e.as_slice()).map_err(|e| bad(e.to_string()))?;
+        let flags = e.flags.unwrap_or(match e.in_parent {
+            Some(true) => PE_PARENT,
+            _ => PE_PRESENT,
+        });
+        if flags & PE_PRESENT == 0 || flags & PE_PARENT != 0 {
+            continue;
+        }
+        let pages = e.pages.unwrap_or(u64::from(e.nr_pages));
+        let len = pages
+            .checked_mul(page)
+            .filter(|l| e.vaddr.checked_add(*l).is_some())
+            .ok_or_else(|| {
+                bad(format!(
+                    "a run of {pages} pages at {:#x} overflows",
+                    e.vaddr
+                ))
+            })?;
+        runs.push(PageRun {
+            vaddr: e.vaddr,
+            pages,
+            offset,
+            lazy: flags & PE_LAZY != 0,
+        });
+        offset = offset
+            .checked_add(len)
+            .ok_or_else(|| bad("its runs add up past 2^64 bytes".into()))?;
+    }
+    Ok(PageMap {
+        pages_id: head.pages_id,
+        runs,
+    })
+}
+
 #[cfg(test)]
 mod cut_tests {
     use super::*;
@@ -289,6 +374,43 @@ mod cut_tests {
             );
         }
         img.to_bytes()
+    }
+
+    #[test]
+    fn pagemap_runs_have_their_offsets_and_lazy_flags() {
+        let mut bytes = pagemap(&[(0x1000, 2), (0x10000, 3)]);
+        // A non-lazy run (file-backed private memory) after them.
+        let mut img = Image::parse(&bytes, "p").unwrap();
+        img.entries.push(
+            PagemapEntry {
+                vaddr: 0x20000,
+                nr_pages: 1,
+                pages: None,
+                in_parent: None,
+                flags: Some(PE_PRESENT),
+            }
+            .encode_to_vec(),
+        );
+        bytes = img.to_bytes();
+        let m = read_pagemap(&bytes, "pagemap-1.img", 4096).unwrap();
+        assert_eq!(m.pages_id, 7);
+        let offsets: Vec<(u64, u64, bool)> =
+            m.runs.iter().map(|r| (r.vaddr, r.offset, r.lazy)).collect();
+        assert_eq!(
+            offsets,
+            vec![
+                (0x1000, 0, true),
+                (0x10000, 8192, true),
+                (0x20000, 20480, false)
+            ]
+        );
+        assert_eq!(m.size(4096), 6 * 4096);
+        assert_eq!(m.find(0x12000, 4096).unwrap().vaddr, 0x10000);
+        assert!(m.find(0x13000, 4096).is_none());
+        assert!(m.find(0x3000, 4096).is_none());
+        // A run whose length overflows is refused.
+        let huge = pagemap_as(&[(u64::MAX - 4095, 2)], true);
+        assert!(read_pagemap(&huge, "pagemap-1.img", 4096).is_err());
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub struct RestoreRequest {
     /// Restore the tree as a child of the calling process (needs a subreaper to reap it);
     /// otherwise it is a child of `criu` and is reparented when `criu` exits.
     pub as_sibling: bool,
+    /// Leave private anonymous memory to CRIU's lazy-pages daemon (already listening on the
+    /// images folder's `lazy-pages.socket`): the tree runs before that memory is back.
+    pub lazy_pages: bool,
 }
 
 /// A CRIU installation driven through `criu swrk`.
@@ -260,6 +263,9 @@ impl Criu {
         opts.file_locks = Some(true);
         opts.notify_scripts = Some(true);
         opts.rst_sibling = Some(r.as_sibling);
+        if r.lazy_pages {
+            opts.lazy_pages = Some(true);
+        }
         if r.tcp_established {
             opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
         }

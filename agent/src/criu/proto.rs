@@ -63,6 +63,8 @@ pub struct Opts {
     pub inherit_fd: Vec<InheritFd>,
     #[prost(string, repeated, tag = "37")]
     pub external: Vec<String>,
+    #[prost(bool, optional, tag = "48")]
+    pub lazy_pages: Option<bool>,
     #[prost(bool, optional, tag = "52")]
     pub tcp_close: Option<bool>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
