@@ -2,6 +2,9 @@
 # Benchmark cedana-agent's dump/restore against raw CRIU and the original Cedana's
 # "criu dump + zip -r" way, for incompressible (random) and compressible memory.
 #
+# agent-lazy restores lazily (`restore --lazy`): its restore is the time until the task runs
+# (the agent prints its PID), and the table adds the time until all its memory is back.
+#
 # Usage: sudo tools/bench-agent.sh
 # Env:   BENCH_MB    memory the test process allocates, MiB (default 1024)
 #        BENCH_RUNS  runs per variant; the median is reported (default 1)
@@ -46,7 +49,7 @@ mkdir -p "$BENCH_DIR"
     die "BENCH_DIR=$BENCH_DIR is on tmpfs; use a folder on disk (or BENCH_TMPFS=1 to measure tmpfs on purpose)"
 WORK=$(mktemp -d "$BENCH_DIR/work.XXXXXX")   # logs, dumps; removed on exit
 DUMP=$WORK/dump                              # emptied before every variant
-RAW=$WORK/raw.tsv                            # kind variant run dump_s restore_s bytes
+RAW=$WORK/raw.tsv                            # kind variant run dump_s restore_s bytes resident_s
 PIDS=()                                      # processes of the current run (started/restored)
 
 json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
@@ -149,7 +152,7 @@ check_restored() {
 # One run of one variant: fresh process, timed dump, timed restore, check, kill.
 # Each timed step starts after a `sync`, so earlier dirty pages are not flushed on its clock.
 run_variant() {
-    local kind=$1 variant=$2 run=$3 pid t0 t1 t1b t2 out bytes rpid
+    local kind=$1 variant=$2 run=$3 pid t0 t1 t1b t2 out bytes rpid t_run=
     # Every process of the previous run is gone: forget them, so that the cleanup trap can
     # never kill an unrelated process that was handed one of their PIDs later.
     PIDS=()
@@ -159,7 +162,7 @@ run_variant() {
     sync
     t0=$(now)
     case $variant in
-    agent-chunked)
+    agent-chunked | agent-lazy)
         # The store's format in one zip: chunks cut, hashed and compressed after CRIU.
         out=$(bounded "$AGENT" dump -p "$pid" -d "$DUMP" --chunked --json)
         ;;
@@ -189,6 +192,17 @@ run_variant() {
     sync
     t1b=$(now)
     case $variant in
+    agent-lazy)
+        # Restored is when the agent prints the PID (the task runs); resident is when it
+        # returns (every page is back).
+        mkfifo "$DUMP/lazy.fifo"
+        bounded "$AGENT" restore --lazy "$(json_field archive <<<"$out")" >"$DUMP/lazy.fifo" 2>"$DUMP/lazy.err" &
+        local job=$!
+        read -r rpid <"$DUMP/lazy.fifo" || true
+        t_run=$(now)
+        [[ $rpid =~ ^[0-9]+$ ]] && echo "$rpid" >"$DUMP/restored.pid"
+        wait "$job" || die "restore --lazy failed: $(tail -3 "$DUMP/lazy.err")"
+        ;;
     agent-*)
         bounded "$AGENT" restore "$(json_field archive <<<"$out")" --json >"$DUMP/restore.json"
         rpid=$(json_field pid <"$DUMP/restore.json")
@@ -209,11 +223,16 @@ run_variant() {
     t2=$(now)
     check_restored "$rpid"
     stop "$rpid"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$variant" "$run" "$(elapsed "$t0" "$t1")" "$(elapsed "$t1b" "$t2")" "$bytes" >>"$RAW"
-    echo "  $kind $variant run $run: dump $(elapsed "$t0" "$t1")s restore $(elapsed "$t1b" "$t2")s size $bytes B" >&2
+    local restored=$(elapsed "$t1b" "$t2") resident=-
+    if [[ -n $t_run ]]; then
+        resident=$restored
+        restored=$(elapsed "$t1b" "$t_run")
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$variant" "$run" "$(elapsed "$t0" "$t1")" "$restored" "$bytes" "$resident" >>"$RAW"
+    echo "  $kind $variant run $run: dump $(elapsed "$t0" "$t1")s restore $restored s (resident $resident s) size $bytes B" >&2
 }
 
-read -r -a VARIANTS <<<"${BENCH_VARIANTS:-criu criu-sync agent-none agent-zstd agent-chunked agent-deflate zip}"
+read -r -a VARIANTS <<<"${BENCH_VARIANTS:-criu criu-sync agent-none agent-zstd agent-chunked agent-lazy agent-deflate zip}"
 [[ ${VARIANTS[0]} == criu ]] || die "BENCH_VARIANTS must start with criu (the baseline)"
 echo "cedana-agent benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), agent $AGENT_INFO, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}'))" >&2
 for kind in random compressible; do
@@ -229,16 +248,20 @@ import json, statistics, sys
 raw, out, mb, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rows = {}
 for line in open(raw):
-    kind, variant, _, d, r, b = line.split("\t")
-    rows.setdefault(kind, {}).setdefault(variant, []).append((float(d), float(r), int(b)))
+    kind, variant, _, d, r, b, res = line.rstrip("\n").split("\t")
+    rows.setdefault(kind, {}).setdefault(variant, []).append(
+        (float(d), float(r), int(b), None if res == "-" else float(res)))
 res = {"bench_mb": mb, "runs": runs, "kinds": {}}
 for kind, variants in rows.items():
     med = {v: {"dump_s": statistics.median(x[0] for x in xs), "restore_s": statistics.median(x[1] for x in xs),
-               "bytes": int(statistics.median(x[2] for x in xs))} for v, xs in variants.items()}
+               "bytes": int(statistics.median(x[2] for x in xs)),
+               "resident_s": statistics.median(x[3] for x in xs) if xs[0][3] is not None else None}
+           for v, xs in variants.items()}
     base = med["criu"]
     for m in med.values():
         m["dump_vs_criu"] = m["dump_s"] / base["dump_s"]
         m["restore_vs_criu"] = m["restore_s"] / base["restore_s"]
+        m["resident_vs_criu"] = m["resident_s"] / base["restore_s"] if m["resident_s"] is not None else None
     def ratio(a, b, field="dump_s"):
         return med[a][field] / med[b][field] if a in med and b in med else None
     none_ratio = ratio("agent-none", "criu")
@@ -248,11 +271,12 @@ for kind, variants in rows.items():
     res["kinds"][kind] = {"variants": med, "none_vs_criu_dump": none_ratio, "none_vs_criu_sync_dump": none_sync_ratio,
                           "zstd_vs_zip_dump_speedup": speedup, "zstd_vs_zip_size": size_ratio}
     print(f"\n### {kind} memory, {mb} MiB (median of {runs})\n")
-    print("| variant | dump s | restore s | size MiB | dump vs criu | restore vs criu |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | dump s | restore s | size MiB | dump vs criu | restore vs criu | all memory back s (vs criu) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for v, m in med.items():
+        back = f"{m['resident_s']:.2f} ({m['resident_vs_criu']:.2f}x)" if m["resident_s"] is not None else ""
         print(f"| {v} | {m['dump_s']:.2f} | {m['restore_s']:.2f} | {m['bytes'] / 2**20:.1f} "
-              f"| {m['dump_vs_criu']:.2f}x | {m['restore_vs_criu']:.2f}x |")
+              f"| {m['dump_vs_criu']:.2f}x | {m['restore_vs_criu']:.2f}x | {back} |")
     if none_ratio is not None and none_sync_ratio is not None:
         print(f"\nnone vs raw criu dump: {none_ratio:.2f}x (target <= 1.2x); vs criu + sync (both durable): {none_sync_ratio:.2f}x")
     if speedup is not None:

@@ -331,27 +331,6 @@ pub fn restore_from_store(
     restore_inner(criu, store, name, opts, rt, progress, |_| 0).map(|(out, _)| out)
 }
 
-/// [`restore_from_store`] for the daemon: `before` is told the checked manifest once every
-/// chunk is in place, before CRIU runs; what it returns comes back with the outcome.
-pub fn restore_from_store_with<T>(
-    criu: &Criu,
-    store: &StoreUrl,
-    name: &str,
-    opts: &RestoreOptions,
-    rt: &tokio::runtime::Handle,
-    before: impl FnOnce(&Manifest) -> T,
-) -> Result<(RestoreOutcome, T), RestoreError> {
-    restore_inner(
-        criu,
-        store,
-        name,
-        opts,
-        rt,
-        &crate::progress::NoProgress,
-        before,
-    )
-}
-
 fn restore_inner<T>(
     criu: &Criu,
     store: &StoreUrl,

@@ -124,6 +124,11 @@ struct DaemonArgs {
     /// need no shared folder. Credentials the cloud's standard way
     #[arg(long, value_name = "URL", env = "CEDANA_STORE")]
     store: Option<String>,
+    /// Restore the store's checkpoints in full before the task runs again. By default they
+    /// are restored lazily (the task runs once its state is back, its memory follows, each
+    /// chunk checked before use) where this machine can (userfaultfd)
+    #[arg(long, env = "CEDANA_FULL_RESTORE", value_parser = clap::builder::BoolishValueParser::new())]
+    full_restore: bool,
     /// Watch EC2 instance metadata (IMDSv2) for spot interruption notices: on one, every task
     /// is checkpointed right away (left running) and a spot_notice event names the checkpoints;
     /// rebalance recommendations are reported too
@@ -646,6 +651,7 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
         shared_storage: a.shared_storage.clone(),
         store: a.store.as_deref().map(store_url).transpose()?,
+        full_restore: a.full_restore,
         spot: match a.imds_endpoint.as_deref().map(str::trim) {
             Some(endpoint) if !endpoint.is_empty() => Some(endpoint.to_string()),
             _ if a.watch_spot => Some(cedana_agent::imds::DEFAULT_ENDPOINT.to_string()),

@@ -125,6 +125,10 @@ pub enum Reply {
         /// The checkpoint had been read while it was stored ([`Command::Prefetch`]).
         #[serde(default)]
         read_while_stored: bool,
+        /// The task runs before its memory is back: the worker serves it as it is touched
+        /// (lazy restore), and ends the task if a chunk fails its check.
+        #[serde(default)]
+        lazy: bool,
     },
     Prefetching {
         chunks: String,

@@ -544,6 +544,15 @@ fn checkpoints_go_to_a_checkpoint_store_as_chunks_and_recovery_reads_them_back()
     kill9(r["workers"][0]["pid"].as_i64().unwrap());
     assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
     assert_counted_to(&d.stdout(), 60);
+    // The task ran again before its memory was back (the worker serves it from the store).
+    assert!(
+        d.stderr()
+            .contains("before its memory is back (lazy restore)")
+            || d.stdout()
+                .contains("before its memory is back (lazy restore)"),
+        "{}",
+        d.stderr()
+    );
     let r = d.record().unwrap();
     assert_eq!(r["recoveries"], 1, "{r}");
     let restored = r["checkpoints"].as_array().unwrap();
@@ -646,6 +655,14 @@ fn a_job_checkpoints_into_s3_migrates_and_recovers_from_it() {
     kill9(r["workers"][1]["pid"].as_i64().unwrap());
     assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
     assert_counted_to(&d.stdout(), 60);
+    // The migration's and the recovery's restores ran the task before its memory was back.
+    let said = format!("{}{}", d.stdout(), d.stderr());
+    assert!(
+        said.matches("before its memory is back (lazy restore)")
+            .count()
+            >= 2,
+        "{said}"
+    );
     let r = d.record().unwrap();
     assert_eq!(r["recoveries"], 1, "{r}");
     assert_eq!(r["migrations"], 1, "{r}");

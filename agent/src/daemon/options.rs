@@ -23,6 +23,9 @@ pub struct DaemonOptions {
     /// there as chunks, and only what it lacks is sent. Takes precedence over
     /// `shared_storage` and the NATS object store.
     pub store: Option<cedana_store::StoreUrl>,
+    /// Restore a store's checkpoints in full before the task runs, not lazily (see
+    /// [`crate::lazy`]).
+    pub full_restore: bool,
     /// Watch EC2 instance metadata for spot notices (off: no IMDS is contacted).
     pub spot: Option<SpotOptions>,
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use cedana_protocol::{self as protocol, Command, CommandEnvelope, Compression, Event, Reply};
 
@@ -738,6 +738,7 @@ impl Worker {
             task,
             pid: out.pid,
             read_while_stored,
+            lazy: false,
         })
     }
 
@@ -763,26 +764,67 @@ impl Worker {
         // manifest before CRIU resumes the task (see `restore`).
         let log_name = format!("{task}.log");
         let local_log = log.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            crate::chunked::restore_from_store_with(&criu, &store, &name, &opts, &rt, |m| {
-                let carried = format!("{}/{log_name}", crate::files::FILES_DIR);
-                m.entries
-                    .iter()
-                    .find(|e| e.name == carried)
-                    .map(|e| e.size)
-                    .unwrap_or_else(|| std::fs::metadata(&local_log).map_or(0, |m| m.len()))
-            })
+        let full = self.opts.full_restore;
+        let restored = tokio::task::spawn_blocking(move || {
+            let failed_log = opts
+                .staging
+                .clone()
+                .unwrap_or_default()
+                .join(format!("{name}.restore-failed.log"));
+            let st = cedana_store::Store::open(&store).map_err(|e| e.to_string())?;
+            let manifest =
+                crate::chunked::read_manifest(&st, &name, &rt).map_err(|e| e.to_string())?;
+            let carried = format!("{}/{log_name}", crate::files::FILES_DIR);
+            let offset = manifest
+                .entries
+                .iter()
+                .find(|e| e.name == carried)
+                .map(|e| e.size)
+                .unwrap_or_else(|| std::fs::metadata(&local_log).map_or(0, |m| m.len()));
+            let opts = RestoreOptions {
+                archive: PathBuf::from(format!("{store}/{name}")),
+                ..opts
+            };
+            let source = Arc::new(crate::lazy::StoreSource::new(st, &name, rt));
+            let root = opts.staging.clone().unwrap_or_default();
+            crate::lazy::restore_as(
+                &criu,
+                source,
+                manifest,
+                &root,
+                &opts,
+                &failed_log,
+                &NoProgress,
+                full,
+            )
+            .map(|r| (r, offset))
+            .map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        let (out, offset) = out;
-        self.track(task.clone(), out.pid, log, offset);
+        .map_err(|e| e.to_string())??;
+        let (restored, offset) = restored;
+        let pid = restored.outcome.pid;
+        self.track(task.clone(), pid, log, offset);
         drop(criu_turn);
+        let lazy = restored.serving.is_some();
+        if let Some(serving) = restored.serving {
+            // The task runs; its memory follows. A failure has ended it (its end is reported
+            // as any task's); the reason goes to the log.
+            let t = task.clone();
+            std::thread::spawn(move || match serving.wait() {
+                Ok(s) => {
+                    info!(task = %t, pid, resident_ms = s.resident_time.as_millis() as u64, requests = s.requests, "all the restored task's memory is back")
+                }
+                Err(e) => {
+                    error!(task = %t, pid, error = %e, "lazy restore failed: the task was ended")
+                }
+            });
+        }
         Ok(Reply::Restored {
             task,
-            pid: out.pid,
+            pid,
             read_while_stored: false,
+            lazy,
         })
     }
 

@@ -339,6 +339,8 @@ impl Serving {
         for p in self.prefetchers.drain(..) {
             let _ = p.join();
         }
+        // Its exit status, when it can be had: a daemon process that reaps every child (the
+        // agent's own) may have taken it first; then the protocol's end says it finished.
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             match self.daemon.try_wait() {
@@ -346,18 +348,19 @@ impl Serving {
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
-                _ => {
+                Ok(None) => {
                     let _ = self.daemon.kill();
                     let _ = self.daemon.wait();
                     break None;
                 }
+                Err(_) => break None,
             }
         };
         served?;
         if let Some(e) = self.shared.failure() {
             return Err(e);
         }
-        if !status.is_some_and(|s| s.success()) {
+        if status.is_some_and(|s| !s.success()) {
             let e = LazyError::Daemon {
                 reason: format!("ended with {status:?}"),
                 log: self.log.clone(),
@@ -401,6 +404,23 @@ pub fn restore(
     failed_log: &Path,
     progress: &dyn Progress,
 ) -> Result<LazyRestore, RestoreError> {
+    restore_as(
+        criu, source, manifest, root, opts, failed_log, progress, false,
+    )
+}
+
+/// [`restore`], in full when `full` (every chunk fetched and checked before CRIU runs).
+#[allow(clippy::too_many_arguments)]
+pub fn restore_as(
+    criu: &Criu,
+    source: Arc<dyn ChunkSource>,
+    manifest: Manifest,
+    root: &Path,
+    opts: &RestoreOptions,
+    failed_log: &Path,
+    progress: &dyn Progress,
+    full: bool,
+) -> Result<LazyRestore, RestoreError> {
     let t0 = Instant::now();
     let label = opts.archive.clone();
     staging::sweep(root);
@@ -417,7 +437,10 @@ pub fn restore(
             reason,
         })
     };
-    let mut full_because = unavailable();
+    let mut full_because = match full {
+        true => Some("a full restore was asked for".to_string()),
+        false => unavailable(),
+    };
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()

@@ -709,11 +709,18 @@ impl Job {
             Reply::Restored {
                 pid,
                 read_while_stored,
+                lazy,
                 ..
             } => {
                 if read_while_stored {
                     self.reporter
                         .note(&format!("{} read the checkpoint while it was stored", w.id));
+                }
+                if lazy {
+                    self.reporter.note(&format!(
+                        "{} runs task {} before its memory is back (lazy restore)",
+                        w.id, c.task
+                    ));
                 }
                 self.track_task(&c.task, &w.id, pid);
                 Ok(Task {
