@@ -68,12 +68,15 @@ enum Command {
     /// agent --agent dies before it did.
     #[command(hide = true)]
     Guard {
+        #[arg(long, required_unless_present = "lazy")]
+        tree: Option<i32>,
+        #[arg(long, required_unless_present = "lazy")]
+        agent: Option<i32>,
+        #[arg(long, required_unless_present = "lazy")]
+        agent_start: Option<u64>,
+        /// Guard a lazily restored tree (see `guard::run_lazy`)
         #[arg(long)]
-        tree: i32,
-        #[arg(long)]
-        agent: i32,
-        #[arg(long)]
-        agent_start: u64,
+        lazy: bool,
     },
     /// The original's spelling: `client dump …` and `client restore …` are `dump` and
     /// `restore`.
@@ -566,8 +569,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             tree,
             agent,
             agent_start,
+            lazy,
         } => {
-            cedana_agent::guard::run(*tree, *agent, *agent_start);
+            match (lazy, tree, agent, agent_start) {
+                (true, ..) => cedana_agent::guard::run_lazy(),
+                (false, Some(t), Some(a), Some(s)) => cedana_agent::guard::run(*t, *a, *s),
+                _ => {}
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(a) => {

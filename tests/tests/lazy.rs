@@ -18,9 +18,11 @@ use cedana_tests::*;
 use serde_json::Value;
 
 /// A Python task holding `argv[1]` MiB of random bytes and their SHA-256; prints a counter
-/// every 50 ms and, every 10th time, whether all its bytes still hash the same (`N sum ok`).
+/// every 50 ms and, every 10th time, whether all its bytes still hash the same (`N sum ok`). A
+/// crash (memory that is not its own) is said in its log (`Fatal Python error`).
 const WORKLOAD: &str = r#"
-import hashlib, sys, time
+import faulthandler, hashlib, sys, time
+faulthandler.enable()
 N = int(sys.argv[1]) << 20
 buf = bytearray(N)
 mv = memoryview(buf)
@@ -453,6 +455,109 @@ fn a_store_that_stops_answering_ends_the_task_and_the_earlier_checkpoint_restore
     let v = lazy_json(&out);
     let _again = Task::new(v["pid"].as_i64().unwrap() as i32);
     assert_runs_on_whole(&log, skip, before..=first_count);
+    assert!(
+        sb.staging_leftovers().is_empty(),
+        "{:?}",
+        sb.staging_leftovers()
+    );
+}
+
+/// The processes whose command line mentions `text`.
+fn processes_mentioning(text: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+        })
+        .collect()
+}
+
+/// The agent killed while the memory is on its way: the restored task must not run on with
+/// memory that never came (CRIU's daemon, once its page server is gone, would let the kernel
+/// fill it with zeros). It is ended; CRIU's daemon goes; the next restore sweeps what was left.
+#[test]
+fn an_agent_killed_during_a_lazy_restore_takes_the_task_with_it() {
+    if !criu_ready("an_agent_killed_during_a_lazy_restore_takes_the_task_with_it") {
+        return;
+    }
+    // The restored task, orphaned when CRIU exits, becomes this process's child: how it ended
+    // can be seen (killed by the guardian, or crashed on memory that never came).
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag and changes nothing else.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+    let sb = Sandbox::new();
+    let (task, log) = start(&sb, 1024);
+    let archive = sb.dump(task.pid, &["--chunked"]);
+    let cmd = sb.agent_cmd(["restore".as_ref(), "--lazy".as_ref(), archive.as_os_str()]);
+    let mut child = {
+        let mut cmd = cmd;
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let restored = Task::new(line.trim().parse().expect("a PID"));
+    // A moment for the task to run on what it touches at once; most of the GiB is still on
+    // its way.
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    let at_kill = lines(&log).len();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the agent was killed before it finished");
+    // Killed (SIGKILL), not crashed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let how = loop {
+        let mut st = 0;
+        // SAFETY: waitpid on a PID with a valid status pointer.
+        let r = unsafe { libc::waitpid(restored.pid, &mut st, libc::WNOHANG) };
+        if r == restored.pid {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored task {} was not ended (waitpid: {r})",
+            restored.pid
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        libc::WIFSIGNALED(how) && libc::WTERMSIG(how) == libc::SIGKILL,
+        "the restored task ended otherwise than killed: status {how:#x} (signal {})",
+        libc::WTERMSIG(how)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("BAD") && !text.contains("Fatal Python error"),
+        "the task ran on memory that never came:\n{text}"
+    );
+    // Ended at once, not when it next touched what never came (it prints every 50 ms and
+    // reads all its memory every 500 ms).
+    let after = lines(&log).len() - at_kill;
+    assert!(
+        after <= 2,
+        "the task ran on for {after} lines after the agent died:\n{text}"
+    );
+    let staging = sb.staging.to_string_lossy().into_owned();
+    wait_until(
+        Duration::from_secs(10),
+        "CRIU's lazy-pages daemon to go",
+        || processes_mentioning(&staging).is_empty(),
+    );
+    // The next run sweeps the killed agent's staging folder, and restores.
+    let out = sb.agent([
+        "restore".as_ref(),
+        "--lazy".as_ref(),
+        "--json".as_ref(),
+        archive.as_os_str(),
+    ]);
+    let v = lazy_json(&out);
+    let _again = Task::new(v["pid"].as_i64().unwrap() as i32);
     assert!(
         sb.staging_leftovers().is_empty(),
         "{:?}",

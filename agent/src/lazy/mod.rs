@@ -206,6 +206,8 @@ struct Shared {
     tree: AtomicI32,
     failure: Mutex<Option<LazyError>>,
     stream: Mutex<Option<TcpStream>>,
+    /// Kills the tree if this process dies before every page is back.
+    guard: Mutex<Option<crate::guard::LazyGuard>>,
     stop: AtomicBool,
     next_slot: AtomicUsize,
 }
@@ -236,6 +238,33 @@ impl Shared {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
+        }
+    }
+
+    /// Starts the tree's guardian, holding a copy of `connection`; told the tree if it is
+    /// known already.
+    fn guard(&self, connection: &TcpStream) {
+        let mut g = self.guard.lock().expect("not poisoned");
+        *g = crate::guard::LazyGuard::start(connection);
+        let root = self.tree.load(Ordering::SeqCst);
+        if let (Some(g), true) = (g.as_mut(), root > 0) {
+            g.tree(root);
+        }
+    }
+
+    /// The tree's root is known: to the guardian too.
+    fn set_tree(&self, root: i32) {
+        let mut g = self.guard.lock().expect("not poisoned");
+        self.tree.store(root, Ordering::SeqCst);
+        if let Some(g) = g.as_mut() {
+            g.tree(root);
+        }
+    }
+
+    /// The guardian is no longer needed.
+    fn release_guard(&self) {
+        if let Some(mut g) = self.guard.lock().expect("not poisoned").take() {
+            g.done();
         }
     }
 
@@ -356,6 +385,8 @@ impl Serving {
                 Err(_) => break None,
             }
         };
+        // Every page is back, or the tree was ended: the guardian may go.
+        self.shared.release_guard();
         served?;
         if let Some(e) = self.shared.failure() {
             return Err(e);
@@ -592,6 +623,7 @@ pub fn restore_as(
         tree: AtomicI32::new(0),
         failure: Mutex::new(None),
         stream: Mutex::new(None),
+        guard: Mutex::new(None),
         stop: AtomicBool::new(false),
         next_slot: AtomicUsize::new(0),
     });
@@ -610,6 +642,7 @@ pub fn restore_as(
                     if let Ok(c) = s.try_clone() {
                         *shared.stream.lock().expect("not poisoned") = Some(c);
                     }
+                    shared.guard(&s);
                     shared.serve(s, layout, &log)
                 });
             if let Err(e) = &served {
@@ -632,11 +665,12 @@ pub fn restore_as(
             let _ = daemon.kill();
             let _ = daemon.wait();
             let _ = server.join();
+            shared.release_guard();
             return Err(e);
         }
     };
     let running_since = Instant::now();
-    shared.tree.store(pid, Ordering::SeqCst);
+    shared.set_tree(pid);
     shared.memory.counting.store(true, Ordering::Relaxed);
     // A failure while CRIU was still restoring could not end the tree: it ends now.
     if shared.failure().is_some() {
