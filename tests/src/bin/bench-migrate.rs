@@ -238,14 +238,22 @@ async fn wait_ready(log: &Path, pid: i32) -> Result<()> {
 /// Checks a restored task holds (nearly) all its memory, lets it tick for a moment, and returns
 /// the longest pause between its ticks (the stop as the task saw it).
 async fn check_restored(cfg: &Cfg, pid: i32, log: &Path) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("restored PID {pid} is gone"))?;
-    let rss_mb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024;
+    // A lazily restored task's memory arrives after it runs: up to 60 s for it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rss_mb = loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("restored PID {pid} is gone"))?;
+        let rss_mb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024;
+        if rss_mb * 10 >= cfg.mb * 9 || Instant::now() > deadline {
+            break rss_mb;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     if rss_mb * 10 < cfg.mb * 9 {
         bail!(
             "restored PID {pid} holds only {rss_mb} MiB of {} MiB",
@@ -326,6 +334,7 @@ fn start_daemon(
     worker: &str,
     work: &Path,
     shared: Option<&Path>,
+    store: Option<(&Path, bool)>,
 ) -> Result<Guard> {
     let log = std::fs::File::create(cfg.dir.join(format!("{worker}.log")))?;
     let mut cmd = std::process::Command::new(&cfg.agent);
@@ -342,6 +351,12 @@ fn start_daemon(
     .arg(work);
     if let Some(dir) = shared {
         cmd.arg("--shared-storage").arg(dir);
+    }
+    if let Some((dir, full)) = store {
+        cmd.arg("--store").arg(dir);
+        if full {
+            cmd.arg("--full-restore");
+        }
     }
     let child = cmd
         .env("CEDANA_NATS_TOKEN", token)
@@ -525,14 +540,17 @@ struct Route<'a> {
     to: &'a str,
     /// The daemons' `--shared-storage` folder; else the object store.
     shared: Option<&'a Path>,
+    /// The variant's name when the daemons use a checkpoint store (`--store`).
+    store: Option<&'a str>,
     /// PIDs of the two daemons and of nats-server, for their CPU time.
     pids: [i32; 3],
 }
 
 /// Migration variants, in the order they run: raw CRIU; through the object store, the
 /// restoring worker reading the checkpoint while it is stored (`none`, `zstd`) or after
-/// (`-after`); through a shared folder.
-const VARIANTS: [&str; 7] = [
+/// (`-after`); through a shared folder; through a checkpoint store (a folder), restored
+/// lazily (the task runs, its memory follows) or in full.
+const VARIANTS: [&str; 9] = [
     "raw-criu",
     "none",
     "zstd",
@@ -540,6 +558,8 @@ const VARIANTS: [&str; 7] = [
     "zstd-after",
     "shared-none",
     "shared-zstd",
+    "store-lazy",
+    "store-full",
 ];
 
 /// One migration: spawn, checkpoint (task stopped), restore; timed and split. With
@@ -558,20 +578,23 @@ async fn migrate_run(
     run: u32,
 ) -> Result<Value> {
     let (from, to) = (route.from, route.to);
-    let variant = format!(
-        "{}-{}{}",
-        if route.shared.is_some() {
-            "shared"
-        } else {
-            "cedana"
-        },
-        serde_json::to_value(compression)?.as_str().unwrap_or("?"),
-        if route.shared.is_none() && !prefetch {
-            "-after"
-        } else {
-            ""
-        }
-    );
+    let variant = match route.store {
+        Some(name) => name.to_string(),
+        None => format!(
+            "{}-{}{}",
+            if route.shared.is_some() {
+                "shared"
+            } else {
+                "cedana"
+            },
+            serde_json::to_value(compression)?.as_str().unwrap_or("?"),
+            if route.shared.is_none() && !prefetch {
+                "-after"
+            } else {
+                ""
+            }
+        ),
+    };
     let task = format!("mem{run}-{kind}-{variant}");
     let limit = cfg.step;
     let cmd = format!("exec /usr/bin/python3 alloc.py {kind} {}", cfg.mb);
@@ -680,9 +703,11 @@ async fn migrate_run(
         bail!("stop answered {r:?}");
     }
     restored.stop().await?;
-    match route.shared {
-        Some(dir) => std::fs::remove_file(dir.join(&object))?,
-        None => store.delete(&object).await?,
+    match (route.shared, route.store) {
+        (Some(dir), _) => std::fs::remove_file(dir.join(&object))?,
+        // The checkpoint store's folder goes with the benchmark's.
+        (None, Some(_)) => {}
+        (None, None) => store.delete(&object).await?,
     }
 
     // The parts, from the daemons' log timestamps.
@@ -952,28 +977,54 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
     // s1 and s2 pass checkpoints through a shared folder instead (no object store).
     let shared = cfg.dir.join("shared");
     std::fs::create_dir_all(&shared)?;
+    // l1 and l2 through a checkpoint store (a folder), restoring lazily; f1 and f2 the same,
+    // restoring in full.
+    let ckpt_store = cfg.dir.join("ckptstore");
+    std::fs::create_dir_all(&ckpt_store)?;
     let mut daemons = Vec::new();
-    for w in ["w1", "w2", "s1", "s2"] {
+    const WORKERS: [&str; 8] = ["w1", "w2", "s1", "s2", "l1", "l2", "f1", "f2"];
+    for w in WORKERS {
         let storage = w.starts_with('s').then_some(shared.as_path());
-        daemons.push(start_daemon(cfg, url, token, w, &work, storage)?);
+        let store = match &w[..1] {
+            "l" => Some((ckpt_store.as_path(), false)),
+            "f" => Some((ckpt_store.as_path(), true)),
+            _ => None,
+        };
+        daemons.push(start_daemon(cfg, url, token, w, &work, storage, store)?);
     }
     let pid_of = |g: &Guard| g.0.id() as i32;
     let nats_pid = pid_of(&_nats);
     let mut c = Client::connect(url, token).await?;
-    for w in ["w1", "w2", "s1", "s2"] {
+    for w in WORKERS {
         c.wait_registered(w).await?;
     }
     let by_store = Route {
         from: "w1",
         to: "w2",
         shared: None,
+        store: None,
         pids: [pid_of(&daemons[0]), pid_of(&daemons[1]), nats_pid],
     };
     let by_folder = Route {
         from: "s1",
         to: "s2",
         shared: Some(&shared),
+        store: None,
         pids: [pid_of(&daemons[2]), pid_of(&daemons[3]), nats_pid],
+    };
+    let lazily = Route {
+        from: "l1",
+        to: "l2",
+        shared: None,
+        store: Some("store-lazy"),
+        pids: [pid_of(&daemons[4]), pid_of(&daemons[5]), nats_pid],
+    };
+    let in_full = Route {
+        from: "f1",
+        to: "f2",
+        shared: None,
+        store: Some("store-full"),
+        pids: [pid_of(&daemons[6]), pid_of(&daemons[7]), nats_pid],
     };
     if sections.contains(&"ping") {
         eprintln!("ping: {} round trips to w1", cfg.pings);
@@ -991,10 +1042,11 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
                 if !cfg.variants.iter().any(|v| v == variant) {
                     continue;
                 }
-                let route = if variant.starts_with("shared") {
-                    &by_folder
-                } else {
-                    &by_store
+                let route = match variant {
+                    v if v.starts_with("shared") => &by_folder,
+                    "store-lazy" => &lazily,
+                    "store-full" => &in_full,
+                    _ => &by_store,
                 };
                 let compression = if variant.contains("zstd") {
                     Compression::Zstd
@@ -1116,7 +1168,10 @@ fn main() -> Result<()> {
             .map(String::from)
             .collect(),
         variants: std::env::var("BENCH_VARIANTS")
-            .unwrap_or_else(|_| "none zstd none-after zstd-after shared-none shared-zstd".into())
+            .unwrap_or_else(|_| {
+                "none zstd none-after zstd-after shared-none shared-zstd store-lazy store-full"
+                    .into()
+            })
             .split_whitespace()
             .map(String::from)
             .chain(["raw-criu".to_string()])
@@ -1139,7 +1194,7 @@ fn main() -> Result<()> {
             v if VARIANTS.contains(&v)
         )
     }) {
-        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, none-after, zstd-after, shared-none, shared-zstd");
+        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, none-after, zstd-after, shared-none, shared-zstd, store-lazy, store-full");
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut sections: Vec<&str> = args.iter().map(String::as_str).collect();
