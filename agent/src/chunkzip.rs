@@ -9,15 +9,13 @@
 //! then packed into the zip (written under a temporary name, synced, renamed without
 //! replacing anything) before a tree that is to stop is killed; a failure thaws it.
 //!
-//! Restore: the zip is read front to back into a private folder store: `manifest.json`, and
-//! `chunks/<64 hex>` entries stored as they are (never a link, never twice, never anything
-//! else: any other name, a compressed entry, a link or a folder refuses the archive); then the
-//! store's restore checks the manifest whole and every chunk against its name.
+//! Restore ([`crate::lazy`], lazily or in full): the zip's central directory is read, every
+//! entry must be `manifest.json`, `restore.sh` or a stored `chunks/<64 hex>` (anything else
+//! refuses the archive); each chunk is then read where it lies, when it is needed, and
+//! checked against its name before use.
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,19 +27,15 @@ use crate::chunked::{self, FORMAT_VERSION};
 use crate::criu::Criu;
 use crate::dump::{millis, DumpError, DumpOptions};
 use crate::progress::Progress;
-use crate::restore::{RestoreError, RestoreOptions, RestoreOutcome};
+use crate::restore::RestoreError;
 use crate::staging;
-use crate::zipfmt::read::{LocalHeader, Place, ReadChunks};
 use crate::zipfmt::write::{Output, ZipOut};
-use crate::zipfmt::{ZipError, STORED};
+use crate::zipfmt::ZipError;
 
 /// The script in the zip that rebuilds CRIU's images without the agent.
 pub const SCRIPT: &str = "restore.sh";
 /// Where the chunks are in the zip (and in a folder store).
 pub const CHUNKS: &str = "chunks/";
-/// The name the checkpoint has in the private store of a restore when the archive's own
-/// name cannot be one.
-const NAME: &str = "archive";
 
 /// The result of `dump --chunked`.
 #[derive(Clone, Debug, Serialize)]
@@ -257,193 +251,6 @@ pub fn is_chunked(path: &Path) -> bool {
         .ok()
         .and_then(|v| v.get("format_version").and_then(|v| v.as_u64()))
         == Some(u64::from(FORMAT_VERSION))
-}
-
-/// Restores the chunked archive `opts.archive` (see the module's documentation).
-pub fn restore_from_zip(
-    criu: &Criu,
-    opts: &RestoreOptions,
-    rt: &tokio::runtime::Handle,
-    progress: &dyn Progress,
-) -> Result<RestoreOutcome, RestoreError> {
-    let path = &opts.archive;
-    let root = crate::restore::staging_root_for(opts)?;
-    staging::sweep(&root);
-    let held = staging::Held::create(&root, ".cedana-restore-").map_err(|source| {
-        RestoreError::Staging {
-            path: root.clone(),
-            source,
-        }
-    })?;
-    let store_dir = held.path().join("store");
-    for d in ["chunks", "checkpoints"] {
-        std::fs::create_dir_all(store_dir.join(d)).map_err(|source| RestoreError::Staging {
-            path: store_dir.clone(),
-            source,
-        })?;
-    }
-    // The checkpoint is named as the archive is (CRIU's log of a failed restore is kept next
-    // to it under that name).
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| cedana_store::valid_name(s))
-        .unwrap_or_else(|| NAME.to_string());
-    unpack(path, &store_dir, &name, progress)?;
-    let url = StoreUrl::parse(&store_dir.to_string_lossy())
-        .map_err(|e| RestoreError::Store(Box::new(e)))?;
-    let inner = RestoreOptions {
-        staging: Some(root.clone()),
-        ..opts.clone()
-    };
-    chunked::restore_from_store(criu, &url, &name, &inner, rt, progress).map_err(|e| {
-        // The private store is this archive: errors name the archive, not the folder.
-        use cedana_store::StoreError as S;
-        let corrupt = |reason: String| {
-            RestoreError::Archive(ArchiveError::Corrupt {
-                path: path.clone(),
-                reason,
-            })
-        };
-        match e {
-            RestoreError::Store(s) => match *s {
-                S::MissingChunk { chunk, .. } => corrupt(format!("chunk {chunk} is missing")),
-                S::BadChunk { chunk, reason, .. } => {
-                    corrupt(format!("chunk {chunk} is damaged: {reason}"))
-                }
-                S::BadManifest { reason, .. } => RestoreError::Archive(ArchiveError::BadManifest {
-                    path: path.clone(),
-                    reason,
-                }),
-                S::NoCheckpoint { .. } => {
-                    RestoreError::Archive(ArchiveError::NoManifest { path: path.clone() })
-                }
-                other => RestoreError::Store(Box::new(other)),
-            },
-            RestoreError::Archive(a) => RestoreError::Archive(relabel(a, &url, &name, path)),
-            RestoreError::Criu { source, kept, .. } => RestoreError::Criu {
-                path: path.clone(),
-                source,
-                kept,
-            },
-            other => other,
-        }
-    })
-}
-
-/// An archive error of the private store's checkpoint, said of the archive `path`.
-fn relabel(e: ArchiveError, store: &StoreUrl, name: &str, path: &Path) -> ArchiveError {
-    let label = PathBuf::from(format!("{store}/{name}"));
-    match e {
-        ArchiveError::NoRoom {
-            path: p,
-            need,
-            free,
-            staging,
-        } if p == label => ArchiveError::NoRoom {
-            path: path.to_path_buf(),
-            need,
-            free,
-            staging,
-        },
-        other => other,
-    }
-}
-
-/// The most entries a chunked archive may hold.
-const MAX_ENTRIES: usize = 4_000_000;
-
-/// Reads the zip at `path` into the folder store `store_dir`.
-fn unpack(
-    path: &Path,
-    store_dir: &Path,
-    name: &str,
-    progress: &dyn Progress,
-) -> Result<(), RestoreError> {
-    let file = File::open(path).map_err(|source| ArchiveError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let corrupt = |reason: String| ArchiveError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut src = ReadChunks::new(file);
-    let mut count = 0usize;
-    let mut seen = std::collections::BTreeSet::new();
-    let chunks = store_dir.join("chunks");
-    let mut place = |h: &LocalHeader| -> Result<Place, ArchiveError> {
-        count += 1;
-        if count > MAX_ENTRIES {
-            return Err(corrupt(format!("more than {MAX_ENTRIES} entries")));
-        }
-        if h.method != STORED {
-            return Err(corrupt(format!(
-                "entry {:?} is compressed; a chunked archive's entries are stored",
-                h.name
-            )));
-        }
-        if !seen.insert(h.name.clone()) {
-            return Err(corrupt(format!("entry {:?} is there twice", h.name)));
-        }
-        match h.name.as_str() {
-            MANIFEST => Ok(Place::Memory(16 << 20)),
-            SCRIPT => Ok(Place::Memory(64 << 20)),
-            name => {
-                let id = name
-                    .strip_prefix(CHUNKS)
-                    .filter(|id| {
-                        id.len() == 64
-                            && id
-                                .bytes()
-                                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                    })
-                    .ok_or_else(|| ArchiveError::UnlistedEntry {
-                        path: path.to_path_buf(),
-                        name: name.to_string(),
-                    })?;
-                let dest = chunks.join(id);
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&dest)
-                    .map_err(|source| ArchiveError::Write {
-                        path: dest.clone(),
-                        source,
-                    })?;
-                Ok(Place::File(f, dest))
-            }
-        }
-    };
-    let listing =
-        crate::zipfmt::read::read_with(&mut src, path, &BTreeMap::new(), &mut place, progress)
-            .map_err(|e: ArchiveError| e)?;
-    if let Some(n) = listing.not_files.first() {
-        return Err(corrupt(format!("entry {n:?} is a link or a folder")).into());
-    }
-    let manifest = listing
-        .entries
-        .iter()
-        .find(|e| e.name == MANIFEST)
-        .and_then(|e| e.data.clone())
-        .ok_or(ArchiveError::NoManifest {
-            path: path.to_path_buf(),
-        })?;
-    let dest = store_dir.join("checkpoints").join(format!("{name}.json"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&dest)
-        .and_then(|mut f| f.write_all(&manifest).map(|()| f))
-        .map_err(|source| ArchiveError::Write {
-            path: dest.clone(),
-            source,
-        })?;
-    let _ = f.flush();
-    Ok(())
 }
 
 impl From<ZipError> for RestoreError {

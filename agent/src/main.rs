@@ -451,8 +451,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 files_to: a.files_to.clone(),
             };
             let bar = Bar::new();
-            if a.lazy && (a.store.is_some() || cedana_agent::chunkzip::is_chunked(&a.archive)) {
-                return restore_lazily(a, &criu, &opts, &bar);
+            // A chunked archive's chunks are read where they lie in the zip, lazily or not; a
+            // store's checkpoint lazily through the same path.
+            let chunked = a.store.is_none() && cedana_agent::chunkzip::is_chunked(&a.archive);
+            if chunked || (a.lazy && a.store.is_some()) {
+                return restore_lazily(a, &criu, &opts, &bar, !a.lazy);
             }
             if a.lazy {
                 tracing::warn!(archive = %a.archive.display(), "restoring in full, not lazily: a plain archive's memory is not in chunks; `dump --chunked` or `dump --store` take checkpoints that restore lazily");
@@ -466,15 +469,6 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         &criu,
                         &url,
                         &name,
-                        &opts,
-                        rt.handle(),
-                        bar.as_progress(),
-                    )
-                }
-                None if cedana_agent::chunkzip::is_chunked(&a.archive) => {
-                    let rt = runtime()?;
-                    cedana_agent::chunkzip::restore_from_zip(
-                        &criu,
                         &opts,
                         rt.handle(),
                         bar.as_progress(),
@@ -799,12 +793,14 @@ struct LazyOutput {
     served: Option<cedana_agent::lazy::Served>,
 }
 
-/// `restore --lazy` of a chunked archive or a store's checkpoint.
+/// `restore [--lazy]` of a chunked archive, `restore --lazy` of a store's checkpoint; `full`:
+/// not lazily.
 fn restore_lazily(
     a: &RestoreArgs,
     criu: &cedana_agent::Criu,
     opts: &cedana_agent::RestoreOptions,
     bar: &Bar,
+    full: bool,
 ) -> Result<ExitCode, Failure> {
     use cedana_agent::lazy::{self, ChunkSource};
     let t0 = std::time::Instant::now();
@@ -844,7 +840,7 @@ fn restore_lazily(
         },
         ..opts.clone()
     };
-    let restored = lazy::restore(
+    let restored = lazy::restore_as(
         criu,
         source,
         manifest,
@@ -852,6 +848,7 @@ fn restore_lazily(
         &opts,
         &failed_log,
         bar.as_progress(),
+        full,
     )
     .map_err(restore_failure)?;
     let running_after_ms = t0.elapsed().as_millis();

@@ -157,6 +157,47 @@ impl Memory {
         Ok(())
     }
 
+    /// [`Memory::ensure`] of every range (image, start, end), the chunks fetched by several
+    /// threads at once; the first failure is returned.
+    fn fill(&self, ranges: &[(usize, u64, u64)]) -> Result<(), ChunkError> {
+        let slots: Vec<(usize, u64, u64)> = ranges
+            .iter()
+            .flat_map(|&(img, start, end)| {
+                self.images[img]
+                    .slots
+                    .iter()
+                    .filter(move |s| s.offset < end && s.offset + s.chunk.size > start)
+                    .map(move |s| (img, s.offset, s.offset + s.chunk.size))
+            })
+            .collect();
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<ChunkError>> = Mutex::new(None);
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                sc.spawn(|| loop {
+                    if failed.lock().expect("not poisoned").is_some() {
+                        return;
+                    }
+                    let Some(&(img, start, end)) = slots.get(next.fetch_add(1, Ordering::SeqCst))
+                    else {
+                        return;
+                    };
+                    if let Err(e) = self.ensure(img, start, end) {
+                        failed.lock().expect("not poisoned").get_or_insert(e);
+                        return;
+                    }
+                });
+            }
+        });
+        match failed.into_inner().expect("not poisoned") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// The answer to a request for `nr_pages` pages of task `pid` from `vaddr`: how many
     /// pages (fewer when the run ends sooner) and their bytes.
     fn serve(&self, pid: u64, vaddr: u64, nr_pages: u64) -> Result<(u64, Vec<u8>), LazyError> {
@@ -507,26 +548,31 @@ pub fn restore_as(
         full_because = Some("the checkpoint holds no memory CRIU restores lazily".into());
     }
 
-    // The page images: whole, or sparse with what CRIU reads itself filled in.
+    // The page images, made sparse and filled chunk by chunk (by several threads): the ones
+    // without lazy memory (or all, for a full restore) now, the others with what CRIU reads
+    // itself.
     let mut lazy_images = Vec::new();
     let mut image_of = HashMap::new();
+    let mut whole = Vec::new();
     for e in &manifest.entries {
         let Some(id) = pages_id(&e.name) else {
             continue;
         };
-        if full_because.is_some() || !lazy_ids.contains(&id) {
-            write_whole(&*source, e, held.path())?;
-            continue;
-        }
-        let size = maps
-            .values()
-            .find(|m| m.pages_id == id)
-            .map_or(0, |m| m.size(page));
-        if size != e.size {
-            return Err(corrupt(format!(
-                "{} is {} bytes, its pagemap says {size}",
-                e.name, e.size
-            )));
+        let lazy = full_because.is_none() && lazy_ids.contains(&id);
+        if lazy {
+            let size = maps
+                .values()
+                .find(|m| m.pages_id == id)
+                .map_or(0, |m| m.size(page));
+            if size != e.size {
+                return Err(corrupt(format!(
+                    "{} is {} bytes, its pagemap says {size}",
+                    e.name, e.size
+                )));
+            }
+            image_of.insert(id, lazy_images.len());
+        } else {
+            whole.push(lazy_images.len());
         }
         let path = held.path().join(&e.name);
         let file = create(&path)?;
@@ -549,7 +595,6 @@ pub fn restore_as(
                 s
             })
             .collect();
-        image_of.insert(id, lazy_images.len());
         lazy_images.push(LazyImage {
             name: e.name.clone(),
             file,
@@ -571,14 +616,15 @@ pub fn restore_as(
         bytes_fetched: AtomicU64::new(0),
         counting: AtomicBool::new(false),
     };
-    // What CRIU reads itself from the lazy images: the runs it does not leave to the daemon.
+    // What CRIU reads itself: the images without lazy memory, and from the others the runs
+    // it does not leave to the daemon.
+    let mut ranges: Vec<(usize, u64, u64)> = whole.iter().map(|i| (*i, 0, u64::MAX)).collect();
     for (map, img) in memory.tasks.values() {
         for r in map.runs.iter().filter(|r| !r.lazy) {
-            memory
-                .ensure(*img, r.offset, r.offset + r.pages * page)
-                .map_err(chunk_err)?;
+            ranges.push((*img, r.offset, r.offset + r.pages * page));
         }
     }
+    memory.fill(&ranges).map_err(chunk_err)?;
     progress.finish();
 
     let extracted = archive::Extracted::from_parts(manifest, held);
@@ -598,10 +644,9 @@ pub fn restore_as(
         let why = full_because.unwrap_or_default();
         warn!(checkpoint = %label.display(), "restoring in full, not lazily: {why}");
         // The memory not fetched yet, now.
-        for (i, im) in memory.images.iter().enumerate() {
-            memory.ensure(i, 0, u64::MAX).map_err(chunk_err)?;
-            let _ = im.file.sync_data();
-        }
+        let all: Vec<(usize, u64, u64)> =
+            (0..memory.images.len()).map(|i| (i, 0, u64::MAX)).collect();
+        memory.fill(&all).map_err(chunk_err)?;
         let (pid, criu_time) =
             restore::run_criu(criu, &req, opts, verify_time, failed_log, progress)?;
         return Ok(LazyRestore {
