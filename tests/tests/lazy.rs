@@ -564,3 +564,32 @@ fn an_agent_killed_during_a_lazy_restore_takes_the_task_with_it() {
         sb.staging_leftovers()
     );
 }
+
+/// A plain archive's memory is not in chunks: `restore --lazy` restores it in full, says so
+/// once, and the process runs on.
+#[test]
+fn a_plain_archive_asked_to_restore_lazily_restores_in_full_and_says_so() {
+    if !criu_ready("a_plain_archive_asked_to_restore_lazily_restores_in_full_and_says_so") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (task, log) = start(&sb, 16);
+    let archive = sb.dump(task.pid, &[]);
+    let (skip, from) = (lines(&log).len(), *counters(&log).last().unwrap());
+    let out = sb.agent(["restore".as_ref(), "--lazy".as_ref(), archive.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("restoring in full, not lazily").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(err.contains("plain archive"), "{err}");
+    let _restored = Task::new(parse_pid(&out));
+    assert_runs_on_whole(&log, skip, from..=from);
+    assert!(
+        sb.staging_leftovers().is_empty(),
+        "{:?}",
+        sb.staging_leftovers()
+    );
+}
