@@ -642,7 +642,11 @@ pub fn restore_as(
     };
     let Some((listener, daemon, layout)) = daemon else {
         let why = full_because.unwrap_or_default();
-        warn!(checkpoint = %label.display(), "restoring in full, not lazily: {why}");
+        if full {
+            info!(checkpoint = %label.display(), "restoring in full");
+        } else {
+            warn!(checkpoint = %label.display(), "restoring in full, not lazily: {why}");
+        }
         // The memory not fetched yet, now.
         let all: Vec<(usize, u64, u64)> =
             (0..memory.images.len()).map(|i| (i, 0, u64::MAX)).collect();
