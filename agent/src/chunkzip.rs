@@ -175,6 +175,14 @@ fn pack(
     )))
 }
 
+/// How CRIU's command line spells an option's value (its serde name).
+fn cli_word<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// A shell word for `s`.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -184,18 +192,28 @@ fn quote(s: &str) -> String {
 /// name when `b3sum` is installed), then says how to restore with CRIU.
 pub fn script(manifest: &Manifest) -> String {
     let c = &manifest.criu;
-    let mut flags = vec!["--restore-detached"];
+    let mut flags = vec!["--restore-detached".to_string()];
     if c.shell_job {
-        flags.push("--shell-job");
+        flags.push("--shell-job".into());
     }
     if c.tcp_established {
-        flags.push("--tcp-established");
+        flags.push("--tcp-established".into());
     }
     if c.tcp_close {
-        flags.push("--tcp-close");
+        flags.push("--tcp-close".into());
     }
     if c.ext_unix_sk {
-        flags.push("--ext-unix-sk");
+        flags.push("--ext-unix-sk".into());
+    }
+    if let Some(m) = c.manage_cgroups {
+        flags.push(format!("--manage-cgroups={}", cli_word(&m)));
+    }
+    if let Some(m) = c.network_lock {
+        flags.push(format!("--network-lock={}", cli_word(&m)));
+    }
+    if !c.external.is_empty() {
+        // Declared at the dump; the restore names them its own way (mnt[KEY]:PATH, …).
+        flags.push("--external RESOURCE (one per resource the dump declared external)".into());
     }
     let mut s = format!(
         "#!/bin/sh\n\

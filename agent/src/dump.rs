@@ -20,17 +20,7 @@ use crate::process::{ProcessError, ProcessInfo};
 use crate::progress::Progress;
 use crate::{files, staging};
 
-/// What happens to established TCP connections.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TcpMode {
-    /// A tree with established connections cannot be dumped (CRIU's default).
-    #[default]
-    Refuse,
-    /// Dump them with their state (`tcp_established`); restore needs the same addresses.
-    Established,
-    /// Close them on restore (`tcp_close`).
-    Close,
-}
+pub use cedana_protocol::{CriuOptions, TcpMode};
 
 /// Options of a dump.
 #[derive(Clone, Debug)]
@@ -40,9 +30,8 @@ pub struct DumpOptions {
     pub dir: PathBuf,
     pub leave_running: bool,
     pub compression: Compression,
-    pub tcp: TcpMode,
-    /// Let CRIU dump connections to unix sockets outside the tree.
-    pub ext_unix_sk: bool,
+    /// TCP connections, external unix sockets, cgroups, externals… (`CriuOptions::check`ed).
+    pub criu: CriuOptions,
     /// Where CRIU writes images before they are archived (see [`staging::root`]).
     pub staging: Option<PathBuf>,
     /// A folder to carry in the checkpoint as of the dump (see [`crate::files`]).
@@ -191,10 +180,8 @@ impl Target {
             images_dir: images.to_path_buf(),
             leave_running: opts.leave_running && !resume_after_files,
             leave_stopped: !opts.leave_running || resume_after_files,
-            tcp_established: opts.tcp == TcpMode::Established,
-            tcp_close: opts.tcp == TcpMode::Close,
             shell_job: self.shell_job,
-            ext_unix_sk: opts.ext_unix_sk,
+            criu: opts.criu.clone(),
         };
         (req, resume_after_files)
     }
@@ -248,9 +235,12 @@ impl Target {
             criu: ManifestCriu {
                 version: criu_version,
                 shell_job: self.shell_job,
-                tcp_established: req.tcp_established,
-                tcp_close: req.tcp_close,
-                ext_unix_sk: req.ext_unix_sk,
+                tcp_established: req.criu.tcp == TcpMode::Established,
+                tcp_close: req.criu.tcp == TcpMode::Close,
+                ext_unix_sk: req.criu.ext_unix_sk,
+                manage_cgroups: req.criu.manage_cgroups,
+                network_lock: req.criu.network_lock,
+                external: req.criu.external.clone(),
                 pid_namespace: info.pid_namespace_init,
             },
             cpu,

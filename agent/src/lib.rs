@@ -26,10 +26,10 @@ pub mod zipfmt;
 use std::path::{Path, PathBuf};
 
 pub use archive::{host_info, Manifest};
-pub use cedana_protocol::{Compression, Config};
+pub use cedana_protocol::{CgroupMode, Compression, Config, CriuOptions, NetworkLock};
 pub use criu::Criu;
 pub use dump::{dump, DumpOptions, DumpOutcome, TcpMode};
-pub use restore::{restore, RestoreOptions, RestoreOutcome};
+pub use restore::{restore, RestoreCriu, RestoreOptions, RestoreOutcome};
 
 /// Environment variable naming the CRIU binary.
 pub const CRIU_ENV: &str = "CEDANA_CRIU";

@@ -162,15 +162,29 @@ struct DumpArgs {
     /// Compression of the archive's entries
     #[arg(long, value_enum, default_value_t = Compression::None)]
     compress: Compression,
-    /// Checkpoint established TCP connections with their state
+    /// Checkpoint established TCP connections with their state: they come back open, which
+    /// needs the same addresses (restore with --tcp-close elsewhere)
     #[arg(long, conflicts_with = "tcp_close")]
     tcp_established: bool,
-    /// Let established TCP connections be closed on restore instead
+    /// Leave established TCP connections out: they come back closed and the peers reconnect
+    /// (what a move to another host needs)
     #[arg(long)]
     tcp_close: bool,
     /// Allow connections to unix sockets outside the process tree (e.g. /dev/log)
     #[arg(long)]
     ext_unix_sk: bool,
+    /// Leave half-open (in-flight) TCP connections out of the checkpoint
+    #[arg(long)]
+    skip_in_flight: bool,
+    /// Open files whose name was deleted or replaced are linked back under a new name
+    /// instead of failing the dump
+    #[arg(long)]
+    link_remap: bool,
+    /// Largest deleted-but-open file carried in the checkpoint, bytes [CRIU's default: 1 MiB]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..))]
+    ghost_limit: Option<u32>,
+    #[command(flatten)]
+    both: CriuBoth,
     /// Where CRIU writes images before archiving [default: $CEDANA_STAGING_DIR, else DIR]
     #[arg(long, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
@@ -223,6 +237,12 @@ struct RestoreArgs {
     /// replaced.
     #[arg(long, value_name = "FOLDER")]
     files_to: Option<PathBuf>,
+    /// Established TCP connections the checkpoint holds come back closed (the peers
+    /// reconnect): for a checkpoint dumped with --tcp-established restored on another host
+    #[arg(long)]
+    tcp_close: bool,
+    #[command(flatten)]
+    both: CriuBoth,
     /// Restore lazily: the process runs again as soon as its state is back, and its memory
     /// follows, each page fetched (and checked) when first touched and the rest in the
     /// background. Needs a chunked checkpoint (`dump --chunked` or `dump --store`) and a
@@ -234,6 +254,25 @@ struct RestoreArgs {
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
+}
+
+/// CRIU options of both a dump and a restore (a restore takes the dump's by default).
+#[derive(Args, Clone)]
+struct CriuBoth {
+    /// How CRIU handles the tree's cgroups (`--manage-cgroups`) [default: CRIU's, soft; a
+    /// restore: the dump's]
+    #[arg(long, value_enum, value_name = "MODE")]
+    manage_cgroups: Option<cedana_agent::CgroupMode>,
+    /// How the network is locked while the tree is dumped or restored (`--network-lock`)
+    /// [default: nftables with --tcp-established; a restore: the dump's]
+    #[arg(long, value_enum, value_name = "METHOD")]
+    network_lock: Option<cedana_agent::NetworkLock>,
+    /// A resource outside the tree, as CRIU spells it (`--external`), repeatable: at the dump
+    /// e.g. `mnt[/data]:data`, `dev[8/1]:disk`, `unix[INO]`; the restore names each again its
+    /// own way (`mnt[data]:/data`). Recorded in the checkpoint, so a restore that forgets
+    /// them is refused before anything changes
+    #[arg(long = "external", value_name = "RESOURCE")]
+    external: Vec<String>,
 }
 
 #[derive(Args)]
@@ -352,6 +391,28 @@ fn criu(cli: &Cli, config: &Config) -> Result<cedana_agent::Criu, Failure> {
         .map_err(|e| Failure::new(5, "environment", e))
 }
 
+/// The CRIU options `dump` was given, checked.
+fn dump_criu_options(a: &DumpArgs) -> Result<cedana_agent::CriuOptions, Failure> {
+    let o = cedana_agent::CriuOptions {
+        tcp: if a.tcp_established {
+            TcpMode::Established
+        } else if a.tcp_close {
+            TcpMode::Close
+        } else {
+            TcpMode::Refuse
+        },
+        ext_unix_sk: a.ext_unix_sk,
+        link_remap: a.link_remap,
+        ghost_limit: a.ghost_limit,
+        skip_in_flight: a.skip_in_flight,
+        manage_cgroups: a.both.manage_cgroups,
+        network_lock: a.both.network_lock,
+        external: a.both.external.clone(),
+    };
+    o.check().map_err(|e| Failure::new(2, "usage", e))?;
+    Ok(o)
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match &cli.command {
         Command::Dump(a) => {
@@ -367,14 +428,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 dir,
                 leave_running: a.leave_running,
                 compression: a.compress,
-                tcp: if a.tcp_established {
-                    TcpMode::Established
-                } else if a.tcp_close {
-                    TcpMode::Close
-                } else {
-                    TcpMode::Refuse
-                },
-                ext_unix_sk: a.ext_unix_sk,
+                criu: dump_criu_options(a)?,
                 staging: a.staging_dir.clone(),
                 files: a.with_files.clone(),
                 files_exclude: Vec::new(),
@@ -449,6 +503,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 staging: a.staging_dir.clone(),
                 as_child: false,
                 files_to: a.files_to.clone(),
+                criu: cedana_agent::RestoreCriu {
+                    tcp_close: a.tcp_close,
+                    manage_cgroups: a.both.manage_cgroups,
+                    network_lock: a.both.network_lock,
+                    external: a.both.external.clone(),
+                },
             };
             let bar = Bar::new();
             // A chunked archive's chunks are read where they lie in the zip, lazily or not; a
@@ -957,6 +1017,8 @@ fn restore_failure(e: RestoreError) -> Failure {
         | RestoreError::Cpu { .. }
         | RestoreError::NoCpuInfo { .. }
         | RestoreError::PidTaken { .. }
+        | RestoreError::ExternalsNeeded { .. }
+        | RestoreError::Options { .. }
         | RestoreError::Files { .. } => Failure::new(3, "input", e),
         RestoreError::Criu { .. } => Failure::new(4, "criu", e),
         RestoreError::Store(ref s) => Failure::new(store_failure_code(s), "store", e),

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::info;
 
-use crate::archive::{self, ArchiveError, Manifest};
+use cedana_protocol::{CgroupMode, CriuOptions, NetworkLock, TcpMode};
+
+use crate::archive::{self, ArchiveError, Manifest, ManifestCriu};
 use crate::criu::{self, Criu, CriuError, RestoreRequest};
 use crate::dump::{keep_log, millis};
 use crate::progress::Progress;
@@ -23,6 +25,48 @@ pub struct RestoreOptions {
     /// Put the files the checkpoint carries back under this folder (normally the folder they
     /// were carried from) before CRIU runs; without it they are not put back.
     pub files_to: Option<PathBuf>,
+    /// The restorer's own CRIU choices, over what the checkpoint asks for.
+    pub criu: RestoreCriu,
+}
+
+/// CRIU options a restore chooses itself, over those the checkpoint's manifest records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreCriu {
+    /// Connections dumped established come back closed (`--tcp-close`): what a restore on
+    /// another host needs.
+    pub tcp_close: bool,
+    /// `--manage-cgroups MODE` [default: the dump's].
+    pub manage_cgroups: Option<CgroupMode>,
+    /// `--network-lock METHOD` [default: the dump's].
+    pub network_lock: Option<NetworkLock>,
+    /// `--external` resources in the restore's spelling (`mnt[KEY]:PATH`, …); needed when the
+    /// dump declared some.
+    pub external: Vec<String>,
+}
+
+impl RestoreCriu {
+    /// What CRIU is asked for: the manifest's options with these over them. A dump that
+    /// declared external resources needs them named again (in the restore's spelling).
+    pub fn over(&self, m: &ManifestCriu, path: &Path) -> Result<CriuOptions, RestoreError> {
+        let mut o = m.restore_options();
+        if self.tcp_close && o.tcp == TcpMode::Established {
+            o.tcp = TcpMode::Close;
+        }
+        o.manage_cgroups = self.manage_cgroups.or(o.manage_cgroups);
+        o.network_lock = self.network_lock.or(o.network_lock);
+        if !m.external.is_empty() && self.external.is_empty() {
+            return Err(RestoreError::ExternalsNeeded {
+                path: path.to_path_buf(),
+                declared: m.external.join(" "),
+            });
+        }
+        o.external = self.external.clone();
+        o.check().map_err(|e| RestoreError::Options {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(o)
+    }
 }
 
 /// The result of a successful restore.
@@ -73,6 +117,10 @@ pub enum RestoreError {
     /// A chunk of a checkpoint read chunk by chunk ([`crate::lazy`]).
     #[error(transparent)]
     Chunk(crate::lazy::ChunkError),
+    #[error("archive {path} was dumped with external resources ({declared}): name each again with --external in the restore's spelling (a mount dumped as mnt[PATH]:KEY is restored with mnt[KEY]:PATH); nothing was changed")]
+    ExternalsNeeded { path: PathBuf, declared: String },
+    #[error("restore of {path}: {reason}")]
+    Options { path: PathBuf, reason: String },
     #[error("archive {path}: {source}")]
     Files {
         path: PathBuf,
@@ -152,6 +200,7 @@ pub(crate) fn prepare(
 ) -> Result<RestoreRequest, RestoreError> {
     let path = &opts.archive;
     let images = extracted.images_dir();
+    let criu_opts = opts.criu.over(&extracted.manifest.criu, path)?;
     progress.stage("checking CPU compatibility", None);
     if !images.join(criu::images::CPUINFO_IMG).is_file() {
         progress.finish();
@@ -189,10 +238,8 @@ pub(crate) fn prepare(
     }
     Ok(RestoreRequest {
         images_dir: images,
-        tcp_established: m.criu.tcp_established,
-        tcp_close: m.criu.tcp_close,
         shell_job: m.criu.shell_job,
-        ext_unix_sk: m.criu.ext_unix_sk,
+        criu: criu_opts,
         as_sibling: opts.as_child,
         lazy_pages: false,
     })

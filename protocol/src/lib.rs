@@ -5,6 +5,7 @@
 //! - [`layout`]: the streams and buckets both sides make, and the stored publish;
 //! - [`config`]: the original's `cedana_config.json`, and [`Secret`];
 //! - [`url`]: [`NatsUrl`], the one parser of NATS URL lists;
+//! - [`criu`]: CRIU's options a dump or restore asks for (command line, commands, manifest);
 //! - [`ids`]: ids and the randomness they are made of; [`stamp`]: time stamps.
 //!
 //! Neither the agent nor the driver spells a subject or a message of its own; both depend on
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod control;
+pub mod criu;
 pub mod ids;
 pub mod layout;
 pub mod names;
@@ -20,6 +22,7 @@ pub mod url;
 pub mod wire;
 
 pub use config::{Config, Secret};
+pub use criu::{CgroupMode, CriuOptions, CriuOptionsError, NetworkLock, TcpMode};
 pub use ids::{
     new_chunks_id, random_bytes, random_hex, sanitize, valid_chunks_id, valid_id, valid_object_part,
 };

@@ -73,6 +73,10 @@ pub enum Command {
         /// checkpoint while it is stored. Absent: the worker picks one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         chunks: Option<String>,
+        /// CRIU's options; absent: the worker's for tasks (TCP connections left out, back
+        /// closed after a restore; see the agent's `task_criu_options`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        criu: Option<crate::CriuOptions>,
     },
     /// Start reading the checkpoint whose chunks are `chunks` while another worker stores it
     /// (verified and extracted as it arrives into this worker's staging folder). Answered at
@@ -139,6 +143,12 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// [`Command::Restore`] refused the checkpoint itself: part of it is missing or damaged
+    /// (the message names it). An earlier checkpoint may restore.
+    BadCheckpoint {
+        task: String,
+        message: String,
+    },
 }
 
 /// Something a worker tells the driver.
@@ -152,6 +162,11 @@ pub enum Event {
         task: String,
         code: Option<i32>,
         signal: Option<i32>,
+        /// The task was restored lazily and ended by its worker because part of its memory
+        /// could not be had (a chunk that failed its check, a store that stopped answering):
+        /// why. The checkpoint it came from cannot be trusted; the task did not fail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restore_failed: Option<String>,
     },
     /// Output of a task (lines, in order).
     Log { task: String, data: String },

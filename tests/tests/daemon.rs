@@ -259,7 +259,8 @@ fn task_output_and_exit_code_are_reported() {
             Event::TaskExited {
                 task: "t1".into(),
                 code: Some(3),
-                signal: None
+                signal: None,
+                restore_failed: None,
             }
         );
         assert_eq!(logs, "hello\nbye\n");
@@ -411,6 +412,7 @@ fn checkpoint_moves_a_task_between_workers() {
                     leave_running: false,
                     compression: cedana_agent::Compression::Zstd,
                     chunks: Some(chunks),
+                    criu: None,
                 },
                 60,
             )
@@ -575,6 +577,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                     leave_running: false,
                     compression: cedana_agent::Compression::None,
                     chunks: None,
+                    criu: None,
                 },
                 60,
             )
@@ -1033,6 +1036,7 @@ fn a_restarted_daemon_takes_back_its_tasks() {
                     leave_running: true,
                     compression: protocol::Compression::Zstd,
                     chunks: None,
+                    criu: None,
                 },
                 60,
             )
@@ -1071,7 +1075,8 @@ fn a_restarted_daemon_takes_back_its_tasks() {
             Event::TaskExited {
                 task: "t1".into(),
                 code: Some(5),
-                signal: None
+                signal: None,
+                restore_failed: None,
             }
         );
         assert!(lines.contains("line 60\n"), "{lines}");
@@ -1332,6 +1337,7 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
                         leave_running: true,
                         compression: cedana_agent::Compression::Zstd,
                         chunks: None,
+                        criu: None,
                     },
                     120,
                 )
@@ -1363,4 +1369,278 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
         log.contains("written in place during the checkpoint"),
         "no try met the rewrite: {log}"
     );
+}
+
+/// A worker with a checkpoint store restores lazily; a chunk of the task's memory damaged in
+/// the store ends the restored task, and its exit says why (naming the chunk), so the driver
+/// recovers from an earlier checkpoint instead of calling the task failed.
+#[test]
+fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
+    if !criu_ready("a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("job");
+    std::fs::create_dir_all(&work).unwrap();
+    let store = sb.path().join("store");
+    let store_s = store.to_str().unwrap();
+    let _w1 = AgentDaemon::start_with(
+        &nats,
+        &nats.token,
+        "joblz",
+        "w1",
+        &work,
+        &["--store", store_s],
+    );
+    let work2 = sb.path().join("job2");
+    std::fs::create_dir_all(&work2).unwrap();
+    let w2 = AgentDaemon::start_with(
+        &nats,
+        &nats.token,
+        "joblz",
+        "w2",
+        &work2,
+        &["--store", store_s],
+    );
+    let py = work.join("mem.py");
+    std::fs::write(
+        &py,
+        "import os, time\nbuf = bytearray(os.urandom(128 << 20))\nprint('ready', flush=True)\nwhile True:\n    time.sleep(0.1)\n    print(sum(buf[::4096]), flush=True)\n",
+    )
+    .unwrap();
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "joblz").await;
+        drv.wait_registered("w1").await;
+        drv.wait_registered("w2").await;
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "mem".into(),
+                    cmd: format!("exec python3 {}", py.display()),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        let log = work.join("mem.log");
+        wait_until(Duration::from_secs(30), "the task to be ready", || {
+            std::fs::read_to_string(&log).is_ok_and(|s| s.contains("ready"))
+        });
+        let r = drv
+            .call(
+                "w1",
+                "ckpt",
+                Command::Checkpoint {
+                    task: "mem".into(),
+                    leave_running: false,
+                    compression: cedana_agent::Compression::Zstd,
+                    chunks: None,
+                    criu: None,
+                },
+                120,
+            )
+            .await;
+        let Reply::Checkpointed { object, .. } = r else {
+            panic!("the checkpoint failed: {r:?}")
+        };
+        // A chunk in the middle of the largest page image: the task's private memory.
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
+        )
+        .unwrap();
+        let pages = manifest["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+            .max_by_key(|e| e["size"].as_u64().unwrap())
+            .unwrap()
+            .clone();
+        let chunks = pages["chunks"].as_array().unwrap();
+        let victim = chunks[chunks.len() / 2]["id"].as_str().unwrap().to_string();
+        let path = store.join("chunks").join(&victim);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(&path, bytes).unwrap();
+
+        let r = drv
+            .call(
+                "w2",
+                "restore",
+                Command::Restore {
+                    task: "mem".into(),
+                    object,
+                },
+                120,
+            )
+            .await;
+        assert!(
+            matches!(r, Reply::Restored { lazy: true, .. }),
+            "w2 restores lazily: {r:?}\n{}",
+            w2.stderr()
+        );
+        let exit = drv
+            .next(
+                60,
+                |e| matches!(&e.event, Event::TaskExited { task, .. } if task == "mem"),
+            )
+            .await;
+        let Event::TaskExited {
+            restore_failed: Some(why),
+            ..
+        } = &exit.event
+        else {
+            panic!("the exit says the restore failed: {exit:?}")
+        };
+        assert!(why.contains(&victim), "names the chunk {victim}: {why}");
+        assert_eq!(exit.worker, "w2");
+    });
+}
+
+/// A task holding a TCP connection (to a metrics service, a client's to its server): a
+/// checkpoint asked to refuse connections fails and leaves it running; by default the
+/// connection is left out, the checkpoint is taken, and after the restore on another worker the
+/// connection is back closed and the task reconnects.
+#[test]
+fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() {
+    if !criu_ready("a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move") {
+        return;
+    }
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("job");
+    std::fs::create_dir_all(&work).unwrap();
+    let _w1 = AgentDaemon::start(&nats, &nats.token, "jobtcp", "w1", &work);
+    let w2 = AgentDaemon::start(&nats, &nats.token, "jobtcp", "w2", &work);
+    // The service the task reports to: counts the connections it is given.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(16) {
+                let Ok(mut conn) = conn else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        });
+    }
+    std::fs::write(
+        work.join("reporter.py"),
+        format!(
+            "import socket, time\n\
+             def connect():\n    return socket.create_connection(('127.0.0.1', {port}))\n\
+             s = connect()\n\
+             i = 0\n\
+             while True:\n    i += 1\n    print(i, flush=True)\n\
+             \x20   try:\n        s.sendall(b'%d\\n' % i)\n\
+             \x20   except OSError as e:\n        print('reconnecting after', e, flush=True)\n        s = connect()\n\
+             \x20   time.sleep(0.05)\n"
+        ),
+    )
+    .unwrap();
+    let log = work.join("reporter.log");
+    let wait_accepted = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while accepted.load(Ordering::SeqCst) < n && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        accepted.load(Ordering::SeqCst)
+    };
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobtcp").await;
+        drv.wait_registered("w1").await;
+        drv.wait_registered("w2").await;
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "reporter".into(),
+                    cmd: "exec python3 reporter.py".into(),
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        assert_eq!(wait_accepted(1), 1, "the task connects");
+        wait_for_numbers(&log, 5);
+        // Asked to refuse connections, CRIU refuses, and says what would do.
+        let r = drv
+            .call(
+                "w1",
+                "ckpt-refuse",
+                Command::Checkpoint {
+                    task: "reporter".into(),
+                    leave_running: false,
+                    compression: cedana_agent::Compression::Zstd,
+                    chunks: None,
+                    criu: Some(protocol::CriuOptions::default()),
+                },
+                60,
+            )
+            .await;
+        let Reply::Error { message } = &r else {
+            panic!("a connection refused by the options: {r:?}")
+        };
+        assert!(message.contains("--tcp-established"), "{message}");
+        let n = numbers(&log).len();
+        wait_for_numbers(&log, n + 5);
+        // By default the connection is left out of the checkpoint.
+        let r = drv
+            .call(
+                "w1",
+                "ckpt",
+                Command::Checkpoint {
+                    task: "reporter".into(),
+                    leave_running: false,
+                    compression: cedana_agent::Compression::Zstd,
+                    chunks: None,
+                    criu: None,
+                },
+                60,
+            )
+            .await;
+        let Reply::Checkpointed { object, .. } = r else {
+            panic!("{r:?}")
+        };
+        let r = drv
+            .call(
+                "w2",
+                "rst",
+                Command::Restore {
+                    task: "reporter".into(),
+                    object,
+                },
+                60,
+            )
+            .await;
+        assert!(
+            matches!(r, Reply::Restored { .. }),
+            "{r:?}\n{}",
+            w2.stderr()
+        );
+        let n = numbers(&log).len();
+        wait_for_numbers(&log, n + 10);
+    });
+    assert_eq!(
+        wait_accepted(2),
+        2,
+        "the restored task reconnects: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("reconnecting after"), "{text}");
+    assert_unbroken(&numbers(&log), "the reporter's count across the move");
 }

@@ -672,3 +672,106 @@ fn a_job_checkpoints_into_s3_migrates_and_recovers_from_it() {
         "pruned to the newest: {listed:?}"
     );
 }
+
+/// A lazy restore that fails (the newest checkpoint's own chunks damaged in the store): the
+/// worker ends the restored task and says why, and the driver recovers from the checkpoint
+/// before it rather than calling the task failed; the count goes on unbroken.
+#[test]
+fn a_failed_lazy_restore_recovers_from_the_checkpoint_before() {
+    if !criu_ready("a_failed_lazy_restore_recovers_from_the_checkpoint_before") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let store = sb.path().join("store");
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"checkpoint_store": {"url": format!("file://{}", store.display())}})
+            .to_string(),
+    )
+    .unwrap();
+    let mut d = BackgroundDriver::start(
+        sb.path(),
+        Some(&cfg),
+        &["--checkpoint-every", "1"],
+        &example("managed.rhai"),
+    );
+    d.wait_record(Duration::from_secs(60), "three checkpoints", |r| {
+        checkpoints(r) >= 3
+    });
+    // The worker's agent is stopped first, so that no checkpoint is taken while the newest is
+    // damaged; the newest is the one the job's record counts on.
+    let r = d.record().unwrap();
+    let daemon = r["workers"][0]["pid"].as_i64().unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let r = d.record().unwrap();
+    let job = r["job"].as_str().unwrap().to_string();
+    let dir = store.join(&job);
+    let manifest = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("checkpoints").join(name)).unwrap()).unwrap()
+    };
+    let chunks = |m: &serde_json::Value, pages_only: bool| -> std::collections::BTreeSet<String> {
+        m["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| !pages_only || e["name"].as_str().unwrap().starts_with("images/pages-"))
+            .flat_map(|e| e["chunks"].as_array().unwrap().clone())
+            .map(|c| c["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let damaged = r["checkpoints"].as_array().unwrap().last().unwrap()["object"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.len() >= 2 && names.contains(&format!("{damaged}.json")),
+        "{damaged} among {names:?}"
+    );
+    let newest = manifest(&format!("{damaged}.json"));
+    let mut older = std::collections::BTreeSet::new();
+    for n in names.iter().filter(|n| **n != format!("{damaged}.json")) {
+        older.extend(chunks(&manifest(n), false));
+    }
+    // The newest checkpoint's own memory: what no other checkpoint names.
+    let own: Vec<String> = chunks(&newest, true).difference(&older).cloned().collect();
+    assert!(
+        !own.is_empty(),
+        "the newest checkpoint has memory of its own"
+    );
+    for id in &own {
+        let path = dir.join("chunks").join(id);
+        let mut b = std::fs::read(&path).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x5a;
+        std::fs::write(&path, b).unwrap();
+    }
+    kill9(r["task"]["pid"].as_i64().unwrap());
+    kill9(daemon);
+    assert_eq!(d.wait(Duration::from_secs(180)), Some(0), "{}", d.stderr());
+    assert_counted_to(&d.stdout(), 60);
+    let said = format!("{}{}", d.stdout(), d.stderr());
+    assert!(
+        said.contains("cannot be restored (") && said.contains("recovering from"),
+        "the failed restore is said, and the recovery: {said}"
+    );
+    let r = d.record().unwrap();
+    assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
+    assert!(
+        r["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["object"].as_str() != Some(damaged.as_str())),
+        "the damaged checkpoint {damaged} is no longer one the job counts on: {r}"
+    );
+}

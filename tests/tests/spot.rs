@@ -364,6 +364,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                 leave_running: true,
                 compression: cedana_agent::Compression::Zstd,
                 chunks: None,
+                criu: None,
             },
         )
         .await;

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cedana_protocol::{CgroupMode, CriuOptions, NetworkLock, TcpMode};
 use serde::{Deserialize, Serialize};
 
 use crate::criu::images::CpuInfo;
@@ -169,6 +170,35 @@ pub struct ManifestCriu {
     pub ext_unix_sk: bool,
     /// The tree was the init of its own PID namespace (restorable side by side).
     pub pid_namespace: bool,
+    /// `--manage-cgroups` mode of the dump; the restore uses it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manage_cgroups: Option<CgroupMode>,
+    /// `--network-lock` method of the dump; the restore unlocks with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_lock: Option<NetworkLock>,
+    /// Resources the dump declared external (`--external`): the restore must name them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external: Vec<String>,
+}
+
+impl ManifestCriu {
+    /// What the restore needs, before the restorer's own choices.
+    pub fn restore_options(&self) -> CriuOptions {
+        CriuOptions {
+            tcp: if self.tcp_established {
+                TcpMode::Established
+            } else if self.tcp_close {
+                TcpMode::Close
+            } else {
+                TcpMode::Refuse
+            },
+            ext_unix_sk: self.ext_unix_sk,
+            manage_cgroups: self.manage_cgroups,
+            network_lock: self.network_lock,
+            external: self.external.clone(),
+            ..CriuOptions::default()
+        }
+    }
 }
 
 /// `manifest.json`.

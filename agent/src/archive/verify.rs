@@ -616,6 +616,14 @@ pub(crate) fn check_names(
             reason: format!("its manifest has entry {twice:?} listed twice"),
         });
     }
+    manifest
+        .criu
+        .restore_options()
+        .check()
+        .map_err(|e| ArchiveError::BadManifest {
+            path: path.to_path_buf(),
+            reason: format!("its CRIU options: {e}"),
+        })?;
     for e in &manifest.entries {
         if !safe_entry_name(&e.name) || e.name == MANIFEST {
             return Err(ArchiveError::UnsafeEntry {

@@ -12,6 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use cedana_protocol::{CriuOptions, NetworkLock, TcpMode};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
 use prost::Message;
 use serde::Serialize;
@@ -108,26 +109,52 @@ pub struct DumpRequest {
     pub leave_running: bool,
     /// Leave the tree frozen (SIGSTOP) after the dump instead of killing it.
     pub leave_stopped: bool,
-    pub tcp_established: bool,
-    pub tcp_close: bool,
     pub shell_job: bool,
-    pub ext_unix_sk: bool,
+    /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]).
+    pub criu: CriuOptions,
 }
 
 /// Options of a restore request.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreRequest {
     pub images_dir: PathBuf,
-    pub tcp_established: bool,
-    pub tcp_close: bool,
     pub shell_job: bool,
-    pub ext_unix_sk: bool,
+    /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]); the
+    /// dump-only ones are ignored.
+    pub criu: CriuOptions,
     /// Restore the tree as a child of the calling process (needs a subreaper to reap it);
     /// otherwise it is a child of `criu` and is reparented when `criu` exits.
     pub as_sibling: bool,
     /// Leave private anonymous memory to CRIU's lazy-pages daemon (already listening on the
     /// images folder's `lazy-pages.socket`): the tree runs before that memory is back.
     pub lazy_pages: bool,
+}
+
+/// Puts `o` into CRIU's options; `dump`: the dump-only ones too. Established connections are
+/// locked with nftables unless another method is named (iptables is often missing).
+fn apply(opts: &mut proto::Opts, o: &CriuOptions, dump: bool) {
+    opts.tcp_established = Some(o.tcp == TcpMode::Established);
+    opts.tcp_close = Some(o.tcp == TcpMode::Close);
+    opts.ext_unix_sk = Some(o.ext_unix_sk);
+    opts.network_lock = match (o.network_lock, o.tcp) {
+        (Some(m), _) => Some(m.rpc()),
+        (None, TcpMode::Established) => Some(NetworkLock::Nftables.rpc()),
+        (None, _) => None,
+    };
+    if let Some(m) = o.manage_cgroups {
+        opts.manage_cgroups = Some(true);
+        opts.manage_cgroups_mode = Some(m.rpc());
+    }
+    opts.external = o.external.clone();
+    if dump {
+        if o.link_remap {
+            opts.link_remap = Some(true);
+        }
+        opts.ghost_limit = o.ghost_limit;
+        if o.skip_in_flight {
+            opts.tcp_skip_in_flight = Some(true);
+        }
+    }
 }
 
 /// A CRIU installation driven through `criu swrk`.
@@ -230,15 +257,10 @@ impl Criu {
         opts.pid = Some(req_opts.pid);
         opts.leave_running = Some(req_opts.leave_running);
         opts.leave_stopped = Some(req_opts.leave_stopped && !req_opts.leave_running);
-        opts.tcp_established = Some(req_opts.tcp_established);
-        opts.tcp_close = Some(req_opts.tcp_close);
         opts.shell_job = Some(req_opts.shell_job);
-        opts.ext_unix_sk = Some(req_opts.ext_unix_sk);
         opts.file_locks = Some(true);
         opts.notify_scripts = Some(true);
-        if req_opts.tcp_established {
-            opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
-        }
+        apply(&mut opts, &req_opts.criu, true);
         let log = req_opts.images_dir.join(DUMP_LOG);
         self.call_notify(
             req(ReqType::Dump, Some(opts)),
@@ -256,19 +278,14 @@ impl Criu {
         on_notify: &mut dyn FnMut(&str),
     ) -> Result<i32, CriuError> {
         let mut opts = log_opts(&r.images_dir, RESTORE_LOG);
-        opts.tcp_established = Some(r.tcp_established);
-        opts.tcp_close = Some(r.tcp_close);
         opts.shell_job = Some(r.shell_job);
-        opts.ext_unix_sk = Some(r.ext_unix_sk);
         opts.file_locks = Some(true);
         opts.notify_scripts = Some(true);
         opts.rst_sibling = Some(r.as_sibling);
         if r.lazy_pages {
             opts.lazy_pages = Some(true);
         }
-        if r.tcp_established {
-            opts.network_lock = Some(proto::NetworkLockMethod::Nftables as i32);
-        }
+        apply(&mut opts, &r.criu, false);
         let log = r.images_dir.join(RESTORE_LOG);
         let resp = self.call_notify(
             req(ReqType::Restore, Some(opts)),
@@ -472,7 +489,7 @@ fn remedy(log: &str) -> Option<&'static str> {
     const KNOWN: &[(&str, &str)] = &[
         (
             "consider using --tcp-established",
-            "the process has an established TCP connection: dump with --tcp-established (and, on another host, restore with --tcp-close)",
+            "the process has an established TCP connection: dump with --tcp-close (it comes back closed and the peer reconnects) or --tcp-established (it comes back open on this host; elsewhere restore with --tcp-close)",
         ),
         (
             "Don't have tty to inherit session from",
@@ -491,8 +508,12 @@ fn remedy(log: &str) -> Option<&'static str> {
             "the process holds a UNIX socket connected outside its tree: dump with --ext-unix-sk",
         ),
         (
-            "ghost-limit",
-            "the process keeps a large deleted file open: close it, or let CRIU carry it (a higher ghost limit)",
+            "increase limit",
+            "the process keeps a deleted file open that is larger than CRIU carries by default (1 MiB): dump with --ghost-limit BYTES above its size",
+        ),
+        (
+            "Use link-remap option",
+            "the process keeps a file open whose name was removed while another link to it remains: dump with --link-remap (the file is linked back under a temporary name until the restore)",
         ),
     ];
     KNOWN
@@ -662,7 +683,12 @@ mod failure_tests {
             headline,
             "CRIU dump failed: inet: Connected TCP socket, consider using --tcp-established option."
         );
-        assert!(text.contains("What to do: the process has an established TCP connection: dump with --tcp-established"), "{text}");
+        assert!(
+            text.contains(
+                "What to do: the process has an established TCP connection: dump with --tcp-close"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("RLIMIT"), "{text}");
     }
 

@@ -23,15 +23,6 @@ pub enum ReqType {
     SinglePreDump = 13,
 }
 
-/// `criu_network_lock_method`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum NetworkLockMethod {
-    Iptables = 1,
-    Nftables = 2,
-    Skip = 3,
-}
-
 /// `criu_opts` (subset).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Opts {
@@ -55,19 +46,31 @@ pub struct Opts {
     pub log_file: Option<String>,
     #[prost(bool, optional, tag = "12")]
     pub notify_scripts: Option<bool>,
+    #[prost(bool, optional, tag = "18")]
+    pub link_remap: Option<bool>,
     #[prost(uint32, optional, tag = "20")]
     pub cpu_cap: Option<u32>,
     #[prost(bool, optional, tag = "26")]
     pub rst_sibling: Option<bool>,
     #[prost(message, repeated, tag = "27")]
     pub inherit_fd: Vec<InheritFd>,
+    #[prost(bool, optional, tag = "24")]
+    pub manage_cgroups: Option<bool>,
+    /// `criu_cg_mode`.
+    #[prost(int32, optional, tag = "34")]
+    pub manage_cgroups_mode: Option<i32>,
+    #[prost(uint32, optional, tag = "35")]
+    pub ghost_limit: Option<u32>,
     #[prost(string, repeated, tag = "37")]
     pub external: Vec<String>,
+    #[prost(bool, optional, tag = "46")]
+    pub tcp_skip_in_flight: Option<bool>,
     #[prost(bool, optional, tag = "48")]
     pub lazy_pages: Option<bool>,
     #[prost(bool, optional, tag = "52")]
     pub tcp_close: Option<bool>,
-    #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
+    /// `criu_network_lock_method`.
+    #[prost(int32, optional, tag = "64")]
     pub network_lock: Option<i32>,
     #[prost(string, optional, tag = "68")]
     pub images_dir: Option<String>,

@@ -78,7 +78,13 @@ async fn spot_interruption(w: &Arc<Worker>, notice: imds::InstanceAction) {
         "spot interruption notice: checkpointing every task now");
     let results = futures::future::join_all(tasks.into_iter().map(|task| async move {
         let r = w
-            .checkpoint(task.clone(), true, Compression::Zstd, None)
+            .checkpoint(
+                task.clone(),
+                true,
+                Compression::Zstd,
+                None,
+                super::worker::task_criu_options(),
+            )
             .await;
         (task, r)
     }))

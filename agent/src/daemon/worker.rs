@@ -24,9 +24,9 @@ use super::prefetch::Prefetches;
 use super::reaper::Reaper;
 use super::receive::{extract_file, receive};
 use crate::criu::Criu;
-use crate::dump::{self, DumpOptions, TcpMode};
+use crate::dump::{self, CriuOptions, DumpOptions, TcpMode};
 use crate::progress::NoProgress;
-use crate::restore::{self, RestoreOptions};
+use crate::restore::{self, RestoreCriu, RestoreError, RestoreOptions};
 use crate::zipfmt::Sink;
 use crate::{exec, objstore};
 
@@ -62,6 +62,9 @@ pub(super) struct Worker {
     /// Large carried files a task was seen writing in place while a checkpoint was stored:
     /// copied while it is stopped from then on (see [`crate::files::snapshot`]).
     volatile: Mutex<Vec<PathBuf>>,
+    /// Lazily restored tasks ended because their memory could not all be had: why (said with
+    /// their exit).
+    restore_failures: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Worker {
@@ -86,6 +89,7 @@ impl Worker {
             prefetches: Default::default(),
             frozen: Default::default(),
             volatile: Default::default(),
+            restore_failures: Default::default(),
         }
     }
 
@@ -223,8 +227,13 @@ impl Worker {
                 leave_running,
                 compression,
                 chunks,
+                criu,
             } => {
-                self.checkpoint(task, leave_running, compression, chunks)
+                let criu = criu.unwrap_or_else(task_criu_options);
+                if let Err(e) = criu.check() {
+                    return Err(format!("checkpoint of task {task:?}: {e}"));
+                }
+                self.checkpoint(task, leave_running, compression, chunks, criu)
                     .await
             }
             Command::Prefetch { chunks } => self.prefetch(chunks),
@@ -388,12 +397,18 @@ impl Worker {
             let _ = done_tx.send(true);
             let _ = tail.await;
             let checkpointed = me.tasks().remove(&task).is_some_and(|t| t.checkpointed);
+            let restore_failed = me
+                .restore_failures
+                .lock()
+                .expect("not poisoned")
+                .remove(&task);
             if let (Some((code, signal)), false) = (status, checkpointed) {
                 me.events
                     .publish(Event::TaskExited {
                         task: task.clone(),
                         code,
                         signal,
+                        restore_failed,
                     })
                     .await;
             }
@@ -467,11 +482,18 @@ impl Worker {
         leave_running: bool,
         compression: Compression,
         chunks: Option<String>,
+        criu: CriuOptions,
     ) -> Result<Reply, String> {
         let mut tries = 0;
         loop {
             let once = self
-                .checkpoint_once(task.clone(), leave_running, compression, chunks.clone())
+                .checkpoint_once(
+                    task.clone(),
+                    leave_running,
+                    compression,
+                    chunks.clone(),
+                    criu.clone(),
+                )
                 .await;
             match once {
                 Ok(reply) => return Ok(reply),
@@ -497,6 +519,7 @@ impl Worker {
         leave_running: bool,
         compression: Compression,
         chunks: Option<String>,
+        criu: CriuOptions,
     ) -> Result<Reply, Failed> {
         if let Some(c) = &chunks {
             check_chunks_id(c)?;
@@ -533,17 +556,15 @@ impl Worker {
         }
         if let Some(store) = self.opts.store.clone() {
             return self
-                .checkpoint_to_store(task, pid, leave_running, store, files_copy, criu_turn)
+                .checkpoint_to_store(task, pid, leave_running, store, files_copy, criu_turn, criu)
                 .await;
         }
-        let criu = self.criu.clone();
         let opts = DumpOptions {
             pid,
             dir: dir.clone(),
             leave_running,
             compression,
-            tcp: TcpMode::Refuse,
-            ext_unix_sk: false,
+            criu,
             staging: None,
             // The task's files travel with it.
             files: Some(self.opts.work_dir.clone()),
@@ -561,6 +582,7 @@ impl Worker {
                 (Some(Box::new(upload) as Box<dyn Sink>), Some(cleaned))
             }
         };
+        let criu = self.criu.clone();
         let dumped =
             tokio::task::spawn_blocking(move || dump::dump_into(&criu, &opts, sink, &NoProgress))
                 .await;
@@ -601,6 +623,7 @@ impl Worker {
 
     /// [`Self::checkpoint`] into the job's store: the task runs again (or is stopped, frozen
     /// until the checkpoint is stored) once CRIU is done; the rest happens after.
+    #[allow(clippy::too_many_arguments)]
     async fn checkpoint_to_store(
         self: &Arc<Self>,
         task: String,
@@ -609,6 +632,7 @@ impl Worker {
         store: cedana_store::StoreUrl,
         files_copy: Vec<PathBuf>,
         criu_turn: tokio::sync::MutexGuard<'_, ()>,
+        criu_opts: CriuOptions,
     ) -> Result<Reply, Failed> {
         let dir = self.checkpoints_dir();
         create_dir(&dir)?;
@@ -617,8 +641,7 @@ impl Worker {
             dir,
             leave_running,
             compression: Compression::Zstd,
-            tcp: TcpMode::Refuse,
-            ext_unix_sk: false,
+            criu: criu_opts,
             staging: None,
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
@@ -677,6 +700,7 @@ impl Worker {
             staging: Some(staging.clone()),
             as_child: true,
             files_to: Some(self.opts.work_dir.clone()),
+            criu: task_restore_criu(),
         };
         let extracted = match &self.opts.shared_storage {
             Some(shared) => {
@@ -756,6 +780,7 @@ impl Worker {
             staging: Some(staging),
             as_child: true,
             files_to: Some(self.opts.work_dir.clone()),
+            criu: task_restore_criu(),
         };
         let criu_turn = self.criu_lock.lock().await;
         let criu = self.criu.clone();
@@ -771,9 +796,15 @@ impl Worker {
                 .clone()
                 .unwrap_or_default()
                 .join(format!("{name}.restore-failed.log"));
-            let st = cedana_store::Store::open(&store).map_err(|e| e.to_string())?;
+            let st =
+                cedana_store::Store::open(&store).map_err(|e| Refused::Other(e.to_string()))?;
             let manifest =
-                crate::chunked::read_manifest(&st, &name, &rt).map_err(|e| e.to_string())?;
+                crate::chunked::read_manifest(&st, &name, &rt).map_err(
+                    |e| match bad_checkpoint(&e) {
+                        true => Refused::Checkpoint(e.to_string()),
+                        false => Refused::Other(e.to_string()),
+                    },
+                )?;
             let carried = format!("{}/{log_name}", crate::files::FILES_DIR);
             let offset = manifest
                 .entries
@@ -798,12 +829,30 @@ impl Worker {
                 full,
             )
             .map(|r| (r, offset))
-            .map_err(|e| e.to_string())
+            .map_err(|e| match bad_checkpoint(&e) {
+                true => Refused::Checkpoint(e.to_string()),
+                false => Refused::Other(e.to_string()),
+            })
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?;
+        let restored = match restored {
+            Ok(r) => r,
+            Err(Refused::Checkpoint(message)) => return Ok(Reply::BadCheckpoint { task, message }),
+            Err(Refused::Other(message)) => return Err(message),
+        };
         let (restored, offset) = restored;
         let pid = restored.outcome.pid;
+        if let Some(serving) = &restored.serving {
+            // Said with the task's exit: set before the task is ended.
+            let (failures, t) = (self.restore_failures.clone(), task.clone());
+            serving.on_failure(move |e| {
+                failures
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(t.clone(), e.to_string());
+            });
+        }
         self.track(task.clone(), pid, log, offset);
         drop(criu_turn);
         let lazy = restored.serving.is_some();
@@ -845,6 +894,54 @@ impl Worker {
         create_dir(&staging)?;
         self.prefetches.start(&self.checkpoints, &chunks, staging);
         Ok(Reply::Prefetching { chunks })
+    }
+}
+
+/// Why a restore from a store failed: the checkpoint itself (missing or damaged), or anything
+/// else.
+enum Refused {
+    Checkpoint(String),
+    Other(String),
+}
+
+/// Whether a restore failed on the checkpoint itself (a chunk or manifest missing or damaged):
+/// an earlier checkpoint may restore.
+/// CRIU options of a task's checkpoint when the command names none: its TCP connections are
+/// left out, so a task with a client connected (a notebook's browser, a database's client) or
+/// a connection of its own (a metrics service) is checkpointed, and they come back closed
+/// wherever it is restored (its peers reconnect); a worker's address is never another's.
+pub(crate) fn task_criu_options() -> CriuOptions {
+    CriuOptions {
+        tcp: TcpMode::Close,
+        ..CriuOptions::default()
+    }
+}
+
+/// Restores on a worker bring established connections back closed (see
+/// [`task_criu_options`]).
+fn task_restore_criu() -> RestoreCriu {
+    RestoreCriu {
+        tcp_close: true,
+        ..Default::default()
+    }
+}
+
+fn bad_checkpoint(e: &RestoreError) -> bool {
+    use crate::archive::ArchiveError as A;
+    use cedana_store::StoreError as S;
+    use RestoreError as R;
+    match e {
+        R::Chunk(c) => c.trouble != crate::lazy::ChunkTrouble::Unreachable,
+        R::Store(s) => matches!(
+            **s,
+            S::MissingChunk { .. }
+                | S::BadChunk { .. }
+                | S::BadManifest { .. }
+                | S::NoCheckpoint { .. }
+        ),
+        R::Archive(a) => !matches!(a, A::Write { .. } | A::NoRoom { .. } | A::Open { .. }),
+        R::NoCpuInfo { .. } => true,
+        _ => false,
     }
 }
 

@@ -240,6 +240,8 @@ impl Memory {
     }
 }
 
+type FailureHook = Box<dyn Fn(&LazyError) + Send + Sync>;
+
 /// What the page server, the fetchers and the caller share.
 struct Shared {
     memory: Memory,
@@ -249,6 +251,8 @@ struct Shared {
     stream: Mutex<Option<TcpStream>>,
     /// Kills the tree if this process dies before every page is back.
     guard: Mutex<Option<crate::guard::LazyGuard>>,
+    /// Told of a failure before the tree is ended ([`Serving::on_failure`]).
+    on_failure: Mutex<Option<FailureHook>>,
     stop: AtomicBool,
     next_slot: AtomicUsize,
 }
@@ -256,11 +260,18 @@ struct Shared {
 impl Shared {
     /// Ends the restored tree, then the connection: the first failure is the one reported.
     fn fail(&self, e: LazyError) {
-        {
+        let first = {
             let mut f = self.failure.lock().expect("not poisoned");
-            if f.is_none() {
+            let first = f.is_none();
+            if first {
                 warn!(error = %e, "lazy restore failed");
-                *f = Some(e);
+                *f = Some(e.clone());
+            }
+            first
+        };
+        if first {
+            if let Some(hook) = self.on_failure.lock().expect("not poisoned").as_ref() {
+                hook(&e);
             }
         }
         self.kill_tree();
@@ -397,6 +408,21 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// The restored tree's root.
+    pub fn pid(&self) -> i32 {
+        self.shared.tree.load(Ordering::SeqCst)
+    }
+
+    /// Calls `hook` with the failure, if the restore fails, before the tree is ended (at
+    /// once if it failed already).
+    pub fn on_failure(&self, hook: impl Fn(&LazyError) + Send + Sync + 'static) {
+        let mut h = self.shared.on_failure.lock().expect("not poisoned");
+        if let Some(e) = self.shared.failure() {
+            hook(&e);
+        }
+        *h = Some(Box::new(hook));
+    }
+
     /// Waits until every page of the tree is back (then the tree runs on its own), or until
     /// the restore failed (then the tree was ended).
     pub fn wait(mut self) -> Result<Served, LazyError> {
@@ -673,6 +699,7 @@ pub fn restore_as(
         failure: Mutex::new(None),
         stream: Mutex::new(None),
         guard: Mutex::new(None),
+        on_failure: Mutex::new(None),
         stop: AtomicBool::new(false),
         next_slot: AtomicUsize::new(0),
     });

@@ -37,10 +37,13 @@ pub enum CoordError {
 }
 
 /// How a task ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// Ended by its worker because its lazy restore failed (the checkpoint cannot be
+    /// trusted): why.
+    pub restore_failed: Option<String>,
 }
 
 #[derive(Default)]
@@ -456,7 +459,12 @@ impl Coordinator {
                             let _ = o.flush();
                         }
                     }
-                    Event::TaskExited { task, code, signal } => {
+                    Event::TaskExited {
+                        task,
+                        code,
+                        signal,
+                        restore_failed,
+                    } => {
                         let tx = r
                             .lock()
                             .expect("routes")
@@ -465,7 +473,11 @@ impl Coordinator {
                             .or_insert_with(|| watch::channel(None).0)
                             .clone();
                         // `send` stores nothing while no one is subscribed; `send_replace` always does.
-                        tx.send_replace(Some(Exit { code, signal }));
+                        tx.send_replace(Some(Exit {
+                            code,
+                            signal,
+                            restore_failed,
+                        }));
                     }
                     Event::Heartbeat { .. } => {}
                     Event::SpotNotice {
@@ -800,7 +812,7 @@ impl Coordinator {
             .expect("routes")
             .exits
             .get(&format!("{worker}/{task}"))
-            .and_then(|tx| *tx.borrow())
+            .and_then(|tx| tx.borrow().clone())
     }
 
     /// Deletes a checkpoint from the object store.

@@ -117,11 +117,11 @@ pub fn run(
                     j.record.recoveries += 1;
                     j.set_state(JobState::Recovering);
                 }
-                bring_up(job, hooks, &spec, newest.as_ref())?
+                bring_up(job, hooks, &spec, &mut newest)?
             }
         }
     } else {
-        bring_up(job, hooks, &spec, None)?
+        bring_up(job, hooks, &spec, &mut None)?
     };
     job.borrow_mut().set_state(JobState::Running);
     let mut next = next_checkpoint(job, &w);
@@ -129,6 +129,28 @@ pub fn run(
     let mut noticed = std::collections::BTreeSet::new();
     loop {
         let exit = job.borrow().coord.exit_of(&task.worker, &task.name);
+        // A lazily restored task ended by its worker: part of its memory could not be had
+        // from the checkpoint (a chunk failed its check, the store stopped answering). The
+        // task did not fail: it comes back from the checkpoint before that one (or the start)
+        // on a new worker, and the one that failed is not used again.
+        if let Some(reason) = exit.as_ref().and_then(|e| e.restore_failed.clone()) {
+            warn!(worker = %w.id, %reason, "the task's lazy restore failed");
+            let failed = newest
+                .as_ref()
+                .map(|c| c.object.clone())
+                .unwrap_or_default();
+            newest = drop_checkpoint(job, &failed, &reason);
+            {
+                let mut j = job.borrow_mut();
+                j.end_worker(&w.id, WorkerState::Terminated);
+                j.record.recoveries += 1;
+                j.set_state(JobState::Recovering);
+            }
+            (w, task) = bring_up(job, hooks, &spec, &mut newest)?;
+            job.borrow_mut().set_state(JobState::Running);
+            next = next_checkpoint(job, &w);
+            continue;
+        }
         if let Some(e) = exit {
             return Ok(status(e));
         }
@@ -162,7 +184,7 @@ pub fn run(
                 j.record.recoveries += 1;
                 j.set_state(JobState::Recovering);
             }
-            (w, task) = bring_up(job, hooks, &spec, newest.as_ref())?;
+            (w, task) = bring_up(job, hooks, &spec, &mut newest)?;
             job.borrow_mut().set_state(JobState::Running);
             next = next_checkpoint(job, &w);
             continue;
@@ -402,15 +424,17 @@ fn bring_up(
     job: &Shared,
     hooks: &mut dyn Hooks,
     spec: &Spec,
-    from: Option<&Checkpoint>,
+    from: &mut Option<Checkpoint>,
 ) -> Result<(Worker, Task), FlowError> {
     let attempts = 3;
     let mut last = String::new();
-    for attempt in 1..=attempts {
+    let mut attempt = 0;
+    while attempt < attempts {
+        attempt += 1;
         let w = job.borrow_mut().launch(spec)?;
         let result = (|| -> Result<Task, FlowError> {
             hooks.setup(job, &w)?;
-            match from {
+            match from.as_ref() {
                 None => hooks.work(job, &w),
                 Some(c) => {
                     let t = job.borrow_mut().restore(c, &w)?;
@@ -429,6 +453,16 @@ fn bring_up(
                 }
                 return Ok((w, t));
             }
+            Err(FlowError::Job(JobError::BadCheckpoint {
+                checkpoint,
+                message,
+                ..
+            })) => {
+                // Not the worker's fault: the checkpoint before (or the start) on a new one.
+                job.borrow_mut().end_worker(&w.id, WorkerState::Terminated);
+                *from = drop_checkpoint(job, &checkpoint, &message);
+                attempt -= 1;
+            }
             Err(e) => {
                 let lost = job.borrow().lost(&w.id);
                 match lost {
@@ -446,6 +480,24 @@ fn bring_up(
         }
     }
     Err(FlowError::Recovery { attempts, last })
+}
+
+/// Checkpoint `failed` cannot be restored (`why`): it is no longer used, and the newest one
+/// before it (none: the start) is returned, said.
+fn drop_checkpoint(job: &Shared, failed: &str, why: &str) -> Option<Checkpoint> {
+    let mut j = job.borrow_mut();
+    j.record.checkpoints.retain(|c| c.object != failed);
+    let before = j.record.checkpoints.last().map(|c| Checkpoint {
+        object: c.object.clone(),
+        task: c.task.clone(),
+    });
+    warn!(checkpoint = failed, %why, "a checkpoint cannot be restored; using the one before");
+    j.reporter.note(&format!(
+        "checkpoint {failed} cannot be restored ({why}); recovering from {}",
+        before.as_ref().map_or("the start", |c| c.object.as_str())
+    ));
+    j.save();
+    before
 }
 
 /// Checkpoints the task, leaving it running; keeps the newest `opts.keep` checkpoints.
@@ -563,7 +615,7 @@ fn recover_onto(
         Err(e) => {
             warn!(error = %e, worker = %to.id, "restore on the new worker failed; recovering on another");
             job.borrow_mut().terminate(&to);
-            (*w, *task) = bring_up(job, hooks, spec, Some(c))?;
+            (*w, *task) = bring_up(job, hooks, spec, &mut Some(c.clone()))?;
         }
     }
     Ok(())

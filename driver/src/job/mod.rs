@@ -47,6 +47,13 @@ pub enum JobError {
     Worker { worker: String, message: String },
     #[error("worker {worker} was lost: {reason}")]
     Lost { worker: String, reason: String },
+    /// A checkpoint that cannot be restored: part of it is missing or damaged.
+    #[error("worker {worker}: {message}")]
+    BadCheckpoint {
+        worker: String,
+        checkpoint: String,
+        message: String,
+    },
     #[error("no worker {0} in this job")]
     NoWorker(String),
     #[error("the job was taken down")]
@@ -657,6 +664,7 @@ impl Job {
             leave_running,
             compression: cedana_protocol::Compression::Zstd,
             chunks,
+            criu: None,
         };
         let started = Instant::now();
         match self.call(&t.worker, cmd, 3600)? {
@@ -728,6 +736,11 @@ impl Job {
                     worker: w.id.clone(),
                 })
             }
+            Reply::BadCheckpoint { message, .. } => Err(JobError::BadCheckpoint {
+                worker: w.id.clone(),
+                checkpoint: c.object.clone(),
+                message,
+            }),
             other => Err(unexpected(&w.id, "restore", other)),
         }
     }
@@ -816,7 +829,7 @@ impl Job {
         self.rt.block_on(async {
             let mut exit = self.coord.exit_watch(&t.worker, &t.name);
             loop {
-                if let Some(e) = *exit.borrow_and_update() {
+                if let Some(e) = exit.borrow_and_update().clone() {
                     return Ok(e);
                 }
                 if self.down.is_set() {

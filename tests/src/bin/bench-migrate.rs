@@ -652,6 +652,7 @@ async fn migrate_run(
         leave_running: false,
         compression,
         chunks,
+        criu: None,
     };
     let r = c.call(from, command, limit, |_| {}).await?;
     let t1 = Instant::now();
