@@ -775,3 +775,100 @@ fn a_failed_lazy_restore_recovers_from_the_checkpoint_before() {
         "the damaged checkpoint {damaged} is no longer one the job counts on: {r}"
     );
 }
+
+/// A scripted job (no managed loop): a task restored lazily from a checkpoint whose memory is
+/// damaged in the store is ended by its worker, and the script's `wait` raises an error that
+/// says so (the script catches it and could restore an earlier checkpoint) instead of
+/// handing back the exit status of a task that never ended by itself.
+#[test]
+fn a_script_waiting_on_a_task_whose_lazy_restore_failed_is_told() {
+    if !criu_ready("a_script_waiting_on_a_task_whose_lazy_restore_failed_is_told") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let store = sb.path().join("store");
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"checkpoint_store": {"url": format!("file://{}", store.display())}})
+            .to_string(),
+    )
+    .unwrap();
+    let py = sb.path().join("mem.py");
+    std::fs::write(
+        &py,
+        "import time\nb = bytearray(os_size := 48 << 20)\nfor i in range(0, os_size, 4096):\n    b[i] = i % 251\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.05)\n",
+    )
+    .unwrap();
+    let flag = sb.path().join("damaged");
+    let script = sb.path().join("job.rhai");
+    std::fs::write(
+        &script,
+        format!(
+            r#"let w1 = launch();
+let t = w1.spawn("exec python3 {py}");
+sleep(2.0);
+let c = t.checkpoint();
+print(`CKPT ${{c.object}}`);
+w1.sh("i=0; while [ ! -e {flag} ] && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.1; done");
+t.stop();
+let w2 = launch();
+let t2 = restore(c, w2);
+try {{
+    let code = t2.wait();
+    print(`NOT TOLD: ${{code}}`);
+}} catch (e) {{
+    print(`TOLD: ${{e}}`);
+}}
+0
+"#,
+            py = py.display(),
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    let mut d = BackgroundDriver::start(sb.path(), Some(&cfg), &[], &script);
+    let t0 = std::time::Instant::now();
+    let object = loop {
+        if let Some(l) = d.stdout().lines().find(|l| l.starts_with("CKPT ")) {
+            break l["CKPT ".len()..].trim().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint: {}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let job = d.record().unwrap()["job"].as_str().unwrap().to_string();
+    let dir = store.join(&job);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("checkpoints").join(format!("{object}.json"))).unwrap(),
+    )
+    .unwrap();
+    // A chunk in the middle of the largest page image: the task's own memory, fetched after
+    // the task runs again.
+    let pages = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+        .max_by_key(|e| e["size"].as_u64().unwrap())
+        .unwrap();
+    let chunks = pages["chunks"].as_array().unwrap();
+    let victim = chunks[chunks.len() / 2]["id"].as_str().unwrap();
+    let path = dir.join("chunks").join(victim);
+    let mut b = std::fs::read(&path).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x5a;
+    std::fs::write(&path, b).unwrap();
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    let out = d.stdout();
+    assert!(
+        out.contains("TOLD: ") && out.contains("lazy restore failed") && out.contains(victim),
+        "the script is told why, naming the chunk: {out}\n{}",
+        d.stderr()
+    );
+    assert!(!out.contains("NOT TOLD"), "{out}");
+}

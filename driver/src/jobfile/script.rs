@@ -223,6 +223,14 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     let h = host.clone();
     e.register_fn("wait", move |t: &mut Task| -> Res<i64> {
         let exit = h.borrow().wait(t).map_err(rhai_err)?;
+        // A task its worker ended because its lazy restore failed did not end by itself:
+        // the script is told (it may restore an earlier checkpoint), not handed a status.
+        if let Some(why) = &exit.restore_failed {
+            return err(format!(
+                "task {} on {} was ended by its worker: its lazy restore failed ({why}); that checkpoint cannot be used, restore an earlier one",
+                t.name, t.worker
+            ));
+        }
         Ok(crate::job::managed::status(exit))
     });
     let h = host.clone();
