@@ -14,6 +14,9 @@
 #        BENCH_STEP_TIMEOUT  limit for one dump or restore command, s (default 300 + BENCH_MB/2)
 #        CEDANA_AGENT  use this agent binary instead of building one
 #        BENCH_VARIANTS  the variants to run, space-separated (default: all; criu first)
+#        BENCH_READ=1  the test process reads all its memory in a loop (a byte per page) instead
+#                    of sleeping, and the table adds how long after the restore began it had read
+#                    all of it once (the task's slowdown while its pages arrive, lazily or not)
 set -euo pipefail
 
 BENCH_MB=${BENCH_MB:-1024}
@@ -118,6 +121,13 @@ while pos < size:
     buf[pos:pos + n] = piece[:n]
     pos += n
 print("ready", flush=True)
+if sys.argv[3] == "read":
+    # One pass reads a byte of every page; each pass logs its start and end (wall clock).
+    while True:
+        t, total = time.time(), 0
+        for off in range(0, size, 4096):
+            total += buf[off]
+        print("pass %.6f %.6f" % (t, time.time()), flush=True)
 while True:
     time.sleep(3600)
 '
@@ -127,7 +137,8 @@ while True:
 start() {
     local kind=$1 log i
     log=$(mktemp "$WORK/proc.XXXXXX.log")
-    PID=$("$AGENT" exec --log "$log" -- "$PY" -c "$ALLOC" "$kind" "$BENCH_MB" 2>/dev/null)
+    LOG=$log
+    PID=$("$AGENT" exec --log "$log" -- "$PY" -c "$ALLOC" "$kind" "$BENCH_MB" "$MODE" 2>/dev/null)
     [[ $PID =~ ^[0-9]+$ ]] || die "agent exec printed no PID ($PID)"
     PIDS+=("$PID")
     local pid=$PID
@@ -147,6 +158,20 @@ check_restored() {
     alive "$pid" || die "restored PID $pid is not alive"
     rss=$(awk '/^VmRSS:/ { print int($2 / 1024) }' "/proc/$pid/status")
     ((rss * 10 >= BENCH_MB * 9)) || die "restored PID $pid holds only ${rss} MiB of ${BENCH_MB} MiB"
+}
+
+# With BENCH_READ=1: waits (bounded) until the restored process, running again since $1, has
+# read all its memory once (the pass it was in finished, then a whole pass that began after
+# $1); prints that moment less $2 (the restore's start), and a pass's usual length before.
+caught_up() {
+    local ran=$1 began=$2 i got
+    for ((i = 0; i < STEP_TIMEOUT * 10; i++)); do
+        got=$(awk -v ran="$ran" -v began="$began" '
+            $1 == "pass" && $2 + 0 >= ran + 0 { printf "%.3f", $3 - began; exit }' "$LOG")
+        [[ -n $got ]] && { echo "$got"; return 0; }
+        sleep 0.1
+    done
+    die "the restored process did not read all its memory within ${STEP_TIMEOUT}s"
 }
 
 # One run of one variant: fresh process, timed dump, timed restore, check, kill.
@@ -222,16 +247,20 @@ run_variant() {
     esac
     t2=$(now)
     check_restored "$rpid"
+    local caught=-
+    [[ $MODE != read ]] || caught=$(caught_up "${t_run:-$t2}" "$t1b")
     stop "$rpid"
     local restored=$(elapsed "$t1b" "$t2") resident=-
     if [[ -n $t_run ]]; then
         resident=$restored
         restored=$(elapsed "$t1b" "$t_run")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$variant" "$run" "$(elapsed "$t0" "$t1")" "$restored" "$bytes" "$resident" >>"$RAW"
-    echo "  $kind $variant run $run: dump $(elapsed "$t0" "$t1")s restore $restored s (resident $resident s) size $bytes B" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$variant" "$run" "$(elapsed "$t0" "$t1")" "$restored" "$bytes" "$resident" "$caught" >>"$RAW"
+    echo "  $kind $variant run $run: dump $(elapsed "$t0" "$t1")s restore $restored s (resident $resident s; read all once $caught s) size $bytes B" >&2
 }
 
+MODE=idle
+[[ ${BENCH_READ:-} != 1 ]] || MODE=read
 read -r -a VARIANTS <<<"${BENCH_VARIANTS:-criu criu-sync agent-none agent-zstd agent-chunked agent-lazy agent-deflate zip}"
 [[ ${VARIANTS[0]} == criu ]] || die "BENCH_VARIANTS must start with criu (the baseline)"
 echo "cedana-agent benchmark: ${BENCH_MB} MiB, ${BENCH_RUNS} run(s), agent $AGENT_INFO, criu $CRIU ($("$CRIU" --version | awk 'NR==1 {print $2}'))" >&2
@@ -248,20 +277,24 @@ import json, statistics, sys
 raw, out, mb, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rows = {}
 for line in open(raw):
-    kind, variant, _, d, r, b, res = line.rstrip("\n").split("\t")
+    kind, variant, _, d, r, b, res, caught = line.rstrip("\n").split("\t")
     rows.setdefault(kind, {}).setdefault(variant, []).append(
-        (float(d), float(r), int(b), None if res == "-" else float(res)))
+        (float(d), float(r), int(b), None if res == "-" else float(res),
+         None if caught == "-" else float(caught)))
 res = {"bench_mb": mb, "runs": runs, "kinds": {}}
 for kind, variants in rows.items():
     med = {v: {"dump_s": statistics.median(x[0] for x in xs), "restore_s": statistics.median(x[1] for x in xs),
                "bytes": int(statistics.median(x[2] for x in xs)),
-               "resident_s": statistics.median(x[3] for x in xs) if xs[0][3] is not None else None}
+               "resident_s": statistics.median(x[3] for x in xs) if xs[0][3] is not None else None,
+               "read_all_s": statistics.median(x[4] for x in xs) if xs[0][4] is not None else None}
            for v, xs in variants.items()}
     base = med["criu"]
     for m in med.values():
         m["dump_vs_criu"] = m["dump_s"] / base["dump_s"]
         m["restore_vs_criu"] = m["restore_s"] / base["restore_s"]
         m["resident_vs_criu"] = m["resident_s"] / base["restore_s"] if m["resident_s"] is not None else None
+        m["read_all_vs_criu"] = (m["read_all_s"] / base["read_all_s"]
+                                 if m["read_all_s"] is not None and base["read_all_s"] else None)
     def ratio(a, b, field="dump_s"):
         return med[a][field] / med[b][field] if a in med and b in med else None
     none_ratio = ratio("agent-none", "criu")
@@ -271,12 +304,13 @@ for kind, variants in rows.items():
     res["kinds"][kind] = {"variants": med, "none_vs_criu_dump": none_ratio, "none_vs_criu_sync_dump": none_sync_ratio,
                           "zstd_vs_zip_dump_speedup": speedup, "zstd_vs_zip_size": size_ratio}
     print(f"\n### {kind} memory, {mb} MiB (median of {runs})\n")
-    print("| variant | dump s | restore s | size MiB | dump vs criu | restore vs criu | all memory back s (vs criu) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | dump s | restore s | size MiB | dump vs criu | restore vs criu | all memory back s (vs criu) | read all once s (vs criu) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for v, m in med.items():
         back = f"{m['resident_s']:.2f} ({m['resident_vs_criu']:.2f}x)" if m["resident_s"] is not None else ""
+        read = f"{m['read_all_s']:.2f} ({m['read_all_vs_criu']:.2f}x)" if m["read_all_vs_criu"] is not None else ""
         print(f"| {v} | {m['dump_s']:.2f} | {m['restore_s']:.2f} | {m['bytes'] / 2**20:.1f} "
-              f"| {m['dump_vs_criu']:.2f}x | {m['restore_vs_criu']:.2f}x | {back} |")
+              f"| {m['dump_vs_criu']:.2f}x | {m['restore_vs_criu']:.2f}x | {back} | {read} |")
     if none_ratio is not None and none_sync_ratio is not None:
         print(f"\nnone vs raw criu dump: {none_ratio:.2f}x (target <= 1.2x); vs criu + sync (both durable): {none_sync_ratio:.2f}x")
     if speedup is not None:

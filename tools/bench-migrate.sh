@@ -11,7 +11,9 @@
 # daemons started with --shared-storage: no object store); store-lazy and store-full (daemons
 # started with --store, a folder: the checkpoint goes there as chunks, and the restoring
 # worker restores it lazily, the task running before its memory is back, or with
-# --full-restore).
+# --full-restore); store-postcopy (the same daemons, as the driver moves a task between
+# workers with a store: the checkpoint is answered once its manifest is published, and the
+# restore starts while its chunks are still being stored).
 # The `store` section times the object store alone (put and get of one file, as the daemon
 # does and as async-nats's put and get do), with CPU time.
 #
@@ -20,7 +22,7 @@
 #        BENCH_RUNS         migrations per variant and kind; medians are reported (default 1)
 #        BENCH_KINDS        "random compressible" (default), or one of them
 #        BENCH_VARIANTS     migration variants besides raw-criu (default "none zstd none-after
-#                           zstd-after shared-none shared-zstd store-lazy store-full")
+#                           zstd-after shared-none shared-zstd store-lazy store-full store-postcopy")
 #        BENCH_PINGS        pings timed (default 200, after 20 untimed)
 #        BENCH_DRIVER_RUNS  `cedana-driver run` repetitions (default 5)
 #        BENCH_DIR          work folder on disk, not tmpfs (default /var/tmp/cedana-bench-migrate);

@@ -79,6 +79,51 @@ pub(crate) fn dump_to_store_then(
     progress: &dyn Progress,
     then: impl FnOnce(&str, &Manifest) -> Result<(), DumpError>,
 ) -> Result<StoreDumpOutcome, DumpError> {
+    dump_inner(criu, opts, store, level, rt, progress, then, None)
+}
+
+/// What a post-copy dump tells as soon as its manifest is published: the checkpoint's name.
+pub type Published<'a> = Box<dyn FnOnce(&str) + Send + 'a>;
+
+/// [`dump_to_store`] for a move (post-copy): once CRIU is done and every chunk is named (read
+/// and hashed, nothing sent yet), the manifest is published ahead of its chunks
+/// ([`cedana_store::Writing::publish_pending`]), `published` is told the checkpoint's name, and
+/// a tree that is to stop is killed then (a restore elsewhere may run it from then on, so it
+/// can never be thawed here); the chunks follow, and the checkpoint is committed under that
+/// name. If storing fails after that, the checkpoint is lost: a restore waiting on its chunks
+/// ends its task, and the one before is what is left.
+pub fn dump_to_store_post_copy(
+    criu: &Criu,
+    opts: &DumpOptions,
+    store: &StoreUrl,
+    level: i32,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+    published: Published<'_>,
+) -> Result<StoreDumpOutcome, DumpError> {
+    dump_inner(
+        criu,
+        opts,
+        store,
+        level,
+        rt,
+        progress,
+        |_, _| Ok(()),
+        Some(published),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dump_inner(
+    criu: &Criu,
+    opts: &DumpOptions,
+    store: &StoreUrl,
+    level: i32,
+    rt: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+    then: impl FnOnce(&str, &Manifest) -> Result<(), DumpError>,
+    mut published: Option<Published<'_>>,
+) -> Result<StoreDumpOutcome, DumpError> {
     let target = dump::Target::check(opts)?;
     let info = &target.info;
     let st = Store::open(store)?;
@@ -111,6 +156,8 @@ pub(crate) fn dump_to_store_then(
     let frozen_time = t0.elapsed();
     let frozen = !opts.leave_running;
     let t_upload = Instant::now();
+    // Set once a post-copy dump published its manifest (the tree is gone then).
+    let mut published_at: Option<Duration> = None;
     let finish = || -> Result<(Manifest, Uploaded, u64, String), DumpError> {
         let (carried, kept) = match carried? {
             Some((c, k)) => (Some(c), k),
@@ -159,16 +206,64 @@ pub(crate) fn dump_to_store_then(
             files,
         );
         let stem = target.stem.clone();
-        let (mut writing, up) = rt.block_on(async {
-            let writing = Writing::begin(&st).await?;
-            match cedana_store::upload(&writing, &pieces, level, Some(&bar)).await {
-                Ok(up) => Ok((writing, up)),
+        // The small images first, then the carried files, the page images last: a restore
+        // reading while they are stored (post-copy) needs them in that order.
+        pieces.sort_by_key(|p| p.name.starts_with("images/pages-"));
+        let mut writing = rt.block_on(Writing::begin(&st))?;
+        let mut planned = None;
+        if let Some(tell) = published.take() {
+            let plan = match cedana_store::plan(&pieces) {
+                Ok(p) => p,
                 Err(e) => {
-                    writing.abandon().await;
-                    Err(e)
+                    rt.block_on(writing.abandon());
+                    return Err(e.into());
                 }
+            };
+            if let Some(Err(e)) = kept.as_ref().map(files::Snapshot::check) {
+                rt.block_on(writing.abandon());
+                return Err(e.into());
             }
-        })?;
+            manifest.entries = entries_of(&plan);
+            let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+            let name = match rt.block_on(async {
+                let name = free_name(&st, &stem).await?;
+                writing.publish_pending(&name, bytes).await?;
+                Ok::<_, StoreError>(name)
+            }) {
+                Ok(n) => n,
+                Err(e) => {
+                    rt.block_on(writing.abandon());
+                    return Err(e.into());
+                }
+            };
+            if frozen {
+                // From here a restore elsewhere may run the task: this copy must never run
+                // again.
+                thaw.armed = false;
+                dump::signal_tree(info.pid, Signal::SIGKILL);
+            }
+            published_at = Some(t0.elapsed());
+            info!(name = %name, "manifest published ahead of its chunks (post-copy)");
+            tell(&name);
+            planned = Some((name, plan));
+        }
+        let up = match rt.block_on(cedana_store::upload(&writing, &pieces, level, Some(&bar))) {
+            Ok(up) => up,
+            Err(e) => {
+                rt.block_on(writing.abandon());
+                return Err(e.into());
+            }
+        };
+        if let Some((_, plan)) = &planned {
+            if &up.entries != plan {
+                rt.block_on(writing.abandon());
+                return Err(DumpError::Store(StoreError::BadManifest {
+                    store: st.url().to_string(),
+                    name: stem.clone(),
+                    reason: "the checkpoint's files changed between naming their chunks and storing them".into(),
+                }));
+            }
+        }
         // A linked file written in place meanwhile: this checkpoint would not match.
         if let Some(Err(e)) = kept.as_ref().map(files::Snapshot::check) {
             rt.block_on(writing.abandon());
@@ -186,6 +281,12 @@ pub(crate) fn dump_to_store_then(
                 })
                 .collect();
             let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+            if let Some((name, _)) = &planned {
+                return writing
+                    .commit(name, bytes)
+                    .await
+                    .map(|()| (up, name.clone()));
+            }
             // Two checkpoints of one process in one second: the second gets `_2`, and so on.
             let mut n = 1;
             loop {
@@ -207,7 +308,7 @@ pub(crate) fn dump_to_store_then(
     let (manifest, uploaded, images_bytes, name) = match result {
         Ok(r) => r,
         Err(e) => {
-            if frozen {
+            if frozen && published_at.is_none() {
                 warn!(
                     pid = info.pid,
                     "checkpoint failed: thawing the process tree"
@@ -217,7 +318,7 @@ pub(crate) fn dump_to_store_then(
             return Err(e);
         }
     };
-    if frozen {
+    if frozen && published_at.is_none() {
         thaw.armed = false;
         dump::signal_tree(info.pid, Signal::SIGKILL);
     }
@@ -227,12 +328,47 @@ pub(crate) fn dump_to_store_then(
     Ok(StoreDumpOutcome {
         name,
         store: store.to_string(),
-        frozen_time: if frozen { t0.elapsed() } else { frozen_time },
+        frozen_time: match (frozen, published_at) {
+            (true, Some(at)) => at,
+            (true, None) => t0.elapsed(),
+            (false, _) => frozen_time,
+        },
         criu_time,
         upload_time,
         images_bytes,
         uploaded,
         manifest,
+    })
+}
+
+/// A manifest's entries from an upload's (or a plan's).
+fn entries_of(up: &[cedana_store::UploadedEntry]) -> Vec<Entry> {
+    up.iter()
+        .map(|e| Entry {
+            name: e.name.clone(),
+            size: e.size,
+            sha256: String::new(),
+            chunks: Some(e.chunks.clone()),
+        })
+        .collect()
+}
+
+/// The first of `stem`, `stem_2`, … that names no checkpoint in `st` yet.
+async fn free_name(st: &Store, stem: &str) -> Result<String, StoreError> {
+    for n in 1..100 {
+        let name = match n {
+            1 => stem.to_string(),
+            n => format!("{stem}_{n}"),
+        };
+        match st.get_pending_manifest(&name).await {
+            Err(StoreError::NoCheckpoint { .. }) => return Ok(name),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    Err(StoreError::Exists {
+        store: st.url().to_string(),
+        name: stem.to_string(),
     })
 }
 
@@ -259,6 +395,20 @@ pub fn read_manifest(
 ) -> Result<Manifest, RestoreError> {
     let label = PathBuf::from(format!("{}/{name}", st.url()));
     let bytes = rt.block_on(st.get_manifest(name)).map_err(store_err)?;
+    check_manifest(&bytes, &label)
+}
+
+/// [`read_manifest`] of a checkpoint still being stored (post-copy): its published manifest,
+/// or the checkpoint's own once it is stored.
+pub fn read_pending_manifest(
+    st: &Store,
+    name: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<Manifest, RestoreError> {
+    let label = PathBuf::from(format!("{}/{name}", st.url()));
+    let bytes = rt
+        .block_on(st.get_pending_manifest(name))
+        .map_err(store_err)?;
     check_manifest(&bytes, &label)
 }
 

@@ -77,6 +77,13 @@ pub enum Command {
         /// closed after a restore; see the agent's `task_criu_options`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         criu: Option<crate::CriuOptions>,
+        /// A move (post-copy; the task stops, `leave_running` false, into a checkpoint store):
+        /// answered as soon as the checkpoint's manifest is published ahead of its chunks
+        /// ([`Reply::Checkpointed`] with `post_copy`), and the task is gone from this worker
+        /// then; [`Event::CheckpointStored`] says when every chunk is stored, or that storing
+        /// failed. Workers without a store take a whole checkpoint as usual.
+        #[serde(default, skip_serializing_if = "is_false")]
+        post_copy: bool,
     },
     /// Start reading the checkpoint whose chunks are `chunks` while another worker stores it
     /// (verified and extracted as it arrives into this worker's staging folder). Answered at
@@ -85,7 +92,14 @@ pub enum Command {
     /// reading it again. Without that restore, it is dropped after a minute without chunks.
     Prefetch { chunks: String },
     /// Restore a checkpoint from the object store as task `task`.
-    Restore { task: String, object: String },
+    Restore {
+        task: String,
+        object: String,
+        /// The checkpoint is still being stored (post-copy): its published manifest is read,
+        /// and each chunk is waited for; the task runs lazily.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pending: bool,
+    },
     /// Kill task `task`.
     Stop { task: String },
 }
@@ -122,6 +136,10 @@ pub enum Reply {
         object: String,
         bytes: u64,
         criu_ms: u64,
+        /// Answered before the chunks are stored (post-copy; `bytes` is then 0): see
+        /// [`Event::CheckpointStored`].
+        #[serde(default, skip_serializing_if = "is_false")]
+        post_copy: bool,
     },
     Restored {
         task: String,
@@ -172,6 +190,16 @@ pub enum Event {
     Log { task: String, data: String },
     /// The worker is alive.
     Heartbeat { tasks: Vec<String> },
+    /// A post-copy checkpoint ([`Command::Checkpoint`] `post_copy`) is stored whole (`error`
+    /// none; `bytes` its size), or never will be (`error`: why; a restore waiting on it ends
+    /// its task).
+    CheckpointStored {
+        task: String,
+        object: String,
+        bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// EC2 instance metadata showed a spot interruption notice or a rebalance recommendation.
     /// For an interruption notice every running task was checkpointed first (left running);
     /// the driver should restore these elsewhere before the instance goes.
@@ -263,6 +291,10 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeE
         return Err(DecodeError::Version { found: v });
     }
     Ok(serde_json::from_value(value)?)
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[cfg(test)]

@@ -120,6 +120,8 @@ pub struct Writing {
     marker: String,
     renew: tokio::task::JoinHandle<()>,
     ended: bool,
+    /// The manifest published ahead of the chunks, removed when the writing ends.
+    pending: Option<String>,
 }
 
 impl Writing {
@@ -143,6 +145,7 @@ impl Writing {
             marker,
             renew,
             ended: false,
+            pending: None,
         };
         // The store's time now: when it wrote the marker.
         let since = Instant::now();
@@ -185,6 +188,26 @@ impl Writing {
         result
     }
 
+    /// Publishes checkpoint `name`'s manifest before its chunks are all stored (post-copy: a
+    /// restore reads it and waits for each chunk it needs). It is not a checkpoint: listings and
+    /// prunes ignore it, and it is removed when the writing ends (committed or not).
+    pub async fn publish_pending(
+        &mut self,
+        name: &str,
+        manifest: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        if !crate::valid_name(name) {
+            return Err(StoreError::BadUrl {
+                url: self.store.url().to_string(),
+                reason: format!("{name:?} cannot name a checkpoint"),
+            });
+        }
+        let path = crate::store::pending_path(name);
+        self.store.put_small(&path, manifest, false).await?;
+        self.pending = Some(path);
+        Ok(())
+    }
+
     /// Ends the writing without a manifest (its chunks go in a later prune).
     pub async fn abandon(mut self) {
         self.end().await;
@@ -193,6 +216,11 @@ impl Writing {
     async fn end(&mut self) {
         self.renew.abort();
         self.ended = true;
+        if let Some(p) = self.pending.take() {
+            if let Err(e) = self.store.delete_small(&p).await {
+                tracing::warn!(error = %e, "cannot remove the published manifest; a prune removes it");
+            }
+        }
         if let Err(e) = self.store.delete_small(&self.marker).await {
             tracing::warn!(error = %e, "cannot remove the checkpoint's marker; it goes stale");
         }
@@ -205,8 +233,12 @@ impl Drop for Writing {
         if !self.ended {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let (store, marker) = (self.store.clone(), self.marker.clone());
+                let pending = self.pending.take();
                 rt.spawn(async move {
                     let _ = store.delete_small(&marker).await;
+                    if let Some(p) = pending {
+                        let _ = store.delete_small(&p).await;
+                    }
                 });
             }
         }
@@ -327,6 +359,12 @@ async fn collect(
         } else {
             // A killed writer's.
             store.delete_small(&format!("uploads/{file}")).await?;
+        }
+    }
+    // A killed writer's published manifest (post-copy) is as old as its marker: gone with it.
+    for (file, at) in store.list_small("pending").await? {
+        if !live_at(at, now, marker_ttl()) {
+            store.delete_small(&format!("pending/{file}")).await?;
         }
     }
     if writing > 0 {

@@ -32,7 +32,7 @@ pub use chunk::{ChunkId, ChunkRef};
 pub use gc::{prune, Keep, PruneOutcome, Writing};
 pub use location::StoreUrl;
 pub use store::{valid_name, CheckpointInfo, Store};
-pub use transfer::{download, upload, Piece, Uploaded, UploadedEntry, Wanted};
+pub use transfer::{download, plan, upload, Piece, Uploaded, UploadedEntry, Wanted};
 
 /// Errors of a store. Each names the store (and the object) it is about.
 #[derive(Debug, thiserror::Error)]

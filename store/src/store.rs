@@ -278,6 +278,25 @@ impl Store {
         got.bytes().await.map_err(|e| self.io("get", &path, e))
     }
 
+    /// The manifest a writer published before its chunks are all stored ([`crate::Writing::publish_pending`]),
+    /// else (the writing ended) the checkpoint's own. A post-copy restore reads it and waits
+    /// for the chunks it names.
+    pub async fn get_pending_manifest(&self, name: &str) -> Result<Bytes, StoreError> {
+        self.check_name(name)?;
+        match self.get_small(&pending_path(name)).await? {
+            Some((bytes, _)) if bytes.len() as u64 > MAX_MANIFEST => Err(StoreError::BadManifest {
+                store: self.url.to_string(),
+                name: name.to_string(),
+                reason: format!(
+                    "it is {} bytes, more than the {MAX_MANIFEST} a manifest may be",
+                    bytes.len()
+                ),
+            }),
+            Some((bytes, _)) => Ok(bytes),
+            None => self.get_manifest(name).await,
+        }
+    }
+
     /// The checkpoints in the store, oldest first.
     pub async fn list_checkpoints(&self) -> Result<Vec<CheckpointInfo>, StoreError> {
         let mut out = Vec::new();
@@ -367,4 +386,9 @@ impl Store {
             .map(|(file, _, at)| (file, at))
             .collect())
     }
+}
+
+/// Where a writer publishes a checkpoint's manifest before its chunks are all stored.
+pub(crate) fn pending_path(name: &str) -> String {
+    format!("pending/{name}.json")
 }

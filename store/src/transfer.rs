@@ -81,6 +81,72 @@ fn cuts_of(size: u64, cuts: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
+/// The entries `pieces` make, each chunk named by its hash, without sending anything: what a
+/// checkpoint's manifest lists before its chunks are stored (post-copy). Read and hashed on
+/// one thread per core; [`upload`] of the same unchanged files makes the same entries.
+pub fn plan(pieces: &[Piece]) -> Result<Vec<UploadedEntry>, StoreError> {
+    let mut jobs = Vec::new();
+    let mut entries = Vec::with_capacity(pieces.len());
+    for (file_index, piece) in pieces.iter().enumerate() {
+        let size = std::fs::metadata(&piece.path)
+            .map_err(|source| StoreError::Read {
+                path: piece.path.clone(),
+                source,
+            })?
+            .len();
+        for (at, len) in cuts_of(size, &piece.cuts) {
+            jobs.push((file_index, at, len));
+        }
+        entries.push(UploadedEntry {
+            name: piece.name.clone(),
+            size,
+            chunks: Vec::new(),
+        });
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let ids: Vec<Vec<(usize, ChunkId)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<Vec<(usize, ChunkId)>, StoreError> {
+                    let mut out = Vec::new();
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(file_index, at, len)) = jobs.get(i) else {
+                            return Ok(out);
+                        };
+                        let path = &pieces[file_index].path;
+                        buf.resize(len as usize, 0);
+                        std::fs::File::open(path)
+                            .and_then(|f| f.read_exact_at(&mut buf, at))
+                            .map_err(|source| StoreError::Read {
+                                path: path.clone(),
+                                source,
+                            })?;
+                        out.push((i, ChunkId::of(&buf)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("hashing does not panic"))
+            .collect::<Result<_, _>>()
+    })?;
+    let mut by_job = vec![None; jobs.len()];
+    for (i, id) in ids.into_iter().flatten() {
+        by_job[i] = Some(id);
+    }
+    for ((file_index, _, len), id) in jobs.iter().zip(by_job) {
+        entries[*file_index].chunks.push(ChunkRef {
+            id: id.expect("every job hashed"),
+            size: *len,
+        });
+    }
+    Ok(entries)
+}
+
 /// Uploads `pieces` to `store` as chunks sealed at zstd `level`, as part of `writing` (a
 /// checkpoint being written, see [`crate::gc::Writing`]: while it lives no prune removes a
 /// chunk). Chunks the store has are not sent again. `progress` is told each file byte as it

@@ -413,6 +413,7 @@ fn checkpoint_moves_a_task_between_workers() {
                     compression: cedana_agent::Compression::Zstd,
                     chunks: Some(chunks),
                     criu: None,
+                    post_copy: false,
                 },
                 60,
             )
@@ -433,6 +434,7 @@ fn checkpoint_moves_a_task_between_workers() {
                 Command::Restore {
                     task: "counter".into(),
                     object,
+                    pending: false,
                 },
                 60,
             )
@@ -578,6 +580,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                     compression: cedana_agent::Compression::None,
                     chunks: None,
                     criu: None,
+                    post_copy: false,
                 },
                 60,
             )
@@ -655,6 +658,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                     Command::Restore {
                         task: "counter".into(),
                         object: bad.into(),
+                        pending: false,
                     },
                     60,
                 )
@@ -686,6 +690,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                 Command::Restore {
                     task: "counter".into(),
                     object,
+                    pending: false,
                 },
                 60,
             )
@@ -751,6 +756,7 @@ fn archives_that_cannot_stream_still_restore() {
                 Command::Restore {
                     task: "counter".into(),
                     object: "job6/old.zip".into(),
+                    pending: false,
                 },
                 60,
             )
@@ -1037,6 +1043,7 @@ fn a_restarted_daemon_takes_back_its_tasks() {
                     compression: protocol::Compression::Zstd,
                     chunks: None,
                     criu: None,
+                    post_copy: false,
                 },
                 60,
             )
@@ -1338,6 +1345,7 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
                         compression: cedana_agent::Compression::Zstd,
                         chunks: None,
                         criu: None,
+                        post_copy: false,
                     },
                     120,
                 )
@@ -1439,6 +1447,7 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
                     compression: cedana_agent::Compression::Zstd,
                     chunks: None,
                     criu: None,
+                    post_copy: false,
                 },
                 120,
             )
@@ -1474,6 +1483,7 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
                 Command::Restore {
                     task: "mem".into(),
                     object,
+                    pending: false,
                 },
                 120,
             )
@@ -1587,6 +1597,7 @@ fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() 
                     compression: cedana_agent::Compression::Zstd,
                     chunks: None,
                     criu: Some(protocol::CriuOptions::default()),
+                    post_copy: false,
                 },
                 60,
             )
@@ -1608,6 +1619,7 @@ fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() 
                     compression: cedana_agent::Compression::Zstd,
                     chunks: None,
                     criu: None,
+                    post_copy: false,
                 },
                 60,
             )
@@ -1622,6 +1634,7 @@ fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() 
                 Command::Restore {
                     task: "reporter".into(),
                     object,
+                    pending: false,
                 },
                 60,
             )

@@ -872,3 +872,150 @@ try {{
     );
     assert!(!out.contains("NOT TOLD"), "{out}");
 }
+
+/// A managed job whose task holds `mb` MiB of random memory and counts to 80 into
+/// counter.txt (four a second), printing the file at the end as managed.rhai does.
+fn memory_counter_job(sb: &Sandbox, mb: u32) -> std::path::PathBuf {
+    let py = sb.path().join("memcount.py");
+    std::fs::write(
+        &py,
+        format!(
+            "import os, time\nb = bytearray(os.urandom({mb} << 20))\n\
+             for i in range(1, 81):\n    with open('counter.txt', 'a') as f:\n        f.write('%d\\n' % i)\n    time.sleep(0.25)\n\
+             print('--- counter.txt', flush=True)\nprint(open('counter.txt').read(), end='', flush=True)\n"
+        ),
+    )
+    .unwrap();
+    let script = sb.path().join("memjob.rhai");
+    std::fs::write(
+        &script,
+        format!(
+            "fn work(w) {{ w.spawn(\"exec python3 {}\") }}\n",
+            py.display()
+        ),
+    )
+    .unwrap();
+    script
+}
+
+fn store_config(sb: &Sandbox) -> (std::path::PathBuf, std::path::PathBuf) {
+    let store = sb.path().join("store");
+    let cfg = sb.path().join("cedana_config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"checkpoint_store": {"url": format!("file://{}", store.display())}})
+            .to_string(),
+    )
+    .unwrap();
+    (cfg, store)
+}
+
+/// A move through a checkpoint store is post-copy: the new worker runs the task as soon as
+/// the checkpoint's manifest is published, its memory following from the store; the old
+/// worker stays until the checkpoint is stored whole, which the job then counts on.
+#[test]
+fn a_move_through_a_store_runs_the_task_before_its_checkpoint_is_stored() {
+    if !criu_ready("a_move_through_a_store_runs_the_task_before_its_checkpoint_is_stored") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (cfg, _store) = store_config(&sb);
+    let script = memory_counter_job(&sb, 200);
+    let mut d =
+        BackgroundDriver::start(sb.path(), Some(&cfg), &["--checkpoint-every", "0"], &script);
+    let r = d.wait_record(Duration::from_secs(60), "the task running", |r| {
+        r["state"] == "running" && r["task"].is_object()
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    let out = driver(&sb, &["migrate", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
+    let nums = numbers_after(&d.stdout(), "--- counter.txt");
+    assert_eq!(nums.len(), 80, "{}", d.stdout());
+    assert_unbroken(&nums, "the count across a post-copy move");
+    let said = format!("{}{}", d.stdout(), d.stderr());
+    assert!(said.contains("its memory follows (post-copy)"), "{said}");
+    assert!(said.contains("after the task ran again"), "{said}");
+    assert!(
+        said.contains("before its memory is back (lazy restore)"),
+        "{said}"
+    );
+    let r = d.record().unwrap();
+    assert_eq!(r["migrations"], 1, "{r}");
+    assert_eq!(r["recoveries"], 0, "{r}");
+    let moved = r["checkpoints"].as_array().unwrap();
+    assert!(
+        moved
+            .iter()
+            .any(|c| c["worker"] == "w1" && c["bytes"].as_u64() > Some(0)),
+        "the move's checkpoint is recorded once stored: {r}"
+    );
+}
+
+/// The old worker stops (its agent frozen) after publishing the move's manifest and before
+/// the chunks are stored: the new worker's task never gets that memory, is ended by its
+/// worker rather than run on missing pages, and the job recovers from the checkpoint before
+/// the move; the count goes on unbroken.
+#[test]
+fn a_move_whose_old_worker_dies_before_the_checkpoint_is_stored_recovers() {
+    if !criu_ready("a_move_whose_old_worker_dies_before_the_checkpoint_is_stored_recovers") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (cfg, _store) = store_config(&sb);
+    let script = memory_counter_job(&sb, 400);
+    let wait = std::ffi::OsStr::new("4");
+    let mut d = BackgroundDriver::start_env(
+        sb.path(),
+        Some(&cfg),
+        &["--checkpoint-every", "3"],
+        &script,
+        &[("CEDANA_POST_COPY_WAIT_SECS", wait)],
+    );
+    let r = d.wait_record(Duration::from_secs(90), "a checkpoint", |r| {
+        checkpoints(r) >= 1
+    });
+    let job = r["job"].as_str().unwrap().to_string();
+    let daemon = r["workers"][0]["pid"].as_i64().unwrap();
+    let migrate = driver_cmd(sb.path())
+        .args(["migrate", &job])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !d.stderr().contains("its memory follows (post-copy)")
+        && !d.stdout().contains("its memory follows (post-copy)")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no post-copy: {}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
+    assert_eq!(d.wait(Duration::from_secs(240)), Some(0), "{}", d.stderr());
+    kill9(daemon);
+    let mut migrate = migrate;
+    let _ = migrate.kill();
+    let _ = migrate.wait();
+    let nums = numbers_after(&d.stdout(), "--- counter.txt");
+    assert_eq!(nums.len(), 80, "{}", d.stdout());
+    assert_unbroken(&nums, "the count across a failed post-copy move");
+    let said = format!("{}{}", d.stdout(), d.stderr());
+    assert!(
+        said.contains("could not be stored") || said.contains("cannot be restored"),
+        "{said}"
+    );
+    let r = d.record().unwrap();
+    assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
+}

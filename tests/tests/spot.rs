@@ -365,6 +365,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                 compression: cedana_agent::Compression::Zstd,
                 chunks: None,
                 criu: None,
+                post_copy: false,
             },
         )
         .await;
@@ -449,6 +450,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                 Command::Restore {
                     task: "counter".into(),
                     object,
+                    pending: false,
                 },
                 90,
             )

@@ -83,7 +83,10 @@ async fn spot_interruption(w: &Arc<Worker>, notice: imds::InstanceAction) {
                 true,
                 Compression::Zstd,
                 None,
-                super::worker::task_criu_options(),
+                super::worker::How {
+                    criu: super::worker::task_criu_options(),
+                    post_copy: false,
+                },
             )
             .await;
         (task, r)

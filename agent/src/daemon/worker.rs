@@ -228,16 +228,25 @@ impl Worker {
                 compression,
                 chunks,
                 criu,
+                post_copy,
             } => {
                 let criu = criu.unwrap_or_else(task_criu_options);
                 if let Err(e) = criu.check() {
                     return Err(format!("checkpoint of task {task:?}: {e}"));
                 }
-                self.checkpoint(task, leave_running, compression, chunks, criu)
+                let how = How {
+                    criu,
+                    post_copy: post_copy && !leave_running,
+                };
+                self.checkpoint(task, leave_running, compression, chunks, how)
                     .await
             }
             Command::Prefetch { chunks } => self.prefetch(chunks),
-            Command::Restore { task, object } => self.restore(task, object).await,
+            Command::Restore {
+                task,
+                object,
+                pending,
+            } => self.restore(task, object, pending).await,
             Command::Stop { task } => {
                 let pid = self.task_pid(&task)?;
                 kill(pid);
@@ -482,7 +491,7 @@ impl Worker {
         leave_running: bool,
         compression: Compression,
         chunks: Option<String>,
-        criu: CriuOptions,
+        how: How,
     ) -> Result<Reply, String> {
         let mut tries = 0;
         loop {
@@ -492,7 +501,7 @@ impl Worker {
                     leave_running,
                     compression,
                     chunks.clone(),
-                    criu.clone(),
+                    how.clone(),
                 )
                 .await;
             match once {
@@ -519,7 +528,7 @@ impl Worker {
         leave_running: bool,
         compression: Compression,
         chunks: Option<String>,
-        criu: CriuOptions,
+        how: How,
     ) -> Result<Reply, Failed> {
         if let Some(c) = &chunks {
             check_chunks_id(c)?;
@@ -556,7 +565,7 @@ impl Worker {
         }
         if let Some(store) = self.opts.store.clone() {
             return self
-                .checkpoint_to_store(task, pid, leave_running, store, files_copy, criu_turn, criu)
+                .checkpoint_to_store(task, pid, leave_running, store, files_copy, criu_turn, how)
                 .await;
         }
         let opts = DumpOptions {
@@ -564,7 +573,7 @@ impl Worker {
             dir: dir.clone(),
             leave_running,
             compression,
-            criu,
+            criu: how.criu,
             staging: None,
             // The task's files travel with it.
             files: Some(self.opts.work_dir.clone()),
@@ -618,6 +627,7 @@ impl Worker {
             object,
             bytes: out.archive_bytes,
             criu_ms: out.criu_time.as_millis() as u64,
+            post_copy: false,
         })
     }
 
@@ -632,7 +642,7 @@ impl Worker {
         store: cedana_store::StoreUrl,
         files_copy: Vec<PathBuf>,
         criu_turn: tokio::sync::MutexGuard<'_, ()>,
-        criu_opts: CriuOptions,
+        how: How,
     ) -> Result<Reply, Failed> {
         let dir = self.checkpoints_dir();
         create_dir(&dir)?;
@@ -641,7 +651,7 @@ impl Worker {
             dir,
             leave_running,
             compression: Compression::Zstd,
-            criu: criu_opts,
+            criu: how.criu,
             staging: None,
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
@@ -649,6 +659,11 @@ impl Worker {
         };
         let criu = self.criu.clone();
         let rt = tokio::runtime::Handle::current();
+        if how.post_copy {
+            return self
+                .checkpoint_post_copy(task, opts, store, criu_turn)
+                .await;
+        }
         let out = tokio::task::spawn_blocking(move || {
             crate::chunked::dump_to_store(
                 &criu,
@@ -678,10 +693,96 @@ impl Worker {
             object: out.name,
             bytes: out.uploaded.stored_sent,
             criu_ms: out.frozen_time.as_millis() as u64,
+            post_copy: false,
         })
     }
 
-    async fn restore(self: &Arc<Self>, task: String, object: String) -> Result<Reply, String> {
+    /// [`Self::checkpoint_to_store`] for a move (post-copy): answered once the manifest is
+    /// published ahead of its chunks (the task is gone from here then); the chunks follow, and
+    /// [`Event::CheckpointStored`] tells how that ended.
+    async fn checkpoint_post_copy(
+        self: &Arc<Self>,
+        task: String,
+        opts: DumpOptions,
+        store: cedana_store::StoreUrl,
+        criu_turn: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<Reply, Failed> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+        let criu = self.criu.clone();
+        let rt = tokio::runtime::Handle::current();
+        let t0 = std::time::Instant::now();
+        let storing = tokio::task::spawn_blocking(move || {
+            crate::chunked::dump_to_store_post_copy(
+                &criu,
+                &opts,
+                &store,
+                crate::chunked::DEFAULT_LEVEL,
+                &rt,
+                &NoProgress,
+                Box::new(move |name: &str| {
+                    let _ = tx.send(name.to_string());
+                }),
+            )
+        });
+        let name = match rx.await {
+            Ok(name) => name,
+            // Failed before its manifest was published: the task runs on, as for any failed
+            // checkpoint.
+            Err(_) => {
+                let out = storing.await.map_err(|e| e.to_string())?;
+                drop(criu_turn);
+                if let Some(t) = self.tasks().get_mut(&task) {
+                    t.checkpointed = false;
+                }
+                return Err(match out {
+                    Err(e) => e.into(),
+                    Ok(_) => "the checkpoint was stored without being published"
+                        .to_string()
+                        .into(),
+                });
+            }
+        };
+        drop(criu_turn);
+        let published_ms = t0.elapsed().as_millis() as u64;
+        let (me, t, object) = (self.clone(), task.clone(), name.clone());
+        tokio::spawn(async move {
+            let (bytes, error) = match storing.await {
+                Ok(Ok(out)) => {
+                    info!(task = %t, name = %out.name, chunks = out.uploaded.chunks,
+                        sent = out.uploaded.chunks_sent, "post-copy checkpoint stored");
+                    (out.uploaded.stored_sent, None)
+                }
+                Ok(Err(e)) => {
+                    error!(task = %t, name = %object, error = %e, "post-copy checkpoint failed after it was published");
+                    (0, Some(e.to_string()))
+                }
+                Err(e) => (0, Some(e.to_string())),
+            };
+            me.events
+                .publish(Event::CheckpointStored {
+                    task: t,
+                    object,
+                    bytes,
+                    error,
+                })
+                .await;
+        });
+        info!(task = %task, name = %name, ms = published_ms, "post-copy checkpoint published; its chunks follow");
+        Ok(Reply::Checkpointed {
+            task,
+            object: name,
+            bytes: 0,
+            criu_ms: published_ms,
+            post_copy: true,
+        })
+    }
+
+    async fn restore(
+        self: &Arc<Self>,
+        task: String,
+        object: String,
+        pending: bool,
+    ) -> Result<Reply, String> {
         self.not_running(&task)?;
         if !object.split('/').all(protocol::valid_object_part) {
             return Err(format!("checkpoint name {object:?} is not usable"));
@@ -689,7 +790,9 @@ impl Worker {
         let staging = self.checkpoints_dir();
         create_dir(&staging)?;
         if let Some(store) = self.opts.store.clone() {
-            return self.restore_from_store(task, object, store, staging).await;
+            return self
+                .restore_from_store(task, object, store, staging, pending)
+                .await;
         }
         let t0 = std::time::Instant::now();
         // Verified and extracted (into a private folder inside the work folder, so carried
@@ -773,6 +876,7 @@ impl Worker {
         name: String,
         store: cedana_store::StoreUrl,
         staging: PathBuf,
+        pending: bool,
     ) -> Result<Reply, String> {
         let log = self.log_path(&task);
         let opts = RestoreOptions {
@@ -798,13 +902,14 @@ impl Worker {
                 .join(format!("{name}.restore-failed.log"));
             let st =
                 cedana_store::Store::open(&store).map_err(|e| Refused::Other(e.to_string()))?;
-            let manifest =
-                crate::chunked::read_manifest(&st, &name, &rt).map_err(
-                    |e| match bad_checkpoint(&e) {
-                        true => Refused::Checkpoint(e.to_string()),
-                        false => Refused::Other(e.to_string()),
-                    },
-                )?;
+            let manifest = match pending {
+                true => crate::chunked::read_pending_manifest(&st, &name, &rt),
+                false => crate::chunked::read_manifest(&st, &name, &rt),
+            }
+            .map_err(|e| match bad_checkpoint(&e) {
+                true => Refused::Checkpoint(e.to_string()),
+                false => Refused::Other(e.to_string()),
+            })?;
             let carried = format!("{}/{log_name}", crate::files::FILES_DIR);
             let offset = manifest
                 .entries
@@ -816,7 +921,10 @@ impl Worker {
                 archive: PathBuf::from(format!("{store}/{name}")),
                 ..opts
             };
-            let source = Arc::new(crate::lazy::StoreSource::new(st, &name, rt));
+            let source = Arc::new(match pending {
+                true => crate::lazy::StoreSource::pending(st, &name, rt, post_copy_wait()),
+                false => crate::lazy::StoreSource::new(st, &name, rt),
+            });
             let root = opts.staging.clone().unwrap_or_default();
             crate::lazy::restore_as(
                 &criu,
@@ -915,6 +1023,25 @@ pub(crate) fn task_criu_options() -> CriuOptions {
         tcp: TcpMode::Close,
         ..CriuOptions::default()
     }
+}
+
+/// How a task is checkpointed: CRIU's options, and whether as a move (post-copy).
+#[derive(Clone, Debug)]
+pub(crate) struct How {
+    pub criu: CriuOptions,
+    pub post_copy: bool,
+}
+
+/// How long a post-copy restore waits for a chunk still being stored
+/// (`CEDANA_POST_COPY_WAIT_SECS`, default 120): past it the source is taken for lost and the
+/// task is ended.
+fn post_copy_wait() -> Duration {
+    Duration::from_secs(
+        std::env::var("CEDANA_POST_COPY_WAIT_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
+    )
 }
 
 /// Restores on a worker bring established connections back closed (see

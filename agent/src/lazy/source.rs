@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cedana_store::{chunk, ChunkId, ChunkRef, Store, StoreError};
 
@@ -67,6 +68,8 @@ pub struct StoreSource {
     store: Store,
     name: String,
     rt: tokio::runtime::Handle,
+    /// A checkpoint still being stored (post-copy): how long a missing chunk is waited for.
+    wait_for: Option<Duration>,
 }
 
 impl StoreSource {
@@ -75,27 +78,67 @@ impl StoreSource {
             store,
             name: name.to_string(),
             rt,
+            wait_for: None,
+        }
+    }
+
+    /// A source for a checkpoint whose chunks are still being stored: a chunk not there yet
+    /// is asked for again until it is, for at most `wait_for` (then it is missing).
+    pub fn pending(
+        store: Store,
+        name: &str,
+        rt: tokio::runtime::Handle,
+        wait_for: Duration,
+    ) -> Self {
+        StoreSource {
+            wait_for: Some(wait_for),
+            ..StoreSource::new(store, name, rt)
+        }
+    }
+
+    fn get(&self, r: &ChunkRef) -> Result<Vec<u8>, StoreError> {
+        let Some(wait_for) = self.wait_for else {
+            return self.rt.block_on(self.store.get_chunk(&self.name, r));
+        };
+        let t0 = std::time::Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.rt.block_on(self.store.get_chunk(&self.name, r)) {
+                Err(StoreError::MissingChunk { .. }) if t0.elapsed() < wait_for => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
         }
     }
 }
 
 impl ChunkSource for StoreSource {
     fn fetch(&self, r: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
-        self.rt
-            .block_on(self.store.get_chunk(&self.name, r))
-            .map_err(|e| {
-                let (trouble, reason) = match e {
-                    StoreError::MissingChunk { .. } => (ChunkTrouble::Missing, String::new()),
-                    StoreError::BadChunk { reason, .. } => (ChunkTrouble::Damaged, reason),
-                    other => (ChunkTrouble::Unreachable, other.to_string()),
-                };
-                ChunkError {
-                    chunk: r.id.to_string(),
-                    checkpoint: self.label(),
-                    trouble,
-                    reason,
-                }
-            })
+        self.get(r).map_err(|e| {
+            let (trouble, reason) = match e {
+                StoreError::MissingChunk { .. } => (
+                    ChunkTrouble::Missing,
+                    self.wait_for
+                        .map(|w| {
+                            format!(
+                                "not stored within {} s while its checkpoint was being stored",
+                                w.as_secs()
+                            )
+                        })
+                        .unwrap_or_default(),
+                ),
+                StoreError::BadChunk { reason, .. } => (ChunkTrouble::Damaged, reason),
+                other => (ChunkTrouble::Unreachable, other.to_string()),
+            };
+            ChunkError {
+                chunk: r.id.to_string(),
+                checkpoint: self.label(),
+                trouble,
+                reason,
+            }
+        })
     }
 
     fn label(&self) -> String {

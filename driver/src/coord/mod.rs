@@ -50,6 +50,8 @@ pub struct Exit {
 struct Routes {
     replies: HashMap<String, oneshot::Sender<Reply>>,
     exits: HashMap<String, watch::Sender<Option<Exit>>>,
+    /// Post-copy checkpoints, by `worker/object`: stored (their bytes) or failed (why).
+    stored: HashMap<String, watch::Sender<Option<Result<u64, String>>>>,
     /// When each worker was last heard from.
     seen: HashMap<String, std::time::Instant>,
     /// Spot notices per worker, in order.
@@ -480,6 +482,24 @@ impl Coordinator {
                         }));
                     }
                     Event::Heartbeat { .. } => {}
+                    Event::CheckpointStored {
+                        object,
+                        bytes,
+                        error,
+                        ..
+                    } => {
+                        let tx = r
+                            .lock()
+                            .expect("routes")
+                            .stored
+                            .entry(format!("{}/{object}", env.worker))
+                            .or_insert_with(|| watch::channel(None).0)
+                            .clone();
+                        tx.send_replace(Some(match error {
+                            None => Ok(bytes),
+                            Some(e) => Err(e),
+                        }));
+                    }
                     Event::SpotNotice {
                         kind,
                         action,
@@ -801,6 +821,22 @@ impl Coordinator {
             .expect("routes")
             .exits
             .entry(format!("{worker}/{task}"))
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Follows post-copy checkpoint `object` of `worker` until it is stored (`Ok`: its bytes)
+    /// or failed (`Err`: why).
+    pub fn stored_watch(
+        &self,
+        worker: &str,
+        object: &str,
+    ) -> watch::Receiver<Option<Result<u64, String>>> {
+        self.routes
+            .lock()
+            .expect("routes")
+            .stored
+            .entry(format!("{worker}/{object}"))
             .or_insert_with(|| watch::channel(None).0)
             .subscribe()
     }

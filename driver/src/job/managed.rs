@@ -135,9 +135,13 @@ pub fn run(
         // on a new worker, and the one that failed is not used again.
         if let Some(reason) = exit.as_ref().and_then(|e| e.restore_failed.clone()) {
             warn!(worker = %w.id, %reason, "the task's lazy restore failed");
-            let failed = newest
-                .as_ref()
-                .map(|c| c.object.clone())
+            // The checkpoint it was restored from (a move's, or a recovery's).
+            let failed = job
+                .borrow()
+                .restored_from
+                .get(&task.name)
+                .cloned()
+                .or_else(|| newest.as_ref().map(|c| c.object.clone()))
                 .unwrap_or_default();
             newest = drop_checkpoint(job, &failed, &reason);
             {
@@ -554,8 +558,26 @@ fn migrate(
                 return Err(e.into());
             }
         };
-        let moved = match job.borrow_mut().restore(&c, &to) {
+        let restored = job.borrow_mut().restore(&c, &to);
+        let moved = match restored {
             Ok(t) => t,
+            // A post-copy checkpoint the new worker could not read: the task is gone from the
+            // old worker, so it comes back from the checkpoint before, as after a loss.
+            Err(e) if job.borrow().is_pending_copy(&c.object) => {
+                job.borrow_mut().abandon_copy();
+                let reason = format!("the move's checkpoint {} cannot be read: {e}", c.object);
+                warn!(%reason, "post-copy restore failed");
+                let _ = drop_checkpoint(job, &c.object, &e.to_string());
+                match newest {
+                    Some(before) => {
+                        return recover_onto(job, hooks, spec, w, task, to, before, &reason)
+                    }
+                    None => {
+                        job.borrow_mut().terminate(&to);
+                        return Err(e.into());
+                    }
+                }
+            }
             Err(e) => {
                 warn!(error = %e, "restore on the new worker failed; restoring where it was");
                 job.borrow_mut().terminate(&to);
@@ -564,14 +586,17 @@ fn migrate(
                 return Err(e.into());
             }
         };
+        let stopped = stopped.elapsed();
         hooks.restored_task(job, &to, &moved)?;
         job.borrow().reporter.note(&format!(
             "task {} moved from worker {} to {} ({:.1} s stopped)",
             moved.name,
             w.id,
             to.id,
-            stopped.elapsed().as_secs_f64()
+            stopped.as_secs_f64()
         ));
+        // Post-copy: the old worker stays until the checkpoint is stored whole.
+        job.borrow_mut().settle_copy();
         let old = std::mem::replace(w, to);
         job.borrow_mut().terminate(&old);
         job.borrow_mut().record.migrations += 1;

@@ -124,6 +124,11 @@ pub struct Job {
     waiting_for_spot: Option<Duration>,
     /// The embedded NATS server's process id, kept current by its supervisor.
     pub nats_pid: Arc<std::sync::atomic::AtomicU32>,
+    /// A move's checkpoint published ahead of its chunks (post-copy): its worker, checkpoint
+    /// and task, until [`Job::settle_copy`] hears how its storing ended.
+    pending_copy: Option<(String, String, String)>,
+    /// The checkpoint each task was last restored from (a failed lazy restore condemns it).
+    pub restored_from: BTreeMap<String, String>,
 }
 
 impl Job {
@@ -166,6 +171,8 @@ impl Job {
             started: Instant::now(),
             waiting_for_spot: None,
             nats_pid: Default::default(),
+            pending_copy: None,
+            restored_from: BTreeMap::new(),
         }
     }
 
@@ -643,6 +650,10 @@ impl Job {
         let is_local = |w: &str| self.offer_of(w).is_some_and(|o| o.provider == "local");
         let one_machine = reader.is_some_and(|to| is_local(&to.id) && is_local(&t.worker));
         let no_prefetch = self.shared_storage.is_some() || self.store.is_some() || one_machine;
+        // A move into a checkpoint store: the new worker starts the task as soon as the
+        // manifest is published; the chunks follow (post-copy).
+        let post_copy =
+            !leave_running && self.store.is_some() && reader.is_some_and(|to| to.id != t.worker);
         let chunks = match (reader, no_prefetch) {
             (Some(to), false) => {
                 let chunks = protocol::new_chunks_id();
@@ -665,9 +676,25 @@ impl Job {
             compression: cedana_protocol::Compression::Zstd,
             chunks,
             criu: None,
+            post_copy,
         };
         let started = Instant::now();
         match self.call(&t.worker, cmd, 3600)? {
+            Reply::Checkpointed {
+                object,
+                post_copy: true,
+                ..
+            } => {
+                self.reporter.note(&format!(
+                    "checkpoint {object}: published in {:.2} s, its memory follows (post-copy)",
+                    started.elapsed().as_secs_f64()
+                ));
+                self.pending_copy = Some((t.worker.clone(), object.clone(), t.name.clone()));
+                Ok(Checkpoint {
+                    object,
+                    task: t.name.clone(),
+                })
+            }
             Reply::Checkpointed { object, bytes, .. } => {
                 self.reporter.note(&format!(
                     "checkpoint {object}: {:.1} MiB in {:.2} s",
@@ -703,14 +730,78 @@ impl Job {
         self.save();
     }
 
+    /// Whether `object` is a move's checkpoint still being stored (post-copy).
+    pub fn is_pending_copy(&self, object: &str) -> bool {
+        self.pending_copy.as_ref().is_some_and(|p| p.1 == object)
+    }
+
+    /// Forgets the move's checkpoint being stored: it is not waited for nor recorded.
+    pub fn abandon_copy(&mut self) {
+        self.pending_copy = None;
+    }
+
+    /// Waits until the move's checkpoint published ahead of its chunks (post-copy) is stored,
+    /// and records it; if it never will be (its worker failed or went silent), says so: the
+    /// task restored from it is ended by its worker when a chunk does not come, and recovers
+    /// from the checkpoint before.
+    pub fn settle_copy(&mut self) {
+        let Some((worker, object, task)) = self.pending_copy.take() else {
+            return;
+        };
+        let mut watch = self.coord.stored_watch(&worker, &object);
+        let t0 = Instant::now();
+        let outcome = loop {
+            if let Some(r) = watch.borrow_and_update().clone() {
+                break r;
+            }
+            if let Some(reason) = self.lost(&worker) {
+                break Err(format!("worker {worker} was lost ({reason})"));
+            }
+            if self.down.is_set() {
+                break Err("the job was taken down".into());
+            }
+            if t0.elapsed() > Duration::from_secs(2 * 3600) {
+                break Err("not stored within 2 hours".into());
+            }
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(500), watch.changed()).await
+            });
+        };
+        match outcome {
+            Ok(bytes) => {
+                self.reporter.note(&format!(
+                    "checkpoint {object}: {:.1} MiB stored {:.1} s after the task ran again",
+                    bytes as f64 / 1048576.0,
+                    t0.elapsed().as_secs_f64()
+                ));
+                self.record.checkpoints.push(CheckpointInfo {
+                    object,
+                    task,
+                    worker,
+                    at: protocol::now(),
+                    bytes,
+                });
+                self.save();
+            }
+            Err(why) => {
+                warn!(checkpoint = %object, %why, "a post-copy checkpoint was not stored");
+                self.reporter.note(&format!(
+                    "checkpoint {object} could not be stored ({why}); the task restored from it cannot get its memory and will be recovered"
+                ));
+            }
+        }
+    }
+
     /// Restores `c` on `w` (its files first).
     pub fn restore(&mut self, c: &Checkpoint, w: &Worker) -> Result<Task, JobError> {
         self.coord.reset_exit(&w.id, &c.task);
+        let pending = self.pending_copy.as_ref().is_some_and(|p| p.1 == c.object);
         match self.call(
             &w.id,
             Command::Restore {
                 task: c.task.clone(),
                 object: c.object.clone(),
+                pending,
             },
             3600,
         )? {
@@ -731,6 +822,7 @@ impl Job {
                     ));
                 }
                 self.track_task(&c.task, &w.id, pid);
+                self.restored_from.insert(c.task.clone(), c.object.clone());
                 Ok(Task {
                     name: c.task.clone(),
                     worker: w.id.clone(),

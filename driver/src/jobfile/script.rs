@@ -215,6 +215,8 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
             Err(e) if matches!(*e, EvalAltResult::ErrorFunctionNotFound(ref f, _) if f.starts_with("restored_task")) => {}
             Err(e) => return Err(e),
         }
+        // Post-copy: the old worker stays until the checkpoint is stored whole.
+        h.borrow_mut().settle_copy();
         h.borrow_mut().terminate(&from);
         h.borrow_mut().record.migrations += 1;
         *t = moved.clone();

@@ -549,8 +549,9 @@ struct Route<'a> {
 /// Migration variants, in the order they run: raw CRIU; through the object store, the
 /// restoring worker reading the checkpoint while it is stored (`none`, `zstd`) or after
 /// (`-after`); through a shared folder; through a checkpoint store (a folder), restored
-/// lazily (the task runs, its memory follows) or in full.
-const VARIANTS: [&str; 9] = [
+/// lazily (the task runs, its memory follows) or in full, or post-copy (the restore starts
+/// once the manifest is published, before the chunks are stored).
+const VARIANTS: [&str; 10] = [
     "raw-criu",
     "none",
     "zstd",
@@ -560,6 +561,7 @@ const VARIANTS: [&str; 9] = [
     "shared-zstd",
     "store-lazy",
     "store-full",
+    "store-postcopy",
 ];
 
 /// One migration: spawn, checkpoint (task stopped), restore; timed and split. With
@@ -596,6 +598,16 @@ async fn migrate_run(
         ),
     };
     let task = format!("mem{run}-{kind}-{variant}");
+    let post_copy = route.store == Some("store-postcopy");
+    // A post-copy checkpoint's size and end, from its `CheckpointStored` event.
+    let stored: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
+    let note_stored = |e: &EventEnvelope| {
+        if let Event::CheckpointStored { bytes, error, .. } = &e.event {
+            if e.worker == from && error.is_none() {
+                stored.set(Some(*bytes));
+            }
+        }
+    };
     let limit = cfg.step;
     let cmd = format!("exec /usr/bin/python3 alloc.py {kind} {}", cfg.mb);
     let r = c
@@ -653,8 +665,9 @@ async fn migrate_run(
         compression,
         chunks,
         criu: None,
+        post_copy,
     };
-    let r = c.call(from, command, limit, |_| {}).await?;
+    let r = c.call(from, command, limit, note_stored).await?;
     let t1 = Instant::now();
     let checkpoint_id = c.next_id;
     let Reply::Checkpointed { object, bytes, .. } = r else {
@@ -662,6 +675,7 @@ async fn migrate_run(
     };
     let mut first_log = None;
     let mut seen = |e: &EventEnvelope| {
+        note_stored(e);
         if first_log.is_none()
             && e.worker == to
             && matches!(&e.event, Event::Log { task: t, .. } if *t == task)
@@ -672,6 +686,7 @@ async fn migrate_run(
     let command = Command::Restore {
         task: task.clone(),
         object: object.clone(),
+        pending: post_copy,
     };
     let r = c.call(to, command, limit, &mut seen).await?;
     let t2 = Instant::now();
@@ -683,11 +698,26 @@ async fn migrate_run(
     let mut restored = TaskGuard(Some(rpid));
     if first_log.is_none() {
         let w2_log = |e: &EventEnvelope| {
+            note_stored(e);
             (e.worker == to && matches!(&e.event, Event::Log { task: t, .. } if *t == task))
                 .then(Instant::now)
         };
         first_log = Some(c.until(Duration::from_secs(30), w2_log).await?);
     }
+    // Post-copy: the old worker's work ends when the checkpoint is stored whole (its CPU
+    // time counts until then).
+    if post_copy && stored.get().is_none() {
+        let done = |e: &EventEnvelope| {
+            note_stored(e);
+            stored.get()
+        };
+        c.until(limit, done).await?;
+    }
+    let bytes = if post_copy {
+        stored.get().unwrap_or(bytes)
+    } else {
+        bytes
+    };
     let t3 = first_log.unwrap_or(t2);
     let gap = check_restored(cfg, rpid, &log).await?;
     orig.stop().await?;
@@ -1020,6 +1050,13 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
         store: Some("store-lazy"),
         pids: [pid_of(&daemons[4]), pid_of(&daemons[5]), nats_pid],
     };
+    let post_copied = Route {
+        from: "l1",
+        to: "l2",
+        shared: None,
+        store: Some("store-postcopy"),
+        pids: lazily.pids,
+    };
     let in_full = Route {
         from: "f1",
         to: "f2",
@@ -1047,6 +1084,7 @@ async fn nats_sections(cfg: &Cfg, sections: &[&str]) -> Result<()> {
                     v if v.starts_with("shared") => &by_folder,
                     "store-lazy" => &lazily,
                     "store-full" => &in_full,
+                    "store-postcopy" => &post_copied,
                     _ => &by_store,
                 };
                 let compression = if variant.contains("zstd") {
@@ -1170,7 +1208,7 @@ fn main() -> Result<()> {
             .collect(),
         variants: std::env::var("BENCH_VARIANTS")
             .unwrap_or_else(|_| {
-                "none zstd none-after zstd-after shared-none shared-zstd store-lazy store-full"
+                "none zstd none-after zstd-after shared-none shared-zstd store-lazy store-full store-postcopy"
                     .into()
             })
             .split_whitespace()
@@ -1195,7 +1233,7 @@ fn main() -> Result<()> {
             v if VARIANTS.contains(&v)
         )
     }) {
-        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, none-after, zstd-after, shared-none, shared-zstd, store-lazy, store-full");
+        bail!("unknown BENCH_VARIANTS entry {v:?}: use none, zstd, none-after, zstd-after, shared-none, shared-zstd, store-lazy, store-full, store-postcopy");
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut sections: Vec<&str> = args.iter().map(String::as_str).collect();
