@@ -28,6 +28,7 @@
 #        BENCH_DIR          work folder on disk, not tmpfs (default /var/tmp/cedana-bench-migrate);
 #                           results.json is left there, everything else is removed on exit
 #        BENCH_NO_BUILD=1   use the release binaries already in target/release
+#        BENCH_KEEP_LOGS=DIR  copy the daemons' logs there before the work folder goes
 set -euo pipefail
 
 BENCH_MB=${BENCH_MB:-1024}
@@ -65,6 +66,7 @@ cleanup() {
             [[ $now == "$start" ]] && kill -KILL "$pid" 2>/dev/null || true
         done <"$PIDS"
     fi
+    [[ -n ${BENCH_KEEP_LOGS:-} ]] && cp "$WORK"/*.log "$BENCH_KEEP_LOGS"/ 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -165,6 +165,7 @@ fn dump_inner(
         };
         let cpu = dump::cpu_description(criu, work.path());
         let mut cuts = images::page_image_cuts(work.path());
+        let mut eager = images::page_image_eager_ranges(work.path());
         let mut pieces: Vec<Piece> = dump::image_files(work.path())?
             .into_iter()
             .map(|(name, path)| {
@@ -172,6 +173,7 @@ fn dump_inner(
                 Piece {
                     name,
                     path,
+                    first: eager.remove(&file),
                     cuts: cuts.remove(&file).unwrap_or_default(),
                 }
             })
@@ -186,6 +188,7 @@ fn dump_inner(
                     name,
                     path,
                     cuts: Vec::new(),
+                    first: None,
                 });
             }
             c.files

@@ -25,11 +25,27 @@ pub const FIXED_CHUNK: u64 = 1 << 20;
 
 /// A file to upload: where it is, the name the manifest gives it, and where it is cut (the
 /// sizes of its chunks in order, summing to its size; empty: [`FIXED_CHUNK`] pieces).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Piece {
     pub name: String,
     pub path: PathBuf,
     pub cuts: Vec<u64>,
+    /// Byte ranges a restore reading while the upload runs needs before the rest: their
+    /// chunks are sent with the other pieces' (in piece order), the rest of this piece's
+    /// after every piece's first ones. None: all of it is needed first.
+    pub first: Option<Vec<(u64, u64)>>,
+}
+
+impl Piece {
+    /// Whether the chunk at `at`, `len` bytes long, goes in the first round.
+    fn first(&self, at: u64, len: u64) -> bool {
+        match &self.first {
+            None => true,
+            Some(ranges) => ranges
+                .iter()
+                .any(|(start, n)| *start < at + len && at < start + n),
+        }
+    }
 }
 
 /// An uploaded file as a manifest lists it.
@@ -189,7 +205,9 @@ async fn upload_pass(
             jobs.push((file_index, piece.path.clone(), at, len));
         }
     }
-    let results: Vec<(usize, ChunkRef, u64)> = futures::stream::iter(jobs)
+    // What a restore needs before the rest goes first (a stable sort keeps the order within).
+    jobs.sort_by_key(|(file_index, _, at, len)| !pieces[*file_index].first(*at, *len));
+    let mut results: Vec<(usize, u64, ChunkRef, u64)> = futures::stream::iter(jobs)
         .map(|(file_index, path, at, len)| {
             let (sent, cpu) = (sent.clone(), cpu.clone());
             async move {
@@ -217,7 +235,7 @@ async fn upload_pass(
                 if let Some(p) = progress {
                     p(len);
                 }
-                Ok::<_, StoreError>((file_index, ChunkRef { id, size: len }, stored))
+                Ok::<_, StoreError>((file_index, at, ChunkRef { id, size: len }, stored))
             }
         })
         .buffered(IO_PARALLEL)
@@ -235,7 +253,9 @@ async fn upload_pass(
             .collect(),
         ..Default::default()
     };
-    for (file_index, r, stored) in results {
+    // Each entry's chunks in the order of its bytes, whatever order they were sent in.
+    results.sort_by_key(|(file_index, at, _, _)| (*file_index, *at));
+    for (file_index, _, r, stored) in results {
         out.chunks += 1;
         out.bytes += r.size;
         if stored > 0 {

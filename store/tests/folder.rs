@@ -66,11 +66,13 @@ fn a_second_checkpoint_sends_only_what_changed_and_prune_keeps_what_is_named() {
             name: "images/pages-1.img".into(),
             path: src.join("pages-1.img"),
             cuts: vec![],
+            first: None,
         },
         Piece {
             name: "images/core-1.img".into(),
             path: src.join("core-1.img"),
             cuts: vec![],
+            first: None,
         },
     ];
     let first = rt.block_on(async {
@@ -156,6 +158,7 @@ fn a_damaged_or_missing_chunk_is_named_and_the_previous_checkpoint_still_restore
         name: "a.img".into(),
         path: src.clone(),
         cuts: vec![],
+        first: None,
     }];
     let old = rt.block_on(async {
         let mut w = Writing::begin(&store).await.unwrap();
@@ -221,6 +224,7 @@ fn a_prune_removes_no_chunk_while_a_checkpoint_is_written_nor_a_crashed_writers_
         name: "a.img".into(),
         path: src,
         cuts: vec![],
+        first: None,
     }];
     rt.block_on(async {
         // A writer that sent its chunks but has not written its manifest yet.

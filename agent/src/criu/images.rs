@@ -221,6 +221,44 @@ pub fn page_image_cuts(images_dir: &Path) -> std::collections::HashMap<String, V
     out
 }
 
+/// For each pages image (`pages-<id>.img`) in `images_dir`, the byte ranges CRIU reads itself
+/// on a lazy restore (the runs that are not private anonymous memory): what a restore needs
+/// before the process runs, the rest being fetched as it is touched.
+pub fn page_image_eager_ranges(
+    images_dir: &Path,
+) -> std::collections::HashMap<String, Vec<(u64, u64)>> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir(images_dir) else {
+        return out;
+    };
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(map) = read_pagemap(&bytes, &name, page) else {
+            continue;
+        };
+        let ranges: &mut Vec<(u64, u64)> = out
+            .entry(format!("pages-{}.img", map.pages_id))
+            .or_default();
+        ranges.extend(
+            map.runs
+                .iter()
+                .filter(|r| !r.lazy)
+                .map(|r| (r.offset, r.pages.saturating_mul(page))),
+        );
+    }
+    out
+}
+
 /// The pages id and the cuts of one pagemap (see [`page_image_cuts`]).
 fn pagemap_cuts(bytes: &[u8], name: &str, page: u64) -> Option<(u32, Vec<u64>)> {
     const WINDOW: u64 = 1 << 20;
