@@ -116,7 +116,7 @@ pub enum RestoreError {
     Store(Box<cedana_store::StoreError>),
     /// A chunk of a checkpoint read chunk by chunk ([`crate::lazy`]).
     #[error(transparent)]
-    Chunk(crate::lazy::ChunkError),
+    Chunk(ChunkError),
     #[error("archive {path} was dumped with external resources ({declared}): name each again with --external in the restore's spelling (a mount dumped as mnt[PATH]:KEY is restored with mnt[KEY]:PATH); nothing was changed")]
     ExternalsNeeded { path: PathBuf, declared: String },
     #[error("restore of {path}: {reason}")]
@@ -338,5 +338,51 @@ pub fn failed_log_path(archive: &Path) -> PathBuf {
         dir.join(name)
     } else {
         std::env::temp_dir().join(name)
+    }
+}
+
+/// Why a chunk could not be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkTrouble {
+    /// It is not where the manifest says it is.
+    Missing,
+    /// It is there but is not what its name says.
+    Damaged,
+    /// Its store did not answer.
+    Unreachable,
+}
+
+/// A chunk that could not be had: names it and the checkpoint it belongs to.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct ChunkError {
+    pub chunk: String,
+    /// The checkpoint: `STORE/NAME` or the archive's path.
+    pub checkpoint: String,
+    pub trouble: ChunkTrouble,
+    pub reason: String,
+}
+
+impl ChunkError {
+    fn describe(&self) -> String {
+        match self.trouble {
+            ChunkTrouble::Missing => format!(
+                "checkpoint {}: chunk {} is missing{}; that checkpoint cannot be restored, use an earlier one",
+                self.checkpoint,
+                self.chunk,
+                match self.reason.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", self.reason),
+                }
+            ),
+            ChunkTrouble::Damaged => format!(
+                "checkpoint {}: chunk {} is damaged ({}); that checkpoint cannot be restored, use an earlier one",
+                self.checkpoint, self.chunk, self.reason
+            ),
+            ChunkTrouble::Unreachable => format!(
+                "checkpoint {}: chunk {} could not be read: {}",
+                self.checkpoint, self.chunk, self.reason
+            ),
+        }
     }
 }

@@ -76,7 +76,7 @@ pub enum Command {
         /// CRIU's options; absent: the worker's for tasks (TCP connections left out, back
         /// closed after a restore; see the agent's `task_criu_options`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        criu: Option<crate::CriuOptions>,
+        criu: Option<crate::criu::CriuOptions>,
         /// A move (post-copy; the task stops, `leave_running` false, into a checkpoint store):
         /// answered as soon as the checkpoint's manifest is published ahead of its chunks
         /// ([`Reply::Checkpointed`] with `post_copy`), and the task is gone from this worker

@@ -13,46 +13,7 @@ use cedana_store::{chunk, ChunkId, ChunkRef, Store, StoreError};
 use crate::archive::{ArchiveError, MANIFEST};
 use crate::chunkzip::CHUNKS;
 
-/// Why a chunk could not be had.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChunkTrouble {
-    /// It is not where the manifest says it is.
-    Missing,
-    /// It is there but is not what its name says.
-    Damaged,
-    /// Its store did not answer.
-    Unreachable,
-}
-
-/// A chunk that could not be had: names it and the checkpoint it belongs to.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{}", self.describe())]
-pub struct ChunkError {
-    pub chunk: String,
-    /// The checkpoint: `STORE/NAME` or the archive's path.
-    pub checkpoint: String,
-    pub trouble: ChunkTrouble,
-    pub reason: String,
-}
-
-impl ChunkError {
-    fn describe(&self) -> String {
-        match self.trouble {
-            ChunkTrouble::Missing => format!(
-                "checkpoint {}: chunk {} is missing; that checkpoint cannot be restored, use an earlier one",
-                self.checkpoint, self.chunk
-            ),
-            ChunkTrouble::Damaged => format!(
-                "checkpoint {}: chunk {} is damaged ({}); that checkpoint cannot be restored, use an earlier one",
-                self.checkpoint, self.chunk, self.reason
-            ),
-            ChunkTrouble::Unreachable => format!(
-                "checkpoint {}: chunk {} could not be read: {}",
-                self.checkpoint, self.chunk, self.reason
-            ),
-        }
-    }
-}
+pub use crate::restore::{ChunkError, ChunkTrouble};
 
 /// Gives a checkpoint's chunks by name.
 pub trait ChunkSource: Send + Sync {
