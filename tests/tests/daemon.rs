@@ -1020,7 +1020,9 @@ fn a_restarted_daemon_takes_back_its_tasks() {
         assert!(task.alive(), "the task died with its agent");
 
         let mut d2 = AgentDaemon::start(&nats, &nats.token, "job9", "w1", &work);
-        let r = drv.call("w1", "p1", Command::Ping, 30).await;
+        // A command can reach the killed run's outstanding pull request (the server has not
+        // dropped it yet): it comes back to the new run once its ack wait (20 s) is over.
+        let r = drv.call("w1", "p1", Command::Ping, 90).await;
         let Reply::Pong { tasks, .. } = r else {
             panic!("{r:?}")
         };

@@ -55,6 +55,10 @@ use crate::criu::Criu;
 use crate::imds::{self, Imds};
 use crate::objstore;
 
+/// How long the server waits for a command's ack before it delivers it again; a running
+/// command renews it every third of it.
+const ACK_WAIT: Duration = Duration::from_secs(20);
+
 pub use self::options::{DaemonOptions, SpotOptions, CHECKPOINTS_DIR, TASKS_DIR};
 pub use self::reaper::ExitStatus;
 
@@ -169,7 +173,10 @@ pub async fn run(
         durable_name: Some(consumer_name.clone()),
         filter_subject: protocol::commands_subject(&opts.job, &opts.worker),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(600),
+        // Short, with progress acks while a command runs (below): a command delivered to a
+        // previous run's outstanding pull request (a daemon killed and started again) comes
+        // back within this, not after the longest command.
+        ack_wait: ACK_WAIT,
         ..Default::default()
     };
     let consumer: consumer::PullConsumer = commands
@@ -206,7 +213,19 @@ pub async fn run(
                 let anew = match msg {
                     Some(Ok(msg)) => {
                         errors = 0;
-                        worker.handle(&msg.payload).await;
+                        // While the command runs, the server is told it is in progress.
+                        let handling = worker.handle(&msg.payload);
+                        tokio::pin!(handling);
+                        let mut tick = tokio::time::interval(ACK_WAIT / 3);
+                        tick.tick().await;
+                        loop {
+                            tokio::select! {
+                                _ = &mut handling => break,
+                                _ = tick.tick() => {
+                                    let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+                                }
+                            }
+                        }
                         if let Err(e) = msg.ack().await {
                             warn!(error = %e, "ack failed; the command may be delivered again and answered from the stored reply");
                         }
