@@ -194,21 +194,8 @@ const PE_PRESENT: u32 = 1 << 2;
 /// chunks then).
 pub fn page_image_cuts(images_dir: &Path) -> std::collections::HashMap<String, Vec<u64>> {
     let mut out = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir(images_dir) else {
-        return out;
-    };
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(e.path()) else {
-            continue;
-        };
+    let page = page_size();
+    for (name, bytes) in pagemap_files(images_dir) {
         let Some((pages_id, cuts)) = pagemap_cuts(&bytes, &name, page) else {
             continue;
         };
@@ -228,21 +215,8 @@ pub fn page_image_eager_ranges(
     images_dir: &Path,
 ) -> std::collections::HashMap<String, Vec<(u64, u64)>> {
     let mut out = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir(images_dir) else {
-        return out;
-    };
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(e.path()) else {
-            continue;
-        };
+    let page = page_size();
+    for (name, bytes) in pagemap_files(images_dir) {
         let Ok(map) = read_pagemap(&bytes, &name, page) else {
             continue;
         };
@@ -257,6 +231,30 @@ pub fn page_image_eager_ranges(
         );
     }
     out
+}
+
+/// This machine's page size.
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64
+}
+
+/// The pagemap images (`pagemap-*.img`) in `images_dir`: name and bytes; unreadable ones left
+/// out.
+fn pagemap_files(images_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(dir) = std::fs::read_dir(images_dir) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.starts_with("pagemap-") && name.ends_with(".img"))
+                .then(|| std::fs::read(e.path()).ok().map(|b| (name, b)))
+                .flatten()
+        })
+        .collect()
 }
 
 /// The pages id and the cuts of one pagemap (see [`page_image_cuts`]).
