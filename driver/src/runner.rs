@@ -310,7 +310,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     };
 
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
-        let n = EmbeddedNats::create(&job_dir, &job_dir.join(TOKEN_FILE))?;
+        let n = EmbeddedNats::create(&job_id, &job_dir, &job_dir.join(TOKEN_FILE))?;
         (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
@@ -563,7 +563,8 @@ pub fn standby(opts: ResumeOptions) -> Result<i64, RunError> {
                 }
             }
             if store.is_none() {
-                let connected = async_nats::ConnectOptions::with_token(token.clone())
+                let connected = cedana_protocol::NatsCredential::parse(&cedana_protocol::Secret::new(token.clone()))
+                    .connect_options()
                     .name(format!("cedana-driver standby {job}"))
                     .connection_timeout(Duration::from_secs(2))
                     .retry_on_initial_connect()
@@ -690,6 +691,10 @@ fn drive(d: Drive) -> Result<i64, RunError> {
     } = checked;
     job.borrow_mut().providers = providers;
     job.borrow_mut().reporter = reporter.clone();
+    {
+        let mut j = job.borrow_mut();
+        j.nats_users = embedded.as_ref().and_then(|n| n.users(j.nats_pid.clone()));
+    }
     let down = job.borrow().down.clone();
     // The embedded server is kept running: started again on the same port, token and store
     // when it dies.

@@ -3,6 +3,7 @@
 //! - [`names`]: every stream, bucket and subject name;
 //! - [`wire`]: the versioned messages (commands, replies, events, worker records);
 //! - [`layout`]: the streams and buckets both sides make, and the stored publish;
+//! - [`auth`]: credentials ([`NatsCredential`]) and what a worker may do ([`worker_permissions`]);
 //! - [`config`]: the original's `cedana_config.json`, and [`Secret`];
 //! - [`url`]: [`NatsUrl`], the one parser of NATS URL lists;
 //! - [`criu`]: CRIU's options a dump or restore asks for (command line, commands, manifest);
@@ -11,6 +12,7 @@
 //! Neither the agent nor the driver spells a subject or a message of its own; both depend on
 //! this crate, and the driver on nothing else of the agent's.
 
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod criu;
@@ -21,6 +23,9 @@ pub mod stamp;
 pub mod url;
 pub mod wire;
 
+pub use auth::{
+    inbox_prefix, worker_permissions, worker_user, NatsCredential, Permissions, DRIVER_USER,
+};
 pub use config::{Config, Secret};
 pub use criu::{CgroupMode, CriuOptions, CriuOptionsError, NetworkLock, TcpMode};
 pub use ids::{

@@ -58,6 +58,14 @@ pub fn object_info_subject(bucket: &str, encoded_name: &str) -> String {
 pub fn worker_key(job: &str, worker: &str) -> String {
     format!("{job}.{worker}")
 }
+/// The KV key of a worker's lease (renewed every second by its agent): `<job>.<worker>.lease`.
+pub fn lease_key(job: &str, worker: &str) -> String {
+    format!("{job}.{worker}.lease")
+}
+/// The durable consumer a worker reads its commands through: `w_<job>_<worker>`.
+pub fn command_consumer(job: &str, worker: &str) -> String {
+    format!("w_{job}_{worker}")
+}
 /// The KV key (in the workers bucket) that revokes a worker's lease: the job moved its tasks
 /// elsewhere, and the worker's agent kills them when it sees this: `<job>.<worker>.revoked`.
 pub fn revoked_key(job: &str, worker: &str) -> String {

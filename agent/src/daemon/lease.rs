@@ -49,10 +49,7 @@ pub(super) async fn keep_lease(w: Arc<Worker>, workers: kv::Store) {
             }
         })
     });
-    let key = format!(
-        "{}.lease",
-        protocol::worker_key(&w.opts.job, &w.opts.worker)
-    );
+    let key = protocol::lease_key(&w.opts.job, &w.opts.worker);
     let revoked = revoked_key(&w.opts.job, &w.opts.worker);
     loop {
         let sent = boottime();

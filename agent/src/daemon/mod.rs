@@ -115,7 +115,8 @@ pub async fn run(
     };
     let reaper = Reaper::start();
     let url = opts.nats_url.clone();
-    let client = async_nats::ConnectOptions::with_token(opts.token.expose().to_string())
+    let client = protocol::NatsCredential::parse(&opts.token)
+        .connect_options()
         .name(format!("cedana-agent {}/{}", opts.job, opts.worker))
         .connection_timeout(Duration::from_secs(10))
         .connect(protocol::NatsUrl::parse(&url).servers().to_vec())
@@ -168,7 +169,7 @@ pub async fn run(
         .map_err(|e| jerr("registering the worker")(&e))?;
     info!(job = %opts.job, worker = %opts.worker, url = %url, "registered");
 
-    let consumer_name = format!("w_{}_{}", opts.job, opts.worker);
+    let consumer_name = protocol::command_consumer(&opts.job, &opts.worker);
     let consumer_config = consumer::pull::Config {
         durable_name: Some(consumer_name.clone()),
         filter_subject: protocol::commands_subject(&opts.job, &opts.worker),

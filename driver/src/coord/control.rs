@@ -103,7 +103,8 @@ pub async fn request(
     action: Action,
     secs: u64,
 ) -> Result<Answer, ControlError> {
-    let client = async_nats::ConnectOptions::with_token(token.to_string())
+    let client = cedana_protocol::NatsCredential::parse(&cedana_protocol::Secret::new(token))
+        .connect_options()
         .name("cedana-driver control")
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(secs)))

@@ -328,7 +328,8 @@ impl Coordinator {
         output_seq: u64,
         lease_rev: Option<u64>,
     ) -> Result<Self, CoordError> {
-        let client = async_nats::ConnectOptions::with_token(token.to_string())
+        let client = cedana_protocol::NatsCredential::parse(&cedana_protocol::Secret::new(token))
+            .connect_options()
             .name(format!("cedana-driver {job}"))
             .connection_timeout(Duration::from_secs(10))
             .connect(cedana_protocol::NatsUrl::parse(url).servers().to_vec())
@@ -420,6 +421,15 @@ impl Coordinator {
                         continue;
                     }
                 };
+                // An event speaks for the worker whose subject it came on, and no other
+                // (a worker's own NATS user may publish on its own subjects only).
+                if env.job != events_job
+                    || (msg.subject.as_str() != protocol::state_subject(&env.job, &env.worker)
+                        && msg.subject.as_str() != protocol::logs_subject(&env.job, &env.worker))
+                {
+                    tracing::warn!(subject = %msg.subject, worker = %env.worker, job = %env.job, "an event names a worker or job other than its subject's; ignored");
+                    continue;
+                }
                 tracing::trace!(worker = %env.worker, event = ?env.event, "event");
                 // An event of the backlog a resumed driver reads was heard when it was sent.
                 let heard = if seq != 0 && seq <= last {
@@ -438,7 +448,8 @@ impl Coordinator {
                     .or_insert(heard);
                 match env.event {
                     Event::Reply { id, reply } => {
-                        if let Some(tx) = r.lock().expect("routes").replies.remove(&id) {
+                        let route = format!("{}/{id}", env.worker);
+                        if let Some(tx) = r.lock().expect("routes").replies.remove(&route) {
                             let _ = tx.send(reply);
                         }
                     }
@@ -661,12 +672,14 @@ impl Coordinator {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-{n}", self.prefix);
+        // A reply counts only from the worker asked (see the event reader).
+        let route = format!("{worker}/{id}");
         let (tx, mut rx) = oneshot::channel();
         self.routes
             .lock()
             .expect("routes")
             .replies
-            .insert(id.clone(), tx);
+            .insert(route.clone(), tx);
         let env = CommandEnvelope {
             v: protocol::VERSION,
             id: id.clone(),
@@ -676,7 +689,7 @@ impl Coordinator {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         let subject = protocol::commands_subject(&self.job, worker);
         let fail = |this: &Self, e: CoordError| {
-            this.routes.lock().expect("routes").replies.remove(&id);
+            this.routes.lock().expect("routes").replies.remove(&route);
             Err(e)
         };
         // Publish until JetStream has it (the server may be restarting).
@@ -704,7 +717,7 @@ impl Coordinator {
                 }
             }
         }
-        let key = format!("{}.{worker}.{id}", self.job);
+        let key = protocol::reply_key(&self.job, worker, &id);
         let mut ticks = 0u32;
         loop {
             match tokio::time::timeout(Duration::from_millis(500), &mut rx).await {
@@ -716,7 +729,7 @@ impl Coordinator {
             if ticks.is_multiple_of(4) {
                 if let Ok(Some(stored)) = self.replies.get(&key).await {
                     if let Ok(r) = serde_json::from_slice::<Reply>(&stored) {
-                        self.routes.lock().expect("routes").replies.remove(&id);
+                        self.routes.lock().expect("routes").replies.remove(&route);
                         return Ok(r);
                     }
                 }

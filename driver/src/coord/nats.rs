@@ -7,6 +7,14 @@
 //! again on the same port, token and store: by the job's controller when it dies (see
 //! [`EmbeddedNats::supervise`]), or by `resume` after the controller died. The store (and the
 //! checkpoints in it) stays until the job's folder is removed.
+//!
+//! Its users (`users.conf`, included by `nats.conf`, written from `users.json`, both 0600):
+//! the driver's own ([`DRIVER_USER`], every permission; its credential is in the job's token
+//! file) and one per worker, made when the worker is launched and removed when it ends, with
+//! [`cedana_protocol::worker_permissions`]: a worker, or a task that read its credential,
+//! can neither command another worker nor speak for one. The server is told to reload the file
+//! (SIGHUP) after each change. A job folder from before users (a bare token in `nats.conf`)
+//! keeps its token, shared by its workers.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,11 +23,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cedana_protocol::config::Secret;
+use cedana_protocol::{NatsCredential, DRIVER_USER};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 /// The server's folder in the job's folder.
 pub const NATS_DIR: &str = "nats";
 /// Its config file there.
 pub const CONF_FILE: &str = "nats.conf";
+/// Its users, included by [`CONF_FILE`].
+pub const USERS_FILE: &str = "users.conf";
+/// What [`USERS_FILE`] is written from: the job, the driver's password, each worker's.
+pub const USERS_STATE: &str = "users.json";
 
 /// Errors starting the embedded server.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +57,12 @@ pub enum NatsError {
     Io {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("the job's NATS server (PID {pid}) did not take worker {worker}'s user within 10 s of being told to reload {path}; its log says why")]
+    Reload {
+        pid: u32,
+        worker: String,
+        path: PathBuf,
     },
     #[error("{path} is not the embedded NATS server's config (no `listen: 127.0.0.1:PORT` line); the job's folder was changed by hand")]
     BadConf { path: PathBuf },
@@ -67,24 +89,35 @@ fn binary() -> String {
 }
 
 impl EmbeddedNats {
-    /// Makes the server's folder in `job_dir` (a free port, a new token) and starts it. The
-    /// token is also written to `token_file` (0600) for the job's other commands.
-    pub fn create(job_dir: &Path, token_file: &Path) -> Result<Self, NatsError> {
+    /// Makes the server's folder in `job_dir` for job `job` (a free port, the driver's user
+    /// with a new password, no worker's yet) and starts it. The driver's credential is also
+    /// written to `token_file` (0600) for the job's other commands.
+    pub fn create(job: &str, job_dir: &Path, token_file: &Path) -> Result<Self, NatsError> {
         let dir = job_dir.join(NATS_DIR);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
             .map_err(io_at(&dir))?;
-        let token = Secret::new(
-            cedana_protocol::random_hex(24)
-                .map_err(io_at(Path::new(cedana_protocol::ids::RANDOM_SOURCE)))?,
-        );
+        let driver = new_password()?;
+        let token = NatsCredential::User {
+            name: DRIVER_USER.into(),
+            password: driver.clone(),
+        }
+        .to_secret();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(io_at(Path::new("127.0.0.1:0")))?
             .port();
         let conf = dir.join(CONF_FILE);
         let store = dir.join("jetstream");
+        write_users(
+            &dir,
+            &UsersState {
+                job: job.to_string(),
+                driver,
+                workers: BTreeMap::new(),
+            },
+        )?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -93,9 +126,8 @@ impl EmbeddedNats {
             .and_then(|mut f| {
                 writeln!(
                     f,
-                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\nauthorization {{ token: {:?} }}",
+                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\nauthorization {{\n  include {USERS_FILE:?}\n}}",
                     store.display().to_string(),
-                    token.expose()
                 )
             })
             .map_err(io_at(&conf))?;
@@ -136,6 +168,17 @@ impl EmbeddedNats {
             port,
             conf,
             log: job_dir.join("logs").join("nats.log"),
+        })
+    }
+
+    /// The server's users, to add and remove workers' through; `None` for a job folder
+    /// from before users (its workers share the token). `pid` follows the server's process.
+    pub fn users(&self, pid: Arc<AtomicU32>) -> Option<Users> {
+        let dir = self.conf.parent()?.to_path_buf();
+        dir.join(USERS_STATE).exists().then(|| Users {
+            dir,
+            url: self.url.clone(),
+            pid,
         })
     }
 
@@ -265,12 +308,11 @@ pub const STORE_RESTART_AFTER: Duration = Duration::from_secs(10);
 /// follows its process id (0 while it is down); `note` tells the user.
 pub fn supervise(
     mut nats: EmbeddedNats,
-    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    pid: Arc<AtomicU32>,
     stop: crate::util::Flag,
     note: impl Fn(&str) + Send + 'static,
     store_problem: impl Fn() -> Option<(String, Duration)> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
-    use std::sync::atomic::Ordering;
     pid.store(nats.pid().unwrap_or(0), Ordering::SeqCst);
     let mut last_restart = Instant::now();
     std::thread::spawn(move || {
@@ -338,4 +380,177 @@ pub fn supervise(
         nats.stop();
         pid.store(0, Ordering::SeqCst);
     })
+}
+
+/// A new random password.
+fn new_password() -> Result<Secret, NatsError> {
+    cedana_protocol::random_hex(24)
+        .map(Secret::new)
+        .map_err(io_at(Path::new(cedana_protocol::ids::RANDOM_SOURCE)))
+}
+
+/// What the server's users are made from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UsersState {
+    /// The job (its workers' permissions name it).
+    job: String,
+    /// The driver's password.
+    driver: Secret,
+    /// Each worker's password, by worker id.
+    workers: BTreeMap<String, Secret>,
+}
+
+/// `users.json` and the `users.conf` made from it, each written whole beside and renamed
+/// over the last (0600): the server never reads half a file.
+fn write_users(dir: &Path, state: &UsersState) -> Result<(), NatsError> {
+    let json = serde_json::to_vec_pretty(state).expect("serializes");
+    write_private(&dir.join(USERS_STATE), &json)?;
+    write_private(&dir.join(USERS_FILE), render_users(state).as_bytes())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), NatsError> {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(io_at(path))
+}
+
+/// The `users = [...]` block of the server's authorization: the driver with every
+/// permission, each worker with its own.
+fn render_users(state: &UsersState) -> String {
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from("users = [\n");
+    out += &format!(
+        "  {{ user: {DRIVER_USER:?}, password: {:?} }}\n",
+        state.driver.expose()
+    );
+    for (worker, password) in &state.workers {
+        let p = cedana_protocol::worker_permissions(&state.job, worker);
+        out += &format!(
+            "  {{ user: {:?}, password: {:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}\n",
+            cedana_protocol::worker_user(worker),
+            password.expose(),
+            list(&p.publish),
+            list(&p.subscribe),
+        );
+    }
+    out + "]\n"
+}
+
+/// The users of a job's embedded server: a worker's is added before it is launched and
+/// removed when it ends (the server closes its connections then).
+#[derive(Clone)]
+pub struct Users {
+    dir: PathBuf,
+    url: String,
+    pid: Arc<AtomicU32>,
+}
+
+impl Users {
+    fn read(&self) -> Result<UsersState, NatsError> {
+        let path = self.dir.join(USERS_STATE);
+        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            io_at(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+    }
+
+    /// Makes worker `worker`'s user (or keeps the one it has), has the server take it, and
+    /// returns the worker's credential. Waits (at most 10 s) until the server lets the user
+    /// in.
+    pub async fn add_worker(&self, worker: &str) -> Result<Secret, NatsError> {
+        let mut state = self.read()?;
+        let password = match state.workers.get(worker) {
+            Some(p) => p.clone(),
+            None => {
+                let p = new_password()?;
+                state.workers.insert(worker.to_string(), p.clone());
+                write_users(&self.dir, &state)?;
+                p
+            }
+        };
+        let credential = NatsCredential::User {
+            name: cedana_protocol::worker_user(worker),
+            password,
+        };
+        let start = Instant::now();
+        let mut told = None::<Instant>;
+        loop {
+            if told.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                self.reload();
+                told = Some(Instant::now());
+            }
+            let tried = credential
+                .connect_options()
+                .connection_timeout(Duration::from_secs(2))
+                .connect(cedana_protocol::NatsUrl::parse(&self.url).servers().to_vec())
+                .await;
+            if let Ok(client) = tried {
+                drop(client);
+                return Ok(credential.to_secret());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(NatsError::Reload {
+                    pid: self.pid.load(Ordering::SeqCst),
+                    worker: worker.into(),
+                    path: self.dir.join(USERS_FILE),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Removes worker `worker`'s user; the server drops its connections.
+    pub fn remove_worker(&self, worker: &str) -> Result<(), NatsError> {
+        let mut state = self.read()?;
+        if state.workers.remove(worker).is_some() {
+            write_users(&self.dir, &state)?;
+            self.reload();
+        }
+        Ok(())
+    }
+
+    /// Tells the server to read its config again (a server being restarted reads it anyway).
+    fn reload(&self) {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_name_the_driver_and_each_worker_with_its_permissions() {
+        let state = UsersState {
+            job: "j1".into(),
+            driver: Secret::new("dpw"),
+            workers: [("w1".to_string(), Secret::new("p1"))].into(),
+        };
+        let text = render_users(&state);
+        assert!(text.contains(r#"{ user: "cedana-driver", password: "dpw" }"#), "{text}");
+        assert!(text.contains(r#"user: "w-w1", password: "p1", permissions"#), "{text}");
+        assert!(text.contains(r#""CEDANA.j1.w1.state""#), "{text}");
+        assert!(text.contains(r#"subscribe: { allow: ["_INBOX_w-w1.>"] }"#), "{text}");
+    }
 }

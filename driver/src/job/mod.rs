@@ -124,6 +124,10 @@ pub struct Job {
     waiting_for_spot: Option<Duration>,
     /// The embedded NATS server's process id, kept current by its supervisor.
     pub nats_pid: Arc<std::sync::atomic::AtomicU32>,
+    /// The embedded server's users: each worker gets its own, allowed its own subjects only
+    /// (`None`: an external server, or a job folder from before users; workers share the
+    /// token).
+    pub nats_users: Option<crate::coord::nats::Users>,
     /// A move's checkpoint published ahead of its chunks (post-copy): its worker, checkpoint
     /// and task, until [`Job::settle_copy`] hears how its storing ended.
     pending_copy: Option<(String, String, String)>,
@@ -171,6 +175,7 @@ impl Job {
             started: Instant::now(),
             waiting_for_spot: None,
             nats_pid: Default::default(),
+            nats_users: None,
             pending_copy: None,
             restored_from: BTreeMap::new(),
         }
@@ -448,11 +453,27 @@ impl Job {
             else {
                 continue;
             };
+            // The worker's own credential on the embedded server, else the shared token.
+            let credential = match &self.nats_users {
+                Some(users) => match self.rt.block_on(users.add_worker(&id)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Err((
+                            JobError::Worker {
+                                worker: id.clone(),
+                                message: e.to_string(),
+                            },
+                            None,
+                        ))
+                    }
+                },
+                None => self.token.clone(),
+            };
             let boot = Bootstrap {
                 job: &self.id,
                 worker: &id,
                 nats_url: &self.nats_url,
-                token: self.token.expose(),
+                token: credential.expose(),
                 job_dir: &self.dir,
                 shared_storage: self.shared_storage.as_deref(),
                 store: self.store.as_ref().map(|s| s.as_str()),
@@ -864,6 +885,13 @@ impl Job {
             match how {
                 WorkerState::Lost => self.rt.block_on(lw.lose()),
                 _ => self.rt.block_on(lw.terminate()),
+            }
+        }
+        // A terminated worker's user goes with it: whatever it left running cannot speak on
+        // NATS again. A lost one keeps its user, to read its revocation if it comes back.
+        if let (Some(users), false) = (&self.nats_users, how == WorkerState::Lost) {
+            if let Err(e) = users.remove_worker(id) {
+                warn!(worker = id, error = %e, "cannot remove the worker's NATS user");
             }
         }
         if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
