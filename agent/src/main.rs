@@ -109,7 +109,9 @@ struct DaemonArgs {
     /// connection.nats_port from the config]
     #[arg(long, env = "CEDANA_NATS_URL")]
     nats_url: Option<String>,
-    /// File holding the NATS token [default: $CEDANA_NATS_TOKEN, connection.auth_token]
+    /// File holding the NATS token, or a NATS user's credential written `user:NAME:PASSWORD`
+    /// (what the driver's embedded server gives each worker) [default: $CEDANA_NATS_TOKEN,
+    /// connection.auth_token]
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// The worker's folder

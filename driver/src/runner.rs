@@ -563,13 +563,15 @@ pub fn standby(opts: ResumeOptions) -> Result<i64, RunError> {
                 }
             }
             if store.is_none() {
-                let connected = cedana_protocol::NatsCredential::parse(&cedana_protocol::Secret::new(token.clone()))
-                    .connect_options()
-                    .name(format!("cedana-driver standby {job}"))
-                    .connection_timeout(Duration::from_secs(2))
-                    .retry_on_initial_connect()
-                    .connect(cedana_protocol::NatsUrl::parse(&url).servers().to_vec())
-                    .await;
+                let connected = cedana_protocol::NatsCredential::parse(
+                    &cedana_protocol::Secret::new(token.clone()),
+                )
+                .connect_options()
+                .name(format!("cedana-driver standby {job}"))
+                .connection_timeout(Duration::from_secs(2))
+                .retry_on_initial_connect()
+                .connect(cedana_protocol::NatsUrl::parse(&url).servers().to_vec())
+                .await;
                 if let Ok(client) = connected {
                     let js = async_nats::jetstream::new(client);
                     store = js.get_key_value(cedana_protocol::JOBS_BUCKET).await.ok();

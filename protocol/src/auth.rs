@@ -8,8 +8,8 @@
 //! write the job's checkpoints; it cannot command another worker, speak for one, read the
 //! job's records or listen to anyone else's answers (its inbox subjects are its own).
 
+use crate::config::Secret;
 use crate::names::*;
-use crate::Secret;
 
 /// The prefix of a credential that names a user: `user:<name>:<password>`.
 pub const USER_PREFIX: &str = "user:";
@@ -35,7 +35,7 @@ impl NatsCredential {
             .strip_prefix(USER_PREFIX)
             .and_then(|rest| rest.split_once(':'))
         {
-            if crate::valid_id(name) && !password.is_empty() {
+            if crate::ids::valid_id(name) && !password.is_empty() {
                 return NatsCredential::User {
                     name: name.to_string(),
                     password: Secret::new(password),
@@ -180,7 +180,10 @@ mod tests {
         let all = p.publish.join(" ");
         assert!(all.contains("CEDANA.j1.w1.state"));
         // Commands are read through its consumer, never published.
-        assert!(!p.publish.iter().any(|s| s.starts_with("CEDANA.") && s.ends_with(".commands")));
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s.starts_with("CEDANA.") && s.ends_with(".commands")));
         assert!(!all.contains(JOBS_BUCKET), "{all}");
         assert!(!p.publish.iter().any(|s| s.starts_with("CEDANA.*")
             || s.starts_with(">")

@@ -348,7 +348,8 @@ fn a_killed_nats_server_is_restarted_and_the_checkpoints_survive() {
         .map(|c| c["object"].as_str().unwrap().to_string())
         .collect();
     rt.block_on(async {
-        let client = async_nats::ConnectOptions::with_token(nats.token.expose().to_string())
+        let client = cedana_protocol::NatsCredential::parse(&nats.token)
+            .connect_options()
             .connect(nats.url.as_str())
             .await
             .unwrap();

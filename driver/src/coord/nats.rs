@@ -464,9 +464,8 @@ impl Users {
     fn read(&self) -> Result<UsersState, NatsError> {
         let path = self.dir.join(USERS_STATE);
         let bytes = std::fs::read(&path).map_err(io_at(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            io_at(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| io_at(&path)(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
     }
 
     /// Makes worker `worker`'s user (or keeps the one it has), has the server take it, and
@@ -497,7 +496,11 @@ impl Users {
             let tried = credential
                 .connect_options()
                 .connection_timeout(Duration::from_secs(2))
-                .connect(cedana_protocol::NatsUrl::parse(&self.url).servers().to_vec())
+                .connect(
+                    cedana_protocol::NatsUrl::parse(&self.url)
+                        .servers()
+                        .to_vec(),
+                )
                 .await;
             if let Ok(client) = tried {
                 drop(client);
@@ -548,9 +551,18 @@ mod tests {
             workers: [("w1".to_string(), Secret::new("p1"))].into(),
         };
         let text = render_users(&state);
-        assert!(text.contains(r#"{ user: "cedana-driver", password: "dpw" }"#), "{text}");
-        assert!(text.contains(r#"user: "w-w1", password: "p1", permissions"#), "{text}");
+        assert!(
+            text.contains(r#"{ user: "cedana-driver", password: "dpw" }"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"user: "w-w1", password: "p1", permissions"#),
+            "{text}"
+        );
         assert!(text.contains(r#""CEDANA.j1.w1.state""#), "{text}");
-        assert!(text.contains(r#"subscribe: { allow: ["_INBOX_w-w1.>"] }"#), "{text}");
+        assert!(
+            text.contains(r#"subscribe: { allow: ["_INBOX_w-w1.>"] }"#),
+            "{text}"
+        );
     }
 }
