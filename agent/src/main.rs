@@ -1010,6 +1010,7 @@ fn restore_failure(e: RestoreError) -> Failure {
     match e {
         RestoreError::Archive(ArchiveError::Write { .. })
         | RestoreError::Archive(ArchiveError::NoRoom { .. })
+        | RestoreError::Archive(ArchiveError::TooLarge { .. })
         | RestoreError::Staging { .. }
         | RestoreError::Files {
             source: cedana_agent::files::FilesError::Write { .. },

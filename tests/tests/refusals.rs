@@ -569,3 +569,83 @@ fn a_manifest_declaring_more_than_the_disk_holds() {
     assert!(fx.sb.staging_leftovers().is_empty());
     assert!(processes_with(&fx.marker).is_empty());
 }
+
+/// An archive read front to back (as the daemon reads one from the object store, its
+/// manifest at the end, so nothing bounds its entries before they are written) that expands
+/// past what the staging folder's filesystem has free is refused when it gets there, not
+/// after filling the disk: 64 MiB of zeros (a few KiB compressed) into a 16 MiB tmpfs.
+#[test]
+fn a_streamed_archive_that_expands_past_the_free_space_is_refused_before_the_disk_fills() {
+    use cedana_agent::archive::{self, Compression, Manifest, ManifestCriu, ManifestHost};
+    use cedana_agent::progress::NoProgress;
+    // Root, to mount the small filesystem.
+    if !criu_ready(
+        "a_streamed_archive_that_expands_past_the_free_space_is_refused_before_the_disk_fills",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let small = sb.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount a 16 MiB tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let zeros = sb.path().join("pages-1.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut w = archive::Writer::new(sb.path(), "bomb", Compression::Zstd).unwrap();
+    w.add(
+        &format!("{}/pages-1.img", archive::IMAGES_DIR),
+        &zeros,
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    let mut manifest = Manifest {
+        format_version: archive::FORMAT_VERSION,
+        created_at: String::new(),
+        agent_version: String::new(),
+        process: Default::default(),
+        host: ManifestHost::default(),
+        criu: ManifestCriu::default(),
+        cpu: None,
+        compression: Compression::Zstd,
+        entries: vec![],
+        files: None,
+    };
+    let bomb = match w.finish(&mut manifest, "bomb").unwrap() {
+        archive::Finished::File(p) => p,
+        other => panic!("a file archive, not {other:?}"),
+    };
+    let size = std::fs::metadata(&bomb).unwrap().len();
+    assert!(size < 1 << 20, "the archive is small: {size} bytes");
+    let mut src = cedana_agent::zipfmt::read::ReadChunks {
+        reader: std::fs::File::open(&bomb).unwrap(),
+        size: 1 << 16,
+    };
+    let e = archive::extract_stream(&mut src, &bomb, &Default::default(), &small, &NoProgress)
+        .expect_err("the archive does not fit");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("expands past")
+            && msg.contains("pages-1.img")
+            && msg.contains("CEDANA_STAGING_DIR"),
+        "{msg}"
+    );
+    assert!(
+        std::fs::read_dir(&small).unwrap().next().is_none(),
+        "nothing is left in the staging folder"
+    );
+}

@@ -65,6 +65,12 @@ pub enum ArchiveError {
         free: u64,
         staging: PathBuf,
     },
+    #[error("archive {path} expands past {limit} bytes at entry {name:?}, more than the staging folder's filesystem has free (less a twentieth kept free); free space there or set CEDANA_STAGING_DIR to a folder with room (nothing was kept)")]
+    TooLarge {
+        path: PathBuf,
+        name: String,
+        limit: u64,
+    },
     #[error("cannot read {path}: {source}")]
     ReadInput {
         path: PathBuf,
@@ -87,7 +93,8 @@ impl ArchiveError {
             | MissingEntry { path, .. }
             | Mismatch { path, .. }
             | Unstreamable { path, .. }
-            | NoRoom { path, .. } => *path = label.to_path_buf(),
+            | NoRoom { path, .. }
+            | TooLarge { path, .. } => *path = label.to_path_buf(),
             // The file written or read is what these are about.
             Write { .. } | ReadInput { .. } => {}
         }
@@ -101,6 +108,9 @@ impl From<ZipError> for ArchiveError {
             ZipError::Corrupt { path, reason } => ArchiveError::Corrupt { path, reason },
             ZipError::Write { path, source } => ArchiveError::Write { path, source },
             ZipError::Unstreamable { path, name } => ArchiveError::Unstreamable { path, name },
+            ZipError::TooLarge { path, name, limit } => {
+                ArchiveError::TooLarge { path, name, limit }
+            }
         }
     }
 }

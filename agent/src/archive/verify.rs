@@ -194,7 +194,15 @@ pub fn extract_stream(
             Err(source) => Err(ArchiveError::Write { path: dest, source }),
         }
     };
-    let listing = zipread::read_with(src, label, stored_sizes, &mut place, progress)?;
+    // Where the manifest (at the end) cannot bound what is written, the free space does:
+    // the entries may take what the staging folder's filesystem has free, less a twentieth.
+    let budget = nix::sys::statvfs::statvfs(&root)
+        .map(|fs| {
+            let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+            free - free / 20
+        })
+        .unwrap_or(u64::MAX);
+    let listing = zipread::read_with(src, label, stored_sizes, &mut place, budget, progress)?;
     let mut manifests = listing.entries.iter().filter(|e| e.name == MANIFEST);
     let text = match (manifests.next(), manifests.next()) {
         (Some(m), None) => m.data.as_deref().unwrap_or_default(),

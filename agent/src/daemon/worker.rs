@@ -1066,7 +1066,10 @@ fn bad_checkpoint(e: &RestoreError) -> bool {
                 | S::BadManifest { .. }
                 | S::NoCheckpoint { .. }
         ),
-        R::Archive(a) => !matches!(a, A::Write { .. } | A::NoRoom { .. } | A::Open { .. }),
+        R::Archive(a) => !matches!(
+            a,
+            A::Write { .. } | A::NoRoom { .. } | A::TooLarge { .. } | A::Open { .. }
+        ),
         R::NoCpuInfo { .. } => true,
         _ => false,
     }

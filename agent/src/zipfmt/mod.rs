@@ -45,6 +45,12 @@ pub enum ZipError {
     Write { path: PathBuf, source: io::Error },
     #[error("zip archive {path} cannot be read front to back: its stored entry {name:?} has no size in its header")]
     Unstreamable { path: PathBuf, name: String },
+    #[error("zip archive {path} expands past {limit} bytes (at entry {name:?})")]
+    TooLarge {
+        path: PathBuf,
+        name: String,
+        limit: u64,
+    },
 }
 
 /// Where an archive's bytes go when not to a file: front to back, no seeking.

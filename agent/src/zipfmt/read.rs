@@ -135,7 +135,7 @@ pub fn read(
     place: &mut dyn FnMut(&LocalHeader) -> Result<Place, ZipError>,
     progress: &dyn Progress,
 ) -> Result<Listing, ZipError> {
-    read_with(src, label, stored_sizes, place, progress)
+    read_with(src, label, stored_sizes, place, u64::MAX, progress)
 }
 
 /// [`read`] for a caller whose `place` refuses entries with errors of its own, `E`: those come
@@ -145,6 +145,7 @@ pub fn read_with<E: From<ZipError>>(
     label: &Path,
     stored_sizes: &BTreeMap<u64, u64>,
     place: &mut dyn FnMut(&LocalHeader) -> Result<Place, E>,
+    max_in_files: u64,
     progress: &dyn Progress,
 ) -> Result<Listing, E> {
     let mut input = Input {
@@ -161,13 +162,25 @@ pub fn read_with<E: From<ZipError>>(
             None => return Err(input.corrupt("it ends before its central directory").into()),
         };
         match sig {
-            LOCAL_SIG => entries.push(read_entry(
-                &mut input,
-                offset,
-                stored_sizes,
-                place,
-                progress,
-            )?),
+            LOCAL_SIG => {
+                let in_files: u64 = entries
+                    .iter()
+                    .filter(|e: &&ReadEntry| e.data.is_none())
+                    .map(|e| e.usize)
+                    .fold(0u64, u64::saturating_add);
+                let budget = Budget {
+                    left: max_in_files.saturating_sub(in_files),
+                    total: max_in_files,
+                };
+                entries.push(read_entry(
+                    &mut input,
+                    offset,
+                    stored_sizes,
+                    place,
+                    budget,
+                    progress,
+                )?)
+            }
             CENTRAL_SIG | EOCD_SIG | EOCD64_SIG => {
                 let records = read_tail(&mut input, sig, offset)?;
                 let not_files = cross_check(&input, &entries, &records)?;
@@ -343,9 +356,17 @@ impl EntryHash {
     }
 }
 
+/// How many more bytes the entries written to files may take (`total`: in all).
+#[derive(Clone, Copy)]
+struct Budget {
+    left: u64,
+    total: u64,
+}
+
 /// Where an entry's uncompressed data is going, and its running size and checksums.
 struct Out {
     place: Place,
+    budget: Budget,
     memory: Vec<u8>,
     crc: crc32fast::Hasher,
     hash: EntryHash,
@@ -356,10 +377,19 @@ struct Out {
 impl Out {
     fn put(&mut self, b: Bytes, label: &Path) -> Result<(), ZipError> {
         match &mut self.place {
-            Place::File(f, path) => f.write_all(&b).map_err(|source| ZipError::Write {
-                path: path.clone(),
-                source,
-            })?,
+            Place::File(f, path) => {
+                if self.size.saturating_add(b.len() as u64) > self.budget.left {
+                    return Err(ZipError::TooLarge {
+                        path: label.to_path_buf(),
+                        name: self.name.clone(),
+                        limit: self.budget.total,
+                    });
+                }
+                f.write_all(&b).map_err(|source| ZipError::Write {
+                    path: path.clone(),
+                    source,
+                })?
+            }
             Place::Memory(limit) => {
                 if self.memory.len() + b.len() > *limit {
                     return Err(ZipError::Corrupt {
@@ -382,6 +412,7 @@ fn read_entry<E: From<ZipError>>(
     offset: u64,
     stored_sizes: &BTreeMap<u64, u64>,
     place: &mut dyn FnMut(&LocalHeader) -> Result<Place, E>,
+    budget: Budget,
     progress: &dyn Progress,
 ) -> Result<ReadEntry, E> {
     let h = input.bytes(26)?;
@@ -445,6 +476,7 @@ fn read_entry<E: From<ZipError>>(
     };
     let mut out = Out {
         place: place(&header)?,
+        budget,
         memory: Vec::new(),
         crc: crc32fast::Hasher::new(),
         hash: EntryHash::new(),
