@@ -134,6 +134,65 @@ else
   log "$(nats-server --version) installed"
 fi
 
+# The musl-static agent. rustup cannot fetch the musl target here, so std is built for musl
+# from source (-Zbuild-std) by Rust from Debian sid (rustc, its std and LLVM, rust-src), unpacked
+# into a private prefix and run with sid's own loader and libc, as CRIU is; musl-gcc (Debian 12's
+# musl-tools) links. The packages are rustc's and rust-src's dependencies in sid, found with
+# apt-cache (their names change as sid moves on), less the C toolchain (the system's).
+RUST_SID_PREFIX=${CEDANA_RUST_SID_PREFIX:-/opt/cedana/rust-sid}
+rust_sid_ok() {
+  [ -x "$RUST_SID_PREFIX/rustc" ] && "$RUST_SID_PREFIX/rustc" --version >/dev/null 2>&1 \
+    && [ -d "$RUST_SID_PREFIX/usr/lib/rustlib/src/rust/library" ]
+}
+sid_closure() {
+  local skip=" gcc libc-dev binutils cpp gcc-16-base libc-gconv-modules-extra debconf tzdata "
+  local -A seen=()
+  local queue=("$@") p d deps
+  while [ ${#queue[@]} -gt 0 ]; do
+    p=${queue[0]}; queue=("${queue[@]:1}")
+    [ -n "${seen[$p]:-}" ] && continue
+    seen[$p]=1
+    echo "$p"
+    deps=$(apt-cache show "$p/sid" 2>/dev/null | sed -n 's/^\(Pre-\)\?Depends: //p' | head -2 \
+      | tr ',' '\n' | sed 's/|.*//; s/(.*)//; s/:any//; s/ //g' | sort -u)
+    for d in $deps; do
+      case "$skip" in *" $d "*) continue ;; esac
+      [ -z "${seen[$d]:-}" ] && queue+=("$d")
+    done
+  done
+}
+if ! have_pkgs musl-tools; then
+  apt_update
+  log "installing musl-tools"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends musl-tools >/dev/null
+fi
+if rust_sid_ok; then
+  log "$("$RUST_SID_PREFIX/rustc" --version) already in $RUST_SID_PREFIX"
+else
+  [ -f /etc/apt/sources.list.d/cedana-sid.sources ] || { log "the sid source is missing (see the CRIU step)"; exit 1; }
+  apt_update
+  mapfile -t rust_pkgs < <(sid_closure rustc rust-src)
+  log "installing Rust from Debian sid into $RUST_SID_PREFIX (${rust_pkgs[*]})"
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -qq "${rust_pkgs[@]/%//sid}" >/dev/null 2>&1) \
+    || { log "cannot download ${rust_pkgs[*]} from sid"; exit 1; }
+  $SUDO rm -rf "$RUST_SID_PREFIX.new"
+  $SUDO mkdir -p "$RUST_SID_PREFIX.new"
+  for deb in "$work"/*.deb; do $SUDO dpkg -x "$deb" "$RUST_SID_PREFIX.new"; done
+  rm -rf "$work"
+  $SUDO tee "$RUST_SID_PREFIX.new/rustc" >/dev/null <<WRAP
+#!/bin/sh
+# rustc from Debian sid, run with sid's loader and libc (installed by Cedana's tools/deps.sh).
+L=$RUST_SID_PREFIX/usr/lib/x86_64-linux-gnu
+exec "\$L/ld-linux-x86-64.so.2" --library-path "\$L:$RUST_SID_PREFIX/usr/lib:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" $RUST_SID_PREFIX/usr/bin/rustc "\$@"
+WRAP
+  $SUDO chmod 0755 "$RUST_SID_PREFIX.new/rustc"
+  $SUDO rm -rf "$RUST_SID_PREFIX"
+  $SUDO mv "$RUST_SID_PREFIX.new" "$RUST_SID_PREFIX"
+  rust_sid_ok || { log "rustc at $RUST_SID_PREFIX/rustc does not run"; "$RUST_SID_PREFIX/rustc" --version || true; exit 1; }
+  log "$("$RUST_SID_PREFIX/rustc" --version) installed in $RUST_SID_PREFIX"
+fi
+
 # moto's EC2 server (the AWS API the AWS provider's tests run against), pinned, in a venv of its
 # own made with Debian's python3 (tests/src/moto.rs finds it at $CEDANA_MOTO_PREFIX/bin).
 MOTO_PREFIX=${CEDANA_MOTO_PREFIX:-/opt/cedana/moto}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing (tools/deps.sh), checks format and lints, builds the
-# static agent and runs the workspace's tests against it with real CRIU.
+# static agent (musl; CEDANA_AGENT_LIBC=glibc for the glibc one) and runs the workspace's tests
+# against it with real CRIU.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 need_root "$@"
