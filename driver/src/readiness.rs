@@ -215,7 +215,7 @@ fn nats(config: &cedana_protocol::Config, cloud: bool) -> Finding {
         } else {
             finding(
                 true,
-                "none configured: each job starts its own on loopback".into(),
+                "none configured: each job starts its own on loopback, with a NATS user per worker allowed its own subjects only".into(),
             )
         };
     }
@@ -235,7 +235,7 @@ fn nats(config: &cedana_protocol::Config, cloud: bool) -> Finding {
     };
     for a in &addrs {
         if std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok() {
-            return finding(true, format!("{url} answers"));
+            return finding(true, format!("{url} answers; its workers share connection.auth_token, so a task that reads it from its worker could command the others (the embedded server gives each worker a user of its own)"));
         }
     }
     finding(
