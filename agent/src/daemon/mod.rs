@@ -163,10 +163,20 @@ pub async fn run(
         pid: std::process::id(),
     };
     let key = protocol::worker_key(&opts.job, &opts.worker);
-    workers
-        .put(&key, json(&record))
-        .await
-        .map_err(|e| jerr("registering the worker")(&e))?;
+    // A bucket just made on a cluster may have no leader yet ("no stream found"): the
+    // registration is tried again for a while before the daemon gives up.
+    let mut tries = 0u32;
+    loop {
+        match workers.put(&key, json(&record)).await {
+            Ok(_) => break,
+            Err(e) if tries < 30 => {
+                tries += 1;
+                warn!(error = %e, "cannot register yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(jerr("registering the worker")(&e)),
+        }
+    }
     info!(job = %opts.job, worker = %opts.worker, url = %url, "registered");
 
     let consumer_name = protocol::command_consumer(&opts.job, &opts.worker);
