@@ -868,3 +868,32 @@ pub fn publish_spot_notice(nats: &NatsServer, job: &str, worker: &str) {
         .expect("stored");
     });
 }
+
+/// A tmpfs of `size` (mount's `size=`, e.g. `16m`) mounted on `dir` (made if missing), unmounted
+/// when dropped (lazily if it is still busy). Needs root, as the tests that use it do.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("make the mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount a {size} tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}

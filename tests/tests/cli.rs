@@ -310,20 +310,7 @@ fn archive_failure_thaws_the_process() {
     }
     let sb = Sandbox::new();
     let small = sb.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mount = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mount.success(), "mount a tiny tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _mounted = Tmpfs::mount(&small, "64k");
     let log = sb.path().join("thaw.log");
     let task = sb.exec(
         "thaw.log",

@@ -586,20 +586,7 @@ fn a_streamed_archive_that_expands_past_the_free_space_is_refused_before_the_dis
     }
     let sb = Sandbox::new();
     let small = sb.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mount = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mount.success(), "mount a 16 MiB tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _mounted = Tmpfs::mount(&small, "16m");
     let zeros = sb.path().join("pages-1.img");
     std::fs::File::create(&zeros)
         .unwrap()

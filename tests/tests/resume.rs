@@ -580,24 +580,6 @@ fn a_standby_takes_over_when_the_controller_dies_at_a_random_point() {
     standby_takes_over(KillAt::Random(seed));
 }
 
-/// Unmounts a test's file system (lazily if still busy).
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let ok = std::process::Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-}
-
 /// The disk under the job's folder (and its NATS store) fills up mid-job: the driver tells a
 /// server that cannot store from a silent worker (the worker is not taken for lost, nothing
 /// is killed), says so, restarts the server once it has stored nothing for a while, and the
@@ -609,14 +591,7 @@ fn a_nats_server_whose_disk_is_full_is_told_apart_from_a_silent_worker() {
     }
     let sb = Sandbox::new();
     let small = sb.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mount a tmpfs for the job's folder");
-    let _mounted = Mounted(small.clone());
+    let _mounted = Tmpfs::mount(&small, "96m");
     // The task counts into a file outside the full disk: what must not break is the task.
     let counter = sb.path().join("outside-counter.txt");
     let p = sb.path().join("full.rhai");
