@@ -314,7 +314,17 @@ pub fn next_steps(config: &cedana_protocol::Config, path: &Path) -> Vec<String> 
             .any(|p| p.eq_ignore_ascii_case(name))
     };
     let c = &config.connection;
-    if !c.nats_url.trim().is_empty() {
+    let account = matches!(
+        cedana_protocol::NatsCredential::parse(&c.auth_token),
+        cedana_protocol::NatsCredential::Account { .. }
+    );
+    if !c.nats_url.trim().is_empty() && account {
+        let port = c.nats_port.unwrap_or(4222);
+        out.push(format!(
+            "start the NATS server the workers reach with the operator and account: nats-server --jetstream --port {port} -c {} (or include that file in your server's config)",
+            nats_account_conf(path).display()
+        ));
+    } else if !c.nats_url.trim().is_empty() {
         let port = c.nats_port.unwrap_or(4222);
         out.push(format!(
             "start the NATS server the workers reach, with the token from the config: nats-server --jetstream --port {port} --auth \"$(jq -r .connection.auth_token {})\"",
@@ -346,6 +356,13 @@ pub fn next_steps(config: &cedana_protocol::Config, path: &Path) -> Vec<String> 
 
 /// Writes `v` to `path`: whole, then renamed into place, mode 0600 in a 0700 folder.
 pub fn write(path: &Path, v: &Value) -> Result<(), BootstrapError> {
+    let text = serde_json::to_string_pretty(v).expect("serializes") + "\n";
+    write_file(path, text.as_bytes(), 0o600)
+}
+
+/// Writes `bytes` to `path` whole, then renamed into place, with `mode`; its folder is made
+/// (0700) if missing.
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BootstrapError> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |source| BootstrapError::Write {
         path: path.into(),
@@ -358,8 +375,7 @@ pub fn write(path: &Path, v: &Value) -> Result<(), BootstrapError> {
             .create(dir)
             .map_err(err)?;
     }
-    let text = serde_json::to_string_pretty(v).expect("serializes") + "\n";
-    crate::util::write_atomic(path, text.as_bytes(), 0o600).map_err(err)
+    crate::util::write_atomic(path, bytes, mode).map_err(err)
 }
 
 /// A fresh NATS token: 32 random bytes, hex.
@@ -370,6 +386,36 @@ pub fn generate_token() -> Result<Secret, BootstrapError> {
             path: cedana_protocol::ids::RANDOM_SOURCE.into(),
             source,
         })
+}
+
+/// The file of a NATS server's operator and account, beside the config at `config`.
+pub fn nats_account_conf(config: &Path) -> PathBuf {
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+        .join(NATS_ACCOUNT_CONF)
+}
+
+/// Its name.
+pub const NATS_ACCOUNT_CONF: &str = "nats-account.conf";
+
+/// A new NATS operator and account for a server the user runs: the account's seed (the
+/// driver's credential), where the server's part goes (beside the config at `config`), and
+/// that part.
+pub fn nats_account(config: &Path) -> Result<(Secret, PathBuf, String), BootstrapError> {
+    let (trust, key) = cedana_protocol::jwt::new_operator_and_account("cedana").map_err(|e| {
+        BootstrapError::Answer {
+            what: "--nats-account".into(),
+            message: e.to_string(),
+        }
+    })?;
+    let seed = key.seed().map_err(|e| BootstrapError::Answer {
+        what: "--nats-account".into(),
+        message: e.to_string(),
+    })?;
+    let conf = cedana_protocol::jwt::server_config(&trust);
+    Ok((Secret::new(seed), nats_account_conf(config), conf))
 }
 
 /// Reads a secret from the first line of `path`.

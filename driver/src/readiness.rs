@@ -235,7 +235,18 @@ fn nats(config: &cedana_protocol::Config, cloud: bool) -> Finding {
     };
     for a in &addrs {
         if std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok() {
-            return finding(true, format!("{url} answers; its workers share connection.auth_token, so a task that reads it from its worker could command the others (the embedded server gives each worker a user of its own)"));
+            let account = matches!(
+                cedana_protocol::NatsCredential::parse(&c.auth_token),
+                cedana_protocol::NatsCredential::Account { .. }
+            );
+            return finding(
+                true,
+                if account {
+                    format!("{url} answers; connection.auth_token is a NATS account's seed, so each worker gets a user of its own, allowed its own subjects only (the server must trust the account: bootstrap --nats-account)")
+                } else {
+                    format!("{url} answers; its workers share connection.auth_token, so a task that reads it from its worker could command the others (`bootstrap --nats-account` gives each worker a user of its own)")
+                },
+            );
         }
     }
     finding(

@@ -2,7 +2,9 @@
 //!
 //! A credential is one secret string, carried wherever the token always was
 //! (`CEDANA_NATS_TOKEN`, `--token-file`, `connection.auth_token`, a worker's user-data):
-//! either the server's token, or `user:<name>:<password>`, a NATS user of its own. The driver's
+//! the server's token; `user:<name>:<password>`, a NATS user of its own; on a server the user
+//! runs with decentralized auth ([`crate::jwt`]), the account's seed (`SA...`, the driver's) or
+//! a user's JWT and seed (`jwt:<jwt>:<seed>`, or a `.creds` file's text). The driver's
 //! embedded server gives every worker such a user, with [`worker_permissions`]: it may read
 //! its own commands and write its own events, registration, lease and replies, and read and
 //! write the job's checkpoints; it cannot command another worker, speak for one, read the
@@ -24,13 +26,50 @@ pub enum NatsCredential {
     Token(Secret),
     /// A user of the server's own, with the permissions the server keeps for it.
     User { name: String, password: Secret },
+    /// The account's seed (decentralized auth): whoever holds it mints users of the account,
+    /// itself one with every permission there.
+    Account { seed: Secret },
+    /// A user of an account (decentralized auth): its JWT, with the permissions the account
+    /// gave it, and the seed it proves itself with.
+    Jwt {
+        name: String,
+        jwt: String,
+        seed: Secret,
+    },
 }
+
+/// The prefix of a credential that is a user JWT and its seed: `jwt:<jwt>:<seed>`.
+pub const JWT_PREFIX: &str = "jwt:";
 
 impl NatsCredential {
     /// Reads a credential as written in a token file or `CEDANA_NATS_TOKEN`: a user when it
-    /// is `user:<name>:<password>` with a name of `[A-Za-z0-9_-]`, else a token.
+    /// is `user:<name>:<password>` with a name of `[A-Za-z0-9_-]`, an account when it is an
+    /// account's seed, a user JWT when it is `jwt:<jwt>:<seed>` or a `.creds` file, else a
+    /// token.
     pub fn parse(secret: &Secret) -> Self {
         let s = secret.expose().trim();
+        if s.starts_with("SA") && crate::jwt::account_from_seed(s).is_ok() {
+            return NatsCredential::Account {
+                seed: Secret::new(s),
+            };
+        }
+        let jwt = s
+            .strip_prefix(JWT_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(j, k)| (j.to_string(), k.to_string()))
+            .or_else(|| crate::jwt::parse_creds(s));
+        if let Some((jwt, seed)) = jwt {
+            if let (Ok(name), Ok(_)) = (
+                crate::jwt::user_name(&jwt),
+                nkeys::KeyPair::from_seed(&seed),
+            ) {
+                return NatsCredential::Jwt {
+                    name,
+                    jwt,
+                    seed: Secret::new(seed),
+                };
+            }
+        }
         if let Some((name, password)) = s
             .strip_prefix(USER_PREFIX)
             .and_then(|rest| rest.split_once(':'))
@@ -52,13 +91,18 @@ impl NatsCredential {
             NatsCredential::User { name, password } => {
                 Secret::new(format!("{USER_PREFIX}{name}:{}", password.expose()))
             }
+            NatsCredential::Account { seed } => seed.clone(),
+            NatsCredential::Jwt { jwt, seed, .. } => {
+                Secret::new(format!("{JWT_PREFIX}{jwt}:{}", seed.expose()))
+            }
         }
     }
 
     /// The user's name, if it is one.
     pub fn user(&self) -> Option<&str> {
         match self {
-            NatsCredential::User { name, .. } => Some(name),
+            NatsCredential::User { name, .. } | NatsCredential::Jwt { name, .. } => Some(name),
+            NatsCredential::Account { .. } => Some(DRIVER_USER),
             NatsCredential::Token(_) => None,
         }
     }
@@ -75,8 +119,65 @@ impl NatsCredential {
                 )
                 .custom_inbox_prefix(inbox_prefix(name))
             }
+            NatsCredential::Jwt { name, jwt, seed } => {
+                let options = jwt_options(jwt, seed);
+                if name == DRIVER_USER {
+                    options
+                } else {
+                    options.custom_inbox_prefix(inbox_prefix(name))
+                }
+            }
+            // The account's holder connects as a user of its own, minted now (nothing to
+            // tell the server: it trusts what the account signs).
+            NatsCredential::Account { seed } => {
+                match crate::jwt::account_from_seed(seed.expose())
+                    .and_then(|account| crate::jwt::mint_user(&account, DRIVER_USER, None))
+                {
+                    Ok((jwt, seed)) => jwt_options(&jwt, &Secret::new(seed)),
+                    // Not an account's seed after all (made by hand): sent as a token, which
+                    // the server refuses.
+                    Err(_) => async_nats::ConnectOptions::with_token(seed.expose().into()),
+                }
+            }
         }
     }
+
+    /// A credential of worker `worker` of job `job` that only the worker's subjects accept,
+    /// minted with this account's seed; `None` unless this is an account.
+    pub fn mint_worker(
+        &self,
+        job: &str,
+        worker: &str,
+    ) -> Option<Result<NatsCredential, crate::jwt::JwtError>> {
+        let NatsCredential::Account { seed } = self else {
+            return None;
+        };
+        let name = worker_user(worker);
+        Some(
+            crate::jwt::account_from_seed(seed.expose())
+                .and_then(|account| {
+                    crate::jwt::mint_user(&account, &name, Some(&worker_permissions(job, worker)))
+                })
+                .map(|(jwt, seed)| NatsCredential::Jwt {
+                    name,
+                    jwt,
+                    seed: Secret::new(seed),
+                }),
+        )
+    }
+}
+
+/// Connect options that send user JWT `jwt` and sign the server's nonce with `seed`.
+fn jwt_options(jwt: &str, seed: &Secret) -> async_nats::ConnectOptions {
+    let key = nkeys::KeyPair::from_seed(seed.expose()).map(std::sync::Arc::new);
+    async_nats::ConnectOptions::with_jwt(jwt.to_string(), move |nonce| {
+        let key = key.as_ref().map(|k| k.clone()).map_err(|e| e.to_string());
+        async move {
+            key.map_err(async_nats::AuthError::new)?
+                .sign(&nonce)
+                .map_err(async_nats::AuthError::new)
+        }
+    })
 }
 
 /// The NATS user of worker `worker` on its job's embedded server.
@@ -172,6 +273,24 @@ mod tests {
                 "{token}"
             );
         }
+    }
+
+    #[test]
+    fn an_account_seed_mints_workers_whose_credentials_read_back() {
+        let (_, account) = crate::jwt::new_operator_and_account("t").unwrap();
+        let acc = NatsCredential::parse(&Secret::new(account.seed().unwrap()));
+        assert!(matches!(acc, NatsCredential::Account { .. }), "{acc:?}");
+        assert_eq!(acc.user(), Some(DRIVER_USER));
+        let w = acc.mint_worker("j1", "w2").expect("an account").unwrap();
+        assert_eq!(w.user(), Some("w-w2"));
+        assert_eq!(NatsCredential::parse(&w.to_secret()), w);
+        assert!(w.mint_worker("j1", "w3").is_none(), "a worker mints nobody");
+        // A user seed is no account: a token (which the server refuses).
+        let user = nkeys::KeyPair::new_user().seed().unwrap();
+        assert!(matches!(
+            NatsCredential::parse(&Secret::new(user)),
+            NatsCredential::Token(_)
+        ));
     }
 
     #[test]

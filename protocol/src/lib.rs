@@ -4,6 +4,7 @@
 //! - [`wire`]: the versioned messages (commands, replies, events, worker records);
 //! - [`layout`]: the streams and buckets both sides make, and the stored publish;
 //! - [`auth`]: credentials ([`NatsCredential`]) and what a worker may do ([`worker_permissions`]);
+//! - [`jwt`]: the operator, account and user JWTs of a NATS server the user runs;
 //! - [`config`]: the original's `cedana_config.json`, and [`Secret`];
 //! - [`url`]: [`NatsUrl`], the one parser of NATS URL lists;
 //! - [`criu`]: CRIU's options a dump or restore asks for (command line, commands, manifest);
@@ -17,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod criu;
 pub mod ids;
+pub mod jwt;
 pub mod layout;
 pub mod names;
 pub mod stamp;

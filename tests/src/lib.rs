@@ -358,6 +358,32 @@ impl NatsServer {
         }
     }
 
+    /// Starts a server on loopback port `port` with config file `conf` (its own auth, such as
+    /// `bootstrap --nats-account` writes), its log in `log`; `token` is left empty.
+    pub fn start_config(port: u16, conf: &Path, log: &Path) -> Self {
+        let store = tempfile::tempdir().expect("store dir");
+        let log = std::fs::File::create(log).expect("the server's log");
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-c"])
+            .arg(conf)
+            .arg("--store_dir")
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server on PATH (the README's test command installs it)");
+        wait_until(Duration::from_secs(15), "nats-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        NatsServer {
+            child,
+            host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            port,
+            token: String::new(),
+            store,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("nats://{}:{}", self.host, self.port)
     }

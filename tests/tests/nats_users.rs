@@ -65,26 +65,114 @@ fn a_workers_credential_commands_no_other_worker_and_speaks_for_no_other() {
         return;
     }
     let sb = Sandbox::new();
-    let script = sb.path().join("two.rhai");
-    std::fs::write(&script, SCRIPT).expect("write script");
     let state = sb.path().join("state");
     std::fs::create_dir_all(&state).expect("state dir");
-    let mut driver = BackgroundDriver::start(&state, None, &[], &script);
-    let record = driver.wait_record(Duration::from_secs(60), "two workers", |r| {
+    let mut driver = start_two_workers(&sb, &state, None);
+    let job = attack_from_w2(&sb, &mut driver, "user:");
+    let log = std::fs::read_to_string(Path::new(&state).join(&job).join("logs").join("nats.log"))
+        .expect("the server's log");
+    server_refused(&job, &log);
+}
+
+/// The same on a NATS server the user runs, with the operator and account
+/// `cedana-driver bootstrap --nats-account` made: the driver mints each worker a user JWT.
+#[test]
+fn on_a_server_the_user_runs_each_worker_gets_a_user_minted_from_the_account() {
+    if !criu_ready("on_a_server_the_user_runs_each_worker_gets_a_user_minted_from_the_account") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let state = sb.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let cfg = sb.path().join("cedana_config.json");
+    let port = free_port();
+    let out = driver_cmd(&state)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["bootstrap", "--nats-account", "--nats-url", "127.0.0.1"])
+        .args([
+            "--nats-port",
+            &port.to_string(),
+            "--non-interactive",
+            "--json",
+        ])
+        .output()
+        .expect("run bootstrap");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json");
+    let conf = Path::new(
+        said["nats_account_conf"]
+            .as_str()
+            .expect("the server's part"),
+    )
+    .to_path_buf();
+    let text = std::fs::read_to_string(&conf).expect("the server's part");
+    let config = std::fs::read_to_string(&cfg).expect("the config");
+    let seed = serde_json::from_str::<serde_json::Value>(&config).expect("json")["connection"]
+        ["auth_token"]
+        .as_str()
+        .expect("a seed")
+        .to_string();
+    assert!(
+        seed.starts_with("SA"),
+        "the config keeps the account's seed"
+    );
+    assert!(!text.contains(&seed), "the server's part holds no seed");
+    let log = sb.path().join("nats.log");
+    let _nats = NatsServer::start_config(port, &conf, &log);
+    // Nothing but a user the account signed is let in.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let token = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(6),
+            NatsCredential::Token(Secret::new("anything"))
+                .connect_options()
+                .connect(format!("nats://127.0.0.1:{port}")),
+        )
+        .await
+    });
+    assert!(!matches!(token, Ok(Ok(_))), "a token is let in");
+    let mut driver = start_two_workers(&sb, &state, Some(&cfg));
+    let job = attack_from_w2(&sb, &mut driver, "jwt:");
+    let log = std::fs::read_to_string(&log).expect("the server's log");
+    server_refused(&job, &log);
+}
+
+/// Starts the job of [`SCRIPT`] and waits until both its workers are up.
+fn start_two_workers(sb: &Sandbox, state: &Path, config: Option<&Path>) -> BackgroundDriver {
+    let script = sb.path().join("two.rhai");
+    std::fs::write(&script, SCRIPT).expect("write script");
+    let driver = BackgroundDriver::start(state, config, &[], &script);
+    driver.wait_record(Duration::from_secs(60), "two workers", |r| {
         r["workers"].as_array().is_some_and(|w| w.len() == 2)
     });
     wait_until(Duration::from_secs(30), "both workers up", || {
         driver.stderr().contains("both workers up")
     });
+    driver
+}
+
+/// What a task on w2 tries with w2's credential (whose string starts with `kind`); the job
+/// then ends as its healthy task does. Returns the job's id.
+fn attack_from_w2(sb: &Sandbox, driver: &mut BackgroundDriver, kind: &str) -> String {
+    let record = driver.record().expect("the job's record");
     let job = record["job"].as_str().expect("job id").to_string();
     let url = record["nats_url"].as_str().expect("nats url").to_string();
     let w2_pid = record["workers"][1]["pid"]
         .as_i64()
         .expect("w2's agent pid");
-    let credential = NatsCredential::parse(&credential_of(w2_pid));
+    let secret = credential_of(w2_pid);
+    assert!(
+        secret.expose().starts_with(kind),
+        "w2's credential is not a {kind} one"
+    );
+    let credential = NatsCredential::parse(&secret);
     assert_eq!(credential.user(), Some("w-w2"), "w2 has a user of its own");
     let marker = sb.path().join("pwned");
-
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let client = credential
@@ -188,22 +276,21 @@ fn a_workers_credential_commands_no_other_worker_and_speaks_for_no_other() {
     assert_eq!(code, Some(0), "the job ends as its task does: {err}");
     assert!(err.contains("healthy task ended with 0 on w1"), "{err}");
     assert!(!marker.exists(), "the forged command ran on w1");
-    // The server refused each, and says so.
-    let log = std::fs::read_to_string(Path::new(&state).join(&job).join("logs").join("nats.log"))
-        .expect("the server's log");
+    job
+}
+
+/// The server's log names each refusal.
+fn server_refused(job: &str, log: &str) {
     for refused in [
         format!("Publish Violation - Subject \"CEDANA.{job}.w1.commands\""),
         format!("Publish Violation - Subject \"CEDANA.{job}.w1.state\""),
         "Publish Violation - Subject \"$JS.API.STREAM.INFO.KV_cedana_jobs\"".to_string(),
         "Subscription Violation - Subject \"CEDANA.>\"".to_string(),
+        "Publish Violation - Subject \"$JS.API.CONSUMER.CREATE.CEDANA_COMMANDS.steal".to_string(),
     ] {
         assert!(
             log.contains(&refused),
             "{refused} not in the server's log:\n{log}"
         );
     }
-    assert!(
-        log.contains("Publish Violation - Subject \"$JS.API.CONSUMER.CREATE.CEDANA_COMMANDS.steal"),
-        "{log}"
-    );
 }

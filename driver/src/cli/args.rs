@@ -413,6 +413,13 @@ pub struct BootstrapArgs {
     /// Make a new random NATS token (to start your nats-server with)
     #[arg(long)]
     pub generate_token: bool,
+    /// Give your nats-server decentralized auth instead of a token: make a NATS operator and
+    /// an account, write the server's part (nats-account.conf beside the config; start the
+    /// server with `-c` on it, or include it) and keep the account's seed as the config's
+    /// token. The driver then gives each worker a user of its own that can touch only its
+    /// own subjects, as on the embedded server.
+    #[arg(long, conflicts_with_all = ["generate_token", "auth_token_file"])]
+    pub nats_account: bool,
     /// Seconds between checkpoints (0: none)
     #[arg(long, value_name = "SECS")]
     pub checkpoint_every: Option<u64>,

@@ -63,6 +63,16 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
             Err(e) => return fail(e, Exit::Failed),
         }
     }
+    let mut account_conf = None;
+    if args.nats_account {
+        match b::nats_account(&path) {
+            Ok((seed, conf_path, conf)) => {
+                answers.auth_token = Some(seed);
+                account_conf = Some((conf_path, conf));
+            }
+            Err(e) => return fail(e, Exit::Failed),
+        }
+    }
     if let Err(e) = b::check_answers(&answers) {
         return fail(e, Exit::Usage);
     }
@@ -161,6 +171,13 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
         Ok(c) => c,
         Err(e) => return fail(e, Exit::Usage),
     };
+    // The server's part first: a config whose seed no server file names is never left.
+    if let Some((conf_path, conf)) = &account_conf {
+        // Public keys and JWTs only: the server may run as another user.
+        if let Err(e) = b::write_file(conf_path, conf.as_bytes(), 0o644) {
+            return fail(e, Exit::Failed);
+        }
+    }
     if let Err(e) = b::write(&path, &v) {
         return fail(e, Exit::Failed);
     }
@@ -170,6 +187,7 @@ pub fn bootstrap(config_path: Option<&Path>, args: BootstrapArgs) -> Exit {
             "config": path,
             "enabled_providers": config.enabled_providers,
             "nats_url": config.connection.nats_url,
+            "nats_account_conf": account_conf.as_ref().map(|(p, _)| p),
             "aws_created": created,
             "next_steps": next,
         });

@@ -453,7 +453,10 @@ impl Job {
             else {
                 continue;
             };
-            // The worker's own credential on the embedded server, else the shared token.
+            // The worker's own credential: a user on the embedded server, a user minted with
+            // the account's seed on a server the user runs, else the shared token.
+            let minted =
+                cedana_protocol::NatsCredential::parse(&self.token).mint_worker(&self.id, &id);
             let credential = match &self.nats_users {
                 Some(users) => match self.rt.block_on(users.add_worker(&id)) {
                     Ok(c) => c,
@@ -467,7 +470,19 @@ impl Job {
                         ))
                     }
                 },
-                None => self.token.clone(),
+                None => match minted {
+                    Some(Ok(c)) => c.to_secret(),
+                    Some(Err(e)) => {
+                        return Err((
+                            JobError::Worker {
+                                worker: id.clone(),
+                                message: format!("cannot make the worker's NATS user: {e}"),
+                            },
+                            None,
+                        ))
+                    }
+                    None => self.token.clone(),
+                },
             };
             let boot = Bootstrap {
                 job: &self.id,
