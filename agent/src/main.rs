@@ -129,6 +129,10 @@ struct DaemonArgs {
     /// need no shared folder. Credentials the cloud's standard way
     #[arg(long, value_name = "URL", env = "CEDANA_STORE")]
     store: Option<String>,
+    /// The job's checkpoint bucket in the NATS object store (the driver gives each job its
+    /// own) [default: cedana_checkpoints, shared by jobs from before]
+    #[arg(long, value_name = "NAME", env = "CEDANA_CHECKPOINT_BUCKET")]
+    checkpoint_bucket: Option<String>,
     /// Restore the store's checkpoints in full before the task runs again. By default they
     /// are restored lazily (the task runs once its state is back, its memory follows, each
     /// chunk checked before use) where this machine can (userfaultfd)
@@ -715,6 +719,10 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
         heartbeat: std::time::Duration::from_secs(a.heartbeat_secs.max(1)),
         shared_storage: a.shared_storage.clone(),
         store: a.store.as_deref().map(store_url).transpose()?,
+        bucket: a
+            .checkpoint_bucket
+            .clone()
+            .unwrap_or_else(|| cedana_protocol::CHECKPOINTS_BUCKET.into()),
         full_restore: a.full_restore,
         spot: match a.imds_endpoint.as_deref().map(str::trim) {
             Some(endpoint) if !endpoint.is_empty() => Some(endpoint.to_string()),
@@ -751,6 +759,7 @@ fn daemon(cli: &Cli, a: &DaemonArgs) -> Result<ExitCode, Failure> {
     result.map_err(|e| match e {
         cedana_agent::daemon::DaemonError::NoToken
         | cedana_agent::daemon::DaemonError::BadId(_)
+        | cedana_agent::daemon::DaemonError::BadBucket(_)
         | cedana_agent::daemon::DaemonError::Imds(_) => Failure::new(3, "input", e),
         cedana_agent::daemon::DaemonError::Auth { .. } => Failure::new(6, "auth", e),
         _ => Failure::new(1, "nats", e),

@@ -307,10 +307,16 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
         expose: opts.expose.clone(),
         store: checkpoint_store(&opts.config).map(|u| u.to_string()),
         wait_for_spot_secs: opts.wait_for_spot.filter(|s| *s > 0),
+        checkpoint_bucket: Some(cedana_protocol::job_checkpoints_bucket(&job_id)),
     };
 
     let (url, token, embedded) = if opts.config.connection.nats_url.is_empty() {
-        let n = EmbeddedNats::create(&job_id, &job_dir, &job_dir.join(TOKEN_FILE))?;
+        let n = EmbeddedNats::create(
+            &job_id,
+            settings.bucket(),
+            &job_dir,
+            &job_dir.join(TOKEN_FILE),
+        )?;
         (n.url.clone(), n.token.clone(), Some(n))
     } else {
         let c = &opts.config.connection;
@@ -322,6 +328,7 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
     };
     let rt = tokio::runtime::Runtime::new().map_err(io("cannot start the runtime for", path))?;
     let coord = rt.block_on(Coordinator::connect(&url, token.expose(), &job_id, true))?;
+    rt.block_on(coord.use_checkpoints(settings.bucket()))?;
     coord.set_output(open_output(&job_dir)?);
     opts.reporter
         .note(&format!("job {job_id}: folder {}", job_dir.display()));
@@ -339,7 +346,10 @@ pub fn run(opts: RunOptions) -> Result<i64, RunError> {
             "checkpoints go to the job's NATS store, {} (`cedana-driver rm {job_id}` removes them once the job is over)",
             job_dir.join(crate::coord::nats::NATS_DIR).display()
         ),
-        (None, None) => format!("checkpoints go to the object store cedana_checkpoints of {url}"),
+        (None, None) => format!(
+            "checkpoints go to the job's object store {} of {url}",
+            settings.bucket()
+        ),
     });
     let record = JobRecord {
         v: 1,
@@ -484,6 +494,7 @@ pub fn resume(opts: ResumeOptions) -> Result<i64, RunError> {
         output_seq,
         opts.takeover,
     ))?;
+    rt.block_on(coord.use_checkpoints(record.settings.bucket()))?;
     coord.set_output(open_output(&job_dir)?);
     rt.block_on(coord.caught_up(Duration::from_secs(30)));
     opts.reporter.note(&format!(

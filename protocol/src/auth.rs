@@ -142,12 +142,14 @@ impl NatsCredential {
         }
     }
 
-    /// A credential of worker `worker` of job `job` that only the worker's subjects accept,
-    /// minted with this account's seed; `None` unless this is an account.
+    /// A credential of worker `worker` of job `job` (checkpoints in `bucket`) that only the
+    /// worker's subjects accept, minted with this account's seed; `None` unless this is an
+    /// account.
     pub fn mint_worker(
         &self,
         job: &str,
         worker: &str,
+        bucket: &str,
     ) -> Option<Result<NatsCredential, crate::jwt::JwtError>> {
         let NatsCredential::Account { seed } = self else {
             return None;
@@ -156,7 +158,11 @@ impl NatsCredential {
         Some(
             crate::jwt::account_from_seed(seed.expose())
                 .and_then(|account| {
-                    crate::jwt::mint_user(&account, &name, Some(&worker_permissions(job, worker)))
+                    crate::jwt::mint_user(
+                        &account,
+                        &name,
+                        Some(&worker_permissions(job, worker, bucket)),
+                    )
                 })
                 .map(|(jwt, seed)| NatsCredential::Jwt {
                     name,
@@ -201,12 +207,13 @@ pub struct Permissions {
 /// What worker `worker` of job `job` may do on the job's server, and nothing more: read its
 /// own commands (its durable consumer, filtered on its own subject, which the server checks
 /// against the consumer's config); publish its own events; write its own registration, lease
-/// and replies in the KV buckets and read them back; read and write checkpoints in the object
-/// store (a restore reads what another worker wrote); listen only on its own inbox subjects.
-pub fn worker_permissions(job: &str, worker: &str) -> Permissions {
+/// and replies in the KV buckets and read them back; read and write checkpoints in its job's
+/// object store `bucket` (a restore reads what another worker wrote), no other job's; listen
+/// only on its own inbox subjects.
+pub fn worker_permissions(job: &str, worker: &str, bucket: &str) -> Permissions {
     let api = "$JS.API";
     let consumer = command_consumer(job, worker);
-    let (wb, rb, cb) = (WORKERS_BUCKET, REPLIES_BUCKET, CHECKPOINTS_BUCKET);
+    let (wb, rb, cb) = (WORKERS_BUCKET, REPLIES_BUCKET, bucket);
     let key = worker_key(job, worker);
     let mut publish = vec![
         state_subject(job, worker),
@@ -281,10 +288,16 @@ mod tests {
         let acc = NatsCredential::parse(&Secret::new(account.seed().unwrap()));
         assert!(matches!(acc, NatsCredential::Account { .. }), "{acc:?}");
         assert_eq!(acc.user(), Some(DRIVER_USER));
-        let w = acc.mint_worker("j1", "w2").expect("an account").unwrap();
+        let w = acc
+            .mint_worker("j1", "w2", "b")
+            .expect("an account")
+            .unwrap();
         assert_eq!(w.user(), Some("w-w2"));
         assert_eq!(NatsCredential::parse(&w.to_secret()), w);
-        assert!(w.mint_worker("j1", "w3").is_none(), "a worker mints nobody");
+        assert!(
+            w.mint_worker("j1", "w3", "b").is_none(),
+            "a worker mints nobody"
+        );
         // A user seed is no account: a token (which the server refuses).
         let user = nkeys::KeyPair::new_user().seed().unwrap();
         assert!(matches!(
@@ -295,8 +308,10 @@ mod tests {
 
     #[test]
     fn a_worker_may_touch_its_own_subjects_only() {
-        let p = worker_permissions("j1", "w1");
+        let p = worker_permissions("j1", "w1", &job_checkpoints_bucket("j1"));
         let all = p.publish.join(" ");
+        assert!(all.contains("$O.cedana_checkpoints_j1.>"), "{all}");
+        assert!(!all.contains("$O.cedana_checkpoints.>"), "{all}");
         assert!(all.contains("CEDANA.j1.w1.state"));
         // Commands are read through its consumer, never published.
         assert!(!p

@@ -222,7 +222,7 @@ mod tests {
         assert!(server_config(&t).contains(&format!("system_account: {}", t.system.0)));
         assert_eq!(claims(acc)["iss"], claims(op)["sub"]);
         assert_eq!(claims(acc)["sub"], account.public_key());
-        let p = crate::worker_permissions("j1", "w1");
+        let p = crate::worker_permissions("j1", "w1", "b");
         let (jwt, seed) = mint_user(&account, "w-w1", Some(&p)).unwrap();
         let c = claims(&jwt);
         assert_eq!(c["iss"], account.public_key());

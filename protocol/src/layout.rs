@@ -6,8 +6,8 @@ use async_nats::jetstream::{self, kv, object_store, stream};
 use tracing::warn;
 
 use crate::names::{
-    events_subjects, CHECKPOINTS_BUCKET, COMMANDS_STREAM, COMMANDS_SUBJECTS, EVENTS_STREAM,
-    REPLIES_BUCKET, WORKERS_BUCKET,
+    events_subjects, COMMANDS_STREAM, COMMANDS_SUBJECTS, EVENTS_STREAM, REPLIES_BUCKET,
+    WORKERS_BUCKET,
 };
 
 /// What could not be made, and why.
@@ -19,12 +19,12 @@ pub struct LayoutError {
     pub reason: String,
 }
 
-/// The streams and buckets of the layout.
+/// The streams and buckets of the layout (a job's checkpoints are in a bucket of their own:
+/// [`ensure_checkpoints`]).
 pub struct Layout {
     pub commands: stream::Stream,
     pub workers: kv::Store,
     pub replies: kv::Store,
-    pub checkpoints: object_store::ObjectStore,
 }
 
 /// Creates the streams and buckets if they are missing (the driver and every daemon call it).
@@ -55,23 +55,35 @@ pub async fn ensure_layout(js: &jetstream::Context) -> Result<Layout, LayoutErro
     .map_err(fail("creating the events stream"))?;
     let workers = kv_bucket(js, WORKERS_BUCKET, clustered).await?;
     let replies = kv_bucket(js, REPLIES_BUCKET, clustered).await?;
-    let checkpoints = match js.get_object_store(CHECKPOINTS_BUCKET).await {
-        Ok(s) => s,
-        Err(_) => replicated(clustered, |replicas| {
-            js.create_object_store(object_store::Config {
-                bucket: CHECKPOINTS_BUCKET.into(),
-                num_replicas: replicas,
-                ..Default::default()
-            })
-        })
-        .await
-        .map_err(fail("creating the checkpoint store"))?,
-    };
     Ok(Layout {
         commands,
         workers,
         replies,
-        checkpoints,
+    })
+}
+
+/// The checkpoint object store `bucket` ([`crate::job_checkpoints_bucket`]), made as
+/// [`ensure_layout`] makes its buckets if it is missing (by the driver: a worker may not make
+/// one).
+pub async fn ensure_checkpoints(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<object_store::ObjectStore, LayoutError> {
+    if let Ok(s) = js.get_object_store(bucket).await {
+        return Ok(s);
+    }
+    let clustered = js.client().server_info().cluster.is_some();
+    replicated(clustered, |replicas| {
+        js.create_object_store(object_store::Config {
+            bucket: bucket.into(),
+            num_replicas: replicas,
+            ..Default::default()
+        })
+    })
+    .await
+    .map_err(|reason| LayoutError {
+        what: "creating the checkpoint store",
+        reason,
     })
 }
 

@@ -33,7 +33,9 @@ pub use criu::{CgroupMode, CriuOptions, CriuOptionsError, NetworkLock, TcpMode};
 pub use ids::{
     new_chunks_id, random_bytes, random_hex, sanitize, valid_chunks_id, valid_id, valid_object_part,
 };
-pub use layout::{ensure_kv, ensure_layout, publish_stored, Layout, LayoutError};
+pub use layout::{
+    ensure_checkpoints, ensure_kv, ensure_layout, publish_stored, Layout, LayoutError,
+};
 pub use names::*;
 pub use stamp::{now, parse_rfc3339, Stamp, Timestamp};
 pub use url::NatsUrl;

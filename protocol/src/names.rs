@@ -8,8 +8,25 @@ pub const EVENTS_STREAM: &str = "CEDANA_EVENTS";
 pub const WORKERS_BUCKET: &str = "cedana_workers";
 /// KV bucket of command replies, for idempotency.
 pub const REPLIES_BUCKET: &str = "cedana_replies";
-/// Object store bucket of checkpoint archives.
+/// Object store bucket of checkpoint archives shared by every job: jobs from before each job
+/// had its own ([`job_checkpoints_bucket`]), and agents not told another (`--checkpoint-bucket`).
 pub const CHECKPOINTS_BUCKET: &str = "cedana_checkpoints";
+
+/// The object store bucket of job `job`'s checkpoints: a job's workers may touch its own
+/// bucket only, so that on a server several jobs share, no job's worker can read, replace or
+/// purge another job's checkpoints.
+pub fn job_checkpoints_bucket(job: &str) -> String {
+    format!("{CHECKPOINTS_BUCKET}_{job}")
+}
+
+/// Whether `name` can be an object store bucket (letters, digits, `-`, `_`; at most 200).
+pub fn valid_bucket(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 /// KV bucket of job records (the driver's).
 pub const JOBS_BUCKET: &str = "cedana_jobs";
 

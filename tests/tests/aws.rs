@@ -125,6 +125,7 @@ fn boot<'a>(
         job_dir: std::path::Path::new("/nonexistent"),
         shared_storage: None,
         store: None,
+        bucket: None,
         rt,
     }
 }

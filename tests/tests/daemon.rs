@@ -782,10 +782,9 @@ fn uploads_never_replace_objects_and_abandoned_ones_leave_nothing() {
     let nats = NatsServer::start();
     rt().block_on(async {
         let drv = Driver::connect(&nats, "job7").await;
-        let os = cedana_protocol::ensure_layout(&drv.js)
+        let os = cedana_protocol::ensure_checkpoints(&drv.js, protocol::CHECKPOINTS_BUCKET)
             .await
-            .unwrap()
-            .checkpoints;
+            .unwrap();
         let bucket =
             cedana_agent::objstore::Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
                 .await
@@ -850,10 +849,9 @@ fn archives_are_read_while_they_are_stored() {
     let nats = NatsServer::start();
     rt().block_on(async {
         let drv = Driver::connect(&nats, "job8").await;
-        let os = cedana_protocol::ensure_layout(&drv.js)
+        let os = cedana_protocol::ensure_checkpoints(&drv.js, protocol::CHECKPOINTS_BUCKET)
             .await
-            .unwrap()
-            .checkpoints;
+            .unwrap();
         let bucket = Bucket::open(&drv.js, os, protocol::CHECKPOINTS_BUCKET)
             .await
             .unwrap();

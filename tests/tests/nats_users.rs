@@ -68,7 +68,7 @@ fn a_workers_credential_commands_no_other_worker_and_speaks_for_no_other() {
     let state = sb.path().join("state");
     std::fs::create_dir_all(&state).expect("state dir");
     let mut driver = start_two_workers(&sb, &state, None);
-    let job = attack_from_w2(&sb, &mut driver, "user:");
+    let job = attack_from_w2(&sb, &mut driver, "user:", None);
     let log = std::fs::read_to_string(Path::new(&state).join(&job).join("logs").join("nats.log"))
         .expect("the server's log");
     server_refused(&job, &log);
@@ -136,10 +136,57 @@ fn on_a_server_the_user_runs_each_worker_gets_a_user_minted_from_the_account() {
         .await
     });
     assert!(!matches!(token, Ok(Ok(_))), "a token is let in");
+    // Another job's checkpoint on the same server.
+    let account = NatsCredential::parse(&Secret::new(seed));
+    let victim = cedana_protocol::job_checkpoints_bucket("victim-1");
+    let url = format!("nats://127.0.0.1:{port}");
+    rt.block_on(async {
+        let client = account
+            .connect_options()
+            .connect(&url)
+            .await
+            .expect("the account's user");
+        let js = async_nats::jetstream::new(client);
+        let store = cedana_protocol::ensure_checkpoints(&js, &victim)
+            .await
+            .expect("bucket");
+        store
+            .put("victim-1/ckpt.zip", &mut &b"the victim's memory"[..])
+            .await
+            .expect("put");
+    });
     let mut driver = start_two_workers(&sb, &state, Some(&cfg));
-    let job = attack_from_w2(&sb, &mut driver, "jwt:");
+    let job = attack_from_w2(&sb, &mut driver, "jwt:", Some(&victim));
     let log = std::fs::read_to_string(&log).expect("the server's log");
     server_refused(&job, &log);
+    assert!(
+        log.contains(&format!("$JS.API.STREAM.INFO.OBJ_{victim}")),
+        "{log}"
+    );
+    // The job's own checkpoints were in a bucket of its own; the victim's is whole.
+    rt.block_on(async {
+        let client = account
+            .connect_options()
+            .connect(&url)
+            .await
+            .expect("the account's user");
+        let js = async_nats::jetstream::new(client);
+        let mut data = Vec::new();
+        let mut obj = js
+            .get_object_store(&victim)
+            .await
+            .expect("bucket")
+            .get("victim-1/ckpt.zip")
+            .await
+            .expect("the victim's checkpoint");
+        tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut data)
+            .await
+            .expect("read");
+        assert_eq!(data, b"the victim's memory");
+        js.get_object_store(cedana_protocol::job_checkpoints_bucket(&job))
+            .await
+            .expect("the job's own bucket");
+    });
 }
 
 /// Starts the job of [`SCRIPT`] and waits until both its workers are up.
@@ -158,7 +205,12 @@ fn start_two_workers(sb: &Sandbox, state: &Path, config: Option<&Path>) -> Backg
 
 /// What a task on w2 tries with w2's credential (whose string starts with `kind`); the job
 /// then ends as its healthy task does. Returns the job's id.
-fn attack_from_w2(sb: &Sandbox, driver: &mut BackgroundDriver, kind: &str) -> String {
+fn attack_from_w2(
+    sb: &Sandbox,
+    driver: &mut BackgroundDriver,
+    kind: &str,
+    victim: Option<&str>,
+) -> String {
     let record = driver.record().expect("the job's record");
     let job = record["job"].as_str().expect("job id").to_string();
     let url = record["nats_url"].as_str().expect("nats url").to_string();
@@ -258,6 +310,24 @@ fn attack_from_w2(sb: &Sandbox, driver: &mut BackgroundDriver, kind: &str) -> St
             sub
         };
         let _sub = tokio::time::timeout(Duration::from_secs(5), listen).await;
+        // Another job's checkpoints (on a server jobs share): neither read nor replaced.
+        if let Some(bucket) = victim {
+            let open =
+                tokio::time::timeout(Duration::from_secs(6), js.get_object_store(bucket)).await;
+            assert!(
+                !matches!(open, Ok(Ok(_))),
+                "w2 must not open another job's checkpoints"
+            );
+            assert!(
+                !stored(
+                    &js,
+                    format!("$O.{bucket}.C.forged"),
+                    bytes::Bytes::from_static(b"forged")
+                )
+                .await,
+                "w2 must not write into another job's checkpoints"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Last, as it would end the job at once if the driver believed it: the same exit
         // on w2's own subject, naming w1: stored, but the driver must not believe it.

@@ -247,6 +247,7 @@ impl Boot {
             job_dir: self.dir.path(),
             shared_storage: None,
             store: None,
+            bucket: None,
             rt: self.rt.handle(),
         }
     }

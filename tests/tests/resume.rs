@@ -354,10 +354,11 @@ fn a_killed_nats_server_is_restarted_and_the_checkpoints_survive() {
             .await
             .unwrap();
         let js = async_nats::jetstream::new(client);
-        let store = js
-            .get_object_store(cedana_protocol::CHECKPOINTS_BUCKET)
-            .await
-            .unwrap();
+        // The job's own bucket, as its record names it.
+        let bucket = r["settings"]["checkpoint_bucket"]
+            .as_str()
+            .expect("the job's checkpoint bucket");
+        let store = js.get_object_store(bucket).await.unwrap();
         for object in &kept {
             let info = store.info(object).await;
             assert!(

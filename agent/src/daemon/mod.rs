@@ -71,6 +71,8 @@ pub enum DaemonError {
     BadId(String),
     #[error("NATS at {url} refused the token (authorization violation); check CEDANA_NATS_TOKEN against the server's")]
     Auth { url: String },
+    #[error("checkpoint bucket {0:?} is not usable: use letters, digits, - and _ (at most 200)")]
+    BadBucket(String),
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error(
@@ -103,6 +105,9 @@ pub async fn run(
         if !protocol::valid_id(id) {
             return Err(DaemonError::BadId(id.clone()));
         }
+    }
+    if !protocol::valid_bucket(&opts.bucket) {
+        return Err(DaemonError::BadBucket(opts.bucket.clone()));
     }
     std::fs::create_dir_all(&opts.work_dir).map_err(|source| DaemonError::WorkDir {
         path: opts.work_dir.clone(),
@@ -143,11 +148,13 @@ pub async fn run(
         commands,
         workers,
         replies,
-        checkpoints,
     } = ensure_layout(&js)
         .await
         .map_err(|e| jerr(e.what)(&e.reason))?;
-    let checkpoints = objstore::Bucket::open(&js, checkpoints, protocol::CHECKPOINTS_BUCKET)
+    let checkpoints = protocol::ensure_checkpoints(&js, &opts.bucket)
+        .await
+        .map_err(|e| jerr(e.what)(&e.reason))?;
+    let checkpoints = objstore::Bucket::open(&js, checkpoints, &opts.bucket)
         .await
         .map_err(|e| jerr("opening the checkpoint store")(&e))?;
 

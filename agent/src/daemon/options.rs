@@ -23,6 +23,9 @@ pub struct DaemonOptions {
     /// there as chunks, and only what it lacks is sent. Takes precedence over
     /// `shared_storage` and the NATS object store.
     pub store: Option<cedana_store::StoreUrl>,
+    /// The job's checkpoint bucket in the NATS object store (the driver names it:
+    /// [`cedana_protocol::job_checkpoints_bucket`]; the shared one of old jobs otherwise).
+    pub bucket: String,
     /// Restore a store's checkpoints in full before the task runs, not lazily (see
     /// [`crate::lazy`]).
     pub full_restore: bool,

@@ -95,6 +95,8 @@ pub struct Coordinator {
     backlog: u64,
     /// Set when another controller took the job over.
     superseded: crate::util::Flag,
+    /// The job's checkpoint bucket ([`Coordinator::use_checkpoints`]).
+    bucket: Arc<Mutex<String>>,
 }
 
 /// The job's output file, and the file that holds the stream sequence of the newest log event
@@ -569,6 +571,7 @@ impl Coordinator {
             output_seq,
             backlog: last,
             superseded,
+            bucket: Arc::new(Mutex::new(protocol::CHECKPOINTS_BUCKET.into())),
         })
     }
 
@@ -864,11 +867,22 @@ impl Coordinator {
             .and_then(|tx| tx.borrow().clone())
     }
 
+    /// Makes the job's checkpoint bucket if it is missing (its workers may not), and uses it
+    /// from now on.
+    pub async fn use_checkpoints(&self, bucket: &str) -> Result<(), CoordError> {
+        cedana_protocol::ensure_checkpoints(&self.js, bucket)
+            .await
+            .map_err(|e| CoordError::Nats(e.to_string()))?;
+        *self.bucket.lock().expect("bucket") = bucket.to_string();
+        Ok(())
+    }
+
     /// Deletes a checkpoint from the object store.
     pub async fn delete_checkpoint(&self, object: &str) -> Result<(), CoordError> {
+        let bucket = self.bucket.lock().expect("bucket").clone();
         let store = self
             .js
-            .get_object_store(protocol::CHECKPOINTS_BUCKET)
+            .get_object_store(bucket)
             .await
             .map_err(|e| CoordError::Nats(e.to_string()))?;
         store

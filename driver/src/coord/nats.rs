@@ -89,10 +89,16 @@ fn binary() -> String {
 }
 
 impl EmbeddedNats {
-    /// Makes the server's folder in `job_dir` for job `job` (a free port, the driver's user
-    /// with a new password, no worker's yet) and starts it. The driver's credential is also
-    /// written to `token_file` (0600) for the job's other commands.
-    pub fn create(job: &str, job_dir: &Path, token_file: &Path) -> Result<Self, NatsError> {
+    /// Makes the server's folder in `job_dir` for job `job`, whose checkpoints go to `bucket`
+    /// (a free port, the driver's user with a new password, no worker's yet) and starts it.
+    /// The driver's credential is also written to `token_file` (0600) for the job's other
+    /// commands.
+    pub fn create(
+        job: &str,
+        bucket: &str,
+        job_dir: &Path,
+        token_file: &Path,
+    ) -> Result<Self, NatsError> {
         let dir = job_dir.join(NATS_DIR);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -114,6 +120,7 @@ impl EmbeddedNats {
             &dir,
             &UsersState {
                 job: job.to_string(),
+                bucket: bucket.to_string(),
                 driver,
                 workers: BTreeMap::new(),
             },
@@ -394,10 +401,17 @@ fn new_password() -> Result<Secret, NatsError> {
 struct UsersState {
     /// The job (its workers' permissions name it).
     job: String,
+    /// The job's checkpoint bucket (the shared one in folders from before each job had one).
+    #[serde(default = "shared_bucket")]
+    bucket: String,
     /// The driver's password.
     driver: Secret,
     /// Each worker's password, by worker id.
     workers: BTreeMap<String, Secret>,
+}
+
+fn shared_bucket() -> String {
+    cedana_protocol::CHECKPOINTS_BUCKET.into()
 }
 
 /// `users.json` and the `users.conf` made from it, each written whole beside and renamed
@@ -439,7 +453,7 @@ fn render_users(state: &UsersState) -> String {
         state.driver.expose()
     );
     for (worker, password) in &state.workers {
-        let p = cedana_protocol::worker_permissions(&state.job, worker);
+        let p = cedana_protocol::worker_permissions(&state.job, worker, &state.bucket);
         out += &format!(
             "  {{ user: {:?}, password: {:?}, permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}\n",
             cedana_protocol::worker_user(worker),
@@ -547,6 +561,7 @@ mod tests {
     fn users_name_the_driver_and_each_worker_with_its_permissions() {
         let state = UsersState {
             job: "j1".into(),
+            bucket: cedana_protocol::job_checkpoints_bucket("j1"),
             driver: Secret::new("dpw"),
             workers: [("w1".to_string(), Secret::new("p1"))].into(),
         };

@@ -455,8 +455,11 @@ impl Job {
             };
             // The worker's own credential: a user on the embedded server, a user minted with
             // the account's seed on a server the user runs, else the shared token.
-            let minted =
-                cedana_protocol::NatsCredential::parse(&self.token).mint_worker(&self.id, &id);
+            let minted = cedana_protocol::NatsCredential::parse(&self.token).mint_worker(
+                &self.id,
+                &id,
+                self.record.settings.bucket(),
+            );
             let credential = match &self.nats_users {
                 Some(users) => match self.rt.block_on(users.add_worker(&id)) {
                     Ok(c) => c,
@@ -492,6 +495,7 @@ impl Job {
                 job_dir: &self.dir,
                 shared_storage: self.shared_storage.as_deref(),
                 store: self.store.as_ref().map(|s| s.as_str()),
+                bucket: self.record.settings.checkpoint_bucket.as_deref(),
                 rt: &self.rt,
             };
             match self.rt.block_on(p.launch(&offer, &boot)) {

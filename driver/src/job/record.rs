@@ -198,6 +198,19 @@ pub struct Settings {
     /// Seconds to wait for spot capacity before on-demand (`run --wait-for-spot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_spot_secs: Option<u64>,
+    /// The job's own checkpoint bucket in the NATS object store; absent in jobs from before
+    /// each job had one (they use the shared one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bucket: Option<String>,
+}
+
+impl Settings {
+    /// The NATS object store bucket the job's checkpoints go to.
+    pub fn bucket(&self) -> &str {
+        self.checkpoint_bucket
+            .as_deref()
+            .unwrap_or(cedana_protocol::CHECKPOINTS_BUCKET)
+    }
 }
 
 /// Errors reading job state.

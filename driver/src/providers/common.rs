@@ -105,6 +105,9 @@ pub struct Bootstrap<'a> {
     pub shared_storage: Option<&'a Path>,
     /// The job's checkpoint store (its part of it), for the worker's `--store`.
     pub store: Option<&'a str>,
+    /// The job's checkpoint bucket in the NATS object store, for the worker's
+    /// `--checkpoint-bucket` (`None`: the agent's default, the bucket old jobs share).
+    pub bucket: Option<&'a str>,
     /// The job's runtime: what a worker does in the background runs there.
     pub rt: &'a tokio::runtime::Handle,
 }
@@ -175,6 +178,9 @@ pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> Stri
     }
     if let Some(store) = boot.store {
         daemon.push_str(&format!(" --store {}", sh_quote(store)));
+    }
+    if let Some(bucket) = boot.bucket {
+        daemon.push_str(&format!(" --checkpoint-bucket {}", sh_quote(bucket)));
     }
     for a in extra {
         daemon.push(' ');

@@ -378,6 +378,7 @@ mod tests {
             job_dir: Path::new("/x"),
             shared_storage: Some(Path::new("/mnt/shared")),
             store: None,
+            bucket: None,
             rt: rt.handle(),
         };
         let s = worker_boot_script("/usr/local/bin/cedana-agent", &boot, &["--watch-spot"]);

@@ -105,6 +105,8 @@ pub struct LaunchSpec<'a> {
     pub shared_storage: Option<&'a Path>,
     /// The job's checkpoint store, for the daemon's `--store`.
     pub store: Option<&'a str>,
+    /// The job's checkpoint bucket, for the daemon's `--checkpoint-bucket`.
+    pub bucket: Option<&'a str>,
     /// Runs the NATS forwarder of a worker in its own network namespace.
     pub rt: &'a tokio::runtime::Handle,
     /// Boot the worker as a runc container from this OCI image layout instead of a process.
@@ -137,6 +139,11 @@ fn daemon_args(s: &LaunchSpec, nats_url: &str, work_dir: &Path) -> Vec<String> {
         s.store
             .iter()
             .flat_map(|u| ["--store".to_string(), u.to_string()]),
+    )
+    .chain(
+        s.bucket
+            .iter()
+            .flat_map(|b| ["--checkpoint-bucket".to_string(), b.to_string()]),
     )
     .collect()
 }
@@ -676,6 +683,7 @@ impl LocalProvider {
             log: &log,
             shared_storage: b.shared_storage,
             store: b.store,
+            bucket: b.bucket,
             rt: b.rt,
             image: self.image.as_deref(),
         })

@@ -650,6 +650,7 @@ mod tests {
             job_dir: std::path::Path::new("/tmp/x"),
             shared_storage: None,
             store: None,
+            bucket: None,
             rt: rt.handle(),
         };
         let s = startup_script("cedana-agent", &boot);
