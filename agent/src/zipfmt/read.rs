@@ -154,7 +154,9 @@ pub fn read_with<E: From<ZipError>>(
         pos: 0,
         label,
     };
-    let mut entries = Vec::new();
+    let mut entries: Vec<ReadEntry> = Vec::new();
+    // What the entries written to files so far took (entries kept in memory do not count).
+    let mut in_files = 0u64;
     loop {
         let offset = input.pos;
         let sig = match input.u32_or_end()? {
@@ -163,23 +165,15 @@ pub fn read_with<E: From<ZipError>>(
         };
         match sig {
             LOCAL_SIG => {
-                let in_files: u64 = entries
-                    .iter()
-                    .filter(|e: &&ReadEntry| e.data.is_none())
-                    .map(|e| e.usize)
-                    .fold(0u64, u64::saturating_add);
                 let budget = Budget {
                     left: max_in_files.saturating_sub(in_files),
                     total: max_in_files,
                 };
-                entries.push(read_entry(
-                    &mut input,
-                    offset,
-                    stored_sizes,
-                    place,
-                    budget,
-                    progress,
-                )?)
+                let entry = read_entry(&mut input, offset, stored_sizes, place, budget, progress)?;
+                if entry.data.is_none() {
+                    in_files = in_files.saturating_add(entry.usize);
+                }
+                entries.push(entry);
             }
             CENTRAL_SIG | EOCD_SIG | EOCD64_SIG => {
                 let records = read_tail(&mut input, sig, offset)?;
