@@ -62,6 +62,9 @@ pub struct DumpOutcome {
     #[serde(with = "millis")]
     pub finish_time: Duration,
     pub manifest: Manifest,
+    /// The SHA-256 of the archive's `manifest.json` (it lists every entry's SHA-256): what a
+    /// restore can be told to expect ([`crate::archive::manifest_sha256`]).
+    pub manifest_sha256: String,
 }
 
 /// Errors of a dump.
@@ -479,6 +482,7 @@ pub fn dump_into(
         criu_time,
         archive_time: total_time.saturating_sub(criu_time),
         finish_time,
+        manifest_sha256: archive::manifest_sha256(&archive::manifest_bytes(&manifest)),
         manifest,
     })
 }

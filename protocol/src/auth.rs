@@ -158,11 +158,8 @@ impl NatsCredential {
         Some(
             crate::jwt::account_from_seed(seed.expose())
                 .and_then(|account| {
-                    crate::jwt::mint_user(
-                        &account,
-                        &name,
-                        Some(&worker_permissions(job, worker, bucket)),
-                    )
+                    let p = worker_permissions(job, worker, bucket);
+                    crate::jwt::mint_user(&account, &name, Some((&p.publish, &p.subscribe)))
                 })
                 .map(|(jwt, seed)| NatsCredential::Jwt {
                     name,

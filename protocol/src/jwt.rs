@@ -4,17 +4,15 @@
 //!
 //! The server trusts the operator and preloads the account ([`server_config`], written once
 //! by `cedana-driver bootstrap --nats-account`). The driver holds the account's seed (its
-//! credential: [`crate::NatsCredential::Account`]) and mints, without telling the server, a user
+//! credential: an account in `auth`'s `NatsCredential`) and mints, without telling the server, a user
 //! for itself (every permission in the account) and one per worker with
-//! [`crate::worker_permissions`]. The server checks each user's JWT against the account's key
+//! a worker's permissions. The server checks each user's JWT against the account's key
 //! and the nonce it sent against the user's key; nothing secret is in a JWT.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use nkeys::KeyPair;
 use serde_json::{json, Value};
-
-use crate::auth::Permissions;
 
 /// Errors making or reading keys and JWTs.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +37,7 @@ fn sign(issuer: &KeyPair, mut claims: Value) -> Result<String, JwtError> {
     // Its id: each JWT names a new key as its subject, and is made once.
     let jti = obj["sub"].as_str().unwrap_or_default().to_string();
     obj.insert("jti".into(), json!(jti));
-    obj.insert("iat".into(), json!(crate::now()));
+    obj.insert("iat".into(), json!(crate::stamp::now()));
     obj.insert("iss".into(), json!(issuer.public_key()));
     let head = URL_SAFE_NO_PAD.encode(HEADER);
     let body = URL_SAFE_NO_PAD.encode(claims.to_string());
@@ -147,12 +145,13 @@ pub fn account_from_seed(seed: &str) -> Result<KeyPair, JwtError> {
     Ok(kp)
 }
 
-/// A new user `name` of `account`: its JWT and its seed. With `permissions` it may publish
-/// and subscribe to those subjects only; without, to anything in the account.
+/// A new user `name` of `account`: its JWT and its seed. With `permissions` (publish,
+/// subscribe) it may publish and subscribe to those subjects only; without, to anything in
+/// the account.
 pub fn mint_user(
     account: &KeyPair,
     name: &str,
-    permissions: Option<&Permissions>,
+    permissions: Option<(&[String], &[String])>,
 ) -> Result<(String, String), JwtError> {
     let user = KeyPair::new_user();
     let mut nats = json!({
@@ -160,9 +159,9 @@ pub fn mint_user(
         "type": "user",
         "version": 2,
     });
-    if let Some(p) = permissions {
-        nats["pub"] = json!({ "allow": p.publish });
-        nats["sub"] = json!({ "allow": p.subscribe });
+    if let Some((publish, subscribe)) = permissions {
+        nats["pub"] = json!({ "allow": publish });
+        nats["sub"] = json!({ "allow": subscribe });
     }
     let jwt = sign(
         account,
@@ -222,11 +221,14 @@ mod tests {
         assert!(server_config(&t).contains(&format!("system_account: {}", t.system.0)));
         assert_eq!(claims(acc)["iss"], claims(op)["sub"]);
         assert_eq!(claims(acc)["sub"], account.public_key());
-        let p = crate::worker_permissions("j1", "w1", "b");
-        let (jwt, seed) = mint_user(&account, "w-w1", Some(&p)).unwrap();
+        let (publish, subscribe) = (
+            vec!["CEDANA.j1.w1.state".to_string()],
+            vec!["_INBOX_w-w1.>".to_string()],
+        );
+        let (jwt, seed) = mint_user(&account, "w-w1", Some((&publish, &subscribe))).unwrap();
         let c = claims(&jwt);
         assert_eq!(c["iss"], account.public_key());
-        assert_eq!(c["nats"]["pub"]["allow"][0], p.publish[0]);
+        assert_eq!(c["nats"]["pub"]["allow"][0], "CEDANA.j1.w1.state");
         assert_eq!(c["nats"]["sub"]["allow"][0], "_INBOX_w-w1.>");
         assert_eq!(user_name(&jwt).unwrap(), "w-w1");
         // The signature is the account's over the first two parts.

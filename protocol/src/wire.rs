@@ -95,6 +95,13 @@ pub enum Command {
     Restore {
         task: String,
         object: String,
+        /// The SHA-256 (hex) of the checkpoint's manifest as its worker wrote it
+        /// ([`Reply::Checkpointed`]): a checkpoint whose manifest differs (replaced after it
+        /// was stored, by anyone who may write the store) is refused before anything is
+        /// restored. The manifest holds every entry's SHA-256, so this pins the whole
+        /// checkpoint. Absent: not checked (a checkpoint from an older agent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
         /// The checkpoint is still being stored (post-copy): its published manifest is read,
         /// and each chunk is waited for; the task runs lazily.
         #[serde(default, skip_serializing_if = "is_false")]
@@ -140,6 +147,10 @@ pub enum Reply {
         /// [`Event::CheckpointStored`].
         #[serde(default, skip_serializing_if = "is_false")]
         post_copy: bool,
+        /// The SHA-256 (hex) of the checkpoint's manifest, for [`Command::Restore`]'s
+        /// `manifest` (older agents leave it out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
     },
     Restored {
         task: String,
@@ -236,6 +247,9 @@ pub enum SpotKind {
 pub struct SpotCheckpoint {
     pub task: String,
     pub object: String,
+    /// Its manifest's SHA-256, as in [`Reply::Checkpointed`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 /// A task whose checkpoint on a spot notice failed, and why.
@@ -328,13 +342,14 @@ mod tests {
             checkpoints: vec![SpotCheckpoint {
                 task: "t".into(),
                 object: "j/sh_20261121_010000.zip".into(),
+                manifest: Some("ab12".into()),
             }],
             failed: vec![],
         };
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(
             json,
-            r#"{"type":"spot_notice","kind":"instance-action","action":"terminate","at":"2026-11-21T01:02:03Z","checkpoints":[{"task":"t","object":"j/sh_20261121_010000.zip"}],"failed":[]}"#
+            r#"{"type":"spot_notice","kind":"instance-action","action":"terminate","at":"2026-11-21T01:02:03Z","checkpoints":[{"task":"t","object":"j/sh_20261121_010000.zip","manifest":"ab12"}],"failed":[]}"#
         );
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
         let r: Event = serde_json::from_str(

@@ -435,6 +435,7 @@ fn checkpoint_moves_a_task_between_workers() {
                     task: "counter".into(),
                     object,
                     pending: false,
+                    manifest: None,
                 },
                 60,
             )
@@ -585,9 +586,16 @@ fn bad_objects_are_refused_and_change_nothing() {
                 60,
             )
             .await;
-        let Reply::Checkpointed { object, bytes, .. } = r else {
+        let Reply::Checkpointed {
+            object,
+            bytes,
+            manifest,
+            ..
+        } = r
+        else {
             panic!("{r:?}")
         };
+        let manifest = manifest.expect("the checkpoint's manifest SHA-256");
         std::fs::write(&marker, "changed since").unwrap();
         assert!(
             checkpoint_leftovers(&work).is_empty(),
@@ -646,10 +654,34 @@ fn bad_objects_are_refused_and_change_nothing() {
             .await
             .unwrap();
 
+        // A whole, valid checkpoint of another process put in the checkpoint's place (what
+        // anyone who may write the bucket can do): refused by the manifest's SHA-256 its
+        // worker reported.
+        let other = sb.exec("other.log", &["sleep", "100"]);
+        let other_zip = sb.dump(other.pid, &[]);
+        let meta = jetstream::object_store::ObjectMetadata {
+            name: "job5/replaced.zip".into(),
+            ..Default::default()
+        };
+        store(&drv)
+            .await
+            .put(
+                meta,
+                &mut std::io::Cursor::new(std::fs::read(&other_zip).unwrap()),
+            )
+            .await
+            .unwrap();
+
         let before = numbers(&log).len();
-        for (id, bad, why) in [
-            ("rst-forged", "job5/forged.zip", "CRC-32"),
-            ("rst-size", "job5/wrong-size.zip", "its info says"),
+        for (id, bad, why, pin) in [
+            ("rst-forged", "job5/forged.zip", "CRC-32", None),
+            ("rst-size", "job5/wrong-size.zip", "its info says", None),
+            (
+                "rst-replaced",
+                "job5/replaced.zip",
+                "replaced after it was stored",
+                Some(manifest.clone()),
+            ),
         ] {
             let r = drv
                 .call(
@@ -659,6 +691,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                         task: "counter".into(),
                         object: bad.into(),
                         pending: false,
+                        manifest: pin,
                     },
                     60,
                 )
@@ -691,6 +724,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                     task: "counter".into(),
                     object,
                     pending: false,
+                    manifest: Some(manifest),
                 },
                 60,
             )
@@ -757,6 +791,7 @@ fn archives_that_cannot_stream_still_restore() {
                     task: "counter".into(),
                     object: "job6/old.zip".into(),
                     pending: false,
+                    manifest: None,
                 },
                 60,
             )
@@ -1484,6 +1519,7 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
                     task: "mem".into(),
                     object,
                     pending: false,
+                    manifest: None,
                 },
                 120,
             )
@@ -1635,6 +1671,7 @@ fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() 
                     task: "reporter".into(),
                     object,
                     pending: false,
+                    manifest: None,
                 },
                 60,
             )

@@ -451,6 +451,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                     task: "counter".into(),
                     object,
                     pending: false,
+                    manifest: None,
                 },
                 90,
             )

@@ -16,6 +16,19 @@ use crate::zipfmt::ZipError;
 pub const FORMAT_VERSION: u32 = 1;
 /// Name of the manifest entry.
 pub const MANIFEST: &str = "manifest.json";
+
+/// The bytes of `manifest.json` for `manifest`, as an archive holds them.
+pub fn manifest_bytes(manifest: &Manifest) -> Vec<u8> {
+    serde_json::to_vec_pretty(manifest).expect("manifest serializes")
+}
+
+/// The SHA-256 (hex) of a manifest's bytes: what pins a checkpoint (its manifest lists every
+/// entry's SHA-256), named in a restore command so that a replaced checkpoint is refused.
+pub fn manifest_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 /// Folder of CRIU's images inside the archive.
 pub const IMAGES_DIR: &str = "images";
 
@@ -50,6 +63,12 @@ pub enum ArchiveError {
         what: &'static str,
         expected: String,
         actual: String,
+    },
+    #[error("checkpoint {path} is not the one its worker stored: its manifest's SHA-256 is {got}, the worker wrote {want}; it was replaced after it was stored (by whoever may write the checkpoint store); refusing to restore it")]
+    Replaced {
+        path: PathBuf,
+        want: String,
+        got: String,
     },
     #[error("cannot write {path}: {source}")]
     Write {
@@ -92,6 +111,7 @@ impl ArchiveError {
             | UnlistedEntry { path, .. }
             | MissingEntry { path, .. }
             | Mismatch { path, .. }
+            | Replaced { path, .. }
             | Unstreamable { path, .. }
             | NoRoom { path, .. }
             | TooLarge { path, .. } => *path = label.to_path_buf(),

@@ -18,8 +18,9 @@ mod write;
 mod tests;
 
 pub use format::{
-    host_info, safe_entry_name, ArchiveError, Compression, Digest, Entry, Manifest, ManifestCriu,
-    ManifestHost, ManifestProcess, FORMAT_VERSION, IMAGES_DIR, MANIFEST,
+    host_info, manifest_bytes, manifest_sha256, safe_entry_name, ArchiveError, Compression, Digest,
+    Entry, Manifest, ManifestCriu, ManifestHost, ManifestProcess, FORMAT_VERSION, IMAGES_DIR,
+    MANIFEST,
 };
 pub(crate) use verify::{check_names, check_room};
 pub use verify::{extract, extract_stream, inspect, Extracted};

@@ -30,6 +30,9 @@ pub fn inspect(path: &Path) -> Result<Manifest, ArchiveError> {
 #[derive(Debug)]
 pub struct Extracted {
     pub manifest: Manifest,
+    /// The SHA-256 of `manifest.json` as read ([`super::format::manifest_sha256`]); none for
+    /// a checkpoint from a store (its own manifest names its chunks by hash).
+    pub manifest_sha256: Option<String>,
     dir: crate::staging::Held,
 }
 
@@ -44,7 +47,24 @@ impl Extracted {
     }
     /// Images and files already checked and written into `dir` (a checkpoint from a store).
     pub(crate) fn from_parts(manifest: Manifest, dir: crate::staging::Held) -> Self {
-        Extracted { manifest, dir }
+        Extracted {
+            manifest,
+            manifest_sha256: None,
+            dir,
+        }
+    }
+
+    /// Refuses this checkpoint unless its manifest's SHA-256 is `want` (what its worker
+    /// wrote): one replaced after it was stored.
+    pub fn check_manifest(&self, label: &Path, want: &str) -> Result<(), ArchiveError> {
+        match &self.manifest_sha256 {
+            Some(got) if got.eq_ignore_ascii_case(want) => Ok(()),
+            got => Err(ArchiveError::Replaced {
+                path: label.to_path_buf(),
+                want: want.to_string(),
+                got: got.clone().unwrap_or_else(|| "none".into()),
+            }),
+        }
     }
     /// Keeps the folder on disk (for debugging) and returns its path.
     pub fn keep(self) -> PathBuf {
@@ -61,7 +81,7 @@ pub fn extract(
     progress: &dyn Progress,
 ) -> Result<Extracted, ArchiveError> {
     let mut zip = open_zip(path)?;
-    let manifest = read_manifest(path, &mut zip)?;
+    let (manifest, manifest_sha256) = read_manifest_hashed(path, &mut zip)?;
     let index = check_listing(path, &mut zip, &manifest)?;
     check_room(path, &manifest, staging)?;
     let dir = private_folder(staging)?;
@@ -149,7 +169,11 @@ pub fn extract(
             return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
         }
     }
-    Ok(Extracted { manifest, dir })
+    Ok(Extracted {
+        manifest,
+        manifest_sha256: Some(manifest_sha256),
+        dir,
+    })
 }
 
 /// Verifies an archive read front to back from `src` (as it arrives from the object store) and
@@ -219,6 +243,7 @@ pub fn extract_stream(
         }
     };
     let manifest = parse_manifest(label, text)?;
+    let manifest_sha256 = super::format::manifest_sha256(text);
     let names: Vec<(String, bool)> = listing
         .entries
         .iter()
@@ -246,7 +271,11 @@ pub fn extract_stream(
             ));
         }
     }
-    Ok(Extracted { manifest, dir })
+    Ok(Extracted {
+        manifest,
+        manifest_sha256: Some(manifest_sha256),
+        dir,
+    })
 }
 
 /// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
@@ -386,6 +415,11 @@ fn open_zip(path: &Path) -> Result<Zip, ArchiveError> {
 }
 
 fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
+    read_manifest_hashed(path, zip).map(|(m, _)| m)
+}
+
+/// [`read_manifest`], and the SHA-256 of its bytes.
+fn read_manifest_hashed(path: &Path, zip: &mut Zip) -> Result<(Manifest, String), ArchiveError> {
     let mut text = Vec::new();
     {
         let f = match zip.by_name(MANIFEST) {
@@ -410,7 +444,8 @@ fn read_manifest(path: &Path, zip: &mut Zip) -> Result<Manifest, ArchiveError> {
                 reason: format!("{MANIFEST}: {e}"),
             })?;
     }
-    parse_manifest(path, &text)
+    let manifest = parse_manifest(path, &text)?;
+    Ok((manifest, super::format::manifest_sha256(&text)))
 }
 
 /// The manifest from its bytes: its format version is checked before anything else is read.

@@ -389,7 +389,7 @@ impl Writer {
     pub fn finish(mut self, manifest: &mut Manifest, stem: &str) -> Result<Finished, ArchiveError> {
         manifest.entries = std::mem::take(&mut self.entries);
         manifest.compression = self.compression;
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let json = super::format::manifest_bytes(manifest);
         let label = self.label();
         let werr = |source| ArchiveError::Write {
             path: label.clone(),

@@ -95,9 +95,13 @@ async fn spot_interruption(w: &Arc<Worker>, notice: imds::InstanceAction) {
     let (mut checkpoints, mut failed) = (Vec::new(), Vec::new());
     for (task, result) in results {
         match result {
-            Ok(Reply::Checkpointed { object, .. }) => {
-                checkpoints.push(SpotCheckpoint { task, object })
-            }
+            Ok(Reply::Checkpointed {
+                object, manifest, ..
+            }) => checkpoints.push(SpotCheckpoint {
+                task,
+                object,
+                manifest,
+            }),
             Ok(other) => failed.push(SpotFailure {
                 task,
                 message: format!("unexpected outcome {other:?}"),

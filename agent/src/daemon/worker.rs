@@ -246,7 +246,8 @@ impl Worker {
                 task,
                 object,
                 pending,
-            } => self.restore(task, object, pending).await,
+                manifest,
+            } => self.restore(task, object, pending, manifest).await,
             Command::Stop { task } => {
                 let pid = self.task_pid(&task)?;
                 kill(pid);
@@ -628,6 +629,7 @@ impl Worker {
             bytes: out.archive_bytes,
             criu_ms: out.criu_time.as_millis() as u64,
             post_copy: false,
+            manifest: Some(out.manifest_sha256),
         })
     }
 
@@ -694,6 +696,7 @@ impl Worker {
             bytes: out.uploaded.stored_sent,
             criu_ms: out.frozen_time.as_millis() as u64,
             post_copy: false,
+            manifest: None,
         })
     }
 
@@ -774,6 +777,7 @@ impl Worker {
             bytes: 0,
             criu_ms: published_ms,
             post_copy: true,
+            manifest: None,
         })
     }
 
@@ -782,6 +786,7 @@ impl Worker {
         task: String,
         object: String,
         pending: bool,
+        manifest: Option<String>,
     ) -> Result<Reply, String> {
         self.not_running(&task)?;
         if !object.split('/').all(protocol::valid_object_part) {
@@ -819,6 +824,12 @@ impl Worker {
         };
         let read_while_stored = extracted.1;
         let extracted = extracted.0;
+        // The checkpoint its worker stored, not one put in its place since.
+        if let Some(want) = &manifest {
+            extracted
+                .check_manifest(Path::new(&object), want)
+                .map_err(|e| e.to_string())?;
+        }
         // Where the task's log stands at the checkpoint, measured before CRIU resumes the task:
         // all it writes from then on is streamed, its first line too (measured after the
         // restore, a line the task wrote at once was lost). The log as carried in the

@@ -64,8 +64,8 @@ pub struct SpotNotice {
     pub kind: protocol::SpotKind,
     /// When the instance goes (RFC 3339), if IMDS said.
     pub at: Option<String>,
-    /// (task, checkpoint object) taken because of the notice.
-    pub checkpoints: Vec<(String, String)>,
+    /// The checkpoints taken because of the notice.
+    pub checkpoints: Vec<protocol::SpotCheckpoint>,
     /// Tasks whose checkpoint failed.
     pub failed: Vec<String>,
 }
@@ -529,10 +529,7 @@ impl Coordinator {
                             .push(SpotNotice {
                                 kind,
                                 at,
-                                checkpoints: checkpoints
-                                    .into_iter()
-                                    .map(|c| (c.task, c.object))
-                                    .collect(),
+                                checkpoints,
                                 failed: failed.into_iter().map(|f| f.task).collect(),
                             });
                     }

@@ -96,10 +96,7 @@ pub fn run(
     job.borrow_mut().policy = Policy::new(opts.policy());
     let mut newest: Option<Checkpoint> = None;
     let (mut w, mut task) = if resumed {
-        newest = job.borrow().record.checkpoints.last().map(|c| Checkpoint {
-            object: c.object.clone(),
-            task: c.task.clone(),
-        });
+        newest = job.borrow().record.checkpoints.last().map(Checkpoint::from);
         match pick_up(job)? {
             Some(found) => found,
             None => {
@@ -199,10 +196,11 @@ pub fn run(
         let notice = job.borrow().coord.interruption(&w.id);
         if let Some(n) = notice.filter(|_| !noticed.contains(&w.id)) {
             noticed.insert(w.id.clone());
-            if let Some((_, object)) = n.checkpoints.iter().find(|(t, _)| *t == task.name) {
+            if let Some(sc) = n.checkpoints.iter().find(|c| c.task == task.name) {
                 let c = Checkpoint {
-                    object: object.clone(),
+                    object: sc.object.clone(),
                     task: task.name.clone(),
+                    manifest: sc.manifest.clone(),
                 };
                 job.borrow_mut().record_checkpoint(&c, &w.id);
                 newest = Some(c);
@@ -491,10 +489,7 @@ fn bring_up(
 fn drop_checkpoint(job: &Shared, failed: &str, why: &str) -> Option<Checkpoint> {
     let mut j = job.borrow_mut();
     j.record.checkpoints.retain(|c| c.object != failed);
-    let before = j.record.checkpoints.last().map(|c| Checkpoint {
-        object: c.object.clone(),
-        task: c.task.clone(),
-    });
+    let before = j.record.checkpoints.last().map(Checkpoint::from);
     warn!(checkpoint = failed, %why, "a checkpoint cannot be restored; using the one before");
     j.reporter.note(&format!(
         "checkpoint {failed} cannot be restored ({why}); recovering from {}",

@@ -88,6 +88,18 @@ pub struct Task {
 pub struct Checkpoint {
     pub object: String,
     pub task: String,
+    /// The SHA-256 of its manifest, which its restore checks ([`Command::Restore`]).
+    pub manifest: Option<String>,
+}
+
+impl From<&CheckpointInfo> for Checkpoint {
+    fn from(c: &CheckpointInfo) -> Self {
+        Checkpoint {
+            object: c.object.clone(),
+            task: c.task.clone(),
+            manifest: c.manifest.clone(),
+        }
+    }
 }
 
 /// The running job.
@@ -733,9 +745,15 @@ impl Job {
                 Ok(Checkpoint {
                     object,
                     task: t.name.clone(),
+                    manifest: None,
                 })
             }
-            Reply::Checkpointed { object, bytes, .. } => {
+            Reply::Checkpointed {
+                object,
+                bytes,
+                manifest,
+                ..
+            } => {
                 self.reporter.note(&format!(
                     "checkpoint {object}: {:.1} MiB in {:.2} s",
                     bytes as f64 / 1048576.0,
@@ -747,11 +765,13 @@ impl Job {
                     worker: t.worker.clone(),
                     at: protocol::now(),
                     bytes,
+                    manifest: manifest.clone(),
                 });
                 self.save();
                 Ok(Checkpoint {
                     object,
                     task: t.name.clone(),
+                    manifest,
                 })
             }
             other => Err(unexpected(&t.worker, "checkpoint", other)),
@@ -766,6 +786,7 @@ impl Job {
             worker: worker.into(),
             at: protocol::now(),
             bytes: 0,
+            manifest: c.manifest.clone(),
         });
         self.save();
     }
@@ -820,6 +841,7 @@ impl Job {
                     worker,
                     at: protocol::now(),
                     bytes,
+                    manifest: None,
                 });
                 self.save();
             }
@@ -842,6 +864,7 @@ impl Job {
                 task: c.task.clone(),
                 object: c.object.clone(),
                 pending,
+                manifest: c.manifest.clone(),
             },
             3600,
         )? {

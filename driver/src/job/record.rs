@@ -124,6 +124,10 @@ pub struct CheckpointInfo {
     pub worker: String,
     pub at: u64,
     pub bytes: u64,
+    /// The SHA-256 of its manifest as its worker wrote it: a restore refuses a checkpoint
+    /// replaced since (absent for store checkpoints and older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
 }
 
 /// `job.json`.

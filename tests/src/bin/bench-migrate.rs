@@ -687,6 +687,7 @@ async fn migrate_run(
         task: task.clone(),
         object: object.clone(),
         pending: post_copy,
+        manifest: None,
     };
     let r = c.call(to, command, limit, &mut seen).await?;
     let t2 = Instant::now();
