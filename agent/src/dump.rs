@@ -184,6 +184,7 @@ impl Target {
             leave_running: opts.leave_running && !resume_after_files,
             leave_stopped: !opts.leave_running || resume_after_files,
             shell_job: self.shell_job,
+            user_namespace: self.info.user_namespace,
             criu: opts.criu.clone(),
         };
         (req, resume_after_files)
@@ -245,6 +246,7 @@ impl Target {
                 network_lock: req.criu.network_lock,
                 external: req.criu.external.clone(),
                 pid_namespace: info.pid_namespace_init,
+                user_namespace: info.user_namespace,
             },
             cpu,
             compression,

@@ -1,6 +1,14 @@
 //! `exec`: start a task the way CRIU likes it: PID 1 of its own PID namespace, leader of its own
 //! session, stdin from `/dev/null`, stdout and stderr to a log file. Such a task can be dumped
 //! and restored on a machine where its PIDs are taken, and restored several times side by side.
+//!
+//! With [`ExecOptions::userns`] the task also gets a user namespace (an identity map of every
+//! id, owned by root) and a mount tree of its own: only the root filesystem, `/dev`, `/proc`
+//! and a fresh `/dev/shm`. A task that drops root (`setpriv`, `su`, a database switching to
+//! its own user) can then be checkpointed where CRIU lacks `CAP_SYS_RESOURCE` (a container):
+//! root owns the task's user namespace, so CRIU holds every capability in it. Such a task's
+//! checkpoint records it, and its restore runs CRIU in the same minimal mount tree
+//! ([`crate::criu`]).
 
 use std::ffi::{CString, OsString};
 use std::fs::OpenOptions;
@@ -22,6 +30,8 @@ pub struct ExecOptions {
     pub log: PathBuf,
     /// Working directory; the caller's when `None`.
     pub cwd: Option<PathBuf>,
+    /// A user namespace and a minimal mount tree of its own (see the module's docs).
+    pub userns: bool,
 }
 
 /// Errors starting a task.
@@ -36,6 +46,14 @@ pub enum ExecError {
     Nul { arg: String },
     #[error("cannot create a PID namespace for {program}: {source}; exec needs root (CAP_SYS_ADMIN), try sudo")]
     Clone { program: String, source: nix::Error },
+    #[error("{path} is not on the root filesystem: a task with its own user namespace (--userns) sees only the root filesystem, /dev, /proc and /dev/shm; give a log file and working directory there")]
+    NotOnRoot { path: PathBuf },
+    #[error("cannot give {program} its own user namespace and mount tree ({step}): {source}")]
+    Userns {
+        program: String,
+        step: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot start {program}: {source}")]
     Start {
         program: String,
@@ -46,38 +64,13 @@ pub enum ExecError {
 /// Starts the task and returns its PID (in this machine's PID namespace). The task is not
 /// waited for: it outlives the caller, reparented to init (or the nearest subreaper).
 pub fn spawn(opts: &ExecOptions) -> Result<Pid, ExecError> {
-    let program_name = opts.program.to_string_lossy().into_owned();
-    let cstr = |s: &std::ffi::OsStr| {
-        CString::new(s.as_bytes()).map_err(|_| ExecError::Nul {
-            arg: s.to_string_lossy().into(),
-        })
-    };
-    let program = cstr(&opts.program)?;
-    let mut argv = vec![program.clone()];
-    for a in &opts.args {
-        argv.push(cstr(a)?);
+    if opts.userns {
+        return spawn_userns(opts);
     }
-    let cwd = opts
-        .cwd
-        .as_deref()
-        .map(|c| cstr(c.as_os_str()))
-        .transpose()?;
-    let log = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(&opts.log)
-        .map_err(|source| ExecError::Log {
-            path: opts.log.clone(),
-            source,
-        })?;
-    let devnull = OpenOptions::new()
-        .read(true)
-        .open("/dev/null")
-        .map_err(|source| ExecError::Start {
-            program: program_name.clone(),
-            source,
-        })?;
+    let p = Prepared::new(opts)?;
+    let program_name = p.name.clone();
+    let (program, argv, cwd) = (&p.program, &p.argv, &p.cwd);
+    let (log, devnull) = (&p.log, &p.devnull);
     // The child reports a failed exec through this pipe; it closes on a successful exec.
     let (err_r, err_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ExecError::Start {
@@ -163,4 +156,337 @@ unsafe fn report(fd: i32, tag: u8) {
     b[1..].copy_from_slice(&e.to_ne_bytes());
     // SAFETY: `b` is a live buffer of `b.len()` bytes; a failed write is nothing to act on.
     unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+}
+
+/// What both ways of starting a task prepare: the program, its argv (NUL-terminated pointers
+/// into `argv`), its working directory, its log and `/dev/null`.
+struct Prepared {
+    name: String,
+    program: CString,
+    argv: Vec<CString>,
+    cwd: Option<CString>,
+    log: std::fs::File,
+    devnull: std::fs::File,
+}
+
+impl Prepared {
+    fn new(opts: &ExecOptions) -> Result<Self, ExecError> {
+        let cstr = |s: &std::ffi::OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| ExecError::Nul {
+                arg: s.to_string_lossy().into(),
+            })
+        };
+        let program = cstr(&opts.program)?;
+        let mut argv = vec![program.clone()];
+        for a in &opts.args {
+            argv.push(cstr(a)?);
+        }
+        let cwd = opts
+            .cwd
+            .as_deref()
+            .map(|c| cstr(c.as_os_str()))
+            .transpose()?;
+        let log = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(&opts.log)
+            .map_err(|source| ExecError::Log {
+                path: opts.log.clone(),
+                source,
+            })?;
+        let name = opts.program.to_string_lossy().into_owned();
+        let devnull = OpenOptions::new()
+            .read(true)
+            .open("/dev/null")
+            .map_err(|source| ExecError::Start {
+                program: name.clone(),
+                source,
+            })?;
+        Ok(Prepared {
+            name,
+            program,
+            argv,
+            cwd,
+            log,
+            devnull,
+        })
+    }
+}
+
+/// Whether `path` is on the filesystem mounted at `/` (what a task with a minimal mount tree
+/// sees).
+fn on_root_fs(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata("/"), std::fs::metadata(path)) {
+        (Ok(root), Ok(p)) => root.dev() == p.dev(),
+        _ => false,
+    }
+}
+
+/// The identity map of every user and group id, written into the task's user namespace.
+const ID_MAP: &[u8] = b"0 0 4294967295\n";
+
+/// [`spawn`] with a user namespace and a minimal mount tree of its own.
+///
+/// A helper process (forked here) makes a mount namespace (still root's), bind-mounts `/`,
+/// `/dev` and `/proc` (and a fresh tmpfs on `/dev/shm`) onto a folder, pivots into it and drops
+/// the rest; then makes the user namespace, which this process maps (identity, every id);
+/// then PID, mount and IPC namespaces owned by it, and forks the task as their PID 1: it
+/// mounts its own `/proc` and execs. The helper reports the task's PID and exits; the task is
+/// reparented as with [`spawn`].
+fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
+    use std::io::Write as _;
+    // Checked before anything is made (the log may not exist yet: its folder then).
+    let log_probe = match opts.log.parent() {
+        Some(dir) if !opts.log.exists() && !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        Some(_) if !opts.log.exists() => PathBuf::from("."),
+        _ => opts.log.clone(),
+    };
+    if !on_root_fs(&log_probe) {
+        return Err(ExecError::NotOnRoot {
+            path: opts.log.clone(),
+        });
+    }
+    if let Some(cwd) = opts.cwd.as_ref().filter(|c| !on_root_fs(c)) {
+        return Err(ExecError::NotOnRoot { path: cwd.clone() });
+    }
+    let p = Prepared::new(opts)?;
+    let step_err = |step: &'static str| {
+        let name = p.name.clone();
+        move |source: std::io::Error| ExecError::Userns {
+            program: name,
+            step,
+            source,
+        }
+    };
+    // The folder the new root is bound onto (any mount will do: it only carries the bind).
+    let yard = tempfile::Builder::new()
+        .prefix(".cedana-root-")
+        .tempdir()
+        .map_err(step_err("a folder for the new root"))?;
+    let c =
+        |p: PathBuf| CString::new(p.into_os_string().into_vec()).expect("no NUL in a temp path");
+    use std::os::unix::ffi::OsStringExt;
+    let root = c(yard.path().to_path_buf());
+    let (root_dev, root_proc, root_shm) = (
+        c(yard.path().join("dev")),
+        c(yard.path().join("proc")),
+        c(yard.path().join("dev/shm")),
+    );
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| step_err("a pipe")(e.into()))
+    };
+    // helper -> here: "user namespace made" (1 byte), then the task's PID (4 bytes).
+    let (up_r, up_w) = pipe()?;
+    // here -> helper: "ids mapped".
+    let (go_r, go_w) = pipe()?;
+    // helper or task -> here: a failed step (tag and errno); closes on the task's exec.
+    let (err_r, err_w) = pipe()?;
+    // The task opens its log and /dev/null itself, in its own mount tree: descriptors opened
+    // here would be on mounts it does not have, which CRIU cannot dump.
+    let log_path = c(std::path::absolute(&opts.log).unwrap_or_else(|_| opts.log.clone()));
+    let (up_fd, go_fd, err_fd) = (up_w.as_raw_fd(), go_r.as_raw_fd(), err_w.as_raw_fd());
+    let mut ptrs: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let (program, cwd) = (&p.program, &p.cwd);
+    let cs = |s: &str| CString::new(s).expect("no NUL");
+    let (slash, dev, proc_, dot, tmpfs, procfs, shm_opts) = (
+        cs("/"),
+        cs("/dev"),
+        cs("/proc"),
+        cs("."),
+        cs("tmpfs"),
+        cs("proc"),
+        cs("mode=1777"),
+    );
+
+    let mut stack = vec![0u8; 256 * 1024];
+    let helper = move || -> isize {
+        // SAFETY: as in `spawn`: a forked copy running only async-signal-safe calls (raw
+        // system calls) on strings and descriptors made before the fork; it never returns to
+        // Rust code another thread could have held state for.
+        unsafe {
+            let null = std::ptr::null::<libc::c_char>();
+            let fail = |tag: u8| -> isize {
+                report(err_fd, tag);
+                libc::_exit(126)
+            };
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail(b'n');
+            }
+            if libc::mount(
+                null,
+                slash.as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+                || libc::mount(
+                    slash.as_ptr(),
+                    root.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    dev.as_ptr(),
+                    root_dev.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    proc_.as_ptr(),
+                    root_proc.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    tmpfs.as_ptr(),
+                    root_shm.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    shm_opts.as_ptr().cast(),
+                ) != 0
+            {
+                return fail(b'm');
+            }
+            if libc::chdir(root.as_ptr()) != 0
+                || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0
+                || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0
+                || libc::chdir(slash.as_ptr()) != 0
+            {
+                return fail(b'p');
+            }
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return fail(b'u');
+            }
+            let one = [1u8];
+            let mut got = [0u8];
+            if libc::write(up_fd, one.as_ptr().cast(), 1) != 1
+                || libc::read(go_fd, got.as_mut_ptr().cast(), 1) != 1
+            {
+                libc::_exit(126);
+            }
+            if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
+                return fail(b'q');
+            }
+            let task = libc::fork();
+            if task < 0 {
+                return fail(b'f');
+            }
+            if task == 0 {
+                libc::setsid();
+                if libc::mount(
+                    procfs.as_ptr(),
+                    proc_.as_ptr(),
+                    procfs.as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail(b'r');
+                }
+                let null_fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                let log_fd = libc::open(
+                    log_path.as_ptr(),
+                    libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
+                    0o640,
+                );
+                if null_fd < 0 || log_fd < 0 {
+                    return fail(b'o');
+                }
+                libc::dup2(null_fd, 0);
+                libc::dup2(log_fd, 1);
+                libc::dup2(log_fd, 2);
+                // Nothing else this process holds reaches the task (closed on exec, the
+                // error pipe too).
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1u32 << 2);
+                if let Some(c) = cwd {
+                    if libc::chdir(c.as_ptr()) != 0 {
+                        return fail(b'c');
+                    }
+                }
+                libc::execvp(program.as_ptr(), ptrs.as_ptr());
+                return fail(b'e');
+            }
+            let pid = (task as i32).to_ne_bytes();
+            libc::write(up_fd, pid.as_ptr().cast(), 4);
+            libc::_exit(0)
+        }
+    };
+    // SAFETY: the helper runs only async-signal-safe code (see above) in its own copy of
+    // memory (no CLONE_VM).
+    let helper_pid = unsafe {
+        nix::sched::clone(
+            Box::new(helper),
+            &mut stack,
+            CloneFlags::empty(),
+            Some(nix::sys::signal::Signal::SIGCHLD as i32),
+        )
+    }
+    .map_err(|e| step_err("forking a helper")(e.into()))?;
+    drop((up_w, go_r, err_w));
+    let mut up = std::fs::File::from(up_r);
+    let mut go = std::fs::File::from(go_w);
+    let finish = |result: Result<Pid, ExecError>| {
+        let _ = nix::sys::wait::waitpid(helper_pid, None);
+        result
+    };
+    let mut byte = [0u8];
+    let mapped = up.read_exact(&mut byte).and_then(|()| {
+        for (file, map) in [("uid_map", ID_MAP), ("gid_map", ID_MAP)] {
+            OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{helper_pid}/{file}"))
+                .and_then(|mut f| f.write_all(map))?;
+        }
+        go.write_all(&[1])
+    });
+    drop(go);
+    let mut pid = [0u8; 4];
+    let started = mapped.and_then(|()| up.read_exact(&mut pid));
+    let mut msg = Vec::new();
+    let _ = std::fs::File::from(err_r).read_to_end(&mut msg);
+    if !msg.is_empty() {
+        let errno = if msg.len() >= 5 {
+            i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])
+        } else {
+            0
+        };
+        let source = std::io::Error::from_raw_os_error(errno);
+        let step = match msg[0] {
+            b'n' => "unshare(CLONE_NEWNS)",
+            b'm' => "bind-mounting /, /dev and /proc",
+            b'p' => "pivot_root into the new root",
+            b'u' => "unshare(CLONE_NEWUSER)",
+            b'q' => "unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC)",
+            b'f' => "fork",
+            b'r' => "mounting the task's /proc",
+            b'o' => "opening its log and /dev/null in its own mount tree",
+            b'c' => {
+                return finish(Err(ExecError::Start {
+                    program: format!(
+                        "{} (in {})",
+                        p.name,
+                        opts.cwd.as_deref().unwrap_or(Path::new("?")).display()
+                    ),
+                    source,
+                }))
+            }
+            _ => {
+                return finish(Err(ExecError::Start {
+                    program: p.name.clone(),
+                    source,
+                }))
+            }
+        };
+        return finish(Err(step_err(step)(source)));
+    }
+    match started {
+        Ok(()) => finish(Ok(Pid::from_raw(i32::from_ne_bytes(pid)))),
+        Err(e) => finish(Err(step_err("starting the task")(e))),
+    }
 }

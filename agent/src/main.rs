@@ -291,6 +291,13 @@ struct ExecArgs {
     /// Working directory of the command [default: the current one]
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
+    /// Also give the command a user namespace (root's, every id mapped as it is) and a mount
+    /// tree of its own (the root filesystem, /dev, /proc, a fresh /dev/shm): a command that
+    /// drops root (setpriv, su, a database server) can then be checkpointed where CRIU lacks
+    /// CAP_SYS_RESOURCE (in a container). Its log and working directory must be on the root
+    /// filesystem
+    #[arg(long)]
+    userns: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -610,9 +617,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 args: args.to_vec(),
                 log: log.clone(),
                 cwd: a.cwd.clone(),
+                userns: a.userns,
             };
             let pid = exec::spawn(&opts).map_err(|e| match e {
-                exec::ExecError::Clone { .. } => Failure::new(5, "environment", e),
+                exec::ExecError::Clone { .. } | exec::ExecError::Userns { .. } => {
+                    Failure::new(5, "environment", e)
+                }
+                exec::ExecError::NotOnRoot { .. } => Failure::new(3, "input", e),
                 _ => Failure::new(1, "exec", e),
             })?;
             if a.json {

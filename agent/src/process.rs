@@ -30,6 +30,9 @@ pub struct ProcessInfo {
     pub session: i32,
     /// True when the root is PID 1 of its own PID namespace (started by `cedana-agent exec`).
     pub pid_namespace_init: bool,
+    /// True when the root is in a user namespace other than this process's (`exec --userns`).
+    #[serde(default)]
+    pub user_namespace: bool,
     /// The controlling terminal's device number (`tty_nr`), 0 when it has none.
     #[serde(default)]
     pub tty_nr: i32,
@@ -56,6 +59,11 @@ impl ProcessInfo {
             .nspid
             .as_ref()
             .is_some_and(|ns| ns.len() > 1 && ns.last() == Some(&1));
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+        let user_namespace = match (ns(&pid.to_string()), ns("self")) {
+            (Some(theirs), Some(ours)) => theirs != ours,
+            _ => false,
+        };
         let tree = descendants(pid);
         let page = procfs::page_size();
         let tree_rss_bytes = tree
@@ -71,6 +79,7 @@ impl ProcessInfo {
             exe,
             session: stat.session,
             pid_namespace_init,
+            user_namespace,
             tty_nr: stat.tty_nr,
             tree,
             tree_rss_bytes,

@@ -239,6 +239,7 @@ pub(crate) fn prepare(
     Ok(RestoreRequest {
         images_dir: images,
         shell_job: m.criu.shell_job,
+        user_namespace: m.criu.user_namespace,
         criu: criu_opts,
         as_sibling: opts.as_child,
         lazy_pages: false,

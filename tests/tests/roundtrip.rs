@@ -544,3 +544,110 @@ fn sysv_shared_memory_survives_a_round_trip() {
     assert_unbroken(&numbers(&log), "the counter kept in SysV shared memory");
     restored.kill();
 }
+
+/// The uid of process `pid` (real), from its status.
+fn uid_of(pid: i32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a Uid line")
+}
+
+/// `/tmp/cr-tmpfs.*` folders (what CRIU leaves after restoring a tmpfs it could not unmount).
+fn criu_tmpfs_leftovers() -> Vec<String> {
+    std::fs::read_dir("/tmp")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("cr-tmpfs."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A task that drops root (issue 14, item 6): started with `exec --userns`, it runs as uid 1000
+/// in a user namespace of its own (root's), with a minimal mount tree. Where CRIU lacks
+/// CAP_SYS_RESOURCE (this machine's containers) such a task could not be dumped at all
+/// (`Can't get rlimit`); with its own user namespace it round-trips, still uid 1000, its counter
+/// unbroken, nothing left in /tmp.
+#[test]
+fn a_task_that_drops_root_round_trips_in_its_own_user_namespace() {
+    if !criu_ready("a_task_that_drops_root_round_trips_in_its_own_user_namespace") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("drops-root.log");
+    let before = criu_tmpfs_leftovers();
+    let out = sb.agent([
+        "exec",
+        "--userns",
+        "--log",
+        log.to_str().unwrap(),
+        "--",
+        "setpriv",
+        "--reuid",
+        "1000",
+        "--regid",
+        "1000",
+        "--clear-groups",
+        "sh",
+        "-c",
+        COUNTER,
+    ]);
+    assert!(
+        out.status.success(),
+        "exec --userns failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task = Task::new(parse_pid(&out));
+    wait_for_numbers(&log, 5);
+    assert_eq!(uid_of(task.pid), 1000, "the task dropped root");
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(
+        ns(&task.pid.to_string()),
+        ns("self"),
+        "its own user namespace"
+    );
+    let (restored, _) = dump_kill_restore(&sb, &task);
+    assert_eq!(uid_of(restored.pid), 1000, "restored as the user it was");
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert_unbroken(&numbers(&log), "the counter of a task that dropped root");
+    restored.kill();
+    let after: Vec<String> = criu_tmpfs_leftovers()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(after.is_empty(), "CRIU's tmpfs folders left: {after:?}");
+}
+
+/// `exec --userns` with a log off the root filesystem (which the task would not see) is
+/// refused before anything starts, naming the path (exit 3).
+#[test]
+fn exec_userns_refuses_a_log_the_task_would_not_see() {
+    if !criu_ready("exec_userns_refuses_a_log_the_task_would_not_see") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let dir = sb.path().join("elsewhere");
+    std::fs::create_dir(&dir).unwrap();
+    let _tmpfs = Tmpfs::mount(&dir, "1m");
+    let log = dir.join("x.log");
+    let out = sb.agent([
+        "exec",
+        "--userns",
+        "--log",
+        log.to_str().unwrap(),
+        "--",
+        "sleep",
+        "100",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(log.to_str().unwrap()) && err.contains("root filesystem"),
+        "{err}"
+    );
+}

@@ -200,6 +200,10 @@ pub struct ManifestCriu {
     pub ext_unix_sk: bool,
     /// The tree was the init of its own PID namespace (restorable side by side).
     pub pid_namespace: bool,
+    /// The tree had a user namespace and a minimal mount tree of its own (`exec --userns`):
+    /// CRIU restores it from such a tree too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_namespace: bool,
     /// `--manage-cgroups` mode of the dump; the restore uses it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manage_cgroups: Option<CgroupMode>,

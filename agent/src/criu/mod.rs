@@ -110,6 +110,9 @@ pub struct DumpRequest {
     /// Leave the tree frozen (SIGSTOP) after the dump instead of killing it.
     pub leave_stopped: bool,
     pub shell_job: bool,
+    /// The tree has a user namespace and a minimal mount tree of its own
+    /// ([`crate::exec::ExecOptions::userns`]): its mounts are external, bind mounts of ours.
+    pub user_namespace: bool,
     /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]).
     pub criu: CriuOptions,
 }
@@ -119,6 +122,9 @@ pub struct DumpRequest {
 pub struct RestoreRequest {
     pub images_dir: PathBuf,
     pub shell_job: bool,
+    /// The tree had a user namespace and a minimal mount tree of its own: CRIU runs in such
+    /// a tree (root filesystem, `/dev`, `/proc`) and restores the task's mounts onto it.
+    pub user_namespace: bool,
     /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]); the
     /// dump-only ones are ignored.
     pub criu: CriuOptions,
@@ -260,6 +266,10 @@ impl Criu {
         opts.shell_job = Some(req_opts.shell_job);
         opts.file_locks = Some(true);
         opts.notify_scripts = Some(true);
+        if req_opts.user_namespace {
+            opts.auto_ext_mnt = Some(true);
+            opts.ext_masters = Some(true);
+        }
         apply(&mut opts, &req_opts.criu, true);
         let log = req_opts.images_dir.join(DUMP_LOG);
         self.call_notify(
@@ -286,13 +296,33 @@ impl Criu {
             opts.lazy_pages = Some(true);
         }
         apply(&mut opts, &r.criu, false);
+        // CRIU runs in a minimal mount tree (see `Session::start`) where the images folder
+        // may not be at its path: it is handed over open, and found through our /proc.
+        let images = match r.user_namespace {
+            true => Some(std::fs::File::open(&r.images_dir).map_err(|e| self.io(e))?),
+            false => None,
+        };
+        if let Some(dir) = &images {
+            opts.images_dir_fd = dir.as_raw_fd();
+            opts.images_dir = None;
+            opts.root = Some("/".into());
+            opts.mntns_compat_mode = Some(true);
+            opts.auto_ext_mnt = Some(true);
+            opts.ext_masters = Some(true);
+        }
         let log = r.images_dir.join(RESTORE_LOG);
-        let resp = self.call_notify(
+        let resp = self.call_notify_in(
             req(ReqType::Restore, Some(opts)),
             "restore",
             Some(&log),
             on_notify,
-        )?;
+            r.user_namespace,
+        );
+        drop(images);
+        if r.user_namespace {
+            remove_tmpfs_yards(&log);
+        }
+        let resp = resp?;
         match resp.restore {
             Some(rr) => Ok(rr.pid),
             None => Err(CriuError::Failed {
@@ -349,8 +379,21 @@ impl Criu {
         log: Option<&Path>,
         on_notify: &mut dyn FnMut(&str),
     ) -> Result<Resp, CriuError> {
+        self.call_notify_in(r, what, log, on_notify, false)
+    }
+
+    /// [`Self::call_notify`], with `criu` in a minimal mount tree of its own if
+    /// `minimal_root` (see [`Session::start`]).
+    fn call_notify_in(
+        &self,
+        r: Req,
+        what: &'static str,
+        log: Option<&Path>,
+        on_notify: &mut dyn FnMut(&str),
+        minimal_root: bool,
+    ) -> Result<Resp, CriuError> {
         let want = r.r#type;
-        let mut session = Session::start(&self.path)?;
+        let mut session = Session::start(&self.path, minimal_root)?;
         session.send(&r).map_err(|e| self.io(e))?;
         let result = loop {
             let resp = match session.recv() {
@@ -553,15 +596,110 @@ enum RecvError {
     Decode(prost::DecodeError),
 }
 
+/// Removes the empty folders CRIU made to fill the tmpfs mounts of a task with a mount tree
+/// of its own and could not remove while that tree was still mounted (its log says
+/// "Unable to remove /tmp/cr-tmpfs.XXXXXX"). Only empty folders of that name go.
+fn remove_tmpfs_yards(log: &Path) {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return;
+    };
+    for line in text.lines() {
+        let Some(rest) = line.split("Unable to remove ").nth(1) else {
+            continue;
+        };
+        let path = rest.split(':').next().unwrap_or_default();
+        let name = Path::new(path).file_name().and_then(|n| n.to_str());
+        if path.starts_with("/tmp/") && name.is_some_and(|n| n.starts_with("cr-tmpfs.")) {
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+}
+
 /// One `criu swrk` child and our end of its socket.
 struct Session {
     sock: OwnedFd,
     child: Child,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// The folder a minimal root was bound onto (removed with the session).
+    _yard: Option<tempfile::TempDir>,
+}
+
+/// What the `criu` of a minimal mount tree needs before it runs: the folder the root is bound
+/// onto and the paths under it, made before the fork.
+struct MinimalRoot {
+    root: std::ffi::CString,
+    dev: std::ffi::CString,
+    proc_: std::ffi::CString,
+}
+
+impl MinimalRoot {
+    fn new(yard: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL");
+        MinimalRoot {
+            root: c(yard),
+            dev: c(&yard.join("dev")),
+            proc_: c(&yard.join("proc")),
+        }
+    }
+
+    /// In the forked child, before exec: a mount namespace of its own holding only the root
+    /// filesystem, `/dev` and `/proc` (bound from ours), pivoted into: the tree a task of
+    /// `exec --userns` was started in, so that CRIU finds its external mounts there and has
+    /// nothing else to unmount.
+    ///
+    /// # Safety
+    /// Only async-signal-safe system calls, for a child between fork and exec.
+    unsafe fn enter(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
+        let slash = c"/";
+        let dot = c".";
+        // SAFETY: raw system calls on NUL-terminated strings made before the fork.
+        let ok = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    null,
+                    slash.as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    slash.as_ptr(),
+                    self.root.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    c"/dev".as_ptr(),
+                    self.dev.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    c"/proc".as_ptr(),
+                    self.proc_.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0
+                && libc::chdir(self.root.as_ptr()) == 0
+                && libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0
+                && libc::umount2(dot.as_ptr(), libc::MNT_DETACH) == 0
+                && libc::chdir(slash.as_ptr()) == 0
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
 }
 
 impl Session {
-    fn start(path: &Path) -> Result<Self, CriuError> {
+    fn start(path: &Path, minimal_root: bool) -> Result<Self, CriuError> {
         let spawn_err = |source| CriuError::Spawn {
             path: path.to_path_buf(),
             source,
@@ -580,11 +718,25 @@ impl Session {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls between fork and exec: fcntl on an fd we own.
+        let yard = match minimal_root {
+            true => Some(
+                tempfile::Builder::new()
+                    .prefix(".cedana-criu-root-")
+                    .tempdir()
+                    .map_err(spawn_err)?,
+            ),
+            false => None,
+        };
+        let minimal = yard.as_ref().map(|y| MinimalRoot::new(y.path()));
+        // SAFETY: only async-signal-safe calls between fork and exec: fcntl on an fd we own,
+        // and the raw system calls of `MinimalRoot::enter`.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(m) = &minimal {
+                    m.enter()?;
                 }
                 Ok(())
             });
@@ -602,6 +754,7 @@ impl Session {
             sock: ours,
             child,
             stderr,
+            _yard: yard,
         })
     }
 

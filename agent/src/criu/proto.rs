@@ -76,6 +76,14 @@ pub struct Opts {
     pub images_dir: Option<String>,
     #[prost(bool, optional, tag = "69")]
     pub leave_stopped: Option<bool>,
+    #[prost(string, optional, tag = "13")]
+    pub root: Option<String>,
+    #[prost(bool, optional, tag = "28")]
+    pub auto_ext_mnt: Option<bool>,
+    #[prost(bool, optional, tag = "30")]
+    pub ext_masters: Option<bool>,
+    #[prost(bool, optional, tag = "65")]
+    pub mntns_compat_mode: Option<bool>,
 }
 
 /// `inherit_fd`.

@@ -334,6 +334,7 @@ impl Worker {
             args: vec!["-c".into(), script.into()],
             log: log.clone(),
             cwd: Some(self.opts.work_dir.clone()),
+            userns: false,
         };
         let pid = tokio::task::spawn_blocking(move || exec::spawn(&opts))
             .await
