@@ -36,28 +36,43 @@ if ! have_pkgs "${PKGS[@]}"; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 fi
 
-# OpenSSH for the SSH and `bake` tests: they run sshd from a private config on loopback (or in
-# a network namespace), never the system's. Installing the package would start a system-wide
-# sshd on port 22 and enable it at boot, so when it is installed here a policy-rc.d keeps it from
-# starting (unless the machine already has one) and the service is disabled again afterwards.
-if ! have_pkgs openssh-server; then
+# Packages whose install would start a system service: installed with a policy-rc.d that
+# keeps every service from starting (unless the machine already has one), their services
+# disabled again afterwards.
+install_without_services() {
+  local services=$1; shift
   apt_update
-  log "installing openssh-server openssh-client (the system sshd is not started)"
-  POLICY_GUARD=""
+  log "installing $* (no service is started)"
+  local guard=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\n# Temporary, from Cedana tools/deps.sh: no service starts during this install.\nexit 101\n' |
       $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod 0755 /usr/sbin/policy-rc.d
-    POLICY_GUARD=1
+    guard=1
   fi
-  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null; then
-    if [ -n "$POLICY_GUARD" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
-    log "openssh-server did not install"; exit 1
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
+    if [ -n "$guard" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+    log "$* did not install"; exit 1
   fi
-  if [ -n "$POLICY_GUARD" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
-  if command -v systemctl >/dev/null 2>&1; then
-    $SUDO systemctl disable --quiet ssh.service ssh.socket >/dev/null 2>&1 || true
+  if [ -n "$guard" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+  if command -v systemctl >/dev/null 2>&1 && [ -n "$services" ]; then
+    # shellcheck disable=SC2086
+    $SUDO systemctl disable --quiet $services >/dev/null 2>&1 || true
   fi
+}
+
+# OpenSSH for the SSH and `bake` tests: they run sshd from a private config on loopback (or in
+# a network namespace), never the system's.
+if ! have_pkgs openssh-server; then
+  install_without_services "ssh.service ssh.socket" openssh-server openssh-client
+fi
+
+# PostgreSQL for the database round trip (tests/roundtrip.rs): the test makes its own cluster
+# in a temporary folder and runs it as the task; the package's own cluster is not made.
+if ! have_pkgs postgresql-15; then
+  $SUDO mkdir -p /etc/postgresql-common/createcluster.d
+  printf 'create_main_cluster = false\n' | $SUDO tee /etc/postgresql-common/createcluster.d/cedana.conf >/dev/null
+  install_without_services "postgresql.service" postgresql-15
 fi
 
 # nats-server with JetStream: Debian 12 has 2.9; the pinned sid source has a current one (a Go
