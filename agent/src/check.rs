@@ -31,7 +31,7 @@ const CRIU_CAPS: [(u32, &str, &str); 5] = [
     (
         24,
         "CAP_SYS_RESOURCE",
-        "no process of another user can be checkpointed (CRIU: `Can't get rlimit`); tasks must run as root",
+        "no process of another user can be checkpointed (CRIU: `Can't get rlimit`); a task that drops root must be started with `cedana-agent exec --userns`",
     ),
     (
         21,
