@@ -185,6 +185,7 @@ impl Target {
             leave_stopped: !opts.leave_running || resume_after_files,
             shell_job: self.shell_job,
             user_namespace: self.info.user_namespace,
+            user_namespace_mounts: self.info.user_namespace_mounts.clone(),
             criu: opts.criu.clone(),
         };
         (req, resume_after_files)
@@ -247,6 +248,7 @@ impl Target {
                 external: req.criu.external.clone(),
                 pid_namespace: info.pid_namespace_init,
                 user_namespace: info.user_namespace,
+                user_namespace_mounts: info.user_namespace_mounts.clone(),
             },
             cpu,
             compression,

@@ -46,8 +46,6 @@ pub enum ExecError {
     Nul { arg: String },
     #[error("cannot create a PID namespace for {program}: {source}; exec needs root (CAP_SYS_ADMIN), try sudo")]
     Clone { program: String, source: nix::Error },
-    #[error("{path} is not on the root filesystem: a task with its own user namespace (--userns) sees only the root filesystem, /dev, /proc and /dev/shm; give a log file and working directory there")]
-    NotOnRoot { path: PathBuf },
     #[error("cannot give {program} its own user namespace and mount tree ({step}): {source}")]
     Userns {
         program: String,
@@ -214,16 +212,6 @@ impl Prepared {
     }
 }
 
-/// Whether `path` is on the filesystem mounted at `/` (what a task with a minimal mount tree
-/// sees).
-fn on_root_fs(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata("/"), std::fs::metadata(path)) {
-        (Ok(root), Ok(p)) => root.dev() == p.dev(),
-        _ => false,
-    }
-}
-
 /// The identity map of every user and group id, written into the task's user namespace.
 const ID_MAP: &[u8] = b"0 0 4294967295\n";
 
@@ -237,20 +225,6 @@ const ID_MAP: &[u8] = b"0 0 4294967295\n";
 /// reparented as with [`spawn`].
 fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     use std::io::Write as _;
-    // Checked before anything is made (the log may not exist yet: its folder then).
-    let log_probe = match opts.log.parent() {
-        Some(dir) if !opts.log.exists() && !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        Some(_) if !opts.log.exists() => PathBuf::from("."),
-        _ => opts.log.clone(),
-    };
-    if !on_root_fs(&log_probe) {
-        return Err(ExecError::NotOnRoot {
-            path: opts.log.clone(),
-        });
-    }
-    if let Some(cwd) = opts.cwd.as_ref().filter(|c| !on_root_fs(c)) {
-        return Err(ExecError::NotOnRoot { path: cwd.clone() });
-    }
     let p = Prepared::new(opts)?;
     let step_err = |step: &'static str| {
         let name = p.name.clone();
@@ -260,20 +234,16 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
             source,
         }
     };
-    // The folder the new root is bound onto (any mount will do: it only carries the bind).
-    let yard = tempfile::Builder::new()
-        .prefix(".cedana-root-")
-        .tempdir()
+    // The task's mount tree: /, /dev, /proc, the mounts its folder and log are on, a fresh
+    // /dev/shm.
+    let log_dir = opts.log.parent().unwrap_or(Path::new("/"));
+    let cwd_now = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let extra = crate::minroot::extra_mounts([log_dir, opts.cwd.as_deref().unwrap_or(&cwd_now)]);
+    let tree = crate::minroot::MinimalRoot::new(&extra, true)
         .map_err(step_err("a folder for the new root"))?;
-    let c =
-        |p: PathBuf| CString::new(p.into_os_string().into_vec()).expect("no NUL in a temp path");
+    let plan = tree.plan();
+    let c = |p: PathBuf| CString::new(p.into_os_string().into_vec()).expect("no NUL in a path");
     use std::os::unix::ffi::OsStringExt;
-    let root = c(yard.path().to_path_buf());
-    let (root_dev, root_proc, root_shm) = (
-        c(yard.path().join("dev")),
-        c(yard.path().join("proc")),
-        c(yard.path().join("dev/shm")),
-    );
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| step_err("a pipe")(e.into()))
     };
@@ -290,16 +260,6 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     let mut ptrs: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     let (program, cwd) = (&p.program, &p.cwd);
-    let cs = |s: &str| CString::new(s).expect("no NUL");
-    let (slash, dev, proc_, dot, tmpfs, procfs, shm_opts) = (
-        cs("/"),
-        cs("/dev"),
-        cs("/proc"),
-        cs("."),
-        cs("tmpfs"),
-        cs("proc"),
-        cs("mode=1777"),
-    );
 
     let mut stack = vec![0u8; 256 * 1024];
     let helper = move || -> isize {
@@ -307,58 +267,12 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
         // system calls) on strings and descriptors made before the fork; it never returns to
         // Rust code another thread could have held state for.
         unsafe {
-            let null = std::ptr::null::<libc::c_char>();
             let fail = |tag: u8| -> isize {
                 report(err_fd, tag);
                 libc::_exit(126)
             };
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return fail(b'n');
-            }
-            if libc::mount(
-                null,
-                slash.as_ptr(),
-                null,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-                || libc::mount(
-                    slash.as_ptr(),
-                    root.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                || libc::mount(
-                    dev.as_ptr(),
-                    root_dev.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                || libc::mount(
-                    proc_.as_ptr(),
-                    root_proc.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                || libc::mount(
-                    tmpfs.as_ptr(),
-                    root_shm.as_ptr(),
-                    tmpfs.as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    shm_opts.as_ptr().cast(),
-                ) != 0
-            {
+            if plan.enter().is_err() {
                 return fail(b'm');
-            }
-            if libc::chdir(root.as_ptr()) != 0
-                || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0
-                || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0
-                || libc::chdir(slash.as_ptr()) != 0
-            {
-                return fail(b'p');
             }
             if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                 return fail(b'u');
@@ -380,9 +294,9 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
             if task == 0 {
                 libc::setsid();
                 if libc::mount(
-                    procfs.as_ptr(),
-                    proc_.as_ptr(),
-                    procfs.as_ptr(),
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
                     libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     std::ptr::null(),
                 ) != 0
@@ -458,9 +372,9 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
         };
         let source = std::io::Error::from_raw_os_error(errno);
         let step = match msg[0] {
-            b'n' => "unshare(CLONE_NEWNS)",
-            b'm' => "bind-mounting /, /dev and /proc",
-            b'p' => "pivot_root into the new root",
+            b'm' => {
+                "a minimal mount tree (bind mounts of /, /dev, /proc and its folders, pivot_root)"
+            }
             b'u' => "unshare(CLONE_NEWUSER)",
             b'q' => "unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC)",
             b'f' => "fork",

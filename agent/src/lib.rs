@@ -16,6 +16,7 @@ pub mod guard;
 pub mod hashing;
 pub mod imds;
 pub mod lazy;
+pub mod minroot;
 pub mod objstore;
 pub mod process;
 pub mod progress;

@@ -292,10 +292,10 @@ struct ExecArgs {
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
     /// Also give the command a user namespace (root's, every id mapped as it is) and a mount
-    /// tree of its own (the root filesystem, /dev, /proc, a fresh /dev/shm): a command that
-    /// drops root (setpriv, su, a database server) can then be checkpointed where CRIU lacks
-    /// CAP_SYS_RESOURCE (in a container). Its log and working directory must be on the root
-    /// filesystem
+    /// tree of its own (the root filesystem, /dev, /proc, a fresh /dev/shm and the mounts its
+    /// log and working directory are on; nothing else): a command that drops root (setpriv,
+    /// su, a database server) can then be checkpointed where CRIU lacks CAP_SYS_RESOURCE (in
+    /// a container)
     #[arg(long)]
     userns: bool,
     /// Print the result as JSON on stdout
@@ -623,7 +623,6 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 exec::ExecError::Clone { .. } | exec::ExecError::Userns { .. } => {
                     Failure::new(5, "environment", e)
                 }
-                exec::ExecError::NotOnRoot { .. } => Failure::new(3, "input", e),
                 _ => Failure::new(1, "exec", e),
             })?;
             if a.json {

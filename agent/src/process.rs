@@ -33,6 +33,10 @@ pub struct ProcessInfo {
     /// True when the root is in a user namespace other than this process's (`exec --userns`).
     #[serde(default)]
     pub user_namespace: bool,
+    /// With `user_namespace`: the mounts of its minimal tree besides `/`, `/dev`, `/dev/shm`
+    /// and `/proc` (the folders it was given), which its restore binds too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_namespace_mounts: Vec<PathBuf>,
     /// The controlling terminal's device number (`tty_nr`), 0 when it has none.
     #[serde(default)]
     pub tty_nr: i32,
@@ -80,6 +84,10 @@ impl ProcessInfo {
             session: stat.session,
             pid_namespace_init,
             user_namespace,
+            user_namespace_mounts: match user_namespace {
+                true => crate::minroot::extra_mounts_of(pid),
+                false => Vec::new(),
+            },
             tty_nr: stat.tty_nr,
             tree,
             tree_rss_bytes,

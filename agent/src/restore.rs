@@ -240,6 +240,7 @@ pub(crate) fn prepare(
         images_dir: images,
         shell_job: m.criu.shell_job,
         user_namespace: m.criu.user_namespace,
+        user_namespace_mounts: m.criu.user_namespace_mounts.clone(),
         criu: criu_opts,
         as_sibling: opts.as_child,
         lazy_pages: false,

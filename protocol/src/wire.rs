@@ -62,7 +62,14 @@ pub enum Command {
         timeout_secs: Option<u64>,
     },
     /// Start the task `task` checkpoint-friendly (as `cedana-agent exec`), output streamed.
-    Spawn { task: String, cmd: String },
+    Spawn {
+        task: String,
+        cmd: String,
+        /// Also a user namespace and a minimal mount tree of its own (`exec --userns`): for a
+        /// task that drops root. Added compatibly (older senders leave it out).
+        #[serde(default, skip_serializing_if = "is_false")]
+        userns: bool,
+    },
     /// Checkpoint task `task` into the object store.
     Checkpoint {
         task: String,

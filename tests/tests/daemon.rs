@@ -235,6 +235,7 @@ fn task_output_and_exit_code_are_reported() {
                 Command::Spawn {
                     task: "t1".into(),
                     cmd: "echo hello; sleep 0.3; echo bye; exit 3".into(),
+                    userns: false,
                 },
                 20,
             )
@@ -323,6 +324,7 @@ fn bursts_and_endless_lines_reach_the_driver_whole() {
                 Command::Spawn {
                     task: "big".into(),
                     cmd: cmd.into(),
+                    userns: false,
                 },
                 20,
             )
@@ -384,6 +386,7 @@ fn checkpoint_moves_a_task_between_workers() {
                 Command::Spawn {
                     task: "counter".into(),
                     cmd: cmd.into(),
+                    userns: false,
                 },
                 20,
             )
@@ -565,6 +568,7 @@ fn bad_objects_are_refused_and_change_nothing() {
                 Command::Spawn {
                     task: "counter".into(),
                     cmd: cmd.into(),
+                    userns: false,
                 },
                 20,
             )
@@ -1039,6 +1043,7 @@ fn a_restarted_daemon_takes_back_its_tasks() {
                 Command::Spawn {
                     task: "t1".into(),
                     cmd: "i=0; while [ $i -lt 60 ]; do i=$((i+1)); echo $i >> n.txt; echo line $i; sleep 0.1; done; exit 5".into(),
+                    userns: false,
                 },
                 20,
             )
@@ -1164,6 +1169,7 @@ fn tasks_and_commands_do_not_get_the_nats_token() {
                 Command::Spawn {
                     task: "t1".into(),
                     cmd: "env > env.txt; sleep 30".into(),
+                    userns: false,
                 },
                 30,
             )
@@ -1207,6 +1213,7 @@ fn a_task_frozen_by_its_lease_is_thawed_by_the_next_run() {
                 Command::Spawn {
                     task: "t1".into(),
                     cmd: "i=0; while true; do i=$((i+1)); echo $i >> n.txt; sleep 0.1; done".into(),
+                    userns: false,
                 },
                 20,
             )
@@ -1346,6 +1353,7 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
                 Command::Spawn {
                     task: "rw".into(),
                     cmd: format!("exec python3 {}", py.display()),
+                    userns: false,
                 },
                 20,
             )
@@ -1463,6 +1471,7 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
                 Command::Spawn {
                     task: "mem".into(),
                     cmd: format!("exec python3 {}", py.display()),
+                    userns: false,
                 },
                 20,
             )
@@ -1615,6 +1624,7 @@ fn a_task_with_a_tcp_connection_is_checkpointed_and_reconnects_after_the_move() 
                 Command::Spawn {
                     task: "reporter".into(),
                     cmd: "exec python3 reporter.py".into(),
+                    userns: false,
                 },
                 20,
             )

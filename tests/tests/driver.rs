@@ -273,3 +273,59 @@ fn restored_task(w, task) { }
         .unwrap_or(0);
     assert_eq!(netns, 0, "the job's namespaces are left");
 }
+
+/// A task that drops root, started by a job with `w.spawn(cmd, #{ userns: true })`, moves to
+/// another worker: it runs there as the same user and its counter goes on unbroken (the
+/// worker's folder, bind-mounted on the job's work path, is part of its minimal tree on both).
+/// A spawn option the driver does not know is refused, naming it.
+#[test]
+fn a_task_that_drops_root_migrates_between_workers() {
+    if !criu_ready("a_task_that_drops_root_migrates_between_workers") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let job = script(
+        &sb,
+        "drops-root.rhai",
+        r#"
+let w1 = launch();
+w1.sh("touch counter.txt && chmod 666 counter.txt");
+let task = w1.spawn("setpriv --reuid 1000 --regid 1000 --clear-groups sh -c 'i=0; while [ $i -lt 30 ]; do i=$((i+1)); echo $i >> counter.txt; sleep 0.1; done; echo uid=$(id -u) >> counter.txt'", #{ userns: true });
+sleep(1.5);
+let w2 = launch();
+log(`moving the task from ${w1.id} to ${w2.id}`);
+task.migrate(w2);
+let code = task.wait();
+log(`task ended with ${code} on ${task.worker.id}`);
+print(w2.sh("cat counter.txt").stdout);
+code
+"#,
+    );
+    let out = run_driver(&job, sb.path());
+    let (stdout, e) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(out.status.success(), "driver failed ({}): {e}", out.status);
+    let nums: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 30, "{stdout}");
+    assert_unbroken(&nums, "the counter of a task that dropped root");
+    assert!(
+        stdout.contains("uid=1000"),
+        "it ran as uid 1000 to the end: {stdout}"
+    );
+    assert!(e.contains("ended with 0 on w2"), "{e}");
+
+    let bad = script(
+        &sb,
+        "bad-option.rhai",
+        "let w = launch();\nw.spawn(\"true\", #{ usern: true });\n",
+    );
+    let out = run_driver(&bad, sb.path());
+    let e = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("unknown spawn option \"usern\"") && e.contains("bad-option.rhai:2:"),
+        "{e}"
+    );
+}

@@ -623,33 +623,58 @@ fn a_task_that_drops_root_round_trips_in_its_own_user_namespace() {
     assert!(after.is_empty(), "CRIU's tmpfs folders left: {after:?}");
 }
 
-/// `exec --userns` with a log off the root filesystem (which the task would not see) is
-/// refused before anything starts, naming the path (exit 3).
+/// `exec --userns` with its log and working folder on another filesystem (a tmpfs mounted in
+/// the sandbox, as a worker's folder is bind-mounted on the job's work path): that mount is
+/// bound into the task's minimal tree, recorded in the checkpoint and bound again for the
+/// restore, so the task writes to the same file before and after.
 #[test]
-fn exec_userns_refuses_a_log_the_task_would_not_see() {
-    if !criu_ready("exec_userns_refuses_a_log_the_task_would_not_see") {
+fn a_userns_task_keeps_its_folder_on_another_mount() {
+    if !criu_ready("a_userns_task_keeps_its_folder_on_another_mount") {
         return;
     }
     let sb = Sandbox::new();
     let dir = sb.path().join("elsewhere");
     std::fs::create_dir(&dir).unwrap();
-    let _tmpfs = Tmpfs::mount(&dir, "1m");
-    let log = dir.join("x.log");
+    let _tmpfs = Tmpfs::mount(&dir, "4m");
+    let log = dir.join("count.log");
     let out = sb.agent([
         "exec",
         "--userns",
         "--log",
         log.to_str().unwrap(),
+        "--cwd",
+        dir.to_str().unwrap(),
         "--",
-        "sleep",
-        "100",
+        "sh",
+        "-c",
+        COUNTER,
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
-        err.contains(log.to_str().unwrap()) && err.contains("root filesystem"),
-        "{err}"
+        out.status.success(),
+        "exec --userns failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let task = Task::new(parse_pid(&out));
+    wait_for_numbers(&log, 5);
+    let (restored, archive) = dump_kill_restore(&sb, &task);
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert_unbroken(&numbers(&log), "the counter in a folder on another mount");
+    let manifest = {
+        let f = std::fs::File::open(&archive).unwrap();
+        let mut z = zip::ZipArchive::new(f).unwrap();
+        let mut text = String::new();
+        z.by_name("manifest.json")
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    };
+    assert!(
+        manifest.contains(dir.to_str().unwrap()),
+        "the checkpoint names the mount: {manifest}"
+    );
+    restored.kill();
 }
 
 /// PostgreSQL's binaries (`/usr/lib/postgresql/<version>/bin`, Debian's layout).

@@ -229,6 +229,7 @@ fn no_notice_means_no_event_and_no_checkpoint() {
                 Command::Spawn {
                     task: "counter".into(),
                     cmd: COUNTER.into(),
+                    userns: false,
                 },
                 20,
             )
@@ -341,6 +342,7 @@ fn notice_checkpoints_every_task_and_the_checkpoint_restores() {
                     Command::Spawn {
                         task: task.into(),
                         cmd: cmd.into(),
+                        userns: false,
                     },
                     20,
                 )

@@ -204,6 +204,10 @@ pub struct ManifestCriu {
     /// CRIU restores it from such a tree too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub user_namespace: bool,
+    /// Its tree's mounts besides `/`, `/dev`, `/dev/shm` and `/proc`: the restore binds the
+    /// same paths of its own tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_namespace_mounts: Vec<PathBuf>,
     /// `--manage-cgroups` mode of the dump; the restore uses it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manage_cgroups: Option<CgroupMode>,

@@ -113,6 +113,8 @@ pub struct DumpRequest {
     /// The tree has a user namespace and a minimal mount tree of its own
     /// ([`crate::exec::ExecOptions::userns`]): its mounts are external, bind mounts of ours.
     pub user_namespace: bool,
+    /// Its tree's mounts of the task's folders: external, each under a key of its own.
+    pub user_namespace_mounts: Vec<PathBuf>,
     /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]).
     pub criu: CriuOptions,
 }
@@ -125,6 +127,8 @@ pub struct RestoreRequest {
     /// The tree had a user namespace and a minimal mount tree of its own: CRIU runs in such
     /// a tree (root filesystem, `/dev`, `/proc`) and restores the task's mounts onto it.
     pub user_namespace: bool,
+    /// The other mounts of that tree (the task's folders), bound at the same paths.
+    pub user_namespace_mounts: Vec<PathBuf>,
     /// TCP, unix sockets, cgroups, network lock, externals (see [`CriuOptions`]); the
     /// dump-only ones are ignored.
     pub criu: CriuOptions,
@@ -266,11 +270,18 @@ impl Criu {
         opts.shell_job = Some(req_opts.shell_job);
         opts.file_locks = Some(true);
         opts.notify_scripts = Some(true);
+        apply(&mut opts, &req_opts.criu, true);
         if req_opts.user_namespace {
             opts.auto_ext_mnt = Some(true);
             opts.ext_masters = Some(true);
+            // The task's folders by a key, which the restore maps to the same paths of its
+            // own tree (auto-detected, they would be bound from the same directory of the
+            // filesystem: another worker's folder).
+            for (i, m) in req_opts.user_namespace_mounts.iter().enumerate() {
+                opts.external
+                    .push(format!("mnt[{}]:{}", m.display(), folder_key(i)));
+            }
         }
-        apply(&mut opts, &req_opts.criu, true);
         let log = req_opts.images_dir.join(DUMP_LOG);
         self.call_notify(
             req(ReqType::Dump, Some(opts)),
@@ -303,6 +314,10 @@ impl Criu {
             false => None,
         };
         if let Some(dir) = &images {
+            for (i, m) in r.user_namespace_mounts.iter().enumerate() {
+                opts.external
+                    .push(format!("mnt[{}]:{}", folder_key(i), m.display()));
+            }
             opts.images_dir_fd = dir.as_raw_fd();
             opts.images_dir = None;
             opts.root = Some("/".into());
@@ -311,12 +326,19 @@ impl Criu {
             opts.ext_masters = Some(true);
         }
         let log = r.images_dir.join(RESTORE_LOG);
+        let tree = match r.user_namespace {
+            true => Some(
+                crate::minroot::MinimalRoot::new(&r.user_namespace_mounts, false)
+                    .map_err(|e| self.io(e))?,
+            ),
+            false => None,
+        };
         let resp = self.call_notify_in(
             req(ReqType::Restore, Some(opts)),
             "restore",
             Some(&log),
             on_notify,
-            r.user_namespace,
+            tree.as_ref(),
         );
         drop(images);
         if r.user_namespace {
@@ -379,21 +401,21 @@ impl Criu {
         log: Option<&Path>,
         on_notify: &mut dyn FnMut(&str),
     ) -> Result<Resp, CriuError> {
-        self.call_notify_in(r, what, log, on_notify, false)
+        self.call_notify_in(r, what, log, on_notify, None)
     }
 
-    /// [`Self::call_notify`], with `criu` in a minimal mount tree of its own if
-    /// `minimal_root` (see [`Session::start`]).
+    /// [`Self::call_notify`], with `criu` in minimal mount tree `tree` if given (see
+    /// [`crate::minroot`]).
     fn call_notify_in(
         &self,
         r: Req,
         what: &'static str,
         log: Option<&Path>,
         on_notify: &mut dyn FnMut(&str),
-        minimal_root: bool,
+        tree: Option<&crate::minroot::MinimalRoot>,
     ) -> Result<Resp, CriuError> {
         let want = r.r#type;
-        let mut session = Session::start(&self.path, minimal_root)?;
+        let mut session = Session::start(&self.path, tree)?;
         session.send(&r).map_err(|e| self.io(e))?;
         let result = loop {
             let resp = match session.recv() {
@@ -596,6 +618,11 @@ enum RecvError {
     Decode(prost::DecodeError),
 }
 
+/// The key under which a user-namespace task's folder mount `i` is external.
+fn folder_key(i: usize) -> String {
+    format!("cedana-folder-{i}")
+}
+
 /// Removes the empty folders CRIU made to fill the tmpfs mounts of a task with a mount tree
 /// of its own and could not remove while that tree was still mounted (its log says
 /// "Unable to remove /tmp/cr-tmpfs.XXXXXX"). Only empty folders of that name go.
@@ -620,86 +647,10 @@ struct Session {
     sock: OwnedFd,
     child: Child,
     stderr: Option<std::thread::JoinHandle<String>>,
-    /// The folder a minimal root was bound onto (removed with the session).
-    _yard: Option<tempfile::TempDir>,
-}
-
-/// What the `criu` of a minimal mount tree needs before it runs: the folder the root is bound
-/// onto and the paths under it, made before the fork.
-struct MinimalRoot {
-    root: std::ffi::CString,
-    dev: std::ffi::CString,
-    proc_: std::ffi::CString,
-}
-
-impl MinimalRoot {
-    fn new(yard: &Path) -> Self {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL");
-        MinimalRoot {
-            root: c(yard),
-            dev: c(&yard.join("dev")),
-            proc_: c(&yard.join("proc")),
-        }
-    }
-
-    /// In the forked child, before exec: a mount namespace of its own holding only the root
-    /// filesystem, `/dev` and `/proc` (bound from ours), pivoted into: the tree a task of
-    /// `exec --userns` was started in, so that CRIU finds its external mounts there and has
-    /// nothing else to unmount.
-    ///
-    /// # Safety
-    /// Only async-signal-safe system calls, for a child between fork and exec.
-    unsafe fn enter(&self) -> std::io::Result<()> {
-        let null = std::ptr::null::<libc::c_char>();
-        let slash = c"/";
-        let dot = c".";
-        // SAFETY: raw system calls on NUL-terminated strings made before the fork.
-        let ok = unsafe {
-            libc::unshare(libc::CLONE_NEWNS) == 0
-                && libc::mount(
-                    null,
-                    slash.as_ptr(),
-                    null,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) == 0
-                && libc::mount(
-                    slash.as_ptr(),
-                    self.root.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) == 0
-                && libc::mount(
-                    c"/dev".as_ptr(),
-                    self.dev.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) == 0
-                && libc::mount(
-                    c"/proc".as_ptr(),
-                    self.proc_.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) == 0
-                && libc::chdir(self.root.as_ptr()) == 0
-                && libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0
-                && libc::umount2(dot.as_ptr(), libc::MNT_DETACH) == 0
-                && libc::chdir(slash.as_ptr()) == 0
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
 }
 
 impl Session {
-    fn start(path: &Path, minimal_root: bool) -> Result<Self, CriuError> {
+    fn start(path: &Path, tree: Option<&crate::minroot::MinimalRoot>) -> Result<Self, CriuError> {
         let spawn_err = |source| CriuError::Spawn {
             path: path.to_path_buf(),
             source,
@@ -718,16 +669,8 @@ impl Session {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let yard = match minimal_root {
-            true => Some(
-                tempfile::Builder::new()
-                    .prefix(".cedana-criu-root-")
-                    .tempdir()
-                    .map_err(spawn_err)?,
-            ),
-            false => None,
-        };
-        let minimal = yard.as_ref().map(|y| MinimalRoot::new(y.path()));
+        // The child gets its own copy of the tree's paths (made here, before the fork).
+        let minimal = tree.map(crate::minroot::MinimalRoot::plan);
         // SAFETY: only async-signal-safe calls between fork and exec: fcntl on an fd we own,
         // and the raw system calls of `MinimalRoot::enter`.
         unsafe {
@@ -736,7 +679,7 @@ impl Session {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(m) = &minimal {
-                    m.enter()?;
+                    m.enter().map_err(|_| std::io::Error::last_os_error())?;
                 }
                 Ok(())
             });
@@ -754,7 +697,6 @@ impl Session {
             sock: ours,
             child,
             stderr,
-            _yard: yard,
         })
     }
 

@@ -221,7 +221,7 @@ impl Worker {
                 })
             }
             Command::Sh { cmd, timeout_secs } => self.sh(cmd, timeout_secs.unwrap_or(600)).await,
-            Command::Spawn { task, cmd } => self.spawn(task, cmd).await,
+            Command::Spawn { task, cmd, userns } => self.spawn(task, cmd, userns).await,
             Command::Checkpoint {
                 task,
                 leave_running,
@@ -309,7 +309,12 @@ impl Worker {
         self.opts.work_dir.join(format!("{task}.log"))
     }
 
-    async fn spawn(self: &Arc<Self>, task: String, cmd: String) -> Result<Reply, String> {
+    async fn spawn(
+        self: &Arc<Self>,
+        task: String,
+        cmd: String,
+        userns: bool,
+    ) -> Result<Reply, String> {
         if !protocol::valid_id(&task) {
             return Err(format!(
                 "task name {task:?} is not usable: use letters, digits, - and _"
@@ -334,7 +339,7 @@ impl Worker {
             args: vec!["-c".into(), script.into()],
             log: log.clone(),
             cwd: Some(self.opts.work_dir.clone()),
-            userns: false,
+            userns,
         };
         let pid = tokio::task::spawn_blocking(move || exec::spawn(&opts))
             .await

@@ -645,8 +645,9 @@ impl Job {
         }
     }
 
-    /// Starts the job's task on `w`.
-    pub fn spawn(&mut self, w: &Worker, cmd: &str) -> Result<Task, JobError> {
+    /// Starts the job's task on `w` (with a user namespace and a minimal mount tree of its own
+    /// if `userns`: for a task that drops root).
+    pub fn spawn(&mut self, w: &Worker, cmd: &str, userns: bool) -> Result<Task, JobError> {
         self.next_task += 1;
         let name = format!("task{}", self.next_task);
         self.coord.reset_exit(&w.id, &name);
@@ -655,6 +656,7 @@ impl Job {
             Command::Spawn {
                 task: name.clone(),
                 cmd: cmd.into(),
+                userns,
             },
             60,
         )? {

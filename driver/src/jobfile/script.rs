@@ -187,8 +187,31 @@ pub fn engine(host: Shared, script_dir: &Path) -> Engine {
     });
     let h = host.clone();
     e.register_fn("spawn", move |w: &mut Worker, cmd: &str| {
-        h.borrow_mut().spawn(w, cmd).map_err(rhai_err)
+        h.borrow_mut().spawn(w, cmd, false).map_err(rhai_err)
     });
+    // `w.spawn(cmd, #{ userns: true })`: a task that drops root (a database server) gets a
+    // user namespace and a minimal mount tree of its own, so that it can be checkpointed.
+    let h = host.clone();
+    e.register_fn(
+        "spawn",
+        move |w: &mut Worker, cmd: &str, opts: Map| -> Res<Task> {
+            let mut userns = false;
+            for (key, value) in &opts {
+                match (key.as_str(), value.as_bool()) {
+                    ("userns", Ok(b)) => userns = b,
+                    ("userns", Err(t)) => {
+                        return Err(
+                            format!("spawn option userns must be true or false, not {t}").into(),
+                        )
+                    }
+                    (other, _) => {
+                        return Err(format!("unknown spawn option {other:?} (known: userns)").into())
+                    }
+                }
+            }
+            h.borrow_mut().spawn(w, cmd, userns).map_err(rhai_err)
+        },
+    );
     let h = host.clone();
     e.register_fn("upload", move |w: &mut Worker, path: &str| -> Res<()> {
         h.borrow().upload(w, Path::new(path)).map_err(rhai_err)

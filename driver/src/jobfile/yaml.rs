@@ -304,7 +304,7 @@ impl Hooks for YamlHooks {
             "set -e\n{}",
             commands(&self.spec.task.run).collect::<Vec<_>>().join("\n")
         );
-        Ok(job.borrow_mut().spawn(w, &script)?)
+        Ok(job.borrow_mut().spawn(w, &script, false)?)
     }
     fn restored_task(&mut self, job: &Shared, w: &Worker, _t: &Task) -> Result<(), FlowError> {
         let list = self.spec.restored_task.run.clone();

@@ -616,6 +616,7 @@ async fn migrate_run(
             Command::Spawn {
                 task: task.clone(),
                 cmd,
+                userns: false,
             },
             limit,
             |_| {},
