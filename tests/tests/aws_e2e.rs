@@ -218,6 +218,11 @@ impl AwsJob {
 
     /// `cedana-driver run job.yml` in the background.
     fn run(&self) -> BackgroundDriver {
+        self.run_with(&self.job, &[])
+    }
+
+    /// `cedana-driver run [ARGS] JOB` in the background.
+    fn run_with(&self, job: &std::path::Path, args: &[&str]) -> BackgroundDriver {
         let state = self.sb.path().join("state");
         std::fs::create_dir(&state).unwrap();
         let driver_env: Vec<(&str, &std::ffi::OsStr)> = self
@@ -226,7 +231,7 @@ impl AwsJob {
             .map(|(k, v)| (k.as_str(), std::ffi::OsStr::new(v.as_str())))
             .chain([("RUST_LOG", std::ffi::OsStr::new("cedana_driver=info"))])
             .collect();
-        BackgroundDriver::start_env(&state, Some(&self.config), &[], &self.job, &driver_env)
+        BackgroundDriver::start_env(&state, Some(&self.config), args, job, &driver_env)
     }
 
     /// Waits for worker `id` on an instance; the record, the worker and its instance.
@@ -471,4 +476,67 @@ fn a_job_on_aws_is_resumed_after_its_controller_is_killed() {
     );
     assert_eq!(r["recoveries"], 0, "{r}");
     assert_eq!(moto_view(&job.sim, &instance).state, "terminated");
+}
+
+/// A server in a task on an AWS worker (a notebook, a dashboard) is reached from this machine:
+/// the job's record carries the instance's address as EC2 reports it (public, else private), and
+/// `run --expose` forwards a local port to the task there.
+#[test]
+fn a_task_on_aws_is_reached_through_its_exposed_port() {
+    if !criu_ready("a_task_on_aws_is_reached_through_its_exposed_port") {
+        return;
+    }
+    let aws = AwsJob::setup();
+    let spec = aws.sb.path().join("server.yml");
+    let task_port = 18555;
+    std::fs::write(
+        &spec,
+        format!(
+            r#"instance_specs:
+  cpu_cores: 2
+  memory_gb: 1
+  max_price_usd_hour: 0.5
+task:
+  run:
+    - "echo hello-from-the-instance > hello.txt"
+    - "exec python3 -m http.server {task_port} --bind 0.0.0.0"
+"#
+        ),
+    )
+    .unwrap();
+    let local = free_port();
+    let expose = format!("{local}:{task_port}");
+    let mut driver = aws.run_with(&spec, &["--checkpoint-every", "0", "--expose", &expose]);
+    let (_, _, instance) = aws.worker(&driver, "w1");
+    let inst = aws
+        .sim
+        .wait_running(&instance, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", driver.stderr()));
+    let want = inst.public_ip.unwrap_or(inst.private_ip).to_string();
+    let record = driver.wait_record(Duration::from_secs(120), "w1's address", |r| {
+        worker(r, "w1").is_some_and(|w| w["address"].is_string())
+    });
+    assert_eq!(
+        worker(&record, "w1").unwrap()["address"].as_str(),
+        Some(want.as_str()),
+        "the record has the instance's address"
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "the task's server through the exposed port",
+        || http_get(local, "/hello.txt").is_some_and(|b| b.contains("hello-from-the-instance")),
+    );
+    let job = record["job"].as_str().unwrap().to_string();
+    let down = driver_cmd(&aws.sb.path().join("state"))
+        .envs(aws.env.iter().map(|(k, v)| (k, v)))
+        .args(["down", &job])
+        .output()
+        .expect("cedana-driver down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    driver.wait(Duration::from_secs(120));
+    assert_eq!(moto_view(&aws.sim, &instance).state, "terminated");
 }

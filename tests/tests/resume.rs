@@ -647,18 +647,6 @@ fn restored_task(w, task) {{ }}
     assert_unbroken(&nums, "the task's count through the full disk");
 }
 
-/// One HTTP GET of `path` through 127.0.0.1:`port`; the body, if the answer was 200.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
-}
-
 /// A server in the task (a notebook, a dashboard) is reached from this machine through
 /// `run --expose` and `cedana-driver port`, on the worker it runs on, and again after it
 /// moved to another worker; `status` shows the worker's address.

@@ -582,6 +582,15 @@ impl Job {
             self.end_worker(&id, WorkerState::Lost);
             return Err((e, Some(Box::new(offer))));
         }
+        // A cloud machine's address is known once it runs: `port` and `status` need it.
+        self.rt.block_on(self.workers[&id].learn_address());
+        let address = self.workers[&id].address();
+        if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
+            if info.address != address {
+                info.address = address;
+                self.save();
+            }
+        }
         info!(worker = %id, "worker launched");
         self.reporter.note(&format!(
             "worker {id}: up in {:.1} s",

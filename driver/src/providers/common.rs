@@ -112,6 +112,26 @@ pub struct Bootstrap<'a> {
     pub rt: &'a tokio::runtime::Handle,
 }
 
+/// Where this machine reaches a cloud worker: its public address, else its private one (a
+/// driver in the same network), as the provider's API last said; kept by the worker's poller.
+#[derive(Clone, Debug, Default)]
+pub struct Address(std::sync::Arc<std::sync::Mutex<Option<std::net::IpAddr>>>);
+
+impl Address {
+    /// The address, if the API gave one.
+    pub fn get(&self) -> Option<std::net::IpAddr> {
+        *self.0.lock().expect("address")
+    }
+
+    /// Notes the addresses the API reports (an unparsable one is ignored).
+    pub fn note(&self, public: Option<&str>, private: Option<&str>) {
+        let parse = |a: Option<&str>| a.and_then(|a| a.trim().parse().ok());
+        if let Some(a) = parse(public).or_else(|| parse(private)) {
+            *self.0.lock().expect("address") = Some(a);
+        }
+    }
+}
+
 /// Errors of a provider.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {

@@ -74,14 +74,27 @@ impl Instance {
     }
 
     /// The address this machine reaches the worker at, if known (a local worker's namespace
-    /// address, or this machine's loopback for one without a namespace).
+    /// address, or this machine's loopback for one without a namespace; a cloud machine's
+    /// public address, else its private one, once its API said).
     pub fn address(&self) -> Option<std::net::IpAddr> {
         match self {
             Instance::Local(w) => Some(match &w.netns {
                 Some(ns) => std::net::IpAddr::V4(ns.worker_ip()),
                 None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             }),
-            _ => None,
+            Instance::Paperspace(w) => w.address(),
+            #[cfg(feature = "aws")]
+            Instance::Aws(w) => w.address(),
+        }
+    }
+
+    /// Asks a cloud provider for the worker's address now (known at once for local ones).
+    pub async fn learn_address(&self) {
+        match self {
+            Instance::Local(_) => {}
+            Instance::Paperspace(w) => w.learn_address().await,
+            #[cfg(feature = "aws")]
+            Instance::Aws(w) => w.learn_address().await,
         }
     }
 

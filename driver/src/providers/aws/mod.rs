@@ -43,7 +43,8 @@ pub use prices::{family_matches, newest_per_zone, SpotQuote, TypeInfo, SPOT_SOUR
 
 use crate::providers::catalog::{Catalog, CatalogEntry, Timestamp};
 use crate::providers::common::{
-    finish_in_drop, loopback_only, worker_boot_script, Bootstrap, Gone, Offer, ProviderError, Spec,
+    finish_in_drop, loopback_only, worker_boot_script, Address, Bootstrap, Gone, Offer,
+    ProviderError, Spec,
 };
 
 /// The provider's name.
@@ -694,6 +695,7 @@ impl AwsProvider {
             }
         })?;
         let gone = Gone::new();
+        let address = Address::default();
         let poller = boot
             .rt
             .spawn(watch(
@@ -701,6 +703,7 @@ impl AwsProvider {
                 id.clone(),
                 self.settings.poll_every,
                 gone.clone(),
+                address.clone(),
             ))
             .abort_handle();
         Ok(AwsWorker {
@@ -709,6 +712,7 @@ impl AwsProvider {
             client,
             rt: boot.rt.clone(),
             gone,
+            address,
             poller: Some(poller),
             ended: false,
         })
@@ -727,12 +731,14 @@ impl AwsProvider {
         self.connection().await?;
         let client = self.client(region);
         let gone = Gone::new();
+        let address = Address::default();
         let poller = rt
             .spawn(watch(
                 client.clone(),
                 id.to_string(),
                 self.settings.poll_every,
                 gone.clone(),
+                address.clone(),
             ))
             .abort_handle();
         Ok(AwsWorker {
@@ -741,6 +747,7 @@ impl AwsProvider {
             client,
             rt: rt.clone(),
             gone,
+            address,
             poller: Some(poller),
             ended: false,
         })
@@ -752,8 +759,9 @@ impl AwsProvider {
 const UNSEEN_GRACE: Duration = Duration::from_secs(120);
 
 /// Follows a worker's instance until it is gone: shutting down, stopping, stopped, terminated,
-/// or unknown to EC2 (after it was seen, or for longer than [`UNSEEN_GRACE`]).
-async fn watch(client: Client, id: String, every: Duration, gone: Gone) {
+/// or unknown to EC2 (after it was seen, or for longer than [`UNSEEN_GRACE`]); notes its
+/// address in `address` meanwhile.
+async fn watch(client: Client, id: String, every: Duration, gone: Gone, address: Address) {
     let started = tokio::time::Instant::now();
     let mut seen = false;
     loop {
@@ -764,7 +772,10 @@ async fn watch(client: Client, id: String, every: Duration, gone: Gone) {
                 gone.set();
                 return;
             }
-            Ok(Some(_)) => seen = true,
+            Ok(Some(v)) => {
+                seen = true;
+                address.note(v.public_ip.as_deref(), v.private_ip.as_deref());
+            }
             Ok(None) if seen || started.elapsed() > UNSEEN_GRACE => {
                 tracing::info!(instance = %id, "EC2 no longer knows the instance");
                 gone.set();
@@ -787,11 +798,25 @@ pub struct AwsWorker {
     /// when it is dropped.
     rt: tokio::runtime::Handle,
     gone: Gone,
+    address: Address,
     poller: Option<tokio::task::AbortHandle>,
     ended: bool,
 }
 
 impl AwsWorker {
+    /// Where this machine reaches the instance, once EC2 said (public address first).
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        self.address.get()
+    }
+
+    /// Asks EC2 for the instance's address now (the poller also notes it as it goes).
+    pub async fn learn_address(&self) {
+        if let Ok(Some(v)) = describe_instance(&self.client, &self.id).await {
+            self.address
+                .note(v.public_ip.as_deref(), v.private_ip.as_deref());
+        }
+    }
+
     /// The instance's id.
     pub fn instance_id(&self) -> String {
         self.id.clone()

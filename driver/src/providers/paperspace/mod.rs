@@ -34,7 +34,7 @@ pub use api::{
 
 use crate::providers::catalog::Catalog;
 use crate::providers::common::{
-    loopback_only, worker_boot_script, Bootstrap, Gone, Offer, ProviderError, Spec,
+    loopback_only, worker_boot_script, Address, Bootstrap, Gone, Offer, ProviderError, Spec,
 };
 
 /// The public API.
@@ -410,6 +410,8 @@ impl PaperspaceProvider {
         .await?;
         tracing::info!(machine = %machine.id, name = %name, machine_type = %offer.instance_type, region = %offer.region, "paperspace machine created");
         let gone = Gone::new();
+        let address = Address::default();
+        address.note(machine.public_ip.as_deref(), machine.private_ip.as_deref());
         let poller = boot
             .rt
             .spawn(watch(
@@ -418,6 +420,7 @@ impl PaperspaceProvider {
                 event.map(|e| e.id),
                 self.settings.poll_every,
                 gone.clone(),
+                address.clone(),
             ))
             .abort_handle();
         Ok(PaperspaceWorker {
@@ -426,6 +429,7 @@ impl PaperspaceProvider {
             client: self.client.clone(),
             rt: boot.rt.clone(),
             gone,
+            address,
             poller: Some(poller),
             ended: false,
         })
@@ -433,8 +437,16 @@ impl PaperspaceProvider {
 }
 
 /// Follows a worker's machine until it is gone: deleted, off or stopping after it ran, failed,
-/// or its creation ended in error. At most one look every `every`.
-async fn watch(client: Client, id: String, mut event: Option<String>, every: Duration, gone: Gone) {
+/// or its creation ended in error. At most one look every `every`; notes its address in
+/// `address` meanwhile.
+async fn watch(
+    client: Client,
+    id: String,
+    mut event: Option<String>,
+    every: Duration,
+    gone: Gone,
+    address: Address,
+) {
     let mut ran = false;
     let mut created = event.is_none();
     loop {
@@ -462,7 +474,10 @@ async fn watch(client: Client, id: String, mut event: Option<String>, every: Dur
                 gone.set();
                 return;
             }
-            Ok(m) => match m.state.as_str() {
+            Ok(m) => match {
+                address.note(m.public_ip.as_deref(), m.private_ip.as_deref());
+                m.state.as_str()
+            } {
                 "provisioning" | "starting" | "ready" | "serviceready" | "restarting"
                 | "upgrading" => ran = true,
                 "off" | "stopping" if ran || created => {
@@ -499,6 +514,7 @@ pub struct PaperspaceWorker {
     /// it is dropped.
     rt: tokio::runtime::Handle,
     gone: Gone,
+    address: Address,
     poller: Option<tokio::task::AbortHandle>,
     ended: bool,
 }
@@ -508,6 +524,7 @@ impl PaperspaceProvider {
     /// followed again until it is gone; terminating it deletes the machine.
     pub fn adopt(&self, id: &str, rt: &tokio::runtime::Handle) -> PaperspaceWorker {
         let gone = Gone::new();
+        let address = Address::default();
         let poller = rt
             .spawn(watch(
                 self.client.clone(),
@@ -515,6 +532,7 @@ impl PaperspaceProvider {
                 None,
                 self.settings.poll_every,
                 gone.clone(),
+                address.clone(),
             ))
             .abort_handle();
         PaperspaceWorker {
@@ -523,6 +541,7 @@ impl PaperspaceProvider {
             client: self.client.clone(),
             rt: rt.clone(),
             gone,
+            address,
             poller: Some(poller),
             ended: false,
         }
@@ -530,6 +549,19 @@ impl PaperspaceProvider {
 }
 
 impl PaperspaceWorker {
+    /// Where this machine reaches the machine, once the API said (public address first).
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        self.address.get()
+    }
+
+    /// Asks the API for the machine's address now (the poller also notes it as it goes).
+    pub async fn learn_address(&self) {
+        if let Ok(m) = self.client.get_machine(&self.id).await {
+            self.address
+                .note(m.public_ip.as_deref(), m.private_ip.as_deref());
+        }
+    }
+
     /// The machine's id.
     pub fn instance_id(&self) -> String {
         self.id.clone()
