@@ -468,16 +468,17 @@ async fn watch(
                 }
             }
         }
-        match client.get_machine(&id).await {
+        let machine = client.get_machine(&id).await;
+        if let Ok(m) = &machine {
+            address.note(m.public_ip.as_deref(), m.private_ip.as_deref());
+        }
+        match machine {
             Ok(m) if m.deleted() => {
                 tracing::info!(machine = %id, "paperspace machine deleted");
                 gone.set();
                 return;
             }
-            Ok(m) => match {
-                address.note(m.public_ip.as_deref(), m.private_ip.as_deref());
-                m.state.as_str()
-            } {
+            Ok(m) => match m.state.as_str() {
                 "provisioning" | "starting" | "ready" | "serviceready" | "restarting"
                 | "upgrading" => ran = true,
                 "off" | "stopping" if ran || created => {
