@@ -226,3 +226,21 @@ pub fn worker_boot_script(agent: &str, boot: &Bootstrap, extra: &[&str]) -> Stri
 pub fn loopback_only(url: &str) -> bool {
     cedana_protocol::NatsUrl::parse(url).loopback_only()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cloud_worker_is_reached_at_its_public_address_else_its_private_one() {
+        let a = Address::default();
+        assert_eq!(a.get(), None);
+        a.note(None, Some("10.0.0.7"));
+        assert_eq!(a.get(), Some("10.0.0.7".parse().unwrap()));
+        a.note(Some("203.0.113.9"), Some("10.0.0.7"));
+        assert_eq!(a.get(), Some("203.0.113.9".parse().unwrap()));
+        // An answer without an address (or an unparsable one) keeps the last.
+        a.note(Some("not an address"), None);
+        assert_eq!(a.get(), Some("203.0.113.9".parse().unwrap()));
+    }
+}
