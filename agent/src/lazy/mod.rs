@@ -537,6 +537,9 @@ pub fn restore_as(
     };
     let mut full_because = match full {
         true => Some("a full restore was asked for".to_string()),
+        false if manifest.criu.user_namespace => Some(
+            "the task has a user namespace of its own (exec --userns): CRIU restores it from a mount tree of its own, which CRIU's lazy-pages daemon is not in".to_string(),
+        ),
         false => unavailable(),
     };
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
