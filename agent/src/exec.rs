@@ -212,8 +212,27 @@ impl Prepared {
     }
 }
 
-/// The identity map of every user and group id, written into the task's user namespace.
-const ID_MAP: &[u8] = b"0 0 4294967295\n";
+/// The identity map of the ids this process has (`/proc/self/uid_map` or `gid_map`: each
+/// range it sees, mapped to itself), written into the task's user namespace: every id where
+/// the agent runs in the machine's own namespace, only its own ranges in a container's.
+fn identity_map(file: &str) -> std::io::Result<String> {
+    let ours = std::fs::read_to_string(format!("/proc/self/{file}"))?;
+    let map: String = ours
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (inside, _, count) = (f.next()?, f.next()?, f.next()?);
+            Some(format!("{inside} {inside} {count}\n"))
+        })
+        .collect();
+    match map.is_empty() {
+        true => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("/proc/self/{file} maps no ids"),
+        )),
+        false => Ok(map),
+    }
+}
 
 /// [`spawn`] with a user namespace and a minimal mount tree of its own.
 ///
@@ -234,11 +253,23 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
             source,
         }
     };
-    // The task's mount tree: /, /dev, /proc, the mounts its folder and log are on, a fresh
-    // /dev/shm.
-    let log_dir = opts.log.parent().unwrap_or(Path::new("/"));
-    let cwd_now = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let extra = crate::minroot::extra_mounts([log_dir, opts.cwd.as_deref().unwrap_or(&cwd_now)]);
+    // Its folder (the caller's when none is given) and log, absolute: the task starts in a
+    // tree where nothing else resolves them.
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let cwd_dir = match &opts.cwd {
+        Some(c) => abs(c),
+        None => std::env::current_dir().map_err(step_err("the current folder"))?,
+    };
+    let log_file = abs(&opts.log);
+    let maps = [identity_map("uid_map"), identity_map("gid_map")];
+    let maps = match maps {
+        [Ok(u), Ok(g)] => (u, g),
+        [Err(e), _] | [_, Err(e)] => return Err(step_err("reading this process's id maps")(e)),
+    };
+    // The task's mount tree: /, /dev, /proc, the mounts its folder and log are on (and the
+    // mounts above them), a fresh /dev/shm.
+    let log_dir = log_file.parent().unwrap_or(Path::new("/"));
+    let extra = crate::minroot::extra_mounts([log_dir, cwd_dir.as_path()]);
     let tree = crate::minroot::MinimalRoot::new(&extra, true)
         .map_err(step_err("a folder for the new root"))?;
     let plan = tree.plan();
@@ -255,11 +286,15 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     let (err_r, err_w) = pipe()?;
     // The task opens its log and /dev/null itself, in its own mount tree: descriptors opened
     // here would be on mounts it does not have, which CRIU cannot dump.
-    let log_path = c(std::path::absolute(&opts.log).unwrap_or_else(|_| opts.log.clone()));
+    let log_path = c(log_file);
+    let cwd = c(cwd_dir);
     let (up_fd, go_fd, err_fd) = (up_w.as_raw_fd(), go_r.as_raw_fd(), err_w.as_raw_fd());
+    // This process's ends, which the helper closes (it must see end-of-file when this
+    // process gives up, and hold nothing that keeps this process waiting).
+    let ours = [up_r.as_raw_fd(), go_w.as_raw_fd(), err_r.as_raw_fd()];
     let mut ptrs: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
-    let (program, cwd) = (&p.program, &p.cwd);
+    let program = &p.program;
 
     let mut stack = vec![0u8; 256 * 1024];
     let helper = move || -> isize {
@@ -271,6 +306,9 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
                 report(err_fd, tag);
                 libc::_exit(126)
             };
+            for fd in ours {
+                libc::close(fd);
+            }
             if plan.enter().is_err() {
                 return fail(b'm');
             }
@@ -287,7 +325,16 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
             if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
                 return fail(b'q');
             }
-            let task = libc::fork();
+            // A raw fork: glibc's `fork` would run its handlers and take the allocator's locks,
+            // which a thread of the process this was cloned from may have held.
+            let task = libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            );
             if task < 0 {
                 return fail(b'f');
             }
@@ -318,10 +365,8 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
                 // Nothing else this process holds reaches the task (closed on exec, the
                 // error pipe too).
                 libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1u32 << 2);
-                if let Some(c) = cwd {
-                    if libc::chdir(c.as_ptr()) != 0 {
-                        return fail(b'c');
-                    }
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    return fail(b'c');
                 }
                 libc::execvp(program.as_ptr(), ptrs.as_ptr());
                 return fail(b'e');
@@ -351,11 +396,11 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     };
     let mut byte = [0u8];
     let mapped = up.read_exact(&mut byte).and_then(|()| {
-        for (file, map) in [("uid_map", ID_MAP), ("gid_map", ID_MAP)] {
+        for (file, map) in [("uid_map", &maps.0), ("gid_map", &maps.1)] {
             OpenOptions::new()
                 .write(true)
                 .open(format!("/proc/{helper_pid}/{file}"))
-                .and_then(|mut f| f.write_all(map))?;
+                .and_then(|mut f| f.write_all(map.as_bytes()))?;
         }
         go.write_all(&[1])
     });

@@ -14,13 +14,32 @@ use std::path::{Path, PathBuf};
 /// The mount point of the mount `path` is on (the deepest one above it in this process's
 /// mount namespace), from `/proc/self/mountinfo`.
 pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
-    let path = std::fs::canonicalize(path).ok()?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines()
+    mounts_above(path).pop()
+}
+
+/// The mount points above `path` in this process's mount namespace, `/` first, `path`'s own
+/// mount last.
+fn mounts_above(path: &Path) -> Vec<PathBuf> {
+    let Ok(path) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut above: Vec<PathBuf> = text
+        .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|m| PathBuf::from(unescape(m)))
         .filter(|m| path.starts_with(m))
-        .max_by_key(|m| m.components().count())
+        .collect();
+    sort_outermost_first(&mut above);
+    above
+}
+
+/// Sorts mount points outermost first (a mount before those under it), each once.
+fn sort_outermost_first(v: &mut Vec<PathBuf>) {
+    v.sort_by(|a, b| {
+        (a.components().count(), a.as_os_str()).cmp(&(b.components().count(), b.as_os_str()))
+    });
+    v.dedup();
 }
 
 /// A mountinfo field with its `\ooo` escapes (space, tab, newline, backslash) undone.
@@ -42,29 +61,47 @@ fn unescape(s: &str) -> String {
 }
 
 /// The mounts of process `pid`'s minimal tree besides the ones every such tree has (`/`,
-/// `/dev`, `/dev/shm`, `/proc`): the folders it was given, outermost first.
+/// `/dev`, `/dev/shm`, `/proc`): the folders `exec` bound, outermost first. Those are the
+/// task's mounts that are this process's mount at the same path (same device, same root);
+/// mounts the task made itself are not.
 pub fn extra_mounts_of(pid: i32) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
-    let mut out: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape(m)))
-        .filter(|m| !["/", "/dev", "/dev/shm", "/proc"].contains(&m.to_str().unwrap_or("")))
+    let read = |p: &str| -> Vec<(PathBuf, String, String)> {
+        std::fs::read_to_string(format!("/proc/{p}/mountinfo"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                Some((
+                    PathBuf::from(unescape(f.get(4)?)),
+                    f.get(2)?.to_string(),
+                    unescape(f.get(3)?),
+                ))
+            })
+            .collect()
+    };
+    let ours = read("self");
+    let mut out: Vec<PathBuf> = read(&pid.to_string())
+        .into_iter()
+        .filter(|m| {
+            !["/", "/dev", "/dev/shm", "/proc"].contains(&m.0.to_str().unwrap_or(""))
+                && ours.contains(m)
+        })
+        .map(|(m, _, _)| m)
         .collect();
-    out.sort_by_key(|m| m.components().count());
-    out.dedup();
+    sort_outermost_first(&mut out);
     out
 }
 
-/// The mounts besides `/` that `paths` are on, once each, outermost first.
+/// The mounts besides `/` that `paths` are on, with every mount above them (so that each
+/// has a folder to go on in a tree bound without what is under it), once each, outermost
+/// first.
 pub fn extra_mounts<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = paths
         .into_iter()
-        .filter_map(mount_point_of)
+        .flat_map(mounts_above)
         .filter(|m| m != Path::new("/"))
         .collect();
-    out.sort_by_key(|m| m.components().count());
-    out.dedup();
+    sort_outermost_first(&mut out);
     out
 }
 

@@ -100,9 +100,9 @@ fn main() -> ExitCode {
             cli.config.clone(),
             state_dir,
         ),
-        Cmd::Rm { job } => cli::status::rm(&state_dir, &job),
+        Cmd::Rm { job } => cli::status::rm(&state_dir, &job, &config),
         Cmd::Port { job, port, local } => cli::status::port(&state_dir, &job, port, local),
-        Cmd::Prune { older_than } => cli::status::prune(&state_dir, older_than),
+        Cmd::Prune { older_than } => cli::status::prune(&state_dir, older_than, &config),
         Cmd::Attach { job, all } => cli::attach::attach(&state_dir, &job, all),
         Cmd::Resume {
             job,

@@ -59,10 +59,13 @@ impl NatsCredential {
             .map(|(j, k)| (j.to_string(), k.to_string()))
             .or_else(|| crate::jwt::parse_creds(s));
         if let Some((jwt, seed)) = jwt {
-            if let (Ok(name), Ok(_)) = (
-                crate::jwt::user_name(&jwt),
+            if let (Ok((name, subject)), Ok(key)) = (
+                crate::jwt::user_name_and_key(&jwt),
                 nkeys::KeyPair::from_seed(&seed),
             ) {
+                if key.public_key() != subject {
+                    return NatsCredential::Token(Secret::new(s));
+                }
                 return NatsCredential::Jwt {
                     name,
                     jwt,
@@ -295,6 +298,15 @@ mod tests {
             w.mint_worker("j1", "w3", "b").is_none(),
             "a worker mints nobody"
         );
+        // A JWT with a seed that is not its user's is no credential of that user.
+        let NatsCredential::Jwt { jwt, .. } = &w else {
+            panic!("{w:?}")
+        };
+        let other = nkeys::KeyPair::new_user().seed().unwrap();
+        assert!(matches!(
+            NatsCredential::parse(&Secret::new(format!("{JWT_PREFIX}{jwt}:{other}"))),
+            NatsCredential::Token(_)
+        ));
         // A user seed is no account: a token (which the server refuses).
         let user = nkeys::KeyPair::new_user().seed().unwrap();
         assert!(matches!(

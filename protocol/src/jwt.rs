@@ -173,6 +173,12 @@ pub fn mint_user(
 
 /// The `name` claim of a user JWT (not verified: the server does that).
 pub fn user_name(jwt: &str) -> Result<String, JwtError> {
+    user_name_and_key(jwt).map(|(name, _)| name)
+}
+
+/// The `name` and `sub` (the user's public key) claims of a user JWT (not verified: the
+/// server does that).
+pub fn user_name_and_key(jwt: &str) -> Result<(String, String), JwtError> {
     let body = jwt
         .split('.')
         .nth(1)
@@ -185,7 +191,10 @@ pub fn user_name(jwt: &str) -> Result<String, JwtError> {
     if claims["nats"]["type"] != "user" {
         return Err(JwtError::Malformed("its type is not user".into()));
     }
-    Ok(claims["name"].as_str().unwrap_or_default().to_string())
+    Ok((
+        claims["name"].as_str().unwrap_or_default().to_string(),
+        claims["sub"].as_str().unwrap_or_default().to_string(),
+    ))
 }
 
 /// The JWT and seed of a `.creds` file's text (as `nsc` writes them), if it is one.

@@ -187,6 +187,37 @@ fn on_a_server_the_user_runs_each_worker_gets_a_user_minted_from_the_account() {
             .await
             .expect("the job's own bucket");
     });
+    // `rm` of the ended job removes its bucket from the server too; the victim's stays.
+    let rm = driver_cmd(&state)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["rm", &job])
+        .output()
+        .expect("run rm");
+    let said = String::from_utf8_lossy(&rm.stdout);
+    assert!(
+        rm.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert!(said.contains("removed its checkpoints"), "{said}");
+    rt.block_on(async {
+        let client = account
+            .connect_options()
+            .connect(&url)
+            .await
+            .expect("the account's user");
+        let js = async_nats::jetstream::new(client);
+        assert!(
+            js.get_object_store(cedana_protocol::job_checkpoints_bucket(&job))
+                .await
+                .is_err(),
+            "the job's bucket is gone"
+        );
+        js.get_object_store(&victim)
+            .await
+            .expect("the victim's bucket stays");
+    });
 }
 
 /// Starts the job of [`SCRIPT`] and waits until both its workers are up.

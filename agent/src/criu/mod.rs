@@ -625,19 +625,19 @@ fn folder_key(i: usize) -> String {
 
 /// Removes the empty folders CRIU made to fill the tmpfs mounts of a task with a mount tree
 /// of its own and could not remove while that tree was still mounted (its log says
-/// "Unable to remove /tmp/cr-tmpfs.XXXXXX"). Only empty folders of that name go.
+/// "mnt: Unable to remove /tmp/cr-tmpfs.XXXXXX: ..."). Only an empty folder of exactly that
+/// form, right in `/tmp`, goes.
 fn remove_tmpfs_yards(log: &Path) {
     let Ok(text) = std::fs::read_to_string(log) else {
         return;
     };
     for line in text.lines() {
-        let Some(rest) = line.split("Unable to remove ").nth(1) else {
+        let Some(rest) = line.split("mnt: Unable to remove /tmp/cr-tmpfs.").nth(1) else {
             continue;
         };
-        let path = rest.split(':').next().unwrap_or_default();
-        let name = Path::new(path).file_name().and_then(|n| n.to_str());
-        if path.starts_with("/tmp/") && name.is_some_and(|n| n.starts_with("cr-tmpfs.")) {
-            let _ = std::fs::remove_dir(path);
+        let suffix = rest.split(':').next().unwrap_or_default();
+        if suffix.len() == 6 && suffix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            let _ = std::fs::remove_dir(format!("/tmp/cr-tmpfs.{suffix}"));
         }
     }
 }

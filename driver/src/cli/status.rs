@@ -156,8 +156,50 @@ pub fn logs(state_dir: &Path, job: &str, follow: bool) -> Exit {
     }
 }
 
-/// `rm`: removes an ended job's folder.
-pub fn rm(state_dir: &Path, job: &str) -> Exit {
+/// On a NATS server the user runs, the ended job's own checkpoint bucket (the embedded
+/// server's store goes with the job's folder): deleted, or said why not (the folder is removed
+/// all the same; the bucket's name and server are printed for removing it by hand).
+fn remove_bucket(r: &JobRecord, config: &cedana_driver::Config) {
+    let Some(bucket) = r.settings.checkpoint_bucket.as_deref() else {
+        return;
+    };
+    if r.embedded_nats {
+        return;
+    }
+    let token = config.connection.auth_token.clone();
+    let (url, bucket_name) = (r.nats_url.clone(), bucket.to_string());
+    let deleted = super::runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), async {
+                let client = cedana_protocol::NatsCredential::parse(&token)
+                    .connect_options()
+                    .connection_timeout(Duration::from_secs(5))
+                    .connect(cedana_protocol::NatsUrl::parse(&url).servers().to_vec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                match js.delete_object_store(&bucket_name).await {
+                    Ok(_) => Ok(()),
+                    // Already gone (or never made): nothing left.
+                    Err(e) if e.to_string().contains("not found") => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+        })
+    });
+    match deleted {
+        Ok(()) => println!("removed its checkpoints (bucket {bucket} on {})", r.nats_url),
+        Err(e) => super::error(format!(
+            "cannot remove job {}'s checkpoints, bucket {bucket} on {} ({e}); remove them with `nats object rm {bucket}` once the server answers",
+            r.job, r.nats_url
+        )),
+    }
+}
+
+/// `rm`: removes an ended job's folder (and its checkpoint bucket on a server the user runs).
+pub fn rm(state_dir: &Path, job: &str, config: &cedana_driver::Config) -> Exit {
     let (dir, r) = match find(state_dir, job) {
         Ok(f) => f,
         Err(code) => return code,
@@ -189,6 +231,7 @@ pub fn rm(state_dir: &Path, job: &str) -> Exit {
                 r.job,
                 bytes as f64 / 1048576.0
             );
+            remove_bucket(&r, config);
             // A checkpoint store is the user's: what the job left there is said, not removed.
             if let Some(store) = &r.settings.store {
                 println!(
@@ -205,8 +248,9 @@ pub fn rm(state_dir: &Path, job: &str) -> Exit {
     }
 }
 
-/// `prune`: removes every ended job's folder (ended more than `older_than` days ago).
-pub fn prune(state_dir: &Path, older_than: Option<u64>) -> Exit {
+/// `prune`: removes every ended job's folder (ended more than `older_than` days ago), as `rm`
+/// does.
+pub fn prune(state_dir: &Path, older_than: Option<u64>, config: &cedana_driver::Config) -> Exit {
     let now = cedana_protocol::now();
     let (mut removed, mut bytes, mut failed) = (0, 0u64, false);
     for (dir, r) in record::list(state_dir) {
@@ -218,6 +262,7 @@ pub fn prune(state_dir: &Path, older_than: Option<u64>) -> Exit {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {
                 println!("removed job {} ({:.1} MiB)", r.job, size as f64 / 1048576.0);
+                remove_bucket(&r, config);
                 removed += 1;
                 bytes += size;
             }

@@ -309,6 +309,13 @@ impl Job {
                 price * secs as f64 / 3600.0
             })
             .sum();
+        // Where each running worker is reached, as its provider last said (a cloud machine's
+        // address is learned by its poller and may change).
+        for info in &mut self.record.workers {
+            if let Some(a) = self.workers.get(&info.id).and_then(|w| w.address()) {
+                info.address = Some(a);
+            }
+        }
         if let Err(e) = self.record.save(&self.dir) {
             warn!(error = %e, "cannot save the job record");
         }
@@ -582,15 +589,10 @@ impl Job {
             self.end_worker(&id, WorkerState::Lost);
             return Err((e, Some(Box::new(offer))));
         }
-        // A cloud machine's address is known once it runs: `port` and `status` need it.
+        // A cloud machine's address is known once it runs: `port` and `status` need it (the
+        // record takes it, and any later change, on each save).
         self.rt.block_on(self.workers[&id].learn_address());
-        let address = self.workers[&id].address();
-        if let Some(info) = self.record.workers.iter_mut().find(|w| w.id == id) {
-            if info.address != address {
-                info.address = address;
-                self.save();
-            }
-        }
+        self.save();
         info!(worker = %id, "worker launched");
         self.reporter.note(&format!(
             "worker {id}: up in {:.1} s",
