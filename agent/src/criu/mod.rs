@@ -566,7 +566,15 @@ fn remedy(log: &str) -> Option<&'static str> {
         ),
         (
             "whose /proc doesn't belong to it",
-            "the process dropped root (setpriv, su, a server switching users): CRIU needs it in a PID namespace with a /proc of its own",
+            "the process dropped root (setpriv, su, a server switching users): start it with `cedana-agent exec --userns` (a job: `w.spawn(cmd, #{ userns: true })`), which gives it a user namespace, a /proc and a mount tree of its own",
+        ),
+        (
+            "Can't get proc fd",
+            "the process dropped root inside a PID namespace without a /proc of its own: start it with `cedana-agent exec --userns` (a job: `w.spawn(cmd, #{ userns: true })`), which gives it a user namespace, a /proc and a mount tree of its own",
+        ),
+        (
+            "Can't get rlimit",
+            "the process runs as another user than root and CRIU lacks CAP_SYS_RESOURCE here (a container): start it with `cedana-agent exec --userns` (a job: `w.spawn(cmd, #{ userns: true })`), in a user namespace root owns",
         ),
         (
             "External socket is used",
@@ -785,6 +793,18 @@ mod failure_tests {
             "{text}"
         );
         assert!(!text.contains("RLIMIT"), "{text}");
+    }
+
+    #[test]
+    fn a_task_of_another_user_is_sent_to_exec_userns() {
+        let log = "(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+                   (00.2) Error (criu/cr-dump.c:1201): Can't get rlimit 0 for 9: Operation not permitted\n";
+        let what = remedy(log).expect("advice");
+        assert!(what.contains("exec --userns"), "{what}");
+        assert!(remedy("(00.1) rlimit: Can't setup RLIMIT_NOFILE for self\n").is_none());
+        let log = "pie: 1: Error (criu/pie/parasite.c:657): Can't get /proc fd\n\
+                   Error (criu/cr-dump.c:1494): Can't get proc fd (pid: 16617)\n";
+        assert!(remedy(log).expect("advice").contains("exec --userns"));
     }
 
     #[test]
