@@ -46,6 +46,8 @@ pub enum ExecError {
     Nul { arg: String },
     #[error("cannot create a PID namespace for {program}: {source}; exec needs root (CAP_SYS_ADMIN), try sudo")]
     Clone { program: String, source: nix::Error },
+    #[error("{path} is under /dev or /proc, which a task with its own user namespace (--userns) gets fresh or bound whole; put its log and working folder elsewhere")]
+    UsernsFolder { path: PathBuf },
     #[error("cannot give {program} its own user namespace and mount tree ({step}): {source}")]
     Userns {
         program: String,
@@ -244,9 +246,9 @@ fn identity_map(file: &str) -> std::io::Result<String> {
 /// reparented as with [`spawn`].
 fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     use std::io::Write as _;
-    let p = Prepared::new(opts)?;
+    let program_name = opts.program.to_string_lossy().into_owned();
     let step_err = |step: &'static str| {
-        let name = p.name.clone();
+        let name = program_name.clone();
         move |source: std::io::Error| ExecError::Userns {
             program: name,
             step,
@@ -270,6 +272,14 @@ fn spawn_userns(opts: &ExecOptions) -> Result<Pid, ExecError> {
     // mounts above them), a fresh /dev/shm.
     let log_dir = log_file.parent().unwrap_or(Path::new("/"));
     let extra = crate::minroot::extra_mounts([log_dir, cwd_dir.as_path()]);
+    // Its /dev/shm is a fresh one and /dev and /proc are bound whole: folders there would
+    // not be the caller's.
+    for path in [&log_file, &cwd_dir] {
+        if path.starts_with("/dev") || path.starts_with("/proc") {
+            return Err(ExecError::UsernsFolder { path: path.clone() });
+        }
+    }
+    let p = Prepared::new(opts)?;
     let tree = crate::minroot::MinimalRoot::new(&extra, true)
         .map_err(step_err("a folder for the new root"))?;
     let plan = tree.plan();

@@ -623,6 +623,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 exec::ExecError::Clone { .. } | exec::ExecError::Userns { .. } => {
                     Failure::new(5, "environment", e)
                 }
+                exec::ExecError::UsernsFolder { .. } => Failure::new(3, "input", e),
                 _ => Failure::new(1, "exec", e),
             })?;
             if a.json {

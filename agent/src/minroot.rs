@@ -60,10 +60,13 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The mounts of process `pid`'s minimal tree besides the ones every such tree has (`/`,
-/// `/dev`, `/dev/shm`, `/proc`): the folders `exec` bound, outermost first. Those are the
-/// task's mounts that are this process's mount at the same path (same device, same root);
-/// mounts the task made itself are not.
+/// The mounts every minimal tree binds.
+const ALWAYS: [&str; 3] = ["/", "/dev", "/proc"];
+
+/// The mounts of process `pid`'s minimal tree besides the ones every such tree binds (`/`,
+/// `/dev`, `/proc`): the folders `exec` bound, outermost first. Those are the task's mounts
+/// that are this process's mount at the same path (same device, same root); mounts the task
+/// made itself (its fresh `/dev/shm` too) are not.
 pub fn extra_mounts_of(pid: i32) -> Vec<PathBuf> {
     let read = |p: &str| -> Vec<(PathBuf, String, String)> {
         std::fs::read_to_string(format!("/proc/{p}/mountinfo"))
@@ -82,10 +85,7 @@ pub fn extra_mounts_of(pid: i32) -> Vec<PathBuf> {
     let ours = read("self");
     let mut out: Vec<PathBuf> = read(&pid.to_string())
         .into_iter()
-        .filter(|m| {
-            !["/", "/dev", "/dev/shm", "/proc"].contains(&m.0.to_str().unwrap_or(""))
-                && ours.contains(m)
-        })
+        .filter(|m| !ALWAYS.contains(&m.0.to_str().unwrap_or("")) && ours.contains(m))
         .map(|(m, _, _)| m)
         .collect();
     sort_outermost_first(&mut out);
@@ -99,7 +99,7 @@ pub fn extra_mounts<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<PathBu
     let mut out: Vec<PathBuf> = paths
         .into_iter()
         .flat_map(mounts_above)
-        .filter(|m| m != Path::new("/"))
+        .filter(|m| !ALWAYS.contains(&m.to_str().unwrap_or("")))
         .collect();
     sort_outermost_first(&mut out);
     out
@@ -231,8 +231,13 @@ mod tests {
         );
         assert_eq!(unescape(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(
-            extra_mounts([Path::new("/proc/self"), Path::new("/proc")]),
-            [PathBuf::from("/proc")]
+            extra_mounts([
+                Path::new("/proc/self"),
+                Path::new("/dev/shm"),
+                Path::new("/dev/shm")
+            ]),
+            [PathBuf::from("/dev/shm")],
+            "what every tree binds is left out, and each mount comes once"
         );
     }
 }

@@ -828,3 +828,28 @@ fn postgres_under_write_load_loses_no_committed_row() {
     );
     restored.kill();
 }
+
+/// `exec --userns` with a log under /dev (the task gets a fresh /dev/shm and /dev bound whole,
+/// so it would not write where asked) is refused before anything is made, naming the path
+/// (exit 3).
+#[test]
+fn exec_userns_refuses_a_folder_under_dev() {
+    let sb = Sandbox::new();
+    let dir = tempfile::Builder::new()
+        .prefix("cedana-test-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let log = dir.path().join("x.log");
+    let out = sb.agent([
+        "exec",
+        "--userns",
+        "--log",
+        log.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains(log.to_str().unwrap()), "{err}");
+    assert!(!log.exists(), "the log was made before the refusal");
+}
