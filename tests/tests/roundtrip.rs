@@ -567,6 +567,23 @@ fn criu_tmpfs_leftovers() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Starts `cmd` with `exec --userns`, its output to `log`, in `cwd` (the sandbox's otherwise).
+fn exec_userns(sb: &Sandbox, log: &Path, cwd: Option<&Path>, cmd: &[&str]) -> Task {
+    let mut args = vec!["exec", "--userns", "--log", log.to_str().unwrap()];
+    if let Some(c) = cwd {
+        args.extend(["--cwd", c.to_str().unwrap()]);
+    }
+    args.push("--");
+    args.extend_from_slice(cmd);
+    let out = sb.agent(&args);
+    assert!(
+        out.status.success(),
+        "exec --userns failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Task::new(parse_pid(&out))
+}
+
 /// A task that drops root (issue 14, item 6): started with `exec --userns`, it runs as uid 1000
 /// in a user namespace of its own (root's), with a minimal mount tree. Where CRIU lacks
 /// CAP_SYS_RESOURCE (this machine's containers) such a task could not be dumped at all
@@ -580,28 +597,22 @@ fn a_task_that_drops_root_round_trips_in_its_own_user_namespace() {
     let sb = Sandbox::new();
     let log = sb.path().join("drops-root.log");
     let before = criu_tmpfs_leftovers();
-    let out = sb.agent([
-        "exec",
-        "--userns",
-        "--log",
-        log.to_str().unwrap(),
-        "--",
-        "setpriv",
-        "--reuid",
-        "1000",
-        "--regid",
-        "1000",
-        "--clear-groups",
-        "sh",
-        "-c",
-        COUNTER,
-    ]);
-    assert!(
-        out.status.success(),
-        "exec --userns failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let task = exec_userns(
+        &sb,
+        &log,
+        None,
+        &[
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            "sh",
+            "-c",
+            COUNTER,
+        ],
     );
-    let task = Task::new(parse_pid(&out));
     wait_for_numbers(&log, 5);
     assert_eq!(uid_of(task.pid), 1000, "the task dropped root");
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
@@ -637,24 +648,7 @@ fn a_userns_task_keeps_its_folder_on_another_mount() {
     std::fs::create_dir(&dir).unwrap();
     let _tmpfs = Tmpfs::mount(&dir, "4m");
     let log = dir.join("count.log");
-    let out = sb.agent([
-        "exec",
-        "--userns",
-        "--log",
-        log.to_str().unwrap(),
-        "--cwd",
-        dir.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        COUNTER,
-    ]);
-    assert!(
-        out.status.success(),
-        "exec --userns failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let task = Task::new(parse_pid(&out));
+    let task = exec_userns(&sb, &log, Some(&dir), &["sh", "-c", COUNTER]);
     wait_for_numbers(&log, 5);
     let (restored, archive) = dump_kill_restore(&sb, &task);
     let n = numbers(&log).len();
@@ -758,27 +752,21 @@ fn postgres_under_write_load_loses_no_committed_row() {
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = sb.path().join("load.log");
-    let out = sb.agent([
-        "exec",
-        "--userns",
-        "--log",
-        log.to_str().unwrap(),
-        "--",
-        "setpriv",
-        "--reuid",
-        "postgres",
-        "--regid",
-        "postgres",
-        "--init-groups",
-        "sh",
-        script.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "exec --userns failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let task = exec_userns(
+        &sb,
+        &log,
+        None,
+        &[
+            "setpriv",
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+            "sh",
+            script.to_str().unwrap(),
+        ],
     );
-    let task = Task::new(parse_pid(&out));
     wait_for_numbers(&log, 50);
     let (restored, _) = dump_kill_restore(&sb, &task);
     let n = numbers(&log).len();
