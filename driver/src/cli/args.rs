@@ -270,8 +270,9 @@ pub enum Cmd {
     /// preemption (SkyPilot managed jobs); spot with an application checkpoint every hour;
     /// the driver before the replay (fixed interval, cheapest offer first); the driver
     /// (preemption-aware: Young's checkpoint interval, offers weighed by their preemptions,
-    /// arbitrage onto offers that are cheaper only); and the offline optimum's lower bound
-    /// (the cheapest ticks, no overheads). Prints per set and overall the cost, cost over
+    /// arbitrage onto offers that are cheaper only); the offline optimum (knowing the trace,
+    /// the cheapest plan paying the same starts, checkpoints and restores); and a lower bound
+    /// below it (the cheapest ticks, no overheads). Prints per set and overall the cost, cost over
     /// on-demand and over the optimum, finish time, work redone, moves and recoveries.
     /// Exits with 3 when a trace cannot be read.
     Replay(Box<ReplayArgs>),

@@ -2,8 +2,10 @@
 //! traces ([`trace`]) on a simulated clock ([`sim`]), beside the policies users compare it
 //! with: on-demand only, spot restarted from scratch or from an hourly application
 //! checkpoint after each preemption (SkyPilot's managed jobs without and with checkpoints),
-//! the driver as it was before the replay measured it, and the offline optimum's lower bound.
+//! the driver as it was before the replay measured it, the offline optimum (with the same
+//! changeover costs) and a lower bound below it (with none).
 
+pub mod optimum;
 pub mod plot;
 pub mod sim;
 pub mod trace;
@@ -16,13 +18,14 @@ pub use sim::{Model, Outcome};
 pub use trace::{PriceOverride, PriceSeries, TraceError, TraceSet};
 
 /// The policies, in the order they are reported.
-pub const POLICIES: [&str; 6] = [
+pub const POLICIES: [&str; 7] = [
     "on-demand",
     "spot-restart",
     "spot-app-checkpoint",
     "driver-before",
     "driver",
     "optimum",
+    "lower-bound",
 ];
 
 /// What to replay.
@@ -149,7 +152,8 @@ pub fn replay_one(w: &sim::World, model: &Model, ablation: bool) -> Vec<Outcome>
         sim::spot_restart(w, model, true, POLICIES[2]),
         sim::driver(w, model, sim::Variant::BEFORE, POLICIES[3]),
         sim::driver(w, model, sim::Variant::NOW, POLICIES[4]),
-        sim::optimum(w, model),
+        optimum::optimum(w, model),
+        sim::lower_bound(w, model),
     ];
     if ablation {
         let no_wait = sim::Variant {

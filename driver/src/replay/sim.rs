@@ -170,7 +170,7 @@ impl World<'_> {
     }
 
     /// The cheapest on-demand price of the set's regions at `t`.
-    fn cheapest_on_demand(&self, t: f64) -> f64 {
+    pub(super) fn cheapest_on_demand(&self, t: f64) -> f64 {
         self.set
             .zones
             .iter()
@@ -694,11 +694,11 @@ pub fn spot_restart(w: &World, model: &Model, app_checkpoint: bool, name: &str) 
     b.outcome(name, model)
 }
 
-/// The offline optimum's lower bound: knowing the whole trace, the work done in the cheapest
-/// ticks before the deadline (or the trace's end), each at the cheapest price then (spot in
-/// a zone with capacity, or on-demand), with no start, checkpoint or restore at all. No
-/// policy can pay less.
-pub fn optimum(w: &World, model: &Model) -> Outcome {
+/// A lower bound below the optimum ([`super::optimum`]): knowing the whole trace, the work
+/// done in the cheapest ticks before the deadline (or the trace's end), each at the cheapest
+/// price then (spot in a zone with capacity, or on-demand), with no start, checkpoint or
+/// restore at all. No policy can pay less.
+pub fn lower_bound(w: &World, model: &Model) -> Outcome {
     let gap = w.set.gap;
     let end = w.set.ticks().saturating_sub(w.start_tick);
     let end = match model.deadline_secs {
@@ -756,7 +756,7 @@ pub fn optimum(w: &World, model: &Model) -> Outcome {
         b.progress = model.work_secs - left;
         b.t = end as f64 * gap;
     }
-    b.outcome("optimum", model)
+    b.outcome("lower-bound", model)
 }
 
 #[cfg(test)]
@@ -765,6 +765,7 @@ mod tests {
     //! steps and instances are billed per step, so an instance is billed up to the end of the
     //! step in which it ends.
     use super::*;
+    use crate::replay::optimum::optimum;
     use crate::replay::trace::Zone;
 
     /// One spot zone ($1/h; on-demand $3/h) whose trace (ticks of 100 s) is `available`.
@@ -867,8 +868,12 @@ mod tests {
             assert_eq!((d.checkpoints, d.moves, d.recoveries), (6, 0, 0));
         }
         // The optimum: 36 ticks of spot.
-        let opt = optimum(&w, &m);
+        let opt = lower_bound(&w, &m);
         check(&opt, &[(3600.0, 1.0)], 3600.0);
+        // The optimum pays its start: 100 s, then the hour.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3700.0, 1.0)], 3700.0);
+        assert_eq!((opt.moves, opt.redone_hours), (0, 0.0));
     }
 
     #[test]
@@ -921,8 +926,37 @@ mod tests {
             assert_eq!(d.redone_hours, 0.0);
         }
         // The optimum: ticks 0-19 and 30-45 of spot.
-        let opt = optimum(&w, &m);
+        let opt = lower_bound(&w, &m);
         check(&opt, &[(3600.0, 1.0)], 4600.0);
+        // The optimum, with no deadline, waits for the spot that stays: launched at 3000 s,
+        // done at 6700 s, one start paid. With a deadline at 5000 s it cannot wait: spot from
+        // 0 s (1900 s of work by 2000 s, stopped), again from 3000 s (a start, no restore at
+        // this step's size), done at 4800 s: two starts, and nothing bought on-demand.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3700.0, 1.0)], 6700.0);
+        assert_eq!(opt.moves, 0);
+        let deadline = Model {
+            deadline_secs: Some(5000.0),
+            ..m.clone()
+        };
+        let opt = optimum(&w, &deadline);
+        check(&opt, &[(3800.0, 1.0)], 4800.0);
+        assert_eq!((opt.moves, opt.met_deadline), (1, Some(true)));
+        assert_eq!(opt.on_demand_hours, 0.0);
+        // No policy pays less.
+        for d in [
+            driver(&w, &deadline, Variant::NOW, "driver"),
+            spot_restart(&w, &deadline, true, "app"),
+            on_demand(&w, &deadline),
+        ] {
+            assert!(
+                d.cost >= opt.cost,
+                "{} pays {} < {}",
+                d.policy,
+                d.cost,
+                opt.cost
+            );
+        }
     }
 
     #[test]
@@ -952,8 +986,11 @@ mod tests {
         let d = driver(&w, &m, Variant::NOW, "driver");
         check(&d, &[(3710.0, 3.0)], 5506.0);
         // The optimum cannot beat on-demand when there is no spot: the hour at $3.
-        let opt = optimum(&w, &m);
+        let opt = lower_bound(&w, &m);
         check(&opt, &[(3600.0, 3.0)], 3600.0);
+        // The optimum: on-demand, its start paid.
+        let opt = optimum(&w, &m);
+        check(&opt, &[(3700.0, 3.0)], 3700.0);
         // A deadline too close for anything but on-demand from the start, and never missed.
         let m = Model {
             deadline_secs: Some(3800.0),
