@@ -61,6 +61,7 @@ fn replay_reports_every_policy_as_a_table_json_and_plots() {
         "driver-before",
         "driver",
         "optimum",
+        "lower-bound",
     ] {
         assert!(stdout.contains(policy), "{policy} missing:\n{stdout}");
     }
@@ -92,8 +93,13 @@ fn replay_reports_every_policy_as_a_table_json_and_plots() {
         for run in set["runs"].as_array().unwrap() {
             let o = run["outcomes"].as_array().unwrap();
             let cost = |i: usize| o[i]["cost"].as_f64().unwrap();
-            // No policy beats the optimum's lower bound; on-demand is the most any
-            // finishing policy should pay here; the deadline holds for the driver.
+            // No policy beats the optimum, nor the optimum its lower bound; on-demand is
+            // the most any finishing policy should pay here; the deadline holds for the
+            // driver and the optimum.
+            assert_eq!(
+                (&o[5]["policy"], &o[6]["policy"]),
+                (&"optimum".into(), &"lower-bound".into())
+            );
             for i in 0..5 {
                 assert!(
                     cost(i) >= cost(5) - 1e-9,
@@ -101,6 +107,11 @@ fn replay_reports_every_policy_as_a_table_json_and_plots() {
                     o[i]["policy"]
                 );
             }
+            assert!(
+                cost(5) >= cost(6) - 1e-9,
+                "the optimum below its bound: {o:?}"
+            );
+            assert_eq!(o[5]["met_deadline"], true, "{o:?}");
             assert!(
                 cost(4) < cost(0),
                 "the driver pays less than on-demand: {o:?}"
@@ -111,13 +122,13 @@ fn replay_reports_every_policy_as_a_table_json_and_plots() {
         }
     }
     let summary = v["summary"].as_array().unwrap();
-    assert_eq!(summary.len(), 6);
+    assert_eq!(summary.len(), 7);
     assert_eq!(summary[4]["missed_deadline"], 0);
     for name in ["aws-01-01-2026_v100_1.svg", "gcp-01-01-2026_c3-88.svg"] {
         let svg = std::fs::read_to_string(plots.join(name)).expect(name);
         assert!(svg.starts_with("<svg"), "{name}");
         // A line per policy in each of the two panels.
-        assert!(svg.matches("<polyline").count() >= 12, "{name}: {svg:.300}");
+        assert!(svg.matches("<polyline").count() >= 14, "{name}: {svg:.300}");
         assert!(svg.contains("driver") && svg.contains("optimum"), "{name}");
     }
 }
