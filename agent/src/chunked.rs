@@ -280,6 +280,7 @@ fn dump_inner(
                     name: e.name.clone(),
                     size: e.size,
                     sha256: String::new(),
+                    blake3: String::new(),
                     chunks: Some(e.chunks.clone()),
                 })
                 .collect();
@@ -351,6 +352,7 @@ fn entries_of(up: &[cedana_store::UploadedEntry]) -> Vec<Entry> {
             name: e.name.clone(),
             size: e.size,
             sha256: String::new(),
+            blake3: String::new(),
             chunks: Some(e.chunks.clone()),
         })
         .collect()

@@ -18,7 +18,7 @@ use crate::archive::{
 use crate::criu::{self, images, Criu, CriuError, DumpRequest};
 use crate::process::{ProcessError, ProcessInfo};
 use crate::progress::Progress;
-use crate::{files, staging};
+use crate::{capture, files, staging};
 
 pub use cedana_protocol::{CriuOptions, TcpMode};
 
@@ -372,34 +372,55 @@ pub fn dump_into(
         };
     // Into a sink, stored page images stream out as CRIU writes them too (their sizes go to
     // the sink at the end, see `zipfmt::Sink::commit`).
-    let (criu_result, criu_time, streamed) =
-        if opts.compression == Compression::None && sink.is_none() {
-            follow_page_images(criu, &req, |name, path, complete| {
-                digests.push((
-                    name.to_string(),
-                    archive::digest_following(path, complete, true, progress)?,
-                ));
-                Ok(())
-            })
-        } else {
-            match new_writer(&mut sink, opts.compression) {
-                Ok(w) => {
-                    let w = writer.insert(w);
-                    follow_page_images(criu, &req, |name, path, complete| {
-                        w.add(
-                            &format!("{}/{name}", archive::IMAGES_DIR),
-                            path,
-                            Some(complete),
-                            progress,
-                        )?;
-                        Ok(())
-                    })
+    // Stored into a file: CRIU's page images go straight into the archive through FIFOs
+    // (see [`capture`]); where FIFOs cannot be made, followed as files as below.
+    let fifos = match (opts.compression, &sink) {
+        (Compression::None, None) => {
+            match capture::Fifos::make(work.path(), info.tree.len() + 16) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    warn!(error = %e, "no FIFOs for the page images: they are written twice");
+                    None
                 }
-                Err(e) => return Err(e.into()),
             }
-        };
+        }
+        _ => None,
+    };
+    let (criu_result, criu_time, streamed) = if let Some(fifos) = fifos {
+        let w = writer.insert(archive::Writer::new(&opts.dir, stem, Compression::None)?);
+        capture_page_images(criu, &req, fifos, w, progress)
+    } else if opts.compression == Compression::None && sink.is_none() {
+        follow_page_images(criu, &req, |name, path, complete| {
+            digests.push((
+                name.to_string(),
+                archive::digest_following(path, complete, true, progress)?,
+            ));
+            Ok(())
+        })
+    } else {
+        match new_writer(&mut sink, opts.compression) {
+            Ok(w) => {
+                let w = writer.insert(w);
+                follow_page_images(criu, &req, |name, path, complete| {
+                    w.add(
+                        &format!("{}/{name}", archive::IMAGES_DIR),
+                        path,
+                        Some(complete),
+                        progress,
+                    )?;
+                    Ok(())
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if let Err(source) = criu_result {
         progress.finish();
+        // A page image that could not be stored fails CRIU too (its FIFO closed): the
+        // archive's error says why.
+        if let (true, Err(e)) = (writer.is_some(), streamed) {
+            return Err(e);
+        }
         let kept = keep_log(
             &work.path().join(criu::DUMP_LOG),
             &opts.dir.join(format!("{stem}.dump-failed.log")),
@@ -545,6 +566,44 @@ fn follow_page_images(
             }
         }
         // After a CRIU failure the page images may be partial; the caller discards them.
+        let (r, took) = handle.join().expect("CRIU thread does not panic");
+        (r, took, result)
+    })
+}
+
+/// Runs CRIU's dump on a second thread while this one splices each page image CRIU writes
+/// into a FIFO of `fifos` into the archive `w`. Returns CRIU's result, how long CRIU took, and
+/// the archive's result.
+fn capture_page_images(
+    criu: &Criu,
+    req: &DumpRequest,
+    mut fifos: capture::Fifos,
+    w: &mut archive::Writer,
+    progress: &dyn Progress,
+) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
+    let criu_done = AtomicBool::new(false);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            let r = criu.dump(req, &mut |_| {});
+            let took = t0.elapsed();
+            criu_done.store(true, Ordering::SeqCst);
+            (r, took)
+        });
+        let done = || criu_done.load(Ordering::SeqCst);
+        let result = fifos.follow(&done, |name, fd| {
+            w.add_from_fifo(
+                &format!("{}/{name}", archive::IMAGES_DIR),
+                fd,
+                &done,
+                progress,
+            )
+            .map(|_| ())
+            .map_err(DumpError::from)
+        });
+        // After a failure here CRIU may be writing into a FIFO nobody reads: with every read
+        // end closed its writes fail and it ends.
+        drop(fifos);
         let (r, took) = handle.join().expect("CRIU thread does not panic");
         (r, took, result)
     })

@@ -4,6 +4,7 @@
 //! library directly. See ARCHITECTURE.md for the map.
 
 pub mod archive;
+pub mod capture;
 pub mod check;
 pub mod chunked;
 pub mod chunkzip;

@@ -207,7 +207,7 @@ fn corrupt_bytes_inside_an_entry() {
     }
     let bad = fx.sb.path().join("case-2.zip");
     std::fs::write(&bad, &bytes).unwrap();
-    assert_refused(&fx, &bad, "SHA-256");
+    assert_refused(&fx, &bad, "BLAKE3");
 }
 
 #[test]
@@ -225,7 +225,7 @@ fn checksum_differs_from_manifest() {
         true,
         |_| {},
     );
-    assert_refused(&fx, &bad, "SHA-256");
+    assert_refused(&fx, &bad, "BLAKE3");
 }
 
 #[test]

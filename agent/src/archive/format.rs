@@ -142,12 +142,27 @@ pub use cedana_protocol::Compression;
 pub struct Entry {
     pub name: String,
     pub size: u64,
-    /// In an archive (format 1).
+    /// In an archive (format 1) made before BLAKE3.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// In an archive (format 1): the checksum checked when there is one (see
+    /// [`Entry::checksum`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub blake3: String,
     /// In a store (format 2, [`crate::chunked`]): the entry's chunks in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks: Option<Vec<cedana_store::ChunkRef>>,
+}
+
+impl Entry {
+    /// The checksum an archive's entry is checked against: its BLAKE3 if it has one, else its
+    /// SHA-256.
+    pub fn checksum(&self) -> (crate::hashing::Alg, &str) {
+        match self.blake3.is_empty() {
+            false => (crate::hashing::Alg::Blake3, &self.blake3),
+            true => (crate::hashing::Alg::Sha256, &self.sha256),
+        }
+    }
 }
 
 /// The process a checkpoint holds.

@@ -12,7 +12,7 @@ use super::format::{
     safe_entry_name, ArchiveError, Entry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST,
 };
 use crate::files;
-use crate::hashing::{self, HashPipe, CHUNK};
+use crate::hashing::{self, Alg, HashPipe, CHUNK};
 use crate::progress::Progress;
 use crate::zipfmt::read::{self as zipread, LocalHeader, Place};
 use crate::zipfmt::ChunkSource;
@@ -104,9 +104,11 @@ pub fn extract(
         });
         if let Ok((zip::CompressionMethod::Stored, start, csize, crc)) = raw {
             if csize == entry.size {
-                let (sum, actual_crc) = copy_and_hash(path, start, entry.size, &dest, progress)?;
-                if sum != entry.sha256 {
-                    return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+                let (alg, want) = entry.checksum();
+                let (sum, actual_crc) =
+                    copy_and_hash(path, start, entry.size, &dest, alg, progress)?;
+                if sum != want {
+                    return Err(mismatch(path, entry, alg.name(), want.to_string(), sum));
                 }
                 if actual_crc != crc {
                     return Err(corrupt(format!(
@@ -125,7 +127,8 @@ pub fn extract(
             source,
         })?;
         let mut out = BufWriter::with_capacity(CHUNK, file);
-        let mut pipe = HashPipe::new();
+        let (alg, want) = entry.checksum();
+        let mut pipe = HashPipe::with(alg);
         let mut size = 0u64;
         loop {
             let mut buf = pipe.buffer();
@@ -165,8 +168,8 @@ pub fn extract(
             ));
         }
         let sum = pipe.finish();
-        if sum != entry.sha256 {
-            return Err(mismatch(path, entry, "SHA-256", entry.sha256.clone(), sum));
+        if sum != want {
+            return Err(mismatch(path, entry, alg.name(), want.to_string(), sum));
         }
     }
     Ok(Extracted {
@@ -261,12 +264,19 @@ pub fn extract_stream(
                 got.usize.to_string(),
             ));
         }
+        // A streamed archive is checked with the SHA-256 taken as it went by (the manifest,
+        // which says which checksum an entry has, comes last): one with BLAKE3 checksums only
+        // (a standalone dump) cannot be checked this way, and is refused.
         if got.sha256 != entry.sha256 {
+            let (alg, want) = entry.checksum();
             return Err(mismatch(
                 label,
                 entry,
                 "SHA-256",
-                entry.sha256.clone(),
+                match alg {
+                    Alg::Sha256 => want.to_string(),
+                    Alg::Blake3 => "a SHA-256 (it has only a BLAKE3; restore it from a file: `cedana-agent restore ZIP`)".to_string(),
+                },
                 got.sha256.clone(),
             ));
         }
@@ -279,15 +289,15 @@ pub fn extract_stream(
 }
 
 /// Copies `len` bytes at `start` of the archive into `dest` by the kernel (`copy_file_range`)
-/// while this thread hashes the same bytes; returns their SHA-256 and CRC-32.
+/// while this thread hashes the same bytes; returns their `alg` digest and CRC-32.
 fn copy_and_hash(
     archive: &Path,
     start: u64,
     len: u64,
     dest: &Path,
+    alg: Alg,
     progress: &dyn Progress,
 ) -> Result<(String, u32), ArchiveError> {
-    use sha2::Digest as _;
     use std::os::unix::fs::FileExt;
     let corrupt = |e: std::io::Error| ArchiveError::Corrupt {
         path: archive.to_path_buf(),
@@ -314,7 +324,7 @@ fn copy_and_hash(
             }
             Ok(())
         });
-        let mut h = sha2::Sha256::new();
+        let mut h = hashing::Hasher::new(alg);
         let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut pos = 0u64;
@@ -332,7 +342,7 @@ fn copy_and_hash(
             progress.advance(n as u64);
         }
         match copier.join().expect("copy thread does not panic") {
-            Ok(()) => Ok((hex::encode(h.finalize()), crc.finalize())),
+            Ok(()) => Ok((h.hex(), crc.finalize())),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(corrupt(e)),
             Err(source) => Err(ArchiveError::Write {
                 path: dest.to_path_buf(),

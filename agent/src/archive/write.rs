@@ -77,6 +77,90 @@ fn read_following(
     }
 }
 
+/// The checksums of an entry spliced into `file` from `start` on, as its length grows (each
+/// length sent on `grown`; the channel closed at its end): its length, CRC-32 and BLAKE3. The
+/// bytes are hashed where they lie in the page cache (mapped, not copied), on this thread and a
+/// second one, both at the lowest priority: CRIU, whose time the task is frozen for, comes
+/// first, and the hashing takes the CPU it leaves. Writeback of each range starts as it is
+/// hashed.
+fn digest_spliced(
+    file: &File,
+    start: u64,
+    grown: std::sync::mpsc::Receiver<u64>,
+) -> std::io::Result<(u64, u32, String)> {
+    const WINDOW: u64 = 64 << 20;
+    // SAFETY: plain syscalls on this thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+    }
+    let page = 4096u64;
+    let mut crc = crc32fast::Hasher::new();
+    let mut blake3 = blake3::Hasher::new();
+    let mut read = 0u64;
+    while let Ok(mut written) = grown.recv() {
+        while let Ok(w) = grown.try_recv() {
+            written = w;
+        }
+        while read < written {
+            let len = (written - read).min(WINDOW);
+            let at = start + read;
+            let aligned = at - at % page;
+            let map_len = (at + len - aligned) as usize;
+            // SAFETY: a read-only shared mapping of bytes already written to the file (it
+            // only grows while this runs), unmapped below before anything else uses it.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    aligned as libc::off_t,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: the mapping above, `map_len` bytes long.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (ptr as *const u8).add((at - aligned) as usize),
+                    len as usize,
+                )
+            };
+            std::thread::scope(|s| {
+                if len >= 4 << 20 {
+                    s.spawn(|| {
+                        // SAFETY: as above, for this thread.
+                        unsafe {
+                            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                        }
+                        crc.update(bytes);
+                    });
+                } else {
+                    crc.update(bytes);
+                }
+                blake3.update(bytes);
+            });
+            // SAFETY: the mapping made above, no longer used.
+            unsafe {
+                libc::munmap(ptr, map_len);
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    at as i64,
+                    len as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            read += len;
+        }
+    }
+    Ok((read, crc.finalize(), blake3.finalize().to_hex().to_string()))
+}
+
+/// How long a FIFO may stay open and silent once its writer is done ([`Writer::add_from_fifo`]).
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An archive being written: under a temporary name in its final folder (or in a staging
 /// folder on the same filesystem) until [`Writer::finish`] syncs it and gives it its name; or
 /// into a [`Sink`] that commits it at the end. Dropped unfinished, it leaves nothing.
@@ -179,6 +263,7 @@ impl Writer {
                     name: name.into(),
                     size: digest.size,
                     sha256: digest.sha256.clone(),
+                    blake3: String::new(),
                     chunks: None,
                 }],
             })),
@@ -284,6 +369,7 @@ impl Writer {
             name: name.to_string(),
             size: written,
             sha256: pipe.finish(),
+            blake3: String::new(),
             chunks: None,
         });
         Ok(written)
@@ -329,6 +415,7 @@ impl Writer {
             name: name.to_string(),
             size: written,
             sha256: hex::encode(hash.finish()),
+            blake3: String::new(),
             chunks: None,
         });
         Ok(written)
@@ -373,9 +460,99 @@ impl Writer {
             name: name.to_string(),
             size: digest.size,
             sha256: digest.sha256.clone(),
+            blake3: String::new(),
             chunks: None,
         });
         Ok(())
+    }
+
+    /// Adds the stored entry `name` from the FIFO `fifo` (non-blocking, its writer connected)
+    /// as it is written: the kernel splices it straight into the archive file, and a second
+    /// thread reads it back from the page cache for its CRC-32 and BLAKE3 (the BLAKE3 on a
+    /// third), starting writeback as it goes. Ends when the writer closes the FIFO. Once
+    /// `done()` says the writer has finished, a FIFO still open and silent for [`STALL`] is
+    /// an error. Returns the entry's size.
+    pub fn add_from_fifo(
+        &mut self,
+        name: &str,
+        fifo: std::os::fd::BorrowedFd<'_>,
+        done: &dyn Fn() -> bool,
+        progress: &dyn Progress,
+    ) -> Result<u64, ArchiveError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        self.zip.begin_in_place(name).map_err(|e| self.werr(e))?;
+        let start = self.zip.position();
+        let (out, back) = match self.zip.file() {
+            Ok(file) => (file.as_raw_fd(), file.try_clone()),
+            Err(e) => (-1, Err(e)),
+        };
+        let back = back.map_err(|e| self.werr(e))?;
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let reader = std::thread::spawn(move || digest_spliced(&back, start, rx));
+        let mut size = 0u64;
+        let mut silent: Option<std::time::Instant> = None;
+        let spliced = loop {
+            // SAFETY: splice between two fds we hold open, no offsets (the FIFO has none, the
+            // archive's advances).
+            let n = unsafe {
+                libc::splice(
+                    fifo.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    out,
+                    std::ptr::null_mut(),
+                    CHUNK,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n > 0 {
+                size += n as u64;
+                self.zip.grown(n as u64);
+                progress.advance(n as u64);
+                let _ = tx.send(size);
+                silent = None;
+                continue;
+            }
+            if n == 0 {
+                break Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    if done()
+                        && silent.get_or_insert_with(std::time::Instant::now).elapsed() > STALL
+                    {
+                        break Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("CRIU finished but {name} stayed open and silent"),
+                        ));
+                    }
+                    let mut p = [PollFd::new(fifo, PollFlags::POLLIN)];
+                    let _ = poll(&mut p, PollTimeout::from(50u16));
+                }
+                _ => break Err(e),
+            }
+        };
+        drop(tx);
+        let digest = reader
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread panicked")));
+        spliced.map_err(|e| self.werr(e))?;
+        let (read, crc, blake3) = digest.map_err(|e| self.werr(e))?;
+        if read != size {
+            return Err(self.werr(std::io::Error::other(format!(
+                "{name}: {size} bytes spliced, {read} read back"
+            ))));
+        }
+        self.zip.end_in_place(crc, size).map_err(|e| self.werr(e))?;
+        self.entries.push(Entry {
+            name: name.to_string(),
+            size,
+            sha256: String::new(),
+            blake3,
+            chunks: None,
+        });
+        Ok(size)
     }
 
     /// Whether entry `name` was added.

@@ -212,6 +212,59 @@ impl ZipOut {
         Ok(())
     }
 
+    /// Starts a stored entry whose data the caller appends to the archive file itself
+    /// ([`ZipOut::file`], then [`ZipOut::grown`]); [`ZipOut::end_in_place`] then writes its
+    /// CRC-32 and sizes into its local header, so it reads like a complete file's entry (no
+    /// data descriptor). Into a file only.
+    pub fn begin_in_place(&mut self, name: &str) -> io::Result<()> {
+        assert!(self.open.is_none(), "previous entry not ended");
+        if !matches!(self.out, Output::File(_)) {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let mut extra = Vec::with_capacity(20);
+        extra.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
+        extra.extend_from_slice(&16u16.to_le_bytes());
+        extra.extend_from_slice(&[0u8; 16]);
+        let header = local_header(name, STORED, FLAG_UTF8, 0, U32_MAX, U32_MAX, &extra);
+        let offset = self.pos;
+        self.out.write_all(&header)?;
+        self.out.flush()?;
+        self.pos += header.len() as u64;
+        self.open = Some((name.to_string(), STORED, offset));
+        Ok(())
+    }
+
+    /// The archive file, everything written flushed to it and its offset at the end: where an
+    /// in-place entry's data goes ([`ZipOut::begin_in_place`]).
+    pub fn file(&mut self) -> io::Result<&File> {
+        match &mut self.out {
+            Output::File(f) => {
+                f.flush()?;
+                Ok(f.get_ref())
+            }
+            Output::Sink(_) => Err(io::Error::from(io::ErrorKind::Unsupported)),
+        }
+    }
+
+    /// Counts `n` bytes the caller appended to the file.
+    pub fn grown(&mut self, n: u64) {
+        self.pos += n;
+    }
+
+    /// Ends an in-place entry of `size` bytes with CRC-32 `crc`, written into its local header.
+    pub fn end_in_place(&mut self, crc: u32, size: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (name, _, offset) = self.open.take().expect("an entry is open");
+        let file = self.file()?;
+        file.write_all_at(&crc.to_le_bytes(), offset + 14)?;
+        let mut sizes = [0u8; 16];
+        sizes[..8].copy_from_slice(&size.to_le_bytes());
+        sizes[8..].copy_from_slice(&size.to_le_bytes());
+        file.write_all_at(&sizes, offset + 30 + name.len() as u64 + 4)?;
+        self.central.push(Central::stored(&name, crc, size, offset));
+        Ok(())
+    }
+
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.pos
