@@ -41,6 +41,9 @@ pub struct DumpOptions {
     /// Files of that folder to copy while the tree is stopped whatever their size (seen
     /// written in place by the task before; see [`files::snapshot`]).
     pub files_copy: Vec<PathBuf>,
+    /// Whether an archive file is on the disk (fsync) before the dump returns (and before a
+    /// stopped tree is killed).
+    pub sync: bool,
 }
 
 /// The result of a successful dump.
@@ -388,6 +391,7 @@ pub fn dump_into(
     };
     let (criu_result, criu_time, streamed) = if let Some(fifos) = fifos {
         let w = writer.insert(archive::Writer::new(&opts.dir, stem, Compression::None)?);
+        w.set_sync(opts.sync);
         capture_page_images(criu, &req, fifos, w, progress)
     } else if opts.compression == Compression::None && sink.is_none() {
         follow_page_images(criu, &req, |name, path, complete| {
@@ -472,6 +476,7 @@ pub fn dump_into(
             carried,
         );
         let t_finish = Instant::now();
+        writer.set_sync(opts.sync);
         let dest = writer.finish(&mut manifest, stem)?;
         Ok((dest, manifest, images_bytes, t_finish.elapsed()))
     };

@@ -575,6 +575,119 @@ fn a_killed_dump_leaves_no_stopped_tree_and_its_leftovers_are_swept() {
     assert_eq!(leftovers(&dir), Vec::<String>::new());
 }
 
+/// An agent killed while CRIU's page images stream into the archive through their FIFOs (the
+/// default, stored archive): CRIU's writes into the FIFOs fail, the tree runs on with its count
+/// unbroken, and the next dump sweeps the staging folder (FIFOs included) and the partial
+/// archive, then succeeds; `--no-sync` archives restore too.
+#[test]
+fn an_agent_killed_mid_page_image_leaves_the_task_running_and_its_leftovers_swept() {
+    if !criu_ready("an_agent_killed_mid_page_image") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let log = sb.path().join("fifo.log");
+    let py = python();
+    let task = sb.exec(
+        "fifo.log",
+        &[
+            py.to_str().unwrap(),
+            "-c",
+            "import os, time\nb = os.urandom(400 << 20)\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.05)",
+        ],
+    );
+    wait_for_numbers(&log, 5);
+    let dir = sb.path().join("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let partial = |d: &Path| -> Option<u64> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+    };
+    let mut dump = sb
+        .agent_cmd([
+            "dump",
+            "-p",
+            &task.pid.to_string(),
+            "-d",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once part of the page image is in the archive, before all of it is.
+    let start = std::time::Instant::now();
+    while partial(&dir).is_none_or(|n| n < 32 << 20) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no page image arrived in the archive"
+        );
+        assert!(dump.try_wait().unwrap().is_none(), "the dump ended first");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = dump.kill();
+    let _ = dump.wait();
+    let staged: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cedana-dump-") || n.ends_with(".partial"))
+        .collect();
+    assert!(!staged.is_empty(), "the killed dump left nothing to sweep");
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 10);
+    assert!(task.alive(), "the task runs on");
+    assert_unbroken(&numbers(&log), "the count after the killed dump");
+    let out = sb.agent([
+        "dump",
+        "-p",
+        &task.pid.to_string(),
+        "-d",
+        dir.to_str().unwrap(),
+        "--no-sync",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".zip"))
+        .collect();
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "swept: staging, FIFOs, partial archive"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pages: Vec<&serde_json::Value> = v["manifest"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+        .collect();
+    assert!(!pages.is_empty());
+    assert!(
+        pages
+            .iter()
+            .all(|e| e["blake3"].as_str().unwrap().len() == 64),
+        "page images carry a BLAKE3: {pages:?}"
+    );
+    wait_until(Duration::from_secs(10), "task gone", || !task.alive());
+    let archive = v["archive"].as_str().unwrap().to_string();
+    let out = sb.agent(["restore", &archive, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let restored = Task::new(v["pid"].as_i64().unwrap() as i32);
+    let n = numbers(&log).len();
+    wait_for_numbers(&log, n + 5);
+    assert!(restored.alive());
+}
+
 /// A stopped target (Ctrl-Z, a killed dump) is not checkpointed: it would come back stopped.
 #[test]
 fn a_stopped_target_is_refused_and_left_as_it_is() {

@@ -81,11 +81,12 @@ fn read_following(
 /// length sent on `grown`; the channel closed at its end): its length, CRC-32 and BLAKE3. The
 /// bytes are hashed where they lie in the page cache (mapped, not copied), on this thread and a
 /// second one, both at the lowest priority: CRIU, whose time the task is frozen for, comes
-/// first, and the hashing takes the CPU it leaves. Writeback of each range starts as it is
-/// hashed.
+/// first, and the hashing takes the CPU it leaves. With `writeback`, writeback of each range
+/// starts as it is hashed.
 fn digest_spliced(
     file: &File,
     start: u64,
+    writeback: bool,
     grown: std::sync::mpsc::Receiver<u64>,
 ) -> std::io::Result<(u64, u32, String)> {
     const WINDOW: u64 = 64 << 20;
@@ -145,6 +146,13 @@ fn digest_spliced(
             // SAFETY: the mapping made above, no longer used.
             unsafe {
                 libc::munmap(ptr, map_len);
+            }
+            if !writeback {
+                read += len;
+                continue;
+            }
+            // SAFETY: a plain syscall on an fd we hold; failure only means no early writeback.
+            unsafe {
                 libc::sync_file_range(
                     file.as_raw_fd(),
                     at as i64,
@@ -169,6 +177,8 @@ pub struct Writer {
     zip: ZipOut,
     compression: Compression,
     entries: Vec<Entry>,
+    /// Whether the file is synced (and written back as it goes) before it gets its name.
+    sync: bool,
 }
 
 /// Where a [`Writer`]'s archive goes.
@@ -215,6 +225,7 @@ impl Writer {
             zip: ZipOut::new(file),
             compression,
             entries: Vec::new(),
+            sync: true,
         })
     }
 
@@ -230,6 +241,7 @@ impl Writer {
             zip: ZipOut::to(Output::Sink(sink)),
             compression,
             entries: Vec::new(),
+            sync: true,
         }
     }
 
@@ -266,10 +278,17 @@ impl Writer {
                     blake3: String::new(),
                     chunks: None,
                 }],
+                sync: true,
             })),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
             Err(e) => Err(werr(e)),
         }
+    }
+
+    /// Whether a file archive is synced before [`Writer::finish`] names it (the default), and
+    /// written back as page images arrive.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
     }
 
     /// Whether the archive goes to a sink rather than a file.
@@ -488,7 +507,8 @@ impl Writer {
         };
         let back = back.map_err(|e| self.werr(e))?;
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
-        let reader = std::thread::spawn(move || digest_spliced(&back, start, rx));
+        let writeback = self.sync;
+        let reader = std::thread::spawn(move || digest_spliced(&back, start, writeback, rx));
         let mut size = 0u64;
         let mut silent: Option<std::time::Instant> = None;
         let spliced = loop {
@@ -588,7 +608,9 @@ impl Writer {
                 // adopted page image has CRIU's mode).
                 file.set_permissions(std::fs::Permissions::from_mode(0o600))
                     .map_err(werr)?;
-                file.sync_all().map_err(werr)?;
+                if self.sync {
+                    file.sync_all().map_err(werr)?;
+                }
                 (dir, tmp)
             }
             (Output::File(_), Dest::Sink { .. }) => {
@@ -604,7 +626,7 @@ impl Writer {
             });
             match tmp.persist_noclobber(&dest) {
                 Ok(()) => {
-                    if let Ok(d) = File::open(&dir) {
+                    if let (true, Ok(d)) = (self.sync, File::open(&dir)) {
                         let _ = d.sync_all();
                     }
                     return Ok(Finished::File(dest));

@@ -586,6 +586,7 @@ impl Worker {
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
             files_copy,
+            sync: true,
         };
         // Into the shared folder as a file, or streamed into the object store as it is made
         // (the tree stays frozen until the object is stored).
@@ -664,6 +665,7 @@ impl Worker {
             files: Some(self.opts.work_dir.clone()),
             files_exclude: vec![CHECKPOINTS_DIR.into(), TASKS_DIR.into()],
             files_copy,
+            sync: true,
         };
         let criu = self.criu.clone();
         let rt = tokio::runtime::Handle::current();
