@@ -126,6 +126,13 @@ impl MinimalRoot {
     /// A tree with `/`, `/dev`, `/proc` and `extra` (mount points, outermost first), and a
     /// fresh `/dev/shm` if `fresh_shm`. The folder it is built on is removed on drop.
     pub fn new(extra: &[PathBuf], fresh_shm: bool) -> std::io::Result<Self> {
+        // What agents killed while they built one (or CRIU restored under them) left: ours
+        // in the temporary folder, CRIU's in /tmp.
+        let tmp = std::env::temp_dir();
+        crate::staging::sweep_yards(&tmp, crate::staging::YARD_AGE);
+        if tmp != Path::new("/tmp") {
+            crate::staging::sweep_yards(Path::new("/tmp"), crate::staging::YARD_AGE);
+        }
         let yard = tempfile::Builder::new().prefix(".cedana-root-").tempdir()?;
         let c = |p: &Path| {
             CString::new(p.as_os_str().as_bytes())
