@@ -517,19 +517,14 @@ pub fn dump_into(
     })
 }
 
-/// Runs CRIU's dump on a second thread while this one hands each page image to `each` as
-/// soon as CRIU creates it, with a `complete` check that turns true once CRIU has closed it
-/// (inotify) or finished. Returns CRIU's result, how long CRIU took, and the result of `each`.
-fn follow_page_images(
+/// Runs CRIU's dump on a second thread while this one runs `work`, which is handed a check that
+/// turns true once CRIU has finished. Returns CRIU's result, how long CRIU took, and `work`'s.
+fn beside_criu<T>(
     criu: &Criu,
     req: &DumpRequest,
-    mut each: impl FnMut(&str, &Path, &dyn Fn() -> bool) -> Result<(), DumpError>,
-) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
-    let dir = &req.images_dir;
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-        .and_then(|i| i.add_watch(dir, AddWatchFlags::IN_CLOSE_WRITE).map(|_| i));
+    work: impl FnOnce(&dyn Fn() -> bool) -> T,
+) -> (Result<(), CriuError>, Duration, T) {
     let criu_done = AtomicBool::new(false);
-    let closed = std::cell::RefCell::new(BTreeSet::<String>::new());
     let t0 = Instant::now();
     std::thread::scope(|s| {
         let handle = s.spawn(|| {
@@ -538,6 +533,25 @@ fn follow_page_images(
             criu_done.store(true, Ordering::SeqCst);
             (r, took)
         });
+        let result = work(&|| criu_done.load(Ordering::SeqCst));
+        let (r, took) = handle.join().expect("CRIU thread does not panic");
+        (r, took, result)
+    })
+}
+
+/// Runs CRIU's dump while this thread hands each page image to `each` as soon as CRIU creates
+/// it, with a `complete` check that turns true once CRIU has closed it (inotify) or finished.
+/// Returns CRIU's result, how long CRIU took, and the result of `each`.
+fn follow_page_images(
+    criu: &Criu,
+    req: &DumpRequest,
+    mut each: impl FnMut(&str, &Path, &dyn Fn() -> bool) -> Result<(), DumpError>,
+) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
+    let dir = &req.images_dir;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .and_then(|i| i.add_watch(dir, AddWatchFlags::IN_CLOSE_WRITE).map(|_| i));
+    let closed = std::cell::RefCell::new(BTreeSet::<String>::new());
+    beside_criu(criu, req, |criu_done| {
         let is_closed = |name: &str| {
             if let Ok(i) = &inotify {
                 while let Ok(events) = i.read_events() {
@@ -553,64 +567,48 @@ fn follow_page_images(
             }
             closed.borrow().contains(name)
         };
+        // After a CRIU failure the page images may be partial; the caller discards them.
         let mut seen = BTreeSet::new();
-        let mut result = Ok(());
         loop {
-            let done = criu_done.load(Ordering::SeqCst);
+            let done = criu_done();
             match page_images(dir).into_iter().find(|n| !seen.contains(n)) {
                 Some(name) => {
-                    let complete = || criu_done.load(Ordering::SeqCst) || is_closed(&name);
-                    if let Err(e) = each(&name, &dir.join(&name), &complete) {
-                        result = Err(e);
-                        break;
-                    }
+                    let complete = || criu_done() || is_closed(&name);
+                    each(&name, &dir.join(&name), &complete)?;
                     seen.insert(name);
                 }
-                None if done => break,
+                None if done => return Ok(()),
                 None => std::thread::sleep(Duration::from_millis(2)),
             }
         }
-        // After a CRIU failure the page images may be partial; the caller discards them.
-        let (r, took) = handle.join().expect("CRIU thread does not panic");
-        (r, took, result)
     })
 }
 
-/// Runs CRIU's dump on a second thread while this one splices each page image CRIU writes
-/// into a FIFO of `fifos` into the archive `w`. Returns CRIU's result, how long CRIU took, and
-/// the archive's result.
+/// Runs CRIU's dump while this thread splices each page image CRIU writes into a FIFO of
+/// `fifos` into the archive `w`. Returns CRIU's result, how long CRIU took, and the archive's
+/// result.
 fn capture_page_images(
     criu: &Criu,
     req: &DumpRequest,
-    mut fifos: capture::Fifos,
+    fifos: capture::Fifos,
     w: &mut archive::Writer,
     progress: &dyn Progress,
 ) -> (Result<(), CriuError>, Duration, Result<(), DumpError>) {
-    let criu_done = AtomicBool::new(false);
-    let t0 = Instant::now();
-    std::thread::scope(|s| {
-        let handle = s.spawn(|| {
-            let r = criu.dump(req, &mut |_| {});
-            let took = t0.elapsed();
-            criu_done.store(true, Ordering::SeqCst);
-            (r, took)
-        });
-        let done = || criu_done.load(Ordering::SeqCst);
-        let result = fifos.follow(&done, |name, fd| {
+    beside_criu(criu, req, move |done| {
+        let mut fifos = fifos;
+        fifos.follow(done, |name, fd| {
             w.add_from_fifo(
                 &format!("{}/{name}", archive::IMAGES_DIR),
                 fd,
-                &done,
+                done,
                 progress,
             )
             .map(|_| ())
             .map_err(DumpError::from)
-        });
-        // After a failure here CRIU may be writing into a FIFO nobody reads: with every read
-        // end closed its writes fail and it ends.
-        drop(fifos);
-        let (r, took) = handle.join().expect("CRIU thread does not panic");
-        (r, took, result)
+        })
+        // After a failure here CRIU may be writing into a FIFO nobody reads: `fifos` goes
+        // here, before CRIU is waited for, and with every read end closed its writes fail
+        // and it ends.
     })
 }
 

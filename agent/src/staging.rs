@@ -61,10 +61,7 @@ const OURS: [&str; 2] = [".cedana-dump-", ".cedana-restore-"];
 /// removed. Bounded: the first 10,000 entries of `dir` are looked at.
 pub fn sweep(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return removed;
-    };
-    for e in entries.flatten().take(10_000) {
+    for e in first_entries(dir) {
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
         let Ok(t) = e.file_type() else { continue };
@@ -117,10 +114,7 @@ pub const YARD_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Bounded: the first 10,000 entries of `dir` are looked at.
 pub fn sweep_yards(dir: &Path, age: std::time::Duration) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return removed;
-    };
-    for e in entries.flatten().take(10_000) {
+    for e in first_entries(dir) {
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
         if !YARDS.iter().any(|p| name.starts_with(p))
@@ -136,6 +130,15 @@ pub fn sweep_yards(dir: &Path, age: std::time::Duration) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// The first 10,000 entries of `dir` (none if it cannot be read): what a sweep looks at.
+fn first_entries(dir: &Path) -> impl Iterator<Item = std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .take(10_000)
 }
 
 fn older_than(path: &Path, age: std::time::Duration) -> bool {

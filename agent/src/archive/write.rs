@@ -486,9 +486,8 @@ impl Writer {
     }
 
     /// Adds the stored entry `name` from the FIFO `fifo` (non-blocking, its writer connected)
-    /// as it is written: the kernel splices it straight into the archive file, and a second
-    /// thread reads it back from the page cache for its CRC-32 and BLAKE3 (the BLAKE3 on a
-    /// third), starting writeback as it goes. Ends when the writer closes the FIFO. Once
+    /// as it is written: the kernel splices it straight into the archive file, and
+    /// [`digest_spliced`] hashes it where it lies in the page cache. Ends when the writer closes the FIFO. Once
     /// `done()` says the writer has finished, a FIFO still open and silent for [`STALL`] is
     /// an error. Returns the entry's size.
     pub fn add_from_fifo(
