@@ -61,6 +61,30 @@ impl Hasher {
     }
 }
 
+/// The `alg` digest of `len` bytes of `file` at `start` (read, not mapped: a file cut short
+/// meanwhile is an error, not a fault).
+pub fn digest_range(
+    file: &std::fs::File,
+    start: u64,
+    len: u64,
+    alg: Alg,
+) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Hasher::new(alg);
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(CHUNK as u64) as usize;
+        let n = file.read_at(&mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.hex())
+}
+
 /// Hashes the chunks handed to it on its own thread; [`HashPipe::finish`] gives the hex digest.
 pub struct HashPipe {
     tx: Option<SyncSender<Vec<u8>>>,

@@ -23,6 +23,7 @@ pub mod process;
 pub mod progress;
 pub mod restore;
 pub mod staging;
+pub mod streamer;
 pub mod zipfmt;
 
 use std::path::{Path, PathBuf};

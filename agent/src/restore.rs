@@ -79,6 +79,12 @@ pub struct RestoreOutcome {
     pub verify_time: Duration,
     #[serde(with = "millis")]
     pub criu_time: Duration,
+    /// From the restore's start until CRIU had the tree running again.
+    #[serde(with = "millis")]
+    pub running_after: Duration,
+    /// CRIU read the page images from the archive as it went ([`crate::streamer`]), not
+    /// from copies.
+    pub streamed: bool,
     pub manifest: Manifest,
 }
 
@@ -137,18 +143,66 @@ pub fn restore(
 ) -> Result<RestoreOutcome, RestoreError> {
     let path = &opts.archive;
     let t0 = Instant::now();
-    archive::inspect(path)?;
+    let manifest = archive::inspect(path)?;
     let staging_root = staging_root_for(opts)?;
-    let extracted =
-        archive::extract(path, &staging_root, progress).inspect_err(|_| progress.finish())?;
-    restore_extracted(
-        criu,
-        extracted,
-        opts,
-        t0.elapsed(),
-        &failed_log_path(path),
-        progress,
-    )
+    let stream = streams(&manifest);
+    let (extracted, pages) = archive::extract_leaving_pages(path, &staging_root, stream, progress)
+        .inspect_err(|_| progress.finish())?;
+    let failed_log = failed_log_path(path);
+    if pages.is_empty() {
+        return restore_extracted(criu, extracted, opts, t0.elapsed(), &failed_log, progress);
+    }
+    let req = request(&extracted, opts, progress)?;
+    let server = crate::streamer::ImageServer::new(path, extracted.images_dir(), pages, progress)?;
+    // CRIU starts while the CPU is checked and the carried files go back; it is answered only
+    // once they are done, so nothing is restored on a CPU that cannot run it.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<bool>(1);
+    let ready_rx = std::sync::Mutex::new(ready_rx);
+    let (checked, result, verify_time, criu_time) = std::thread::scope(|s| {
+        let checker = s.spawn(|| {
+            let r = check_cpu(criu, &extracted, opts, progress)
+                .and_then(|()| put_back(&extracted, opts, progress));
+            let _ = ready_tx.send(r.is_ok());
+            (r, t0.elapsed())
+        });
+        let t1 = Instant::now();
+        let result = criu.restore_streamed(&req, &|conn| {
+            let ready = ready_rx.lock().expect("not poisoned").recv();
+            if ready == Ok(true) {
+                progress.stage(
+                    "restoring with CRIU (memory read from the archive)",
+                    Some(server.page_bytes()),
+                );
+                server.serve(conn);
+            }
+        });
+        let criu_time = t1.elapsed();
+        let (checked, verify_time) = checker.join().expect("checks do not panic");
+        (checked, result, verify_time, criu_time)
+    });
+    let running_after = t0.elapsed();
+    progress.finish();
+    checked?;
+    match result {
+        Ok(pid) => {
+            info!(pid, archive = %path.display(), ?verify_time, ?criu_time, streamed = true, "restored");
+            let mut out = outcome(pid, extracted.manifest, opts, verify_time, criu_time);
+            out.running_after = running_after;
+            out.streamed = true;
+            Ok(out)
+        }
+        // A page image that failed its check is why CRIU failed.
+        Err(_) if let Some(e) = server.failure() => Err(e.into()),
+        Err(source) => Err(criu_failed(path, &req, source, &failed_log)),
+    }
+}
+
+/// Whether a full restore of an archive with this manifest reads its page images from the
+/// archive as CRIU goes (`criu restore --stream`, see [`crate::streamer`]) rather than from
+/// copies: yes unless the tree has a user namespace of its own (its restore needs CRIU's RPC)
+/// or `CEDANA_RESTORE_STREAM=0`.
+fn streams(m: &Manifest) -> bool {
+    !m.criu.user_namespace && std::env::var("CEDANA_RESTORE_STREAM").as_deref() != Ok("0")
 }
 
 /// Where a restore of `opts.archive` stages (created): `opts.staging`, else
@@ -198,30 +252,71 @@ pub(crate) fn prepare(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreRequest, RestoreError> {
+    let req = request(extracted, opts, progress)?;
+    check_cpu(criu, extracted, opts, progress)?;
+    put_back(extracted, opts, progress)?;
+    Ok(req)
+}
+
+/// CRIU's request for `extracted`: its options checked, its CPU description present.
+fn request(
+    extracted: &archive::Extracted,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreRequest, RestoreError> {
     let path = &opts.archive;
     let images = extracted.images_dir();
-    let criu_opts = opts.criu.over(&extracted.manifest.criu, path)?;
-    progress.stage("checking CPU compatibility", None);
+    let m = &extracted.manifest;
+    let criu_opts = opts.criu.over(&m.criu, path)?;
     if !images.join(criu::images::CPUINFO_IMG).is_file() {
         progress.finish();
         return Err(RestoreError::NoCpuInfo { path: path.clone() });
     }
-    if let Err(source) = criu.cpuinfo_check(&images) {
-        progress.finish();
-        let model = match &extracted.manifest.cpu {
-            Some(c) => format!(
-                " (it was taken on {} family {} model {})",
-                c.model_name, c.family, c.model
-            ),
-            None => String::new(),
-        };
-        return Err(RestoreError::Cpu {
-            path: path.clone(),
-            source: Box::new(source),
-            model,
-        });
-    }
+    Ok(RestoreRequest {
+        images_dir: images,
+        shell_job: m.criu.shell_job,
+        user_namespace: m.criu.user_namespace,
+        user_namespace_mounts: m.criu.user_namespace_mounts.clone(),
+        criu: criu_opts,
+        as_sibling: opts.as_child,
+        lazy_pages: false,
+    })
+}
 
+/// CRIU's word on whether this CPU can run the checkpoint.
+fn check_cpu(
+    criu: &Criu,
+    extracted: &archive::Extracted,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<(), RestoreError> {
+    progress.stage("checking CPU compatibility", None);
+    let Err(source) = criu.cpuinfo_check(&extracted.images_dir()) else {
+        return Ok(());
+    };
+    progress.finish();
+    let model = match &extracted.manifest.cpu {
+        Some(c) => format!(
+            " (it was taken on {} family {} model {})",
+            c.model_name, c.family, c.model
+        ),
+        None => String::new(),
+    };
+    Err(RestoreError::Cpu {
+        path: opts.archive.clone(),
+        source: Box::new(source),
+        model,
+    })
+}
+
+/// The first changes to the system: the carried files put back; then the tree's PIDs must be
+/// free.
+fn put_back(
+    extracted: &archive::Extracted,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<(), RestoreError> {
+    let path = &opts.archive;
     let m = &extracted.manifest;
     if let (Some(files), Some(to)) = (&m.files, &opts.files_to) {
         progress.stage("putting back the carried files", None);
@@ -236,15 +331,7 @@ pub(crate) fn prepare(
     if !m.criu.pid_namespace {
         wait_for_free_pids(path, &m.process.tree_pids)?;
     }
-    Ok(RestoreRequest {
-        images_dir: images,
-        shell_job: m.criu.shell_job,
-        user_namespace: m.criu.user_namespace,
-        user_namespace_mounts: m.criu.user_namespace_mounts.clone(),
-        criu: criu_opts,
-        as_sibling: opts.as_child,
-        lazy_pages: false,
-    })
+    Ok(())
 }
 
 /// CRIU's restore of `req`: the restored tree's PID and how long CRIU took. CRIU's log is kept
@@ -268,14 +355,22 @@ pub(crate) fn run_criu(
             info!(pid, archive = %path.display(), ?verify_time, ?criu_time, lazy = req.lazy_pages, "restored");
             Ok((pid, criu_time))
         }
-        Err(source) => {
-            let kept = keep_log(&req.images_dir.join(criu::RESTORE_LOG), failed_log);
-            Err(RestoreError::Criu {
-                path: path.clone(),
-                source: Box::new(source),
-                kept,
-            })
-        }
+        Err(source) => Err(criu_failed(path, req, source, failed_log)),
+    }
+}
+
+/// CRIU's failure to restore `req`, its log kept at `failed_log`.
+fn criu_failed(
+    path: &Path,
+    req: &RestoreRequest,
+    source: CriuError,
+    failed_log: &Path,
+) -> RestoreError {
+    let kept = keep_log(&req.images_dir.join(criu::RESTORE_LOG), failed_log);
+    RestoreError::Criu {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+        kept,
     }
 }
 
@@ -291,6 +386,8 @@ pub(crate) fn outcome(
         archive: opts.archive.clone(),
         verify_time,
         criu_time,
+        running_after: verify_time + criu_time,
+        streamed: false,
         manifest,
     }
 }

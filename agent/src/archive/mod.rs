@@ -22,6 +22,6 @@ pub use format::{
     Entry, Manifest, ManifestCriu, ManifestHost, ManifestProcess, FORMAT_VERSION, IMAGES_DIR,
     MANIFEST,
 };
-pub(crate) use verify::{check_names, check_room};
-pub use verify::{extract, extract_stream, inspect, Extracted};
+pub(crate) use verify::{check_names, check_room, mismatch};
+pub use verify::{extract, extract_leaving_pages, extract_stream, inspect, Extracted};
 pub use write::{digest_following, Finished, Writer};

@@ -408,9 +408,14 @@ fn a_page_image_spliced_from_a_fifo_reads_back_and_is_checked() {
     drop(x);
     // One byte of the page image changed, its CRC-32 mended too: the BLAKE3 catches it.
     // The entry is the archive's first: its local header at 0 (30 bytes, the name, a ZIP64
-    // field of 20), its data right after, the central directory after the data.
+    // field, padding), its data at the first page boundary, the central directory after it.
     let mut bytes = std::fs::read(&path).unwrap();
-    let start = 30 + "images/pages-1.img".len() + 20;
+    let start = 4096;
+    assert_eq!(
+        &bytes[30 + 18 + 20..30 + 18 + 22],
+        &[0x35, 0xd9],
+        "the padding field"
+    );
     assert_eq!(bytes[start..start + 64], data[..64]);
     bytes[start + 4096] ^= 1;
     let mut changed = data.clone();

@@ -80,6 +80,19 @@ pub fn extract(
     staging: &Path,
     progress: &dyn Progress,
 ) -> Result<Extracted, ArchiveError> {
+    extract_leaving_pages(path, staging, false, progress).map(|(e, _)| e)
+}
+
+/// [`extract`], but with `leave_pages` the page images stored uncompressed (`images/pages-*.img`)
+/// are neither copied nor checked here: they are returned, to be served to CRIU from the
+/// archive and checked as they are ([`crate::streamer`]).
+pub fn extract_leaving_pages(
+    path: &Path,
+    staging: &Path,
+    leave_pages: bool,
+    progress: &dyn Progress,
+) -> Result<(Extracted, Vec<crate::streamer::InPlace>), ArchiveError> {
+    let mut left = Vec::new();
     let mut zip = open_zip(path)?;
     let (manifest, manifest_sha256) = read_manifest_hashed(path, &mut zip)?;
     let index = check_listing(path, &mut zip, &manifest)?;
@@ -103,6 +116,13 @@ pub fn extract(
             )
         });
         if let Ok((zip::CompressionMethod::Stored, start, csize, crc)) = raw {
+            if leave_pages && csize == entry.size && is_page_image(&entry.name) {
+                left.push(crate::streamer::InPlace {
+                    entry: entry.clone(),
+                    start,
+                });
+                continue;
+            }
             if csize == entry.size {
                 let (alg, want) = entry.checksum();
                 let (sum, actual_crc) =
@@ -172,11 +192,22 @@ pub fn extract(
             return Err(mismatch(path, entry, alg.name(), want.to_string(), sum));
         }
     }
-    Ok(Extracted {
-        manifest,
-        manifest_sha256: Some(manifest_sha256),
-        dir,
-    })
+    Ok((
+        Extracted {
+            manifest,
+            manifest_sha256: Some(manifest_sha256),
+            dir,
+        },
+        left,
+    ))
+}
+
+/// `images/pages-<id>.img`: a page image, CRIU's copy of a process's memory.
+fn is_page_image(name: &str) -> bool {
+    name.strip_prefix(IMAGES_DIR)
+        .and_then(|n| n.strip_prefix("/pages-"))
+        .and_then(|n| n.strip_suffix(".img"))
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Verifies an archive read front to back from `src` (as it arrives from the object store) and
@@ -390,7 +421,7 @@ fn create_new(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-fn mismatch(
+pub(crate) fn mismatch(
     path: &Path,
     e: &Entry,
     what: &'static str,

@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use cedana_protocol::{CriuOptions, NetworkLock, TcpMode};
+use cedana_protocol::{CgroupMode, CriuOptions, NetworkLock, TcpMode};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
 use prost::Message;
 use serde::Serialize;
@@ -167,6 +167,51 @@ fn apply(opts: &mut proto::Opts, o: &CriuOptions, dump: bool) {
     }
 }
 
+/// A restore's options on CRIU's command line (see [`apply`] for the RPC's).
+fn cli_restore_options(o: &CriuOptions) -> Vec<String> {
+    let mut v = Vec::new();
+    match o.tcp {
+        TcpMode::Established => v.push("--tcp-established".to_string()),
+        TcpMode::Close => v.push("--tcp-close".to_string()),
+        TcpMode::Refuse => {}
+    }
+    if o.ext_unix_sk {
+        v.push("--ext-unix-sk".into());
+    }
+    let lock = match (o.network_lock, o.tcp) {
+        (Some(m), _) => Some(m),
+        (None, TcpMode::Established) => Some(NetworkLock::Nftables),
+        (None, _) => None,
+    };
+    if let Some(m) = lock {
+        v.push("--network-lock".into());
+        v.push(
+            match m {
+                NetworkLock::Iptables => "iptables",
+                NetworkLock::Nftables => "nftables",
+                NetworkLock::Skip => "skip",
+            }
+            .into(),
+        );
+    }
+    if let Some(m) = o.manage_cgroups {
+        let mode = match m {
+            CgroupMode::Ignore => "ignore",
+            CgroupMode::None => "none",
+            CgroupMode::Props => "props",
+            CgroupMode::Soft => "soft",
+            CgroupMode::Full => "full",
+            CgroupMode::Strict => "strict",
+        };
+        v.push(format!("--manage-cgroups={mode}"));
+    }
+    for e in &o.external {
+        v.push("--external".into());
+        v.push(e.clone());
+    }
+    v
+}
+
 /// A CRIU installation driven through `criu swrk`.
 #[derive(Clone, Debug)]
 pub struct Criu {
@@ -177,6 +222,10 @@ pub struct Criu {
 pub const DUMP_LOG: &str = "dump.log";
 /// Name of the log CRIU writes into the images directory on restore.
 pub const RESTORE_LOG: &str = "restore.log";
+/// The socket `criu restore --stream` connects to in its images folder.
+pub const STREAMER_SOCKET: &str = "streamer-serve.sock";
+/// Where a streamed restore's CRIU writes the restored root's PID, in the images folder.
+const RESTORED_PID: &str = "restored.pid";
 const LOG_TAIL_LINES: usize = 12;
 
 impl Criu {
@@ -355,6 +404,132 @@ impl Criu {
                 log_path: Some(log),
             }),
         }
+    }
+
+    /// Restores as [`Self::restore`] does, but CRIU asks `serve` for every image instead of
+    /// reading the images folder: `criu restore --stream`, CRIU's image-streamer protocol,
+    /// which its RPC cannot use, so CRIU runs here as a command. `serve` gets the one
+    /// connection CRIU makes to [`STREAMER_SOCKET`] in `r.images_dir`, and answers until it
+    /// ends (see [`crate::streamer`]); the connection is shut once CRIU has exited. Not for
+    /// lazy restores or trees with a user namespace of their own (they need the RPC).
+    pub fn restore_streamed(
+        &self,
+        r: &RestoreRequest,
+        serve: &(dyn Fn(std::os::unix::net::UnixStream) + Sync),
+    ) -> Result<i32, CriuError> {
+        use std::os::unix::net::UnixListener;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        if r.lazy_pages || r.user_namespace {
+            return Err(self.io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a lazy or user-namespace restore cannot stream its images",
+            )));
+        }
+        let dir = std::fs::File::open(&r.images_dir).map_err(|e| self.io(e))?;
+        let socket = r.images_dir.join(STREAMER_SOCKET);
+        let _ = std::fs::remove_file(&socket);
+        // Bound through the folder's descriptor: a socket's path is limited to 107 bytes, the
+        // staging folder's is not. CRIU runs in the folder and connects to `./NAME`.
+        let listener = UnixListener::bind(format!(
+            "/proc/self/fd/{}/{STREAMER_SOCKET}",
+            dir.as_raw_fd()
+        ))
+        .map_err(|e| self.io(e))?;
+        listener.set_nonblocking(true).map_err(|e| self.io(e))?;
+        let pidfile = r.images_dir.join(RESTORED_PID);
+        let _ = std::fs::remove_file(&pidfile);
+        let mut cmd = Command::new(&self.path);
+        cmd.current_dir(&r.images_dir)
+            .args(["restore", "--stream", "-D", ".", "-o", RESTORE_LOG])
+            .arg(format!("-v{}", log_level()))
+            .args(["--file-locks", "-d", "--pidfile"])
+            .arg(&pidfile)
+            .args(cli_restore_options(&r.criu))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if r.shell_job {
+            cmd.arg("--shell-job");
+        }
+        if r.as_sibling {
+            cmd.arg("--restore-sibling");
+        }
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut stderr = child.stderr.take();
+        let criu_done = AtomicBool::new(false);
+        let conn_slot: std::sync::Mutex<Option<std::os::unix::net::UnixStream>> =
+            std::sync::Mutex::new(None);
+        let (status, said) = std::thread::scope(|s| {
+            let said = s.spawn(move || {
+                let mut text = String::new();
+                if let Some(e) = stderr.as_mut() {
+                    let _ = e.read_to_string(&mut text);
+                }
+                text
+            });
+            let server = s.spawn(|| loop {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        if conn.set_nonblocking(false).is_err() {
+                            return;
+                        }
+                        if let Ok(c) = conn.try_clone() {
+                            *conn_slot.lock().expect("not poisoned") = Some(c);
+                        }
+                        // CRIU may have ended between the accept and the slot being filled.
+                        if criu_done.load(Ordering::SeqCst) {
+                            let _ = conn.shutdown(std::net::Shutdown::Both);
+                        }
+                        let end = conn.try_clone();
+                        serve(conn);
+                        // However `serve` ended, CRIU is told: the copy kept above would
+                        // otherwise hold the connection open, CRIU waiting on it.
+                        if let Ok(c) = end {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                        return;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if criu_done.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "image streamer socket failed");
+                        return;
+                    }
+                }
+            });
+            let status = child.wait();
+            criu_done.store(true, Ordering::SeqCst);
+            // The restored tree does not keep CRIU's end; this ends the serving anyway.
+            if let Some(c) = conn_slot.lock().expect("not poisoned").as_ref() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            let _ = server.join();
+            (status, said.join().unwrap_or_default())
+        });
+        let _ = std::fs::remove_file(&socket);
+        for line in said.lines().filter(|l| !l.trim().is_empty()) {
+            debug!(line, "criu stderr");
+        }
+        let log = r.images_dir.join(RESTORE_LOG);
+        let status = status.map_err(|e| self.io(e))?;
+        if !status.success() {
+            return Err(failure("restore", &Resp::default(), Some(&log)));
+        }
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        text.trim().parse().map_err(|_| CriuError::Failed {
+            request: "restore",
+            errno: String::new(),
+            errmsg: format!(": CRIU reported success but wrote no PID ({text:?})"),
+            log: String::new(),
+            log_path: Some(log),
+        })
     }
 
     /// Writes this CPU's description (`cpuinfo.img`) into `images_dir`.

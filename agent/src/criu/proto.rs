@@ -257,3 +257,18 @@ pub struct PagemapEntry {
     #[prost(uint64, optional, tag = "5")]
     pub pages: Option<u64>,
 }
+
+/// `img_streamer_request_entry` (CRIU's `images/img-streamer.proto`): the image file
+/// `criu restore --stream` asks for.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamerRequest {
+    #[prost(string, required, tag = "1")]
+    pub filename: String,
+}
+
+/// `img_streamer_reply_entry`: whether that file exists (a pipe carrying it follows).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamerReply {
+    #[prost(bool, required, tag = "1")]
+    pub exists: bool,
+}

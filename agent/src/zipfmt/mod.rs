@@ -33,6 +33,10 @@ const LOCATOR64_SIG: u32 = 0x0706_4b50;
 const FLAG_DESCRIPTOR: u16 = 1 << 3;
 /// Header id of the ZIP64 extra field.
 const EXTRA_ZIP64: u16 = 0x0001;
+/// Header id of the padding field that aligns an entry's data (`zipalign`'s).
+const EXTRA_ALIGN: u16 = 0xd935;
+/// Where in-place entries' data starts: a page boundary.
+const ALIGN: u64 = 4096;
 const U32_MAX: u64 = u32::MAX as u64;
 
 /// Errors reading a zip front to back. Each names the archive by the label its reader was

@@ -15,8 +15,8 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 
 use super::{
-    Sink, CENTRAL_SIG, DESCRIPTOR_SIG, EOCD64_SIG, EOCD_SIG, EXTRA_ZIP64, FLAG_DESCRIPTOR,
-    LOCAL_SIG, LOCATOR64_SIG, STORED, U32_MAX, ZSTD,
+    Sink, ALIGN, CENTRAL_SIG, DESCRIPTOR_SIG, EOCD64_SIG, EOCD_SIG, EXTRA_ALIGN, EXTRA_ZIP64,
+    FLAG_DESCRIPTOR, LOCAL_SIG, LOCATOR64_SIG, STORED, U32_MAX, ZSTD,
 };
 
 const FLAG_UTF8: u16 = 1 << 11;
@@ -225,8 +225,20 @@ impl ZipOut {
         extra.extend_from_slice(&EXTRA_ZIP64.to_le_bytes());
         extra.extend_from_slice(&16u16.to_le_bytes());
         extra.extend_from_slice(&[0u8; 16]);
-        let header = local_header(name, STORED, FLAG_UTF8, 0, U32_MAX, U32_MAX, &extra);
+        // The data starts on a page boundary (the padding field `zipalign` writes): the pages
+        // of a page image are then whole pages of the file, which a restore hands to CRIU
+        // from the page cache as they are (see `crate::streamer`).
         let offset = self.pos;
+        let unpadded = offset + 30 + name.len() as u64 + extra.len() as u64;
+        let mut pad = (ALIGN - unpadded % ALIGN) % ALIGN;
+        if pad < 6 {
+            pad += ALIGN;
+        }
+        extra.extend_from_slice(&EXTRA_ALIGN.to_le_bytes());
+        extra.extend_from_slice(&((pad - 4) as u16).to_le_bytes());
+        extra.extend_from_slice(&(ALIGN as u16).to_le_bytes());
+        extra.resize(extra.len() + pad as usize - 6, 0);
+        let header = local_header(name, STORED, FLAG_UTF8, 0, U32_MAX, U32_MAX, &extra);
         self.out.write_all(&header)?;
         self.out.flush()?;
         self.pos += header.len() as u64;
