@@ -228,6 +228,9 @@ run_variant() {
     # Every variant kills the dumped process; the agent sends SIGKILL just before it exits,
     # so give the process a moment to die (untimed) before the restore needs its PIDs.
     wait_gone "$pid"
+    # Read before the clock starts (python, tens of ms).
+    local archive=
+    [[ $variant != agent-* ]] || archive=$(json_field archive <<<"$out")
     sync
     t1b=$(now)
     case $variant in
@@ -235,7 +238,7 @@ run_variant() {
         # Restored is when the agent prints the PID (the task runs); resident is when it
         # returns (every page is back).
         mkfifo "$DUMP/lazy.fifo"
-        bounded "$AGENT" restore --lazy "$(json_field archive <<<"$out")" >"$DUMP/lazy.fifo" 2>"$DUMP/lazy.err" &
+        bounded "$AGENT" restore --lazy "$archive" >"$DUMP/lazy.fifo" 2>"$DUMP/lazy.err" &
         local job=$!
         read -r rpid <"$DUMP/lazy.fifo" || true
         t_run=$(now)
@@ -245,11 +248,12 @@ run_variant() {
     agent-*)
         local stream=1
         [[ $variant != agent-copy ]] || stream=0
-        CEDANA_RESTORE_STREAM=$stream bounded "$AGENT" restore "$(json_field archive <<<"$out")" --json >"$DUMP/restore.json"
+        CEDANA_RESTORE_STREAM=$stream bounded "$AGENT" restore "$archive" --json >"$DUMP/restore.json"
+        t2=$(now)
         rpid=$(json_field pid <"$DUMP/restore.json")
         # The command then watches the process for 0.2 s (it must keep running); the task
         # ran again when CRIU returned.
-        running=$(awk -v ms="$(json_field running_after_ms <"$DUMP/restore.json")" 'BEGIN { printf "%.3f", ms / 1000 }')
+        running=$(awk -v ms="$(json_field running_after <"$DUMP/restore.json")" 'BEGIN { printf "%.3f", ms / 1000 }')
         ;;
     criu | criu-sync | zip)
         local img=$DUMP/img
@@ -264,7 +268,7 @@ run_variant() {
         rpid=$(<"$DUMP/restored.pid")
         ;;
     esac
-    t2=$(now)
+    [[ -n ${t2:-} ]] || t2=$(now)
     check_restored "$rpid"
     local caught=-
     [[ $MODE != read ]] || caught=$(caught_up "${t_run:-$t2}" "$t1b")
