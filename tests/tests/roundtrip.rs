@@ -1,6 +1,7 @@
 //! Dump and restore real processes with real CRIU; each test checks the restored process goes
 //! on from where it was, with its state intact.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::Path;
@@ -231,6 +232,53 @@ fn python_with_256_mib_keeps_its_memory() {
         "the pattern after the restore"
     );
     restored.kill();
+}
+
+/// A plain archive's page images are read by CRIU from the archive itself, each checked before
+/// its last page goes (`criu restore --stream`); the way before (copied out and checked
+/// first) stays behind `CEDANA_RESTORE_STREAM=0`. Both give back every page.
+#[test]
+fn memory_read_from_the_archive_in_place_comes_back_whole() {
+    if !criu_ready("memory_read_from_the_archive_in_place_comes_back_whole") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let py = python();
+    let task = sb.exec("big.log", &[py.to_str().unwrap(), "-c", BIG_MEMORY]);
+    let log = sb.path().join("big.log");
+    wait_until(Duration::from_secs(60), "256 MiB allocated", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")
+    });
+    let expected = expected_big_memory_sha();
+    let mut pid = task.pid;
+    for stream in ["1", "0"] {
+        let archive = sb.dump(pid, &[]);
+        wait_until(Duration::from_secs(10), "dumped task gone", || {
+            !Task::new(pid).alive()
+        });
+        let out = sb
+            .agent_cmd([OsStr::new("restore"), archive.as_os_str(), OsStr::new("--json")])
+            .env("CEDANA_RESTORE_STREAM", stream)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["streamed"], stream == "1", "{v}");
+        pid = v["pid"].as_i64().unwrap() as i32;
+        assert_eq!(
+            memory_sha(&sb, &log),
+            expected,
+            "the pattern after the restore (streamed: {stream})"
+        );
+        assert!(sb.staging_leftovers().is_empty());
+    }
+    Task::new(pid).kill();
 }
 
 #[test]
