@@ -45,6 +45,9 @@ pub struct InPlace {
 pub struct ImageServer<'a> {
     archive: &'a Path,
     file: File,
+    /// The archive as it was when the restore began (size, times): it must not change
+    /// while its bytes are being verified and read.
+    was: Stamp,
     images: PathBuf,
     /// Page images in the archive, by their file name in the images folder.
     pages: HashMap<String, InPlace>,
@@ -64,6 +67,10 @@ impl<'a> ImageServer<'a> {
             path: archive.to_path_buf(),
             source,
         })?;
+        let was = Stamp::of(&file).map_err(|source| ArchiveError::Open {
+            path: archive.to_path_buf(),
+            source,
+        })?;
         let pages = pages
             .into_iter()
             .filter_map(|p| {
@@ -74,6 +81,7 @@ impl<'a> ImageServer<'a> {
         Ok(ImageServer {
             archive,
             file,
+            was,
             images,
             pages,
             failure: Mutex::new(None),
@@ -180,6 +188,17 @@ impl<'a> ImageServer<'a> {
                 want.to_string(),
                 sum,
             )),
+            // The bytes hashed and those spliced were read apart: a write between them shows
+            // in the file's size or times.
+            Ok(_) if Stamp::of(&self.file).ok().as_ref() != Some(&self.was) => {
+                Some(ArchiveError::Corrupt {
+                    path: self.archive.to_path_buf(),
+                    reason: format!(
+                        "the archive was written to while entry {:?} was being restored from it; restore it again once nothing writes to it",
+                        p.entry.name
+                    ),
+                })
+            }
             Ok(_) => None,
         };
         if let Some(e) = refused {
@@ -196,6 +215,24 @@ impl<'a> ImageServer<'a> {
         if let Err(e) = tail {
             debug!(entry = p.entry.name, error = %e, "CRIU stopped reading");
         }
+    }
+}
+
+/// What shows that a file was written to: its size, modification and change times.
+#[derive(Debug, PartialEq, Eq)]
+struct Stamp(u64, i64, i64, i64, i64);
+
+impl Stamp {
+    fn of(f: &File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        Ok(Stamp(
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ))
     }
 }
 
@@ -242,11 +279,41 @@ fn splice_to(
             0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             _ => {
                 let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // A filesystem that cannot splice: copied through a buffer instead.
+                    Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                        return copy_to(file, off as u64, end - off as u64, pipe, advance)
+                    }
+                    _ => return Err(e),
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// [`splice_to`] through a buffer.
+fn copy_to(
+    file: &File,
+    at: u64,
+    len: u64,
+    pipe: &OwnedFd,
+    advance: &dyn Fn(u64),
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut out = File::from(pipe.try_clone()?);
+    let mut buf = vec![0u8; hashing::CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = file.read_at(&mut buf[..want], at + done)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out.write_all(&buf[..n])?;
+        advance(n as u64);
+        done += n as u64;
     }
     Ok(())
 }
@@ -395,6 +462,17 @@ mod tests {
             for name in ["missing.img", "../a.zip", "images/core-1.img"] {
                 assert!(ask(&ours, name).is_none(), "{name}");
             }
+            // The archive written to meanwhile: even a sound image is cut short.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&archive)
+                .unwrap()
+                .write_all(b"more")
+                .unwrap();
+            let cut = ask(&ours, "pages-1.img").unwrap();
+            assert_eq!(cut.len() as u64, good.len() as u64 - HOLD);
+            let err = server.failure().expect("refused").to_string();
+            assert!(err.contains("written to"), "{err}");
             ours.shutdown(std::net::Shutdown::Both).unwrap();
         });
     }

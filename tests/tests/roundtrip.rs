@@ -259,7 +259,11 @@ fn memory_read_from_the_archive_in_place_comes_back_whole() {
             !Task::new(pid).alive()
         });
         let out = sb
-            .agent_cmd([OsStr::new("restore"), archive.as_os_str(), OsStr::new("--json")])
+            .agent_cmd([
+                OsStr::new("restore"),
+                archive.as_os_str(),
+                OsStr::new("--json"),
+            ])
             .env("CEDANA_RESTORE_STREAM", stream)
             .output()
             .unwrap();
