@@ -192,8 +192,10 @@ pub fn restore(
             Ok(out)
         }
         // A page image that failed its check is why CRIU failed.
-        Err(_) if let Some(e) = server.failure() => Err(e.into()),
-        Err(source) => Err(criu_failed(path, &req, source, &failed_log)),
+        Err(source) => match server.failure() {
+            Some(e) => Err(e.into()),
+            None => Err(criu_failed(path, &req, source, &failed_log)),
+        },
     }
 }
 
