@@ -253,7 +253,10 @@ run_variant() {
         rpid=$(json_field pid <"$DUMP/restore.json")
         # The command then watches the process for 0.2 s (it must keep running); the task
         # ran again when CRIU returned.
-        running=$(awk -v ms="$(json_field running_after <"$DUMP/restore.json")" 'BEGIN { printf "%.3f", ms / 1000 }')
+        # (`running_after` from a plain archive's restore, `running_after_ms` from a chunked one's)
+        local ms
+        ms=$(json_field running_after <"$DUMP/restore.json" 2>/dev/null || json_field running_after_ms <"$DUMP/restore.json")
+        running=$(awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }')
         ;;
     criu | criu-sync | zip)
         local img=$DUMP/img

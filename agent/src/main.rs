@@ -875,6 +875,8 @@ struct LazyOutput {
     /// Why the restore was a full one, when it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     full_because: Option<String>,
+    /// A full restore handed CRIU its memory chunk by chunk as it read (none written first).
+    streamed: bool,
     /// From the start to the process running again.
     running_after_ms: u128,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -973,6 +975,7 @@ fn restore_lazily(
             verify_time_ms: restored.outcome.verify_time.as_millis(),
             criu_time_ms: restored.outcome.criu_time.as_millis(),
             full_because: restored.full_because,
+            streamed: restored.outcome.streamed,
             running_after_ms,
             served,
         });

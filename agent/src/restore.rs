@@ -152,10 +152,25 @@ pub fn restore(
     if pages.is_empty() {
         return restore_extracted(criu, extracted, opts, t0.elapsed(), &failed_log, progress);
     }
-    let req = request(&extracted, opts, progress)?;
     let server = crate::streamer::ImageServer::new(path, extracted.images_dir(), pages, progress)?;
-    // CRIU starts while the CPU is checked and the carried files go back; it is answered only
-    // once they are done, so nothing is restored on a CPU that cannot run it.
+    run_streamed(criu, extracted, &server, opts, t0, &failed_log, progress)
+}
+
+/// CRIU's restore of `extracted` (its small images checked into the staging folder), every
+/// image read through `server` (`criu restore --stream`). CRIU starts while the CPU is
+/// checked and the carried files go back; it is answered only once they are done, so nothing
+/// is restored on a CPU that cannot run it. `t0`: when the restore began.
+pub(crate) fn run_streamed(
+    criu: &Criu,
+    extracted: archive::Extracted,
+    server: &crate::streamer::ImageServer<'_>,
+    opts: &RestoreOptions,
+    t0: Instant,
+    failed_log: &Path,
+    progress: &dyn Progress,
+) -> Result<RestoreOutcome, RestoreError> {
+    let path = &opts.archive;
+    let req = request(&extracted, opts, progress)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<bool>(1);
     let ready_rx = std::sync::Mutex::new(ready_rx);
     let (checked, result, verify_time, criu_time) = std::thread::scope(|s| {
@@ -170,7 +185,7 @@ pub fn restore(
             let ready = ready_rx.lock().expect("not poisoned").recv();
             if ready == Ok(true) {
                 progress.stage(
-                    "restoring with CRIU (memory read from the archive)",
+                    "restoring with CRIU (memory read as it goes)",
                     Some(server.page_bytes()),
                 );
                 server.serve(conn);
@@ -193,8 +208,8 @@ pub fn restore(
         }
         // A page image that failed its check is why CRIU failed.
         Err(source) => match server.failure() {
-            Some(e) => Err(e.into()),
-            None => Err(criu_failed(path, &req, source, &failed_log)),
+            Some(e) => Err(e),
+            None => Err(criu_failed(path, &req, source, failed_log)),
         },
     }
 }
@@ -203,7 +218,7 @@ pub fn restore(
 /// archive as CRIU goes (`criu restore --stream`, see [`crate::streamer`]) rather than from
 /// copies: yes unless the tree has a user namespace of its own (its restore needs CRIU's RPC)
 /// or `CEDANA_RESTORE_STREAM=0`.
-fn streams(m: &Manifest) -> bool {
+pub(crate) fn streams(m: &Manifest) -> bool {
     !m.criu.user_namespace && std::env::var("CEDANA_RESTORE_STREAM").as_deref() != Ok("0")
 }
 

@@ -8,6 +8,11 @@
 //! CRIU cannot finish restoring a process, and the process never runs, before every byte of
 //! its memory was verified. On a mismatch the pipe is closed short, CRIU's restore fails and
 //! kills what it had built, and the error names the entry.
+//!
+//! A checkpoint in chunks (a store's, a chunked archive's) is served the same way, each page
+//! image chunk after chunk, fetched ahead by a few threads: a chunk goes into the pipe only
+//! once it was checked against its name ([`ChunkSource::fetch`]), and one that cannot be had
+//! ends the pipe there, naming the chunk.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,10 +27,14 @@ use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
 use prost::Message;
 use tracing::debug;
 
+use cedana_store::ChunkRef;
+
 use crate::archive::{ArchiveError, Entry};
 use crate::criu::proto::{StreamerReply, StreamerRequest};
 use crate::hashing;
+use crate::lazy::ChunkSource;
 use crate::progress::Progress;
+use crate::restore::RestoreError;
 
 /// Bytes of a page image held back until it is verified: CRIU reads a page at a time.
 const HOLD: u64 = 4096;
@@ -33,6 +42,8 @@ const HOLD: u64 = 4096;
 const MAX_REQUEST: usize = 4096;
 /// Size asked for the pipes CRIU reads (the default is 64 KiB).
 const PIPE_SIZE: libc::c_int = 1 << 20;
+/// Threads fetching one page image's chunks ahead of the pipe, each two chunks ahead at most.
+const LANES: usize = 3;
 
 /// A page image left in the archive: its manifest entry and where its bytes start.
 #[derive(Clone, Debug)]
@@ -43,16 +54,30 @@ pub struct InPlace {
 
 /// Serves one restore's images: see the module's documentation.
 pub struct ImageServer<'a> {
-    archive: &'a Path,
+    images: PathBuf,
+    /// The archive whose page images are served in place, if any.
+    archive: Option<InArchive<'a>>,
+    /// Page images in chunks, by their file name in the images folder, and their source.
+    chunked: HashMap<String, Vec<ChunkRef>>,
+    source: Option<std::sync::Arc<dyn ChunkSource>>,
+    failure: Mutex<Option<RestoreError>>,
+    progress: &'a dyn Progress,
+}
+
+/// An archive and the page images it holds in place.
+struct InArchive<'a> {
+    path: &'a Path,
     file: File,
     /// The archive as it was when the restore began (size, times): it must not change
     /// while its bytes are being verified and read.
     was: Stamp,
-    images: PathBuf,
     /// Page images in the archive, by their file name in the images folder.
     pages: HashMap<String, InPlace>,
-    failure: Mutex<Option<ArchiveError>>,
-    progress: &'a dyn Progress,
+}
+
+/// `images/pages-1.img` → `pages-1.img`.
+fn file_name(entry: &str) -> Option<String> {
+    entry.rsplit('/').next().map(str::to_string)
 }
 
 impl<'a> ImageServer<'a> {
@@ -73,30 +98,58 @@ impl<'a> ImageServer<'a> {
         })?;
         let pages = pages
             .into_iter()
-            .filter_map(|p| {
-                let name = p.entry.name.rsplit('/').next()?.to_string();
-                Some((name, p))
-            })
+            .filter_map(|p| Some((file_name(&p.entry.name)?, p)))
             .collect();
         Ok(ImageServer {
-            archive,
-            file,
-            was,
-            images,
-            pages,
-            failure: Mutex::new(None),
-            progress,
+            archive: Some(InArchive {
+                path: archive,
+                file,
+                was,
+                pages,
+            }),
+            ..ImageServer::of_chunks(images, None, Vec::new(), progress)
         })
     }
 
-    /// The bytes of the page images served from the archive.
+    /// Serves the files in `images`, and page images (entry name, chunks) from `source`.
+    pub fn of_chunks(
+        images: PathBuf,
+        source: Option<std::sync::Arc<dyn ChunkSource>>,
+        pages: Vec<(String, Vec<ChunkRef>)>,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        ImageServer {
+            images,
+            archive: None,
+            chunked: pages
+                .into_iter()
+                .filter_map(|(name, chunks)| Some((file_name(&name)?, chunks)))
+                .collect(),
+            source,
+            failure: Mutex::new(None),
+            progress,
+        }
+    }
+
+    /// The bytes of the page images served from the archive or from chunks.
     pub fn page_bytes(&self) -> u64 {
-        self.pages.values().map(|p| p.entry.size).sum()
+        let in_place: u64 = self
+            .archive
+            .iter()
+            .flat_map(|a| a.pages.values())
+            .map(|p| p.entry.size)
+            .sum();
+        let chunked: u64 = self.chunked.values().flatten().map(|c| c.size).sum();
+        in_place + chunked
     }
 
     /// Why a page image was refused, if one was: the restore failed for that reason.
-    pub fn failure(&self) -> Option<ArchiveError> {
+    pub fn failure(&self) -> Option<RestoreError> {
         self.failure.lock().expect("not poisoned").take()
+    }
+
+    fn refuse(&self, e: RestoreError) {
+        self.failure.lock().expect("not poisoned").get_or_insert(e);
     }
 
     /// Answers CRIU's requests on `conn` until it closes, each file on a thread of its own.
@@ -132,8 +185,11 @@ impl<'a> ImageServer<'a> {
         if !plain_name(name) {
             return None;
         }
-        if let Some(p) = self.pages.get(name) {
+        if let Some(p) = self.archive.as_ref().and_then(|a| a.pages.get(name)) {
             return Some(Source::Archive(p));
+        }
+        if let Some(c) = self.chunked.get(name) {
+            return Some(Source::Chunks(c));
         }
         let path = self.images.join(name);
         match std::fs::symlink_metadata(&path) {
@@ -162,27 +218,79 @@ impl<'a> ImageServer<'a> {
                 }
             }
             Source::Archive(p) => self.send_page_image(p, &pipe),
+            Source::Chunks(c) => self.send_chunks(&name, c, &pipe),
         }
+    }
+
+    /// The chunks in order, each checked before it goes, fetched ahead by [`LANES`] threads.
+    fn send_chunks(&self, name: &str, chunks: &[ChunkRef], pipe: &OwnedFd) {
+        let Some(source) = self.source.as_deref() else {
+            return;
+        };
+        let mut out = match pipe.try_clone() {
+            Ok(fd) => File::from(fd),
+            Err(e) => {
+                debug!(name, error = %e, "image not sent");
+                return;
+            }
+        };
+        std::thread::scope(|s| {
+            let lanes: Vec<std::sync::mpsc::Receiver<_>> = (0..LANES)
+                .map(|lane| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                    s.spawn(move || {
+                        for c in chunks.iter().skip(lane).step_by(LANES) {
+                            let got = source.fetch(c);
+                            let failed = got.is_err();
+                            // The receiver gone: the pipe ended, nothing more is wanted.
+                            if tx.send(got).is_err() || failed {
+                                return;
+                            }
+                        }
+                    });
+                    rx
+                })
+                .collect();
+            for i in 0..chunks.len() {
+                match lanes[i % LANES].recv() {
+                    Ok(Ok(bytes)) => {
+                        if let Err(e) = out.write_all(&bytes) {
+                            debug!(name, error = %e, "CRIU stopped reading");
+                            return;
+                        }
+                        self.progress.advance(bytes.len() as u64);
+                    }
+                    Ok(Err(e)) => {
+                        // The pipe closes short: CRIU fails and the process never runs.
+                        debug!(name, error = %e, "page image cut short");
+                        self.refuse(RestoreError::Chunk(e));
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
     }
 
     /// All but the last [`HOLD`] bytes at once, the rest once the whole was verified.
     fn send_page_image(&self, p: &InPlace, pipe: &OwnedFd) {
+        let Some(a) = &self.archive else { return };
         let size = p.entry.size;
         let hold = size.min(HOLD);
         let (alg, want) = p.entry.checksum();
         let advance = |n: u64| self.progress.advance(n);
         let (sum, sent) = std::thread::scope(|s| {
-            let hasher = s.spawn(|| hashing::digest_range(&self.file, p.start, size, alg));
-            let sent = splice_to(&self.file, p.start, size - hold, pipe, &advance);
+            let hasher = s.spawn(|| hashing::digest_range(&a.file, p.start, size, alg));
+            let sent = splice_to(&a.file, p.start, size - hold, pipe, &advance);
             (hasher.join().expect("hashing does not panic"), sent)
         });
         let refused = match sum {
             Err(e) => Some(ArchiveError::Corrupt {
-                path: self.archive.to_path_buf(),
+                path: a.path.to_path_buf(),
                 reason: format!("entry {:?} cannot be read: {e}", p.entry.name),
             }),
             Ok(sum) if sum != want => Some(crate::archive::mismatch(
-                self.archive,
+                a.path,
                 &p.entry,
                 alg.name(),
                 want.to_string(),
@@ -190,9 +298,9 @@ impl<'a> ImageServer<'a> {
             )),
             // The bytes hashed and those spliced were read apart: a write between them shows
             // in the file's size or times.
-            Ok(_) if Stamp::of(&self.file).ok().as_ref() != Some(&self.was) => {
+            Ok(_) if Stamp::of(&a.file).ok().as_ref() != Some(&a.was) => {
                 Some(ArchiveError::Corrupt {
-                    path: self.archive.to_path_buf(),
+                    path: a.path.to_path_buf(),
                     reason: format!(
                         "the archive was written to while entry {:?} was being restored from it; restore it again once nothing writes to it",
                         p.entry.name
@@ -204,14 +312,14 @@ impl<'a> ImageServer<'a> {
         if let Some(e) = refused {
             // The pipe closes short: CRIU fails and the process never runs.
             debug!(entry = p.entry.name, error = %e, "page image refused");
-            self.failure.lock().expect("not poisoned").get_or_insert(e);
+            self.refuse(RestoreError::Archive(e));
             return;
         }
         if let Err(e) = sent {
             debug!(entry = p.entry.name, error = %e, "CRIU stopped reading");
             return;
         }
-        let tail = splice_to(&self.file, p.start + size - hold, hold, pipe, &advance);
+        let tail = splice_to(&a.file, p.start + size - hold, hold, pipe, &advance);
         if let Err(e) = tail {
             debug!(entry = p.entry.name, error = %e, "CRIU stopped reading");
         }
@@ -239,6 +347,7 @@ impl Stamp {
 enum Source<'s> {
     Staged(PathBuf),
     Archive(&'s InPlace),
+    Chunks(&'s [ChunkRef]),
 }
 
 /// A file name CRIU gives an image: no folders, nothing hidden.

@@ -1171,7 +1171,8 @@ fn chunked_zip_restores_alone_and_with_unzip_and_a_shell() {
     });
     assert_goes_on(&numbers(&w.log)[at..], before, after);
 
-    // A damaged chunk: refused before CRIU runs, naming the archive and the chunk.
+    // A damaged chunk: refused before the task runs (CRIU reads the memory chunk by chunk,
+    // each checked before it goes), naming the archive and the chunk.
     let bad = sb.path().join("damaged.zip");
     std::fs::copy(&zip_path, &bad).unwrap();
     let (chunk, offset) = {
@@ -1199,9 +1200,18 @@ fn chunked_zip_restores_alone_and_with_unzip_and_a_shell() {
     assert!(w.processes().is_empty(), "nothing restored");
     assert_no_staging_left(&sb);
 
-    // The archive itself restores with the agent, the counter going on again.
+    // The archive itself restores with the agent, its memory handed to CRIU chunk by chunk
+    // as it reads, the counter going on again.
     let at = numbers(&w.log).len();
-    let restored = sb.restore(&zip_path);
+    let out = sb.agent(["restore", zip_path.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["streamed"], true, "{v}");
+    let restored = Task::new(v["pid"].as_i64().unwrap() as i32);
     wait_for_numbers(&w.log, at + 10);
     restored.kill();
     assert_goes_on(&numbers(&w.log)[at..], before, after);

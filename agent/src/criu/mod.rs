@@ -226,6 +226,8 @@ pub const RESTORE_LOG: &str = "restore.log";
 pub const STREAMER_SOCKET: &str = "streamer-serve.sock";
 /// Where a streamed restore's CRIU writes the restored root's PID, in the images folder.
 const RESTORED_PID: &str = "restored.pid";
+/// The statistics CRIU writes into its folder once a restored tree runs.
+const RESTORE_STATS: &str = "stats-restore";
 const LOG_TAIL_LINES: usize = 12;
 
 impl Criu {
@@ -436,8 +438,14 @@ impl Criu {
         ))
         .map_err(|e| self.io(e))?;
         listener.set_nonblocking(true).map_err(|e| self.io(e))?;
-        let pidfile = r.images_dir.join(RESTORED_PID);
+        // Absolute: CRIU runs in the images folder.
+        let pidfile =
+            std::path::absolute(r.images_dir.join(RESTORED_PID)).map_err(|e| self.io(e))?;
         let _ = std::fs::remove_file(&pidfile);
+        // CRIU writes its statistics once the tree runs: what tells success where a
+        // subreaper's reaper (the daemon's) took CRIU's exit status first.
+        let stats = r.images_dir.join(RESTORE_STATS);
+        let _ = std::fs::remove_file(&stats);
         let mut cmd = Command::new(&self.path);
         cmd.current_dir(&r.images_dir)
             .args(["restore", "--stream", "-D", ".", "-o", RESTORE_LOG])
@@ -518,8 +526,12 @@ impl Criu {
             debug!(line, "criu stderr");
         }
         let log = r.images_dir.join(RESTORE_LOG);
-        let status = status.map_err(|e| self.io(e))?;
-        if !status.success() {
+        let succeeded = match status {
+            Ok(status) => status.success(),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => stats.is_file(),
+            Err(e) => return Err(self.io(e)),
+        };
+        if !succeeded {
             return Err(failure("restore", &Resp::default(), Some(&log)));
         }
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();

@@ -653,10 +653,42 @@ pub fn restore_as(
             ranges.push((*img, r.offset, r.offset + r.pages * page));
         }
     }
-    memory.fill(&ranges).map_err(chunk_err)?;
+    // A restore in full from the start hands CRIU its memory chunk by chunk as it reads
+    // (each checked before it goes, nothing written here; see `crate::streamer`).
+    let stream = full_because.is_some() && restore::streams(&manifest);
+    if !stream {
+        memory.fill(&ranges).map_err(chunk_err)?;
+    }
     progress.finish();
 
     let extracted = archive::Extracted::from_parts(manifest, held);
+    if stream {
+        let why = full_because.unwrap_or_default();
+        match full {
+            true => info!(checkpoint = %label.display(), "restoring in full"),
+            false => {
+                warn!(checkpoint = %label.display(), "restoring in full, not lazily: {why}")
+            }
+        }
+        let pages = memory
+            .images
+            .iter()
+            .map(|i| (i.name.clone(), i.slots.iter().map(|s| s.chunk).collect()))
+            .collect();
+        let server = crate::streamer::ImageServer::of_chunks(
+            extracted.images_dir(),
+            Some(source),
+            pages,
+            progress,
+        );
+        let outcome =
+            restore::run_streamed(criu, extracted, &server, opts, t0, failed_log, progress)?;
+        return Ok(LazyRestore {
+            outcome,
+            serving: None,
+            full_because: Some(why),
+        });
+    }
     let mut req = restore::prepare(criu, &extracted, opts, progress)?;
     let verify_time = t0.elapsed();
     let daemon = match &full_because {
