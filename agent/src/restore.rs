@@ -145,15 +145,34 @@ pub fn restore(
     let t0 = Instant::now();
     let manifest = archive::inspect(path)?;
     let staging_root = staging_root_for(opts)?;
-    let stream = streams(&manifest);
-    let (extracted, pages) = archive::extract_leaving_pages(path, &staging_root, stream, progress)
-        .inspect_err(|_| progress.finish())?;
+    // Held with a read lease while its page images are streamed from it.
+    let leased = match streams(&manifest, opts) {
+        true => leased(path),
+        false => None,
+    };
+    let (extracted, pages) =
+        archive::extract_leaving_pages(path, &staging_root, leased.is_some(), progress)
+            .inspect_err(|_| progress.finish())?;
     let failed_log = failed_log_path(path);
-    if pages.is_empty() {
+    let (Some(file), false) = (leased, pages.is_empty()) else {
         return restore_extracted(criu, extracted, opts, t0.elapsed(), &failed_log, progress);
-    }
-    let server = crate::streamer::ImageServer::new(path, extracted.images_dir(), pages, progress)?;
+    };
+    let server =
+        crate::streamer::ImageServer::new(path, file, extracted.images_dir(), pages, progress);
     run_streamed(criu, extracted, &server, opts, t0, &failed_log, progress)
+}
+
+/// `path` open with a read lease ([`crate::streamer::lease`]), or why not (then the page
+/// images are copied out and checked before CRIU runs, as without streaming).
+fn leased(path: &Path) -> Option<std::fs::File> {
+    let file = std::fs::File::open(path).ok()?;
+    match crate::streamer::lease(&file) {
+        Ok(()) => Some(file),
+        Err(e) => {
+            info!(archive = %path.display(), error = %e, "no read lease on the archive (open for writing, or a filesystem without leases): its page images are copied out and checked first");
+            None
+        }
+    }
 }
 
 /// CRIU's restore of `extracted` (its small images checked into the staging folder), every
@@ -174,9 +193,11 @@ pub(crate) fn run_streamed(
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<bool>(1);
     let ready_rx = std::sync::Mutex::new(ready_rx);
     let (checked, result, verify_time, criu_time) = std::thread::scope(|s| {
-        let checker = s.spawn(|| {
-            let r = check_cpu(criu, &extracted, opts, progress)
-                .and_then(|()| put_back(&extracted, opts, progress));
+        let extracted = &extracted;
+        // Owns the sender: however it ends (a panic too), CRIU's side stops waiting.
+        let checker = s.spawn(move || {
+            let r = check_cpu(criu, extracted, opts, progress)
+                .and_then(|()| put_back(extracted, opts, progress));
             let _ = ready_tx.send(r.is_ok());
             (r, t0.elapsed())
         });
@@ -200,6 +221,17 @@ pub(crate) fn run_streamed(
     checked?;
     match result {
         Ok(pid) => {
+            if let Some(e) = server.failure() {
+                // CRIU cannot finish without the bytes a refused image holds back; should it
+                // have, the tree does not run on.
+                for p in crate::process::descendants(pid).into_iter().rev() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(e);
+            }
             info!(pid, archive = %path.display(), ?verify_time, ?criu_time, streamed = true, "restored");
             let mut out = outcome(pid, extracted.manifest, opts, verify_time, criu_time);
             out.running_after = running_after;
@@ -214,12 +246,19 @@ pub(crate) fn run_streamed(
     }
 }
 
-/// Whether a full restore of an archive with this manifest reads its page images from the
-/// archive as CRIU goes (`criu restore --stream`, see [`crate::streamer`]) rather than from
-/// copies: yes unless the tree has a user namespace of its own (its restore needs CRIU's RPC)
-/// or `CEDANA_RESTORE_STREAM=0`.
-pub(crate) fn streams(m: &Manifest) -> bool {
-    !m.criu.user_namespace && std::env::var("CEDANA_RESTORE_STREAM").as_deref() != Ok("0")
+/// Whether a full restore of a checkpoint with this manifest hands CRIU its page images as it
+/// reads them (`criu restore --stream`, see [`crate::streamer`]) rather than from copies
+/// checked beforehand: yes unless
+/// - files are to be put back: they go back before CRIU reads the memory, and nothing outside
+///   the staging folder may change before every byte of the checkpoint was checked;
+/// - the tree has a user namespace of its own (its restore needs CRIU's RPC);
+/// - `CEDANA_RESTORE_STREAM=0`.
+pub(crate) fn streams(m: &Manifest, opts: &RestoreOptions) -> bool {
+    let puts_back =
+        opts.files_to.is_some() && m.files.as_ref().is_some_and(|f| !f.items.is_empty());
+    !puts_back
+        && !m.criu.user_namespace
+        && std::env::var("CEDANA_RESTORE_STREAM").as_deref() != Ok("0")
 }
 
 /// Where a restore of `opts.archive` stages (created): `opts.staging`, else

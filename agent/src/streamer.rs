@@ -9,6 +9,14 @@
 //! its memory was verified. On a mismatch the pipe is closed short, CRIU's restore fails and
 //! kills what it had built, and the error names the entry.
 //!
+//! The bytes hashed and the bytes spliced are read apart, so the archive must not change in
+//! between: the restore holds a read lease on it ([`lease`]), which the kernel grants only
+//! while nobody has the file open for writing (a writable mapping included) and breaks as soon
+//! as someone opens it for writing; that opener then waits until the restore is over (up to
+//! the kernel's lease-break time, 45 s by default). A page image whose lease was broken before
+//! its last bytes went is refused. Where no lease can be had (a writer, a filesystem without
+//! leases) the restore copies the images out and checks them first instead.
+//!
 //! A checkpoint in chunks (a store's, a chunked archive's) is served the same way, each page
 //! image chunk after chunk, fetched ahead by a few threads: a chunk goes into the pipe only
 //! once it was checked against its name ([`ChunkSource::fetch`]), and one that cannot be had
@@ -68,9 +76,6 @@ pub struct ImageServer<'a> {
 struct InArchive<'a> {
     path: &'a Path,
     file: File,
-    /// The archive as it was when the restore began (size, times): it must not change
-    /// while its bytes are being verified and read.
-    was: Stamp,
     /// Page images in the archive, by their file name in the images folder.
     pages: HashMap<String, InPlace>,
 }
@@ -81,34 +86,27 @@ fn file_name(entry: &str) -> Option<String> {
 }
 
 impl<'a> ImageServer<'a> {
-    /// Serves the files in `images` and `pages` of `archive` (by the name after `images/`).
+    /// Serves the files in `images` and `pages` of `archive` (by the name after `images/`),
+    /// read from `file`: the archive, open with its read lease held ([`lease`]).
     pub fn new(
         archive: &'a Path,
+        file: File,
         images: PathBuf,
         pages: Vec<InPlace>,
         progress: &'a dyn Progress,
-    ) -> Result<Self, ArchiveError> {
-        let file = File::open(archive).map_err(|source| ArchiveError::Open {
-            path: archive.to_path_buf(),
-            source,
-        })?;
-        let was = Stamp::of(&file).map_err(|source| ArchiveError::Open {
-            path: archive.to_path_buf(),
-            source,
-        })?;
+    ) -> Self {
         let pages = pages
             .into_iter()
             .filter_map(|p| Some((file_name(&p.entry.name)?, p)))
             .collect();
-        Ok(ImageServer {
+        ImageServer {
             archive: Some(InArchive {
                 path: archive,
                 file,
-                was,
                 pages,
             }),
             ..ImageServer::of_chunks(images, None, Vec::new(), progress)
-        })
+        }
     }
 
     /// Serves the files in `images`, and page images (entry name, chunks) from `source`.
@@ -296,17 +294,15 @@ impl<'a> ImageServer<'a> {
                 want.to_string(),
                 sum,
             )),
-            // The bytes hashed and those spliced were read apart: a write between them shows
-            // in the file's size or times.
-            Ok(_) if Stamp::of(&a.file).ok().as_ref() != Some(&a.was) => {
-                Some(ArchiveError::Corrupt {
-                    path: a.path.to_path_buf(),
-                    reason: format!(
-                        "the archive was written to while entry {:?} was being restored from it; restore it again once nothing writes to it",
-                        p.entry.name
-                    ),
-                })
-            }
+            // The bytes hashed and those spliced were read apart: someone opening the archive
+            // for writing meanwhile broke the lease.
+            Ok(_) if !lease_held(&a.file) => Some(ArchiveError::Corrupt {
+                path: a.path.to_path_buf(),
+                reason: format!(
+                    "it was opened for writing while entry {:?} was being restored from it; restore it again once nothing writes to it",
+                    p.entry.name
+                ),
+            }),
             Ok(_) => None,
         };
         if let Some(e) = refused {
@@ -326,22 +322,34 @@ impl<'a> ImageServer<'a> {
     }
 }
 
-/// What shows that a file was written to: its size, modification and change times.
-#[derive(Debug, PartialEq, Eq)]
-struct Stamp(u64, i64, i64, i64, i64);
-
-impl Stamp {
-    fn of(f: &File) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let m = f.metadata()?;
-        Ok(Stamp(
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        ))
+/// Takes a read lease on `file` (`F_SETLEASE F_RDLCK`): granted only while nobody has it
+/// open for writing, broken when someone opens it for writing (see the module's
+/// documentation). Fails where the filesystem has no leases. The lease ends when `file` is
+/// closed. The break's signal (SIGIO, whose default is to end the process) is ignored here
+/// unless something handles it already: [`lease_held`] is how a break is seen.
+pub fn lease(file: &File) -> std::io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing SIG_IGN (no handler code runs), and putting back what was there if
+    // it was not the default.
+    unsafe {
+        if let Ok(old) = sigaction(Signal::SIGIO, &ignore) {
+            if !matches!(old.handler(), SigHandler::SigDfl | SigHandler::SigIgn) {
+                let _ = sigaction(Signal::SIGIO, &old);
+            }
+        }
     }
+    // SAFETY: plain fcntl on a descriptor we hold.
+    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Whether the read lease [`lease`] took is still held, not broken by a writer.
+fn lease_held(file: &File) -> bool {
+    // SAFETY: plain fcntl on a descriptor we hold.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) == libc::F_RDLCK }
 }
 
 enum Source<'s> {
@@ -553,9 +561,11 @@ mod tests {
                 start: 4096 + good.len() as u64,
             },
         ];
-        let server = ImageServer::new(&archive, images, pages, &NoProgress).unwrap();
+        let file = File::open(&archive).unwrap();
+        lease(&file).expect("a read lease on a file nobody writes");
+        let server = ImageServer::new(&archive, file, images, pages, &NoProgress);
         let (ours, theirs) = UnixStream::pair().unwrap();
-        std::thread::scope(|s| {
+        let writer = std::thread::scope(|s| {
             s.spawn(|| server.serve(theirs));
             assert_eq!(ask(&ours, "core-1.img").unwrap(), b"small image");
             assert_eq!(ask(&ours, "pages-1.img").unwrap(), good);
@@ -571,19 +581,28 @@ mod tests {
             for name in ["missing.img", "../a.zip", "images/core-1.img"] {
                 assert!(ask(&ours, name).is_none(), "{name}");
             }
-            // The archive written to meanwhile: even a sound image is cut short.
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&archive)
-                .unwrap()
-                .write_all(b"more")
-                .unwrap();
+            // Someone opens the archive for writing (and waits, the lease held): from then
+            // on even a sound image is cut short.
+            let path = archive.clone();
+            let writer = std::thread::spawn(move || {
+                std::fs::OpenOptions::new().append(true).open(path).is_ok()
+            });
+            let a = server.archive.as_ref().unwrap();
+            let t0 = std::time::Instant::now();
+            while lease_held(&a.file) {
+                assert!(t0.elapsed().as_secs() < 10, "the lease is never broken");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             let cut = ask(&ours, "pages-1.img").unwrap();
             assert_eq!(cut.len() as u64, good.len() as u64 - HOLD);
             let err = server.failure().expect("refused").to_string();
-            assert!(err.contains("written to"), "{err}");
+            assert!(err.contains("opened for writing"), "{err}");
             ours.shutdown(std::net::Shutdown::Both).unwrap();
+            writer
         });
+        // The restore over (the lease gone with the file), the writer goes on.
+        drop(server);
+        assert!(writer.join().unwrap());
     }
 
     #[test]
@@ -591,7 +610,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.zip");
         std::fs::write(&archive, b"x").unwrap();
-        let server = ImageServer::new(&archive, dir.path().into(), vec![], &NoProgress).unwrap();
+        let server = ImageServer::new(
+            &archive,
+            File::open(&archive).unwrap(),
+            dir.path().into(),
+            vec![],
+            &NoProgress,
+        );
         let (ours, theirs) = UnixStream::pair().unwrap();
         (&ours).write_all(&(1u32 << 30).to_ne_bytes()).unwrap();
         server.serve(theirs);

@@ -1556,6 +1556,151 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
     });
 }
 
+/// A worker asked to restore in full (`--full-restore`) brings a store's checkpoint back with
+/// its memory whole; once one of its chunks is damaged in the store, the same checkpoint is
+/// refused naming the chunk, and no second task runs.
+#[test]
+fn a_full_restore_from_a_store_comes_back_whole_and_refuses_a_damaged_chunk() {
+    if !criu_ready("a_full_restore_from_a_store_comes_back_whole_and_refuses_a_damaged_chunk") {
+        return;
+    }
+    let nats = NatsServer::start();
+    let sb = Sandbox::new();
+    let work = sb.path().join("job");
+    std::fs::create_dir_all(&work).unwrap();
+    let store = sb.path().join("store");
+    let store_s = store.to_str().unwrap();
+    let _w1 = AgentDaemon::start_with(
+        &nats,
+        &nats.token,
+        "jobfull",
+        "w1",
+        &work,
+        &["--store", store_s],
+    );
+    let w2 = AgentDaemon::start_with(
+        &nats,
+        &nats.token,
+        "jobfull",
+        "w2",
+        &work,
+        &["--store", store_s, "--full-restore"],
+    );
+    let py = work.join("mem.py");
+    std::fs::write(
+        &py,
+        "import os, time\nbuf = bytearray(os.urandom(64 << 20))\nprint('ready', flush=True)\nwhile True:\n    time.sleep(0.1)\n    print('sum', sum(buf[::4096]), flush=True)\n",
+    )
+    .unwrap();
+    let log = work.join("mem.log");
+    let sums = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("sum ").map(str::to_string))
+            .collect()
+    };
+    rt().block_on(async {
+        let mut drv = Driver::connect(&nats, "jobfull").await;
+        drv.wait_registered("w1").await;
+        drv.wait_registered("w2").await;
+        let r = drv
+            .call(
+                "w1",
+                "spawn",
+                Command::Spawn {
+                    task: "mem".into(),
+                    cmd: format!("exec python3 {}", py.display()),
+                    userns: false,
+                },
+                20,
+            )
+            .await;
+        assert!(matches!(r, Reply::Spawned { .. }), "{r:?}");
+        wait_until(Duration::from_secs(30), "the task to sum", || {
+            !sums().is_empty()
+        });
+        let checkpoint = |leave_running: bool| Command::Checkpoint {
+            task: "mem".into(),
+            leave_running,
+            compression: cedana_agent::Compression::Zstd,
+            chunks: None,
+            criu: None,
+            post_copy: false,
+        };
+        let restore = |task: &str, object: &str| Command::Restore {
+            task: task.into(),
+            object: object.to_string(),
+            pending: false,
+            manifest: None,
+        };
+        let r = drv.call("w1", "ckpt", checkpoint(false), 120).await;
+        let Reply::Checkpointed { object, .. } = r else {
+            panic!("the checkpoint failed: {r:?}")
+        };
+        let before = sums();
+        let last = before.last().unwrap().clone();
+        let r = drv.call("w2", "good", restore("mem", &object), 120).await;
+        assert!(
+            matches!(r, Reply::Restored { lazy: false, .. }),
+            "w2 restores in full: {r:?}\n{}",
+            w2.stderr()
+        );
+        wait_until(Duration::from_secs(30), "the restored task to sum", || {
+            sums().len() > before.len() + 3
+        });
+        let after = sums();
+        assert!(
+            after[before.len()..].iter().all(|s| *s == last),
+            "the memory came back whole: {last} before, {:?} after",
+            &after[before.len()..]
+        );
+
+        // One chunk of its memory damaged in the store: the checkpoint is refused.
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
+        )
+        .unwrap();
+        let pages = manifest["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+            .max_by_key(|e| e["size"].as_u64().unwrap())
+            .unwrap()
+            .clone();
+        let chunks = pages["chunks"].as_array().unwrap();
+        let victim = chunks[chunks.len() * 3 / 4]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let path = store.join("chunks").join(&victim);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(&path, bytes).unwrap();
+        let r = drv.call("w2", "bad", restore("again", &object), 120).await;
+        match &r {
+            Reply::BadCheckpoint { message, .. } | Reply::Error { message } => {
+                assert!(
+                    message.contains(&victim),
+                    "names the chunk {victim}: {message}"
+                )
+            }
+            other => panic!("a damaged chunk restored: {other:?}\n{}", w2.stderr()),
+        }
+        let running = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(py.to_str().unwrap()))
+            })
+            .count();
+        assert_eq!(running, 1, "only the first restored task runs");
+    });
+}
+
 /// A task holding a TCP connection (to a metrics service, a client's to its server): a
 /// checkpoint asked to refuse connections fails and leaves it running; by default the
 /// connection is left out, the checkpoint is taken, and after the restore on another worker the

@@ -167,6 +167,17 @@ fn apply(opts: &mut proto::Opts, o: &CriuOptions, dump: bool) {
     }
 }
 
+/// Shuts a connection down when dropped.
+struct ShutOnDrop(Option<std::os::unix::net::UnixStream>);
+
+impl Drop for ShutOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// A restore's options on CRIU's command line (see [`apply`] for the RPC's).
 fn cli_restore_options(o: &CriuOptions) -> Vec<String> {
     let mut v = Vec::new();
@@ -478,7 +489,10 @@ impl Criu {
                 }
                 text
             });
-            let server = s.spawn(|| loop {
+            let (criu_done, conn_slot) = (&criu_done, &conn_slot);
+            // Owns the listener: however serving ends (a failed accept too), the socket goes
+            // with it, and CRIU cannot connect to nobody.
+            let server = s.spawn(move || loop {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         if conn.set_nonblocking(false).is_err() {
@@ -491,13 +505,10 @@ impl Criu {
                         if criu_done.load(Ordering::SeqCst) {
                             let _ = conn.shutdown(std::net::Shutdown::Both);
                         }
-                        let end = conn.try_clone();
+                        // However `serve` ends (a panic too), CRIU is told: the copy kept
+                        // above would otherwise hold the connection open, CRIU waiting on it.
+                        let _end = ShutOnDrop(conn.try_clone().ok());
                         serve(conn);
-                        // However `serve` ended, CRIU is told: the copy kept above would
-                        // otherwise hold the connection open, CRIU waiting on it.
-                        if let Ok(c) = end {
-                            let _ = c.shutdown(std::net::Shutdown::Both);
-                        }
                         return;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -532,7 +543,15 @@ impl Criu {
             Err(e) => return Err(self.io(e)),
         };
         if !succeeded {
-            return Err(failure("restore", &Resp::default(), Some(&log)));
+            let mut err = failure("restore", &Resp::default(), Some(&log));
+            // Failing before its log was open (its options), CRIU said why on stderr.
+            if let CriuError::Failed { errmsg, .. } = &mut err {
+                let said = said.trim();
+                if errmsg.is_empty() && !said.is_empty() {
+                    *errmsg = format!(": {}", said.lines().last().unwrap_or(said));
+                }
+            }
+            return Err(err);
         }
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         text.trim().parse().map_err(|_| CriuError::Failed {

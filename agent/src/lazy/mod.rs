@@ -655,7 +655,7 @@ pub fn restore_as(
     }
     // A restore in full from the start hands CRIU its memory chunk by chunk as it reads
     // (each checked before it goes, nothing written here; see `crate::streamer`).
-    let stream = full_because.is_some() && restore::streams(&manifest);
+    let stream = full_because.is_some() && restore::streams(&manifest, opts);
     if !stream {
         memory.fill(&ranges).map_err(chunk_err)?;
     }
