@@ -134,8 +134,10 @@ pub enum RestoreError {
     },
 }
 
-/// Verifies `opts.archive` completely, checks the CPU, then restores. Nothing outside a private
-/// staging folder is touched before the archive has passed every check.
+/// Verifies `opts.archive`, checks the CPU, then restores. Nothing outside a private staging
+/// folder is touched before the archive has passed every check, but for CRIU building the tree
+/// while it reads page images streamed from the archive ([`streams`]): a refused image fails
+/// CRIU, which kills the tree before it ever ran.
 pub fn restore(
     criu: &Criu,
     opts: &RestoreOptions,

@@ -405,6 +405,17 @@ fn a_page_image_spliced_from_a_fifo_reads_back_and_is_checked() {
         .read_to_end(&mut back)
         .unwrap();
     assert_eq!(back, data);
+    // Info-ZIP reads it too, the padding field before its data included.
+    let tested = std::process::Command::new("unzip")
+        .arg("-tq")
+        .arg(&path)
+        .output()
+        .expect("unzip is installed");
+    assert!(
+        tested.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tested.stdout)
+    );
     drop(x);
     // One byte of the page image changed, its CRC-32 mended too: the BLAKE3 catches it.
     // The entry is the archive's first: its local header at 0 (30 bytes, the name, a ZIP64
