@@ -184,7 +184,7 @@ fn leased(path: &Path) -> Option<std::fs::File> {
 pub(crate) fn run_streamed(
     criu: &Criu,
     extracted: archive::Extracted,
-    server: &crate::streamer::ImageServer<'_>,
+    server: &crate::streamer::ImageServer<'_, RestoreError>,
     opts: &RestoreOptions,
     t0: Instant,
     failed_log: &Path,

@@ -19,7 +19,7 @@
 //!
 //! A checkpoint in chunks (a store's, a chunked archive's) is served the same way, each page
 //! image chunk after chunk, fetched ahead by a few threads: a chunk goes into the pipe only
-//! once it was checked against its name ([`ChunkSource::fetch`]), and one that cannot be had
+//! once it was checked against its name (the caller's `fetch`), and one that cannot be had
 //! ends the pipe there, naming the chunk.
 
 use std::collections::HashMap;
@@ -40,9 +40,7 @@ use cedana_store::ChunkRef;
 use crate::archive::{ArchiveError, Entry};
 use crate::criu::proto::{StreamerReply, StreamerRequest};
 use crate::hashing;
-use crate::lazy::ChunkSource;
 use crate::progress::Progress;
-use crate::restore::RestoreError;
 
 /// Bytes of a page image held back until it is verified: CRIU reads a page at a time.
 const HOLD: u64 = 4096;
@@ -60,15 +58,19 @@ pub struct InPlace {
     pub start: u64,
 }
 
-/// Serves one restore's images: see the module's documentation.
-pub struct ImageServer<'a> {
+/// A chunk by name, checked against it, or the refusal (`E`) naming it.
+pub type Fetch<'a, E> = dyn Fn(&ChunkRef) -> Result<Vec<u8>, E> + Sync + 'a;
+
+/// Serves one restore's images: see the module's documentation. `E`: why an image was
+/// refused.
+pub struct ImageServer<'a, E> {
     images: PathBuf,
     /// The archive whose page images are served in place, if any.
     archive: Option<InArchive<'a>>,
     /// Page images in chunks, by their file name in the images folder, and their source.
     chunked: HashMap<String, Vec<ChunkRef>>,
-    source: Option<std::sync::Arc<dyn ChunkSource>>,
-    failure: Mutex<Option<RestoreError>>,
+    fetch: Option<&'a Fetch<'a, E>>,
+    failure: Mutex<Option<E>>,
     progress: &'a dyn Progress,
 }
 
@@ -85,7 +87,7 @@ fn file_name(entry: &str) -> Option<String> {
     entry.rsplit('/').next().map(str::to_string)
 }
 
-impl<'a> ImageServer<'a> {
+impl<'a, E: From<ArchiveError> + std::fmt::Display + Send> ImageServer<'a, E> {
     /// Serves the files in `images` and `pages` of `archive` (by the name after `images/`),
     /// read from `file`: the archive, open with its read lease held ([`lease`]).
     pub fn new(
@@ -109,10 +111,10 @@ impl<'a> ImageServer<'a> {
         }
     }
 
-    /// Serves the files in `images`, and page images (entry name, chunks) from `source`.
+    /// Serves the files in `images`, and page images (entry name, chunks) through `fetch`.
     pub fn of_chunks(
         images: PathBuf,
-        source: Option<std::sync::Arc<dyn ChunkSource>>,
+        fetch: Option<&'a Fetch<'a, E>>,
         pages: Vec<(String, Vec<ChunkRef>)>,
         progress: &'a dyn Progress,
     ) -> Self {
@@ -123,7 +125,7 @@ impl<'a> ImageServer<'a> {
                 .into_iter()
                 .filter_map(|(name, chunks)| Some((file_name(&name)?, chunks)))
                 .collect(),
-            source,
+            fetch,
             failure: Mutex::new(None),
             progress,
         }
@@ -142,11 +144,11 @@ impl<'a> ImageServer<'a> {
     }
 
     /// Why a page image was refused, if one was: the restore failed for that reason.
-    pub fn failure(&self) -> Option<RestoreError> {
+    pub fn failure(&self) -> Option<E> {
         self.failure.lock().expect("not poisoned").take()
     }
 
-    fn refuse(&self, e: RestoreError) {
+    fn refuse(&self, e: E) {
         self.failure.lock().expect("not poisoned").get_or_insert(e);
     }
 
@@ -222,7 +224,7 @@ impl<'a> ImageServer<'a> {
 
     /// The chunks in order, each checked before it goes, fetched ahead by [`LANES`] threads.
     fn send_chunks(&self, name: &str, chunks: &[ChunkRef], pipe: &OwnedFd) {
-        let Some(source) = self.source.as_deref() else {
+        let Some(fetch) = self.fetch else {
             return;
         };
         let mut out = match pipe.try_clone() {
@@ -238,7 +240,7 @@ impl<'a> ImageServer<'a> {
                     let (tx, rx) = std::sync::mpsc::sync_channel(2);
                     s.spawn(move || {
                         for c in chunks.iter().skip(lane).step_by(LANES) {
-                            let got = source.fetch(c);
+                            let got = fetch(c);
                             let failed = got.is_err();
                             // The receiver gone: the pipe ended, nothing more is wanted.
                             if tx.send(got).is_err() || failed {
@@ -261,7 +263,7 @@ impl<'a> ImageServer<'a> {
                     Ok(Err(e)) => {
                         // The pipe closes short: CRIU fails and the process never runs.
                         debug!(name, error = %e, "page image cut short");
-                        self.refuse(RestoreError::Chunk(e));
+                        self.refuse(e);
                         return;
                     }
                     Err(_) => return,
@@ -308,7 +310,7 @@ impl<'a> ImageServer<'a> {
         if let Some(e) = refused {
             // The pipe closes short: CRIU fails and the process never runs.
             debug!(entry = p.entry.name, error = %e, "page image refused");
-            self.refuse(RestoreError::Archive(e));
+            self.refuse(E::from(e));
             return;
         }
         if let Err(e) = sent {
@@ -563,7 +565,8 @@ mod tests {
         ];
         let file = File::open(&archive).unwrap();
         lease(&file).expect("a read lease on a file nobody writes");
-        let server = ImageServer::new(&archive, file, images, pages, &NoProgress);
+        let server: ImageServer<ArchiveError> =
+            ImageServer::new(&archive, file, images, pages, &NoProgress);
         let (ours, theirs) = UnixStream::pair().unwrap();
         let writer = std::thread::scope(|s| {
             s.spawn(|| server.serve(theirs));
@@ -610,7 +613,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.zip");
         std::fs::write(&archive, b"x").unwrap();
-        let server = ImageServer::new(
+        let server: ImageServer<ArchiveError> = ImageServer::new(
             &archive,
             File::open(&archive).unwrap(),
             dir.path().into(),

@@ -1422,6 +1422,38 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
     );
 }
 
+/// Flips a byte in chunk `pick(count)` of the largest page image of checkpoint `object` in the
+/// folder store at `store` (the task's private memory); returns the chunk's name.
+fn damage_a_page_chunk(
+    store: &std::path::Path,
+    object: &str,
+    pick: impl Fn(usize) -> usize,
+) -> String {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pages = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+        .max_by_key(|e| e["size"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    let chunks = pages["chunks"].as_array().unwrap();
+    let victim = chunks[pick(chunks.len())]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = store.join("chunks").join(&victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+    victim
+}
+
 /// A worker with a checkpoint store restores lazily; a chunk of the task's memory damaged in
 /// the store ends the restored task, and its exit says why (naming the chunk), so the driver
 /// recovers from an earlier checkpoint instead of calling the task failed.
@@ -1500,25 +1532,7 @@ fn a_lazy_restore_that_meets_a_damaged_chunk_ends_the_task_and_says_why() {
             panic!("the checkpoint failed: {r:?}")
         };
         // A chunk in the middle of the largest page image: the task's private memory.
-        let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
-        )
-        .unwrap();
-        let pages = manifest["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
-            .max_by_key(|e| e["size"].as_u64().unwrap())
-            .unwrap()
-            .clone();
-        let chunks = pages["chunks"].as_array().unwrap();
-        let victim = chunks[chunks.len() / 2]["id"].as_str().unwrap().to_string();
-        let path = store.join("chunks").join(&victim);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x5a;
-        std::fs::write(&path, bytes).unwrap();
+        let victim = damage_a_page_chunk(&store, &object, |n| n / 2);
 
         let r = drv
             .call(
@@ -1657,28 +1671,7 @@ fn a_full_restore_from_a_store_comes_back_whole_and_refuses_a_damaged_chunk() {
         );
 
         // One chunk of its memory damaged in the store: the checkpoint is refused.
-        let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
-        )
-        .unwrap();
-        let pages = manifest["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
-            .max_by_key(|e| e["size"].as_u64().unwrap())
-            .unwrap()
-            .clone();
-        let chunks = pages["chunks"].as_array().unwrap();
-        let victim = chunks[chunks.len() * 3 / 4]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let path = store.join("chunks").join(&victim);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x5a;
-        std::fs::write(&path, bytes).unwrap();
+        let victim = damage_a_page_chunk(&store, &object, |n| n * 3 / 4);
         let r = drv.call("w2", "bad", restore("again", &object), 120).await;
         match &r {
             Reply::BadCheckpoint { message, .. } | Reply::Error { message } => {

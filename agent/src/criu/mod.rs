@@ -1,5 +1,6 @@
 //! A client of CRIU's RPC interface: each request runs in its own `criu swrk` child over a
-//! `SOCK_SEQPACKET` socket pair, one protobuf message per packet.
+//! `SOCK_SEQPACKET` socket pair, one protobuf message per packet. The one exception is the
+//! streamed restore ([`Criu::restore_streamed`]): `criu restore --stream` as a command.
 //!
 //! Architecture invariant: this module is the only place in the workspace that starts CRIU.
 

@@ -675,9 +675,10 @@ pub fn restore_as(
             .iter()
             .map(|i| (i.name.clone(), i.slots.iter().map(|s| s.chunk).collect()))
             .collect();
+        let fetch = |c: &ChunkRef| source.fetch(c).map_err(RestoreError::Chunk);
         let server = crate::streamer::ImageServer::of_chunks(
             extracted.images_dir(),
-            Some(source),
+            Some(&fetch),
             pages,
             progress,
         );
