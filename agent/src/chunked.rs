@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use cedana_store::{Piece, Store, StoreError, StoreUrl, Uploaded, Wanted, Writing};
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::archive::{self, ArchiveError, Entry, Manifest};
 use crate::criu::{self, images, Criu};
@@ -26,6 +26,23 @@ use crate::dump::{self, millis, DumpError, DumpOptions};
 use crate::progress::Progress;
 use crate::restore::{self, RestoreError, RestoreOptions, RestoreOutcome};
 use crate::{files, staging};
+
+/// `work` on a thread of its own (and the threads it starts) at the lowest CPU priority: a
+/// move's work after the task runs elsewhere yields to the restore and the task when they
+/// share the CPUs (two workers on one machine), and costs nothing when they do not.
+fn in_background<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a plain syscall about this thread.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+            }
+            work()
+        })
+        .join()
+        .expect("background work does not panic")
+    })
+}
 
 /// The manifest format of a checkpoint in a store.
 pub const FORMAT_VERSION: u32 = 2;
@@ -139,6 +156,7 @@ fn dump_inner(
         pid: info.pid,
         armed: req.leave_stopped,
     };
+    let mut cpu = Some(dump::CpuDescribing::start(criu, work.path()));
     if let Err(source) = criu.dump(&req, &mut |_| {}) {
         progress.finish();
         let kept = dump::keep_log(
@@ -163,9 +181,18 @@ fn dump_inner(
             Some((c, k)) => (Some(c), k),
             None => (None, None),
         };
-        let cpu = dump::cpu_description(criu, work.path());
+        let cpu = cpu.take().and_then(dump::CpuDescribing::join);
+        debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "dump: CRIU done, CPU described"
+        );
         let mut cuts = images::page_image_cuts(work.path());
         let mut eager = images::page_image_eager_ranges(work.path());
+        for (file, hot) in images::page_image_hot_ranges(work.path()) {
+            if let Some(e) = eager.get_mut(&file) {
+                e.extend(hot);
+            }
+        }
         let mut pieces: Vec<Piece> = dump::image_files(work.path())?
             .into_iter()
             .map(|(name, path)| {
@@ -215,18 +242,29 @@ fn dump_inner(
         let mut writing = rt.block_on(Writing::begin(&st))?;
         let mut planned = None;
         if let Some(tell) = published.take() {
-            let plan = match cedana_store::plan(&pieces) {
-                Ok(p) => p,
+            if let Some(Err(e)) = kept.as_ref().map(files::Snapshot::check) {
+                rt.block_on(writing.abandon());
+                return Err(e.into());
+            }
+            // While the tree is still frozen: what a restore needs before the task runs (the
+            // small images, the memory CRIU reads itself, the pages touched first), named and
+            // stored; the rest listed under stand-ins.
+            debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "dump: storing the first round"
+            );
+            let first = match rt.block_on(cedana_store::upload_first(&writing, &pieces, level)) {
+                Ok(f) => f,
                 Err(e) => {
                     rt.block_on(writing.abandon());
                     return Err(e.into());
                 }
             };
-            if let Some(Err(e)) = kept.as_ref().map(files::Snapshot::check) {
-                rt.block_on(writing.abandon());
-                return Err(e.into());
-            }
-            manifest.entries = entries_of(&plan);
+            debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "dump: first round stored"
+            );
+            manifest.entries = entries_of(&first.entries);
             let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
             let name = match rt.block_on(async {
                 let name = free_name(&st, &stem).await?;
@@ -248,17 +286,48 @@ fn dump_inner(
             published_at = Some(t0.elapsed());
             info!(name = %name, "manifest published ahead of its chunks (post-copy)");
             tell(&name);
-            planned = Some((name, plan));
+            // The rest named, and the manifest published again with the names: a restore
+            // that needs one of them waits for this.
+            let named = in_background(|| cedana_store::name_rest(&pieces, &first.entries))
+                .and_then(|named| {
+                    manifest.entries = entries_of(&named);
+                    let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+                    rt.block_on(writing.publish_pending(&name, bytes))?;
+                    Ok(named)
+                });
+            let named = match named {
+                Ok(n) => n,
+                Err(e) => {
+                    rt.block_on(writing.abandon());
+                    return Err(e.into());
+                }
+            };
+            debug!(
+                ms = t0.elapsed().as_millis() as u64,
+                "dump: every chunk named and published"
+            );
+            planned = Some((name, named, first));
         }
-        let up = match rt.block_on(cedana_store::upload(&writing, &pieces, level, Some(&bar))) {
+        let up = match &planned {
+            Some((_, named, first)) => rt.block_on(cedana_store::upload_named(
+                &writing,
+                &pieces,
+                named,
+                first,
+                level,
+                Some(&bar),
+            )),
+            None => rt.block_on(cedana_store::upload(&writing, &pieces, level, Some(&bar))),
+        };
+        let up = match up {
             Ok(up) => up,
             Err(e) => {
                 rt.block_on(writing.abandon());
                 return Err(e.into());
             }
         };
-        if let Some((_, plan)) = &planned {
-            if &up.entries != plan {
+        if let Some((_, named, _)) = &planned {
+            if &up.entries != named {
                 rt.block_on(writing.abandon());
                 return Err(DumpError::Store(StoreError::BadManifest {
                     store: st.url().to_string(),
@@ -285,7 +354,7 @@ fn dump_inner(
                 })
                 .collect();
             let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-            if let Some((name, _)) = &planned {
+            if let Some((name, _, _)) = &planned {
                 return writing
                     .commit(name, bytes)
                     .await

@@ -301,6 +301,24 @@ pub(crate) fn cpu_description(criu: &Criu, images: &Path) -> Option<images::CpuI
     }
 }
 
+/// [`cpu_description`] on a thread of its own, started as CRIU starts dumping: the second
+/// CRIU's start (tens of milliseconds) overlaps the dump instead of following it while the
+/// tree is frozen.
+pub(crate) struct CpuDescribing(Option<std::thread::JoinHandle<Option<images::CpuInfo>>>);
+
+impl CpuDescribing {
+    pub(crate) fn start(criu: &Criu, images: &Path) -> Self {
+        let (criu, images) = (criu.clone(), images.to_path_buf());
+        CpuDescribing(Some(std::thread::spawn(move || {
+            cpu_description(&criu, &images)
+        })))
+    }
+
+    pub(crate) fn join(mut self) -> Option<images::CpuInfo> {
+        self.0.take().and_then(|t| t.join().ok().flatten())
+    }
+}
+
 /// CRIU's image files in a staging folder as `(entry name, path)`, sorted.
 pub(crate) fn image_files(work: &Path) -> Result<Vec<(String, PathBuf)>, DumpError> {
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(work)
@@ -362,6 +380,7 @@ pub fn dump_into(
     let (_guard, version) = target.prepare(criu, &req)?;
     progress.stage("checkpointing", Some(info.tree_rss_bytes));
     let t0 = Instant::now();
+    let cpu = CpuDescribing::start(criu, work.path());
     // Stored archives: hash CRIU's page images as they are written; the largest then becomes
     // the archive in place. Compressed ones: compress the page images into the archive as
     // they are written.
@@ -440,7 +459,7 @@ pub fn dump_into(
     let finish = || -> Result<(archive::Finished, Manifest, u64, Duration), DumpError> {
         streamed?;
         let carried = carried?;
-        let cpu = cpu_description(criu, work.path());
+        let cpu = cpu.join();
         let mut writer = match writer.take() {
             Some(w) => w,
             None => stored_writer(&opts.dir, work.path(), stem, &digests, progress)?,

@@ -316,6 +316,17 @@ pub(crate) fn prepare(
     Ok(req)
 }
 
+/// [`prepare`] once [`check_cpu`] passed (a caller that ran it alongside other work).
+pub(crate) fn prepare_cpu_checked(
+    extracted: &archive::Extracted,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreRequest, RestoreError> {
+    let req = request(extracted, opts, progress)?;
+    put_back(extracted, opts, progress)?;
+    Ok(req)
+}
+
 /// CRIU's request for `extracted`: its options checked, its CPU description present.
 fn request(
     extracted: &archive::Extracted,
@@ -342,7 +353,7 @@ fn request(
 }
 
 /// CRIU's word on whether this CPU can run the checkpoint.
-fn check_cpu(
+pub(crate) fn check_cpu(
     criu: &Criu,
     extracted: &archive::Extracted,
     opts: &RestoreOptions,

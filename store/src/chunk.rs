@@ -36,6 +36,27 @@ impl ChunkId {
         Some(ChunkId(out))
     }
 
+    /// The stand-in a manifest published before all its chunks are named (post-copy) gives
+    /// chunk `index` of entry `entry`: 24 bytes of 0xff, then the two indexes. A writer
+    /// publishes the names later ([`crate::transfer::name_rest`]); a reader waits for them
+    /// and never fetches a stand-in. (A BLAKE3 hash starting with 24 0xff bytes: 2^-192.)
+    pub fn unnamed(entry: u32, index: u32) -> Self {
+        let mut b = [0xffu8; 32];
+        b[24..28].copy_from_slice(&entry.to_be_bytes());
+        b[28..32].copy_from_slice(&index.to_be_bytes());
+        ChunkId(b)
+    }
+
+    /// The entry's and chunk's indexes of a stand-in ([`ChunkId::unnamed`]), else `None`.
+    pub fn unnamed_at(&self) -> Option<(u32, u32)> {
+        if self.0[..24].iter().any(|b| *b != 0xff) {
+            return None;
+        }
+        let entry = u32::from_be_bytes(self.0[24..28].try_into().expect("4 bytes"));
+        let index = u32::from_be_bytes(self.0[28..32].try_into().expect("4 bytes"));
+        Some((entry, index))
+    }
+
     pub fn hex(&self) -> String {
         let mut s = String::with_capacity(64);
         for b in self.0 {
@@ -82,10 +103,12 @@ pub struct ChunkRef {
 
 /// A chunk sealed for the store: the zstd frame of `raw` at `level`, and its name.
 pub fn seal(raw: &[u8], level: i32) -> (ChunkId, Vec<u8>) {
-    let id = ChunkId::of(raw);
-    // Compressing into memory cannot fail but for allocation.
-    let sealed = zstd::bulk::compress(raw, level).expect("zstd compresses into memory");
-    (id, sealed)
+    (ChunkId::of(raw), seal_named(raw, level))
+}
+
+/// [`seal`] for a chunk already named: the zstd frame only.
+pub fn seal_named(raw: &[u8], level: i32) -> Vec<u8> {
+    zstd::bulk::compress(raw, level).expect("zstd compresses into memory")
 }
 
 /// Why a stored chunk was refused.
@@ -147,6 +170,15 @@ mod tests {
         assert!(ChunkId::parse(&id.hex().to_uppercase()).is_none());
         assert!(ChunkId::parse("../../etc/passwd").is_none());
         assert!(ChunkId::parse(&id.hex()[..63]).is_none());
+    }
+
+    #[test]
+    fn a_stand_in_tells_its_place_and_a_name_is_no_stand_in() {
+        let u = ChunkId::unnamed(3, 70_000);
+        assert_eq!(u.unnamed_at(), Some((3, 70_000)));
+        assert_eq!(ChunkId::parse(&u.hex()), Some(u));
+        assert_eq!(ChunkId::of(b"hello").unnamed_at(), None);
+        assert_ne!(ChunkId::unnamed(0, 1), ChunkId::unnamed(1, 0));
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub use chunk::{ChunkId, ChunkRef};
 pub use gc::{prune, Keep, PruneOutcome, Writing};
 pub use location::StoreUrl;
 pub use store::{valid_name, CheckpointInfo, Store};
-pub use transfer::{download, plan, upload, Piece, Uploaded, UploadedEntry, Wanted};
+pub use transfer::{
+    download, name_rest, plan, upload, upload_first, upload_named, Piece, Uploaded, UploadedEntry,
+    Wanted,
+};
 
 /// Errors of a store. Each names the store (and the object) it is about.
 #[derive(Debug, thiserror::Error)]

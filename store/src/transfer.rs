@@ -110,8 +110,8 @@ pub fn plan(pieces: &[Piece]) -> Result<Vec<UploadedEntry>, StoreError> {
                 source,
             })?
             .len();
-        for (at, len) in cuts_of(size, &piece.cuts) {
-            jobs.push((file_index, at, len));
+        for (ci, (at, len)) in cuts_of(size, &piece.cuts).into_iter().enumerate() {
+            jobs.push((file_index, ci, at, len));
         }
         entries.push(UploadedEntry {
             name: piece.name.clone(),
@@ -119,6 +119,21 @@ pub fn plan(pieces: &[Piece]) -> Result<Vec<UploadedEntry>, StoreError> {
             chunks: Vec::new(),
         });
     }
+    let ids = hash_jobs(pieces, &jobs)?;
+    for ((file_index, _, _, len), id) in jobs.iter().zip(ids) {
+        entries[*file_index]
+            .chunks
+            .push(ChunkRef { id, size: *len });
+    }
+    Ok(entries)
+}
+
+/// The names of the chunks `jobs` (piece index, chunk index, offset, length) point at, in
+/// order: read and hashed on one thread per core.
+fn hash_jobs(
+    pieces: &[Piece],
+    jobs: &[(usize, usize, u64, u64)],
+) -> Result<Vec<ChunkId>, StoreError> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let ids: Vec<Vec<(usize, ChunkId)>> = std::thread::scope(|scope| {
@@ -129,7 +144,7 @@ pub fn plan(pieces: &[Piece]) -> Result<Vec<UploadedEntry>, StoreError> {
                     let mut buf = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(file_index, at, len)) = jobs.get(i) else {
+                        let Some(&(file_index, _, at, len)) = jobs.get(i) else {
                             return Ok(out);
                         };
                         let path = &pieces[file_index].path;
@@ -154,13 +169,10 @@ pub fn plan(pieces: &[Piece]) -> Result<Vec<UploadedEntry>, StoreError> {
     for (i, id) in ids.into_iter().flatten() {
         by_job[i] = Some(id);
     }
-    for ((file_index, _, len), id) in jobs.iter().zip(by_job) {
-        entries[*file_index].chunks.push(ChunkRef {
-            id: id.expect("every job hashed"),
-            size: *len,
-        });
-    }
-    Ok(entries)
+    Ok(by_job
+        .into_iter()
+        .map(|id| id.expect("every job hashed"))
+        .collect())
 }
 
 /// Uploads `pieces` to `store` as chunks sealed at zstd `level`, as part of `writing` (a
@@ -173,15 +185,124 @@ pub async fn upload(
     level: i32,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<Uploaded, StoreError> {
-    upload_pass(writing.store(), pieces, level, progress).await
+    let (results, sizes) = upload_pass(
+        writing.store(),
+        pieces,
+        level,
+        progress,
+        &|_, _, _| true,
+        None,
+    )
+    .await?;
+    // Every chunk was selected: none is missing.
+    Ok(uploaded(pieces, &sizes, results, |fi, ci| ChunkRef {
+        id: ChunkId::unnamed(fi as u32, ci as u32),
+        size: 0,
+    }))
 }
 
+/// The first round of a move's upload (post-copy): the chunks a restore needs before the
+/// task runs (every chunk of a piece without [`Piece::first`] ranges, those overlapping them
+/// in the others), named and stored. The entries list every chunk, the others under stand-ins
+/// ([`ChunkId::unnamed`]) until [`name_rest`] names them.
+pub async fn upload_first(
+    writing: &crate::gc::Writing,
+    pieces: &[Piece],
+    level: i32,
+) -> Result<Uploaded, StoreError> {
+    let first = |fi: usize, at: u64, len: u64| pieces[fi].first(at, len);
+    let (results, sizes) = upload_pass(writing.store(), pieces, level, None, &first, None).await?;
+    Ok(uploaded(pieces, &sizes, results, |fi, ci| ChunkRef {
+        id: ChunkId::unnamed(fi as u32, ci as u32),
+        size: 0,
+    }))
+}
+
+/// `entries` (from [`upload_first`]) with every stand-in replaced by its chunk's name: read
+/// and hashed on one thread per core, nothing sent.
+pub fn name_rest(
+    pieces: &[Piece],
+    entries: &[UploadedEntry],
+) -> Result<Vec<UploadedEntry>, StoreError> {
+    let mut out = entries.to_vec();
+    let mut jobs = Vec::new();
+    for (fi, e) in entries.iter().enumerate() {
+        let mut at = 0;
+        for (ci, c) in e.chunks.iter().enumerate() {
+            if c.id.unnamed_at().is_some() {
+                jobs.push((fi, ci, at, c.size));
+            }
+            at += c.size;
+        }
+    }
+    let named = hash_jobs(pieces, &jobs)?;
+    for ((fi, ci, _, _), id) in jobs.iter().zip(named) {
+        out[*fi].chunks[*ci].id = id;
+    }
+    Ok(out)
+}
+
+/// The rest of a move's upload: every chunk of `entries` (all named, see [`name_rest`]) the
+/// store lacks, read and sealed under the name it was given (not hashed again: a chunk that
+/// changed since is refused by whoever reads it). What the whole upload did, `first` (the
+/// first round's [`Uploaded`]) included.
+pub async fn upload_named(
+    writing: &crate::gc::Writing,
+    pieces: &[Piece],
+    entries: &[UploadedEntry],
+    first: &Uploaded,
+    level: i32,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<Uploaded, StoreError> {
+    let sent_first: HashSet<(usize, u64)> = first
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(fi, e)| {
+            let mut at = 0;
+            e.chunks
+                .iter()
+                .map(move |c| {
+                    let here = (fi, at, c.id.unnamed_at().is_none());
+                    at += c.size;
+                    here
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|(_, _, named)| *named)
+        .map(|(fi, at, _)| (fi, at))
+        .collect();
+    let rest = |fi: usize, at: u64, _len: u64| !sent_first.contains(&(fi, at));
+    let (results, sizes) = upload_pass(
+        writing.store(),
+        pieces,
+        level,
+        progress,
+        &rest,
+        Some(entries),
+    )
+    .await?;
+    let mut out = uploaded(pieces, &sizes, results, |fi, ci| entries[fi].chunks[ci]);
+    out.chunks_sent += first.chunks_sent;
+    out.raw_sent += first.raw_sent;
+    out.stored_sent += first.stored_sent;
+    Ok(out)
+}
+
+/// One chunk's upload: which piece, where, and its name when already known.
+type Done = (usize, u64, ChunkRef, u64);
+
+/// Reads, names (unless `known` names them), seals and sends the chunks of `pieces` that
+/// `select` (piece index, offset, length) takes; what was done with each, and the pieces'
+/// sizes.
 async fn upload_pass(
     store: &Store,
     pieces: &[Piece],
     level: i32,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-) -> Result<Uploaded, StoreError> {
+    select: &(dyn Fn(usize, u64, u64) -> bool + Sync),
+    known: Option<&[UploadedEntry]>,
+) -> Result<(Vec<Done>, Vec<u64>), StoreError> {
     let present: HashSet<ChunkId> = store.list_chunks().await?.into_keys().collect();
     let sent = Arc::new(Sent {
         present,
@@ -201,16 +322,44 @@ async fn upload_pass(
         sizes.push(size);
         // Each chunk opens its file: a folder of thousands of files never holds thousands
         // of descriptors at once.
-        for (at, len) in cuts_of(size, &piece.cuts) {
-            jobs.push((file_index, piece.path.clone(), at, len));
+        for (ci, (at, len)) in cuts_of(size, &piece.cuts).into_iter().enumerate() {
+            if !select(file_index, at, len) {
+                continue;
+            }
+            let id = match known {
+                None => None,
+                Some(k) => match k.get(file_index).and_then(|e| e.chunks.get(ci)) {
+                    Some(c) if c.size == len && c.id.unnamed_at().is_none() => Some(c.id),
+                    _ => {
+                        return Err(StoreError::Read {
+                            path: piece.path.clone(),
+                            source: std::io::Error::other(format!(
+                                "chunk {ci} at {at} has no name of {len} bytes"
+                            )),
+                        })
+                    }
+                },
+            };
+            jobs.push((file_index, piece.path.clone(), at, len, id));
         }
     }
     // What a restore needs before the rest goes first (a stable sort keeps the order within).
-    jobs.sort_by_key(|(file_index, _, at, len)| !pieces[*file_index].first(*at, *len));
-    let mut results: Vec<(usize, u64, ChunkRef, u64)> = futures::stream::iter(jobs)
-        .map(|(file_index, path, at, len)| {
+    jobs.sort_by_key(|(file_index, _, at, len, _)| !pieces[*file_index].first(*at, *len));
+    let results: Vec<Done> = futures::stream::iter(jobs)
+        .map(|(file_index, path, at, len, id)| {
             let (sent, cpu) = (sent.clone(), cpu.clone());
             async move {
+                // A named chunk the store has is not read at all.
+                if let Some(id) = id {
+                    let new = !sent.present.contains(&id)
+                        && sent.claimed.lock().expect("not poisoned").insert(id);
+                    if !new {
+                        if let Some(p) = progress {
+                            p(len);
+                        }
+                        return Ok((file_index, at, ChunkRef { id, size: len }, 0));
+                    }
+                }
                 let permit = cpu.acquire_owned().await.expect("never closed");
                 let sealed = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
@@ -218,6 +367,9 @@ async fn upload_pass(
                     std::fs::File::open(&path)
                         .and_then(|file| file.read_exact_at(&mut buf, at))
                         .map_err(|source| StoreError::Read { path, source })?;
+                    if let Some(id) = id {
+                        return Ok((id, Some(chunk::seal_named(&buf, level))));
+                    }
                     let id = ChunkId::of(&buf);
                     let new = !sent.present.contains(&id)
                         && sent.claimed.lock().expect("not poisoned").insert(id);
@@ -241,31 +393,50 @@ async fn upload_pass(
         .buffered(IO_PARALLEL)
         .try_collect()
         .await?;
-    let mut out = Uploaded {
-        entries: pieces
-            .iter()
-            .zip(&sizes)
-            .map(|(p, size)| UploadedEntry {
-                name: p.name.clone(),
-                size: *size,
-                chunks: Vec::new(),
-            })
-            .collect(),
-        ..Default::default()
-    };
-    // Each entry's chunks in the order of its bytes, whatever order they were sent in.
-    results.sort_by_key(|(file_index, at, _, _)| (*file_index, *at));
-    for (file_index, _, r, stored) in results {
-        out.chunks += 1;
-        out.bytes += r.size;
-        if stored > 0 {
-            out.chunks_sent += 1;
-            out.raw_sent += r.size;
-            out.stored_sent += stored;
+    Ok((results, sizes))
+}
+
+/// What an upload did, from its chunks' `results`: each piece's chunks in the order of its
+/// bytes (whatever order they were sent in); a chunk not among the results is `missing`'s
+/// (piece index, chunk index), with its size set here.
+fn uploaded(
+    pieces: &[Piece],
+    sizes: &[u64],
+    results: Vec<Done>,
+    missing: impl Fn(usize, usize) -> ChunkRef,
+) -> Uploaded {
+    let mut done: HashMap<(usize, u64), (ChunkRef, u64)> = results
+        .into_iter()
+        .map(|(fi, at, r, stored)| ((fi, at), (r, stored)))
+        .collect();
+    let mut out = Uploaded::default();
+    for (fi, (p, size)) in pieces.iter().zip(sizes).enumerate() {
+        let mut entry = UploadedEntry {
+            name: p.name.clone(),
+            size: *size,
+            chunks: Vec::new(),
+        };
+        for (ci, (at, len)) in cuts_of(*size, &p.cuts).into_iter().enumerate() {
+            out.chunks += 1;
+            out.bytes += len;
+            match done.remove(&(fi, at)) {
+                Some((r, stored)) => {
+                    if stored > 0 {
+                        out.chunks_sent += 1;
+                        out.raw_sent += r.size;
+                        out.stored_sent += stored;
+                    }
+                    entry.chunks.push(r);
+                }
+                None => entry.chunks.push(ChunkRef {
+                    size: len,
+                    ..missing(fi, ci)
+                }),
+            }
         }
-        out.entries[file_index].chunks.push(r);
+        out.entries.push(entry);
     }
-    Ok(out)
+    out
 }
 
 /// A file to download: the relative path it is written to and its chunks.

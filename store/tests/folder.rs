@@ -310,3 +310,82 @@ fn a_prune_removes_no_chunk_while_a_checkpoint_is_written_nor_a_crashed_writers_
         assert!(!root.join("gc/lock").exists());
     });
 }
+
+/// A move's upload in two rounds (post-copy): the first stores only what a restore needs
+/// before the task runs and lists the rest under stand-ins; the rest is named without being
+/// sent, then stored under those names. The result is what a one-round upload makes, and a
+/// chunk whose bytes changed after it was named is refused by its reader.
+#[test]
+fn a_two_round_upload_stores_what_is_needed_first_and_then_the_same_checkpoint() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&StoreUrl::parse(root.to_str().unwrap()).unwrap()).unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("small.img"), noise(1, 3000)).unwrap();
+    std::fs::write(src.join("pages-1.img"), noise(2, 6 << 20)).unwrap();
+    let pieces = vec![
+        Piece {
+            name: "images/small.img".into(),
+            path: src.join("small.img"),
+            ..Default::default()
+        },
+        Piece {
+            name: "images/pages-1.img".into(),
+            path: src.join("pages-1.img"),
+            // Six 1 MiB chunks; bytes in the second and the fifth are needed first.
+            cuts: vec![1 << 20; 6],
+            first: Some(vec![((1 << 20) + 5, 10), ((4 << 20) + 4096, 4096)]),
+        },
+    ];
+    let whole = cedana_store::plan(&pieces).unwrap();
+    let mut w = rt.block_on(Writing::begin(&store)).unwrap();
+    let first = rt
+        .block_on(cedana_store::upload_first(&w, &pieces, 1))
+        .unwrap();
+    assert_eq!(first.chunks_sent, 3, "the small image and two page chunks");
+    assert_eq!(chunk_files(&root).len(), 3);
+    let stand_ins: Vec<(usize, usize)> = first
+        .entries
+        .iter()
+        .enumerate()
+        .flat_map(|(e, entry)| {
+            entry
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.id.unnamed_at().is_some())
+                .map(move |(i, _)| (e, i))
+        })
+        .collect();
+    assert_eq!(stand_ins, vec![(1, 0), (1, 2), (1, 3), (1, 5)]);
+    for (e, i) in &stand_ins {
+        let c = first.entries[*e].chunks[*i];
+        assert_eq!(c.id.unnamed_at(), Some((*e as u32, *i as u32)));
+        assert_eq!(c.size, 1 << 20);
+    }
+    let named = cedana_store::name_rest(&pieces, &first.entries).unwrap();
+    assert_eq!(named, whole, "named as a one-round upload names them");
+    // The fourth chunk changes after it was named: it is stored under the old name, and its
+    // reader refuses it.
+    let mut bytes = std::fs::read(src.join("pages-1.img")).unwrap();
+    bytes[(3 << 20) + 7] ^= 0xff;
+    std::fs::write(src.join("pages-1.img"), &bytes).unwrap();
+    let up = rt
+        .block_on(cedana_store::upload_named(
+            &w, &pieces, &named, &first, 1, None,
+        ))
+        .unwrap();
+    assert_eq!(up.entries, whole);
+    assert_eq!((up.chunks, up.chunks_sent), (7, 7));
+    rt.block_on(w.commit("moved", manifest(&up.entries)))
+        .unwrap();
+    let changed = named[1].chunks[3];
+    let good = named[1].chunks[2];
+    assert!(rt.block_on(store.get_chunk("moved", &good)).is_ok());
+    match rt.block_on(store.get_chunk("moved", &changed)) {
+        Err(StoreError::BadChunk { .. }) => {}
+        other => panic!("a chunk changed after naming was read back: {other:?}"),
+    }
+}

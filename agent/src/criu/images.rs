@@ -8,7 +8,9 @@ use std::path::Path;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::proto::{CpuinfoEntry, CpuinfoX86Entry, PagemapEntry, PagemapHead, PstreeEntry};
+use super::proto::{
+    CoreEntry, CpuinfoEntry, CpuinfoX86Entry, PagemapEntry, PagemapHead, PstreeEntry,
+};
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
@@ -229,6 +231,84 @@ pub fn page_image_eager_ranges(
                 .filter(|r| !r.lazy)
                 .map(|r| (r.offset, r.pages.saturating_mul(page))),
         );
+    }
+    out
+}
+
+/// Bytes around each hot address ([`hot_addresses`]) taken as hot: a stack's frames above its
+/// pointer, a thread's control block and TLS on either side of its base.
+const HOT_SPAN: u64 = 64 << 10;
+
+/// The addresses each thread of the dump touches first, as it resumes and even before (the
+/// kernel writes a thread's rseq area as CRIU re-registers it): its stack pointer,
+/// instruction pointer, thread pointer (`fs_base`), rseq area and `clear_child_tid`. From the
+/// `core-<tid>.img` images; unreadable ones are left out (only an order depends on this).
+fn hot_addresses(images_dir: &Path) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(images_dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("core-") && name.ends_with(".img")) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(img) = Image::parse(&bytes, &name) else {
+            continue;
+        };
+        for entry in &img.entries {
+            let Ok(core) = CoreEntry::decode(entry.as_slice()) else {
+                continue;
+            };
+            if let Some(ti) = &core.thread_info {
+                out.extend(ti.clear_tid_addr);
+                if let Some(r) = &ti.gpregs {
+                    out.extend([r.sp, r.ip, r.fs_base].into_iter().flatten());
+                }
+            }
+            let rseq = core.thread_core.and_then(|t| t.rseq_entry);
+            out.extend(rseq.and_then(|r| r.rseq_abi_pointer));
+        }
+    }
+    out.retain(|a| *a != 0);
+    out
+}
+
+/// For each pages image, the byte ranges holding the pages the tree touches first
+/// ([`hot_addresses`], [`HOT_SPAN`] on either side), merged: stored first after a move and
+/// fetched before CRIU restores, so that neither CRIU nor the resumed task waits on them.
+pub fn page_image_hot_ranges(
+    images_dir: &Path,
+) -> std::collections::HashMap<String, Vec<(u64, u64)>> {
+    let page = page_size();
+    let hot = hot_addresses(images_dir);
+    let mut out: std::collections::HashMap<String, Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    if hot.is_empty() {
+        return out;
+    }
+    for (name, bytes) in pagemap_files(images_dir) {
+        let Ok(map) = read_pagemap(&bytes, &name, page) else {
+            continue;
+        };
+        let ranges = out
+            .entry(format!("pages-{}.img", map.pages_id))
+            .or_default();
+        for a in &hot {
+            let (lo, hi) = (a.saturating_sub(HOT_SPAN), a.saturating_add(HOT_SPAN));
+            for r in &map.runs {
+                let end = r.vaddr.saturating_add(r.pages.saturating_mul(page));
+                let (from, to) = (lo.max(r.vaddr), hi.min(end));
+                if from < to {
+                    let first = (from - r.vaddr) / page * page;
+                    let last = (to - r.vaddr).div_ceil(page) * page;
+                    ranges.push((r.offset + first, last - first));
+                }
+            }
+        }
     }
     out
 }

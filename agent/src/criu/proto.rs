@@ -272,3 +272,47 @@ pub struct StreamerReply {
     #[prost(bool, required, tag = "1")]
     pub exists: bool,
 }
+
+/// The part of `core_entry` (`images/core.proto`, one `core-<tid>.img` per thread) that says
+/// where a thread stands: x86-64 registers and its rseq area. Everything else is skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CoreEntry {
+    #[prost(message, optional, tag = "2")]
+    pub thread_info: Option<ThreadInfoX86>,
+    #[prost(message, optional, tag = "5")]
+    pub thread_core: Option<ThreadCore>,
+}
+
+/// `thread_info_x86` (`images/core-x86.proto`), in part.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ThreadInfoX86 {
+    #[prost(uint64, optional, tag = "1")]
+    pub clear_tid_addr: Option<u64>,
+    #[prost(message, optional, tag = "2")]
+    pub gpregs: Option<X86Regs>,
+}
+
+/// `user_x86_regs_entry`, in part.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct X86Regs {
+    #[prost(uint64, optional, tag = "17")]
+    pub ip: Option<u64>,
+    #[prost(uint64, optional, tag = "20")]
+    pub sp: Option<u64>,
+    #[prost(uint64, optional, tag = "22")]
+    pub fs_base: Option<u64>,
+}
+
+/// `thread_core_entry`, in part: its `rseq_entry`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ThreadCore {
+    #[prost(message, optional, tag = "15")]
+    pub rseq_entry: Option<RseqEntry>,
+}
+
+/// `rseq_entry` (`images/rseq.proto`), in part.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RseqEntry {
+    #[prost(uint64, optional, tag = "1")]
+    pub rseq_abi_pointer: Option<u64>,
+}

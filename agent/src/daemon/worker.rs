@@ -941,7 +941,9 @@ impl Worker {
                 ..opts
             };
             let source = Arc::new(match pending {
-                true => crate::lazy::StoreSource::pending(st, &name, rt, post_copy_wait()),
+                true => {
+                    crate::lazy::StoreSource::pending(st, &name, rt, post_copy_wait(), &manifest)
+                }
                 false => crate::lazy::StoreSource::new(st, &name, rt),
             });
             let root = opts.staging.clone().unwrap_or_default();

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use cedana_store::ChunkRef;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use source::{ChunkError, ChunkSource, ChunkTrouble, StoreSource, ZipSource};
 
@@ -222,6 +222,9 @@ impl Memory {
         }
         let start = run.offset + index * self.page;
         let len = n * self.page;
+        if !self.counting.load(Ordering::Relaxed) {
+            debug!(pid, vaddr = %format_args!("{vaddr:#x}"), pages = n, "pages asked for while CRIU restores");
+        }
         self.ensure(*img, start, start + len)
             .map_err(LazyError::Chunk)?;
         let mut buf = vec![0u8; len as usize];
@@ -567,6 +570,10 @@ pub fn restore_as(
         path: images.clone(),
         source,
     })?;
+    debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "restore: small images fetched and checked"
+    );
     let maps = task_pagemaps(&images, page).map_err(corrupt)?;
     let lazy_ids: HashSet<u32> = maps
         .values()
@@ -576,6 +583,14 @@ pub fn restore_as(
     if full_because.is_none() && lazy_ids.is_empty() {
         full_because = Some("the checkpoint holds no memory CRIU restores lazily".into());
     }
+    // CRIU's lazy-pages daemon reads the small images as it starts (tens of milliseconds):
+    // it starts now, while the CPU is checked and the memory CRIU reads itself is fetched.
+    let early_daemon = full_because.is_none().then(|| {
+        let (criu, images) = (criu.clone(), images.clone());
+        Daemon(Some(std::thread::spawn(move || {
+            start_daemon(&criu, &images)
+        })))
+    });
 
     // The page images, made sparse and filled chunk by chunk (by several threads): the ones
     // without lazy memory (or all, for a full restore) now, the others with what CRIU reads
@@ -653,15 +668,39 @@ pub fn restore_as(
             ranges.push((*img, r.offset, r.offset + r.pages * page));
         }
     }
+    // And the pages the tree touches first (CRIU too, as it re-registers rseq areas): fetched
+    // now, alongside the rest, not on the fault.
+    if full_because.is_none() {
+        for (file, hot) in crate::criu::images::page_image_hot_ranges(&images) {
+            let id = file
+                .strip_prefix("pages-")
+                .and_then(|r| r.strip_suffix(".img"))
+                .and_then(|id| id.parse::<u32>().ok());
+            if let Some(img) = id.and_then(|id| image_of.get(&id)) {
+                ranges.extend(hot.into_iter().map(|(at, n)| (*img, at, at + n)));
+            }
+        }
+    }
     // A restore in full from the start hands CRIU its memory chunk by chunk as it reads
     // (each checked before it goes, nothing written here; see `crate::streamer`).
     let stream = full_because.is_some() && restore::streams(&manifest, opts);
+    let extracted = archive::Extracted::from_parts(manifest, held);
     if !stream {
-        memory.fill(&ranges).map_err(chunk_err)?;
+        // CRIU's word on the CPU while the memory it reads itself is fetched.
+        let (filled, cpu) = std::thread::scope(|s| {
+            let cpu = s.spawn(|| restore::check_cpu(criu, &extracted, opts, progress));
+            let filled = memory.fill(&ranges);
+            (filled, cpu.join().expect("the CPU check does not panic"))
+        });
+        filled.map_err(chunk_err)?;
+        cpu?;
     }
     progress.finish();
+    debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "restore: CPU checked, memory CRIU reads itself fetched"
+    );
 
-    let extracted = archive::Extracted::from_parts(manifest, held);
     if stream {
         let why = full_because.unwrap_or_default();
         match full {
@@ -690,17 +729,21 @@ pub fn restore_as(
             full_because: Some(why),
         });
     }
-    let mut req = restore::prepare(criu, &extracted, opts, progress)?;
+    let mut req = restore::prepare_cpu_checked(&extracted, opts, progress)?;
     let verify_time = t0.elapsed();
-    let daemon = match &full_because {
-        Some(_) => None,
-        None => match start_daemon(criu, &req.images_dir) {
+    debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "restore: carried files put back"
+    );
+    let daemon = match (&full_because, early_daemon) {
+        (None, Some(mut d)) => match d.take() {
             Ok(d) => Some(d),
             Err(why) => {
                 full_because = Some(why);
                 None
             }
         },
+        _ => None,
     };
     let Some((listener, daemon, layout)) = daemon else {
         let why = full_because.unwrap_or_default();
@@ -765,6 +808,10 @@ pub fn restore_as(
         })
     };
     req.lazy_pages = true;
+    debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "restore: lazy-pages daemon listening"
+    );
     let mut daemon = daemon;
     let restored = restore::run_criu(criu, &req, opts, verify_time, failed_log, progress);
     let (pid, criu_time) = match restored {
@@ -815,6 +862,32 @@ pub fn restore_as(
         }),
         full_because: None,
     })
+}
+
+/// `criu lazy-pages` starting on a thread of its own; stopped if the restore ends before
+/// taking it.
+struct Daemon(Option<JoinHandle<Result<Started, String>>>);
+
+/// A started `criu lazy-pages`: the agent's page-server socket, the daemon, its layout.
+type Started = (TcpListener, Child, Layout);
+
+impl Daemon {
+    /// The started daemon, or why it did not start.
+    fn take(&mut self) -> Result<Started, String> {
+        match self.0.take().map(|t| t.join()) {
+            Some(Ok(started)) => started,
+            _ => Err("`criu lazy-pages` did not start (its starter panicked)".into()),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(Ok(Ok((_, mut child, _)))) = self.0.take().map(|t| t.join()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn chunk_err(e: ChunkError) -> RestoreError {
@@ -888,7 +961,7 @@ fn task_pagemaps(images: &Path, page: u64) -> Result<HashMap<u64, PageMap>, Stri
 
 /// Starts `criu lazy-pages` for `images`, asking the agent's page server on a new loopback
 /// port, and waits until it listens for the restore. Why not, when it cannot.
-fn start_daemon(criu: &Criu, images: &Path) -> Result<(TcpListener, Child, Layout), String> {
+fn start_daemon(criu: &Criu, images: &Path) -> Result<Started, String> {
     let layout = match criu.version() {
         Ok(v) => Layout::for_criu(v.major, v.minor),
         Err(e) => return Err(format!("CRIU's version cannot be read ({e})")),

@@ -6,11 +6,12 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use cedana_store::{chunk, ChunkId, ChunkRef, Store, StoreError};
 
-use crate::archive::{ArchiveError, MANIFEST};
+use crate::archive::{ArchiveError, Entry, Manifest, MANIFEST};
 use crate::chunkzip::CHUNKS;
 
 pub use crate::restore::{ChunkError, ChunkTrouble};
@@ -31,6 +32,11 @@ pub struct StoreSource {
     rt: tokio::runtime::Handle,
     /// A checkpoint still being stored (post-copy): how long a missing chunk is waited for.
     wait_for: Option<Duration>,
+    /// Its entries as the restore read them, where chunks may still stand in for names
+    /// ([`ChunkId::unnamed`]).
+    layout: Vec<Entry>,
+    /// Every chunk's name by entry, once the writer published them.
+    named: Mutex<Option<Vec<Vec<ChunkRef>>>>,
 }
 
 impl StoreSource {
@@ -40,34 +46,126 @@ impl StoreSource {
             name: name.to_string(),
             rt,
             wait_for: None,
+            layout: Vec::new(),
+            named: Mutex::new(None),
         }
     }
 
-    /// A source for a checkpoint whose chunks are still being stored: a chunk not there yet
-    /// is asked for again until it is, for at most `wait_for` (then it is missing).
+    /// A source for a checkpoint whose chunks are still being stored, read from its published
+    /// `manifest`: a chunk not there yet is asked for again until it is, and a chunk not named
+    /// yet waits for the manifest published again with its name, each for at most `wait_for`
+    /// (then it is missing). That manifest must say what this one said, names added.
     pub fn pending(
         store: Store,
         name: &str,
         rt: tokio::runtime::Handle,
         wait_for: Duration,
+        manifest: &Manifest,
     ) -> Self {
         StoreSource {
             wait_for: Some(wait_for),
+            layout: manifest.entries.clone(),
             ..StoreSource::new(store, name, rt)
         }
+    }
+
+    /// The chunk `r` stands for, once named ([`ChunkId::unnamed`]); `r` itself if named.
+    fn resolve(&self, r: &ChunkRef) -> Result<ChunkRef, ChunkError> {
+        let Some((entry, index)) = r.id.unnamed_at() else {
+            return Ok(*r);
+        };
+        let (entry, index) = (entry as usize, index as usize);
+        let err = |trouble, reason: String| ChunkError {
+            chunk: format!(
+                "{index} of {} (not named yet)",
+                self.layout
+                    .get(entry)
+                    .map_or("an entry", |e| e.name.as_str())
+            ),
+            checkpoint: self.label(),
+            trouble,
+            reason,
+        };
+        let t0 = Instant::now();
+        let wait_for = self.wait_for.unwrap_or_default();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if let Some(named) = self.named.lock().expect("not poisoned").as_ref() {
+                return named
+                    .get(entry)
+                    .and_then(|e| e.get(index))
+                    .copied()
+                    .ok_or_else(|| err(ChunkTrouble::Damaged, "no such chunk".into()));
+            }
+            let bytes = self
+                .rt
+                .block_on(self.store.get_pending_manifest(&self.name))
+                .map_err(|e| err(ChunkTrouble::Unreachable, e.to_string()))?;
+            if let Some(named) = self.names_in(&bytes).map_err(|reason| {
+                err(
+                    ChunkTrouble::Damaged,
+                    format!("the checkpoint's manifest changed while it was restored: {reason}"),
+                )
+            })? {
+                *self.named.lock().expect("not poisoned") = Some(named);
+                continue;
+            }
+            if t0.elapsed() >= wait_for {
+                return Err(err(
+                    ChunkTrouble::Missing,
+                    format!(
+                        "not named within {} s while its checkpoint was being stored",
+                        wait_for.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Every chunk's name from manifest `bytes`, if it names them all; an error if it does
+    /// not say what the manifest first read said (entries, sizes, chunk sizes, names).
+    fn names_in(&self, bytes: &[u8]) -> Result<Option<Vec<Vec<ChunkRef>>>, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if m.entries.len() != self.layout.len() {
+            return Err(format!(
+                "{} entries, not {}",
+                m.entries.len(),
+                self.layout.len()
+            ));
+        }
+        let mut all = true;
+        let mut out = Vec::with_capacity(m.entries.len());
+        for (now, was) in m.entries.into_iter().zip(&self.layout) {
+            let (chunks, before) = (now.chunks.unwrap_or_default(), was.chunks.as_deref());
+            let before = before.unwrap_or_default();
+            let same = now.name == was.name
+                && now.size == was.size
+                && chunks.len() == before.len()
+                && chunks.iter().zip(before).all(|(c, b)| {
+                    c.size == b.size && (b.id.unnamed_at().is_some() || c.id == b.id)
+                });
+            if !same {
+                return Err(format!("entry {:?} is not what it was", was.name));
+            }
+            all &= chunks.iter().all(|c| c.id.unnamed_at().is_none());
+            out.push(chunks);
+        }
+        Ok(all.then_some(out))
     }
 
     fn get(&self, r: &ChunkRef) -> Result<Vec<u8>, StoreError> {
         let Some(wait_for) = self.wait_for else {
             return self.rt.block_on(self.store.get_chunk(&self.name, r));
         };
-        let t0 = std::time::Instant::now();
-        let mut pause = Duration::from_millis(20);
+        let t0 = Instant::now();
+        let mut pause = Duration::from_millis(10);
         loop {
             match self.rt.block_on(self.store.get_chunk(&self.name, r)) {
                 Err(StoreError::MissingChunk { .. }) if t0.elapsed() < wait_for => {
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(250));
+                    pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 other => return other,
             }
@@ -77,6 +175,7 @@ impl StoreSource {
 
 impl ChunkSource for StoreSource {
     fn fetch(&self, r: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
+        let r = &self.resolve(r)?;
         self.get(r).map_err(|e| {
             let (trouble, reason) = match e {
                 StoreError::MissingChunk { .. } => (
@@ -219,5 +318,125 @@ impl ChunkSource for ZipSource {
 
     fn label(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cedana_store::{StoreUrl, Writing};
+
+    fn manifest(entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            format_version: crate::chunked::FORMAT_VERSION,
+            created_at: String::new(),
+            agent_version: String::new(),
+            process: Default::default(),
+            host: Default::default(),
+            criu: Default::default(),
+            cpu: None,
+            compression: crate::archive::Compression::Zstd,
+            entries,
+            files: None,
+        }
+    }
+
+    fn entry(name: &str, chunks: Vec<ChunkRef>) -> Entry {
+        Entry {
+            name: name.into(),
+            size: chunks.iter().map(|c| c.size).sum(),
+            sha256: String::new(),
+            blake3: String::new(),
+            chunks: Some(chunks),
+        }
+    }
+
+    /// A restore of a move reads a manifest with stand-ins for chunks not named yet: a fetch
+    /// of one waits for the manifest published again with the names (and then for the chunk),
+    /// refuses a manifest that says something else, and gives up after its wait.
+    #[test]
+    fn a_chunk_not_named_yet_is_fetched_once_named_and_a_changed_manifest_is_refused() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let url = StoreUrl::parse(dir.path().join("store").to_str().unwrap()).unwrap();
+        let store = Store::open(&url).unwrap();
+        let (a, b) = (vec![1u8; 5000], vec![2u8; 7000]);
+        let (ida, sealed_a) = chunk::seal(&a, 1);
+        let (idb, sealed_b) = chunk::seal(&b, 1);
+        let named_a = ChunkRef {
+            id: ida,
+            size: 5000,
+        };
+        let named_b = ChunkRef {
+            id: idb,
+            size: 7000,
+        };
+        let stand_in = ChunkRef {
+            id: ChunkId::unnamed(0, 1),
+            size: 7000,
+        };
+        let first = manifest(vec![entry("images/pages-1.img", vec![named_a, stand_in])]);
+        let named = manifest(vec![entry("images/pages-1.img", vec![named_a, named_b])]);
+        let mut w = rt.block_on(Writing::begin(&store)).unwrap();
+        rt.block_on(store.put_chunk(&ida, sealed_a.into())).unwrap();
+        let json = |m: &Manifest| serde_json::to_vec(m).unwrap();
+        rt.block_on(w.publish_pending("moved", json(&first)))
+            .unwrap();
+        let source = StoreSource::pending(
+            store.clone(),
+            "moved",
+            rt.handle().clone(),
+            Duration::from_secs(10),
+            &first,
+        );
+        assert_eq!(source.fetch(&named_a).unwrap(), a);
+        // Named 150 ms later, stored 150 ms after that.
+        let got = std::thread::scope(|s| {
+            let fetching = s.spawn(|| source.fetch(&stand_in));
+            std::thread::sleep(Duration::from_millis(150));
+            rt.block_on(w.publish_pending("moved", json(&named)))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+            rt.block_on(store.put_chunk(&idb, sealed_b.into())).unwrap();
+            fetching.join().unwrap()
+        });
+        assert_eq!(got.unwrap(), b);
+
+        // A manifest published again with another size: refused, naming the chunk.
+        let source = StoreSource::pending(
+            store.clone(),
+            "moved",
+            rt.handle().clone(),
+            Duration::from_secs(10),
+            &first,
+        );
+        let mut other = named.clone();
+        other.entries[0].size += 1;
+        rt.block_on(w.publish_pending("moved", json(&other)))
+            .unwrap();
+        let e = source.fetch(&stand_in).unwrap_err();
+        assert_eq!(e.trouble, ChunkTrouble::Damaged, "{e}");
+        let said = e.to_string();
+        assert!(said.contains("1 of images/pages-1.img"), "{said}");
+        assert!(said.contains("changed while it was restored"), "{said}");
+
+        // Never named: missing after the wait.
+        rt.block_on(w.publish_pending("moved", json(&first)))
+            .unwrap();
+        let source = StoreSource::pending(
+            store.clone(),
+            "moved",
+            rt.handle().clone(),
+            Duration::from_millis(300),
+            &first,
+        );
+        let e = source.fetch(&stand_in).unwrap_err();
+        assert_eq!(e.trouble, ChunkTrouble::Missing, "{e}");
+        assert!(e.to_string().contains("not named within"), "{e}");
+        rt.block_on(w.abandon());
     }
 }
