@@ -192,6 +192,7 @@ pub async fn upload(
         progress,
         &|_, _, _| true,
         None,
+        true,
     )
     .await?;
     // Every chunk was selected: none is missing.
@@ -211,7 +212,9 @@ pub async fn upload_first(
     level: i32,
 ) -> Result<Uploaded, StoreError> {
     let first = |fi: usize, at: u64, len: u64| pieces[fi].first(at, len);
-    let (results, sizes) = upload_pass(writing.store(), pieces, level, None, &first, None).await?;
+    // Not listed first: this round runs while the task is frozen, and is small.
+    let (results, sizes) =
+        upload_pass(writing.store(), pieces, level, None, &first, None, false).await?;
     Ok(uploaded(pieces, &sizes, results, |fi, ci| ChunkRef {
         id: ChunkId::unnamed(fi as u32, ci as u32),
         size: 0,
@@ -280,6 +283,7 @@ pub async fn upload_named(
         progress,
         &rest,
         Some(entries),
+        true,
     )
     .await?;
     let mut out = uploaded(pieces, &sizes, results, |fi, ci| entries[fi].chunks[ci]);
@@ -302,8 +306,14 @@ async fn upload_pass(
     progress: Option<&(dyn Fn(u64) + Sync)>,
     select: &(dyn Fn(usize, u64, u64) -> bool + Sync),
     known: Option<&[UploadedEntry]>,
+    list: bool,
 ) -> Result<(Vec<Done>, Vec<u64>), StoreError> {
-    let present: HashSet<ChunkId> = store.list_chunks().await?.into_keys().collect();
+    // Unlisted, every selected chunk is sent (one the store has is written again, the same
+    // bytes): a listing of a large store takes longer than a few chunks do.
+    let present: HashSet<ChunkId> = match list {
+        true => store.list_chunks().await?.into_keys().collect(),
+        false => HashSet::new(),
+    };
     let sent = Arc::new(Sent {
         present,
         claimed: Mutex::new(HashSet::new()),
