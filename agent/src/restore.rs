@@ -352,6 +352,44 @@ fn request(
     })
 }
 
+/// This machine's CPU as CRIU describes it (`criu cpuinfo dump`'s image), once
+/// [`describe_this_cpu`] has run.
+static THIS_CPU: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Takes this machine's CPU description, on a thread of its own (a daemon does at start): a
+/// checkpoint described the same, byte for byte, needs no CRIU check before it is restored
+/// here (CRIU's check compares that description with this CPU: it would pass). Where it
+/// fails, every restore is checked by CRIU.
+pub fn describe_this_cpu(criu: &Criu) {
+    let criu = criu.clone();
+    std::thread::spawn(move || {
+        let Ok(dir) = tempfile::Builder::new().prefix(".cedana-cpu-").tempdir() else {
+            return;
+        };
+        let described = criu
+            .cpuinfo_dump(dir.path())
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                std::fs::read(dir.path().join(criu::images::CPUINFO_IMG)).map_err(|e| e.to_string())
+            });
+        match described {
+            Ok(bytes) => {
+                let _ = THIS_CPU.set(bytes);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no description of this CPU: every restore is checked by CRIU")
+            }
+        }
+    });
+}
+
+/// Whether the CPU description in `images` is this machine's ([`describe_this_cpu`]).
+fn described_here(images: &Path) -> bool {
+    THIS_CPU.get().is_some_and(|here| {
+        std::fs::read(images.join(criu::images::CPUINFO_IMG)).is_ok_and(|b| b == *here)
+    })
+}
+
 /// CRIU's word on whether this CPU can run the checkpoint.
 pub(crate) fn check_cpu(
     criu: &Criu,
@@ -360,7 +398,12 @@ pub(crate) fn check_cpu(
     progress: &dyn Progress,
 ) -> Result<(), RestoreError> {
     progress.stage("checking CPU compatibility", None);
-    let Err(source) = criu.cpuinfo_check(&extracted.images_dir()) else {
+    let images = extracted.images_dir();
+    if described_here(&images) {
+        tracing::debug!("the checkpoint's CPU is this machine's, as CRIU describes them");
+        return Ok(());
+    }
+    let Err(source) = criu.cpuinfo_check(&images) else {
         return Ok(());
     };
     progress.finish();
@@ -552,5 +595,30 @@ impl ChunkError {
                 self.checkpoint, self.chunk, self.reason
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    /// Only a description equal byte for byte to this machine's skips CRIU's check; one bit
+    /// off, or none at all, and CRIU decides.
+    #[test]
+    fn only_this_machines_own_cpu_description_skips_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join(criu::images::CPUINFO_IMG);
+        assert!(!described_here(dir.path()), "no description of either");
+        let here = b"a CPU description as CRIU writes it".to_vec();
+        THIS_CPU.set(here.clone()).unwrap();
+        assert!(!described_here(dir.path()), "the checkpoint has none");
+        std::fs::write(&img, &here).unwrap();
+        assert!(described_here(dir.path()));
+        let mut other = here.clone();
+        other[3] ^= 1;
+        std::fs::write(&img, &other).unwrap();
+        assert!(!described_here(dir.path()));
+        std::fs::write(&img, &here[..here.len() - 1]).unwrap();
+        assert!(!described_here(dir.path()));
     }
 }

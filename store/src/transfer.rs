@@ -20,6 +20,8 @@ use crate::{Store, StoreError};
 
 /// Requests in flight at once.
 pub const IO_PARALLEL: usize = 16;
+/// The most a move's first round ([`upload_first`]) sends without listing the store.
+pub const FIRST_ROUND_UNLISTED: u64 = 32 << 20;
 /// The chunk size where a file has no cuts of its own.
 pub const FIXED_CHUNK: u64 = 1 << 20;
 
@@ -212,9 +214,21 @@ pub async fn upload_first(
     level: i32,
 ) -> Result<Uploaded, StoreError> {
     let first = |fi: usize, at: u64, len: u64| pieces[fi].first(at, len);
-    // Not listed first: this round runs while the task is frozen, and is small.
+    // This round runs while the task is frozen: a few MiB are sent without listing the store
+    // first (a large store's listing takes longer); more (a large carried folder) only
+    // where the store lacks them.
+    let mut bytes = 0;
+    for (fi, p) in pieces.iter().enumerate() {
+        let size = std::fs::metadata(&p.path).map_or(0, |m| m.len());
+        bytes += cuts_of(size, &p.cuts)
+            .into_iter()
+            .filter(|(at, len)| first(fi, *at, *len))
+            .map(|(_, len)| len)
+            .sum::<u64>();
+    }
+    let list = bytes > FIRST_ROUND_UNLISTED;
     let (results, sizes) =
-        upload_pass(writing.store(), pieces, level, None, &first, None, false).await?;
+        upload_pass(writing.store(), pieces, level, None, &first, None, list).await?;
     Ok(uploaded(pieces, &sizes, results, |fi, ci| ChunkRef {
         id: ChunkId::unnamed(fi as u32, ci as u32),
         size: 0,

@@ -158,6 +158,8 @@ pub async fn run(
         .await
         .map_err(|e| jerr("opening the checkpoint store")(&e))?;
 
+    // Restores of checkpoints taken on a CPU like this one skip CRIU's separate check.
+    crate::restore::describe_this_cpu(&criu);
     let record = WorkerRecord {
         v: protocol::VERSION,
         job: opts.job.clone(),
