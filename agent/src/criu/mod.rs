@@ -228,6 +228,9 @@ fn cli_restore_options(o: &CriuOptions) -> Vec<String> {
 #[derive(Clone, Debug)]
 pub struct Criu {
     path: PathBuf,
+    /// Its version, asked once (every dump and lazy restore needs it; a CRIU swapped under a
+    /// running agent is not seen until the agent starts again).
+    version: std::sync::Arc<std::sync::OnceLock<CriuVersion>>,
 }
 
 /// Name of the log CRIU writes into the images directory.
@@ -245,7 +248,10 @@ const LOG_TAIL_LINES: usize = 12;
 impl Criu {
     /// Uses the CRIU binary at `path` as given.
     pub fn at(path: impl Into<PathBuf>) -> Self {
-        Criu { path: path.into() }
+        Criu {
+            path: path.into(),
+            version: Default::default(),
+        }
     }
 
     /// Finds CRIU: the explicit path (flag, env or config, first wins), else `criu` on `PATH`,
@@ -283,13 +289,17 @@ impl Criu {
 
     /// CRIU's version (`VERSION` request).
     pub fn version(&self) -> Result<CriuVersion, CriuError> {
+        if let Some(v) = self.version.get() {
+            return Ok(*v);
+        }
         let resp = self.call(req(ReqType::Version, None), "version", None)?;
         let v = resp.version.unwrap_or_default();
-        Ok(CriuVersion {
+        let v = CriuVersion {
             major: v.major_number,
             minor: v.minor_number,
             sublevel: v.sublevel.unwrap_or(0),
-        })
+        };
+        Ok(*self.version.get_or_init(|| v))
     }
 
     /// `criu check`: whether CRIU can work on this kernel at all.

@@ -556,20 +556,42 @@ pub fn restore_as(
             .and_then(|id| id.parse::<u32>().ok())
     };
 
-    // Everything but the page images, whole and checked.
+    // Everything but the page images, whole and checked; first those CRIU's lazy-pages
+    // daemon reads as it starts (the inventory, the tree, its ids), and the daemon starts
+    // then, while the rest is fetched (CRIU takes tens of milliseconds to start).
     progress.stage("fetching the images", None);
-    for e in manifest
-        .entries
-        .iter()
-        .filter(|e| pages_id(&e.name).is_none())
-    {
-        write_whole(&*source, e, held.path())?;
-    }
     let images = held.path().join(archive::IMAGES_DIR);
     std::fs::create_dir_all(&images).map_err(|source| RestoreError::Staging {
         path: images.clone(),
         source,
     })?;
+    let read_at_start = |name: &str| {
+        let file = name.rsplit('/').next().unwrap_or_default();
+        name.starts_with(&format!("{}/", archive::IMAGES_DIR))
+            && (file == "inventory.img" || file == "pstree.img" || file.starts_with("ids-"))
+    };
+    let mut small: Vec<&archive::Entry> = manifest
+        .entries
+        .iter()
+        .filter(|e| pages_id(&e.name).is_none())
+        .collect();
+    small.sort_by_key(|e| !read_at_start(&e.name));
+    let mut early_daemon = None;
+    for e in small {
+        if early_daemon.is_none() && full_because.is_none() && !read_at_start(&e.name) {
+            let (criu, images) = (criu.clone(), images.clone());
+            early_daemon = Some(Daemon(Some(std::thread::spawn(move || {
+                start_daemon(&criu, &images)
+            }))));
+        }
+        write_whole(&*source, e, held.path())?;
+    }
+    if early_daemon.is_none() && full_because.is_none() {
+        let (criu, images) = (criu.clone(), images.clone());
+        early_daemon = Some(Daemon(Some(std::thread::spawn(move || {
+            start_daemon(&criu, &images)
+        }))));
+    }
     debug!(
         ms = t0.elapsed().as_millis() as u64,
         "restore: small images fetched and checked"
@@ -583,14 +605,10 @@ pub fn restore_as(
     if full_because.is_none() && lazy_ids.is_empty() {
         full_because = Some("the checkpoint holds no memory CRIU restores lazily".into());
     }
-    // CRIU's lazy-pages daemon reads the small images as it starts (tens of milliseconds):
-    // it starts now, while the CPU is checked and the memory CRIU reads itself is fetched.
-    let early_daemon = full_because.is_none().then(|| {
-        let (criu, images) = (criu.clone(), images.clone());
-        Daemon(Some(std::thread::spawn(move || {
-            start_daemon(&criu, &images)
-        })))
-    });
+    // A daemon started for a restore that turns out not to be lazy is stopped here.
+    if full_because.is_some() {
+        early_daemon = None;
+    }
 
     // The page images, made sparse and filled chunk by chunk (by several threads): the ones
     // without lazy memory (or all, for a full restore) now, the others with what CRIU reads
