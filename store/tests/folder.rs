@@ -49,14 +49,20 @@ fn chunk_files(root: &Path) -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
+/// A folder store under `dir` (`store/`) and a folder for the files to upload (`src/`).
+fn folder_store(dir: &Path) -> (std::path::PathBuf, Store, std::path::PathBuf) {
+    let root = dir.join("store");
+    let store = Store::open(&StoreUrl::parse(root.to_str().unwrap()).unwrap()).unwrap();
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    (root, store, src)
+}
+
 #[test]
 fn a_second_checkpoint_sends_only_what_changed_and_prune_keeps_what_is_named() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("store");
-    let store = Store::open(&StoreUrl::parse(root.to_str().unwrap()).unwrap()).unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir(&src).unwrap();
+    let (root, store, src) = folder_store(dir.path());
     // 8 MiB of noise and a small file.
     let mut big = noise(1, 8 << 20);
     std::fs::write(src.join("pages-1.img"), &big).unwrap();
@@ -319,10 +325,7 @@ fn a_prune_removes_no_chunk_while_a_checkpoint_is_written_nor_a_crashed_writers_
 fn a_two_round_upload_stores_what_is_needed_first_and_then_the_same_checkpoint() {
     let rt = rt();
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("store");
-    let store = Store::open(&StoreUrl::parse(root.to_str().unwrap()).unwrap()).unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir(&src).unwrap();
+    let (root, store, src) = folder_store(dir.path());
     std::fs::write(src.join("small.img"), noise(1, 3000)).unwrap();
     std::fs::write(src.join("pages-1.img"), noise(2, 6 << 20)).unwrap();
     let pieces = vec![

@@ -386,13 +386,16 @@ mod tests {
         let json = |m: &Manifest| serde_json::to_vec(m).unwrap();
         rt.block_on(w.publish_pending("moved", json(&first)))
             .unwrap();
-        let source = StoreSource::pending(
-            store.clone(),
-            "moved",
-            rt.handle().clone(),
-            Duration::from_secs(10),
-            &first,
-        );
+        let pending = |wait_for| {
+            StoreSource::pending(
+                store.clone(),
+                "moved",
+                rt.handle().clone(),
+                wait_for,
+                &first,
+            )
+        };
+        let source = pending(Duration::from_secs(10));
         assert_eq!(source.fetch(&named_a).unwrap(), a);
         // Named 150 ms later, stored 150 ms after that.
         let got = std::thread::scope(|s| {
@@ -407,13 +410,7 @@ mod tests {
         assert_eq!(got.unwrap(), b);
 
         // A manifest published again with another size: refused, naming the chunk.
-        let source = StoreSource::pending(
-            store.clone(),
-            "moved",
-            rt.handle().clone(),
-            Duration::from_secs(10),
-            &first,
-        );
+        let source = pending(Duration::from_secs(10));
         let mut other = named.clone();
         other.entries[0].size += 1;
         rt.block_on(w.publish_pending("moved", json(&other)))
@@ -427,13 +424,7 @@ mod tests {
         // Never named: missing after the wait.
         rt.block_on(w.publish_pending("moved", json(&first)))
             .unwrap();
-        let source = StoreSource::pending(
-            store.clone(),
-            "moved",
-            rt.handle().clone(),
-            Duration::from_millis(300),
-            &first,
-        );
+        let source = pending(Duration::from_millis(300));
         let e = source.fetch(&stand_in).unwrap_err();
         assert_eq!(e.trouble, ChunkTrouble::Missing, "{e}");
         assert!(e.to_string().contains("not named within"), "{e}");
