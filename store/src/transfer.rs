@@ -271,25 +271,8 @@ pub async fn upload_named(
     level: i32,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<Uploaded, StoreError> {
-    let sent_first: HashSet<(usize, u64)> = first
-        .entries
-        .iter()
-        .enumerate()
-        .flat_map(|(fi, e)| {
-            let mut at = 0;
-            e.chunks
-                .iter()
-                .map(move |c| {
-                    let here = (fi, at, c.id.unnamed_at().is_none());
-                    at += c.size;
-                    here
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|(_, _, named)| *named)
-        .map(|(fi, at, _)| (fi, at))
-        .collect();
-    let rest = |fi: usize, at: u64, _len: u64| !sent_first.contains(&(fi, at));
+    // What the first round stored: the chunks it selected.
+    let rest = |fi: usize, at: u64, len: u64| !pieces[fi].first(at, len);
     let (results, sizes) = upload_pass(
         writing.store(),
         pieces,

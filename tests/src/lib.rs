@@ -935,3 +935,35 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let (head, body) = answer.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.0 200").then(|| body.to_string())
 }
+
+/// Flips a byte in chunk `pick(count)` of the largest page image of checkpoint `object` in the
+/// folder store at `store` (the task's private memory); returns the chunk's name.
+pub fn damage_a_page_chunk(
+    store: &std::path::Path,
+    object: &str,
+    pick: impl Fn(usize) -> usize,
+) -> String {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pages = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
+        .max_by_key(|e| e["size"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    let chunks = pages["chunks"].as_array().unwrap();
+    let victim = chunks[pick(chunks.len())]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = store.join("chunks").join(&victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+    victim
+}

@@ -1422,38 +1422,6 @@ fn a_task_rewriting_a_large_file_in_place_is_checkpointed_anyway() {
     );
 }
 
-/// Flips a byte in chunk `pick(count)` of the largest page image of checkpoint `object` in the
-/// folder store at `store` (the task's private memory); returns the chunk's name.
-fn damage_a_page_chunk(
-    store: &std::path::Path,
-    object: &str,
-    pick: impl Fn(usize) -> usize,
-) -> String {
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(store.join("checkpoints").join(format!("{object}.json"))).unwrap(),
-    )
-    .unwrap();
-    let pages = manifest["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
-        .max_by_key(|e| e["size"].as_u64().unwrap())
-        .unwrap()
-        .clone();
-    let chunks = pages["chunks"].as_array().unwrap();
-    let victim = chunks[pick(chunks.len())]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let path = store.join("chunks").join(&victim);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x5a;
-    std::fs::write(&path, bytes).unwrap();
-    victim
-}
-
 /// A worker with a checkpoint store restores lazily; a chunk of the task's memory damaged in
 /// the store ends the restored task, and its exit says why (naming the chunk), so the driver
 /// recovers from an earlier checkpoint instead of calling the task failed.

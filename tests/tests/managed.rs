@@ -842,26 +842,10 @@ try {{
     };
     let job = d.record().unwrap()["job"].as_str().unwrap().to_string();
     let dir = store.join(&job);
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join("checkpoints").join(format!("{object}.json"))).unwrap(),
-    )
-    .unwrap();
     // A chunk in the middle of the largest page image: the task's own memory, fetched after
     // the task runs again.
-    let pages = manifest["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"].as_str().unwrap().starts_with("images/pages-"))
-        .max_by_key(|e| e["size"].as_u64().unwrap())
-        .unwrap();
-    let chunks = pages["chunks"].as_array().unwrap();
-    let victim = chunks[chunks.len() / 2]["id"].as_str().unwrap();
-    let path = dir.join("chunks").join(victim);
-    let mut b = std::fs::read(&path).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x5a;
-    std::fs::write(&path, b).unwrap();
+    let victim = damage_a_page_chunk(&dir, &object, |n| n / 2);
+    let victim = victim.as_str();
     std::fs::write(&flag, "").unwrap();
     assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "{}", d.stderr());
     let out = d.stdout();

@@ -577,21 +577,21 @@ pub fn restore_as(
         .collect();
     small.sort_by_key(|e| !read_at_start(&e.name));
     let mut early_daemon = None;
-    for e in small {
-        if early_daemon.is_none() && full_because.is_none() && !read_at_start(&e.name) {
+    let start_early = |early: &mut Option<Daemon>| {
+        if early.is_none() && full_because.is_none() {
             let (criu, images) = (criu.clone(), images.clone());
-            early_daemon = Some(Daemon(Some(std::thread::spawn(move || {
+            *early = Some(Daemon(Some(std::thread::spawn(move || {
                 start_daemon(&criu, &images)
             }))));
         }
+    };
+    for e in small {
+        if !read_at_start(&e.name) {
+            start_early(&mut early_daemon);
+        }
         write_whole(&*source, e, held.path())?;
     }
-    if early_daemon.is_none() && full_because.is_none() {
-        let (criu, images) = (criu.clone(), images.clone());
-        early_daemon = Some(Daemon(Some(std::thread::spawn(move || {
-            start_daemon(&criu, &images)
-        }))));
-    }
+    start_early(&mut early_daemon);
     debug!(
         ms = t0.elapsed().as_millis() as u64,
         "restore: small images fetched and checked"
